@@ -1,0 +1,26 @@
+"""tf_backup: synchronous SGD with backup workers for TensorFlow 2 / Keras 3."""
+
+import setuptools
+
+setuptools.setup(
+    name="tf_backup",
+    version="0.1.0",
+    description=(
+        "Synchronous SGD with backup workers (Chen et al., 2016) as a "
+        "tf.distribute strategy and a Keras optimizer wrapper."
+    ),
+    packages=setuptools.find_packages(include=["tf_backup", "tf_backup.*", "trainers", "trainers.*"]),
+    python_requires=">=3.10",
+    # tf_backup uses TensorFlow internals (see tf_backup/_tf_internal.py):
+    # the supported versions are declared here and nowhere else.
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<4",
+        "tensorflow-datasets>=4.9",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+)

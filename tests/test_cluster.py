@@ -1,0 +1,84 @@
+"""Reading clusters from TensorFlow cluster resolvers (no processes started)."""
+
+import json
+import socket
+
+import pytest
+import tensorflow as tf
+
+from tf_backup import cluster as cluster_lib
+
+SimpleClusterResolver = tf.distribute.cluster_resolver.SimpleClusterResolver
+
+
+def resolver(jobs, task_type="worker", task_id=0):
+    return SimpleClusterResolver(tf.train.ClusterSpec(jobs), task_type=task_type, task_id=task_id)
+
+
+JOBS = {"chief": ["h0:1000"], "worker": ["h1:1001", "h2:1002"], "ps": ["p0:2000", "p1:2001"]}
+
+
+def test_chief_comes_first_then_workers_by_index():
+    info = cluster_lib.cluster_info_from_resolver(resolver(JOBS, "worker", 1))
+    assert [str(t) for t in info.workers] == [
+        "/job:chief/task:0 (h0:1000)", "/job:worker/task:0 (h1:1001)", "/job:worker/task:1 (h2:1002)"]
+    assert info.worker_index == 2 and not info.is_chief and info.num_workers == 3
+    assert info.chief.address == "h0:1000"
+    assert [t.device for t in info.ps] == [
+        "/job:ps/replica:0/task:0/device:CPU:0", "/job:ps/replica:0/task:1/device:CPU:0"]
+
+
+def test_worker_0_is_chief_without_a_chief_job():
+    jobs = {"worker": ["h1:1001", "h2:1002"], "ps": ["p0:2000"]}
+    info = cluster_lib.cluster_info_from_resolver(resolver(jobs, "worker", 0))
+    assert info.is_chief and info.worker_index == 0
+
+
+def test_connect_spec_names_only_the_ps_tasks_and_this_task():
+    info = cluster_lib.cluster_info_from_resolver(resolver(JOBS, "worker", 1))
+    assert info.connect_spec().as_dict() == {"ps": ["p0:2000", "p1:2001"], "worker": {1: "h2:1002"}}
+
+
+def test_tf_config_resolver(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": JOBS, "task": {"type": "chief", "index": 0}}))
+    info = cluster_lib.cluster_info_from_resolver(
+        tf.distribute.cluster_resolver.TFConfigClusterResolver())
+    assert info.is_chief and info.task.job == "chief" and len(info.ps) == 2
+
+
+@pytest.mark.parametrize("jobs, task, message", [
+    ({"ps": ["p0:2000"]}, ("ps", 0), "no `worker` or `chief` job"),
+    ({}, ("worker", 0), "is TF_CONFIG set?"),
+    ({"worker": ["h1:1001"]}, ("worker", 0), "no `ps` job"),
+    ({"chief": ["a:1", "b:2"], "worker": ["h:3"], "ps": ["p:4"]}, ("worker", 0), "at most one `chief`"),
+    ({"worker": ["h1:1001"], "ps": ["p0"]}, ("worker", 0), "malformed address"),
+    ({"worker": ["h1:99999"], "ps": ["p0:1"]}, ("worker", 0), "port in 1..65535"),
+    ({"worker": ["h1:1001"], "ps": ["p0:1"], "evaluator": ["e:2"]}, ("worker", 0), "['evaluator']"),
+    ({"worker": ["h1:1001"], "ps": ["p0:1"]}, ("worker", 3), "/job:worker/task:3 is not in the cluster"),
+    ({"worker": ["h1:1001"], "ps": ["p0:1"]}, (None, None), "does not name this process's task"),
+])
+def test_bad_clusters_are_refused_with_the_reason(jobs, task, message):
+    with pytest.raises(ValueError) as info:
+        cluster_lib.cluster_info_from_resolver(resolver(jobs, *task))
+    assert message in str(info.value)
+
+
+def test_a_resolver_is_required():
+    with pytest.raises(TypeError, match="cluster_resolver=.*not a resolver"):
+        cluster_lib.cluster_info_from_resolver("not a resolver")
+
+
+def test_waiting_for_an_unreachable_task_times_out_naming_it():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        task = cluster_lib.Task("ps", 0, f"localhost:{port}")
+        with pytest.raises(TimeoutError, match=f"ps/task:0 \\(localhost:{port}\\) to accept"):
+            cluster_lib.wait_for_tasks([task], timeout=0.5, waiter="Worker w")
+
+
+def test_waiting_for_a_listening_task_returns():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        s.listen()
+        cluster_lib.wait_for_tasks([cluster_lib.Task("ps", 0, f"localhost:{s.getsockname()[1]}")], 5)

@@ -1,0 +1,15 @@
+"""tf_backup: synchronous SGD with backup workers for TensorFlow 2 / Keras 3."""
+
+from tf_backup.accumulators import ConditionalAccumulator
+from tf_backup.accumulators import SharedVariable
+from tf_backup.errors import AggregatorError
+from tf_backup.errors import ChiefUnavailableError
+from tf_backup.errors import StepTimeoutError
+from tf_backup.launch import LocalClusterError
+from tf_backup.launch import launch_local
+from tf_backup.optimizer import SyncReplicasOptimizer
+from tf_backup.protocol import StepRecord
+from tf_backup.server import serve
+from tf_backup.strategy import BackupWorkerStrategy
+
+__version__ = "0.1.0"

@@ -1,0 +1,15 @@
+"""Every private TensorFlow import tf_backup makes, in one place.
+
+A TensorFlow upgrade that moves one of these touches this file only. The
+supported TensorFlow versions are declared in `setup.py`.
+"""
+
+# pylint: disable=g-direct-tensorflow-import,unused-import
+from tensorflow.python.distribute import distribute_lib
+from tensorflow.python.distribute import one_device_strategy
+
+Strategy = distribute_lib.Strategy
+OneDeviceExtended = one_device_strategy.OneDeviceExtended
+from tensorflow.python.distribute import input_util
+
+get_distributed_datasets_from_function = input_util.get_distributed_datasets_from_function
