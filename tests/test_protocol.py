@@ -1,0 +1,69 @@
+"""Pieces of the step protocol that need no cluster: layout, signature, control slots."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_backup import protocol
+
+
+def variables(*shapes, dtype=tf.float32):
+    return [tf.Variable(tf.zeros(shape, dtype), name=f"v{i}") for i, shape in enumerate(shapes)]
+
+
+def test_pack_unpack_round_trip_over_two_shards():
+    vs = variables((3, 4), (5,), (), (2, 2, 2))
+    layout = protocol.Layout(vs, num_shards=2)
+    assert sorted(sum(layout.shards, [])) == [0, 1, 2, 3]
+    assert sum(layout.shard_sizes) == 12 + 5 + 1 + 8
+    values = [tf.reshape(tf.range(v.shape.num_elements(), dtype=tf.float32) + 10 * i, v.shape)
+              for i, v in enumerate(vs)]
+    flats = layout.pack(values)
+    assert [int(f.shape[0]) for f in flats] == layout.shard_sizes
+    for got, want in zip(layout.unpack(flats), values):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_largest_variables_are_spread_over_shards():
+    layout = protocol.Layout(variables((100,), (90,), (10,), (5,)), num_shards=2)
+    assert layout.shard_sizes == [105, 100]  # 100+5 and 90+10
+
+
+def test_float64_variables_accumulate_in_float64():
+    layout = protocol.Layout(variables((2,)) + variables((3,), dtype=tf.float64), num_shards=1)
+    assert layout.dtype == tf.float64
+    out = layout.unpack(layout.pack([tf.ones([2]), tf.ones([3], tf.float64)]))
+    assert [t.dtype for t in out] == [tf.float32, tf.float64]
+
+
+def test_integer_variables_are_refused_by_name():
+    with pytest.raises(TypeError, match="variable `v0:0` with dtype=int32|dtype=int32"):
+        protocol.Layout([tf.Variable(tf.zeros([2], tf.int32), name="v0")], num_shards=1)
+
+
+def test_signature_check_names_the_first_differing_variable():
+    chief = protocol.Layout(variables((3, 1), (1,)), num_shards=1)
+    worker = protocol.Layout(variables((3, 2), (2,)), num_shards=1)
+    with pytest.raises(ValueError, match=r"variable 0 \(`v0:0`\) is \(3, 2\) float32 on this worker "
+                                         r"but \(3, 1\) float32 on the chief"):
+        worker.check_signature(chief.signature())
+    protocol.Layout(variables((3, 1), (1,)), num_shards=1).check_signature(chief.signature())
+
+
+def test_signature_check_counts_variables():
+    chief = protocol.Layout(variables((3, 1), (1,)), num_shards=1)
+    worker = protocol.Layout(variables((3, 1)), num_shards=1)
+    with pytest.raises(ValueError, match="has 1 trainable variables but the chief's has 2"):
+        worker.check_signature(chief.signature())
+
+
+def test_control_slots_do_not_overlap():
+    c = protocol.Control(num_workers=3)
+    slots = [protocol.Control.STEP, protocol.Control.VERSION, protocol.Control.ROUND,
+             protocol.Control.STOP_ROUND, protocol.Control.LAST_TAKEN]
+    for block in (c.taken, c.pushed, c.dropped, c.last_tag, c.ended):
+        slots += [block(w) for w in range(3)]
+    assert len(set(slots)) == len(slots) and max(slots) < c.size
+    job = [protocol.Job.JOB_ID, protocol.Job.DONE, protocol.Job.ABORT, protocol.Job.HEARTBEAT]
+    job += [protocol.Job.joined(w) for w in range(3)] + [protocol.Job.left(w) for w in range(3)]
+    assert len(set(job)) == len(job) and max(job) < protocol.Job.size(3)

@@ -1,0 +1,676 @@
+"""The step protocol of synchronous SGD with backup workers.
+
+Shared state of one job on the ps tasks (`tf_backup/job`, on ps task 0): the
+job id, a `done` and an `abort` flag, and the chief's heartbeat. Shared state
+of one `SyncReplicasOptimizer` (`tf_backup/<job id>/opt<k>/...`):
+
+* `params/<s>`: the published parameters of shard `s`, flat. Variables are
+  spread over the ps tasks by size, one shard per ps task.
+* `acc/<s>`: a conditional accumulator per shard. A worker pushes the flat
+  gradient of the shard's variables followed by a one-hot of its worker index,
+  tagged with the global step of the parameters it computed on. The
+  accumulator sums what it accepts, so the one-hot part of a take counts the
+  contributions of each worker, and a stale push is dropped whole.
+* `control`: an int64 vector (see `Control`): global step, the step being
+  published, fit rounds, and per-worker counts of gradients pushed, taken and
+  dropped.
+* `signature`: the variables' shapes and dtypes, so a worker built with a
+  different model fails with an error naming the variable.
+
+Every worker, each step (`WorkerClient.sync`):
+  1. pushes its gradient tagged with step `s` of its parameters;
+  2. waits until the global step passes `s` (polling `control`, with a
+     deadline), or until the fit round is stopped;
+  3. pulls the published parameters of the new step.
+
+The chief's `Aggregator` thread, each step:
+  1. waits until every shard's accumulator holds `replicas_to_aggregate` fresh
+     gradients;
+  2. takes them (which advances the accumulators' step, so any gradient still
+     tagged `s` is dropped from that moment), averages, and applies the average
+     with the inner Keras optimizer to the chief's master copy;
+  3. publishes: `version = s+1`, the new parameters, then `step = s+1`. A
+     worker that reads `step`, the parameters, then `version` and finds
+     `version == step` has read parameters of exactly that step.
+
+A fit on any worker that ends (`Optimizer.finalize_variable_values`) stops the
+round for everybody: the other workers' next wait returns at once and their fit
+stops. A later `fit` starts a new round.
+"""
+
+import dataclasses
+import threading
+import time
+from typing import Callable, List, Optional, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from tf_backup import accumulators
+from tf_backup import cluster as cluster_lib
+from tf_backup import errors
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    """Settings of the step protocol, the same on every worker.
+
+    Attributes:
+      replicas_to_aggregate: N, the fresh gradients averaged into one step.
+      num_workers: N + b, every worker of the cluster.
+      staleness_check: whether a gradient tagged with an old step is dropped.
+        False gives asynchronous SGD (with `replicas_to_aggregate=1`).
+      step_timeout: the longest a worker waits for the global step to advance,
+        and the chief for enough gradients, in seconds.
+      chief_timeout: how long a silent chief heartbeat is tolerated, seconds.
+      startup_timeout: how long a worker waits for the chief to create the
+        shared state, seconds.
+      poll_min, poll_max: the first and the longest sleep between polls.
+    """
+
+    replicas_to_aggregate: int
+    num_workers: int
+    staleness_check: bool = True
+    step_timeout: float = 600.0
+    chief_timeout: float = 120.0
+    startup_timeout: float = 600.0
+    poll_min: float = 0.0005
+    poll_max: float = 0.01
+
+
+class Control:
+    """Slots of the int64 control vector of one optimizer's shared state."""
+
+    STEP = 0  # committed global step: params hold this step's values
+    VERSION = 1  # the step whose params are being (or were last) written
+    ROUND = 2  # the highest fit round any worker has started
+    STOP_ROUND = 3  # the highest fit round that has ended
+    LAST_TAKEN = 4  # gradients averaged into the last step
+    HEADER = 8
+
+    def __init__(self, num_workers: int):
+        self.num_workers = num_workers
+        self.size = self.HEADER + 5 * num_workers
+
+    def taken(self, w: int) -> int:
+        return self.HEADER + w
+
+    def pushed(self, w: int) -> int:
+        return self.HEADER + self.num_workers + w
+
+    def dropped(self, w: int) -> int:
+        return self.HEADER + 2 * self.num_workers + w
+
+    def last_tag(self, w: int) -> int:
+        return self.HEADER + 3 * self.num_workers + w
+
+    def ended(self, w: int) -> int:
+        """The last fit round worker `w` has ended."""
+        return self.HEADER + 4 * self.num_workers + w
+
+    def block(self, values, first: Callable[[int], int]) -> np.ndarray:
+        start = first(0)
+        return np.asarray(values[start:start + self.num_workers])
+
+
+class Job:
+    """Slots of the job-wide int64 vector `tf_backup/job` on ps task 0.
+
+    `joined(w)` is set when worker `w` joins the job and `left(w)` when it has
+    finished with the shared state; a ps task serves until the chief set `DONE`
+    and every worker that joined has left (or a grace period passed), so no
+    worker's last op meets a vanished ps.
+    """
+
+    JOB_ID = 0
+    DONE = 1
+    ABORT = 2
+    HEARTBEAT = 3
+    HEADER = 4
+    NAME = "tf_backup/job"
+
+    @staticmethod
+    def size(num_workers: int) -> int:
+        return Job.HEADER + 2 * num_workers
+
+    @staticmethod
+    def joined(w: int) -> int:
+        return Job.HEADER + 2 * w
+
+    @staticmethod
+    def left(w: int) -> int:
+        return Job.HEADER + 2 * w + 1
+
+
+def job_variable(ps0: cluster_lib.Task, num_workers: int) -> accumulators.SharedVariable:
+    return accumulators.SharedVariable(Job.NAME, tf.int64, [Job.size(num_workers)], ps0.device)
+
+
+class Layout:
+    """How a list of variables maps onto flat shards, one per ps task.
+
+    Variables go to shards largest first, each to the shard with the fewest
+    elements so far; inside a shard they keep their order.
+    """
+
+    def __init__(self, variables: Sequence, num_shards: int):
+        self.names = [getattr(v, "path", None) or getattr(v, "name", f"variable_{i}")
+                      for i, v in enumerate(variables)]
+        self.shapes = [tuple(int(d) for d in v.shape) for v in variables]
+        self.dtypes = [tf.as_dtype(v.dtype) for v in variables]
+        for name, dtype in zip(self.names, self.dtypes):
+            if not dtype.is_floating:
+                raise TypeError(
+                    f"SyncReplicasOptimizer trains floating-point variables. Received "
+                    f"variable `{name}` with dtype={dtype.name}"
+                )
+        self.sizes = [int(np.prod(s)) if s else 1 for s in self.shapes]
+        self.dtype = tf.float64 if tf.float64 in self.dtypes else tf.float32
+        loads = [0] * num_shards
+        members = [[] for _ in range(num_shards)]
+        for i in sorted(range(len(self.sizes)), key=lambda i: (-self.sizes[i], i)):
+            s = loads.index(min(loads))
+            members[s].append(i)
+            loads[s] += self.sizes[i]
+        self.shards = [sorted(m) for m in members]
+        self.shard_sizes = loads
+
+    @property
+    def num_vars(self) -> int:
+        return len(self.shapes)
+
+    def signature(self) -> np.ndarray:
+        """An int64 vector describing every variable's shape and dtype."""
+        out = [len(self.shapes)]
+        for shape, dtype in zip(self.shapes, self.dtypes):
+            out += [len(shape), *shape, dtype.as_datatype_enum]
+        return np.asarray(out, np.int64)
+
+    def check_signature(self, chief_signature: np.ndarray) -> None:
+        """Raises ValueError naming the first variable that differs from the chief's."""
+        sig = [int(x) for x in chief_signature]
+        chief_vars, pos = [], 1
+        for _ in range(sig[0] if sig else 0):
+            rank = sig[pos]
+            chief_vars.append((tuple(sig[pos + 1:pos + 1 + rank]), tf.as_dtype(sig[pos + 1 + rank])))
+            pos += rank + 2
+        for i, (name, shape, dtype) in enumerate(zip(self.names, self.shapes, self.dtypes)):
+            if i >= len(chief_vars):
+                break
+            if chief_vars[i] != (shape, dtype):
+                raise ValueError(
+                    f"Trainable variable {i} (`{name}`) is {shape} {dtype.name} on this worker "
+                    f"but {chief_vars[i][0]} {chief_vars[i][1].name} on the chief: every worker "
+                    "must build the same model."
+                )
+        if len(chief_vars) != self.num_vars:
+            raise ValueError(
+                f"This worker's model has {self.num_vars} trainable variables but the "
+                f"chief's has {len(chief_vars)}: every worker must build the same model."
+            )
+
+    def pack(self, tensors: Sequence) -> List[tf.Tensor]:
+        """Flattens per-variable tensors into one tensor per shard (graph ops)."""
+        flats = []
+        for members in self.shards:
+            parts = [tf.reshape(tf.cast(tensors[i], self.dtype), [-1]) for i in members]
+            flats.append(tf.concat(parts, 0) if parts else tf.zeros([0], self.dtype))
+        return flats
+
+    def unpack(self, flats: Sequence) -> List[tf.Tensor]:
+        """The inverse of `pack`: per-variable tensors in the variables' dtypes."""
+        out = [None] * self.num_vars
+        for members, flat in zip(self.shards, flats):
+            offset = 0
+            for i in members:
+                piece = flat[offset:offset + self.sizes[i]]
+                out[i] = tf.cast(tf.reshape(piece, self.shapes[i]), self.dtypes[i])
+                offset += self.sizes[i]
+        return out
+
+
+class SharedState:
+    """Handles to one optimizer's shared state on the ps tasks."""
+
+    def __init__(self, prefix: str, layout: Layout, ps: Sequence[cluster_lib.Task], num_workers: int):
+        self.prefix = prefix
+        self.layout = layout
+        self.num_workers = num_workers
+        self.ctl = Control(num_workers)
+        ps0 = ps[0]
+        self.control = accumulators.SharedVariable(f"{prefix}/control", tf.int64, [self.ctl.size], ps0.device)
+        sig = layout.signature()
+        self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64, [len(sig)], ps0.device)
+        self.params, self.accs = [], []
+        for s, size in enumerate(layout.shard_sizes):
+            device = ps[s].device
+            self.params.append(accumulators.SharedVariable(f"{prefix}/params/{s}", layout.dtype, [size], device))
+            self.accs.append(
+                accumulators.ConditionalAccumulator(
+                    f"{prefix}/acc/{s}", layout.dtype, [size + num_workers], device, reduction_type="SUM"
+                )
+            )
+
+    def create(self, flats: Sequence, step: int = 0) -> None:
+        """Writes the initial state (chief only). `control` goes last: it marks the state ready."""
+        self.signature.assign(self.layout.signature())
+        for var, flat in zip(self.params, flats):
+            var.assign(flat)
+        for acc in self.accs:
+            acc.set_global_step(step)
+        control = np.zeros([self.ctl.size], np.int64)
+        control[Control.STEP] = control[Control.VERSION] = step
+        self.control.assign(control)
+
+    def read_control(self) -> np.ndarray:
+        return self.control.read().numpy()
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What the chief did in one global step.
+
+    Attributes:
+      step: the global step the gradients were computed on (the new step is
+        `step + 1`).
+      taken: fresh gradients averaged into this step.
+      contributions: per worker, how many of its gradients were averaged.
+      wait_seconds: time from the previous step's publish to the take.
+      apply_seconds: time to take, apply and publish.
+      end_time: `time.time()` when the step was published.
+    """
+
+    step: int
+    taken: int
+    contributions: List[int]
+    wait_seconds: float
+    apply_seconds: float
+    end_time: float
+
+
+def _sleep_schedule(config: ProtocolConfig):
+    delay = config.poll_min
+    while True:
+        yield delay
+        delay = min(delay * 1.5, config.poll_max)
+
+
+class JobMonitor:
+    """Reads the job-wide state from a worker, at most once a second."""
+
+    def __init__(self, job_var: accumulators.SharedVariable, info: cluster_lib.ClusterInfo,
+                 config: ProtocolConfig):
+        self._var = job_var
+        self._worker_index = info.worker_index
+        chief = info.chief
+        self._chief = chief
+        self._config = config
+        self._last_check = 0.0
+        self._heartbeat = None
+        self._heartbeat_time = time.monotonic()
+        self.job_id = None
+        self.done = False
+
+    def join(self, waiter: cluster_lib.Task) -> int:
+        """Waits for the chief to start a job on the ps tasks, joins it; returns its id."""
+        if self.job_id is not None:
+            return self.job_id
+        start = time.monotonic()
+        while True:
+            if self._var.is_initialized():
+                values = self._var.read().numpy()
+                # A finished job's state (DONE) is a previous run's: wait for the new chief.
+                if values[Job.JOB_ID] and not values[Job.DONE]:
+                    self._var.scatter_update([Job.joined(self._worker_index)], [1])
+                    self.job_id = int(values[Job.JOB_ID])
+                    self._heartbeat, self._heartbeat_time = values[Job.HEARTBEAT], time.monotonic()
+                    return self.job_id
+            if time.monotonic() - start > self._config.startup_timeout:
+                raise errors.StepTimeoutError(
+                    f"Worker {waiter} waited {self._config.startup_timeout:.0f} s for the chief "
+                    f"{self._chief} to start the job (startup_timeout)."
+                )
+            time.sleep(0.1)
+
+    def check(self, force: bool = False) -> None:
+        """Updates `done`; raises if the chief aborted or went silent."""
+        now = time.monotonic()
+        if not force and now - self._last_check < 1.0:
+            return
+        self._last_check = now
+        values = self._var.read().numpy()
+        if self.job_id is not None and values[Job.JOB_ID] != self.job_id:
+            raise errors.ChiefUnavailableError(
+                f"The job on the ps tasks changed (job id {self.job_id} -> {values[Job.JOB_ID]}): "
+                f"the chief {self._chief} was restarted. Restart this worker to rejoin."
+            )
+        if values[Job.ABORT]:
+            raise errors.ChiefUnavailableError(
+                f"The chief {self._chief} aborted the job; its log says why."
+            )
+        self.done = bool(values[Job.DONE])
+        if values[Job.HEARTBEAT] != self._heartbeat:
+            self._heartbeat, self._heartbeat_time = values[Job.HEARTBEAT], now
+        elif not self.done and now - self._heartbeat_time > self._config.chief_timeout:
+            raise errors.ChiefUnavailableError(
+                f"The chief {self._chief} has sent no heartbeat for "
+                f"{now - self._heartbeat_time:.0f} s (chief_timeout={self._config.chief_timeout:.0f} s)."
+            )
+
+
+class WorkerClient:
+    """One worker's side of the protocol for one optimizer (eager Python).
+
+    `sync` runs inside the training step through a `tf.py_function`.
+    """
+
+    def __init__(self, state: SharedState, config: ProtocolConfig, info: cluster_lib.ClusterInfo,
+                 monitor: JobMonitor, chief_error: Optional[Callable[[], Optional[str]]] = None):
+        self.state = state
+        self.config = config
+        self.info = info
+        self.w = info.worker_index
+        self.monitor = monitor
+        self._chief_error = chief_error
+        self.step = 0
+        self.round = 1
+        self._round_announced = False
+        self._round_stopped = False
+        self.pushed = 0
+        self.dropped = 0
+        self._taken_seen = 0
+        self._unresolved = 0
+        self._last_tag = -1
+        self._last_control = None
+        self.on_stop: List[Callable[[], None]] = []
+
+    # -- waiting -----------------------------------------------------------------
+
+    def _check_health(self, force: bool = False) -> None:
+        if self._chief_error is not None:
+            message = self._chief_error()
+            if message:
+                raise errors.AggregatorError(f"The aggregator on this chief failed: {message}")
+        self.monitor.check(force=force)
+
+    def _wait(self, done: Callable[[np.ndarray], bool], what: str, timeout: float) -> np.ndarray:
+        start = time.monotonic()
+        sleeps = _sleep_schedule(self.config)
+        while True:
+            ctl = self.state.read_control()
+            if done(ctl):
+                return ctl
+            self._check_health()
+            if self.monitor.done:
+                return ctl
+            waited = time.monotonic() - start
+            if waited > timeout:
+                raise errors.StepTimeoutError(
+                    f"Worker {self.w} {self.info.task} waited {waited:.0f} s for {what}. "
+                    f"{self._diagnose(ctl)}"
+                )
+            time.sleep(next(sleeps))
+
+    def _diagnose(self, ctl: np.ndarray) -> str:
+        c = self.state.ctl
+        tags = c.block(ctl, c.last_tag)
+        pushed = c.block(ctl, c.pushed)
+        step = int(ctl[Control.STEP])
+        fresh = [w for w in range(self.info.num_workers) if pushed[w] and tags[w] >= step]
+        lagging = [
+            f"worker {w} {self.info.workers[w]} (last pushed for step {tags[w] if pushed[w] else 'none'})"
+            for w in range(self.info.num_workers) if w not in fresh
+        ]
+        return (
+            f"Global step {step}; {self.config.replicas_to_aggregate} fresh gradients are needed "
+            f"per step and workers {fresh} pushed for this step. Not pushed: "
+            f"{', '.join(lagging) or 'none'}. Chief: {self.info.chief}."
+        )
+
+    def wait_until_ready(self) -> None:
+        """Waits for the chief to create the shared state (non-chief workers)."""
+        start = time.monotonic()
+        sleeps = _sleep_schedule(dataclasses.replace(self.config, poll_max=0.1))
+        while not self.state.control.is_initialized():
+            if time.monotonic() - start > self.config.startup_timeout:
+                raise errors.StepTimeoutError(
+                    f"Worker {self.w} {self.info.task} waited {self.config.startup_timeout:.0f} s "
+                    f"for the chief {self.info.chief} to create the shared state "
+                    f"`{self.state.prefix}` on {self.info.ps[0]}."
+                )
+            self.monitor.check()
+            time.sleep(next(sleeps))
+        if self.state.signature.is_initialized():
+            self.state.layout.check_signature(self.state.signature.read().numpy())
+
+    # -- pulling -----------------------------------------------------------------
+
+    def pull(self, ctl: Optional[np.ndarray] = None):
+        """Reads the published parameters of one consistent step.
+
+        Returns:
+          (flats, control): the flat parameters per shard, and a control vector
+          whose STEP is the step they belong to.
+        """
+        start = time.monotonic()
+        sleeps = _sleep_schedule(self.config)
+        while True:
+            if ctl is None or ctl[Control.STEP] != ctl[Control.VERSION]:
+                ctl = self.state.read_control()
+            if ctl[Control.STEP] == ctl[Control.VERSION]:
+                flats = [p.read() for p in self.state.params]
+                after = self.state.read_control()
+                if after[Control.VERSION] == ctl[Control.STEP]:
+                    self._observe(ctl)
+                    return flats, ctl
+                ctl = after
+            if time.monotonic() - start > self.config.step_timeout:
+                raise errors.StepTimeoutError(
+                    f"Worker {self.w} {self.info.task} could not read a consistent copy of the "
+                    f"parameters in {self.config.step_timeout:.0f} s (the chief {self.info.chief} "
+                    f"kept publishing step {ctl[Control.VERSION]})."
+                )
+            time.sleep(next(sleeps))
+
+    def _observe(self, ctl: np.ndarray) -> None:
+        """Moves to the pulled step and settles the fate of earlier pushes."""
+        self.step = int(ctl[Control.STEP])
+        self._last_control = ctl
+        taken = int(ctl[self.state.ctl.taken(self.w)])
+        if not self._unresolved:
+            self._taken_seen = taken
+        elif self.config.staleness_check:
+            if self.step > self._last_tag:
+                # Every push before now was either taken (counted in TAKEN) or dropped.
+                self.dropped += max(0, self._unresolved - (taken - self._taken_seen))
+                self._taken_seen, self._unresolved = taken, 0
+        elif taken - self._taken_seen >= self._unresolved:
+            self._taken_seen, self._unresolved = taken, 0  # asynchronous: all applied
+
+    # -- one step ----------------------------------------------------------------
+
+    def metrics(self) -> np.ndarray:
+        """[global step, gradients in the last step, dropped so far (all workers), stopped]."""
+        ctl = self._last_control
+        c = self.state.ctl
+        if ctl is None:
+            return np.asarray([self.step, 0, self.dropped, int(self._round_stopped)], np.int64)
+        others = c.block(ctl, c.dropped).copy()
+        others[self.w] = self.dropped
+        return np.asarray(
+            [self.step, ctl[Control.LAST_TAKEN], others.sum(), int(self._round_stopped)], np.int64
+        )
+
+    def _stopped(self, ctl: np.ndarray) -> bool:
+        return ctl[Control.STOP_ROUND] >= self.round or self.monitor.done
+
+    def sync(self, flats: Sequence):
+        """Pushes one gradient, waits for the step, pulls. Returns (flats, metrics)."""
+        c = self.state.ctl
+        if self._round_stopped:
+            return [p.read() for p in self.state.params], self.metrics()
+        if not self._round_announced:
+            self.state.control.scatter_max([Control.ROUND], [self.round])
+            self._round_announced = True
+        tag = self.step if self.config.staleness_check else INT64_MAX
+        for acc, flat in zip(self.state.accs, flats):
+            acc.apply_grad(flat, tag)
+        self.pushed += 1
+        self._unresolved += 1
+        self._last_tag = self.step
+        self.state.control.scatter_update(
+            [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w)],
+            [self.pushed, self.step, self.dropped],
+        )
+        if self.config.staleness_check:
+            tag_step = self.step
+            ctl = self._wait(
+                lambda ctl: ctl[Control.STEP] > tag_step or self._stopped(ctl),
+                f"global step {tag_step + 1}",
+                self.config.step_timeout,
+            )
+        else:
+            # Asynchronous: wait for this worker's own gradients only, as TF1's
+            # asynchronous training, whose pushes were the updates themselves.
+            seen, pending, slot = self._taken_seen, self._unresolved, c.taken(self.w)
+            ctl = self._wait(
+                lambda ctl: ctl[slot] - seen >= pending or self.monitor.done,
+                "the chief to apply this worker's gradient",
+                self.config.step_timeout,
+            )
+        flats, ctl = self.pull(ctl)
+        if self._stopped(ctl):
+            self._stop()
+        return flats, self.metrics()
+
+    def _stop(self) -> None:
+        self._round_stopped = True
+        for callback in self.on_stop:
+            callback()
+
+    def end_round(self, wait_for_others: bool = False):
+        """Ends this worker's fit round: stops the others, returns final parameters.
+
+        Args:
+          wait_for_others: wait (up to `chief_timeout`) until every worker has
+            ended the round too, so counts read afterwards are final. The chief
+            does this; a worker that does not end in time is named in a warning.
+        """
+        c = self.state.ctl
+        self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w)], [self.round, self.round])
+        if wait_for_others:
+            start = time.monotonic()
+            sleeps = _sleep_schedule(self.config)
+            while True:
+                ended = c.block(self.state.read_control(), c.ended)
+                late = [w for w in range(self.info.num_workers) if ended[w] < self.round]
+                if not late:
+                    break
+                if time.monotonic() - start > self.config.chief_timeout:
+                    logging.warning(
+                        "tf_backup: workers %s did not end fit round %d within %.0f s "
+                        "(chief_timeout); their counts may be incomplete.",
+                        ", ".join(str(self.info.workers[w]) for w in late), self.round,
+                        self.config.chief_timeout)
+                    break
+                time.sleep(next(sleeps))
+        flats, _ = self.pull()
+        self.round += 1
+        self._round_announced = False
+        self._round_stopped = False
+        return flats
+
+
+class Aggregator(threading.Thread):
+    """The chief's loop: take N fresh gradients, apply with the inner optimizer, publish.
+
+    Args:
+      state: the optimizer's shared state.
+      config: protocol settings.
+      apply_fn: a function from the averaged flat gradients (one per shard) to
+        the new flat parameters (one per shard); it runs the inner optimizer on
+        the chief's master copy.
+      step: the global step to start from.
+    """
+
+    def __init__(self, state: SharedState, config: ProtocolConfig, info: cluster_lib.ClusterInfo,
+                 apply_fn: Callable, step: int = 0):
+        super().__init__(name=f"tf_backup-aggregator-{state.prefix}", daemon=True)
+        self.state = state
+        self.config = config
+        self.info = info
+        self.apply_fn = apply_fn
+        self.step = step
+        self.history: List[StepRecord] = []
+        self.error: Optional[str] = None
+        self.taken = np.zeros([config.num_workers], np.int64)
+        self._stop_event = threading.Event()
+        self._last_publish = time.monotonic()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout)
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # pylint: disable=broad-except
+            self.error = f"{type(e).__name__}: {e}"
+            logging.error("tf_backup aggregator failed at step %d: %s", self.step, self.error)
+
+    def _loop(self) -> None:
+        # No deadline here: the workers (the chief's own training loop among them)
+        # wait for the step with theirs, and their errors name the missing workers.
+        n = self.config.replicas_to_aggregate
+        sleeps = _sleep_schedule(self.config)
+        while not self._stop_event.is_set():
+            ctl = self.state.read_control()
+            paused = ctl[Control.ROUND] <= ctl[Control.STOP_ROUND]
+            if paused and self.config.staleness_check:
+                # Between fit rounds. (Asynchronous training applies every gradient.)
+                self._stop_event.wait(self.config.poll_max)
+                continue
+            if all(acc.num_accumulated() >= n for acc in self.state.accs):
+                self._take_apply_publish()
+                sleeps = _sleep_schedule(self.config)
+                continue
+            time.sleep(next(sleeps))
+
+    def _take_apply_publish(self) -> None:
+        start = time.monotonic()
+        n, workers = self.config.replicas_to_aggregate, self.config.num_workers
+        sums = [acc.take_grad(n) for acc in self.state.accs]
+        counts = np.rint(sums[0][-workers:].numpy()).astype(np.int64)
+        grads = []
+        for s in sums:
+            shard_counts = s[-workers:]
+            total = tf.reduce_sum(shard_counts)
+            grads.append(s[:-workers] / total)
+        new_flats = self.apply_fn(grads)
+        c = self.state.ctl
+        new_step = self.step + 1
+        self.taken += counts
+        self.state.control.scatter_update([Control.VERSION], [new_step])
+        for var, flat in zip(self.state.params, new_flats):
+            var.assign(flat)
+        self.state.control.scatter_update(
+            [Control.STEP, Control.LAST_TAKEN] + [c.taken(w) for w in range(workers)],
+            [new_step, int(counts.sum())] + [int(t) for t in self.taken],
+        )
+        end = time.monotonic()
+        self.history.append(
+            StepRecord(
+                step=self.step,
+                taken=int(counts.sum()),
+                contributions=[int(x) for x in counts],
+                wait_seconds=start - self._last_publish,
+                apply_seconds=end - start,
+                end_time=time.time(),
+            )
+        )
+        self._last_publish = end
+        self.step = new_step
