@@ -1,0 +1,52 @@
+"""launch_local's own contract: errors carry the log, nothing is left running."""
+
+import os
+import subprocess
+
+import pytest
+
+import tf_backup
+import workers
+
+
+def processes_mentioning(text):
+    out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.cluster
+def test_failing_worker_raises_with_its_log_and_kills_the_rest(tmp_path):
+    log_dir = str(tmp_path / "logs")
+    with pytest.raises(tf_backup.LocalClusterError) as info:
+        tf_backup.launch_local(workers.fail_on_worker_1, num_workers=2, timeout=120, log_dir=log_dir)
+    message = str(info.value)
+    assert "Task worker-1 of the local cluster failed (exit code 1)" in message
+    assert "RuntimeError: worker 1 broke on purpose" in message
+    assert processes_mentioning(log_dir) == []
+
+
+@pytest.mark.cluster
+def test_timeout_names_the_running_tasks_and_kills_them(tmp_path):
+    log_dir = str(tmp_path / "logs")
+    with pytest.raises(tf_backup.LocalClusterError, match=r"past its timeout of 3 s; still running: "
+                                                          r"\['ps-0', 'worker-0'\]"):
+        tf_backup.launch_local(workers.sleep_forever, num_workers=1, timeout=3, log_dir=log_dir)
+    assert processes_mentioning(log_dir) == []
+
+
+def test_bad_arguments_fail_before_any_process_starts():
+    with pytest.raises(TypeError, match="picklable"):
+        tf_backup.launch_local(lambda: 1, num_workers=1)
+    with pytest.raises(ValueError, match="num_workers=0"):
+        tf_backup.launch_local(workers.sleep_forever, num_workers=0)
+    with pytest.raises(TypeError, match="num_ps=1.0"):
+        tf_backup.launch_local(workers.sleep_forever, num_workers=1, num_ps=1.0)
+    with pytest.raises(ValueError, match="timeout=0"):
+        tf_backup.launch_local(workers.sleep_forever, num_workers=1, timeout=0)
+
+
+def test_a_task_process_cannot_launch_a_cluster(monkeypatch):
+    monkeypatch.setenv("TF_BACKUP_TASK", "worker-0")
+    with pytest.raises(RuntimeError, match="if __name__ == \"__main__\""):
+        tf_backup.launch_local(workers.sleep_forever, num_workers=1)
+    assert os.environ["TF_BACKUP_TASK"] == "worker-0"

@@ -1,0 +1,119 @@
+"""`serve()`: what a `ps` task runs."""
+
+import time
+
+from absl import logging
+import tensorflow as tf
+
+from tf_backup import cluster as cluster_lib
+from tf_backup import errors
+from tf_backup import protocol
+
+
+def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
+    spec = tf.train.ClusterSpec({cluster_lib.PS_JOB: [t.address for t in info.ps]})
+    try:
+        return tf.distribute.Server(
+            spec, job_name=cluster_lib.PS_JOB, task_index=info.task.index, protocol="grpc", start=True
+        )
+    except tf.errors.OpError as e:
+        raise ValueError(
+            f"The ps task {info.task} could not start its server on {info.task.address} "
+            f"(is the port already in use?): {e.message}"
+        ) from e
+
+
+def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeout: float = 120.0,
+          exit_grace: float = 60.0, poll_interval: float = 0.5) -> dict:
+    """Runs this process's `ps` task until the training job ends.
+
+    Starts a `tf.distribute.Server` for the task and serves the shared state
+    the workers place on it. Returns once the chief has marked the job done and
+    every worker has left (or `exit_grace` seconds after the chief marked it
+    done), so no worker's last op meets a vanished ps task.
+
+    Args:
+      cluster_resolver: default `TFConfigClusterResolver()`; its task must be a
+        `ps` task.
+      startup_timeout: seconds to wait for the chief to start the job.
+      chief_timeout: seconds of chief silence (no heartbeat, job not done)
+        after which the job is declared lost.
+      exit_grace: seconds to wait, after the job is done (or lost), for the
+        workers that have not left yet.
+      poll_interval: seconds between two reads of the job state.
+
+    Returns:
+      A dict: `job_id`, `reason` ("done" or "chief lost") and `left`, the
+      workers that left cleanly.
+
+    A worker that never joined the job (it exited, or is not started) is not
+    waited for.
+
+    Raises:
+      ValueError: this task is not a ps task, or its server cannot start.
+      TimeoutError: no job started within `startup_timeout`.
+      tf_backup.errors.ChiefUnavailableError: the chief went silent without
+        finishing the job.
+    """
+    if cluster_resolver is None:
+        cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    info = cluster_lib.cluster_info_from_resolver(cluster_resolver)
+    if info.task.job != cluster_lib.PS_JOB:
+        raise ValueError(
+            f"`tf_backup.serve()` runs ps tasks; this process is {info.task}. Workers build a "
+            "BackupWorkerStrategy instead."
+        )
+    server = _start_server(info)
+    logging.info("tf_backup: ps task %s serving", info.task)
+    ps0 = info.ps[0]
+    if info.task != ps0:
+        cluster_lib.wait_for_tasks([ps0], startup_timeout, waiter=f"ps task {info.task}")
+    size = protocol.Job.size(info.num_workers)
+    graph = tf.Graph()
+    with graph.as_default(), tf.device(ps0.device):
+        handle = tf.raw_ops.VarHandleOp(dtype=tf.int64, shape=[size], shared_name=protocol.Job.NAME)
+        initialized = tf.raw_ops.VarIsInitializedOp(resource=handle)
+        value = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.int64)
+    options = tf.compat.v1.RunOptions(timeout_in_ms=int(max(poll_interval, 10.0) * 1000))
+    start = time.monotonic()
+    job_id, heartbeat, heartbeat_time, end_time, reason = None, None, None, None, None
+    with tf.compat.v1.Session(server.target, graph=graph) as session:
+        while True:
+            now = time.monotonic()
+            values = None
+            if session.run(initialized, options=options):
+                values = session.run(value, options=options)
+            if values is None or not values[protocol.Job.JOB_ID] or (
+                    job_id is None and values[protocol.Job.DONE]):
+                # No job yet (or a previous job's finished state): wait for the chief.
+                if now - start > startup_timeout:
+                    raise TimeoutError(
+                        f"The ps task {info.task} waited {startup_timeout:.0f} s for the chief "
+                        f"{info.chief} to start a job (startup_timeout)."
+                    )
+            else:
+                if values[protocol.Job.JOB_ID] != job_id:
+                    job_id, heartbeat, heartbeat_time = int(values[protocol.Job.JOB_ID]), None, now
+                    logging.info("tf_backup: ps task %s serves job %d", info.task, job_id)
+                joined = [bool(values[protocol.Job.joined(w)]) for w in range(info.num_workers)]
+                left = [bool(values[protocol.Job.left(w)]) for w in range(info.num_workers)]
+                gone = all(l or not j for j, l in zip(joined, left))
+                if values[protocol.Job.HEARTBEAT] != heartbeat:
+                    heartbeat, heartbeat_time = values[protocol.Job.HEARTBEAT], now
+                if end_time is None and values[protocol.Job.DONE]:
+                    end_time, reason = now, "done"
+                if end_time is None and now - heartbeat_time > chief_timeout:
+                    end_time, reason = now, "chief lost"
+                if end_time is not None and (gone or now - end_time > exit_grace):
+                    break
+            time.sleep(poll_interval)
+    missing = [str(info.workers[w]) for w in range(info.num_workers) if joined[w] and not left[w]]
+    if missing:
+        logging.warning("tf_backup: ps task %s exits; workers that never left: %s",
+                        info.task, ", ".join(missing))
+    if reason == "chief lost":
+        raise errors.ChiefUnavailableError(
+            f"The ps task {info.task} heard no heartbeat from the chief {info.chief} for "
+            f"{chief_timeout:.0f} s and the job {job_id} was not done."
+        )
+    return {"job_id": job_id, "reason": reason, "left": [w for w in range(info.num_workers) if left[w]]}
