@@ -244,15 +244,28 @@ class SharedState:
         self.control = accumulators.SharedVariable(f"{prefix}/control", tf.int64, [self.ctl.size], ps0.device)
         sig = layout.signature()
         self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64, [len(sig)], ps0.device)
-        self.params, self.accs = [], []
-        for s, size in enumerate(layout.shard_sizes):
-            device = ps[s].device
-            self.params.append(accumulators.SharedVariable(f"{prefix}/params/{s}", layout.dtype, [size], device))
-            self.accs.append(
+        self._ps = ps
+        self.params = [
+            accumulators.SharedVariable(f"{prefix}/params/{s}", layout.dtype, [size], ps[s].device)
+            for s, size in enumerate(layout.shard_sizes)
+        ]
+        self._accs = None
+
+    @property
+    def accs(self) -> List[accumulators.ConditionalAccumulator]:
+        """The accumulators, one per shard.
+
+        Made on first use: making one creates it on the ps with this layout's
+        shape, so a worker must check the chief's signature before touching them.
+        """
+        if self._accs is None:
+            self._accs = [
                 accumulators.ConditionalAccumulator(
-                    f"{prefix}/acc/{s}", layout.dtype, [size + num_workers], device, reduction_type="SUM"
-                )
-            )
+                    f"{self.prefix}/acc/{s}", self.layout.dtype, [size + self.num_workers],
+                    self._ps[s].device, reduction_type="SUM")
+                for s, size in enumerate(self.layout.shard_sizes)
+            ]
+        return self._accs
 
     def create(self, flats: Sequence, step: int = 0) -> None:
         """Writes the initial state (chief only). `control` goes last: it marks the state ready."""
@@ -334,6 +347,12 @@ class JobMonitor:
                     f"{self._chief} to start the job (startup_timeout)."
                 )
             time.sleep(0.1)
+
+    def left_workers(self) -> List[int]:
+        """The workers that have left the job (their process ended or shut down)."""
+        values = self._var.read().numpy()
+        num_workers = (len(values) - Job.HEADER) // 2
+        return [w for w in range(num_workers) if values[Job.left(w)]]
 
     def check(self, force: bool = False) -> None:
         """Updates `done`; raises if the chief aborted or went silent."""
@@ -567,6 +586,9 @@ class WorkerClient:
             while True:
                 ended = c.block(self.state.read_control(), c.ended)
                 late = [w for w in range(self.info.num_workers) if ended[w] < self.round]
+                if late:  # a worker that left the job (e.g. refused at build) will never end it
+                    left = self.monitor.left_workers()
+                    late = [w for w in late if w not in left]
                 if not late:
                     break
                 if time.monotonic() - start > self.config.chief_timeout:
