@@ -1,0 +1,174 @@
+"""The core engine on real localhost clusters: weights, step and gradient counts.
+
+Each test starts a ps process and N + b worker processes with `launch_local`
+and asserts numbers against a single-process computation.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_backup
+import workers
+
+pytestmark = pytest.mark.cluster
+
+
+def reference_fit(optimizer, batches_per_step, steps, num_workers):
+    """Single-process training on each step's batches concatenated (one big batch).
+
+    `workers.train_regression` on `num_workers` workers reads the same data.
+    """
+    x, y = workers.regression_data(steps * num_workers)
+    rows = []
+    for k in range(steps):
+        for b in batches_per_step(k):
+            rows.extend(range(b * workers.BATCH, (b + 1) * workers.BATCH))
+    big = len(rows) // steps
+    model = workers._regression_model(keras)  # pylint: disable=protected-access
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x[rows], y[rows], batch_size=big, epochs=1, shuffle=False, verbose=0)
+    return [v.numpy() for v in model.trainable_variables]
+
+
+def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
+    steps = 6
+    out = tf_backup.launch_local(
+        workers.train_regression, num_workers=3,
+        kwargs=dict(steps=steps, num_backup_workers=0, optimizers=("sgd", "adam")), timeout=240)
+    for i, (name, inner) in enumerate([("sgd", keras.optimizers.SGD(0.1)),
+                                       ("adam", keras.optimizers.Adam(0.05))]):
+        expected = reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
+        for worker in out:
+            result = worker["results"][i]
+            assert result["optimizer"] == name
+            for got, want in zip(result["weights"], expected):
+                np.testing.assert_allclose(got, want, atol=1e-5)
+            assert result["stats"] == {
+                "global_step": steps, "pushed": [steps] * 3, "taken": [steps] * 3, "dropped": [0] * 3}
+            assert result["history"]["global_step"] == [steps]
+            assert result["history"]["fresh_gradients"] == [3.0]
+            assert result["history"]["dropped_gradients"] == [0.0]
+        chief = out[0]["results"][i]
+        assert chief["contributions"] == [[1, 1, 1]] * steps
+        for master, final in zip(chief["master"], chief["weights"]):
+            np.testing.assert_array_equal(master, final)
+    # The weights moved: the test would catch an engine that applied nothing.
+    assert abs(float(out[0]["results"][0]["weights"][0][0, 0])) > 0.1
+
+
+def test_3_workers_1_backup_drops_every_gradient_of_the_slow_worker():
+    steps = 20
+    out = tf_backup.launch_local(
+        workers.train_regression, num_workers=4,
+        kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, slow_seconds=0.3),
+        timeout=240, ps_exit_grace=20)
+    expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2], steps, 4)
+    for worker in out:
+        result = worker["results"][0]
+        for got, want in zip(result["weights"], expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    stats = out[0]["results"][0]["stats"]
+    assert stats["global_step"] == steps
+    assert stats["taken"] == [steps, steps, steps, 0]
+    assert stats["pushed"][:3] == [steps] * 3
+    slow_pushed = stats["pushed"][3]
+    # The slow worker pushed, every push was dropped, and steps went on without it.
+    assert 1 <= slow_pushed < steps
+    assert stats["dropped"] == [0, 0, 0, slow_pushed]
+    assert out[0]["results"][0]["contributions"] == [[1, 1, 1, 0]] * steps
+    # Every worker logs the cluster-wide count of dropped gradients.
+    assert out[3]["results"][0]["history"]["dropped_gradients"][-1] >= slow_pushed - 1
+
+
+def test_asynchronous_mode_applies_every_gradient():
+    steps = 6
+    out = tf_backup.launch_local(
+        workers.train_regression, num_workers=2,
+        kwargs=dict(steps=steps, asynchronous=True), timeout=240)
+    stats = out[0]["results"][0]["stats"]
+    assert stats["dropped"] == [0, 0]
+    assert stats["pushed"] == stats["taken"]
+    assert steps in stats["pushed"]  # the first worker to finish ran all its steps
+    # A step averages the gradients that arrived together: at most one step per gradient.
+    assert 1 <= stats["global_step"] <= sum(stats["pushed"])
+    chief = out[0]["results"][0]
+    assert sum(len(c) and sum(c) for c in chief["contributions"]) == sum(stats["pushed"])
+    for worker in out:
+        for got, want in zip(worker["results"][0]["weights"], chief["master"]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_worker_with_another_model_is_refused_and_the_others_train_on():
+    steps = 4
+    out = tf_backup.launch_local(workers.train_with_wrong_model, num_workers=3, args=(steps,),
+                                 timeout=240)
+    assert "every worker must build the same model" in out[2]["error"]
+    assert "kernel" in out[2]["error"] and "(3, 2)" in out[2]["error"] and "(3, 1)" in out[2]["error"]
+    # Workers 0 and 1 (N = 2) trained as if worker 2 never existed: chief not corrupted.
+    expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [3 * k, 3 * k + 1], steps, 3)
+    for worker in out[:2]:
+        for got, want in zip(worker["weights"], expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    assert out[0]["stats"]["pushed"][2] == 0 and out[0]["stats"]["global_step"] == steps
+
+
+def test_chief_step_wait_times_out_naming_the_missing_worker():
+    out = tf_backup.launch_local(workers.chief_waits_for_absent_worker, num_workers=2, args=(3.0,),
+                                 timeout=180)
+    chief = out[0]
+    assert chief["error"] is not None
+    assert "StepTimeoutError: Worker 0 /job:worker/task:0" in chief["error"]
+    assert "waited 3 s for global step 1" in chief["error"]
+    assert "worker 1 /job:worker/task:1" in chief["error"]
+    assert 3.0 <= chief["seconds"] < 60.0
+
+
+def test_worker_startup_wait_times_out_naming_the_chief():
+    out = tf_backup.launch_local(workers.worker_waits_for_absent_chief, num_workers=2, args=(4.0,),
+                                 timeout=180)
+    message = out[1]["error"]
+    assert message is not None
+    assert "chief /job:worker/task:0" in message and "shared state" in message
+
+
+def test_keras_classifier_matches_the_inner_optimizer_alone_and_saves(tmp_path):
+    steps = (80, 70)
+    path = str(tmp_path / "classifier.keras")
+    out = tf_backup.launch_local(workers.train_classifier, num_workers=3, args=(steps, path),
+                                 timeout=300)
+    chief = out[0]
+    # Unset arguments come from the strategy; set ones are checked against it.
+    assert "`total_num_replicas` must equal the number of workers" in chief["config_errors"][0]
+    assert "total_num_replicas=5" in chief["config_errors"][0]
+    assert "`replicas_to_aggregate` must not exceed the number of workers (3)" in chief["config_errors"][1]
+    # Two fit rounds: the first ended at (or just past) its 80 steps, the second added 70 more.
+    assert steps[0] <= chief["step_after_first"] <= steps[0] + 2
+    final_step = chief["stats"]["global_step"]
+    assert chief["step_after_first"] + steps[1] <= final_step <= chief["step_after_first"] + steps[1] + 2
+    assert chief["inner_iterations"] == final_step  # one inner update per global step
+    stats = chief["stats"]
+    assert [t + d for t, d in zip(stats["taken"], stats["dropped"])] == stats["pushed"]
+    for worker in out[1:]:
+        for a, b in zip(worker["weights"], chief["weights"]):
+            np.testing.assert_array_equal(a, b)
+    # Same data, the inner optimizer alone, the same number of updates with the batch of N workers.
+    (x, y), (x_test, y_test) = workers.classification_data()
+    keras.utils.set_random_seed(0)
+    alone = workers.classifier(keras)
+    alone.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    alone.fit(tf.data.Dataset.from_tensor_slices((x, y)).shuffle(4000, seed=1).batch(64).repeat(),
+              steps_per_epoch=final_step, verbose=0)
+    _, alone_accuracy = alone.evaluate(x_test, y_test, verbose=0)
+    assert alone_accuracy > 0.8
+    assert abs(chief["accuracy"] - alone_accuracy) < 0.03
+    # The chief's saved model loads anywhere, with its optimizer state.
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, tf_backup.SyncReplicasOptimizer)
+    assert int(loaded.optimizer.inner_optimizer.iterations.numpy()) == final_step
+    for a, b in zip(loaded.get_weights(), chief["weights"]):
+        np.testing.assert_array_equal(a, b)
+    _, loaded_accuracy = loaded.evaluate(x_test, y_test, verbose=0)
+    assert loaded_accuracy == pytest.approx(chief["accuracy"], abs=1e-6)

@@ -1,0 +1,85 @@
+"""SyncReplicasOptimizer as a Keras object: arguments, config, saving (one process)."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_backup
+
+
+def test_bad_inner_optimizer_is_a_type_error():
+    with pytest.raises(TypeError, match="keras.optimizers.Optimizer instance. Received optimizer='sgd'"):
+        tf_backup.SyncReplicasOptimizer("sgd")
+    with pytest.raises(TypeError, match="already a SyncReplicasOptimizer"):
+        tf_backup.SyncReplicasOptimizer(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD()))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(replicas_to_aggregate=3, total_num_replicas=2), ValueError,
+     "must not exceed `total_num_replicas`.*replicas_to_aggregate=3, total_num_replicas=2"),
+    (dict(replicas_to_aggregate=0), ValueError, "positive integer. Received replicas_to_aggregate=0"),
+    (dict(replicas_to_aggregate=-2), ValueError, "replicas_to_aggregate=-2"),
+    (dict(replicas_to_aggregate=1.5), TypeError, "replicas_to_aggregate=1.5"),
+    (dict(replicas_to_aggregate=True), TypeError, "replicas_to_aggregate=True"),
+    (dict(total_num_replicas="4"), TypeError, "total_num_replicas='4'"),
+    (dict(total_num_replicas=0), ValueError, "total_num_replicas=0"),
+    (dict(clipnorm=1.0), ValueError, "set `clipnorm` on the inner `optimizer`"),
+    (dict(learning_rate=0.1), ValueError, "set `learning_rate` on the inner `optimizer`"),
+    (dict(momentum=0.9), TypeError, "unexpected arguments: \\['momentum'\\]"),
+])
+def test_bad_arguments_name_the_argument_and_value(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1), **kwargs)
+
+
+def test_ema_inner_optimizer_is_refused():
+    with pytest.raises(ValueError, match="use_ema=True"):
+        tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1, use_ema=True))
+
+
+def test_config_round_trip_keeps_exactly_its_keys():
+    opt = tf_backup.SyncReplicasOptimizer(
+        keras.optimizers.Adam(0.003, beta_1=0.8), replicas_to_aggregate=2, total_num_replicas=3,
+        name="sync")
+    config = opt.get_config()
+    assert sorted(config) == ["name", "optimizer", "replicas_to_aggregate", "total_num_replicas"]
+    again = tf_backup.SyncReplicasOptimizer.from_config(config)
+    assert isinstance(again.inner_optimizer, keras.optimizers.Adam)
+    assert again.inner_optimizer.beta_1 == pytest.approx(0.8)
+    assert again.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(opt))
+    assert isinstance(restored, tf_backup.SyncReplicasOptimizer)
+    assert (restored.replicas_to_aggregate, restored.total_num_replicas) == (2, 3)
+
+
+def test_learning_rate_belongs_to_the_inner_optimizer():
+    opt = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.25))
+    assert float(opt.learning_rate) == pytest.approx(0.25)
+    opt.learning_rate = 0.5
+    assert float(opt.inner_optimizer.learning_rate) == pytest.approx(0.5)
+
+
+def _model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.Adam(0.01)), loss="mse")
+    return model
+
+
+def test_training_outside_a_backup_worker_strategy_is_a_clear_error():
+    model = _model()
+    x, y = np.ones((8, 3), np.float32), np.ones((8, 2), np.float32)
+    with pytest.raises(ValueError, match="built outside a BackupWorkerStrategy"):
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_save_and_load_model_with_the_wrapper(tmp_path):
+    model = _model()
+    model.optimizer.build(model.trainable_variables)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, tf_backup.SyncReplicasOptimizer)
+    assert isinstance(loaded.optimizer.inner_optimizer, keras.optimizers.Adam)
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,62 @@
+"""BackupWorkerStrategy refuses bad input before it connects or blocks.
+
+Every case here fails before the process connects to a cluster, so the test
+process's TensorFlow context stays local.
+"""
+
+import socket
+
+import pytest
+import tensorflow as tf
+
+import tf_backup
+
+
+def resolver(num_workers=3, task=("worker", 0), ps_port=1):
+    jobs = {"worker": [f"localhost:{1000 + i}" for i in range(num_workers)], "ps": [f"localhost:{ps_port}"]}
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(jobs), task_type=task[0], task_id=task[1])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(num_backup_workers=3), ValueError,
+     "`num_backup_workers` must be below the number of workers \\(3\\).*num_backup_workers=3"),
+    (dict(num_backup_workers=5), ValueError, "num_backup_workers=5"),
+    (dict(num_backup_workers=-1), ValueError, "num_backup_workers=-1"),
+    (dict(num_backup_workers=1.5), TypeError, "num_backup_workers=1.5"),
+    (dict(num_backup_workers=True), TypeError, "num_backup_workers=True"),
+    (dict(asynchronous="yes"), TypeError, "asynchronous='yes'"),
+    (dict(asynchronous=True, num_backup_workers=1), ValueError, "num_backup_workers=0"),
+    (dict(step_timeout=0), ValueError, "step_timeout=0"),
+    (dict(startup_timeout=-3), ValueError, "startup_timeout=-3"),
+    (dict(chief_timeout="1"), ValueError, "chief_timeout='1'"),
+    (dict(poll_interval=None), ValueError, "poll_interval=None"),
+])
+def test_bad_arguments_name_the_argument_and_value(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tf_backup.BackupWorkerStrategy(resolver(), **kwargs)
+
+
+def test_ps_task_is_told_to_run_serve():
+    with pytest.raises(ValueError, match="ps tasks run `tf_backup.serve\\(\\)`"):
+        tf_backup.BackupWorkerStrategy(resolver(task=("ps", 0)))
+
+
+def test_cluster_without_ps_job_is_refused():
+    no_ps = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": ["localhost:1000"]}), task_type="worker", task_id=0)
+    with pytest.raises(ValueError, match="no `ps` job"):
+        tf_backup.BackupWorkerStrategy(no_ps)
+
+
+def test_worker_started_before_the_ps_gets_a_timeout_naming_the_ps():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+        with pytest.raises(TimeoutError, match=f"waited 1 s for /job:ps/task:0 \\(localhost:{port}\\)"):
+            tf_backup.BackupWorkerStrategy(resolver(ps_port=port), startup_timeout=1.0)
+
+
+def test_serve_refuses_a_worker_task():
+    with pytest.raises(ValueError, match="`tf_backup.serve\\(\\)` runs ps tasks"):
+        tf_backup.serve(resolver(task=("worker", 1)))

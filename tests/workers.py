@@ -1,0 +1,251 @@
+"""Programs the cluster tests run in every worker process (via `launch_local`).
+
+Module-level functions, so worker processes can import them. Each returns
+plain numbers the test asserts on.
+"""
+
+import time
+
+import numpy as np
+
+FEATURES = 3
+BATCH = 4
+TRUE_W = np.array([1.0, -2.0, 3.0], np.float32)
+
+
+def regression_data(num_batches: int, seed: int = 0):
+    """Fixed linear-regression data: `num_batches` batches of BATCH rows."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num_batches * BATCH, FEATURES)).astype(np.float32)
+    y = (x @ TRUE_W + 0.5 + 0.1 * rng.normal(size=len(x))).astype(np.float32)[:, None]
+    return x, y
+
+
+def _regression_model(keras, units: int = 1):
+    return keras.Sequential([
+        keras.Input((FEATURES,)),
+        keras.layers.Dense(units, kernel_initializer="zeros", bias_initializer="zeros"),
+    ])
+
+
+class WaitUntilStale:
+    """Keras callback: makes this worker a straggler that is always late.
+
+    Before each batch it sleeps `seconds`, then waits until the global step has
+    moved past the step of its own parameters (at most `deadline` seconds), so
+    the gradient it then computes is certainly stale.
+    """
+
+    def __init__(self, strategy, seconds: float, last_step: int, deadline: float = 60.0):
+        import keras  # pylint: disable=g-import-not-at-top
+
+        outer = self
+
+        class _Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                outer.before_batch()
+
+            def on_train_batch_end(self, batch, logs=None):
+                outer.params_step = int(logs["global_step"])
+
+        self.callback = _Callback()
+        self.strategy = strategy
+        self.seconds = seconds
+        self.last_step = last_step
+        self.deadline = deadline
+        self.params_step = 0
+
+    def before_batch(self):
+        time.sleep(self.seconds)
+        start = time.monotonic()
+        while time.monotonic() - start < self.deadline:
+            step = self.strategy.stats()["global_step"]
+            if step > self.params_step or step >= self.last_step:
+                return
+            time.sleep(0.02)
+        raise TimeoutError("the straggler waited too long for the fast workers")
+
+
+def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",),
+                     slow_worker: int = -1, slow_seconds: float = 0.0, asynchronous: bool = False):
+    """Trains a linear model with each optimizer in turn; returns weights and counts.
+
+    Worker w reads batches w, w + W, w + 2W, ... of `regression_data`.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(
+        num_backup_workers=num_backup_workers, asynchronous=asynchronous, step_timeout=120.0)
+    x, y = regression_data(steps * strategy.num_workers)
+    results = []
+    for name in optimizers:
+        inner = {"sgd": lambda: keras.optimizers.SGD(0.1),
+                 "adam": lambda: keras.optimizers.Adam(0.05)}[name]
+        with strategy.scope():
+            model = _regression_model(keras)
+            optimizer = tf_backup.SyncReplicasOptimizer(inner())
+            model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+        callbacks = []
+        if strategy.worker_index == slow_worker:
+            callbacks.append(WaitUntilStale(strategy, slow_seconds, last_step=steps).callback)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+        start = time.monotonic()
+        history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps,
+                            verbose=0, callbacks=callbacks)
+        result = {
+            "optimizer": name,
+            "weights": [v.numpy() for v in model.trainable_variables],
+            "history": history.history,
+            "stats": strategy.stats(),
+            "fit_seconds": time.monotonic() - start,
+        }
+        if strategy.is_chief:
+            result["contributions"] = [r.contributions for r in strategy.step_history()]
+            result["master"] = [v.numpy() for v in optimizer.master_variables]
+        results.append(result)
+    return {"worker": strategy.worker_index, "results": results}
+
+
+def train_with_wrong_model(steps: int):
+    """3 workers, b = 1; worker 2 builds a model of another shape and must be refused."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=1, step_timeout=120.0)
+    x, y = regression_data(steps * strategy.num_workers)
+    with strategy.scope():
+        model = _regression_model(keras, units=2 if strategy.worker_index == 2 else 1)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
+                      loss="mse", jit_compile=False)
+    dataset = tf.data.Dataset.from_tensor_slices((x, np.repeat(y, 2, 1) if strategy.worker_index == 2 else y))
+    dataset = dataset.batch(BATCH).repeat()
+    try:
+        model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    except ValueError as e:
+        return {"worker": strategy.worker_index, "error": str(e)}
+    return {"worker": strategy.worker_index, "weights": [v.numpy() for v in model.trainable_variables],
+            "stats": strategy.stats()}
+
+
+def chief_waits_for_absent_worker(step_timeout: float):
+    """2 workers, b = 0: worker 1 never trains, so the chief's first step must time out."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=step_timeout, startup_timeout=60.0)
+    if strategy.worker_index == 1:
+        return {"worker": 1}
+    x, y = regression_data(4)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
+                      loss="mse", jit_compile=False)
+    start = time.monotonic()
+    try:
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0)
+    except tf.errors.OpError as e:  # raised inside the train step: UnknownError carrying the message
+        return {"worker": 0, "error": e.message, "seconds": time.monotonic() - start}
+    return {"worker": 0, "error": None}
+
+
+def worker_waits_for_absent_chief(startup_timeout: float):
+    """2 workers: the chief never builds its optimizer; worker 1's build must time out."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(startup_timeout=startup_timeout)
+    if strategy.is_chief:
+        time.sleep(startup_timeout + 5)  # alive (heartbeat on), but never creates the state
+        return {"worker": 0}
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
+                      loss="mse", jit_compile=False)
+    x, y = regression_data(4)
+    try:
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0)
+    except tf.errors.DeadlineExceededError as e:
+        return {"worker": 1, "error": e.message}
+    return {"worker": 1, "error": None}
+
+
+NUM_CLASSES = 4
+
+
+def classification_data(seed: int = 0):
+    """A fixed 4-class problem with overlapping classes: (train, test) arrays."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=1.2, size=(NUM_CLASSES, 10))
+
+    def sample(n):
+        labels = rng.integers(0, NUM_CLASSES, n)
+        return (centers[labels] + rng.normal(size=(n, 10))).astype(np.float32), labels.astype(np.int32)
+
+    return sample(4000), sample(2000)
+
+
+def classifier(keras):
+    return keras.Sequential([
+        keras.Input((10,)),
+        keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+    ])
+
+
+def train_classifier(steps: tuple, save_path: str):
+    """3 workers, b = 1: two `fit` rounds of a small classifier, then evaluate and save."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=1, step_timeout=120.0)
+    (x, y), (x_test, y_test) = classification_data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(4000, seed=1).batch(32).repeat()
+    config_errors = []
+    with strategy.scope():
+        for kwargs in (dict(total_num_replicas=5), dict(replicas_to_aggregate=4)):
+            bad = classifier(keras)
+            bad.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), **kwargs),
+                        loss="sparse_categorical_crossentropy", jit_compile=False)
+            try:
+                bad.fit(strategy.distribute_dataset(dataset), steps_per_epoch=1, verbose=0)
+            except ValueError as e:
+                config_errors.append(str(e))
+        model = classifier(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.Adam(0.01)),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
+    first = model.fit(strategy.distribute_dataset(dataset), epochs=2, steps_per_epoch=steps[0] // 2,
+                      verbose=0)
+    step_after_first = strategy.stats()["global_step"]
+    second = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps[1],
+                       verbose=0)
+    loss, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+    result = {
+        "worker": strategy.worker_index,
+        "config_errors": config_errors,
+        "accuracy": float(accuracy),
+        "step_after_first": step_after_first,
+        "stats": strategy.stats(),
+        "history_steps": first.history["global_step"] + second.history["global_step"],
+        "weights": [w for w in model.get_weights()],
+    }
+    if strategy.is_chief:
+        model.save(save_path)
+        result["inner_iterations"] = int(model.optimizer.inner_optimizer.iterations.numpy())
+    return result
+
+
+def fail_on_worker_1():
+    import os  # pylint: disable=g-import-not-at-top
+    if os.environ["TF_BACKUP_TASK"] == "worker-1":
+        raise RuntimeError("worker 1 broke on purpose")
+    time.sleep(120)
+
+
+def sleep_forever():
+    time.sleep(600)

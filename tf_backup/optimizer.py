@@ -1,0 +1,338 @@
+"""`SyncReplicasOptimizer`: a Keras 3 optimizer wrapper for backup-worker training."""
+
+import dataclasses
+from typing import List, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_backup import protocol
+from tf_backup import strategy as strategy_lib
+
+# Keywords of keras.optimizers.Optimizer that belong to the inner optimizer.
+_INNER_KEYWORDS = (
+    "learning_rate", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm",
+    "use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+    "gradient_accumulation_steps",
+)
+
+
+def _check_optional_count(name: str, value) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be a positive integer or None. Received {name}={value!r}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received {name}={value!r}")
+    return int(value)
+
+
+@keras.saving.register_keras_serializable(package="tf_backup")
+class SyncReplicasOptimizer(keras.optimizers.Optimizer):
+    """Synchronous SGD with backup workers, wrapping any Keras optimizer.
+
+    The TF2/Keras 3 counterpart of `tf.compat.v1.train.SyncReplicasOptimizer`.
+    Use it under a `tf_backup.BackupWorkerStrategy`, on every worker:
+
+    ```python
+    with strategy.scope():
+        model = build_model()
+        model.compile(
+            optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.Adam(1e-3)),
+            loss="sparse_categorical_crossentropy", jit_compile=False)
+    model.fit(strategy.distribute_dataset(dataset), epochs=5, steps_per_epoch=100)
+    ```
+
+    Each step, on every worker (replica):
+      1. compute the gradient of the local batch at the parameters of global
+         step `s` (Keras does this);
+      2. push it to the conditional accumulators on the ps tasks, tagged with
+         `s` (`local_step`); a gradient tagged below the accumulator's global
+         step is dropped;
+      3. wait until the global step passes `s`, then pull the new parameters
+         into the model's variables.
+
+    On the chief, the aggregator thread, each step:
+      1. wait until the accumulators hold `replicas_to_aggregate` fresh
+         gradients (`take_grad` averages all that arrived by then, at least N);
+      2. apply their average with the inner optimizer to the chief's master
+         copy of the variables (the inner optimizer's slots live there);
+      3. publish the new parameters and increment `global_step`.
+
+    `replicas_to_aggregate` (N) must not exceed `total_num_replicas` (N + b),
+    which is the number of workers: unlike TF1, a worker contributes at most
+    one gradient per step. When the fit of any worker ends, the round ends for
+    all: the others stop at their next step and `fit` returns on every worker
+    with the same final weights.
+
+    Args:
+      optimizer: the inner `keras.optimizers.Optimizer` that applies the
+        averaged gradients (SGD, Adam, ...). Learning rate, clipping and weight
+        decay are its settings.
+      replicas_to_aggregate: N. Default: from the strategy
+        (`num_workers - num_backup_workers`).
+      total_num_replicas: N + b, checked against the strategy's number of
+        workers. Default: the strategy's.
+      name: the optimizer's name.
+
+    Raises:
+      TypeError: `optimizer` is not a Keras optimizer, or a count is not an
+        integer.
+      ValueError: a count is below 1, `replicas_to_aggregate >
+        total_num_replicas`, the inner optimizer uses EMA, or a keyword that
+        belongs to the inner optimizer is passed here.
+    """
+
+    def __init__(self, optimizer, replicas_to_aggregate=None, total_num_replicas=None,
+                 name=None, **kwargs):
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                "`optimizer` must be a keras.optimizers.Optimizer instance. "
+                f"Received optimizer={optimizer!r}"
+            )
+        if isinstance(optimizer, SyncReplicasOptimizer):
+            raise TypeError("`optimizer` is already a SyncReplicasOptimizer: wrap the inner one once.")
+        for key in kwargs:
+            if key in _INNER_KEYWORDS:
+                raise ValueError(
+                    f"SyncReplicasOptimizer does not take `{key}`: set `{key}` on the inner "
+                    "`optimizer`."
+                )
+        if kwargs:
+            raise TypeError(f"SyncReplicasOptimizer got unexpected arguments: {sorted(kwargs)}")
+        replicas_to_aggregate = _check_optional_count("replicas_to_aggregate", replicas_to_aggregate)
+        total_num_replicas = _check_optional_count("total_num_replicas", total_num_replicas)
+        if (replicas_to_aggregate is not None and total_num_replicas is not None
+                and replicas_to_aggregate > total_num_replicas):
+            raise ValueError(
+                "`replicas_to_aggregate` must not exceed `total_num_replicas` (each worker "
+                "contributes at most one gradient per step). Received "
+                f"replicas_to_aggregate={replicas_to_aggregate}, total_num_replicas={total_num_replicas}"
+            )
+        if optimizer.use_ema:
+            raise ValueError(
+                "SyncReplicasOptimizer does not support an inner optimizer with `use_ema=True` "
+                "yet. Received optimizer with use_ema=True"
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = optimizer
+        self.replicas_to_aggregate = replicas_to_aggregate
+        self.total_num_replicas = total_num_replicas
+        self._binding = None
+
+    # -- Keras optimizer interface ---------------------------------------------------
+
+    def build(self, var_list):
+        strategy = tf.distribute.get_strategy()
+        if isinstance(strategy, strategy_lib.BackupWorkerStrategy):
+            self._binding = _Binding(self, strategy, list(var_list))
+        else:
+            # Built outside a BackupWorkerStrategy (e.g. by keras.models.load_model):
+            # the optimizer holds its state but cannot train.
+            self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        if self._binding is None:
+            raise ValueError(
+                "SyncReplicasOptimizer was built outside a BackupWorkerStrategy: create and "
+                "compile the model under `strategy.scope()` of a tf_backup.BackupWorkerStrategy."
+            )
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        self._binding.apply(list(grads), list(trainable_variables))
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise ValueError("SyncReplicasOptimizer has no stateless apply: it updates shared state.")
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        """Called by Keras when `fit` ends: ends the round, pulls the final weights."""
+        if self._binding is not None:
+            self._binding.end_round(list(var_list))
+
+    def get_config(self):
+        # Not super().get_config(): the base keywords belong to the inner optimizer.
+        return {
+            "name": self.name,
+            "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "replicas_to_aggregate": self.replicas_to_aggregate,
+            "total_num_replicas": self.total_num_replicas,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
+
+    # -- tf_backup ---------------------------------------------------------------------
+
+    @property
+    def master_variables(self) -> Optional[List]:
+        """The chief's master copy of the trained variables (None elsewhere)."""
+        return None if self._binding is None else self._binding.master
+
+
+class _Binding:
+    """One SyncReplicasOptimizer attached to the shared state of its strategy."""
+
+    def __init__(self, optimizer: SyncReplicasOptimizer, strategy, var_list: List):
+        ext = strategy.extended
+        info = ext.cluster
+        self.config = self._resolve_config(optimizer, strategy)
+        self.layout = protocol.Layout(var_list, len(info.ps))
+        self.worker_index, self.num_workers = info.worker_index, info.num_workers
+        self._keys = [optimizer._var_key(v) for v in var_list]  # pylint: disable=protected-access
+        self._ext = ext
+        self._optimizer = optimizer
+        inner = optimizer.inner_optimizer
+        captured = getattr(inner, "_distribution_strategy", strategy)
+        if captured is not strategy:
+            raise ValueError(
+                "The inner optimizer was created outside `strategy.scope()` of this "
+                "BackupWorkerStrategy: create it (and the SyncReplicasOptimizer) inside the scope."
+            )
+        job_id = ext.join_job()
+        self.state = protocol.SharedState(
+            f"tf_backup/{job_id}/opt{len(ext.bindings)}", self.layout, info.ps, info.num_workers
+        )
+        self.client = protocol.WorkerClient(
+            self.state, self.config, info, ext.monitor, chief_error=self.aggregator_error
+        )
+        self.client.on_stop.append(ext.stop_models)
+        self.master = None
+        self.aggregator = None
+        if info.is_chief:
+            with tf.init_scope():
+                self.master = [
+                    keras.Variable(tf.convert_to_tensor(v), dtype=v.dtype, trainable=True,
+                                   name=f"master_{v.name}")
+                    for v in var_list
+                ]
+                inner.build(self.master)
+                self.state.create(self.layout.pack([tf.convert_to_tensor(v) for v in self.master]))
+            self.aggregator = protocol.Aggregator(
+                self.state, self.config, info, self._make_apply_fn(inner)
+            )
+            self.aggregator.start()
+        else:
+            inner.build(var_list)
+            self.client.wait_until_ready()
+        flats, _ = self.client.pull()
+        self._assign(var_list, flats)
+        self.metric_vars = ext.ensure_metric_vars()
+        ext.bindings.append(self)
+
+    @staticmethod
+    def _resolve_config(optimizer, strategy) -> protocol.ProtocolConfig:
+        config = strategy.extended.config
+        workers = strategy.num_workers
+        total = optimizer.total_num_replicas
+        if total is not None and total != workers:
+            raise ValueError(
+                "`total_num_replicas` must equal the number of workers of the "
+                f"BackupWorkerStrategy ({workers}). Received total_num_replicas={total}"
+            )
+        n = optimizer.replicas_to_aggregate
+        if n is None:
+            return config
+        if n > workers:
+            raise ValueError(
+                f"`replicas_to_aggregate` must not exceed the number of workers ({workers}). "
+                f"Received replicas_to_aggregate={n}"
+            )
+        if strategy.asynchronous and n != 1:
+            raise ValueError(
+                "An asynchronous BackupWorkerStrategy applies every gradient: "
+                f"`replicas_to_aggregate` must be 1 or None. Received replicas_to_aggregate={n}"
+            )
+        return dataclasses.replace(config, replicas_to_aggregate=n)
+
+    def _make_apply_fn(self, inner):
+        layout, master = self.layout, self.master
+
+        @tf.function(jit_compile=False, autograph=False)
+        def apply_fn(flat_grads):
+            inner.apply(layout.unpack(flat_grads), master)
+            return layout.pack([v.value for v in master])
+
+        return apply_fn
+
+    def aggregator_error(self) -> Optional[str]:
+        return None if self.aggregator is None else self.aggregator.error
+
+    def close(self) -> None:
+        if self.aggregator is not None:
+            self.aggregator.stop()
+
+    def _assign(self, var_list: Sequence, flats: Sequence) -> List:
+        return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]
+
+    def _sync(self, *flats):
+        new_flats, metrics = self.client.sync(flats)
+        if metrics[3] and not list(self._ext._models):  # pylint: disable=protected-access
+            # Stopped, and no Keras model to stop: end a custom loop like an exhausted dataset.
+            raise tf.errors.OutOfRangeError(None, None, "tf_backup: the training round has ended.")
+        return [*new_flats, tf.constant(metrics)]
+
+    def apply(self, grads: List, variables: List) -> None:
+        """The graph part of one step on this worker: push, wait, pull, assign."""
+        layout = self.layout
+        keys = [self._optimizer._var_key(v) for v in variables]  # pylint: disable=protected-access
+        if keys != self._keys:
+            raise ValueError(
+                "SyncReplicasOptimizer.apply() received variables that differ from the "
+                f"{layout.num_vars} it was built with: apply to the same trainable variables "
+                "every step."
+            )
+        dense = []
+        for i, (grad, name, shape) in enumerate(zip(grads, layout.names, layout.shapes)):
+            if grad is None:
+                grad = tf.zeros(shape, layout.dtypes[i])
+            elif isinstance(grad, tf.IndexedSlices):
+                grad = tf.convert_to_tensor(grad)  # sparse accumulators are future work
+            grad = tf.convert_to_tensor(grad)
+            if not grad.shape.is_compatible_with(shape):
+                raise ValueError(
+                    f"The gradient of variable `{name}` has shape {tuple(grad.shape)} but the "
+                    f"variable has shape {shape}."
+                )
+            dense.append(grad)
+        onehot = tf.one_hot(self.worker_index, self.num_workers, dtype=layout.dtype)
+        flats = [tf.concat([flat, onehot], 0) for flat in layout.pack(dense)]
+        outs = tf.py_function(
+            self._sync, flats, Tout=[layout.dtype] * len(flats) + [tf.int64], name="tf_backup_sync"
+        )
+        new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
+        metrics = tf.ensure_shape(outs[-1], [4])
+        assigns = self._assign(variables, new_flats)
+        with tf.control_dependencies(assigns):
+            self.metric_vars["global_step"].assign(metrics[0])
+            self.metric_vars["fresh_gradients"].assign(metrics[1])
+            self.metric_vars["dropped_gradients"].assign(metrics[2])
+            self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
+        self._ext._step_applied = True  # pylint: disable=protected-access
+
+    def end_round(self, var_list: List) -> None:
+        self._assign(var_list, self.client.end_round(wait_for_others=self.aggregator is not None))

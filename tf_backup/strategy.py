@@ -1,0 +1,427 @@
+"""`BackupWorkerStrategy`: synchronous SGD with backup workers as a tf.distribute strategy."""
+
+import atexit
+import random
+import threading
+import time
+import weakref
+from typing import List, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from tf_backup import _tf_internal
+from tf_backup import cluster as cluster_lib
+from tf_backup import protocol
+
+# The cluster this process connected to: TensorFlow has one eager context per
+# process, so every strategy of a process shares it.
+_CONNECTED = {}
+# Every strategy of this process, so a launcher can shut them down before os._exit.
+_LIVE = weakref.WeakSet()
+METRIC_NAMES = ("global_step", "fresh_gradients", "dropped_gradients")
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer. Received {name}={value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}. Received {name}={value!r}")
+    return int(value)
+
+
+def _check_seconds(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive number of seconds. Received {name}={value!r}")
+    return float(value)
+
+
+def _connect(info: cluster_lib.ClusterInfo) -> None:
+    spec = info.connect_spec().as_dict()
+    key = (info.task.job, info.task.index)
+    if _CONNECTED:
+        if _CONNECTED != {"task": key, "spec": spec}:
+            raise ValueError(
+                "This process is already connected to another cluster "
+                f"({_CONNECTED}); TensorFlow allows one per process. Received task {key} "
+                f"of cluster {spec}"
+            )
+        return
+    tf.config.experimental_connect_to_cluster(
+        info.connect_spec(), job_name=info.task.job, task_index=info.task.index, protocol="grpc"
+    )
+    _CONNECTED.update(task=key, spec=spec)
+
+
+def shutdown_all(failed: bool = False) -> None:
+    """Shuts down every BackupWorkerStrategy of this process (see `shutdown`)."""
+    for extended in list(_LIVE):
+        extended.shutdown(failed=failed)
+
+
+class _Heartbeat(threading.Thread):
+    """The chief's heartbeat: bumps the job vector's HEARTBEAT slot every second."""
+
+    def __init__(self, job_var, interval: float = 1.0):
+        super().__init__(name="tf_backup-heartbeat", daemon=True)
+        self._var = job_var
+        self._interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self):
+        beat = 0
+        while not self._stop_event.wait(self._interval):
+            beat += 1
+            try:
+                self._var.scatter_update([protocol.Job.HEARTBEAT], [beat])
+            except Exception as e:  # pylint: disable=broad-except
+                logging.error("tf_backup heartbeat stopped: %s", e)
+                return
+
+    def stop(self):
+        self._stop_event.set()
+
+
+class BackupWorkerExtended(_tf_internal.OneDeviceExtended):
+    """The implementation of `BackupWorkerStrategy`.
+
+    Inside a worker it behaves as `OneDeviceStrategy` on the worker's device;
+    between workers, `SyncReplicasOptimizer` runs the protocol of
+    `tf_backup.protocol` against the shared state on the ps tasks.
+    """
+
+    def __init__(self, container_strategy, device: str, info: cluster_lib.ClusterInfo,
+                 config: protocol.ProtocolConfig):
+        super().__init__(container_strategy, device)
+        self.cluster = info
+        self.config = config
+        self.job_var = protocol.job_variable(info.ps[0], info.num_workers)
+        self.monitor = protocol.JobMonitor(self.job_var, info, config)
+        self.bindings: List = []
+        self.metric_vars: Optional[dict] = None
+        self._models = weakref.WeakSet()
+        self._step_applied = False
+        self._heartbeat: Optional[_Heartbeat] = None
+        self._shut_down = False
+        if info.is_chief:
+            self._start_job()
+
+    # -- job -------------------------------------------------------------------
+
+    def _start_job(self) -> None:
+        job_id = random.SystemRandom().randrange(1, 2**62)
+        values = np.zeros([protocol.Job.size(self.cluster.num_workers)], np.int64)
+        values[protocol.Job.JOB_ID] = job_id
+        values[protocol.Job.joined(0)] = 1
+        self.job_var.assign(values)
+        self.monitor.job_id = job_id
+        self._heartbeat = _Heartbeat(self.job_var)
+        self._heartbeat.start()
+
+    def join_job(self) -> int:
+        """The job id; non-chief workers wait for the chief to start the job."""
+        return self.monitor.join(self.cluster.task)
+
+    def abort(self) -> None:
+        """Tells every worker the job failed (chief)."""
+        try:
+            self.job_var.scatter_update([protocol.Job.ABORT], [1])
+        except Exception as e:  # pylint: disable=broad-except
+            logging.error("tf_backup could not signal the abort: %s", e)
+
+    def shutdown(self, failed: bool = False) -> None:
+        """Leaves the job; on the chief, stops the aggregators and marks the job done.
+
+        Args:
+          failed: the program failed; on the chief this aborts the job for all.
+        """
+        if self._shut_down:
+            return
+        self._shut_down = True
+        for binding in self.bindings:
+            binding.close()
+        if self.monitor.job_id is None:
+            return  # never joined a job: nothing on the ps to update (the job vector may not exist)
+        try:
+            if self.cluster.is_chief:
+                failed = failed or any(b.aggregator_error() for b in self.bindings)
+                self.job_var.scatter_update(
+                    [protocol.Job.DONE, protocol.Job.ABORT], [1, int(failed)]
+                )
+            self.job_var.scatter_update([protocol.Job.left(self.cluster.worker_index)], [1])
+            self.job_var.read()  # wait for the updates to land before this process exits
+        except Exception as e:  # pylint: disable=broad-except
+            logging.warning("tf_backup shutdown could not update the job state: %s", e)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+
+    # -- Keras integration ---------------------------------------------------------
+
+    def note_model(self, model) -> None:
+        self._models.add(model)
+
+    def stop_models(self) -> None:
+        for model in list(self._models):
+            model.stop_training = True
+
+    def ensure_metric_vars(self) -> dict:
+        if self.metric_vars is None:
+            with tf.init_scope(), tf.device(self._device):
+                self.metric_vars = {
+                    name: tf.Variable(0, dtype=tf.int64, trainable=False, name=f"tf_backup_{name}")
+                    for name in METRIC_NAMES
+                }
+        return self.metric_vars
+
+    # -- input -----------------------------------------------------------------
+
+    def shard(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        policy = dataset.options().experimental_distribute.auto_shard_policy
+        if policy == tf.data.experimental.AutoShardPolicy.OFF or self.cluster.num_workers == 1:
+            return dataset
+        return dataset.shard(self.cluster.num_workers, self.cluster.worker_index)
+
+    def _distribute_datasets_from_function(self, dataset_fn, options):
+        context = tf.distribute.InputContext(
+            num_input_pipelines=self.cluster.num_workers,
+            input_pipeline_id=self.cluster.worker_index,
+            num_replicas_in_sync=1,
+        )
+        return _tf_internal.get_distributed_datasets_from_function(
+            dataset_fn, self._input_workers_with_options(options), [context],
+            self._container_strategy(), options=options,
+        )
+
+    # -- roles -----------------------------------------------------------------
+
+    @property
+    def should_checkpoint(self):
+        return self.cluster.is_chief
+
+    @property
+    def should_save_summary(self):
+        return self.cluster.is_chief
+
+
+class BackupWorkerStrategy(_tf_internal.Strategy):
+    """Synchronous data-parallel training with backup workers.
+
+    The cluster has `N + b` workers and one or more `ps` tasks. Every worker
+    runs the same program (as with `MultiWorkerMirroredStrategy`). Each step,
+    every worker computes a gradient on its own batch at the current
+    parameters; the step is applied as soon as the first `N` fresh gradients
+    have arrived, and the late ones are dropped (Chen et al., "Revisiting
+    Distributed Synchronous SGD", 2016). `b = num_backup_workers`.
+
+    ```python
+    strategy = tf_backup.BackupWorkerStrategy(
+        cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver(),
+        num_backup_workers=1)
+    with strategy.scope():
+        model = build_model()
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
+                      loss=..., jit_compile=False)
+    model.fit(strategy.distribute_dataset(dataset), epochs=..., steps_per_epoch=...)
+    ```
+
+    ps tasks run `tf_backup.serve()`. The chief is the `chief` task if the
+    cluster names one, else worker 0; it runs the aggregator and owns the
+    training state that checkpoints save.
+
+    Inside one worker the strategy acts as `OneDeviceStrategy` (one replica,
+    `num_replicas_in_sync == 1`): the batch a worker's dataset yields is that
+    worker's batch, and one step averages `N` of them. Give `fit` a dataset
+    from `strategy.distribute_dataset(dataset)`, which shards it by worker.
+    A dataset passed to Keras as it is (or arrays) is not sharded: each
+    worker reads all of it, so `evaluate` and `predict` see the whole data.
+
+    Args:
+      cluster_resolver: a `tf.distribute.cluster_resolver.ClusterResolver`;
+        default `TFConfigClusterResolver()` (the `TF_CONFIG` variable).
+      num_backup_workers: b, the workers whose gradients a step does not wait
+        for. 0 is fully synchronous SGD.
+      asynchronous: asynchronous SGD on the same machinery: every gradient is
+        applied as it arrives (`replicas_to_aggregate=1`), with no staleness
+        check. `num_backup_workers` must then be 0.
+      step_timeout: seconds a worker waits for the next step, and the chief
+        for enough gradients, before failing with an error saying what it
+        waited for.
+      startup_timeout: seconds to wait for the ps tasks to accept connections
+        and for the chief to start the job.
+      chief_timeout: seconds of chief silence (no heartbeat) a worker accepts.
+      poll_interval: the longest sleep between two polls of the shared state.
+
+    Raises:
+      TypeError: an argument has the wrong type.
+      ValueError: the cluster has no worker job or no ps job, this process is
+        a ps task, or `num_backup_workers` is not below the number of workers.
+      TimeoutError: a ps task did not accept connections within
+        `startup_timeout`.
+    """
+
+    def __init__(self, cluster_resolver=None, *, num_backup_workers: int = 0,
+                 asynchronous: bool = False, step_timeout: float = 600.0,
+                 startup_timeout: float = 300.0, chief_timeout: float = 120.0,
+                 poll_interval: float = 0.01):
+        num_backup_workers = _check_count("num_backup_workers", num_backup_workers, 0)
+        if not isinstance(asynchronous, bool):
+            raise TypeError(f"`asynchronous` must be a bool. Received asynchronous={asynchronous!r}")
+        step_timeout = _check_seconds("step_timeout", step_timeout)
+        startup_timeout = _check_seconds("startup_timeout", startup_timeout)
+        chief_timeout = _check_seconds("chief_timeout", chief_timeout)
+        poll_interval = _check_seconds("poll_interval", poll_interval)
+        if asynchronous and num_backup_workers:
+            raise ValueError(
+                "Asynchronous training applies every gradient, so it has no backup workers: "
+                f"set num_backup_workers=0. Received num_backup_workers={num_backup_workers}"
+            )
+        if cluster_resolver is None:
+            cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        info = cluster_lib.cluster_info_from_resolver(cluster_resolver)
+        if info.task.job == cluster_lib.PS_JOB:
+            raise ValueError(
+                f"This process is the ps task {info.task}: ps tasks run `tf_backup.serve()`, "
+                "not a BackupWorkerStrategy."
+            )
+        if num_backup_workers >= info.num_workers:
+            raise ValueError(
+                f"`num_backup_workers` must be below the number of workers ({info.num_workers}): "
+                f"at least one gradient makes a step. Received num_backup_workers={num_backup_workers}"
+            )
+        self._cluster_resolver = cluster_resolver
+        config = protocol.ProtocolConfig(
+            replicas_to_aggregate=1 if asynchronous else info.num_workers - num_backup_workers,
+            num_workers=info.num_workers,
+            staleness_check=not asynchronous,
+            step_timeout=step_timeout,
+            chief_timeout=chief_timeout,
+            startup_timeout=startup_timeout,
+            poll_max=poll_interval,
+            poll_min=min(0.0005, poll_interval),
+        )
+        cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
+        _connect(info)
+        device = f"/job:{info.task.job}/replica:0/task:{info.task.index}/device:CPU:0"
+        if tf.config.list_physical_devices("GPU"):
+            device = device.replace("CPU:0", "GPU:0")
+        super().__init__(BackupWorkerExtended(self, device, info, config))
+        _LIVE.add(self.extended)
+        atexit.register(self.extended.shutdown)
+
+    # -- what the cluster is -------------------------------------------------------
+
+    @property
+    def cluster_resolver(self):
+        return self._cluster_resolver
+
+    @property
+    def num_workers(self) -> int:
+        """N + b: every worker of the cluster."""
+        return self.extended.cluster.num_workers
+
+    @property
+    def replicas_to_aggregate(self) -> int:
+        """N: the fresh gradients averaged into one step."""
+        return self.extended.config.replicas_to_aggregate
+
+    @property
+    def num_backup_workers(self) -> int:
+        """b: the workers a step does not wait for (0 in asynchronous mode)."""
+        if self.asynchronous:
+            return 0
+        return self.num_workers - self.replicas_to_aggregate
+
+    @property
+    def asynchronous(self) -> bool:
+        return not self.extended.config.staleness_check
+
+    @property
+    def worker_index(self) -> int:
+        """This process's worker index; 0 is the chief."""
+        return self.extended.cluster.worker_index
+
+    @property
+    def is_chief(self) -> bool:
+        return self.extended.cluster.is_chief
+
+    # -- running -------------------------------------------------------------------
+
+    def distribute_dataset(self, dataset: tf.data.Dataset, options=None):
+        """Shards `dataset` by worker and distributes it to this worker's device.
+
+        Each worker reads every `num_workers`-th element, starting at its
+        `worker_index` (unless the dataset's `auto_shard_policy` is `OFF`).
+        Shard after batching to give each worker whole batches of the
+        dataset's batch size.
+        """
+        if not isinstance(dataset, tf.data.Dataset):
+            raise TypeError(f"`dataset` must be a tf.data.Dataset. Received dataset={dataset!r}")
+        return self.experimental_distribute_dataset(self.extended.shard(dataset), options)
+
+    def run(self, fn, args=(), kwargs=None, options=None):
+        """Runs `fn` on this worker's replica; adds the backup metrics to its logs.
+
+        When `fn` applied a `SyncReplicasOptimizer` step and returns a dict
+        (a Keras `train_step`), the dict gains `global_step`, `fresh_gradients`
+        (gradients averaged into the latest step) and `dropped_gradients`
+        (stale gradients dropped so far, over all workers).
+        """
+        model = getattr(fn, "__self__", None)
+        if model is not None and hasattr(model, "stop_training"):
+            if getattr(model, "jit_compile", False) and not tf.executing_eagerly():
+                raise ValueError(
+                    "BackupWorkerStrategy cannot run an XLA-compiled train step (its step talks "
+                    "to the ps tasks): compile the model with `jit_compile=False`. Received "
+                    "jit_compile=True"
+                )
+            self.extended.note_model(model)
+        self.extended._step_applied = False  # pylint: disable=protected-access
+        outputs = super().run(fn, args, kwargs, options)
+        if self.extended._step_applied and isinstance(outputs, dict):  # pylint: disable=protected-access
+            outputs = dict(outputs)
+            for name, var in self.extended.ensure_metric_vars().items():
+                outputs[name] = tf.cast(var.read_value(), tf.float32)
+        return outputs
+
+    # -- what happened -------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Per-worker gradient counts of the latest optimizer, read from the ps.
+
+        Returns:
+          A dict with `global_step` and per-worker lists `pushed`, `taken`
+          and `dropped` (pushed and never applied: stale, or still pending when
+          training stopped), so `taken + dropped == pushed` for every worker.
+        """
+        if not self.extended.bindings:
+            raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
+        state = self.extended.bindings[-1].state
+        ctl = state.read_control()
+        c = state.ctl
+        pushed = c.block(ctl, c.pushed)
+        taken = c.block(ctl, c.taken)
+        return {
+            "global_step": int(ctl[protocol.Control.STEP]),
+            "pushed": [int(x) for x in pushed],
+            "taken": [int(x) for x in taken],
+            "dropped": [int(x) for x in pushed - taken],
+        }
+
+    def step_history(self) -> List[protocol.StepRecord]:
+        """The chief's record of every step of the latest optimizer (chief only)."""
+        if not self.is_chief:
+            raise ValueError(
+                f"Only the chief keeps the step history; this is worker {self.worker_index}."
+            )
+        if not self.extended.bindings:
+            return []
+        return list(self.extended.bindings[-1].aggregator.history)
+
+    def shutdown(self) -> None:
+        """Ends this worker's part in the job (idempotent; also runs at exit).
+
+        On the chief: stops the aggregator and marks the job done, so the ps
+        tasks exit once every worker has left.
+        """
+        self.extended.shutdown()
