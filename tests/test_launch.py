@@ -50,3 +50,23 @@ def test_a_task_process_cannot_launch_a_cluster(monkeypatch):
     with pytest.raises(RuntimeError, match="if __name__ == \"__main__\""):
         tf_backup.launch_local(workers.sleep_forever, num_workers=1)
     assert os.environ["TF_BACKUP_TASK"] == "worker-0"
+
+
+def test_echo_copies_complete_new_lines_without_tensorflow_chatter(tmp_path, capsys):
+    from tf_backup import launch  # pylint: disable=g-import-not-at-top
+    log = tmp_path / "worker-0.log"
+    log.write_text("I0000 00:00:1 cpu_feature_guard.cc:227] chatter\nepoch 1\npartial")
+    echo = launch._Echo(str(log))  # pylint: disable=protected-access
+    echo.poll()
+    assert capsys.readouterr().out == "epoch 1\n"
+    with open(log, "a") as f:
+        f.write(" line\nepoch 2\n")
+    echo.poll()
+    assert capsys.readouterr().out == "partial line\nepoch 2\n"
+    echo.poll(final=True)
+    assert capsys.readouterr().out == ""
+
+
+def test_echo_must_name_a_task():
+    with pytest.raises(ValueError, match="echo='worker-3'"):
+        tf_backup.launch_local(workers.sleep_forever, num_workers=2, echo="worker-3")

@@ -46,22 +46,56 @@ def local_cluster_spec(num_workers: int, num_ps: int = 1) -> dict:
     return spec
 
 
+_NOISE = ("I0000 ", "W0000 ", "WARNING: All log messages", "cuda", "oneDNN", "cpu_feature_guard",
+          "rebuild TensorFlow", "computation_placer", "E0000 00:00")
+
+
+def _is_noise(line: str) -> bool:
+    """TensorFlow's start-up chatter, left out of log tails and echoes."""
+    return any(n in line for n in _NOISE)
+
+
 def _tail(path: str, lines: int = 40) -> str:
     try:
         with open(path, errors="replace") as f:
             text = f.readlines()
     except OSError:
         return "(no log)"
-    noise = ("I0000 ", "W0000 ", "WARNING: All log messages", "cuda", "oneDNN", "cpu_feature_guard",
-             "rebuild TensorFlow", "computation_placer", "E0000 00:00")
-    kept = [line for line in text if not any(n in line for n in noise)]
+    kept = [line for line in text if not _is_noise(line)]
     return "".join(kept[-lines:]).rstrip() or "(empty log)"
+
+
+class _Echo:
+    """Copies the complete new lines of a task's log to this process's stdout."""
+
+    def __init__(self, path: Optional[str]):
+        self._path = path
+        self._offset = 0
+        self._partial = ""
+
+    def poll(self, final: bool = False) -> None:
+        if self._path is None:
+            return
+        try:
+            with open(self._path, errors="replace") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+                self._offset = f.tell()
+        except OSError:
+            return
+        text = self._partial + chunk
+        lines = text.split("\n")
+        self._partial = "" if final else lines.pop()
+        out = [line for line in lines if line and not _is_noise(line)]
+        if out:
+            sys.stdout.write("\n".join(out) + "\n")
+            sys.stdout.flush()
 
 
 def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence = (),
                  kwargs: Optional[dict] = None, timeout: float = 600.0,
                  log_dir: Optional[str] = None, env: Optional[dict] = None,
-                 ps_exit_grace: float = 60.0) -> List[Any]:
+                 ps_exit_grace: float = 60.0, echo: Optional[str] = None) -> List[Any]:
     """Runs `fn(*args, **kwargs)` in every worker process of a localhost cluster.
 
     Starts `num_ps` ps tasks (each runs `tf_backup.serve()`) and
@@ -81,6 +115,8 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
         default a temporary directory, removed after a successful run.
       env: extra environment variables for every task.
       ps_exit_grace: seconds the ps tasks get to exit after the last worker.
+      echo: a task name (e.g. "worker-0") whose output is copied to this
+        process's stdout as it comes, without TensorFlow's start-up chatter.
 
     Returns:
       The value `fn` returned in each worker, in worker order.
@@ -105,6 +141,9 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
             raise ValueError(f"`{name}` must be >= {minimum}. Received {name}={value!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"`timeout` must be a positive number of seconds. Received timeout={timeout!r}")
+    names = [f"ps-{i}" for i in range(num_ps)] + [f"worker-{i}" for i in range(num_workers)]
+    if echo is not None and echo not in names:
+        raise ValueError(f"`echo` must name a task of the cluster ({', '.join(names)}). Received echo={echo!r}")
     kwargs = dict(kwargs or {})
     try:
         pickle.dumps((fn, tuple(args), kwargs))
@@ -144,7 +183,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=child_env, start_new_session=True,
                 )
-        _supervise(procs, logs, timeout, ps_exit_grace)
+        _supervise(procs, logs, timeout, ps_exit_grace, _Echo(logs.get(echo)))
         out = []
         for index in range(num_workers):
             with open(results[f"worker-{index}"], "rb") as f:
@@ -171,13 +210,21 @@ def _kill_all(procs: dict) -> None:
             pass
 
 
-def _supervise(procs: dict, logs: dict, timeout: float, ps_exit_grace: float) -> None:
+def _supervise(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo) -> None:
     """Waits for the workers, then the ps tasks; raises on the first failure."""
+    try:
+        _wait_for_tasks(procs, logs, timeout, ps_exit_grace, echo)
+    finally:
+        echo.poll(final=True)
+
+
+def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo) -> None:
     deadline = time.monotonic() + timeout
     workers = [n for n in procs if n.startswith("worker")]
     ps = [n for n in procs if n.startswith("ps")]
     workers_done_at = None
     while True:
+        echo.poll()
         for name, proc in procs.items():
             if proc.poll() not in (None, 0):
                 raise LocalClusterError(
