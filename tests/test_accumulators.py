@@ -1,4 +1,4 @@
-"""The conditional accumulator's staleness check, in one process on the local CPU."""
+"""The conditional accumulator's staleness check, on an in-process tf.distribute.Server."""
 
 import numpy as np
 import pytest
@@ -6,52 +6,73 @@ import tensorflow as tf
 
 from tf_backup import accumulators
 
-CPU = "/device:CPU:0"
+
+@pytest.fixture(scope="module")
+def server():
+    return tf.distribute.Server.create_local_server()
 
 
-def test_take_sums_fresh_gradients_and_advances_the_step():
-    acc = accumulators.ConditionalAccumulator("t/acc1", tf.float32, [2], CPU)
+@pytest.fixture
+def where(server):
+    return accumulators.endpoint(server.target, "/job:localhost/replica:0/task:0/device:CPU:0", timeout=10.0)
+
+
+def test_take_sums_fresh_gradients_and_advances_the_step(where):
+    acc = accumulators.ConditionalAccumulator("t/acc1", tf.float32, [2], where)
     acc.apply_grad([1.0, 2.0], local_step=0)
     acc.apply_grad([3.0, 4.0], local_step=0)
     assert acc.num_accumulated() == 2
-    np.testing.assert_array_equal(acc.take_grad(2).numpy(), [4.0, 6.0])
+    np.testing.assert_array_equal(acc.take_grad(2), [4.0, 6.0])
     # The take advanced the accumulator to step 1: a gradient tagged 0 is stale.
     acc.apply_grad([100.0, 100.0], local_step=0)
     assert acc.num_accumulated() == 0
     acc.apply_grad([0.5, 0.5], local_step=1)
-    np.testing.assert_array_equal(acc.take_grad(1).numpy(), [0.5, 0.5])
+    np.testing.assert_array_equal(acc.take_grad(1), [0.5, 0.5])
 
 
-def test_set_global_step_makes_older_tags_stale():
-    acc = accumulators.ConditionalAccumulator("t/acc2", tf.float64, [1], CPU, reduction_type="MEAN")
+def test_set_global_step_makes_older_tags_stale(where):
+    acc = accumulators.ConditionalAccumulator("t/acc2", tf.float64, [1], where, reduction_type="MEAN")
     acc.set_global_step(5)
     acc.apply_grad([1.0], local_step=4)
     assert acc.num_accumulated() == 0
     acc.apply_grad([1.0], local_step=5)
     acc.apply_grad([3.0], local_step=7)
-    np.testing.assert_array_equal(acc.take_grad(2).numpy(), [2.0])
+    np.testing.assert_array_equal(acc.take_grad(2), [2.0])
 
 
-def test_same_shared_name_reaches_the_same_resources():
-    a = accumulators.ConditionalAccumulator("t/acc3", tf.float32, [1], CPU)
-    b = accumulators.ConditionalAccumulator("t/acc3", tf.float32, [1], CPU)
+def test_same_shared_name_reaches_the_same_resources(where):
+    a = accumulators.ConditionalAccumulator("t/acc3", tf.float32, [1], where)
+    b = accumulators.ConditionalAccumulator("t/acc3", tf.float32, [1], where)
     a.apply_grad([2.0], local_step=0)
     assert b.num_accumulated() == 1
-    v = accumulators.SharedVariable("t/var", tf.int64, [3], CPU)
+    v = accumulators.SharedVariable("t/var", tf.int64, [3], where)
     assert not v.is_initialized()
     v.assign([1, 2, 3])
-    w = accumulators.SharedVariable("t/var", tf.int64, [3], CPU)
+    w = accumulators.SharedVariable("t/var", tf.int64, [3], where)
     w.scatter_update([0], [7])
     w.scatter_max([1, 2], [1, 9])
-    np.testing.assert_array_equal(v.read().numpy(), [7, 2, 9])
+    np.testing.assert_array_equal(v.read(), [7, 2, 9])
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(dtype=tf.int32), TypeError, "float16, float32 and float64. Received dtype=int32"),
     (dict(reduction_type="MAX"), ValueError, "reduction_type='MAX'"),
 ])
-def test_bad_accumulator_arguments(kwargs, error, message):
-    args = dict(shared_name="t/bad", dtype=tf.float32, shape=[1], device=CPU)
+def test_bad_accumulator_arguments(kwargs, error, message, where):
+    args = dict(shared_name="t/bad", dtype=tf.float32, shape=[1], where=where)
     args.update(kwargs)
     with pytest.raises(error, match=message):
         accumulators.ConditionalAccumulator(**args)
+
+
+def test_a_task_that_does_not_answer_fails_within_the_deadline_naming_it():
+    import socket  # pylint: disable=g-import-not-at-top
+    from tf_backup import errors  # pylint: disable=g-import-not-at-top
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        s.listen()  # accepts TCP but never speaks gRPC
+        target = f"grpc://localhost:{s.getsockname()[1]}"
+        where = accumulators.Endpoint(target, "/job:ps/replica:0/task:0/device:CPU:0", timeout=2.0)
+        v = accumulators.SharedVariable("t/silent", tf.int64, [1], where)
+        with pytest.raises(errors.PsUnavailableError, match=r"initialized of `t/silent` on .*did not complete within 2 s"):
+            v.is_initialized()

@@ -34,11 +34,6 @@ def test_worker_0_is_chief_without_a_chief_job():
     assert info.is_chief and info.worker_index == 0
 
 
-def test_connect_spec_names_only_the_ps_tasks_and_this_task():
-    info = cluster_lib.cluster_info_from_resolver(resolver(JOBS, "worker", 1))
-    assert info.connect_spec().as_dict() == {"ps": ["p0:2000", "p1:2001"], "worker": {1: "h2:1002"}}
-
-
 def test_tf_config_resolver(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": JOBS, "task": {"type": "chief", "index": 0}}))
     info = cluster_lib.cluster_info_from_resolver(

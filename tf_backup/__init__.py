@@ -4,6 +4,7 @@ from tf_backup.accumulators import ConditionalAccumulator
 from tf_backup.accumulators import SharedVariable
 from tf_backup.errors import AggregatorError
 from tf_backup.errors import ChiefUnavailableError
+from tf_backup.errors import PsUnavailableError
 from tf_backup.errors import StepTimeoutError
 from tf_backup.launch import LocalClusterError
 from tf_backup.launch import launch_local

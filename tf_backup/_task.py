@@ -6,6 +6,7 @@ data (sys.path, the parent's main module, so `fn` can be found), the task, and
 `fn` with its arguments. The result is pickled next to the payload.
 """
 
+import faulthandler
 import multiprocessing.spawn
 import os
 import pickle
@@ -14,6 +15,7 @@ import traceback
 
 
 def main(payload_path: str) -> int:
+    faulthandler.enable(all_threads=True)  # a crash in TensorFlow's C++ still leaves Python stacks in the log
     with open(payload_path, "rb") as f:
         prep, rest = pickle.load(f)
     multiprocessing.spawn.prepare(prep)

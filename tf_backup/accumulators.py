@@ -1,10 +1,18 @@
-"""Shared resources on a remote task, reached by name from every worker.
+"""Shared resources on a ps task, reached by name from every worker process.
 
-TensorFlow's Python classes (`tf.Variable`, `tf.compat.v1.ConditionalAccumulator`)
-attach a deleter to the eager handles they make: when the process that made one
-exits, the resource is destroyed for every other process too. The classes here
-create or attach to a resource by `shared_name` through raw ops, which attach
-no deleter, so the resource lives as long as the task that holds it.
+Every resource lives in the resource manager of a `tf.distribute.Server` (a
+ps task) and is created or attached by `shared_name`: every process that
+names it reaches the same resource, and nothing is destroyed when a process
+exits (TensorFlow's eager `tf.Variable` and `ConditionalAccumulator` attach a
+deleter that would destroy it).
+
+Processes reach a ps task through an `Endpoint`: a graph of raw ops and a
+`tf.compat.v1.Session` on the task's gRPC target, TensorFlow's distributed
+session runtime (the one TF1's SyncReplicasOptimizer used). Every run has a
+deadline. We do not use eager remote execution (`connect_to_cluster`) here:
+on TF 2.21 a ps task serving several eager clients crashed (SIGSEGV in
+`GetOrCreateKernelAndDevice`), and one failed eager remote op poisons all later
+ones of its client (see WORKSPACE_NOTES.md).
 
 `ConditionalAccumulator` is TensorFlow's `ResourceConditionalAccumulator`: it
 sums (or averages) gradients and drops any gradient whose `local_step` is below
@@ -13,75 +21,143 @@ workers. `take_grad` returns the aggregate and advances the accumulator's
 global step, so a gradient tagged with the old step is stale from that moment.
 """
 
+import threading
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
 import tensorflow as tf
+
+from tf_backup import errors
+
+DEFAULT_TIMEOUT = 60.0
+_ENDPOINTS: Dict[Tuple[str, str], "Endpoint"] = {}
+_ENDPOINTS_LOCK = threading.Lock()
+
+
+class Endpoint:
+    """A graph and a session on one task's server, shared by this process's resources on it.
+
+    Args:
+      target: the server's target, e.g. "grpc://ps0:2222".
+      device: the device the resources live on, e.g.
+        "/job:ps/replica:0/task:0/device:CPU:0".
+      timeout: seconds any single run may take before it fails with
+        `PsUnavailableError` (the task is gone, or a network partition).
+    """
+
+    def __init__(self, target: str, device: str, timeout: float = DEFAULT_TIMEOUT):
+        self.target = target
+        self.device = device
+        self.timeout = timeout
+        self.graph = tf.Graph()
+        self._lock = threading.Lock()
+        self._session: Optional[tf.compat.v1.Session] = None
+        self._options = tf.compat.v1.RunOptions(timeout_in_ms=int(timeout * 1000))
+
+    def build(self, fn):
+        """Calls `fn()` to add ops to this endpoint's graph, on its device."""
+        with self._lock, self.graph.as_default(), tf.device(self.device):
+            return fn()
+
+    def run(self, fetches, feed_dict=None, what: str = "an op"):
+        """Runs `fetches` on the task; raises PsUnavailableError past the deadline."""
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    config = tf.compat.v1.ConfigProto(
+                        allow_soft_placement=False, operation_timeout_in_ms=int(self.timeout * 1000))
+                    self._session = tf.compat.v1.Session(self.target, graph=self.graph, config=config)
+        try:
+            return self._session.run(fetches, feed_dict=feed_dict, options=self._options)
+        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as e:
+            raise errors.PsUnavailableError(
+                f"{what} on {self.device} ({self.target}) did not complete within "
+                f"{self.timeout:.0f} s ({type(e).__name__}: the task is down or unreachable)."
+            ) from e
+
+
+def endpoint(target: str, device: str, timeout: float = DEFAULT_TIMEOUT) -> Endpoint:
+    """The process-wide `Endpoint` for (target, device)."""
+    with _ENDPOINTS_LOCK:
+        key = (target, device)
+        if key not in _ENDPOINTS:
+            _ENDPOINTS[key] = Endpoint(target, device, timeout)
+        return _ENDPOINTS[key]
 
 
 class SharedVariable:
-    """A resource variable on `device`, created or attached by `shared_name`.
+    """A rank-1 (or any shape) resource variable on a task, created or attached by `shared_name`.
 
     Every process that builds a `SharedVariable` with the same name, dtype and
-    shape on the same device reaches the same variable. Nothing is destroyed
-    when a process exits.
+    shape on the same task reaches the same variable. Values in and out are
+    numpy arrays.
     """
 
-    def __init__(self, shared_name: str, dtype, shape, device: str):
+    def __init__(self, shared_name: str, dtype, shape, where: Endpoint):
         self.shared_name = shared_name
         self.dtype = tf.as_dtype(dtype)
         self.shape = tf.TensorShape(shape)
-        self.device = device
-        with tf.device(device):
-            self.handle = tf.raw_ops.VarHandleOp(
-                dtype=self.dtype, shape=self.shape, shared_name=shared_name, container=""
+        self.endpoint = where
+        self._np_dtype = self.dtype.as_numpy_dtype
+
+        def ops():
+            handle = tf.raw_ops.VarHandleOp(dtype=self.dtype, shape=self.shape, shared_name=shared_name,
+                                            container="")
+            value = tf.compat.v1.placeholder(self.dtype, self.shape)
+            indices = tf.compat.v1.placeholder(tf.int32, [None])
+            updates = tf.compat.v1.placeholder(self.dtype, [None])
+            return dict(
+                handle=handle, value=value, indices=indices, updates=updates,
+                initialized=tf.raw_ops.VarIsInitializedOp(resource=handle),
+                read=tf.raw_ops.ReadVariableOp(resource=handle, dtype=self.dtype),
+                assign=tf.raw_ops.AssignVariableOp(resource=handle, value=value),
+                scatter_update=tf.raw_ops.ResourceScatterUpdate(resource=handle, indices=indices,
+                                                                updates=updates),
+                scatter_max=tf.raw_ops.ResourceScatterMax(resource=handle, indices=indices, updates=updates),
             )
+
+        self._ops = where.build(ops)
+
+    def _run(self, name, feed=None):
+        return self.endpoint.run(self._ops[name], feed, what=f"{name} of `{self.shared_name}`")
 
     def is_initialized(self) -> bool:
-        with tf.device(self.device):
-            return bool(tf.raw_ops.VarIsInitializedOp(resource=self.handle).numpy())
+        return bool(self._run("initialized"))
 
-    def read(self) -> tf.Tensor:
-        with tf.device(self.device):
-            value = tf.raw_ops.ReadVariableOp(resource=self.handle, dtype=self.dtype)
-        return tf.ensure_shape(value, self.shape)
+    def read(self) -> np.ndarray:
+        return self._run("read")
 
     def assign(self, value) -> None:
-        with tf.device(self.device):
-            tf.raw_ops.AssignVariableOp(
-                resource=self.handle, value=tf.convert_to_tensor(value, self.dtype)
-            )
+        self._run("assign", {self._ops["value"]: np.asarray(value, self._np_dtype)})
 
-    def scatter_update(self, indices, values) -> None:
+    def scatter_update(self, indices: Sequence[int], values) -> None:
         """Sets `self[indices] = values` atomically (a rank-1 variable)."""
-        with tf.device(self.device):
-            tf.raw_ops.ResourceScatterUpdate(
-                resource=self.handle,
-                indices=tf.constant(indices, tf.int32),
-                updates=tf.convert_to_tensor(values, self.dtype),
-            )
+        self._scatter("scatter_update", indices, values)
 
-    def scatter_max(self, indices, values) -> None:
+    def scatter_max(self, indices: Sequence[int], values) -> None:
         """Sets `self[i] = max(self[i], value)` atomically (a rank-1 variable)."""
-        with tf.device(self.device):
-            tf.raw_ops.ResourceScatterMax(
-                resource=self.handle,
-                indices=tf.constant(indices, tf.int32),
-                updates=tf.convert_to_tensor(values, self.dtype),
-            )
+        self._scatter("scatter_max", indices, values)
+
+    def _scatter(self, name, indices, values):
+        self._run(name, {self._ops["indices"]: np.asarray(indices, np.int32),
+                         self._ops["updates"]: np.asarray(values, self._np_dtype)})
 
 
 class ConditionalAccumulator:
-    """A `ResourceConditionalAccumulator` on `device`, attached by `shared_name`.
+    """A `ResourceConditionalAccumulator` on a task, attached by `shared_name`.
 
-    Kernels exist for the CPU only, and for half, float and double.
+    Kernels exist for the CPU only, and for half, float and double. The
+    accumulator is created with this shape by the first op that uses it.
 
     Args:
       shared_name: the name every process uses to reach this accumulator.
       dtype: tf.float16, tf.float32 or tf.float64.
       shape: the gradient shape.
-      device: a CPU device, e.g. `/job:ps/replica:0/task:0/device:CPU:0`.
+      where: the `Endpoint` of the task (a CPU device) that holds it.
       reduction_type: "SUM" or "MEAN": what `take_grad` returns.
     """
 
-    def __init__(self, shared_name: str, dtype, shape, device: str, reduction_type: str = "SUM"):
+    def __init__(self, shared_name: str, dtype, shape, where: Endpoint, reduction_type: str = "SUM"):
         dtype = tf.as_dtype(dtype)
         if dtype not in (tf.float16, tf.float32, tf.float64):
             raise TypeError(
@@ -95,45 +171,47 @@ class ConditionalAccumulator:
         self.shared_name = shared_name
         self.dtype = dtype
         self.shape = tf.TensorShape(shape)
-        self.device = device
-        with tf.device(device):
-            self.handle = tf.raw_ops.ResourceConditionalAccumulator(
-                dtype=dtype,
-                shape=self.shape,
-                shared_name=shared_name,
-                container="",
-                reduction_type=reduction_type,
+        self.endpoint = where
+        self._np_dtype = dtype.as_numpy_dtype
+
+        def ops():
+            handle = tf.raw_ops.ResourceConditionalAccumulator(
+                dtype=dtype, shape=self.shape, shared_name=shared_name, container="",
+                reduction_type=reduction_type)
+            grad = tf.compat.v1.placeholder(dtype, self.shape)
+            step = tf.compat.v1.placeholder(tf.int64, [])
+            required = tf.compat.v1.placeholder(tf.int32, [])
+            return dict(
+                grad=grad, step=step, required=required,
+                apply=tf.raw_ops.ResourceAccumulatorApplyGradient(handle=handle, local_step=step,
+                                                                  gradient=grad),
+                count=tf.raw_ops.ResourceAccumulatorNumAccumulated(handle=handle),
+                take=tf.raw_ops.ResourceAccumulatorTakeGradient(handle=handle, num_required=required,
+                                                                dtype=dtype),
+                set_step=tf.raw_ops.ResourceAccumulatorSetGlobalStep(handle=handle, new_global_step=step),
             )
 
-    def apply_grad(self, grad, local_step) -> None:
+        self._ops = where.build(ops)
+
+    def _run(self, name, feed=None):
+        return self.endpoint.run(self._ops[name], feed, what=f"{name} of accumulator `{self.shared_name}`")
+
+    def apply_grad(self, grad, local_step: int) -> None:
         """Adds `grad` unless `local_step` is below the accumulator's step."""
-        with tf.device(self.device):
-            tf.raw_ops.ResourceAccumulatorApplyGradient(
-                handle=self.handle,
-                local_step=tf.convert_to_tensor(local_step, tf.int64),
-                gradient=tf.convert_to_tensor(grad, self.dtype),
-            )
+        self._run("apply", {self._ops["grad"]: np.asarray(grad, self._np_dtype),
+                            self._ops["step"]: int(local_step)})
 
     def num_accumulated(self) -> int:
-        with tf.device(self.device):
-            return int(tf.raw_ops.ResourceAccumulatorNumAccumulated(handle=self.handle).numpy())
+        return int(self._run("count"))
 
-    def take_grad(self, num_required: int) -> tf.Tensor:
+    def take_grad(self, num_required: int) -> np.ndarray:
         """Returns the aggregate and advances the accumulator's global step.
 
-        The op blocks until `num_required` gradients are in; call it only once
-        `num_accumulated() >= num_required` (a blocking op holds up this
-        process's other ops on the same task).
+        The op blocks until `num_required` gradients are in (at most the
+        endpoint's timeout): call it once `num_accumulated() >= num_required`.
         """
-        with tf.device(self.device):
-            value = tf.raw_ops.ResourceAccumulatorTakeGradient(
-                handle=self.handle, num_required=num_required, dtype=self.dtype
-            )
-        return tf.ensure_shape(value, self.shape)
+        return self._run("take", {self._ops["required"]: int(num_required)})
 
-    def set_global_step(self, step) -> None:
+    def set_global_step(self, step: int) -> None:
         """Sets the accumulator's global step (it never moves backwards)."""
-        with tf.device(self.device):
-            tf.raw_ops.ResourceAccumulatorSetGlobalStep(
-                handle=self.handle, new_global_step=tf.convert_to_tensor(step, tf.int64)
-            )
+        self._run("set_step", {self._ops["step"]: int(step)})

@@ -31,6 +31,11 @@ class Task:
         """The task's CPU device, where tf_backup keeps shared resources."""
         return f"/job:{self.job}/replica:0/task:{self.index}/device:CPU:0"
 
+    @property
+    def target(self) -> str:
+        """The gRPC target of the task's `tf.distribute.Server`."""
+        return f"grpc://{self.address}"
+
     def __str__(self) -> str:
         return f"/job:{self.job}/task:{self.index} ({self.address})"
 
@@ -67,16 +72,6 @@ class ClusterInfo:
     def is_chief(self) -> bool:
         return self.task == self.chief
 
-    def connect_spec(self) -> tf.train.ClusterSpec:
-        """The spec this process connects with: the ps tasks and itself.
-
-        Connecting every worker with the whole cluster made concurrent
-        connections hang on TF 2.21 (see WORKSPACE_NOTES.md); a worker only
-        ever talks to the ps tasks anyway.
-        """
-        jobs = {PS_JOB: {t.index: t.address for t in self.ps}}
-        jobs.setdefault(self.task.job, {})[self.task.index] = self.task.address
-        return tf.train.ClusterSpec(jobs)
 
 
 def _check_address(job: str, index: int, address) -> str:

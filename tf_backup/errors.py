@@ -30,3 +30,10 @@ class AggregatorError(tf.errors.InternalError):
 
     def __init__(self, message: str):
         super().__init__(None, None, message)
+
+
+class PsUnavailableError(tf.errors.UnavailableError):
+    """A ps task did not answer within the deadline (it is gone, or unreachable)."""
+
+    def __init__(self, message: str):
+        super().__init__(None, None, message)

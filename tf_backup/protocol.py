@@ -145,8 +145,13 @@ class Job:
         return Job.HEADER + 2 * w + 1
 
 
+def endpoint(task: cluster_lib.Task) -> accumulators.Endpoint:
+    """This process's endpoint for the shared resources on `task`."""
+    return accumulators.endpoint(task.target, task.device)
+
+
 def job_variable(ps0: cluster_lib.Task, num_workers: int) -> accumulators.SharedVariable:
-    return accumulators.SharedVariable(Job.NAME, tf.int64, [Job.size(num_workers)], ps0.device)
+    return accumulators.SharedVariable(Job.NAME, tf.int64, [Job.size(num_workers)], endpoint(ps0))
 
 
 class Layout:
@@ -241,12 +246,12 @@ class SharedState:
         self.num_workers = num_workers
         self.ctl = Control(num_workers)
         ps0 = ps[0]
-        self.control = accumulators.SharedVariable(f"{prefix}/control", tf.int64, [self.ctl.size], ps0.device)
+        self.control = accumulators.SharedVariable(f"{prefix}/control", tf.int64, [self.ctl.size], endpoint(ps0))
         sig = layout.signature()
-        self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64, [len(sig)], ps0.device)
+        self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64, [len(sig)], endpoint(ps0))
         self._ps = ps
         self.params = [
-            accumulators.SharedVariable(f"{prefix}/params/{s}", layout.dtype, [size], ps[s].device)
+            accumulators.SharedVariable(f"{prefix}/params/{s}", layout.dtype, [size], endpoint(ps[s]))
             for s, size in enumerate(layout.shard_sizes)
         ]
         self._accs = None
@@ -262,7 +267,7 @@ class SharedState:
             self._accs = [
                 accumulators.ConditionalAccumulator(
                     f"{self.prefix}/acc/{s}", self.layout.dtype, [size + self.num_workers],
-                    self._ps[s].device, reduction_type="SUM")
+                    endpoint(self._ps[s]), reduction_type="SUM")
                 for s, size in enumerate(self.layout.shard_sizes)
             ]
         return self._accs
@@ -279,7 +284,7 @@ class SharedState:
         self.control.assign(control)
 
     def read_control(self) -> np.ndarray:
-        return self.control.read().numpy()
+        return self.control.read()
 
 
 @dataclasses.dataclass
@@ -334,7 +339,7 @@ class JobMonitor:
         start = time.monotonic()
         while True:
             if self._var.is_initialized():
-                values = self._var.read().numpy()
+                values = self._var.read()
                 # A finished job's state (DONE) is a previous run's: wait for the new chief.
                 if values[Job.JOB_ID] and not values[Job.DONE]:
                     self._var.scatter_update([Job.joined(self._worker_index)], [1])
@@ -350,7 +355,7 @@ class JobMonitor:
 
     def left_workers(self) -> List[int]:
         """The workers that have left the job (their process ended or shut down)."""
-        values = self._var.read().numpy()
+        values = self._var.read()
         num_workers = (len(values) - Job.HEADER) // 2
         return [w for w in range(num_workers) if values[Job.left(w)]]
 
@@ -360,7 +365,7 @@ class JobMonitor:
         if not force and now - self._last_check < 1.0:
             return
         self._last_check = now
-        values = self._var.read().numpy()
+        values = self._var.read()
         if self.job_id is not None and values[Job.JOB_ID] != self.job_id:
             raise errors.ChiefUnavailableError(
                 f"The job on the ps tasks changed (job id {self.job_id} -> {values[Job.JOB_ID]}): "
@@ -463,7 +468,7 @@ class WorkerClient:
             self.monitor.check()
             time.sleep(next(sleeps))
         if self.state.signature.is_initialized():
-            self.state.layout.check_signature(self.state.signature.read().numpy())
+            self.state.layout.check_signature(self.state.signature.read())
 
     # -- pulling -----------------------------------------------------------------
 
@@ -666,11 +671,11 @@ class Aggregator(threading.Thread):
         start = time.monotonic()
         n, workers = self.config.replicas_to_aggregate, self.config.num_workers
         sums = [acc.take_grad(n) for acc in self.state.accs]
-        counts = np.rint(sums[0][-workers:].numpy()).astype(np.int64)
+        counts = np.rint(sums[0][-workers:]).astype(np.int64)
         grads = []
         for s in sums:
             shard_counts = s[-workers:]
-            total = tf.reduce_sum(shard_counts)
+            total = shard_counts.sum()
             grads.append(s[:-workers] / total)
         new_flats = self.apply_fn(grads)
         c = self.state.ctl

@@ -63,50 +63,41 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
             f"`tf_backup.serve()` runs ps tasks; this process is {info.task}. Workers build a "
             "BackupWorkerStrategy instead."
         )
-    server = _start_server(info)
+    server = _start_server(info)  # serves until this function returns
     logging.info("tf_backup: ps task %s serving", info.task)
     ps0 = info.ps[0]
     if info.task != ps0:
         cluster_lib.wait_for_tasks([ps0], startup_timeout, waiter=f"ps task {info.task}")
-    size = protocol.Job.size(info.num_workers)
-    graph = tf.Graph()
-    with graph.as_default(), tf.device(ps0.device):
-        handle = tf.raw_ops.VarHandleOp(dtype=tf.int64, shape=[size], shared_name=protocol.Job.NAME)
-        initialized = tf.raw_ops.VarIsInitializedOp(resource=handle)
-        value = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.int64)
-    options = tf.compat.v1.RunOptions(timeout_in_ms=int(max(poll_interval, 10.0) * 1000))
+    job = protocol.job_variable(ps0, info.num_workers)
     start = time.monotonic()
     job_id, heartbeat, heartbeat_time, end_time, reason = None, None, None, None, None
-    with tf.compat.v1.Session(server.target, graph=graph) as session:
-        while True:
-            now = time.monotonic()
-            values = None
-            if session.run(initialized, options=options):
-                values = session.run(value, options=options)
-            if values is None or not values[protocol.Job.JOB_ID] or (
-                    job_id is None and values[protocol.Job.DONE]):
-                # No job yet (or a previous job's finished state): wait for the chief.
-                if now - start > startup_timeout:
-                    raise TimeoutError(
-                        f"The ps task {info.task} waited {startup_timeout:.0f} s for the chief "
-                        f"{info.chief} to start a job (startup_timeout)."
-                    )
-            else:
-                if values[protocol.Job.JOB_ID] != job_id:
-                    job_id, heartbeat, heartbeat_time = int(values[protocol.Job.JOB_ID]), None, now
-                    logging.info("tf_backup: ps task %s serves job %d", info.task, job_id)
-                joined = [bool(values[protocol.Job.joined(w)]) for w in range(info.num_workers)]
-                left = [bool(values[protocol.Job.left(w)]) for w in range(info.num_workers)]
-                gone = all(l or not j for j, l in zip(joined, left))
-                if values[protocol.Job.HEARTBEAT] != heartbeat:
-                    heartbeat, heartbeat_time = values[protocol.Job.HEARTBEAT], now
-                if end_time is None and values[protocol.Job.DONE]:
-                    end_time, reason = now, "done"
-                if end_time is None and now - heartbeat_time > chief_timeout:
-                    end_time, reason = now, "chief lost"
-                if end_time is not None and (gone or now - end_time > exit_grace):
-                    break
-            time.sleep(poll_interval)
+    while True:
+        now = time.monotonic()
+        values = job.read() if job.is_initialized() else None
+        if values is None or not values[protocol.Job.JOB_ID] or (
+                job_id is None and values[protocol.Job.DONE]):
+            # No job yet (or a previous job's finished state): wait for the chief.
+            if now - start > startup_timeout:
+                raise TimeoutError(
+                    f"The ps task {info.task} waited {startup_timeout:.0f} s for the chief "
+                    f"{info.chief} to start a job (startup_timeout)."
+                )
+        else:
+            if values[protocol.Job.JOB_ID] != job_id:
+                job_id, heartbeat, heartbeat_time = int(values[protocol.Job.JOB_ID]), None, now
+                logging.info("tf_backup: ps task %s serves job %d", info.task, job_id)
+            joined = [bool(values[protocol.Job.joined(w)]) for w in range(info.num_workers)]
+            left = [bool(values[protocol.Job.left(w)]) for w in range(info.num_workers)]
+            gone = all(l or not j for j, l in zip(joined, left))
+            if values[protocol.Job.HEARTBEAT] != heartbeat:
+                heartbeat, heartbeat_time = values[protocol.Job.HEARTBEAT], now
+            if end_time is None and values[protocol.Job.DONE]:
+                end_time, reason = now, "done"
+            if end_time is None and now - heartbeat_time > chief_timeout:
+                end_time, reason = now, "chief lost"
+            if end_time is not None and (gone or now - end_time > exit_grace):
+                break
+        time.sleep(poll_interval)
     missing = [str(info.workers[w]) for w in range(info.num_workers) if joined[w] and not left[w]]
     if missing:
         logging.warning("tf_backup: ps task %s exits; workers that never left: %s",

@@ -15,9 +15,6 @@ from tf_backup import _tf_internal
 from tf_backup import cluster as cluster_lib
 from tf_backup import protocol
 
-# The cluster this process connected to: TensorFlow has one eager context per
-# process, so every strategy of a process shares it.
-_CONNECTED = {}
 # Every strategy of this process, so a launcher can shut them down before os._exit.
 _LIVE = weakref.WeakSet()
 METRIC_NAMES = ("global_step", "fresh_gradients", "dropped_gradients")
@@ -35,23 +32,6 @@ def _check_seconds(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"`{name}` must be a positive number of seconds. Received {name}={value!r}")
     return float(value)
-
-
-def _connect(info: cluster_lib.ClusterInfo) -> None:
-    spec = info.connect_spec().as_dict()
-    key = (info.task.job, info.task.index)
-    if _CONNECTED:
-        if _CONNECTED != {"task": key, "spec": spec}:
-            raise ValueError(
-                "This process is already connected to another cluster "
-                f"({_CONNECTED}); TensorFlow allows one per process. Received task {key} "
-                f"of cluster {spec}"
-            )
-        return
-    tf.config.experimental_connect_to_cluster(
-        info.connect_spec(), job_name=info.task.job, task_index=info.task.index, protocol="grpc"
-    )
-    _CONNECTED.update(task=key, spec=spec)
 
 
 def shutdown_all(failed: bool = False) -> None:
@@ -301,10 +281,9 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             poll_min=min(0.0005, poll_interval),
         )
         cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
-        _connect(info)
-        device = f"/job:{info.task.job}/replica:0/task:{info.task.index}/device:CPU:0"
-        if tf.config.list_physical_devices("GPU"):
-            device = device.replace("CPU:0", "GPU:0")
+        # The model trains on this worker's own device; the shared state is reached
+        # through graph sessions on the ps tasks (tf_backup.accumulators).
+        device = "/device:GPU:0" if tf.config.list_physical_devices("GPU") else "/device:CPU:0"
         super().__init__(BackupWorkerExtended(self, device, info, config))
         _LIVE.add(self.extended)
         atexit.register(self.extended.shutdown)
