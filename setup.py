@@ -9,7 +9,10 @@ setuptools.setup(
         "Synchronous SGD with backup workers (Chen et al., 2016) as a "
         "tf.distribute strategy and a Keras optimizer wrapper."
     ),
-    packages=setuptools.find_packages(include=["tf_backup", "tf_backup.*", "trainers", "trainers.*"]),
+    packages=setuptools.find_packages(
+        include=["tf_backup", "tf_backup.*", "trainers", "trainers.*", "configs"]),
+    package_data={"configs": ["*.json"]},
+    entry_points={"console_scripts": ["tf-backup-train = trainers.train:run"]},
     python_requires=">=3.10",
     # tf_backup uses TensorFlow internals (see tf_backup/_tf_internal.py):
     # the supported versions are declared here and nowhere else.
@@ -17,6 +20,7 @@ setuptools.setup(
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<4",
         "tensorflow-datasets>=4.9",
+        "tensorboard>=2.21",  # the trainers write TensorBoard scalars; TF 2.21 no longer pulls it in
         "absl-py>=2.0",
         "numpy>=1.26",
     ],

@@ -76,3 +76,29 @@ def test_a_task_that_does_not_answer_fails_within_the_deadline_naming_it():
         v = accumulators.SharedVariable("t/silent", tf.int64, [1], where)
         with pytest.raises(errors.PsUnavailableError, match=r"initialized of `t/silent` on .*did not complete within 2 s"):
             v.is_initialized()
+
+
+def test_a_request_delivered_twice_is_retried_only_when_idempotent(where, monkeypatch):
+    acc = accumulators.ConditionalAccumulator("t/dup", tf.float32, [1], where)
+    v = accumulators.SharedVariable("t/dupvar", tf.int64, [1], where)
+    v.assign([4])
+    real = accumulators.Endpoint._run_once  # pylint: disable=protected-access
+    calls = []
+
+    def deliver_twice_once(self, fetches, feed_dict, what):
+        calls.append(what)
+        if len(calls) == 1:
+            real(self, fetches, feed_dict, what)  # the first delivery runs ...
+            raise tf.errors.AbortedError(None, None, "The same RunGraph (Worker) request was received twice.")
+        return real(self, fetches, feed_dict, what)
+
+    monkeypatch.setattr(accumulators.Endpoint, "_run_once", deliver_twice_once)
+    np.testing.assert_array_equal(v.read(), [4])  # a read is run again
+    assert len(calls) == 2
+    calls.clear()
+    acc.apply_grad([1.0], local_step=0)  # a push ran once and is not repeated
+    assert len(calls) == 1 and acc.num_accumulated() == 1
+    calls.clear()
+    with pytest.raises(tf.errors.AbortedError):  # a take's result is lost: it must not take again
+        acc.take_grad(1)
+    assert acc.num_accumulated() == 0

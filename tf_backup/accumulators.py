@@ -24,6 +24,7 @@ global step, so a gradient tagged with the old step is stale from that moment.
 import threading
 from typing import Dict, Optional, Sequence, Tuple
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -59,8 +60,26 @@ class Endpoint:
         with self._lock, self.graph.as_default(), tf.device(self.device):
             return fn()
 
-    def run(self, fetches, feed_dict=None, what: str = "an op"):
-        """Runs `fetches` on the task; raises PsUnavailableError past the deadline."""
+    def run(self, fetches, feed_dict=None, what: str = "an op", on_duplicate: str = "retry"):
+        """Runs `fetches` on the task; raises PsUnavailableError past the deadline.
+
+        gRPC may deliver a request twice (TensorFlow then fails the run with
+        `AbortedError: The same RunGraph (Worker) request was received twice`,
+        seen on a loaded 2-core machine): the first delivery ran, its result
+        is lost. `on_duplicate` says what then: "retry" (idempotent runs: reads,
+        assignments), "done" (a push: it happened once; returns None) or "raise".
+        """
+        for attempt in range(3):
+            try:
+                return self._run_once(fetches, feed_dict, what)
+            except tf.errors.AbortedError as e:
+                if "received twice" not in (e.message or "") or on_duplicate == "raise" or attempt == 2:
+                    raise
+                logging.warning("tf_backup: %s on %s was delivered twice (%s).", what, self.target, on_duplicate)
+                if on_duplicate == "done":
+                    return None
+
+    def _run_once(self, fetches, feed_dict, what):
         if self._session is None:
             with self._lock:
                 if self._session is None:
@@ -194,7 +213,10 @@ class ConditionalAccumulator:
         self._ops = where.build(ops)
 
     def _run(self, name, feed=None):
-        return self.endpoint.run(self._ops[name], feed, what=f"{name} of accumulator `{self.shared_name}`")
+        # A push delivered twice ran once (see Endpoint.run); a take delivered twice
+        # lost its result, so it raises rather than take another N gradients.
+        return self.endpoint.run(self._ops[name], feed, what=f"{name} of accumulator `{self.shared_name}`",
+                                 on_duplicate={"apply": "done", "take": "raise"}.get(name, "retry"))
 
     def apply_grad(self, grad, local_step: int) -> None:
         """Adds `grad` unless `local_step` is below the accumulator's step."""

@@ -634,6 +634,7 @@ class Aggregator(threading.Thread):
         self.history: List[StepRecord] = []
         self.error: Optional[str] = None
         self.taken = np.zeros([config.num_workers], np.int64)
+        self.lost_steps = 0  # steps published without an update (a take delivered twice)
         self._stop_event = threading.Event()
         self._last_publish = time.monotonic()
 
@@ -670,14 +671,22 @@ class Aggregator(threading.Thread):
     def _take_apply_publish(self) -> None:
         start = time.monotonic()
         n, workers = self.config.replicas_to_aggregate, self.config.num_workers
-        sums = [acc.take_grad(n) for acc in self.state.accs]
-        counts = np.rint(sums[0][-workers:]).astype(np.int64)
-        grads = []
-        for s in sums:
-            shard_counts = s[-workers:]
-            total = shard_counts.sum()
-            grads.append(s[:-workers] / total)
-        new_flats = self.apply_fn(grads)
+        try:
+            sums = [acc.take_grad(n) for acc in self.state.accs]
+        except tf.errors.AbortedError as e:
+            # A take delivered twice ran once and its gradients are lost (see
+            # accumulators.Endpoint.run). Every accumulator has moved on, so the step
+            # moves on without an update; its gradients count as dropped.
+            logging.warning("tf_backup: step %d lost its gradients (%s); publishing it unchanged.",
+                            self.step, e.message.splitlines()[0] if e.message else e)
+            self.lost_steps += 1
+            sums = None
+        if sums is None:
+            counts = np.zeros([workers], np.int64)
+            new_flats = [p.read() for p in self.state.params]
+        else:
+            counts = np.rint(sums[0][-workers:]).astype(np.int64)
+            new_flats = self.apply_fn([s[:-workers] / s[-workers:].sum() for s in sums])
         c = self.state.ctl
         new_step = self.step + 1
         self.taken += counts

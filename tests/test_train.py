@@ -1,0 +1,150 @@
+"""The training binary: configs, flags, bad input, and one real run on a local cluster."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+from trainers import config as config_lib
+from trainers import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_binary(*args, env=None, timeout=240):
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    full_env.pop("TF_CONFIG", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "trainers.train", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(autouse=True)
+def parsed_flags():
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["test"])
+
+
+def test_every_shipped_config_is_valid_and_flags_override_it():
+    assert {"mnist1d", "mnist1d_mlp", "mnist", "cifar10", "regression"} <= set(config_lib.available())
+    for name in config_lib.available():
+        config_lib.TrainConfig.from_dict(config_lib.read(name))
+    with flagsaver.flagsaver(config="mnist1d", num_workers=7, num_backup_workers=2, steps=30,
+                             straggler="pareto:1.5:0.01", optimizer="momentum"):
+        config = train.resolve_config()
+    assert (config.num_workers, config.num_backup_workers, config.replicas_to_aggregate) == (7, 2, 5)
+    assert (config.steps, config.epochs) == (30, None)  # --steps replaces the config's epochs
+    assert config.straggler == "pareto:1.5:0.01" and config.optimizer == "momentum"
+    with flagsaver.flagsaver(config="mnist1d", mode="sync"):
+        assert train.resolve_config().num_backup_workers == 0  # sync means b = 0
+
+
+def test_schedule_counts_global_steps_per_mode():
+    base = config_lib.TrainConfig.from_dict(config_lib.read("mnist1d"))  # 5 workers, b = 1, batch 32
+    assert base.replace(epochs=2).schedule(4000) == (2, 32)  # ceil(4000 / (4 * 32)) steps per epoch
+    assert base.replace(steps=100).schedule(4000) == (1, 100)
+    assert base.replace(mode="async", steps=100).schedule(4000) == (1, 20)  # 5 workers share them
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_backup_workers=5), "--num_backup_workers must be below --num_workers (5). Received num_backup_workers=5"),
+    (dict(mode="sync_backup", num_backup_workers=0), "--mode=sync_backup needs --num_backup_workers >= 1"),
+    (dict(learning_rate=-1.0), "Received learning_rate=-1.0"),
+    (dict(optimizer="lamb"), "Received optimizer='lamb'"),
+])
+def test_bad_values_name_the_flag(overrides, message):
+    base = config_lib.TrainConfig.from_dict(config_lib.read("mnist1d"))
+    with pytest.raises(config_lib.ConfigError) as info:
+        base.replace(**overrides)
+    assert message in str(info.value)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="--config=nope: no such config; known: cifar10"):
+        config_lib.read("nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(config_lib.ConfigError, match="not valid JSON"):
+        config_lib.read(str(bad))
+    bad.write_text(json.dumps({"dataset": "mnist1d", "model": {"kind": "mlp"}, "epochs": 1, "colour": 1}))
+    with pytest.raises(config_lib.ConfigError, match="Unknown config field.s. colour"):
+        config_lib.TrainConfig.from_dict(config_lib.read(str(bad)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_workers=3", "--num_backup_workers=3"], "--num_backup_workers must be below --num_workers (3)"),
+    (["--config=nope"], "--config=nope: no such config"),
+    (["--mode=fast"], "flag --mode=fast"),
+    (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+    (["--steps=0"], "--steps=0"),
+    (["--straggler=pareto:x"], "--straggler=pareto:x"),
+    (["--config=regression", "--steps=1", "positional"], "Unexpected arguments ['positional']"),
+])
+def test_usage_errors_exit_2_with_one_line(args, message):
+    out = run_binary(*args, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.startswith("tf-backup-train: error:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_dataset_that_cannot_load_offline_is_a_usage_error(tmp_path):
+    out = run_binary("--config=mnist", f"--data_dir={tmp_path}", "--steps=1", timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "mnist" in out.stderr and "mnist1d" in out.stderr  # names the dataset, offers the default
+
+
+def test_unreachable_tf_config_address_fails_naming_it():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+    tf_config = {"cluster": {"worker": ["localhost:1"], "ps": [f"localhost:{port}"]},
+                 "task": {"type": "worker", "index": 0}}
+    out = run_binary("--config=regression", "--num_workers=1", "--mode=sync", "--startup_timeout=2",
+                     env={"TF_CONFIG": json.dumps(tf_config)}, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert f"localhost:{port}" in out.stderr and "2 s" in out.stderr
+
+
+@pytest.mark.cluster
+def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
+    summary_path = tmp_path / "summary.json"
+    model_dir = tmp_path / "model"
+    out = run_binary("--config=regression", "--steps=12", "--log_every=4", "--straggler=slow:2:3",
+                     f"--model_dir={model_dir}", f"--summary_json={summary_path}", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads(summary_path.read_text())
+    assert summary == json.loads((model_dir / "summary.json").read_text())
+    g = summary["gradients"]
+    assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]
+    assert summary["num_workers"] == 3 and summary["replicas_to_aggregate"] == 2
+    assert 12 <= summary["steps"] <= 14
+    assert sum(g["taken"]) == 2 * summary["steps"]  # N = 2 gradients per step, no more, no less
+    assert summary["steps_per_second"] == pytest.approx(summary["steps"] / summary["wall_seconds"])
+    assert [w["worker"] for w in summary["workers"]] == [0, 1, 2]
+    assert summary["workers"][2]["straggler_delay_seconds"] > 0
+    assert summary["workers"][0]["straggler_delay_seconds"] == 0
+    assert summary["test_accuracy"] is None and summary["test_loss"] < summary["history"]["loss"][0]
+    assert "slow" in summary["straggler"]
+    progress = [l for l in out.stdout.splitlines() if l.startswith("train | step: ")]
+    assert len(progress) >= 2, out.stdout
+    assert any(l.startswith("summary | steps: ") for l in out.stdout.splitlines())
+    assert os.listdir(model_dir / "tensorboard") and (model_dir / "model.keras").exists()
+    assert json.loads((model_dir / "config.json").read_text())["steps"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_the_main_command_reaches_the_cnn_reference_on_mnist1d(tmp_path):
+    """The README's main job with no arguments (about 2 minutes here)."""
+    out = run_binary(f"--model_dir={tmp_path}", timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # Published MNIST-1D CNN reference: about 94%; a small CNN in 30 epochs gets close.
+    assert summary["test_accuracy"] >= 0.85, summary["test_accuracy"]
+    assert sum(summary["gradients"]["dropped"]) > 0  # the exponential stragglers made backups useful
+    assert summary["steps"] >= 30 * 32

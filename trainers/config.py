@@ -1,0 +1,172 @@
+"""Training configs: a JSON file from `configs/` (or a path), overridden by flags.
+
+A config is a flat JSON object; `model` is a small object (`kind` plus its
+sizes). `TrainConfig.from_dict` validates every field and names the field and
+the value in its error.
+"""
+
+import dataclasses
+import importlib.resources
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+MODES = ("sync_backup", "sync", "async")
+OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adamw")
+
+
+class ConfigError(ValueError):
+    """A config file or a value in it (or a flag overriding it) is not valid."""
+
+
+def available() -> List[str]:
+    """The names of the configs shipped in `configs/`."""
+    return sorted(p.name[:-5] for p in importlib.resources.files("configs").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def read(name_or_path: str) -> Dict[str, Any]:
+    """Reads a shipped config by name (`mnist1d`) or a JSON file by path."""
+    if name_or_path.endswith(".json") or os.sep in name_or_path:
+        path = name_or_path
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"--config={name_or_path}: cannot read the file ({e.strerror}).") from e
+    else:
+        resource = importlib.resources.files("configs") / f"{name_or_path}.json"
+        if not resource.is_file():
+            raise ConfigError(
+                f"--config={name_or_path}: no such config; known: {', '.join(available())} "
+                "(or a path to a .json file).")
+        text = resource.read_text()
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config={name_or_path}: not valid JSON ({e}).") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config={name_or_path}: a config must be a JSON object.")
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; every task of the run gets the same one.
+
+    Attributes:
+      dataset: a name known to `trainers.data` (mnist1d, mnist, cifar10, regression).
+      model: `{"kind": ..., sizes}` for `trainers.models.build`.
+      num_workers: worker processes, N + b.
+      num_backup_workers: b; 0 in the `sync` and `async` modes.
+      num_ps: ps tasks the variables are spread over.
+      mode: sync_backup (N of N + b), sync (all workers), async (every gradient applied).
+      optimizer, learning_rate: the inner Keras optimizer.
+      batch_size: examples per worker per step.
+      steps: global steps to train; exclusive with `epochs`.
+      epochs: passes over the training set (N * batch_size examples per step).
+      straggler: a `tf_backup.stragglers` spec.
+      seed: seeds the model initializers, data shuffling and the straggler model.
+      data_dir: tfds data directory (None: tfds' default).
+      log_every: global steps between progress lines on the chief.
+    """
+
+    dataset: str
+    model: Dict[str, Any]
+    num_workers: int = 5
+    num_backup_workers: int = 1
+    num_ps: int = 1
+    mode: str = "sync_backup"
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    batch_size: int = 32
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    straggler: str = "none"
+    seed: int = 0
+    data_dir: Optional[str] = None
+    log_every: int = 50
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"Unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        for required in ("dataset", "model"):
+            if values.get(required) is None:
+                raise ConfigError(f"The config has no `{required}`.")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **overrides) -> "TrainConfig":
+        """A copy with `overrides` (flag values; None means "keep the config's")."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "steps" in overrides:
+            overrides.setdefault("epochs", None)
+        elif "epochs" in overrides:
+            overrides["steps"] = None
+        config = dataclasses.replace(self, **overrides)
+        if config.mode in ("sync", "async"):
+            config = dataclasses.replace(config, num_backup_workers=0)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def integer(name, minimum):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"--{name} must be an integer >= {minimum}. Received {name}={value!r}")
+
+        for name, minimum in (("num_workers", 1), ("num_backup_workers", 0), ("num_ps", 1),
+                              ("batch_size", 1), ("seed", 0), ("log_every", 1)):
+            integer(name, minimum)
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}. Received mode={self.mode!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"--optimizer must be one of {', '.join(OPTIMIZERS)}. Received optimizer={self.optimizer!r}")
+        if self.num_backup_workers >= self.num_workers:
+            raise ConfigError(
+                f"--num_backup_workers must be below --num_workers ({self.num_workers}). "
+                f"Received num_backup_workers={self.num_backup_workers}")
+        if self.mode == "sync_backup" and self.num_backup_workers < 1:
+            raise ConfigError(
+                "--mode=sync_backup needs --num_backup_workers >= 1 (use --mode=sync for none). "
+                f"Received num_backup_workers={self.num_backup_workers}")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            raise ConfigError(f"--learning_rate must be a positive number. Received learning_rate={lr!r}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(
+                f"Give exactly one of --steps and --epochs. Received steps={self.steps!r}, epochs={self.epochs!r}")
+        for name in ("steps", "epochs"):
+            if getattr(self, name) is not None:
+                integer(name, 1)
+        if not isinstance(self.model, dict) or "kind" not in self.model:
+            raise ConfigError(f"`model` must be an object with a `kind`. Received model={self.model!r}")
+
+    @property
+    def replicas_to_aggregate(self) -> int:
+        """N: gradients averaged per step."""
+        return 1 if self.mode == "async" else self.num_workers - self.num_backup_workers
+
+    def schedule(self, num_train: int) -> Tuple[int, int]:
+        """(epochs, steps_per_epoch) of `model.fit` on every worker, in local batches.
+
+        In the sync modes a worker computes at most one gradient per global
+        step, so its batches count global steps, and a global step consumes
+        N * batch_size examples. In async mode every gradient is a global
+        step: each worker runs 1/W of them.
+        """
+        workers = self.num_workers if self.mode == "async" else 1
+        if self.steps is not None:
+            return 1, math.ceil(self.steps / workers)
+        per_batch = self.batch_size * (self.num_workers if self.mode == "async" else self.replicas_to_aggregate)
+        return self.epochs, max(1, math.ceil(num_train / per_batch))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)

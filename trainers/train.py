@@ -1,0 +1,299 @@
+r"""Trains a model with synchronous SGD and backup workers (tf_backup).
+
+With no arguments: the offline default (a 1-D CNN on MNIST-1D, 4 + 1 workers,
+exponential stragglers) on a local cluster of processes on this machine:
+
+  tf-backup-train
+  tf-backup-train --config=mnist1d --num_workers=6 --num_backup_workers=2 --straggler=pareto:1.5:0.02
+  tf-backup-train --config=mnist --data_dir=~/tensorflow_datasets --mode=sync
+
+On real hosts every task (ps, chief/worker 0, workers) runs the same command
+with its own TF_CONFIG; a ps task serves until the job ends, then exits:
+
+  TF_CONFIG='{"cluster": {...}, "task": {"type": "ps", "index": 0}}' tf-backup-train --config=cifar10
+  TF_CONFIG='{"cluster": {...}, "task": {"type": "worker", "index": 0}}' tf-backup-train --config=cifar10
+
+Every flag overrides the config's value. Usage errors exit with status 2.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: no start-up chatter
+
+from trainers import config as config_lib
+
+_CONFIG = flags.DEFINE_string(
+    "config", "mnist1d", "A config of configs/ by name (mnist1d, mnist1d_mlp, mnist, cifar10, "
+    "regression) or a path to a JSON file.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Workers, N + b.", lower_bound=1)
+_NUM_BACKUP_WORKERS = flags.DEFINE_integer(
+    "num_backup_workers", None, "Backup workers b: each step applies the first N = workers - b "
+    "gradients and drops the rest.", lower_bound=0)
+_NUM_PS = flags.DEFINE_integer("num_ps", None, "Parameter-server tasks.", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", None, "Global steps to train (instead of --epochs).", lower_bound=1)
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Passes over the training set (instead of --steps).",
+                               lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Examples per worker per step.", lower_bound=1)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Learning rate of the inner optimizer.")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", None, list(config_lib.OPTIMIZERS), "The inner Keras optimizer.")
+_MODE = flags.DEFINE_enum(
+    "mode", None, list(config_lib.MODES),
+    "sync_backup: N of N + b gradients per step; sync: all workers (b = 0); async: every gradient "
+    "applied as it comes, no staleness check.")
+_STRAGGLER = flags.DEFINE_string(
+    "straggler", None, "Injected delays: none, slow:WORKER:FACTOR, exp:MEAN, pareto:SHAPE:SCALE "
+    "or trace:PATH (seconds; seeded by --seed).")
+_SEED = flags.DEFINE_integer("seed", None, "Seeds initializers, shuffling and stragglers.", lower_bound=0)
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+_LOCAL_CLUSTER = flags.DEFINE_boolean(
+    "local_cluster", None, "Spawn the ps and worker tasks on this machine (tf_backup.launch_local). "
+    "Default: on, unless TF_CONFIG names a cluster.")
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "Checkpoints, TensorBoard logs, task logs and the config (default: a new "
+    "directory under /tmp/tf_backup).")
+_SUMMARY_JSON = flags.DEFINE_string("summary_json", None, "Also write the end-of-run summary here.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", None, "Global steps between progress lines.", lower_bound=1)
+_TIMEOUT = flags.DEFINE_float("timeout", 3600.0, "Seconds the whole local run may take.", lower_bound=1.0)
+_STARTUP_TIMEOUT = flags.DEFINE_float(
+    "startup_timeout", 300.0, "Seconds to wait for the ps tasks and the chief at start-up.", lower_bound=1.0)
+_STEP_TIMEOUT = flags.DEFINE_float(
+    "step_timeout", 600.0, "Seconds a worker waits for one global step.", lower_bound=1.0)
+
+_OVERRIDES = {
+    "num_workers": _NUM_WORKERS, "num_backup_workers": _NUM_BACKUP_WORKERS, "num_ps": _NUM_PS,
+    "steps": _STEPS, "epochs": _EPOCHS, "batch_size": _BATCH_SIZE, "learning_rate": _LEARNING_RATE,
+    "optimizer": _OPTIMIZER, "mode": _MODE, "straggler": _STRAGGLER, "seed": _SEED,
+    "data_dir": _DATA_DIR, "log_every": _LOG_EVERY,
+}
+PROG = "tf-backup-train"
+
+
+def resolve_config() -> config_lib.TrainConfig:
+    """The config named by --config with every given flag applied; validated."""
+    base = config_lib.TrainConfig.from_dict(config_lib.read(_CONFIG.value))
+    return base.replace(**{name: flag.value for name, flag in _OVERRIDES.items()})
+
+
+def check_inputs(config: config_lib.TrainConfig) -> None:
+    """Checks what can fail before any process starts: straggler spec, dataset."""
+    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    from trainers import data  # pylint: disable=g-import-not-at-top
+
+    try:
+        stragglers.parse(config.straggler, seed=config.seed)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"--straggler={config.straggler}: {e}") from e
+    try:
+        data.load(config.dataset, split="test", batch_size=config.batch_size, data_dir=config.data_dir)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"--config/dataset={config.dataset}: {e}") from e
+
+
+def make_optimizer(name: str, learning_rate: float):
+    import keras  # pylint: disable=g-import-not-at-top
+
+    return {
+        "sgd": lambda: keras.optimizers.SGD(learning_rate),
+        "momentum": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9),
+        "adam": lambda: keras.optimizers.Adam(learning_rate),
+        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate),
+        "adamw": lambda: keras.optimizers.AdamW(learning_rate),
+    }[name]()
+
+
+def train_task(config_values: Dict[str, Any], model_dir: str, timeouts: Dict[str, float]) -> Dict[str, Any]:
+    """Runs one worker's part of the job (every worker process runs this).
+
+    Returns:
+      On every worker its own counts; on the chief also `summary`, the
+      end-of-run summary of the whole job.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    from trainers import data  # pylint: disable=g-import-not-at-top
+    from trainers import models  # pylint: disable=g-import-not-at-top
+    from trainers import progress  # pylint: disable=g-import-not-at-top
+
+    config = config_lib.TrainConfig.from_dict(config_values)
+    strategy = tf_backup.BackupWorkerStrategy(
+        num_backup_workers=config.num_backup_workers, asynchronous=config.mode == "async", **timeouts)
+    if strategy.num_workers != config.num_workers:
+        raise ValueError(
+            f"--num_workers={config.num_workers} but the cluster has {strategy.num_workers} workers: "
+            "set --num_workers to the number of worker tasks of TF_CONFIG.")
+    w, num_workers = strategy.worker_index, strategy.num_workers
+    keras.utils.set_random_seed(config.seed)
+    train, info = data.load(config.dataset, split="train", batch_size=config.batch_size,
+                            num_shards=num_workers, shard_index=w, shuffle_seed=config.seed + w,
+                            repeat=True, data_dir=config.data_dir)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    train = train.with_options(options)  # data.load already gave this worker its own shard
+    classifier = info.num_classes > 1
+    with strategy.scope():
+        model = models.build(config.model["kind"], info.input_shape, info.num_classes, seed=config.seed,
+                             **{k: v for k, v in config.model.items() if k != "kind"})
+        optimizer = tf_backup.SyncReplicasOptimizer(make_optimizer(config.optimizer, config.learning_rate))
+        model.compile(optimizer=optimizer,
+                      loss="sparse_categorical_crossentropy" if classifier else "mse",
+                      metrics=["accuracy"] if classifier else [], jit_compile=False)
+    model_spec = stragglers.parse(config.straggler, seed=config.seed)
+    delays = stragglers.StragglerCallback(model_spec, w)
+    epochs, steps_per_epoch = config.schedule(info.num_train)
+    callbacks = [delays]
+    if strategy.is_chief:
+        total = config.steps or epochs * steps_per_epoch
+        callbacks.append(progress.ProgressLine(config.log_every, total_steps=total))
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard")))
+    start = time.monotonic()
+    history = model.fit(strategy.distribute_dataset(train), epochs=epochs, steps_per_epoch=steps_per_epoch,
+                        verbose=2 if strategy.is_chief else 0, callbacks=callbacks)
+    wall = time.monotonic() - start
+    result = {"worker": w, "local_batches": len(delays.delays), "straggler_delay_seconds": delays.total_delay}
+    if not strategy.is_chief:
+        return result
+    stats = strategy.stats()
+    test, _ = data.load(config.dataset, split="test", batch_size=256, data_dir=config.data_dir)
+    evaluation = model.evaluate(test, verbose=0, return_dict=True)
+    model.save(os.path.join(model_dir, "model.keras"))
+    result["summary"] = {
+        "config": config.to_dict(),
+        "dataset_reference": info.reference,
+        "model_dir": model_dir,
+        "mode": config.mode,
+        "num_workers": num_workers,
+        "num_backup_workers": config.num_backup_workers,
+        "replicas_to_aggregate": config.replicas_to_aggregate,
+        "straggler": model_spec.describe(),
+        "test_loss": float(evaluation["loss"]),
+        "test_accuracy": float(evaluation["accuracy"]) if classifier else None,
+        "steps": stats["global_step"],
+        "wall_seconds": wall,
+        "steps_per_second": stats["global_step"] / wall if wall > 0 else 0.0,
+        "gradients": {k: stats[k] for k in ("pushed", "taken", "dropped")},
+        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+    }
+    return result
+
+
+def merge(results) -> Dict[str, Any]:
+    """The chief's summary plus what each worker measured itself (local runs)."""
+    summary = dict(next(r["summary"] for r in results if "summary" in r))
+    summary["workers"] = [
+        {"worker": r["worker"], "local_batches": r["local_batches"],
+         "straggler_delay_seconds": round(r["straggler_delay_seconds"], 3),
+         **{k: summary["gradients"][k][r["worker"]] for k in ("pushed", "taken", "dropped")}}
+        for r in results
+    ]
+    return summary
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    g = summary["gradients"]
+    accuracy = summary["test_accuracy"]
+    lines = [
+        "summary | mode: {mode} | workers: {num_workers} (N = {replicas_to_aggregate}, b = {num_backup_workers})"
+        " | straggler: {straggler}".format(**summary),
+        f"summary | test_accuracy: {accuracy:.4f} | test_loss: {summary['test_loss']:.4f}"
+        if accuracy is not None else f"summary | test_loss: {summary['test_loss']:.6f}",
+        f"summary | steps: {summary['steps']} | wall: {summary['wall_seconds']:.1f} s | "
+        f"steps/s: {summary['steps_per_second']:.2f}",
+        f"summary | gradients pushed: {sum(g['pushed'])} | taken: {sum(g['taken'])} | "
+        f"dropped: {sum(g['dropped'])}",
+    ]
+    for w, (p, t, d) in enumerate(zip(g["pushed"], g["taken"], g["dropped"])):
+        lines.append(f"summary | worker {w}: pushed {p}, taken {t}, dropped {d}")
+    lines.append(f"summary | reference: {summary['dataset_reference']}")
+    lines.append(f"summary | model_dir: {summary['model_dir']}")
+    return "\n".join(lines)
+
+
+def write_summary(summary: Dict[str, Any], paths) -> None:
+    for path in paths:
+        if not path:
+            continue
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def _in_tf_config_cluster() -> bool:
+    return bool(json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster"))
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise config_lib.ConfigError(f"Unexpected arguments {argv[1:]}: every option is a --flag.")
+    config = resolve_config()
+    local = _LOCAL_CLUSTER.value if _LOCAL_CLUSTER.value is not None else not _in_tf_config_cluster()
+    timeouts = {"startup_timeout": _STARTUP_TIMEOUT.value, "step_timeout": _STEP_TIMEOUT.value}
+    model_dir = _MODEL_DIR.value or os.path.join("/tmp/tf_backup", time.strftime("%Y%m%d-%H%M%S"))
+    if local:
+        check_inputs(config)
+        os.makedirs(model_dir, exist_ok=True)
+        write_summary(config.to_dict(), [os.path.join(model_dir, "config.json")])
+        import tf_backup  # pylint: disable=g-import-not-at-top
+
+        print(f"{PROG}: {config.num_workers} workers (N = {config.replicas_to_aggregate}), "
+              f"{config.num_ps} ps, mode {config.mode}, dataset {config.dataset}, straggler "
+              f"{config.straggler}; logs in {model_dir}/logs", flush=True)
+        results = tf_backup.launch_local(
+            train_task, config.num_workers, num_ps=config.num_ps,
+            args=(config.to_dict(), model_dir, timeouts), timeout=_TIMEOUT.value,
+            log_dir=os.path.join(model_dir, "logs"), echo="worker-0")
+        summary = merge(results)
+    else:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        import tf_backup  # pylint: disable=g-import-not-at-top
+
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        if resolver.task_type == "ps":
+            tf_backup.serve(resolver, startup_timeout=_STARTUP_TIMEOUT.value)
+            return 0
+        check_inputs(config)
+        result = train_task(config.to_dict(), model_dir, timeouts)
+        if "summary" not in result:
+            return 0
+        summary = merge([result])
+    print(format_summary(summary), flush=True)
+    write_summary(summary, [os.path.join(model_dir, "summary.json"), _SUMMARY_JSON.value])
+    return 0
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(argv):
+    try:
+        return main(argv)
+    except config_lib.ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TimeoutError, ValueError) as e:  # LocalClusterError is a RuntimeError
+        print(f"{PROG}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def run():
+    """Console-script entry point (`tf-backup-train`)."""
+    app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
