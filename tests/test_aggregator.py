@@ -1,0 +1,73 @@
+"""The chief's aggregator against a real ps server in this process."""
+
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_backup import cluster as cluster_lib
+from tf_backup import launch
+from tf_backup import protocol
+
+
+@pytest.fixture(scope="module")
+def ps_info():
+    port = launch.free_ports(1)[0]
+    spec = {"ps": [f"localhost:{port}"], "worker": ["localhost:1", "localhost:2"]}
+    server = tf.distribute.Server(tf.train.ClusterSpec({"ps": spec["ps"]}), job_name="ps", task_index=0)
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(spec), task_type="worker", task_id=0)
+    yield cluster_lib.cluster_info_from_resolver(resolver)
+    del server
+
+
+def wait_for(predicate, what, timeout=20.0):
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatch):
+    var = keras.Variable(np.array([1.0, 2.0], np.float32))
+    layout = protocol.Layout([var], 1)
+    state = protocol.SharedState("test/lost", layout, ps_info.ps, num_workers=2)
+    state.create(layout.pack([var]))
+    state.control.scatter_max([protocol.Control.ROUND], [1])  # a fit round is running
+    config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
+    applied = []
+
+    def apply_fn(grads):
+        applied.append([np.asarray(g) for g in grads])
+        return [np.asarray(state.params[0].read()) - np.asarray(grads[0])]
+
+    acc = state.accs[0]
+    real_take = type(acc).take_grad
+
+    def take_lost_once(self, n):
+        value = real_take(self, n)  # the take ran on the ps ...
+        if not applied and not getattr(self, "lost", False):
+            self.lost = True  # ... but its answer never came back
+            raise tf.errors.AbortedError(None, None, "The same RunGraph (Worker) request was received twice.")
+        return value
+
+    monkeypatch.setattr(type(acc), "take_grad", take_lost_once)
+    aggregator = protocol.Aggregator(state, config, ps_info, apply_fn)
+    aggregator.start()
+    try:
+        for w in range(2):  # step 0: both gradients are taken, then lost
+            acc.apply_grad(np.array([1.0, 1.0] + [1.0 if i == w else 0.0 for i in range(2)], np.float32), 0)
+        wait_for(lambda: state.read_control()[protocol.Control.STEP] == 1, "step 1")
+        assert aggregator.lost_steps == 1 and applied == []
+        np.testing.assert_array_equal(state.params[0].read(), [1.0, 2.0])  # published unchanged
+        acc.apply_grad(np.array([9.0, 9.0, 1.0, 0.0], np.float32), 0)  # stale: step 0 is over
+        for w in range(2):  # step 1 applies normally: the mean gradient is [0.5, 1.5]
+            acc.apply_grad(np.array([w, w + 1.0] + [1.0 if i == w else 0.0 for i in range(2)], np.float32), 1)
+        wait_for(lambda: state.read_control()[protocol.Control.STEP] == 2, "step 2")
+        np.testing.assert_allclose(applied[0][0], [0.5, 1.5])
+        np.testing.assert_allclose(state.params[0].read(), [0.5, 0.5])
+        assert [r.taken for r in aggregator.history] == [0, 2]
+    finally:
+        aggregator.stop()
