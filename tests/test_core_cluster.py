@@ -143,12 +143,14 @@ def test_keras_classifier_matches_the_inner_optimizer_alone_and_saves(tmp_path):
     assert "`total_num_replicas` must equal the number of workers" in chief["config_errors"][0]
     assert "total_num_replicas=5" in chief["config_errors"][0]
     assert "`replicas_to_aggregate` must not exceed the number of workers (3)" in chief["config_errors"][1]
-    # Two fit rounds: the first ended at (or just past) its 80 steps, the second added about 70
-    # more: a worker whose last pull of round 1 preceded the chief's last apply of round 1
-    # starts round 2 with one stale (dropped) gradient, so the round can end one step short.
-    assert steps[0] <= chief["step_after_first"] <= steps[0] + 2
+    # Two fit rounds of 80 and 70 steps. With b = 1 the other two workers may run round 2
+    # while the chief is still between its fit calls, so the chief's reading between the
+    # rounds can be anywhere in round 2; the total is what the rounds add up to. A worker
+    # whose last pull of round 1 preceded the chief's last apply starts round 2 with one
+    # stale (dropped) gradient, so the total can be one short.
     final_step = chief["stats"]["global_step"]
-    assert chief["step_after_first"] + steps[1] - 1 <= final_step <= chief["step_after_first"] + steps[1] + 2
+    assert steps[0] <= chief["step_after_first"] <= final_step
+    assert steps[0] + steps[1] - 1 <= final_step <= steps[0] + steps[1] + 4
     assert chief["inner_iterations"] == final_step  # one inner update per global step
     stats = chief["stats"]
     assert [t + d for t, d in zip(stats["taken"], stats["dropped"])] == stats["pushed"]
