@@ -3,7 +3,6 @@
 import atexit
 import random
 import threading
-import time
 import weakref
 from typing import List, Optional
 

@@ -24,7 +24,6 @@ class ProgressLine(keras.callbacks.Callback):
         self._print = print_fn
         self._start = None
         self._last_printed = 0
-        self.lines = 0
 
     def on_train_begin(self, logs=None):
         self._start = time.monotonic()
@@ -47,4 +46,3 @@ class ProgressLine(keras.callbacks.Callback):
         parts.append(f"steps/s: {step / elapsed if elapsed > 0 else 0.0:.2f}")
         parts.append(f"elapsed: {elapsed:.0f}s")
         self._print(" | ".join(parts), flush=True)
-        self.lines += 1
