@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_backup import cluster as cluster_lib
 from tf_backup import protocol
 
 
@@ -60,10 +61,43 @@ def test_signature_check_counts_variables():
 def test_control_slots_do_not_overlap():
     c = protocol.Control(num_workers=3)
     slots = [protocol.Control.STEP, protocol.Control.VERSION, protocol.Control.ROUND,
-             protocol.Control.STOP_ROUND, protocol.Control.LAST_TAKEN]
+             protocol.Control.STOP_ROUND, protocol.Control.LAST_TAKEN, protocol.Control.FINISHED]
     for block in (c.taken, c.pushed, c.dropped, c.last_tag, c.ended):
         slots += [block(w) for w in range(3)]
     assert len(set(slots)) == len(slots) and max(slots) < c.size
     job = [protocol.Job.JOB_ID, protocol.Job.DONE, protocol.Job.ABORT, protocol.Job.HEARTBEAT]
-    job += [protocol.Job.joined(w) for w in range(3)] + [protocol.Job.left(w) for w in range(3)]
+    job += [f(w) for f in (protocol.Job.joined, protocol.Job.left, protocol.Job.beat) for w in range(3)]
     assert len(set(job)) == len(job) and max(job) < protocol.Job.size(3)
+
+
+class FakeJobVariable:
+    """The job vector in memory, for `Liveness`."""
+
+    def __init__(self, num_workers):
+        self.values = np.zeros([protocol.Job.size(num_workers)], np.int64)
+
+    def read(self):
+        return self.values.copy()
+
+
+def test_liveness_declares_silent_workers_dead_and_sees_them_come_back():
+    spec = tf.train.ClusterSpec({"worker": [f"h:{i + 1}" for i in range(3)], "ps": ["h:9"]})
+    info = cluster_lib.cluster_info_from_resolver(
+        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=0))
+    job, now = FakeJobVariable(3), [100.0]
+    liveness = protocol.Liveness(job, info, worker_timeout=5.0, startup_timeout=20.0, clock=lambda: now[0])
+    job.values[protocol.Job.joined(1)] = 1
+    job.values[protocol.Job.beat(1)] = 7
+    assert liveness.update(step=0, last_steps=[0, -1, -1]) == []
+    now[0] += 5.5  # worker 1 silent for 5.5 s; worker 2 never joined (its limit is startup_timeout)
+    events = liveness.update(step=4, last_steps=[3, 3, -1])
+    assert [(e.worker, e.event, e.step, e.last_step, e.task) for e in events] == [
+        (1, "died", 4, 3, "/job:worker/task:1 (h:2)")]
+    assert liveness.dead == {1} and liveness.silent_seconds(1) == pytest.approx(5.5)
+    now[0] += 15.0
+    assert [(e.worker, e.event) for e in liveness.update(9, [8, 3, -1])] == [(2, "died")]
+    job.values[protocol.Job.beat(1)] = 8  # restarted: its heartbeat moves again
+    job.values[protocol.Job.left(2)] = 1  # worker 2 left the job cleanly: not dead
+    assert [(e.worker, e.event) for e in liveness.update(12, [11, 3, -1])] == [(1, "rejoined")]
+    assert liveness.dead == {2} and liveness.left == {2}
+    assert [e.event for e in liveness.events] == ["died", "died", "rejoined"]

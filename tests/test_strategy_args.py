@@ -31,6 +31,12 @@ def resolver(num_workers=3, task=("worker", 0), ps_port=1):
     (dict(startup_timeout=-3), ValueError, "startup_timeout=-3"),
     (dict(chief_timeout="1"), ValueError, "chief_timeout='1'"),
     (dict(poll_interval=None), ValueError, "poll_interval=None"),
+    (dict(worker_timeout=0), ValueError, "worker_timeout=0"),
+    (dict(ps_timeout=-1), ValueError, "ps_timeout=-1"),
+    (dict(max_steps=0), ValueError, "`max_steps` must be an integer >= 1.*max_steps=0"),
+    (dict(max_steps=2.5), TypeError, "max_steps=2.5"),
+    (dict(checkpoint_dir=3), TypeError, "checkpoint_dir=3"),
+    (dict(checkpoint_every_steps=0), ValueError, "checkpoint_every_steps=0"),
 ])
 def test_bad_arguments_name_the_argument_and_value(kwargs, error, message):
     with pytest.raises(error, match=message):

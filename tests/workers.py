@@ -249,3 +249,59 @@ def fail_on_worker_1():
 
 def sleep_forever():
     time.sleep(600)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    import os  # pylint: disable=g-import-not-at-top
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
+                         checkpoint_dir=None, checkpoint_every_steps: int = 5,
+                         worker_timeout: float = 3.0, chief_timeout: float = 8.0,
+                         compute_seconds: float = 0.05):
+    """The program of the fault-injection tests: trains to global step `steps`.
+
+    A linear model with SGD + momentum (so the optimizer has state to
+    checkpoint). After every batch, each worker writes its global step to
+    `progress_dir/<task>.step`, which the test watches to pick kill moments.
+    """
+    import os  # pylint: disable=g-import-not-at-top
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(
+        num_backup_workers=num_backup_workers, step_timeout=60.0, startup_timeout=60.0,
+        chief_timeout=chief_timeout, worker_timeout=worker_timeout, max_steps=steps,
+        checkpoint_dir=checkpoint_dir, checkpoint_every_steps=checkpoint_every_steps, ps_timeout=10.0)
+    task = os.environ["TF_BACKUP_TASK"]
+    x, y = regression_data(64)
+    with strategy.scope():
+        model = _regression_model(keras)
+        optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.05, momentum=0.9))
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+        optimizer.build(model.trainable_variables)  # restores the checkpoint, joins the job
+    initial_step = strategy.initial_step
+    restored_optimizer = [v.numpy() for v in optimizer.inner_optimizer.variables]
+
+    class Progress(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            time.sleep(compute_seconds)
+
+        def on_train_batch_end(self, batch, logs=None):
+            _write_atomic(os.path.join(progress_dir, f"{task}.step"), str(int(logs["global_step"])))
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
+              callbacks=[Progress()])
+    result = {"worker": strategy.worker_index, "initial_step": initial_step, "stats": strategy.stats(),
+              "weights": [v.numpy() for v in model.trainable_variables]}
+    if strategy.is_chief:
+        result["events"] = [(e.worker, e.event, e.step, e.last_step) for e in strategy.worker_events()]
+        result["contributions"] = [(r.step, r.contributions) for r in strategy.step_history()]
+        result["restored_optimizer"] = restored_optimizer
+        result["master"] = [v.numpy() for v in optimizer.master_variables]
+    return result

@@ -6,6 +6,7 @@ from tf_backup.errors import AggregatorError
 from tf_backup.errors import ChiefUnavailableError
 from tf_backup.errors import PsUnavailableError
 from tf_backup.errors import StepTimeoutError
+from tf_backup.launch import LocalCluster
 from tf_backup.launch import LocalClusterError
 from tf_backup.launch import launch_local
 from tf_backup.optimizer import SyncReplicasOptimizer

@@ -95,12 +95,21 @@ class Endpoint:
             ) from e
 
 
-def endpoint(target: str, device: str, timeout: float = DEFAULT_TIMEOUT) -> Endpoint:
+_timeout = DEFAULT_TIMEOUT
+
+
+def set_timeout(seconds: float) -> None:
+    """Sets the deadline of every later run on a ps task of this process (endpoints made from now)."""
+    global _timeout
+    _timeout = float(seconds)
+
+
+def endpoint(target: str, device: str, timeout: Optional[float] = None) -> Endpoint:
     """The process-wide `Endpoint` for (target, device)."""
     with _ENDPOINTS_LOCK:
         key = (target, device)
         if key not in _ENDPOINTS:
-            _ENDPOINTS[key] = Endpoint(target, device, timeout)
+            _ENDPOINTS[key] = Endpoint(target, device, _timeout if timeout is None else timeout)
         return _ENDPOINTS[key]
 
 

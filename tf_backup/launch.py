@@ -92,6 +92,170 @@ class _Echo:
             sys.stdout.flush()
 
 
+def _check_arguments(fn, num_workers, num_ps, args, kwargs) -> None:
+    if os.environ.get("TF_BACKUP_TASK"):
+        raise RuntimeError(
+            "launch_local() was called inside a task process of a local cluster: the task "
+            "re-imported your main module. Guard your script's entry point with "
+            "`if __name__ == \"__main__\":` (as with multiprocessing)."
+        )
+    if not callable(fn):
+        raise TypeError(f"`fn` must be callable. Received fn={fn!r}")
+    for name, value, minimum in (("num_workers", num_workers, 1), ("num_ps", num_ps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"`{name}` must be an integer. Received {name}={value!r}")
+        if value < minimum:
+            raise ValueError(f"`{name}` must be >= {minimum}. Received {name}={value!r}")
+    try:
+        pickle.dumps((fn, tuple(args), kwargs))
+    except Exception as e:
+        raise TypeError(
+            "`fn`, `args` and `kwargs` must be picklable (fn a module-level function): each "
+            f"worker is a separate process. Pickling failed with: {e}"
+        ) from e
+
+
+def _check_timeout(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive number of seconds. Received {name}={value!r}")
+
+
+class LocalCluster:
+    """The task processes of one localhost cluster, which a test may kill and restart.
+
+    ```python
+    with LocalCluster(train, num_workers=3, args=(100,), log_dir=d) as cluster:
+        cluster.start()
+        cluster.kill("worker-2")               # SIGKILL, as a crashed host
+        cluster.restart("worker-2")            # the same TF_CONFIG, log appended
+        codes = cluster.wait_exit(timeout=120)  # {"ps-0": 0, "worker-0": 0, ...}
+    ```
+
+    Task names are `ps-<i>` and `worker-<i>`; worker 0 is the chief. Leaving
+    the `with` block kills whatever still runs. `launch_local` is built on it.
+    """
+
+    def __init__(self, fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence = (),
+                 kwargs: Optional[dict] = None, log_dir: Optional[str] = None,
+                 env: Optional[dict] = None):
+        kwargs = dict(kwargs or {})
+        _check_arguments(fn, num_workers, num_ps, args, kwargs)
+        self.num_workers, self.num_ps = num_workers, num_ps
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="tf_backup_local_")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.spec = local_cluster_spec(num_workers, num_ps)
+        self.names = [f"ps-{i}" for i in range(num_ps)] + [f"worker-{i}" for i in range(num_workers)]
+        self.procs: dict = {}
+        self.logs = {n: os.path.join(self.log_dir, f"{n}.log") for n in self.names}
+        self.results = {n: os.path.join(self.log_dir, f"{n}.result") for n in self.names}
+        self.starts = {n: 0 for n in self.names}
+        self._fn, self._args, self._kwargs, self._env = fn, tuple(args), kwargs, dict(env or {})
+        prep = multiprocessing.spawn.get_preparation_data("tf_backup-task")
+        prep.pop("authkey", None)  # not picklable, and no multiprocessing connection is used
+        self._prep = prep
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.names:
+            raise ValueError(f"`name` must be a task of the cluster ({', '.join(self.names)}). "
+                             f"Received name={name!r}")
+
+    def start(self, names: Optional[Sequence[str]] = None) -> "LocalCluster":
+        """Starts the named tasks (default: every task, ps tasks first)."""
+        for name in names or self.names:
+            self._check_name(name)
+            self._spawn(name)
+        return self
+
+    def _spawn(self, name: str) -> None:
+        task_type, index = name.rsplit("-", 1)
+        payload = os.path.join(self.log_dir, f"{name}.payload")
+        with open(payload, "wb") as f:
+            rest = pickle.dumps((task_type, self._fn, self._args, self._kwargs, self.results[name]))
+            pickle.dump((self._prep, rest), f)
+        child_env = dict(os.environ)
+        child_env.update(self._env)
+        child_env["TF_CONFIG"] = json.dumps(
+            {"cluster": self.spec, "task": {"type": task_type, "index": int(index)}})
+        child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        child_env["PYTHONUNBUFFERED"] = "1"
+        child_env["TF_BACKUP_TASK"] = name
+        with open(self.logs[name], "ab") as log:
+            if self.starts[name]:
+                log.write(f"\n---- {name} restarted ----\n".encode())
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "tf_backup._task", payload],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=child_env, start_new_session=True,
+            )
+        self.starts[name] += 1
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Sends `sig` (default SIGKILL) to the task's process group and reaps it."""
+        self._check_name(name)
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            proc.wait(10)
+
+    def restart(self, name: str) -> None:
+        """Kills the task if it runs, then starts it again with the same `TF_CONFIG`."""
+        self.kill(name)
+        self._spawn(name)
+
+    def returncodes(self) -> dict:
+        """Each task's exit code; None while it runs or before it started."""
+        return {n: (self.procs[n].poll() if n in self.procs else None) for n in self.names}
+
+    def wait_exit(self, timeout: float) -> dict:
+        """Waits until every started task has exited, at most `timeout` s; returns `returncodes()`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(p.poll() is not None for p in self.procs.values()):
+                break
+            time.sleep(0.1)
+        return self.returncodes()
+
+    def result(self, name: str) -> Any:
+        """What the task's function returned (raises FileNotFoundError if it did not return)."""
+        with open(self.results[name], "rb") as f:
+            return pickle.load(f)
+
+    def log(self, name: str) -> str:
+        with open(self.logs[name], errors="replace") as f:
+            return f.read()
+
+    def wait(self, timeout: float = 600.0, ps_exit_grace: float = 60.0, echo: Optional[str] = None) -> List[Any]:
+        """Waits for every worker to return, then for the ps tasks to exit.
+
+        Returns:
+          The value each worker's function returned, in worker order.
+
+        Raises:
+          LocalClusterError: a task failed, or the timeout passed (with the
+            failing task's log tail).
+        """
+        _check_timeout("timeout", timeout)
+        if echo is not None:
+            self._check_name(echo)
+        _supervise(self.procs, self.logs, timeout, ps_exit_grace, _Echo(self.logs.get(echo)))
+        return [self.result(f"worker-{i}") for i in range(self.num_workers)]
+
+    def close(self) -> None:
+        """Kills every task still running."""
+        _kill_all(self.procs)
+
+
 def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence = (),
                  kwargs: Optional[dict] = None, timeout: float = 600.0,
                  log_dir: Optional[str] = None, env: Optional[dict] = None,
@@ -102,7 +266,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
     `num_workers` worker tasks, each a fresh process with `TF_CONFIG` naming
     the cluster and its task; worker 0 is the chief. Waits for every worker to
     return, then for the ps tasks to exit by themselves, and tears down
-    whatever is left.
+    whatever is left. (`LocalCluster` gives a test control over each task.)
 
     Args:
       fn: a module-level function (it is pickled into the processes). It
@@ -126,72 +290,16 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
       LocalClusterError: a task failed or the timeout passed; the message
         holds the failing task's log tail. No process is left running.
     """
-    if os.environ.get("TF_BACKUP_TASK"):
-        raise RuntimeError(
-            "launch_local() was called inside a task process of a local cluster: the task "
-            "re-imported your main module. Guard your script's entry point with "
-            "`if __name__ == \"__main__\":` (as with multiprocessing)."
-        )
-    if not callable(fn):
-        raise TypeError(f"`fn` must be callable. Received fn={fn!r}")
-    for name, value, minimum in (("num_workers", num_workers, 1), ("num_ps", num_ps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an integer. Received {name}={value!r}")
-        if value < minimum:
-            raise ValueError(f"`{name}` must be >= {minimum}. Received {name}={value!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(f"`timeout` must be a positive number of seconds. Received timeout={timeout!r}")
+    _check_arguments(fn, num_workers, num_ps, args, dict(kwargs or {}))
+    _check_timeout("timeout", timeout)
     names = [f"ps-{i}" for i in range(num_ps)] + [f"worker-{i}" for i in range(num_workers)]
     if echo is not None and echo not in names:
         raise ValueError(f"`echo` must name a task of the cluster ({', '.join(names)}). Received echo={echo!r}")
-    kwargs = dict(kwargs or {})
-    try:
-        pickle.dumps((fn, tuple(args), kwargs))
-    except Exception as e:
-        raise TypeError(
-            "`fn`, `args` and `kwargs` must be picklable (fn a module-level function): each "
-            f"worker is a separate process. Pickling failed with: {e}"
-        ) from e
-
-    keep_logs = log_dir is not None
-    log_dir = log_dir or tempfile.mkdtemp(prefix="tf_backup_local_")
-    os.makedirs(log_dir, exist_ok=True)
-    spec = local_cluster_spec(num_workers, num_ps)
-    tasks = [("ps", i) for i in range(num_ps)] + [("worker", i) for i in range(num_workers)]
-    prep = multiprocessing.spawn.get_preparation_data("tf_backup-task")
-    prep.pop("authkey", None)  # not picklable, and no multiprocessing connection is used
-    procs, logs, results = {}, {}, {}
-    try:
-        for task_type, index in tasks:
-            name = f"{task_type}-{index}"
-            logs[name] = os.path.join(log_dir, f"{name}.log")
-            results[name] = os.path.join(log_dir, f"{name}.result")
-            payload = os.path.join(log_dir, f"{name}.payload")
-            with open(payload, "wb") as f:
-                rest = pickle.dumps((task_type, fn, tuple(args), kwargs, results[name]))
-                pickle.dump((prep, rest), f)
-            child_env = dict(os.environ)
-            child_env.update(env or {})
-            child_env["TF_CONFIG"] = json.dumps(
-                {"cluster": spec, "task": {"type": task_type, "index": index}})
-            child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            child_env["PYTHONUNBUFFERED"] = "1"
-            child_env["TF_BACKUP_TASK"] = name
-            with open(logs[name], "ab") as log:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "tf_backup._task", payload],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=child_env, start_new_session=True,
-                )
-        _supervise(procs, logs, timeout, ps_exit_grace, _Echo(logs.get(echo)))
-        out = []
-        for index in range(num_workers):
-            with open(results[f"worker-{index}"], "rb") as f:
-                out.append(pickle.load(f))
-    finally:
-        _kill_all(procs)
-    if not keep_logs:
-        shutil.rmtree(log_dir, ignore_errors=True)
+    with LocalCluster(fn, num_workers, num_ps, args, kwargs, log_dir, env) as cluster:
+        cluster.start()
+        out = cluster.wait(timeout, ps_exit_grace, echo)
+    if log_dir is None:
+        shutil.rmtree(cluster.log_dir, ignore_errors=True)
     return out
 
 

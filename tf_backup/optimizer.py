@@ -1,8 +1,10 @@
 """`SyncReplicasOptimizer`: a Keras 3 optimizer wrapper for backup-worker training."""
 
 import dataclasses
+import os
 from typing import List, Optional, Sequence
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -194,6 +196,52 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         return None if self._binding is None else self._binding.master
 
 
+class _Checkpoint:
+    """The chief's training state on disk: master variables, inner optimizer, global step.
+
+    `tf.train.CheckpointManager` writes a checkpoint's files first and then
+    replaces its `checkpoint` state file atomically, so a process killed
+    during a save leaves the previous checkpoint as the latest one.
+    """
+
+    def __init__(self, directory: str, master: List, inner, every_steps: int):
+        self.directory = directory
+        self.every_steps = every_steps
+        self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self._ckpt = tf.train.Checkpoint(master=list(master), optimizer=list(inner.variables),
+                                         global_step=self._step)
+        self._manager = tf.train.CheckpointManager(self._ckpt, directory, max_to_keep=3)
+        self.saved_step = None
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint, if any; returns its global step (0: none)."""
+        path = self._manager.latest_checkpoint
+        if path is None:
+            return 0
+        try:
+            self._ckpt.restore(path).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as e:
+            raise ValueError(
+                f"The checkpoint {path} does not match this model and optimizer (was "
+                f"`checkpoint_dir` used by another job?): {e}".splitlines()[0]
+            ) from e
+        self.saved_step = int(self._step.numpy())
+        logging.info("tf_backup: restored %s at global step %d", path, self.saved_step)
+        return self.saved_step
+
+    def maybe_save(self, step: int) -> None:
+        if step % self.every_steps == 0:
+            self.save(step, why="periodic")
+
+    def save(self, step: int, why: str) -> None:
+        if step == self.saved_step:
+            return
+        self._step.assign(step)
+        path = self._manager.save(checkpoint_number=step)
+        self.saved_step = step
+        logging.info("tf_backup: saved %s at global step %d (%s)", path, step, why)
+
+
 class _Binding:
     """One SyncReplicasOptimizer attached to the shared state of its strategy."""
 
@@ -217,12 +265,10 @@ class _Binding:
         self.state = protocol.SharedState(
             f"tf_backup/{job_id}/opt{len(ext.bindings)}", self.layout, info.ps, info.num_workers
         )
-        self.client = protocol.WorkerClient(
-            self.state, self.config, info, ext.monitor, chief_error=self.aggregator_error
-        )
-        self.client.on_stop.append(ext.stop_models)
         self.master = None
         self.aggregator = None
+        self._checkpoint = None
+        step = 0
         if info.is_chief:
             with tf.init_scope():
                 self.master = [
@@ -231,15 +277,29 @@ class _Binding:
                     for v in var_list
                 ]
                 inner.build(self.master)
-                self.state.create(self.layout.pack([tf.convert_to_tensor(v) for v in self.master]))
+                if ext.checkpoint_dir is not None:
+                    self._checkpoint = _Checkpoint(
+                        os.path.join(ext.checkpoint_dir, f"opt{len(ext.bindings)}"), self.master, inner,
+                        ext.checkpoint_every_steps)
+                    step = self._checkpoint.restore()
+                self.state.create(self.layout.pack([tf.convert_to_tensor(v) for v in self.master]), step=step)
             self.aggregator = protocol.Aggregator(
-                self.state, self.config, info, self._make_apply_fn(inner)
+                self.state, self.config, info, self._make_apply_fn(inner), step=step,
+                max_steps=ext.max_steps, liveness=ext.liveness(),
+                on_publish=None if self._checkpoint is None else self._checkpoint.maybe_save,
             )
+        self.client = protocol.WorkerClient(
+            self.state, self.config, info, ext.monitor, chief_error=self.aggregator_error,
+            dead_workers=self._dead_workers,
+        )
+        if self.aggregator is not None:
             self.aggregator.start()
         else:
             inner.build(var_list)
             self.client.wait_until_ready()
+        self.client.on_stop.append(ext.stop_models)
         flats, _ = self.client.pull()
+        self.initial_step = self.client.step
         self._assign(var_list, flats)
         self.metric_vars = ext.ensure_metric_vars()
         ext.bindings.append(self)
@@ -279,12 +339,18 @@ class _Binding:
 
         return apply_fn
 
+    def _dead_workers(self):
+        return () if self.aggregator is None else self.aggregator.liveness.dead
+
     def aggregator_error(self) -> Optional[str]:
         return None if self.aggregator is None else self.aggregator.error
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Stops the aggregator; the chief saves a last checkpoint (also after a failure)."""
         if self.aggregator is not None:
             self.aggregator.stop()
+            if self._checkpoint is not None and not self.aggregator.is_alive():
+                self._checkpoint.save(self.aggregator.step, why="failed" if failed else "end")
 
     def _assign(self, var_list: Sequence, flats: Sequence) -> List:
         return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]

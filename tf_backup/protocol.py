@@ -89,6 +89,7 @@ class Control:
     ROUND = 2  # the highest fit round any worker has started
     STOP_ROUND = 3  # the highest fit round that has ended
     LAST_TAKEN = 4  # gradients averaged into the last step
+    FINISHED = 5  # 1 once the chief reached its max_steps: every round stops
     HEADER = 8
 
     def __init__(self, num_workers: int):
@@ -122,7 +123,9 @@ class Job:
     `joined(w)` is set when worker `w` joins the job and `left(w)` when it has
     finished with the shared state; a ps task serves until the chief set `DONE`
     and every worker that joined has left (or a grace period passed), so no
-    worker's last op meets a vanished ps.
+    worker's last op meets a vanished ps. `beat(w)` is worker `w`'s heartbeat,
+    bumped every second by a thread of its process: the chief declares a
+    worker dead when it stops (`Liveness`), and alive again when it resumes.
     """
 
     JOB_ID = 0
@@ -134,15 +137,23 @@ class Job:
 
     @staticmethod
     def size(num_workers: int) -> int:
-        return Job.HEADER + 2 * num_workers
+        return Job.HEADER + 3 * num_workers
+
+    @staticmethod
+    def num_workers(values) -> int:
+        return (len(values) - Job.HEADER) // 3
 
     @staticmethod
     def joined(w: int) -> int:
-        return Job.HEADER + 2 * w
+        return Job.HEADER + 3 * w
 
     @staticmethod
     def left(w: int) -> int:
-        return Job.HEADER + 2 * w + 1
+        return Job.HEADER + 3 * w + 1
+
+    @staticmethod
+    def beat(w: int) -> int:
+        return Job.HEADER + 3 * w + 2
 
 
 def endpoint(task: cluster_lib.Task) -> accumulators.Endpoint:
@@ -342,7 +353,9 @@ class JobMonitor:
                 values = self._var.read()
                 # A finished job's state (DONE) is a previous run's: wait for the new chief.
                 if values[Job.JOB_ID] and not values[Job.DONE]:
-                    self._var.scatter_update([Job.joined(self._worker_index)], [1])
+                    # `left` is cleared: this may be a restarted worker rejoining.
+                    self._var.scatter_update([Job.joined(self._worker_index), Job.left(self._worker_index)],
+                                             [1, 0])
                     self.job_id = int(values[Job.JOB_ID])
                     self._heartbeat, self._heartbeat_time = values[Job.HEARTBEAT], time.monotonic()
                     return self.job_id
@@ -356,8 +369,7 @@ class JobMonitor:
     def left_workers(self) -> List[int]:
         """The workers that have left the job (their process ended or shut down)."""
         values = self._var.read()
-        num_workers = (len(values) - Job.HEADER) // 2
-        return [w for w in range(num_workers) if values[Job.left(w)]]
+        return [w for w in range(Job.num_workers(values)) if values[Job.left(w)]]
 
     def check(self, force: bool = False) -> None:
         """Updates `done`; raises if the chief aborted or went silent."""
@@ -385,6 +397,87 @@ class JobMonitor:
             )
 
 
+@dataclasses.dataclass
+class WorkerEvent:
+    """A worker the chief declared dead, or saw come back.
+
+    Attributes:
+      worker: the worker index.
+      task: the worker's task (`/job:worker/task:2 (host:port)`).
+      event: "died" (no heartbeat for `worker_timeout`) or "rejoined".
+      step: the global step when the chief noticed.
+      last_step: the step the worker last pushed a gradient for (-1: none).
+      time: `time.time()` when the chief noticed.
+    """
+
+    worker: int
+    task: str
+    event: str
+    step: int
+    last_step: int
+    time: float
+
+
+class Liveness:
+    """The chief's view of which workers are alive, from their heartbeats.
+
+    A worker that joined the job is dead when its heartbeat (`Job.beat`) has
+    not moved for `worker_timeout` seconds and it has not left the job; one
+    that has not joined yet is dead `startup_timeout` seconds after the chief
+    started watching. A dead worker whose heartbeat moves again (its process
+    was restarted) is alive again. The chief itself is always alive.
+    """
+
+    def __init__(self, job_var: accumulators.SharedVariable, info: cluster_lib.ClusterInfo,
+                 worker_timeout: float, startup_timeout: float, clock: Callable[[], float] = time.monotonic):
+        self._var = job_var
+        self._info = info
+        self._worker_timeout = worker_timeout
+        self._startup_timeout = startup_timeout
+        self._clock = clock
+        now = clock()
+        self._beats = [None] * info.num_workers
+        self._since = [now] * info.num_workers
+        self.dead: set = set()
+        self.left: set = set()
+        self.events: List[WorkerEvent] = []
+
+    def update(self, step: int, last_steps: Sequence[int]) -> List[WorkerEvent]:
+        """Reads the heartbeats; returns the new events (also kept in `events`)."""
+        values = self._var.read()
+        now = self._clock()
+        new = []
+        for w in range(self._info.num_workers):
+            if w == self._info.worker_index:
+                continue
+            beat, joined = int(values[Job.beat(w)]), bool(values[Job.joined(w)])
+            if values[Job.left(w)]:
+                self.left.add(w)
+                continue
+            self.left.discard(w)
+            if beat != self._beats[w]:
+                if self._beats[w] is not None or beat:
+                    self._since[w] = now
+                self._beats[w] = beat
+                if w in self.dead:
+                    self.dead.discard(w)
+                    new.append(self._event(w, "rejoined", step, last_steps))
+                continue
+            timeout = self._worker_timeout if joined else self._startup_timeout
+            if w not in self.dead and now - self._since[w] > timeout:
+                self.dead.add(w)
+                new.append(self._event(w, "died", step, last_steps))
+        self.events.extend(new)
+        return new
+
+    def _event(self, w: int, event: str, step: int, last_steps: Sequence[int]) -> WorkerEvent:
+        return WorkerEvent(worker=w, task=str(self._info.workers[w]), event=event, step=int(step),
+                           last_step=int(last_steps[w]), time=time.time())
+
+    def silent_seconds(self, w: int) -> float:
+        return self._clock() - self._since[w]
+
+
 class WorkerClient:
     """One worker's side of the protocol for one optimizer (eager Python).
 
@@ -392,13 +485,15 @@ class WorkerClient:
     """
 
     def __init__(self, state: SharedState, config: ProtocolConfig, info: cluster_lib.ClusterInfo,
-                 monitor: JobMonitor, chief_error: Optional[Callable[[], Optional[str]]] = None):
+                 monitor: JobMonitor, chief_error: Optional[Callable[[], Optional[str]]] = None,
+                 dead_workers: Optional[Callable[[], Sequence[int]]] = None):
         self.state = state
         self.config = config
         self.info = info
         self.w = info.worker_index
         self.monitor = monitor
         self._chief_error = chief_error
+        self._dead_workers = dead_workers or (lambda: ())
         self.step = 0
         self.round = 1
         self._round_announced = False
@@ -469,6 +564,23 @@ class WorkerClient:
             time.sleep(next(sleeps))
         if self.state.signature.is_initialized():
             self.state.layout.check_signature(self.state.signature.read())
+        self._resume(self.state.read_control())
+
+    def _resume(self, ctl: np.ndarray) -> None:
+        """Continues this worker's counts and fit round from the shared state.
+
+        A fresh job's counts are zero. A worker restarted into a running job
+        continues its predecessor's counts, so `taken + dropped == pushed`
+        stays true; the predecessor's unsettled pushes are settled as usual.
+        """
+        c = self.state.ctl
+        self.pushed = int(ctl[c.pushed(self.w)])
+        self.dropped = int(ctl[c.dropped(self.w)])
+        self._taken_seen = int(ctl[c.taken(self.w)])
+        self._unresolved = max(0, self.pushed - self.dropped - self._taken_seen)
+        self._last_tag = int(ctl[c.last_tag(self.w)]) if self.pushed else -1
+        # The round being trained, or the next one between rounds.
+        self.round = max(1, int(ctl[Control.ROUND]), int(ctl[Control.STOP_ROUND]) + 1)
 
     # -- pulling -----------------------------------------------------------------
 
@@ -529,7 +641,7 @@ class WorkerClient:
         )
 
     def _stopped(self, ctl: np.ndarray) -> bool:
-        return ctl[Control.STOP_ROUND] >= self.round or self.monitor.done
+        return ctl[Control.STOP_ROUND] >= self.round or ctl[Control.FINISHED] or self.monitor.done
 
     def sync(self, flats: Sequence):
         """Pushes one gradient, waits for the step, pulls. Returns (flats, metrics)."""
@@ -591,9 +703,9 @@ class WorkerClient:
             while True:
                 ended = c.block(self.state.read_control(), c.ended)
                 late = [w for w in range(self.info.num_workers) if ended[w] < self.round]
-                if late:  # a worker that left the job (e.g. refused at build) will never end it
-                    left = self.monitor.left_workers()
-                    late = [w for w in late if w not in left]
+                if late:  # a worker that left the job (e.g. refused at build) or died never ends it
+                    gone = set(self.monitor.left_workers()) | set(self._dead_workers())
+                    late = [w for w in late if w not in gone]
                 if not late:
                     break
                 if time.monotonic() - start > self.config.chief_timeout:
@@ -617,26 +729,40 @@ class Aggregator(threading.Thread):
     Args:
       state: the optimizer's shared state.
       config: protocol settings.
+      info: the cluster.
       apply_fn: a function from the averaged flat gradients (one per shard) to
         the new flat parameters (one per shard); it runs the inner optimizer on
         the chief's master copy.
-      step: the global step to start from.
+      step: the global step to start from (a restored checkpoint's).
+      max_steps: stop every round once the global step reaches this (None:
+        the workers' fits decide).
+      liveness: the workers' heartbeats; when fewer workers are alive than a
+        step needs, the aggregator fails with `WorkersLostError`'s message
+        instead of waiting for gradients that cannot come.
+      on_publish: called with the new step after each step is published, in
+        this thread (the master copy does not change meanwhile): checkpoints.
     """
 
     def __init__(self, state: SharedState, config: ProtocolConfig, info: cluster_lib.ClusterInfo,
-                 apply_fn: Callable, step: int = 0):
+                 apply_fn: Callable, step: int = 0, max_steps: Optional[int] = None,
+                 liveness: Optional[Liveness] = None,
+                 on_publish: Optional[Callable[[int], None]] = None):
         super().__init__(name=f"tf_backup-aggregator-{state.prefix}", daemon=True)
         self.state = state
         self.config = config
         self.info = info
         self.apply_fn = apply_fn
         self.step = step
+        self.max_steps = max_steps
+        self.liveness = liveness
+        self.on_publish = on_publish
         self.history: List[StepRecord] = []
         self.error: Optional[str] = None
         self.taken = np.zeros([config.num_workers], np.int64)
         self.lost_steps = 0  # steps published without an update (a take delivered twice)
         self._stop_event = threading.Event()
         self._last_publish = time.monotonic()
+        self._last_liveness = 0.0
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop_event.set()
@@ -651,11 +777,21 @@ class Aggregator(threading.Thread):
             logging.error("tf_backup aggregator failed at step %d: %s", self.step, self.error)
 
     def _loop(self) -> None:
-        # No deadline here: the workers (the chief's own training loop among them)
-        # wait for the step with theirs, and their errors name the missing workers.
+        # No deadline on the gradients themselves: the workers (the chief's own
+        # training loop among them) wait for the step with theirs, and a worker
+        # that died is noticed from its heartbeat (`_check_workers`).
         n = self.config.replicas_to_aggregate
         sleeps = _sleep_schedule(self.config)
+        finished = False
         while not self._stop_event.is_set():
+            if self._check_workers():
+                return
+            if self.max_steps is not None and self.step >= self.max_steps:
+                if not finished:
+                    self.state.control.scatter_update([Control.FINISHED], [1])
+                    finished = True
+                self._stop_event.wait(max(self.config.poll_max, 0.05))
+                continue
             ctl = self.state.read_control()
             paused = ctl[Control.ROUND] <= ctl[Control.STOP_ROUND]
             if paused and self.config.staleness_check:
@@ -667,6 +803,41 @@ class Aggregator(threading.Thread):
                 sleeps = _sleep_schedule(self.config)
                 continue
             time.sleep(next(sleeps))
+
+    def _check_workers(self) -> bool:
+        """Reads the heartbeats (once a second); True when too few workers are left."""
+        if self.liveness is None or time.monotonic() - self._last_liveness < 1.0:
+            return False
+        self._last_liveness = time.monotonic()
+        events = self.liveness.update(self.step, self._last_steps())
+        for e in events:
+            logging.warning("tf_backup: worker %s %s at global step %d (its last gradient was for step %d).",
+                            e.task, e.event, e.step, e.last_step)
+        ctl = self.state.read_control()  # after the job vector: a worker ends its round before it leaves
+        if ctl[Control.ROUND] <= ctl[Control.STOP_ROUND] or ctl[Control.FINISHED]:
+            return False  # no round is being trained: nothing waits for gradients
+        gone = self.liveness.dead | self.liveness.left
+        alive = self.config.num_workers - len(gone)
+        needed = self.config.replicas_to_aggregate
+        if alive >= needed or not self.liveness.dead:
+            return False
+        tags = self._last_steps(ctl)
+        lost = "; ".join(
+            f"{self.info.workers[w]}: last gradient for step {tags[w]}, silent for "
+            f"{self.liveness.silent_seconds(w):.0f} s" for w in sorted(self.liveness.dead))
+        self.error = (
+            f"WorkersLostError: only {alive} of {self.config.num_workers} workers are alive at global "
+            f"step {self.step} but each step needs {needed}. Missing: {lost}."
+        )
+        logging.error("tf_backup: %s", self.error)
+        return True
+
+    def _last_steps(self, ctl: Optional[np.ndarray] = None) -> List[int]:
+        """Per worker, the step of its last pushed gradient (-1: none)."""
+        ctl = self.state.read_control() if ctl is None else ctl
+        c = self.state.ctl
+        tags, pushed = c.block(ctl, c.last_tag), c.block(ctl, c.pushed)
+        return [int(t) if p else -1 for t, p in zip(tags, pushed)]
 
     def _take_apply_publish(self) -> None:
         start = time.monotonic()
@@ -710,3 +881,5 @@ class Aggregator(threading.Thread):
         )
         self._last_publish = end
         self.step = new_step
+        if self.on_publish is not None:
+            self.on_publish(new_step)

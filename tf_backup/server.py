@@ -24,7 +24,7 @@ def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
 
 
 def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeout: float = 120.0,
-          exit_grace: float = 60.0, poll_interval: float = 0.5) -> dict:
+          exit_grace: float = 60.0, poll_interval: float = 0.5, silent_worker: float = 10.0) -> dict:
     """Runs this process's `ps` task until the training job ends.
 
     Starts a `tf.distribute.Server` for the task and serves the shared state
@@ -41,6 +41,10 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
       exit_grace: seconds to wait, after the job is done (or lost), for the
         workers that have not left yet.
       poll_interval: seconds between two reads of the job state.
+      silent_worker: once the job is done, a worker that joined but whose
+        heartbeat has not moved for this many seconds is not waited for (its
+        process was killed). When every worker, the chief included, is
+        silent or gone before the job is done, the job is lost at once.
 
     Returns:
       A dict: `job_id`, `reason` ("done" or "chief lost") and `left`, the
@@ -71,6 +75,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
     job = protocol.job_variable(ps0, info.num_workers)
     start = time.monotonic()
     job_id, heartbeat, heartbeat_time, end_time, reason = None, None, None, None, None
+    beats, beat_times = [None] * info.num_workers, [0.0] * info.num_workers
+    chief = 0  # the chief is worker 0 in tf_backup order
     while True:
         now = time.monotonic()
         values = job.read() if job.is_initialized() else None
@@ -88,13 +94,18 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
                 logging.info("tf_backup: ps task %s serves job %d", info.task, job_id)
             joined = [bool(values[protocol.Job.joined(w)]) for w in range(info.num_workers)]
             left = [bool(values[protocol.Job.left(w)]) for w in range(info.num_workers)]
-            gone = all(l or not j for j, l in zip(joined, left))
+            for w in range(info.num_workers):
+                if values[protocol.Job.beat(w)] != beats[w]:
+                    beats[w], beat_times[w] = values[protocol.Job.beat(w)], now
+            silent = [now - t > silent_worker for t in beat_times]
+            gone = all(l or not j or q for j, l, q in zip(joined, left, silent))
             if values[protocol.Job.HEARTBEAT] != heartbeat:
                 heartbeat, heartbeat_time = values[protocol.Job.HEARTBEAT], now
             if end_time is None and values[protocol.Job.DONE]:
                 end_time, reason = now, "done"
-            if end_time is None and now - heartbeat_time > chief_timeout:
-                end_time, reason = now, "chief lost"
+            if end_time is None and (now - heartbeat_time > chief_timeout or all(
+                    l or not j or q for j, l, q in zip(joined, left, silent)) and not left[chief]):
+                end_time, reason = now, "chief lost"  # silent, or every task that used the ps is
             if end_time is not None and (gone or now - end_time > exit_grace):
                 break
         time.sleep(poll_interval)

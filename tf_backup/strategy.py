@@ -1,8 +1,10 @@
 """`BackupWorkerStrategy`: synchronous SGD with backup workers as a tf.distribute strategy."""
 
 import atexit
+import os
 import random
 import threading
+import time
 import weakref
 from typing import List, Optional
 
@@ -11,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_backup import _tf_internal
+from tf_backup import accumulators
 from tf_backup import cluster as cluster_lib
 from tf_backup import protocol
 
@@ -40,22 +43,32 @@ def shutdown_all(failed: bool = False) -> None:
 
 
 class _Heartbeat(threading.Thread):
-    """The chief's heartbeat: bumps the job vector's HEARTBEAT slot every second."""
+    """Bumps this worker's heartbeat slots of the job vector every second.
 
-    def __init__(self, job_var, interval: float = 1.0):
+    The chief bumps `Job.HEARTBEAT` (the workers and ps tasks watch it) and its
+    own `Job.beat`; every other worker its `Job.beat` (the chief watches them,
+    `protocol.Liveness`). A beat is the wall-clock time in milliseconds, so a
+    restarted worker's beats differ from its predecessor's.
+    """
+
+    def __init__(self, job_var, slots: List[int], interval: float = 1.0):
         super().__init__(name="tf_backup-heartbeat", daemon=True)
         self._var = job_var
+        self._slots = list(slots)
         self._interval = interval
         self._stop_event = threading.Event()
 
+    def beat(self) -> None:
+        now = int(time.time() * 1000)
+        self._var.scatter_update(self._slots, [now] * len(self._slots))
+
     def run(self):
-        beat = 0
         while not self._stop_event.wait(self._interval):
-            beat += 1
             try:
-                self._var.scatter_update([protocol.Job.HEARTBEAT], [beat])
+                self.beat()
             except Exception as e:  # pylint: disable=broad-except
-                logging.error("tf_backup heartbeat stopped: %s", e)
+                if not self._stop_event.is_set():
+                    logging.error("tf_backup heartbeat stopped: %s", e)
                 return
 
     def stop(self):
@@ -71,10 +84,16 @@ class BackupWorkerExtended(_tf_internal.OneDeviceExtended):
     """
 
     def __init__(self, container_strategy, device: str, info: cluster_lib.ClusterInfo,
-                 config: protocol.ProtocolConfig):
+                 config: protocol.ProtocolConfig, worker_timeout: float = 30.0,
+                 max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
+                 checkpoint_every_steps: int = 100):
         super().__init__(container_strategy, device)
         self.cluster = info
         self.config = config
+        self.worker_timeout = worker_timeout
+        self.max_steps = max_steps
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every_steps = checkpoint_every_steps
         self.job_var = protocol.job_variable(info.ps[0], info.num_workers)
         self.monitor = protocol.JobMonitor(self.job_var, info, config)
         self.bindings: List = []
@@ -92,15 +111,27 @@ class BackupWorkerExtended(_tf_internal.OneDeviceExtended):
         job_id = random.SystemRandom().randrange(1, 2**62)
         values = np.zeros([protocol.Job.size(self.cluster.num_workers)], np.int64)
         values[protocol.Job.JOB_ID] = job_id
-        values[protocol.Job.joined(0)] = 1
+        values[protocol.Job.joined(self.cluster.worker_index)] = 1
         self.job_var.assign(values)
         self.monitor.job_id = job_id
-        self._heartbeat = _Heartbeat(self.job_var)
+        self._start_heartbeat([protocol.Job.HEARTBEAT, protocol.Job.beat(self.cluster.worker_index)])
+
+    def _start_heartbeat(self, slots: List[int]) -> None:
+        self._heartbeat = _Heartbeat(self.job_var, slots)
+        self._heartbeat.beat()
         self._heartbeat.start()
 
     def join_job(self) -> int:
         """The job id; non-chief workers wait for the chief to start the job."""
-        return self.monitor.join(self.cluster.task)
+        job_id = self.monitor.join(self.cluster.task)
+        if self._heartbeat is None:
+            self._start_heartbeat([protocol.Job.beat(self.cluster.worker_index)])
+        return job_id
+
+    def liveness(self) -> protocol.Liveness:
+        """The chief's watch over the other workers' heartbeats."""
+        return protocol.Liveness(self.job_var, self.cluster, self.worker_timeout,
+                                 self.config.startup_timeout)
 
     def abort(self) -> None:
         """Tells every worker the job failed (chief)."""
@@ -119,7 +150,7 @@ class BackupWorkerExtended(_tf_internal.OneDeviceExtended):
             return
         self._shut_down = True
         for binding in self.bindings:
-            binding.close()
+            binding.close(failed=failed)
         if self.monitor.job_id is None:
             return  # never joined a job: nothing on the ps to update (the job vector may not exist)
         try:
@@ -230,6 +261,26 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         and for the chief to start the job.
       chief_timeout: seconds of chief silence (no heartbeat) a worker accepts.
       poll_interval: the longest sleep between two polls of the shared state.
+      worker_timeout: seconds of silence (no heartbeat) after which the chief
+        declares a worker dead. Up to b dead workers are tolerated: steps go
+        on with the others. With more, fewer than N gradients can come, and
+        the chief fails at once with an error naming the missing workers
+        (address, last step pushed), instead of waiting `step_timeout`. A
+        dead worker that is restarted rejoins the job.
+      max_steps: the global step at which training stops, for every worker
+        and every `fit` (as Estimator's `max_steps`): a job resumed from a
+        checkpoint trains to the same step. None: each `fit` ends when the
+        first worker has run its epochs.
+      checkpoint_dir: where the chief saves the training state (the master
+        copy of the variables, the inner optimizer's state and the global
+        step) with `tf.train.CheckpointManager`, and restores it from when the
+        job starts again (one subdirectory per optimizer, `opt0`, ...). None:
+        no checkpoints.
+      checkpoint_every_steps: global steps between two checkpoints; one more
+        is written when training ends, cleanly or not.
+      ps_timeout: seconds one operation on a ps task may take before it fails
+        with `PsUnavailableError`: how long a dead ps task goes unnoticed
+        (gRPC retries a lost connection until this deadline).
 
     Raises:
       TypeError: an argument has the wrong type.
@@ -242,7 +293,9 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
     def __init__(self, cluster_resolver=None, *, num_backup_workers: int = 0,
                  asynchronous: bool = False, step_timeout: float = 600.0,
                  startup_timeout: float = 300.0, chief_timeout: float = 120.0,
-                 poll_interval: float = 0.01):
+                 poll_interval: float = 0.01, worker_timeout: float = 30.0,
+                 max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
+                 checkpoint_every_steps: int = 100, ps_timeout: float = 60.0):
         num_backup_workers = _check_count("num_backup_workers", num_backup_workers, 0)
         if not isinstance(asynchronous, bool):
             raise TypeError(f"`asynchronous` must be a bool. Received asynchronous={asynchronous!r}")
@@ -250,6 +303,13 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         startup_timeout = _check_seconds("startup_timeout", startup_timeout)
         chief_timeout = _check_seconds("chief_timeout", chief_timeout)
         poll_interval = _check_seconds("poll_interval", poll_interval)
+        worker_timeout = _check_seconds("worker_timeout", worker_timeout)
+        ps_timeout = _check_seconds("ps_timeout", ps_timeout)
+        if max_steps is not None:
+            max_steps = _check_count("max_steps", max_steps, 1)
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"`checkpoint_dir` must be a path or None. Received checkpoint_dir={checkpoint_dir!r}")
+        checkpoint_every_steps = _check_count("checkpoint_every_steps", checkpoint_every_steps, 1)
         if asynchronous and num_backup_workers:
             raise ValueError(
                 "Asynchronous training applies every gradient, so it has no backup workers: "
@@ -280,10 +340,14 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             poll_min=min(0.0005, poll_interval),
         )
         cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
+        accumulators.set_timeout(ps_timeout)
         # The model trains on this worker's own device; the shared state is reached
         # through graph sessions on the ps tasks (tf_backup.accumulators).
         device = "/device:GPU:0" if tf.config.list_physical_devices("GPU") else "/device:CPU:0"
-        super().__init__(BackupWorkerExtended(self, device, info, config))
+        super().__init__(BackupWorkerExtended(
+            self, device, info, config, worker_timeout=worker_timeout, max_steps=max_steps,
+            checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
+            checkpoint_every_steps=checkpoint_every_steps))
         _LIVE.add(self.extended)
         atexit.register(self.extended.shutdown)
 
@@ -395,6 +459,30 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         if not self.extended.bindings:
             return []
         return list(self.extended.bindings[-1].aggregator.history)
+
+    def worker_events(self) -> List[protocol.WorkerEvent]:
+        """The workers the chief declared dead, or saw rejoin, in order (chief only)."""
+        if not self.is_chief:
+            raise ValueError(
+                f"Only the chief watches the workers' heartbeats; this is worker {self.worker_index}."
+            )
+        events = []
+        for binding in self.extended.bindings:
+            if binding.aggregator is not None and binding.aggregator.liveness is not None:
+                events += binding.aggregator.liveness.events
+        return events
+
+    @property
+    def initial_step(self) -> int:
+        """The global step the latest optimizer started from.
+
+        On the chief, the step of the checkpoint it restored (0: none); on the
+        other workers, the step of their first pull (a worker restarted into a
+        running job starts where the job is).
+        """
+        if not self.extended.bindings:
+            raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
+        return self.extended.bindings[-1].initial_step
 
     def shutdown(self) -> None:
         """Ends this worker's part in the job (idempotent; also runs at exit).

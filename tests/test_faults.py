@@ -1,0 +1,233 @@
+"""Fault injection on real localhost clusters: kill -9 of task processes.
+
+Each fault runs once per `seed` (a different kill moment); the fast suite runs
+seed 0, `-m slow` the others. Every test ends by asserting that every process
+of the cluster has exited within a bound: no fault may leave a hang.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_backup
+import workers
+
+pytestmark = pytest.mark.cluster
+STEPS = 40
+SEEDS = [0] + [pytest.param(s, marks=pytest.mark.slow) for s in range(1, 5)]
+
+
+def step_of(progress_dir, name: str) -> int:
+    try:
+        with open(os.path.join(progress_dir, f"{name}.step")) as f:
+            return int(f.read() or 0)
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def wait_for_step(cluster, progress_dir, name: str, step: int, timeout: float = 120.0) -> int:
+    """Waits until task `name` has reported global step >= `step`; returns the step it reported."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = step_of(progress_dir, name)
+        if seen >= step:
+            return seen
+        failed = {n: c for n, c in cluster.returncodes().items() if c not in (None, 0)}
+        assert not failed, f"tasks failed before step {step}: {failed}\n{cluster.log('worker-0')[-3000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"{name} did not reach step {step} in {timeout} s:\n{cluster.log(name)[-3000:]}")
+
+
+def assert_all_exited(cluster, timeout: float) -> dict:
+    codes = cluster.wait_exit(timeout)
+    running = [n for n, c in codes.items() if c is None]
+    assert not running, f"still running {timeout} s after the fault: {running}"
+    return codes
+
+
+def fault_cluster(tmp_path, num_workers=3, num_backup_workers=1, steps=STEPS, **kwargs):
+    progress = tmp_path / "progress"
+    progress.mkdir(exist_ok=True)
+    cluster = tf_backup.LocalCluster(
+        workers.train_through_faults, num_workers,
+        args=(steps, num_backup_workers, str(progress)), kwargs=kwargs,
+        log_dir=str(tmp_path / f"logs{len(list(tmp_path.glob('logs*')))}"))
+    return cluster, str(progress)
+
+
+def latest_checkpoint_step(directory) -> int:
+    path = tf.train.latest_checkpoint(os.path.join(directory, "opt0"))
+    assert path is not None, f"no checkpoint in {directory}"
+    return int(tf.train.load_variable(path, "global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_killed_backup_worker_loses_no_step(tmp_path, seed):
+    """3 workers, b = 1: worker 2 is killed mid-training; the others finish all steps."""
+    kill_at = random.Random(seed).randint(3, STEPS - 10)
+    with fault_cluster(tmp_path)[0] as cluster:
+        progress = str(tmp_path / "progress")
+        cluster.start()
+        wait_for_step(cluster, progress, "worker-2", kill_at)
+        cluster.kill("worker-2")
+        last = step_of(progress, "worker-2")  # the step of the last parameters it pulled
+        codes = assert_all_exited(cluster, 120)
+        assert codes == {"ps-0": 0, "worker-0": 0, "worker-1": 0, "worker-2": -signal.SIGKILL}, \
+            cluster.log("worker-0")[-3000:]
+        chief, other = cluster.result("worker-0"), cluster.result("worker-1")
+    assert chief["stats"]["global_step"] == STEPS
+    assert [(w, e) for w, e, _, _ in chief["events"]] == [(2, "died")]
+    died_at = chief["events"][0][2]
+    assert kill_at <= died_at <= STEPS
+    steps = [s for s, _ in chief["contributions"]]
+    assert steps == list(range(STEPS))  # every step applied once, none lost
+    assert all(sum(c) >= 2 for _, c in chief["contributions"])  # N = 2 gradients each
+    # The dead worker's gradients stop with its process: the last one it could
+    # have pushed was computed on the last parameters it pulled.
+    assert all(c[2] == 0 for s, c in chief["contributions"] if s > last)
+    assert sum(c[2] for _, c in chief["contributions"]) > 0
+    stats = chief["stats"]
+    assert all(t <= p for t, p in zip(stats["taken"], stats["pushed"]))
+    np.testing.assert_allclose(chief["weights"][0], other["weights"][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_more_than_b_dead_workers_stop_the_job_naming_them(tmp_path, seed):
+    """3 workers, b = 1: workers 1 and 2 die; the chief names both, checkpoints, exits 1."""
+    kill_at = random.Random(seed).randint(3, STEPS - 10)
+    checkpoints = str(tmp_path / "ckpt")
+    cluster, progress = fault_cluster(tmp_path, checkpoint_dir=checkpoints, checkpoint_every_steps=1000)
+    with cluster:
+        cluster.start()
+        wait_for_step(cluster, progress, "worker-1", kill_at)
+        cluster.kill("worker-1")
+        cluster.kill("worker-2")
+        start = time.monotonic()
+        codes = assert_all_exited(cluster, 90)
+        seconds = time.monotonic() - start
+        log = cluster.log("worker-0")
+        addresses = cluster.spec["worker"]
+    assert codes["worker-0"] == 1 and codes["ps-0"] == 0, log[-3000:]
+    assert seconds < 60
+    assert "only 1 of 3 workers are alive" in log and "each step needs 2" in log, log[-3000:]
+    for w in (1, 2):
+        assert f"/job:worker/task:{w} ({addresses[w]}): last gradient for step" in log
+    # The final checkpoint holds the step the chief stopped at (no periodic one was due).
+    stopped = latest_checkpoint_step(checkpoints)
+    assert kill_at <= stopped < STEPS
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_restarted_worker_rejoins_and_contributes(tmp_path, seed):
+    kill_at = random.Random(seed).randint(3, 10)
+    steps = 60  # 0.4 s a step: time for the chief to notice and for a new process to start
+    cluster, progress = fault_cluster(tmp_path, steps=steps, compute_seconds=0.4)
+    with cluster:
+        cluster.start()
+        wait_for_step(cluster, progress, "worker-2", kill_at)
+        cluster.kill("worker-2")
+        time.sleep(4.5)  # worker_timeout = 3 s: the chief declares it dead meanwhile
+        os.remove(os.path.join(progress, "worker-2.step"))
+        cluster.restart("worker-2")
+        rejoined_at = wait_for_step(cluster, progress, "worker-2", 0)
+        codes = assert_all_exited(cluster, 120)
+        assert codes == {"ps-0": 0, "worker-0": 0, "worker-1": 0, "worker-2": 0}, cluster.log("worker-2")[-3000:]
+        chief, restarted = cluster.result("worker-0"), cluster.result("worker-2")
+    assert chief["stats"]["global_step"] == steps
+    assert [(w, e) for w, e, _, _ in chief["events"]] == [(2, "died"), (2, "rejoined")]
+    assert restarted["initial_step"] > kill_at
+    assert rejoined_at < steps
+    after = [c[2] for s, c in chief["contributions"] if s >= restarted["initial_step"]]
+    assert sum(after) > 0  # its new gradients were applied
+    stats = restarted["stats"]  # its counts continue its predecessor's
+    assert stats["pushed"][2] >= kill_at and stats["taken"][2] + stats["dropped"][2] == stats["pushed"][2]
+    np.testing.assert_allclose(chief["weights"][0], restarted["weights"][0], rtol=0, atol=0)
+
+
+def run_to_the_end(tmp_path, checkpoints) -> dict:
+    cluster, _ = fault_cluster(tmp_path, checkpoint_dir=checkpoints)
+    with cluster:
+        cluster.start()
+        codes = assert_all_exited(cluster, 180)
+        assert set(codes.values()) == {0}, cluster.log("worker-0")[-3000:]
+        return cluster.result("worker-0")
+
+
+@pytest.mark.parametrize("victim", ["worker-0", "ps-0"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_killed_chief_or_ps_job_resumes_from_its_checkpoint(tmp_path, seed, victim):
+    kill_at = random.Random(seed).randint(6, STEPS - 10)
+    checkpoints = str(tmp_path / "ckpt")
+    cluster, progress = fault_cluster(tmp_path, checkpoint_dir=checkpoints)
+    with cluster:
+        cluster.start()
+        wait_for_step(cluster, progress, "worker-1", kill_at)
+        cluster.kill(victim)
+        codes = assert_all_exited(cluster, 60)  # chief_timeout = 8 s; a ps failure is at once
+    assert all(c != 0 for c in codes.values())
+    saved = latest_checkpoint_step(checkpoints)
+    # Periodic checkpoints every 5 steps; when the ps dies the chief writes its step on the way out.
+    assert 5 <= saved <= STEPS
+    path = tf.train.latest_checkpoint(os.path.join(checkpoints, "opt0"))
+    saved_optimizer = [tf.train.load_variable(path, f"optimizer/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+                       for i in range(4)]
+
+    chief = run_to_the_end(tmp_path, checkpoints)
+    assert chief["initial_step"] == saved
+    assert chief["stats"]["global_step"] == STEPS
+    assert [s for s, _ in chief["contributions"]] == list(range(saved, STEPS))
+    # The inner optimizer came back with its state: iterations, learning rate, momentum.
+    assert 0 < int(chief["restored_optimizer"][0]) <= saved  # one apply per step (a lost take: none)
+    for restored, expected in zip(chief["restored_optimizer"], saved_optimizer):
+        np.testing.assert_array_equal(restored, expected)
+    assert np.abs(chief["restored_optimizer"][2]).sum() > 0
+    assert latest_checkpoint_step(checkpoints) == STEPS
+
+
+SAVER = r"""
+import sys, numpy as np, tensorflow as tf, keras
+from tf_backup import optimizer
+master = [keras.Variable(np.zeros((200, 200), np.float32)), keras.Variable(np.zeros(7, np.float32))]
+inner = keras.optimizers.SGD(0.1, momentum=0.9)
+inner.build(master)
+ckpt = optimizer._Checkpoint(sys.argv[1], master, inner, every_steps=1)
+step = ckpt.restore()
+print("ready", flush=True)
+while True:
+    step += 1
+    for v in master:
+        v.assign(tf.fill(v.shape, float(step)))
+    inner.iterations.assign(step)
+    ckpt.maybe_save(step)
+"""
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    """Five kills at random moments of a process that saves without pause; each restore is whole."""
+    directory = str(tmp_path / "ckpt")
+    rng = random.Random(0)
+    steps = []
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, directory], stdout=subprocess.PIPE,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.3, 1.5))
+        proc.kill()
+        proc.wait(10)
+        path = tf.train.latest_checkpoint(directory)
+        reader = tf.train.load_checkpoint(path)
+        step = int(reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+        for i in range(2):  # every value of the checkpoint belongs to its step
+            value = reader.get_tensor(f"master/{i}/.ATTRIBUTES/VARIABLE_VALUE")
+            assert np.all(value == step)
+        assert int(reader.get_tensor("optimizer/0/.ATTRIBUTES/VARIABLE_VALUE")) == step
+        steps.append(step)
+    assert steps == sorted(steps) and steps[0] > 0  # each run resumed from the previous one
+    assert len(set(steps)) == 5
