@@ -5,6 +5,7 @@ seed 0, `-m slow` the others. Every test ends by asserting that every process
 of the cluster has exited within a bound: no fault may leave a hang.
 """
 
+import json
 import os
 import random
 import signal
@@ -231,3 +232,39 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
         steps.append(step)
     assert steps == sorted(steps) and steps[0] > 0  # each run resumed from the previous one
     assert len(set(steps)) == 5
+
+
+def test_the_training_binary_finishes_when_a_backup_worker_is_killed(tmp_path):
+    """`tf-backup-train` on a local cluster, 3 workers, b = 1: kill -9 of worker 2 mid-run."""
+    model_dir = tmp_path / "model"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.pop("TF_CONFIG", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainers.train", "--config=regression", "--steps=120", "--log_every=5",
+         "--straggler=exp:0.05", "--worker_timeout=3", f"--model_dir={model_dir}"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # the chief's progress lines, echoed by the launcher
+            lines.append(line)
+            if line.startswith("train | step: ") and int(line.split()[3].split("/")[0]) >= 20:
+                break
+        payload = str(model_dir / "logs" / "worker-2.payload")
+        pids = subprocess.run(["pgrep", "-f", payload], capture_output=True, text=True).stdout.split()
+        assert len(pids) == 1, (pids, "".join(lines))
+        os.kill(int(pids[0]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    output = "".join(lines) + out
+    assert proc.returncode == 0, output[-4000:]
+    assert "task worker-2 failed (exit code -9); training goes on without it" in output
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 120
+    assert [(e["worker"], e["event"]) for e in summary["worker_events"]] == [(2, "died")]
+    assert summary["worker_events"][0]["step"] >= 20
+    assert summary["workers"][2]["lost"] and not summary["workers"][1].get("lost")
+    g = summary["gradients"]
+    assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]
+    assert "worker 2 /job:worker/task:2" in output and "died at global step" in output

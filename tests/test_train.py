@@ -9,6 +9,7 @@ import sys
 from absl import flags
 from absl.testing import flagsaver
 import pytest
+import tensorflow as tf
 
 from trainers import config as config_lib
 from trainers import train
@@ -122,7 +123,8 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     g = summary["gradients"]
     assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]
     assert summary["num_workers"] == 3 and summary["replicas_to_aggregate"] == 2
-    assert 12 <= summary["steps"] <= 14
+    assert summary["steps"] == 12 and summary["resumed_from_step"] == 0  # max_steps: exactly
+    assert summary["worker_events"] == []
     # At least N = 2 gradients per step; a take averages all that arrived, so at most 3.
     assert 2 * summary["steps"] <= sum(g["taken"]) <= 3 * summary["steps"]
     assert summary["steps_per_second"] == pytest.approx(summary["steps"] / summary["wall_seconds"])
@@ -137,6 +139,17 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     assert os.listdir(model_dir / "tensorboard") and (model_dir / "model.keras").exists()
     assert json.loads((model_dir / "config.json").read_text())["steps"] == 12
 
+    # The same command again, with more steps, resumes from the final checkpoint.
+    assert tf.train.latest_checkpoint(model_dir / "checkpoints" / "opt0").endswith("ckpt-12")
+    out = run_binary("--config=regression", "--steps=20", "--log_every=4", f"--model_dir={model_dir}",
+                     timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    resumed = json.loads((model_dir / "summary.json").read_text())
+    assert resumed["resumed_from_step"] == 12 and resumed["steps"] == 20
+    assert "resumed from the checkpoint of global step 12" in out.stdout
+    assert sum(resumed["gradients"]["taken"]) >= 2 * 8  # this run's 8 steps (counts are per job)
+    assert resumed["test_loss"] <= summary["test_loss"] * 1.5
+
 
 @pytest.mark.slow
 @pytest.mark.cluster
@@ -148,4 +161,4 @@ def test_the_main_command_reaches_the_cnn_reference_on_mnist1d(tmp_path):
     # Published MNIST-1D CNN reference: about 94%; a small CNN in 30 epochs gets close.
     assert summary["test_accuracy"] >= 0.85, summary["test_accuracy"]
     assert sum(summary["gradients"]["dropped"]) > 0  # the exponential stragglers made backups useful
-    assert summary["steps"] >= 30 * 32
+    assert summary["steps"] == 30 * 32

@@ -235,11 +235,20 @@ class LocalCluster:
         with open(self.logs[name], errors="replace") as f:
             return f.read()
 
-    def wait(self, timeout: float = 600.0, ps_exit_grace: float = 60.0, echo: Optional[str] = None) -> List[Any]:
+    def wait(self, timeout: float = 600.0, ps_exit_grace: float = 60.0, echo: Optional[str] = None,
+             max_failed_workers: int = 0) -> List[Any]:
         """Waits for every worker to return, then for the ps tasks to exit.
 
+        Args:
+          timeout: seconds for the whole run.
+          ps_exit_grace: seconds the ps tasks get to exit after the last worker.
+          echo: a task whose output is copied to stdout as it comes.
+          max_failed_workers: how many workers other than the chief may fail
+            (e.g. b, the backup workers) without failing the run.
+
         Returns:
-          The value each worker's function returned, in worker order.
+          The value each worker's function returned, in worker order (None
+          for a worker whose failure was tolerated).
 
         Raises:
           LocalClusterError: a task failed, or the timeout passed (with the
@@ -248,8 +257,10 @@ class LocalCluster:
         _check_timeout("timeout", timeout)
         if echo is not None:
             self._check_name(echo)
-        _supervise(self.procs, self.logs, timeout, ps_exit_grace, _Echo(self.logs.get(echo)))
-        return [self.result(f"worker-{i}") for i in range(self.num_workers)]
+        failed = _supervise(self.procs, self.logs, timeout, ps_exit_grace, _Echo(self.logs.get(echo)),
+                            max_failed_workers)
+        return [None if f"worker-{i}" in failed else self.result(f"worker-{i}")
+                for i in range(self.num_workers)]
 
     def close(self) -> None:
         """Kills every task still running."""
@@ -259,7 +270,8 @@ class LocalCluster:
 def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence = (),
                  kwargs: Optional[dict] = None, timeout: float = 600.0,
                  log_dir: Optional[str] = None, env: Optional[dict] = None,
-                 ps_exit_grace: float = 60.0, echo: Optional[str] = None) -> List[Any]:
+                 ps_exit_grace: float = 60.0, echo: Optional[str] = None,
+                 max_failed_workers: int = 0) -> List[Any]:
     """Runs `fn(*args, **kwargs)` in every worker process of a localhost cluster.
 
     Starts `num_ps` ps tasks (each runs `tf_backup.serve()`) and
@@ -281,9 +293,12 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
       ps_exit_grace: seconds the ps tasks get to exit after the last worker.
       echo: a task name (e.g. "worker-0") whose output is copied to this
         process's stdout as it comes, without TensorFlow's start-up chatter.
+      max_failed_workers: how many workers other than the chief may fail
+        without failing the run (b: training goes on without them).
 
     Returns:
-      The value `fn` returned in each worker, in worker order.
+      The value `fn` returned in each worker, in worker order (None for a
+      worker whose failure was tolerated).
 
     Raises:
       TypeError, ValueError: bad arguments (before any process starts).
@@ -292,12 +307,16 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
     """
     _check_arguments(fn, num_workers, num_ps, args, dict(kwargs or {}))
     _check_timeout("timeout", timeout)
+    if isinstance(max_failed_workers, bool) or not isinstance(max_failed_workers, int) or not (
+            0 <= max_failed_workers < num_workers):
+        raise ValueError("`max_failed_workers` must be an integer in [0, num_workers). Received "
+                         f"max_failed_workers={max_failed_workers!r}")
     names = [f"ps-{i}" for i in range(num_ps)] + [f"worker-{i}" for i in range(num_workers)]
     if echo is not None and echo not in names:
         raise ValueError(f"`echo` must name a task of the cluster ({', '.join(names)}). Received echo={echo!r}")
     with LocalCluster(fn, num_workers, num_ps, args, kwargs, log_dir, env) as cluster:
         cluster.start()
-        out = cluster.wait(timeout, ps_exit_grace, echo)
+        out = cluster.wait(timeout, ps_exit_grace, echo, max_failed_workers)
     if log_dir is None:
         shutil.rmtree(cluster.log_dir, ignore_errors=True)
     return out
@@ -318,32 +337,44 @@ def _kill_all(procs: dict) -> None:
             pass
 
 
-def _supervise(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo) -> None:
-    """Waits for the workers, then the ps tasks; raises on the first failure."""
+def _supervise(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo,
+               max_failed_workers: int = 0) -> set:
+    """Waits for the workers, then the ps tasks; raises on the first failure not tolerated."""
     try:
-        _wait_for_tasks(procs, logs, timeout, ps_exit_grace, echo)
+        return _wait_for_tasks(procs, logs, timeout, ps_exit_grace, echo, max_failed_workers)
     finally:
         echo.poll(final=True)
 
 
-def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo) -> None:
+def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo,
+                    max_failed_workers: int) -> set:
+    """Returns the workers whose failure was tolerated."""
     deadline = time.monotonic() + timeout
     workers = [n for n in procs if n.startswith("worker")]
     ps = [n for n in procs if n.startswith("ps")]
     workers_done_at = None
+    failed = set()
     while True:
         echo.poll()
         for name, proc in procs.items():
-            if proc.poll() not in (None, 0):
-                raise LocalClusterError(
-                    f"Task {name} of the local cluster failed (exit code {proc.returncode}). "
-                    f"Last lines of {logs[name]}:\n{_tail(logs[name])}"
-                )
-        if all(procs[n].poll() == 0 for n in workers):
+            if proc.poll() in (None, 0) or name in failed:
+                continue
+            if name in workers and name != "worker-0" and len(failed) < max_failed_workers:
+                failed.add(name)
+                sys.stderr.write(
+                    f"tf_backup: task {name} failed (exit code {proc.returncode}); training goes on "
+                    f"without it ({len(failed)} of at most {max_failed_workers} workers lost). Its "
+                    f"log: {logs[name]}\n")
+                continue
+            raise LocalClusterError(
+                f"Task {name} of the local cluster failed (exit code {proc.returncode}). "
+                f"Last lines of {logs[name]}:\n{_tail(logs[name])}"
+            )
+        if all(procs[n].poll() == 0 or n in failed for n in workers):
             if workers_done_at is None:
                 workers_done_at = time.monotonic()
             if all(procs[n].poll() == 0 for n in ps):
-                return
+                return failed
             if time.monotonic() - workers_done_at > ps_exit_grace:
                 still = [n for n in ps if procs[n].poll() is None]
                 raise LocalClusterError(

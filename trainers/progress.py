@@ -15,7 +15,7 @@ class ProgressLine(keras.callbacks.Callback):
     `BackupWorkerStrategy` adds to every training step.
     """
 
-    def __init__(self, every: int, total_steps: int, print_fn=print):
+    def __init__(self, every: int, total_steps: int, print_fn=print, initial_step: int = 0):
         super().__init__()
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"`every` must be a positive integer. Received every={every!r}")
@@ -23,7 +23,8 @@ class ProgressLine(keras.callbacks.Callback):
         self.total_steps = total_steps
         self._print = print_fn
         self._start = None
-        self._last_printed = 0
+        self._initial_step = initial_step
+        self._last_printed = initial_step
 
     def on_train_begin(self, logs=None):
         self._start = time.monotonic()
@@ -43,6 +44,7 @@ class ProgressLine(keras.callbacks.Callback):
             if key in logs:
                 parts.append(f"{key}: {float(logs[key]):.4f}")
         parts.append(f"dropped: {int(logs.get('dropped_gradients', 0))}")
-        parts.append(f"steps/s: {step / elapsed if elapsed > 0 else 0.0:.2f}")
+        rate = (step - self._initial_step) / elapsed if elapsed > 0 else 0.0
+        parts.append(f"steps/s: {rate:.2f}")
         parts.append(f"elapsed: {elapsed:.0f}s")
         self._print(" | ".join(parts), flush=True)

@@ -16,6 +16,7 @@ with its own TF_CONFIG; a ps task serves until the job ends, then exits:
 Every flag overrides the config's value. Usage errors exit with status 2.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -65,6 +66,17 @@ _STARTUP_TIMEOUT = flags.DEFINE_float(
     "startup_timeout", 300.0, "Seconds to wait for the ps tasks and the chief at start-up.", lower_bound=1.0)
 _STEP_TIMEOUT = flags.DEFINE_float(
     "step_timeout", 600.0, "Seconds a worker waits for one global step.", lower_bound=1.0)
+_WORKER_TIMEOUT = flags.DEFINE_float(
+    "worker_timeout", 30.0, "Seconds without a heartbeat after which the chief declares a worker "
+    "dead: up to b dead workers are tolerated, with more the job stops with a checkpoint.",
+    lower_bound=1.0)
+_CHIEF_TIMEOUT = flags.DEFINE_float(
+    "chief_timeout", 120.0, "Seconds without the chief's heartbeat after which workers give up.",
+    lower_bound=1.0)
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 100, "Global steps between checkpoints in --model_dir/checkpoints (one is "
+    "also written at the end). Running the same command again resumes from the latest.",
+    lower_bound=1)
 
 _OVERRIDES = {
     "num_workers": _NUM_WORKERS, "num_backup_workers": _NUM_BACKUP_WORKERS, "num_ps": _NUM_PS,
@@ -125,15 +137,22 @@ def train_task(config_values: Dict[str, Any], model_dir: str, timeouts: Dict[str
     from trainers import progress  # pylint: disable=g-import-not-at-top
 
     config = config_lib.TrainConfig.from_dict(config_values)
+    timeouts = dict(timeouts)
+    checkpoint_every = int(timeouts.pop("checkpoint_every", 100))
+    _, info = data.load(config.dataset, split="test", batch_size=config.batch_size, data_dir=config.data_dir)
+    epochs, steps_per_epoch = config.schedule(info.num_train)
+    total = total_steps(config, epochs, steps_per_epoch)
     strategy = tf_backup.BackupWorkerStrategy(
-        num_backup_workers=config.num_backup_workers, asynchronous=config.mode == "async", **timeouts)
+        num_backup_workers=config.num_backup_workers, asynchronous=config.mode == "async",
+        max_steps=total, checkpoint_dir=os.path.join(model_dir, "checkpoints"),
+        checkpoint_every_steps=checkpoint_every, **timeouts)
     if strategy.num_workers != config.num_workers:
         raise ValueError(
             f"--num_workers={config.num_workers} but the cluster has {strategy.num_workers} workers: "
             "set --num_workers to the number of worker tasks of TF_CONFIG.")
     w, num_workers = strategy.worker_index, strategy.num_workers
     keras.utils.set_random_seed(config.seed)
-    train, info = data.load(config.dataset, split="train", batch_size=config.batch_size,
+    train, _ = data.load(config.dataset, split="train", batch_size=config.batch_size,
                             num_shards=num_workers, shard_index=w, shuffle_seed=config.seed + w,
                             repeat=True, data_dir=config.data_dir)
     options = tf.data.Options()
@@ -147,17 +166,27 @@ def train_task(config_values: Dict[str, Any], model_dir: str, timeouts: Dict[str
         model.compile(optimizer=optimizer,
                       loss="sparse_categorical_crossentropy" if classifier else "mse",
                       metrics=["accuracy"] if classifier else [], jit_compile=False)
+        # Built now, not at the first step: the chief restores the latest checkpoint
+        # here and every worker learns the global step the job starts from.
+        optimizer.build(model.trainable_variables)
+    initial_step = strategy.initial_step
+    # A resumed job (or a restarted worker) starts its fit at the epoch it is in;
+    # the chief stops every worker at global step `total` (max_steps) either way.
+    global_per_epoch = steps_per_epoch * (num_workers if config.mode == "async" else 1)
+    initial_epoch = min(initial_step // global_per_epoch, epochs - 1)
     model_spec = stragglers.parse(config.straggler, seed=config.seed)
     delays = stragglers.StragglerCallback(model_spec, w)
-    epochs, steps_per_epoch = config.schedule(info.num_train)
     callbacks = [delays]
     if strategy.is_chief:
-        total = config.steps or epochs * steps_per_epoch
-        callbacks.append(progress.ProgressLine(config.log_every, total_steps=total))
+        if initial_step:
+            print(f"{PROG}: resumed from the checkpoint of global step {initial_step} in "
+                  f"{model_dir}/checkpoints; training to step {total}", flush=True)
+        callbacks.append(progress.ProgressLine(config.log_every, total_steps=total, initial_step=initial_step))
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard")))
     start = time.monotonic()
-    history = model.fit(strategy.distribute_dataset(train), epochs=epochs, steps_per_epoch=steps_per_epoch,
-                        verbose=2 if strategy.is_chief else 0, callbacks=callbacks)
+    history = model.fit(strategy.distribute_dataset(train), epochs=epochs, initial_epoch=initial_epoch,
+                        steps_per_epoch=steps_per_epoch, verbose=2 if strategy.is_chief else 0,
+                        callbacks=callbacks)
     wall = time.monotonic() - start
     result = {"worker": w, "local_batches": len(delays.delays), "straggler_delay_seconds": delays.total_delay}
     if not strategy.is_chief:
@@ -178,21 +207,36 @@ def train_task(config_values: Dict[str, Any], model_dir: str, timeouts: Dict[str
         "test_loss": float(evaluation["loss"]),
         "test_accuracy": float(evaluation["accuracy"]) if classifier else None,
         "steps": stats["global_step"],
+        "resumed_from_step": initial_step,
         "wall_seconds": wall,
-        "steps_per_second": stats["global_step"] / wall if wall > 0 else 0.0,
+        "steps_per_second": (stats["global_step"] - initial_step) / wall if wall > 0 else 0.0,
+        "worker_events": [dataclasses.asdict(e) for e in strategy.worker_events()],
         "gradients": {k: stats[k] for k in ("pushed", "taken", "dropped")},
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
     }
     return result
 
 
+def total_steps(config: config_lib.TrainConfig, epochs: int, steps_per_epoch: int) -> int:
+    """The global step the job trains to (in async mode every worker's gradient is a step)."""
+    if config.steps is not None:
+        return config.steps
+    return epochs * steps_per_epoch * (config.num_workers if config.mode == "async" else 1)
+
+
 def merge(results) -> Dict[str, Any]:
-    """The chief's summary plus what each worker measured itself (local runs)."""
-    summary = dict(next(r["summary"] for r in results if "summary" in r))
+    """The chief's summary plus what each worker measured itself (local runs).
+
+    A worker whose process was lost (None) is listed with its counts from the ps.
+    """
+    summary = dict(next(r["summary"] for r in results if r and "summary" in r))
+    results = [r or {"worker": w, "local_batches": None, "straggler_delay_seconds": 0.0, "lost": True}
+               for w, r in enumerate(results)]
     summary["workers"] = [
         {"worker": r["worker"], "local_batches": r["local_batches"],
          "straggler_delay_seconds": round(r["straggler_delay_seconds"], 3),
-         **{k: summary["gradients"][k][r["worker"]] for k in ("pushed", "taken", "dropped")}}
+         **{k: summary["gradients"][k][r["worker"]] for k in ("pushed", "taken", "dropped")},
+         **({"lost": True} if r.get("lost") else {})}
         for r in results
     ]
     return summary
@@ -213,6 +257,11 @@ def format_summary(summary: Dict[str, Any]) -> str:
     ]
     for w, (p, t, d) in enumerate(zip(g["pushed"], g["taken"], g["dropped"])):
         lines.append(f"summary | worker {w}: pushed {p}, taken {t}, dropped {d}")
+    if summary.get("resumed_from_step"):
+        lines.append(f"summary | resumed from the checkpoint of step {summary['resumed_from_step']}")
+    for e in summary.get("worker_events", []):
+        lines.append(f"summary | worker {e['worker']} {e['task']} {e['event']} at global step {e['step']} "
+                     f"(last gradient for step {e['last_step']})")
     lines.append(f"summary | reference: {summary['dataset_reference']}")
     lines.append(f"summary | model_dir: {summary['model_dir']}")
     return "\n".join(lines)
@@ -237,7 +286,9 @@ def main(argv) -> int:
         raise config_lib.ConfigError(f"Unexpected arguments {argv[1:]}: every option is a --flag.")
     config = resolve_config()
     local = _LOCAL_CLUSTER.value if _LOCAL_CLUSTER.value is not None else not _in_tf_config_cluster()
-    timeouts = {"startup_timeout": _STARTUP_TIMEOUT.value, "step_timeout": _STEP_TIMEOUT.value}
+    timeouts = {"startup_timeout": _STARTUP_TIMEOUT.value, "step_timeout": _STEP_TIMEOUT.value,
+                "worker_timeout": _WORKER_TIMEOUT.value, "chief_timeout": _CHIEF_TIMEOUT.value,
+                "checkpoint_every": _CHECKPOINT_EVERY.value}
     model_dir = _MODEL_DIR.value or os.path.join("/tmp/tf_backup", time.strftime("%Y%m%d-%H%M%S"))
     if local:
         check_inputs(config)
@@ -251,7 +302,8 @@ def main(argv) -> int:
         results = tf_backup.launch_local(
             train_task, config.num_workers, num_ps=config.num_ps,
             args=(config.to_dict(), model_dir, timeouts), timeout=_TIMEOUT.value,
-            log_dir=os.path.join(model_dir, "logs"), echo="worker-0")
+            log_dir=os.path.join(model_dir, "logs"), echo="worker-0",
+            max_failed_workers=0 if config.mode == "async" else config.num_backup_workers)
         summary = merge(results)
     else:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -262,7 +314,11 @@ def main(argv) -> int:
             tf_backup.serve(resolver, startup_timeout=_STARTUP_TIMEOUT.value)
             return 0
         check_inputs(config)
-        result = train_task(config.to_dict(), model_dir, timeouts)
+        try:
+            result = train_task(config.to_dict(), model_dir, timeouts)
+        except BaseException:
+            tf_backup.strategy.shutdown_all(failed=True)  # the chief aborts the job for everyone
+            raise
         if "summary" not in result:
             return 0
         summary = merge([result])
