@@ -1,6 +1,9 @@
 """Reading clusters from TensorFlow cluster resolvers (no processes started)."""
 
 import json
+import sys
+import subprocess
+import os
 import socket
 
 import pytest
@@ -77,3 +80,26 @@ def test_waiting_for_a_listening_task_returns():
         s.bind(("localhost", 0))
         s.listen()
         cluster_lib.wait_for_tasks([cluster_lib.Task("ps", 0, f"localhost:{s.getsockname()[1]}")], 5)
+
+
+@pytest.mark.parametrize("value", ['{"cluster": {"worker": ["h:1"]', "worker=h:1"])
+def test_malformed_tf_config_is_refused_naming_it(monkeypatch, value):
+    monkeypatch.setenv("TF_CONFIG", value)
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON .*Received TF_CONFIG="):
+        cluster_lib.cluster_info_from_resolver(tf.distribute.cluster_resolver.TFConfigClusterResolver())
+
+
+def test_a_ps_whose_port_is_taken_fails_naming_the_address():
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        tf_config = {"cluster": {"worker": ["localhost:1"], "ps": [f"localhost:{port}"]},
+                     "task": {"type": "ps", "index": 0}}
+        out = subprocess.run(
+            [sys.executable, "-c", "import tf_backup; tf_backup.serve(startup_timeout=5)"],
+            env=dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="2"),
+            capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 1
+    assert (f"ValueError: The ps task /job:ps/task:0 (localhost:{port}) could not start its server on "
+            f"localhost:{port} (is the port already in use?)") in out.stderr

@@ -93,6 +93,12 @@ def test_usage_errors_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and message in lines[0], out.stderr
 
 
+def test_malformed_tf_config_is_a_usage_error():
+    out = run_binary("--config=regression", env={"TF_CONFIG": '{"cluster": {"ps": ["h:1"]'}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "tf-backup-train: error: TF_CONFIG is not valid JSON" in out.stderr
+
+
 def test_dataset_that_cannot_load_offline_is_a_usage_error(tmp_path):
     out = run_binary("--config=mnist", f"--data_dir={tmp_path}", "--steps=1", timeout=120)
     assert out.returncode == 2, out.stderr

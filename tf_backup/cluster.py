@@ -8,6 +8,8 @@ accumulators, the control vector) lives on the `ps` tasks.
 """
 
 import dataclasses
+import json
+import os
 import socket
 import time
 from typing import Optional, Sequence
@@ -118,7 +120,14 @@ def cluster_info_from_resolver(resolver, *, require_ps: bool = True) -> ClusterI
             "`cluster_resolver` must be a tf.distribute.cluster_resolver."
             f"ClusterResolver. Received cluster_resolver={resolver!r}"
         )
-    spec = resolver.cluster_spec()
+    try:
+        spec = resolver.cluster_spec()
+        task_type, task_id = resolver.task_type, resolver.task_id
+    except json.JSONDecodeError as e:  # TFConfigClusterResolver parses TF_CONFIG on each access
+        raise ValueError(
+            f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}). Received "
+            f"TF_CONFIG={os.environ.get('TF_CONFIG', '')[:300]!r}"
+        ) from e
     workers = _tasks(spec, "chief") + _tasks(spec, "worker")
     described = spec.as_dict() or "{} (is TF_CONFIG set?)"
     if not workers:
@@ -143,7 +152,6 @@ def cluster_info_from_resolver(resolver, *, require_ps: bool = True) -> ClusterI
             f"tf_backup knows the jobs `chief`, `worker` and `ps`. Received jobs {unknown} "
             f"in cluster_spec={described}"
         )
-    task_type, task_id = resolver.task_type, resolver.task_id
     if task_type is None or task_id is None:
         raise ValueError(
             "The cluster resolver does not name this process's task "

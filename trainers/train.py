@@ -278,7 +278,15 @@ def write_summary(summary: Dict[str, Any], paths) -> None:
 
 
 def _in_tf_config_cluster() -> bool:
-    return bool(json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster"))
+    value = os.environ.get("TF_CONFIG") or "{}"
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise config_lib.ConfigError(
+            f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}): {value[:300]!r}") from e
+    if not isinstance(parsed, dict):
+        raise config_lib.ConfigError(f"TF_CONFIG must be a JSON object. Received TF_CONFIG={value[:300]!r}")
+    return bool(parsed.get("cluster"))
 
 
 def main(argv) -> int:
