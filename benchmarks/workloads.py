@@ -1,0 +1,179 @@
+"""What the benchmark clusters run in each worker process (module-level, so tasks can import it).
+
+Every worker trains a Keras MLP on its own random data. Compute is simulated by a sleep in a
+Keras callback before each batch, on top of the (small) real step, so the figures do not depend
+on how the processes share this machine's cores. Straggler delays come from a seeded
+`tf_backup.stragglers` model keyed by (worker, global step of the parameters the batch is computed
+on), so every b sees the same delays at the same global step.
+"""
+
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+INPUT_DIM = 40
+CLASSES = 10
+
+
+def hidden_for_params(params: float) -> int:
+    """Width h of a 40-h-h-10 MLP with about `params` parameters."""
+    # params = (40 + 1) h + (h + 1) h + (h + 1) 10 = h^2 + 52 h + 10
+    return max(2, int(round((-52 + math.sqrt(52 ** 2 + 4 * (params - 10))) / 2)))
+
+
+def mlp_params(hidden: int) -> int:
+    return hidden * hidden + 52 * hidden + 10
+
+
+def build_mlp(keras, hidden: int, seed: int = 0):
+    init = keras.initializers.GlorotUniform(seed=seed)
+    return keras.Sequential([
+        keras.Input((INPUT_DIM,)),
+        keras.layers.Dense(hidden, activation="relu", kernel_initializer=init),
+        keras.layers.Dense(hidden, activation="relu", kernel_initializer=init),
+        keras.layers.Dense(CLASSES, activation="softmax", kernel_initializer=init),
+    ])
+
+
+def random_data(worker: int, rows: int = 1024):
+    rng = np.random.default_rng(1000 + worker)
+    x = rng.normal(size=(rows, INPUT_DIM)).astype(np.float32)
+    y = rng.integers(0, CLASSES, size=rows).astype(np.int32)
+    return x, y
+
+
+def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[str], seed: int,
+                        step_source):
+    """A callback sleeping `compute + delay(worker, step)` before each batch.
+
+    `step_source()` gives the global step of the parameters at the start of a fit; afterwards the
+    step comes from the batch logs (`global_step`, the step of the parameters just pulled).
+    """
+    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    model = stragglers.parse(straggler or "none", seed=seed)
+
+    class SleepCallback(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.active = True
+            self.param_step = 0
+            self.slept = 0.0
+
+        def on_train_begin(self, logs=None):
+            step = step_source()
+            if step is not None:
+                self.param_step = step
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if not self.active:
+                return
+            seconds = compute + model.delay(worker, self.param_step)
+            if seconds > 0:
+                time.sleep(seconds)
+                self.slept += seconds
+
+        def on_train_batch_end(self, batch, logs=None):
+            if logs and "global_step" in logs:
+                self.param_step = int(logs["global_step"])
+            else:
+                self.param_step += 1
+
+    return SleepCallback()
+
+
+def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """One worker of a tf_backup run: a warm-up fit, then `reps` timed fits of `steps` batches.
+
+    cfg: num_backup_workers, asynchronous, hidden, batch, compute, straggler, seed, steps, reps,
+    warmup. The chief returns, per rep, the global steps it covered and its wall time, the step
+    history (step, taken, end_time) and the gradient counts.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg.get("num_backup_workers", 0),
+                                              asynchronous=cfg.get("asynchronous", False),
+                                              step_timeout=300.0)
+    w = strategy.worker_index
+
+    def global_step():
+        try:
+            return strategy.stats()["global_step"]
+        except ValueError:
+            return None
+
+    x, y = random_data(w)
+    with strategy.scope():
+        model = build_mlp(keras, cfg["hidden"], seed=cfg.get("seed", 0))
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01)),
+                      loss="sparse_categorical_crossentropy", jit_compile=False)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(cfg.get("batch", 32)).repeat()
+    sleeper = make_sleep_callback(keras, w, cfg.get("compute", 0.0), cfg.get("straggler"),
+                                  cfg.get("seed", 0), global_step)
+    sleeper.active = False
+    model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=[sleeper])
+    sleeper.active = True
+    reps = []
+    for _ in range(cfg["reps"]):
+        start_step = global_step()
+        start = time.monotonic()
+        model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0, callbacks=[sleeper])
+        reps.append({"start_step": start_step, "end_step": global_step(),
+                     "wall": time.monotonic() - start})
+    if not strategy.is_chief:
+        return None
+    history = [(r.step, r.taken, r.end_time) for r in strategy.step_history()]
+    return {"reps": reps, "history": history, "stats": strategy.stats()}
+
+
+def step_durations(history: List[tuple], start_step: int, steps: int) -> Dict[int, float]:
+    """{step s: seconds from step s-1's publish to step s's} for the steady steps of one rep.
+
+    Leaves out the rep's first step (it holds the fit's start-up) and everything from step
+    `start_step + steps - 1` on (workers end their fit at different times).
+    """
+    ends = {s: t for s, _, t in history}
+    out = {}
+    for s in range(start_step + 1, start_step + steps - 1):
+        if s in ends and s - 1 in ends:
+            out[s] = ends[s] - ends[s - 1]
+    return out
+
+
+def simulate_protocol(delay, n: int, workers: int, compute: float, start_step: int, num_steps: int):
+    """Publish times of a zero-overhead replay of the protocol, with stragglers that finish.
+
+    The order-statistic ideal assumes every worker starts every step afresh. In tf_backup (as in
+    TF1) a late worker is not cancelled: it finishes its stale batch, pushes a gradient that is
+    dropped, and only then starts on the current step, so a long stall keeps it out of the next
+    steps too. This replays exactly that with no communication or compute cost: worker w computing
+    on step g takes `compute + delay(w, g)`; step s is published when the N-th gradient tagged s
+    arrives; a worker that finished by then starts step s + 1 at once, a late one starts the
+    current step when it finishes. Returns {step: publish time}, time 0 = all workers start
+    `start_step`.
+    """
+    tag = [start_step] * workers
+    fin = [compute + delay(w, start_step) for w in range(workers)]
+    pub = {start_step - 1: 0.0}
+    for s in range(start_step, start_step + num_steps):
+        while True:
+            fresh = sorted(fin[w] for w in range(workers) if tag[w] == s)
+            lagging = [w for w in range(workers) if tag[w] < s]
+            if len(fresh) >= n:
+                t = fresh[n - 1]
+                restart = [w for w in lagging if fin[w] < t]
+                if not restart:
+                    break
+            else:
+                restart = [min(lagging, key=lambda w: fin[w])]
+            for w in restart:  # finished its stale batch: starts on step s right away
+                tag[w], fin[w] = s, fin[w] + compute + delay(w, s)
+        pub[s] = t
+        for w in range(workers):
+            if tag[w] == s and fin[w] <= t:
+                tag[w], fin[w] = s + 1, t + compute + delay(w, s + 1)
+    del pub[start_step - 1]
+    return pub
