@@ -32,6 +32,8 @@ BENCHMARKS = {
     "tf1": "benchmarks.tf1_reference",
 }
 
+SMOKE = ["tradeoff", "overhead"]  # the benchmarks whose smallest quick case the smoke test runs
+
 _QUICK = flags.DEFINE_boolean("quick", False, "Reduced grid and runs: under 10 minutes on 2 cores.")
 _SMOKE = flags.DEFINE_boolean("smoke", False, "Only the quick mode's smallest case (the CI smoke test).")
 _ONLY = flags.DEFINE_list("only", [], f"Benchmarks to run, of {', '.join(BENCHMARKS)} (default all).")
@@ -40,7 +42,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where tables an
 
 def main(argv):
     del argv
-    names = _ONLY.value or (["tradeoff"] if _SMOKE.value else list(BENCHMARKS))
+    names = _ONLY.value or (SMOKE if _SMOKE.value else list(BENCHMARKS))
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise app.UsageError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")

@@ -177,3 +177,102 @@ def simulate_protocol(delay, n: int, workers: int, compute: float, start_step: i
                 tag[w], fin[w] = s + 1, t + compute + delay(w, s + 1)
     del pub[start_step - 1]
     return pub
+
+
+def make_step_timer(keras):
+    """A callback recording `time.monotonic()` at the end of every batch."""
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.monotonic())
+
+    return StepTimer()
+
+
+def steady_step_times(ends: List[float]) -> List[float]:
+    """Per-batch times of one fit from its batch-end stamps, leaving out the first and last batch."""
+    d = np.diff(ends)
+    return [float(x) for x in d[1:-1]] if len(d) > 2 else [float(x) for x in d]
+
+
+def _timed_fits(keras, model, dataset, cfg, extra_callbacks=()):
+    timer = make_step_timer(keras)
+    model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=list(extra_callbacks))
+    reps = []
+    for _ in range(cfg["reps"]):
+        timer.ends = []
+        model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
+                  callbacks=[timer] + list(extra_callbacks))
+        reps.append(steady_step_times(timer.ends))
+    return reps
+
+
+def patch_keras_for_multi_worker_mirrored():
+    """Works around Keras 3.15 `fit` on a multi-worker `MultiWorkerMirroredStrategy`.
+
+    Its train step reduces the scalar logs with `strategy.reduce("MEAN", v, axis=0)`, which fails
+    ("Invalid reduction dimension 0 for input with 0 dimensions"). Logs are reduced with "first"
+    instead (this worker's values): one scalar all-reduce less per step for MWMS, so the
+    comparison favours MWMS slightly.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer  # pylint: disable=g-import-not-at-top
+    if getattr(tf_trainer.reduce_per_replica, "_patched", False):
+        return
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        return original(values, strategy, "first" if reduction in ("auto", "mean") else reduction)
+
+    reduce_per_replica._patched = True  # pylint: disable=protected-access
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """One worker of the overhead benchmark: cfg["system"] is "tf_backup" (b = 0) or "mwms".
+
+    For each width in cfg["hiddens"] a fresh model is built and timed over `reps` fits of `steps`
+    batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch). Worker 0 returns
+    {hidden: [[step seconds, ...] per rep]}.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    if cfg["system"] == "mwms":
+        patch_keras_for_multi_worker_mirrored()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        worker = strategy.cluster_resolver.task_id
+        make_optimizer = lambda: keras.optimizers.SGD(0.01)  # noqa: E731
+    else:
+        import tf_backup  # pylint: disable=g-import-not-at-top
+        strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=0, step_timeout=300.0)
+        worker = strategy.worker_index
+        make_optimizer = lambda: tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01))  # noqa: E731
+    x, y = random_data(worker)
+    batch = cfg.get("batch", 32)
+    if cfg["system"] == "mwms":
+        # Keras distributes it: a global batch of batch * workers rows, split into `batch` rows per
+        # worker; sharding off, as each worker already reads its own data.
+        batch *= strategy.num_replicas_in_sync
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch, drop_remainder=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = dataset.with_options(options)
+    sleeper = make_sleep_callback(keras, worker, cfg.get("compute", 0.0), None, 0, lambda: None)
+    out = {}
+    for hidden in cfg["hiddens"]:
+        with strategy.scope():
+            model = build_mlp(keras, hidden, seed=0)
+            model.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy", jit_compile=False)
+            if cfg["system"] == "mwms":
+                # Keras 3.15 `fit` builds loss/metrics from one batch of the distributed iterator,
+                # reduced with strategy.reduce("MEAN", PerReplica), which fails on a multi-worker
+                # MWMS ("Attempt to convert a value (PerReplica...) with an unsupported type"):
+                # build from a plain batch here and skip Keras' own build.
+                model._symbolic_build(data_batch=(x[:32], y[:32]))  # pylint: disable=protected-access
+                model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # pylint: disable=protected-access
+        out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if cfg.get("compute") else [])
+    return out if worker == 0 else None

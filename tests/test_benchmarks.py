@@ -61,6 +61,15 @@ def test_smoke_quick_mode_smallest_case(tmp_path):
         assert 0.1 <= float(r["ideal_mean_s"]) < float(r["mean_s"]) * 1.05
         assert float(r["mean_s"]) < 20 * float(r["ideal_mean_s"])
         assert int(r["steps"]) == 6
+    rows = read_csv(out / "overhead.csv")
+    assert sorted((r["system"], r["workers"], r["parameters"], r["rep"]) for r in rows) == sorted(
+        (system, "2", "9943", str(rep)) for system in ("mwms", "tf_backup") for rep in (1, 2, 3))
+    for r in rows:
+        assert 0 < float(r["mean_step_s"]) < 5 and int(r["steps"]) == 12  # 15 batches: 14 gaps less the first and last
+    md = (out / "overhead.md").read_text()
+    assert "| 2 | 9,943 |" in md and "3/3, 3/3" in md and "Failed runs: none." in md
+    ratio = float(md.split("| 2 | 9,943 |")[1].split("|")[3])
+    assert math.isfinite(ratio) and ratio > 0
     md = (out / "tradeoff.md").read_text()
     assert "- command: `python -m benchmarks.run --smoke" in md and "- machine: " in md and "- date: " in md
     assert "| 1 | 5 |" in md and "3/3" in md and "Failed runs: none." in md
