@@ -50,7 +50,8 @@ def launch(fn: Callable, jobs: Dict[str, int], args: Sequence = (), run_in: Sequ
            timeout: float = 600.0, log_dir: Optional[str] = None) -> List[Any]:
     """Runs `fn(*args)` in every task of a localhost cluster with `jobs` tasks per job.
 
-    Returns the results of the tasks whose job is in `run_in`, in job then index order.
+    Returns the results of the tasks whose job (or name, e.g. "worker-0") is in `run_in`, in job
+    then index order; the other tasks are killed once those are done.
     """
     keep = log_dir is not None
     log_dir = log_dir or tempfile.mkdtemp(prefix="tf_backup_bench_")
@@ -75,7 +76,7 @@ def launch(fn: Callable, jobs: Dict[str, int], args: Sequence = (), run_in: Sequ
                         [sys.executable, "-m", "benchmarks._task", payload], stdout=log,
                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                         start_new_session=True)
-        waited = [n for n in procs if n.split("-")[0] in run_in]
+        waited = [n for n in procs if n.split("-")[0] in run_in or n in run_in]
         deadline = time.monotonic() + timeout
         while True:
             for name, proc in procs.items():

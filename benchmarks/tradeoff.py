@@ -22,7 +22,7 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
     if smoke:
         return dict(n=4, bs=[1], clusters=1, reps=3, steps=8, compute=0.1, straggler="pareto:1.5:0.05")
     if quick:
-        return dict(n=4, bs=[0, 1, 2, 3], clusters=1, reps=3, steps=12, compute=0.1,
+        return dict(n=4, bs=[0, 1, 2, 3], clusters=1, reps=3, steps=10, compute=0.1,
                     straggler="pareto:1.5:0.05")
     return dict(n=4, bs=[0, 1, 2, 3], clusters=3, reps=1, steps=60, compute=0.2,
                 straggler="pareto:1.5:0.1")

@@ -276,3 +276,85 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                 model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # pylint: disable=protected-access
         out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if cfg.get("compute") else [])
     return out if worker == 0 else None
+
+
+def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """One worker of the time-to-accuracy benchmark on the offline default task (MNIST-1D, CNN).
+
+    cfg: mode ("async", "sync", "sync_backup"), num_backup_workers, steps (batches per worker per
+    run), reps (runs, each from a fresh model and optimizer), every (global steps between
+    snapshots), straggler, seed, and the default config's model/optimizer fields. The chief keeps
+    its weights every `every` global steps with the wall time since the fit began, and after
+    training evaluates every snapshot on the test split (not timed). Returns, on the chief, per
+    run a list of (seconds, global step, test accuracy).
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from trainers import data  # pylint: disable=g-import-not-at-top
+    from trainers import models  # pylint: disable=g-import-not-at-top
+    from trainers import train  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg.get("num_backup_workers", 0),
+                                              asynchronous=cfg["mode"] == "async", step_timeout=300.0)
+    w = strategy.worker_index
+    model_args = {k: v for k, v in cfg["model"].items() if k != "kind"}
+    ds, info = data.load("mnist1d", split="train", batch_size=cfg["batch_size"], num_shards=strategy.num_workers,
+                         shard_index=w, shuffle_seed=cfg["seed"] + w, repeat=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    ds = ds.with_options(options)
+
+    def global_step():
+        try:
+            return strategy.stats()["global_step"]
+        except ValueError:
+            return None
+
+    class Snapshots(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.points, self.start, self.next_at = [], None, 0
+
+        def on_train_begin(self, logs=None):
+            self.start = time.monotonic()
+            self.base = global_step() or 0
+            self.points = [(0.0, 0, [v.copy() for v in self.model.get_weights()])]
+            self.next_at = cfg["every"]
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(logs["global_step"]) - self.base
+            if step >= self.next_at:
+                self.points.append((time.monotonic() - self.start, step,
+                                    [v.copy() for v in self.model.get_weights()]))
+                self.next_at = step + cfg["every"]
+
+    runs = []
+    for _ in range(cfg["reps"]):
+        with strategy.scope():
+            model = models.build(cfg["model"]["kind"], info.input_shape, info.num_classes, seed=cfg["seed"],
+                                 **model_args)
+            model.compile(optimizer=tf_backup.SyncReplicasOptimizer(
+                train.make_optimizer(cfg["optimizer"], cfg["learning_rate"])),
+                loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
+        sleeper = make_sleep_callback(keras, w, cfg.get("compute", 0.0), cfg["straggler"], cfg["seed"], global_step)
+        snaps = Snapshots()
+        model.fit(strategy.distribute_dataset(ds), epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
+                  callbacks=[sleeper, snaps] if strategy.is_chief else [sleeper])
+        if strategy.is_chief:
+            end = (time.monotonic() - snaps.start, strategy.stats()["global_step"] - snaps.base,
+                   [v.copy() for v in model.get_weights()])
+            runs.append(snaps.points + [end])
+    if not strategy.is_chief:
+        return None
+    test, _ = data.load("mnist1d", split="test", batch_size=500)
+    evaluator = models.build(cfg["model"]["kind"], info.input_shape, info.num_classes, seed=cfg["seed"], **model_args)
+    evaluator.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
+    out = []
+    for points in runs:
+        curve = []
+        for seconds, step, weights in points:
+            evaluator.set_weights(weights)
+            curve.append((seconds, step, float(evaluator.evaluate(test, verbose=0, return_dict=True)["accuracy"])))
+        out.append(curve)
+    return {"runs": out}
