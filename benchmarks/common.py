@@ -41,7 +41,11 @@ def header(title: str, argv: Optional[Sequence[str]] = None) -> List[str]:
                                 text=True, check=False).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    return [f"# {title}", "", f"- command: `{command}`", f"- machine: {machine()}",
+    try:
+        load = "load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min) when written".format(*os.getloadavg())
+    except OSError:
+        load = "load average unknown"
+    return [f"# {title}", "", f"- command: `{command}`", f"- machine: {machine()}; {load}",
             f"- date: {datetime.date.today().isoformat()}, commit {commit}", ""]
 
 
