@@ -26,5 +26,6 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        "bench": ["matplotlib>=3.8"],  # plots of `python -m benchmarks.run`; skipped with a notice without it
     },
 )

@@ -41,7 +41,11 @@ def header(title: str, argv: Optional[Sequence[str]] = None) -> List[str]:
                                 text=True, check=False).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    return [f"# {title}", "", f"- command: `{command}`", f"- machine: {machine()}",
+    try:
+        load = "load average {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min) when written".format(*os.getloadavg())
+    except OSError:
+        load = "load average unknown"
+    return [f"# {title}", "", f"- command: `{command}`", f"- machine: {machine()}; {load}",
             f"- date: {datetime.date.today().isoformat()}, commit {commit}", ""]
 
 
@@ -62,3 +66,93 @@ def table(columns: Sequence[str], rows: Iterable[Sequence]) -> List[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
+
+
+# -- shared by the benchmarks driven by `python -m benchmarks.run` ----------------------------------
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (linear interpolation) of the values; nan if there are none."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    values = list(values)
+    return float(np.quantile(values, q)) if values else float("nan")
+
+
+def med(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def write_results(out_dir: str, name: str, title: str, notes: Sequence[str], columns: Sequence[str],
+                  rows: Sequence[Sequence], csv_columns: Sequence[str], csv_rows: Sequence[Sequence],
+                  failures: Sequence[str] = (), argv: Optional[Sequence[str]] = None,
+                  extra: Sequence[str] = (), image: Optional[str] = None) -> List[str]:
+    """Writes `<out_dir>/<name>.md` (header, notes, table, failed runs) and `<name>.csv`.
+
+    The CSV starts with `#` comment lines naming the command, machine and date, then one
+    header row and the numeric rows. Returns the Markdown lines.
+    """
+    import csv  # pylint: disable=g-import-not-at-top
+    os.makedirs(out_dir, exist_ok=True)
+    head = header(title, argv)
+    lines = head + list(notes) + [""] + table(columns, rows) + [""]
+    lines += list(extra)
+    lines.append("Failed runs: " + ("none." if not failures else ""))
+    lines += [f"- {f}" for f in failures]
+    if image:
+        lines += ["", f"![{title}]({os.path.basename(image)})"]
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
+        for line in head[2:5]:
+            f.write("# " + line.lstrip("- ") + "\n")
+        writer = csv.writer(f)
+        writer.writerow(csv_columns)
+        for row in csv_rows:
+            writer.writerow([f"{x:.6g}" if isinstance(x, float) else x for x in row])
+    return lines
+
+
+def plot(path: str, panels: Sequence[dict], title: str) -> bool:
+    """Line plots side by side, one per panel, saved as a PNG; False (with a notice) without matplotlib.
+
+    A panel is {"xlabel", "ylabel", "series": [(label, xs, ys), ...]} with optional "bars": True
+    (then each series is (label, [category, ...], [value, ...]) and one bar group is drawn),
+    "hline": y, and "logx": True.
+    """
+    try:
+        import matplotlib  # pylint: disable=g-import-not-at-top
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        print(f"notice: matplotlib is not installed (pip install -e '.[bench]'): no plot {path}",
+              flush=True)
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        series = panel["series"]
+        if panel.get("bars"):
+            import numpy as np  # pylint: disable=g-import-not-at-top
+            cats = list(series[0][1]) if series else []
+            width = 0.8 / max(1, len(series))
+            for i, (label, _, ys) in enumerate(series):
+                ax.bar(np.arange(len(cats)) + i * width, ys, width, label=label)
+            ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2)
+            ax.set_xticklabels(cats)
+        else:
+            for label, xs, ys in series:
+                ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label)
+        if panel.get("hline") is not None:
+            ax.axhline(panel["hline"], color="gray", linestyle="--", linewidth=1)
+        if panel.get("logx"):
+            ax.set_xscale("log")
+        ax.set_xlabel(panel["xlabel"])
+        ax.set_ylabel(panel["ylabel"])
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True

@@ -1,0 +1,75 @@
+r"""All benchmarks of issue 5 with one command.
+
+  python -m benchmarks.run --quick          # under 10 minutes on a 2-core machine
+  python -m benchmarks.run                  # the full grid, for bigger machines
+  python -m benchmarks.run --quick --only=tradeoff,overhead --out_dir=/tmp/bench
+
+Each benchmark writes `<out_dir>/<name>.md` and `.csv` (command, machine, date; medians with
+min–max; failed runs listed) and `<name>.png` when matplotlib is installed (`pip install -e
+".[bench]"`). Benchmarks:
+
+  tradeoff   step time against b (N = 4, Pareto stragglers), achieved / ideal
+  overhead   tf_backup b = 0 against MultiWorkerMirroredStrategy, no stragglers
+  accuracy   time to accuracy of async, sync and sync with backups on MNIST-1D
+  tf1        TF1 SyncReplicasOptimizer (graph mode) as the reference implementation
+
+No benchmark is a timed test; `tests/test_benchmarks.py` runs `--smoke` (the quick mode's
+smallest case).
+"""
+
+import importlib
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+BENCHMARKS = {
+    "tradeoff": "benchmarks.tradeoff",
+    "overhead": "benchmarks.overhead",
+    "accuracy": "benchmarks.time_to_accuracy",
+    "tf1": "benchmarks.tf1_reference",
+}
+
+SMOKE = ["tradeoff", "overhead"]  # the benchmarks whose smallest quick case the smoke test runs
+
+_QUICK = flags.DEFINE_boolean("quick", False, "Reduced grid and runs: under 10 minutes on 2 cores.")
+_SMOKE = flags.DEFINE_boolean("smoke", False, "Only the quick mode's smallest case (the CI smoke test).")
+_ONLY = flags.DEFINE_list("only", [], f"Benchmarks to run, of {', '.join(BENCHMARKS)} (default all).")
+_OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where tables and plots go.")
+
+
+def main(argv):
+    del argv
+    names = _ONLY.value or (SMOKE if _SMOKE.value else list(BENCHMARKS))
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise app.UsageError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
+    os.makedirs(_OUT_DIR.value, exist_ok=True)
+    start = time.monotonic()
+    failed = []
+    for name in names:
+        t = time.monotonic()
+        print(f"== {name} ==", flush=True)
+        module = importlib.import_module(BENCHMARKS[name])
+        try:
+            result = module.run(_OUT_DIR.value, _QUICK.value or _SMOKE.value, list(sys.argv), smoke=_SMOKE.value)
+        except Exception as e:  # pylint: disable=broad-except
+            # One broken benchmark does not hide the others' results; it is reported below.
+            import traceback  # pylint: disable=g-import-not-at-top
+            traceback.print_exc()
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        print("\n".join(result["lines"]), flush=True)
+        print(f"== {name}: {time.monotonic() - t:.0f} s ==", flush=True)
+    print(f"benchmarks.run: {', '.join(names)} in {time.monotonic() - start:.0f} s; results in {_OUT_DIR.value}",
+          flush=True)
+    if failed:
+        print("FAILED:\n" + "\n".join(failed), flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,360 @@
+"""What the benchmark clusters run in each worker process (module-level, so tasks can import it).
+
+Every worker trains a Keras MLP on its own random data. Compute is simulated by a sleep in a
+Keras callback before each batch, on top of the (small) real step, so the figures do not depend
+on how the processes share this machine's cores. Straggler delays come from a seeded
+`tf_backup.stragglers` model keyed by (worker, global step of the parameters the batch is computed
+on), so every b sees the same delays at the same global step.
+"""
+
+import math
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+INPUT_DIM = 40
+CLASSES = 10
+
+
+def hidden_for_params(params: float) -> int:
+    """Width h of a 40-h-h-10 MLP with about `params` parameters."""
+    # params = (40 + 1) h + (h + 1) h + (h + 1) 10 = h^2 + 52 h + 10
+    return max(2, int(round((-52 + math.sqrt(52 ** 2 + 4 * (params - 10))) / 2)))
+
+
+def mlp_params(hidden: int) -> int:
+    return hidden * hidden + 52 * hidden + 10
+
+
+def build_mlp(keras, hidden: int, seed: int = 0):
+    init = keras.initializers.GlorotUniform(seed=seed)
+    return keras.Sequential([
+        keras.Input((INPUT_DIM,)),
+        keras.layers.Dense(hidden, activation="relu", kernel_initializer=init),
+        keras.layers.Dense(hidden, activation="relu", kernel_initializer=init),
+        keras.layers.Dense(CLASSES, activation="softmax", kernel_initializer=init),
+    ])
+
+
+def random_data(worker: int, rows: int = 1024):
+    rng = np.random.default_rng(1000 + worker)
+    x = rng.normal(size=(rows, INPUT_DIM)).astype(np.float32)
+    y = rng.integers(0, CLASSES, size=rows).astype(np.int32)
+    return x, y
+
+
+def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[str], seed: int,
+                        step_source):
+    """A callback sleeping `compute + delay(worker, step)` before each batch.
+
+    `step_source()` gives the global step of the parameters at the start of a fit; afterwards the
+    step comes from the batch logs (`global_step`, the step of the parameters just pulled).
+    """
+    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    model = stragglers.parse(straggler or "none", seed=seed)
+
+    class SleepCallback(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.active = True
+            self.param_step = 0
+            self.slept = 0.0
+
+        def on_train_begin(self, logs=None):
+            step = step_source()
+            if step is not None:
+                self.param_step = step
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if not self.active:
+                return
+            seconds = compute + model.delay(worker, self.param_step)
+            if seconds > 0:
+                time.sleep(seconds)
+                self.slept += seconds
+
+        def on_train_batch_end(self, batch, logs=None):
+            if logs and "global_step" in logs:
+                self.param_step = int(logs["global_step"])
+            else:
+                self.param_step += 1
+
+    return SleepCallback()
+
+
+def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """One worker of a tf_backup run: a warm-up fit, then `reps` timed fits of `steps` batches.
+
+    cfg: num_backup_workers, asynchronous, hidden, batch, compute, straggler, seed, steps, reps,
+    warmup. The chief returns, per rep, the global steps it covered and its wall time, the step
+    history (step, taken, end_time) and the gradient counts.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg.get("num_backup_workers", 0),
+                                              asynchronous=cfg.get("asynchronous", False),
+                                              step_timeout=300.0)
+    w = strategy.worker_index
+
+    def global_step():
+        try:
+            return strategy.stats()["global_step"]
+        except ValueError:
+            return None
+
+    x, y = random_data(w)
+    with strategy.scope():
+        model = build_mlp(keras, cfg["hidden"], seed=cfg.get("seed", 0))
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01)),
+                      loss="sparse_categorical_crossentropy", jit_compile=False)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(cfg.get("batch", 32)).repeat()
+    sleeper = make_sleep_callback(keras, w, cfg.get("compute", 0.0), cfg.get("straggler"),
+                                  cfg.get("seed", 0), global_step)
+    sleeper.active = False
+    model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=[sleeper])
+    sleeper.active = True
+    reps = []
+    for _ in range(cfg["reps"]):
+        start_step = global_step()
+        start = time.monotonic()
+        model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0, callbacks=[sleeper])
+        reps.append({"start_step": start_step, "end_step": global_step(),
+                     "wall": time.monotonic() - start})
+    if not strategy.is_chief:
+        return None
+    history = [(r.step, r.taken, r.end_time) for r in strategy.step_history()]
+    return {"reps": reps, "history": history, "stats": strategy.stats()}
+
+
+def step_durations(history: List[tuple], start_step: int, steps: int) -> Dict[int, float]:
+    """{step s: seconds from step s-1's publish to step s's} for the steady steps of one rep.
+
+    Leaves out the rep's first step (it holds the fit's start-up) and everything from step
+    `start_step + steps - 1` on (workers end their fit at different times).
+    """
+    ends = {s: t for s, _, t in history}
+    out = {}
+    for s in range(start_step + 1, start_step + steps - 1):
+        if s in ends and s - 1 in ends:
+            out[s] = ends[s] - ends[s - 1]
+    return out
+
+
+def simulate_protocol(delay, n: int, workers: int, compute: float, start_step: int, num_steps: int):
+    """Publish times of a zero-overhead replay of the protocol, with stragglers that finish.
+
+    The order-statistic ideal assumes every worker starts every step afresh. In tf_backup (as in
+    TF1) a late worker is not cancelled: it finishes its stale batch, pushes a gradient that is
+    dropped, and only then starts on the current step, so a long stall keeps it out of the next
+    steps too. This replays exactly that with no communication or compute cost: worker w computing
+    on step g takes `compute + delay(w, g)`; step s is published when the N-th gradient tagged s
+    arrives; a worker that finished by then starts step s + 1 at once, a late one starts the
+    current step when it finishes. Returns {step: publish time}, time 0 = all workers start
+    `start_step`.
+    """
+    tag = [start_step] * workers
+    fin = [compute + delay(w, start_step) for w in range(workers)]
+    pub = {start_step - 1: 0.0}
+    for s in range(start_step, start_step + num_steps):
+        while True:
+            fresh = sorted(fin[w] for w in range(workers) if tag[w] == s)
+            lagging = [w for w in range(workers) if tag[w] < s]
+            if len(fresh) >= n:
+                t = fresh[n - 1]
+                restart = [w for w in lagging if fin[w] < t]
+                if not restart:
+                    break
+            else:
+                restart = [min(lagging, key=lambda w: fin[w])]
+            for w in restart:  # finished its stale batch: starts on step s right away
+                tag[w], fin[w] = s, fin[w] + compute + delay(w, s)
+        pub[s] = t
+        for w in range(workers):
+            if tag[w] == s and fin[w] <= t:
+                tag[w], fin[w] = s + 1, t + compute + delay(w, s + 1)
+    del pub[start_step - 1]
+    return pub
+
+
+def make_step_timer(keras):
+    """A callback recording `time.monotonic()` at the end of every batch."""
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.monotonic())
+
+    return StepTimer()
+
+
+def steady_step_times(ends: List[float]) -> List[float]:
+    """Per-batch times of one fit from its batch-end stamps, leaving out the first and last batch."""
+    d = np.diff(ends)
+    return [float(x) for x in d[1:-1]] if len(d) > 2 else [float(x) for x in d]
+
+
+def _timed_fits(keras, model, dataset, cfg, extra_callbacks=()):
+    timer = make_step_timer(keras)
+    model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=list(extra_callbacks))
+    reps = []
+    for _ in range(cfg["reps"]):
+        timer.ends = []
+        model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
+                  callbacks=[timer] + list(extra_callbacks))
+        reps.append(steady_step_times(timer.ends))
+    return reps
+
+
+def patch_keras_for_multi_worker_mirrored():
+    """Works around Keras 3.15 `fit` on a multi-worker `MultiWorkerMirroredStrategy`.
+
+    Its train step reduces the scalar logs with `strategy.reduce("MEAN", v, axis=0)`, which fails
+    ("Invalid reduction dimension 0 for input with 0 dimensions"). Logs are reduced with "first"
+    instead (this worker's values): one scalar all-reduce less per step for MWMS, so the
+    comparison favours MWMS slightly.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer  # pylint: disable=g-import-not-at-top
+    if getattr(tf_trainer.reduce_per_replica, "_patched", False):
+        return
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        return original(values, strategy, "first" if reduction in ("auto", "mean") else reduction)
+
+    reduce_per_replica._patched = True  # pylint: disable=protected-access
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """One worker of the overhead benchmark: cfg["system"] is "tf_backup" (b = 0) or "mwms".
+
+    For each width in cfg["hiddens"] a fresh model is built and timed over `reps` fits of `steps`
+    batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch). Worker 0 returns
+    {hidden: [[step seconds, ...] per rep]}.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    if cfg["system"] == "mwms":
+        patch_keras_for_multi_worker_mirrored()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        worker = strategy.cluster_resolver.task_id
+        make_optimizer = lambda: keras.optimizers.SGD(0.01)  # noqa: E731
+    else:
+        import tf_backup  # pylint: disable=g-import-not-at-top
+        strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=0, step_timeout=300.0)
+        worker = strategy.worker_index
+        make_optimizer = lambda: tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01))  # noqa: E731
+    x, y = random_data(worker)
+    batch = cfg.get("batch", 32)
+    if cfg["system"] == "mwms":
+        # Keras distributes it: a global batch of batch * workers rows, split into `batch` rows per
+        # worker; sharding off, as each worker already reads its own data.
+        batch *= strategy.num_replicas_in_sync
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch, drop_remainder=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = dataset.with_options(options)
+    sleeper = make_sleep_callback(keras, worker, cfg.get("compute", 0.0), None, 0, lambda: None)
+    out = {}
+    for hidden in cfg["hiddens"]:
+        with strategy.scope():
+            model = build_mlp(keras, hidden, seed=0)
+            model.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy", jit_compile=False)
+            if cfg["system"] == "mwms":
+                # Keras 3.15 `fit` builds loss/metrics from one batch of the distributed iterator,
+                # reduced with strategy.reduce("MEAN", PerReplica), which fails on a multi-worker
+                # MWMS ("Attempt to convert a value (PerReplica...) with an unsupported type"):
+                # build from a plain batch here and skip Keras' own build.
+                model._symbolic_build(data_batch=(x[:32], y[:32]))  # pylint: disable=protected-access
+                model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # pylint: disable=protected-access
+        out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if cfg.get("compute") else [])
+    return out if worker == 0 else None
+
+
+def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """One worker of the time-to-accuracy benchmark on the offline default task (MNIST-1D, CNN).
+
+    cfg: mode ("async", "sync", "sync_backup"), num_backup_workers, steps (batches per worker per
+    run), reps (runs, each from a fresh model and optimizer), every (global steps between
+    snapshots), straggler, seed, and the default config's model/optimizer fields. The chief keeps
+    its weights every `every` global steps with the wall time since the fit began, and after
+    training evaluates every snapshot on the test split (not timed). Returns, on the chief, per
+    run a list of (seconds, global step, test accuracy).
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from trainers import data  # pylint: disable=g-import-not-at-top
+    from trainers import models  # pylint: disable=g-import-not-at-top
+    from trainers import train  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg.get("num_backup_workers", 0),
+                                              asynchronous=cfg["mode"] == "async", step_timeout=300.0)
+    w = strategy.worker_index
+    model_args = {k: v for k, v in cfg["model"].items() if k != "kind"}
+    ds, info = data.load("mnist1d", split="train", batch_size=cfg["batch_size"], num_shards=strategy.num_workers,
+                         shard_index=w, shuffle_seed=cfg["seed"] + w, repeat=True)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    ds = ds.with_options(options)
+
+    def global_step():
+        try:
+            return strategy.stats()["global_step"]
+        except ValueError:
+            return None
+
+    class Snapshots(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.points, self.start, self.next_at = [], None, 0
+
+        def on_train_begin(self, logs=None):
+            self.start = time.monotonic()
+            self.base = global_step() or 0
+            self.points = [(0.0, 0, [v.copy() for v in self.model.get_weights()])]
+            self.next_at = cfg["every"]
+
+        def on_train_batch_end(self, batch, logs=None):
+            step = int(logs["global_step"]) - self.base
+            if step >= self.next_at:
+                self.points.append((time.monotonic() - self.start, step,
+                                    [v.copy() for v in self.model.get_weights()]))
+                self.next_at = step + cfg["every"]
+
+    runs = []
+    for _ in range(cfg["reps"]):
+        with strategy.scope():
+            model = models.build(cfg["model"]["kind"], info.input_shape, info.num_classes, seed=cfg["seed"],
+                                 **model_args)
+            model.compile(optimizer=tf_backup.SyncReplicasOptimizer(
+                train.make_optimizer(cfg["optimizer"], cfg["learning_rate"])),
+                loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
+        sleeper = make_sleep_callback(keras, w, cfg.get("compute", 0.0), cfg["straggler"], cfg["seed"], global_step)
+        snaps = Snapshots()
+        model.fit(strategy.distribute_dataset(ds), epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
+                  callbacks=[sleeper, snaps] if strategy.is_chief else [sleeper])
+        if strategy.is_chief:
+            end = (time.monotonic() - snaps.start, strategy.stats()["global_step"] - snaps.base,
+                   [v.copy() for v in model.get_weights()])
+            runs.append(snaps.points + [end])
+    if not strategy.is_chief:
+        return None
+    test, _ = data.load("mnist1d", split="test", batch_size=500)
+    evaluator = models.build(cfg["model"]["kind"], info.input_shape, info.num_classes, seed=cfg["seed"], **model_args)
+    evaluator.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
+    out = []
+    for points in runs:
+        curve = []
+        for seconds, step, weights in points:
+            evaluator.set_weights(weights)
+            curve.append((seconds, step, float(evaluator.evaluate(test, verbose=0, return_dict=True)["accuracy"])))
+        out.append(curve)
+    return {"runs": out}

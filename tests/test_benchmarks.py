@@ -1,0 +1,75 @@
+"""Smoke test of `python -m benchmarks.run`: the quick mode's smallest case, numbers checked.
+
+Not a timed test: it asserts that the tables are complete and the figures are sane numbers,
+never how fast anything ran.
+"""
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_csv(path):
+    with open(path) as f:
+        lines = [l for l in f if not l.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+def test_simulated_protocol_matches_order_statistic_without_backups_and_never_beats_it():
+    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+
+    model = stragglers.parse("pareto:1.5:0.05", seed=3)
+    for b in (0, 1, 2):
+        pub = workloads.simulate_protocol(model.delay, 4, 4 + b, 0.1, 5, 60)
+        replay = np.array([pub[s] - pub[s - 1] for s in range(6, 65)])
+        ideal = stragglers.ideal_step_times(0.1 + model.delays(4 + b, 65)[6:65], 4)
+        if b == 0:  # everyone waits for everyone: the replay is the order statistic
+            np.testing.assert_allclose(replay, ideal, rtol=1e-12)
+        else:  # stragglers that are not cancelled can only make steps later
+            assert replay.mean() >= ideal.mean() - 1e-12
+
+
+def test_mlp_sizes():
+    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    for target in (1e4, 1e5, 1e6):
+        assert abs(workloads.mlp_params(workloads.hidden_for_params(target)) / target - 1) < 0.02
+
+
+@pytest.mark.cluster
+def test_smoke_quick_mode_smallest_case(tmp_path):
+    out = tmp_path / "results"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", f"--out_dir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_csv(out / "tradeoff.csv")
+    assert [(r["b"], r["workers"]) for r in rows] == [("1", "5")] * 3  # 3 runs of N = 4, b = 1
+    for r in rows:
+        ratio, replay_ratio = float(r["ratio_mean"]), float(r["ratio_replay_mean"])
+        assert math.isfinite(ratio) and ratio > 0
+        assert math.isfinite(replay_ratio) and replay_ratio > 0
+        # The ideal ignores all overhead; a step can be neither faster than it nor absurdly slower.
+        assert float(r["ideal_mean_s"]) <= float(r["replay_mean_s"]) + 1e-9
+        assert 0.1 <= float(r["ideal_mean_s"]) < float(r["mean_s"]) * 1.05
+        assert float(r["mean_s"]) < 20 * float(r["ideal_mean_s"])
+        assert int(r["steps"]) == 6
+    rows = read_csv(out / "overhead.csv")
+    assert sorted((r["system"], r["workers"], r["parameters"], r["rep"]) for r in rows) == sorted(
+        (system, "2", "9943", str(rep)) for system in ("mwms", "tf_backup") for rep in (1, 2, 3))
+    for r in rows:
+        assert 0 < float(r["mean_step_s"]) < 5 and int(r["steps"]) == 12  # 15 batches: 14 gaps less the first and last
+    md = (out / "overhead.md").read_text()
+    assert "| 2 | 9,943 |" in md and "3/3, 3/3" in md and "Failed runs: none." in md
+    ratio = float(md.split("| 2 | 9,943 |")[1].split("|")[3])
+    assert math.isfinite(ratio) and ratio > 0
+    md = (out / "tradeoff.md").read_text()
+    assert "- command: `python -m benchmarks.run --smoke" in md and "- machine: " in md and "- date: " in md
+    assert "| 1 | 5 |" in md and "3/3" in md and "Failed runs: none." in md
