@@ -249,3 +249,41 @@ def fail_on_worker_1():
 
 def sleep_forever():
     time.sleep(600)
+
+
+def train_regression_on_local_devices(steps: int, local_devices: int, inner: str = "sgd"):
+    """Each worker runs `local_devices` logical CPU replicas on host batches of BATCH * local_devices.
+
+    Worker w reads host batches w, w + W, ...; step k of the whole cluster therefore reads
+    rows [k * R, (k + 1) * R) with R = W * BATCH * local_devices, whatever W and local_devices
+    are: 2 workers x 2 devices and 4 workers x 1 device see the same rows per step.
+    """
+    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.local_devices.set_logical_cpus(local_devices)  # before TensorFlow initializes
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    host_batch = BATCH * local_devices
+    x, y = regression_data(steps * strategy.num_workers * local_devices)
+    with strategy.scope():
+        model = _regression_model(keras)
+        optimizer = tf_backup.SyncReplicasOptimizer(
+            {"sgd": lambda: keras.optimizers.SGD(0.1), "adam": lambda: keras.optimizers.Adam(0.05)}[inner]())
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
+    history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    result = {
+        "worker": strategy.worker_index,
+        "num_replicas_in_sync": strategy.num_replicas_in_sync,
+        "weights": [v.numpy() for v in model.trainable_variables],
+        # Every device's copy of every variable: the in-host replicas must agree.
+        "per_device": [[np.asarray(c) for c in strategy.experimental_local_results(v.value)]
+                       for v in model.trainable_variables],
+        "history": history.history,
+        "stats": strategy.stats(),
+    }
+    if strategy.is_chief:
+        result["contributions"] = [r.contributions for r in strategy.step_history()]
+    return result

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_backup import local_devices
 from tf_backup import protocol
 from tf_backup import strategy as strategy_lib
 
@@ -299,6 +300,10 @@ class _Binding:
     def apply(self, grads: List, variables: List) -> None:
         """The graph part of one step on this worker: push, wait, pull, assign."""
         layout = self.layout
+        replica_ctx = local_devices.several_replicas()
+        if replica_ctx is not None:  # one contribution per host: reduce, then push once
+            return local_devices.apply_once_per_host(
+                replica_ctx, self.apply, grads, variables, layout.shapes, layout.dtypes)
         keys = [self._optimizer._var_key(v) for v in variables]  # pylint: disable=protected-access
         if keys != self._keys:
             raise ValueError(
