@@ -287,3 +287,51 @@ def train_regression_on_local_devices(steps: int, local_devices: int, inner: str
     if strategy.is_chief:
         result["contributions"] = [r.contributions for r in strategy.step_history()]
     return result
+
+
+def mlp_regression_model(keras):
+    """Variables of 192, 64, 512, 8, 8 and 1 elements: something to spread over ps tasks."""
+    return keras.Sequential([
+        keras.Input((FEATURES,)),
+        keras.layers.Dense(64, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(1)),
+        keras.layers.Dense(8, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(2)),
+        keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(3)),
+    ])
+
+
+def train_on_several_ps(steps: int):
+    """Trains `mlp_regression_model`; reports what each ps task holds of the parameters."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from tf_backup import accumulators, protocol  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    x, y = regression_data(steps * strategy.num_workers)
+    with strategy.scope():
+        model = mlp_regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                      jit_compile=False)
+    initial = [v.numpy() for v in model.trainable_variables]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    state = strategy.extended.bindings[-1].state
+    ps = strategy.extended.cluster.ps
+    # Look each shard up by name on every ps task, through fresh handles: where does it live?
+    held = {}
+    for s in range(len(state.params)):
+        for t, task in enumerate(ps):
+            var = accumulators.SharedVariable(f"{state.prefix}/params/{s}", state.layout.dtype, [None],
+                                              protocol.endpoint(task))
+            if var.is_initialized():
+                held.setdefault(t, {})[s] = var.read()
+    layout = state.layout
+    return {
+        "worker": strategy.worker_index,
+        "initial": initial,
+        "weights": [v.numpy() for v in model.trainable_variables],
+        "sizes": layout.sizes,
+        "shards": layout.shards,
+        "held": held,
+        "stats": strategy.stats(),
+    }
