@@ -29,11 +29,18 @@ def resolve_devices(devices: Optional[Sequence[str]]) -> Tuple[str, ...]:
         with `tf.config.set_logical_device_configuration`).
 
     Raises:
+      NotImplementedError: `devices` is None on a host with TPU devices.
       TypeError: `devices` is not a list of strings.
       ValueError: `devices` is empty, has duplicates, names a remote device
         (a job) or a device this process does not have.
     """
     if devices is None:
+        if tf.config.list_physical_devices("TPU"):
+            raise NotImplementedError(
+                "This host has TPU devices: a tf_backup worker runs its replicas on local GPUs or "
+                "CPUs. Replicating over TPU cores (TPUStrategy-style, with the push to the ps outside "
+                "the XLA step) is not implemented yet; see the README's `TPU pods` section. Pass "
+                "`devices=['/device:CPU:0']` to train on the host's CPU.")
         gpus = tf.config.list_logical_devices("GPU")
         found = gpus or tf.config.list_logical_devices("CPU")
         return tuple(_short(d.name) for d in found)

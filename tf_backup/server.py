@@ -9,6 +9,7 @@ from tf_backup import accumulators
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup import protocol
+from tf_backup import topology
 
 
 def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
@@ -78,7 +79,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
     """
     if cluster_resolver is None:
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    info = cluster_lib.cluster_info_from_resolver(cluster_resolver)
+    info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
     if info.task.job != cluster_lib.PS_JOB:
         raise ValueError(
             f"`tf_backup.serve()` runs ps tasks; this process is {info.task}. Workers build a "

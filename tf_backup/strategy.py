@@ -14,6 +14,7 @@ from tf_backup import _tf_internal
 from tf_backup import cluster as cluster_lib
 from tf_backup import local_devices
 from tf_backup import protocol
+from tf_backup import topology
 
 # Every strategy of this process, so a launcher can shut them down before os._exit.
 _LIVE = weakref.WeakSet()
@@ -287,7 +288,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             )
         if cluster_resolver is None:
             cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        info = cluster_lib.cluster_info_from_resolver(cluster_resolver)
+        info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
         if info.task.job == cluster_lib.PS_JOB:
             raise ValueError(
                 f"This process is the ps task {info.task}: ps tasks run `tf_backup.serve()`, "
