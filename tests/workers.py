@@ -361,3 +361,47 @@ def train_regression_tpu_resolver(steps: int):
     model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
     return {"worker": strategy.worker_index, "weights": [v.numpy() for v in model.trainable_variables],
             "stats": strategy.stats(), "tpu_cores": topology.tpu_topology(resolver).replicas_per_worker}
+
+
+VOCAB = 400
+TOKENS = 4
+
+
+def embedding_data(num_rows: int, seed: int = 0):
+    """Token sequences whose target is a fixed per-token score summed over the sequence."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, VOCAB, size=(num_rows, TOKENS)).astype(np.int32)
+    score = rng.normal(size=VOCAB).astype(np.float32)
+    return x, score[x].sum(axis=1, keepdims=True).astype(np.float32)
+
+
+def embedding_model(keras):
+    return keras.Sequential([
+        keras.Input((TOKENS,), dtype="int32"),
+        keras.layers.Embedding(VOCAB, 3, embeddings_initializer=keras.initializers.RandomNormal(seed=4)),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(5)),
+    ])
+
+
+def train_embedding(steps: int, local_devices: int = 1):
+    """An Embedding model (IndexedSlices gradients) through model.fit; host batch BATCH * local_devices."""
+    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.local_devices.set_logical_cpus(local_devices)
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    host_batch = BATCH * local_devices
+    x, y = embedding_data(steps * strategy.num_workers * host_batch)
+    with strategy.scope():
+        model = embedding_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.5)), loss="mse",
+                      jit_compile=False)
+    initial = [v.numpy() for v in model.trainable_variables]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
+    history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    return {"worker": strategy.worker_index, "initial": initial,
+            "weights": [v.numpy() for v in model.trainable_variables],
+            "loss": history.history["loss"], "stats": strategy.stats()}
