@@ -53,3 +53,15 @@ def test_shared_by_name_across_endpoints_and_rejects_bad_rows(server, where):
         accumulators.SparseConditionalAccumulator("s/acc3", tf.int32, [10], 1, where)
     with pytest.raises(ValueError, match="shape="):
         accumulators.SparseConditionalAccumulator("s/acc4", tf.float32, [None, 3], 1, where)
+
+
+def test_embedding_tables_are_found_and_placed_by_size():
+    import keras  # pylint: disable=g-import-not-at-top
+    from tf_backup import sparse  # pylint: disable=g-import-not-at-top
+
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(1000, 8),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
+    dense_ids, sparse_ids = sparse.split(model.trainable_variables)
+    assert sparse_ids == [0] and dense_ids == [1, 2]
+    # Tables go largest first to the least loaded ps task, counting the dense shards' loads.
+    assert sparse._placement([8000, 300, 5000], loads=[100, 0]) == [1, 0, 0]  # pylint: disable=protected-access

@@ -384,7 +384,7 @@ def embedding_model(keras):
     ])
 
 
-def train_embedding(steps: int, local_devices: int = 1):
+def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int = 0, slow_worker: int = -1):
     """An Embedding model (IndexedSlices gradients) through model.fit; host batch BATCH * local_devices."""
     import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
     tf_backup.local_devices.set_logical_cpus(local_devices)
@@ -392,7 +392,7 @@ def train_embedding(steps: int, local_devices: int = 1):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
-    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=num_backup_workers, step_timeout=120.0)
     host_batch = BATCH * local_devices
     x, y = embedding_data(steps * strategy.num_workers * host_batch)
     with strategy.scope():
@@ -401,7 +401,16 @@ def train_embedding(steps: int, local_devices: int = 1):
                       jit_compile=False)
     initial = [v.numpy() for v in model.trainable_variables]
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
-    history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    callbacks = []
+    if strategy.worker_index == slow_worker:
+        callbacks.append(WaitUntilStale(strategy, 0.2, last_step=steps).callback)
+    history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
+                        callbacks=callbacks)
+    sparse = model.optimizer._sparse  # pylint: disable=protected-access
     return {"worker": strategy.worker_index, "initial": initial,
             "weights": [v.numpy() for v in model.trainable_variables],
-            "loss": history.history["loss"], "stats": strategy.stats()}
+            "loss": history.history["loss"], "stats": strategy.stats(),
+            # What goes through the dense flat shards, and which tables go by rows.
+            "dense_elements": sum(strategy.extended.bindings[-1].layout.shard_sizes),
+            "sparse_tables": None if sparse is None else [t.shape for t in sparse.tables],
+            "master": None if not strategy.is_chief else [v.numpy() for v in model.optimizer.master_variables]}

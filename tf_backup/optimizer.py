@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tf_backup import local_devices
 from tf_backup import protocol
+from tf_backup import sparse
 from tf_backup import strategy as strategy_lib
 
 # Keywords of keras.optimizers.Optimizer that belong to the inner optimizer.
@@ -121,13 +122,19 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         self.replicas_to_aggregate = replicas_to_aggregate
         self.total_num_replicas = total_num_replicas
         self._binding = None
+        self._sparse = None  # sparse.SparseBinding of the Embedding tables, if any
 
     # -- Keras optimizer interface ---------------------------------------------------
 
     def build(self, var_list):
         strategy = tf.distribute.get_strategy()
         if isinstance(strategy, strategy_lib.BackupWorkerStrategy):
-            self._binding = _Binding(self, strategy, list(var_list))
+            var_list = list(var_list)
+            dense_ids, sparse_ids = sparse.split(var_list)  # Embedding tables go by rows
+            self._binding = _Binding(self, strategy, [var_list[i] for i in dense_ids])
+            if sparse_ids:
+                self._sparse = sparse.SparseBinding(self, strategy, self._binding, var_list, dense_ids,
+                                                    sparse_ids)
         else:
             # Built outside a BackupWorkerStrategy (e.g. by keras.models.load_model):
             # the optimizer holds its state but cannot train.
@@ -145,6 +152,8 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
             )
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
+        if self._sparse is not None:
+            return self._sparse.apply(list(grads), list(trainable_variables))
         self._binding.apply(list(grads), list(trainable_variables))
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
@@ -168,7 +177,11 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         """Called by Keras when `fit` ends: ends the round, pulls the final weights."""
         if self._binding is not None:
+            if self._sparse is not None:
+                var_list = [list(var_list)[i] for i in self._sparse.dense_ids]
             self._binding.end_round(list(var_list))
+            if self._sparse is not None:
+                self._sparse.end_round()
 
     def get_config(self):
         # Not super().get_config(): the base keywords belong to the inner optimizer.
@@ -192,7 +205,16 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
     @property
     def master_variables(self) -> Optional[List]:
         """The chief's master copy of the trained variables (None elsewhere)."""
-        return None if self._binding is None else self._binding.master
+        if self._binding is None or self._binding.master is None:
+            return None
+        if self._sparse is None:
+            return self._binding.master
+        out = [None] * self._sparse.num_vars
+        for i, m in zip(self._sparse.dense_ids, self._binding.master):
+            out[i] = m
+        for i, m in zip(self._sparse.sparse_ids, self._sparse.master):
+            out[i] = m
+        return out
 
 
 class _Binding:
