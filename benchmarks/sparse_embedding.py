@@ -4,10 +4,10 @@ Two measurements, for each --vocab size (an Embedding of --dim columns):
 
 1. `model.fit` on a localhost cluster (1 ps, 2 workers, b = 0) of an Embedding
    -> average pooling -> Dense model, batch 64 x 8 tokens (at most 512 rows of
-   the table touched per worker per step). Today's protocol densifies the
-   IndexedSlices gradient at the push and pulls the whole published copy, so
-   the step time and the processes' memory grow with the vocabulary. Reported:
-   chief ms/step (after 5 warm-up steps) and the chief's peak RSS.
+   the table touched per worker per step), through the sparse path (rows
+   pushed, applied, published and pulled) and, for comparison, with the table
+   densified into the flat shards (`tf_backup.sparse.ENABLED = False`).
+   Reported: chief ms/step (after 5 warm-up steps) and the chief's peak RSS.
 2. `accumulators.SparseConditionalAccumulator` on an in-process server: 2 pushes
    of 512 rows each + 1 take, what one step of a sparse push costs; it should
    not depend on the vocabulary.
@@ -37,10 +37,13 @@ WARMUP = 5
 BATCH, TOKENS = 64, 8
 
 
-def worker(vocab: int, dim: int, steps: int):
+def worker(vocab: int, dim: int, steps: int, sparse_path: bool):
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
+    from tf_backup import sparse  # pylint: disable=g-import-not-at-top
+
+    sparse.ENABLED = sparse_path
 
     strategy = tf_backup.BackupWorkerStrategy(step_timeout=600.0)
     rng = np.random.default_rng(strategy.worker_index)
@@ -87,24 +90,27 @@ def main(argv):
 
     vocabs = [int(v) for v in _VOCAB.value]
     load_before = os.getloadavg()
-    fit = {v: [] for v in vocabs}
-    rss = {v: [] for v in vocabs}
+    modes = (True, False)
+    fit = {(v, m): [] for v in vocabs for m in modes}
+    rss = {(v, m): [] for v in vocabs for m in modes}
     push = {v: [] for v in vocabs}
     for run in range(_RUNS.value):
         for v in vocabs:
             push[v].append(sparse_push_take_ms(v, _DIM.value))
-            try:
-                out = tf_backup.launch_local(worker, 2, args=(v, _DIM.value, _STEPS.value), timeout=900)
-            except tf_backup.LocalClusterError as e:
-                print(f"run failed: {str(e).splitlines()[0]}", flush=True)
-                continue
-            fit[v].append(out[0]["ms_per_step"])
-            rss[v].append(out[0]["peak_rss_mb"])
-            print(f"run {run + 1}: vocab {v}: fit {fit[v][-1]:.1f} ms/step, chief peak RSS {rss[v][-1]:.0f} MB, "
-                  f"sparse push+take {push[v][-1]:.2f} ms", flush=True)
-    rows = [[f"{v:,}", f"{v * _DIM.value * 4 / 2**20:.1f}", common.median_range(fit[v], "{:.1f}"),
-             common.median_range(rss[v], "{:.0f}"), common.median_range(push[v], "{:.2f}"),
-             f"{len(fit[v])}/{_RUNS.value}"] for v in vocabs]
+            for m in modes:
+                try:
+                    out = tf_backup.launch_local(worker, 2, args=(v, _DIM.value, _STEPS.value, m), timeout=900)
+                except tf_backup.LocalClusterError as e:
+                    print(f"run failed: {str(e).splitlines()[0]}", flush=True)
+                    continue
+                fit[v, m].append(out[0]["ms_per_step"])
+                rss[v, m].append(out[0]["peak_rss_mb"])
+                print(f"run {run + 1}: vocab {v} {'sparse' if m else 'densified'}: {fit[v, m][-1]:.1f} ms/step, "
+                      f"chief peak RSS {rss[v, m][-1]:.0f} MB", flush=True)
+    rows = [[f"{v:,}", f"{v * _DIM.value * 4 / 2**20:.1f}", common.median_range(fit[v, True], "{:.1f}"),
+             common.median_range(fit[v, False], "{:.1f}"), common.median_range(rss[v, True], "{:.0f}"),
+             common.median_range(rss[v, False], "{:.0f}"), common.median_range(push[v], "{:.2f}"),
+             f"{len(fit[v, True])}+{len(fit[v, False])}/{2 * _RUNS.value}"] for v in vocabs]
     lines = common.header("Embedding gradients against vocabulary size") + [
         f"Embedding({{vocab}}, {_DIM.value}) -> average pooling -> Dense(1), SGD; batch {BATCH} x {TOKENS} "
         f"tokens (at most {BATCH * TOKENS} table rows touched per worker per step); 1 ps + 2 workers, b = 0, "
@@ -112,14 +118,14 @@ def main(argv):
         f"2 pushes of {BATCH * TOKENS} rows and one take on a `SparseConditionalAccumulator` (in-process "
         "server). Median (min–max) of the runs.",
         "",
-        "The fit column is today's path (the IndexedSlices gradient densified at the push, the whole table "
-        "pulled): it grows with the table. The last column is the sparse accumulator the sparse path is "
-        "built on: flat in the vocabulary.",
+        "`sparse`: tf_backup's path for Embedding tables (rows pushed, taken, applied, published, pulled). "
+        "`densified`: the table sent through the dense flat shards (`tf_backup.sparse.ENABLED = False`).",
         "",
         f"Load average (1 min) at start {load_before[0]:.1f}, at end {os.getloadavg()[0]:.1f}.",
         "",
-    ] + common.table(["vocab", "table MB", "fit ms/step (densified)", "chief peak RSS MB",
-                      "sparse push+take ms", "runs ok"], rows)
+    ] + common.table(["vocab", "table MB", "fit ms/step sparse", "fit ms/step densified",
+                      "chief peak RSS MB sparse", "chief peak RSS MB densified", "accumulator push+take ms",
+                      "runs ok"], rows)
     os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
     with open(_OUT.value, "w") as f:
         f.write("\n".join(lines) + "\n")

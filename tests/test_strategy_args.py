@@ -31,6 +31,8 @@ def resolver(num_workers=3, task=("worker", 0), ps_port=1):
     (dict(startup_timeout=-3), ValueError, "startup_timeout=-3"),
     (dict(chief_timeout="1"), ValueError, "chief_timeout='1'"),
     (dict(poll_interval=None), ValueError, "poll_interval=None"),
+    (dict(devices="/device:CPU:0"), TypeError, "devices='/device:CPU:0'"),
+    (dict(devices=["/device:GPU:3"]), ValueError, "which this process does not have"),
 ])
 def test_bad_arguments_name_the_argument_and_value(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -55,9 +55,13 @@ def is_embedding_table(variable) -> bool:
     return name.split("/")[-1].split(":")[0] == "embeddings" and len(variable.shape) == 2
 
 
+# False sends Embedding tables through the dense flat shards (densified), for comparisons.
+ENABLED = True
+
+
 def split(var_list: Sequence) -> Tuple[List[int], List[int]]:
     """(dense positions, sparse positions) of `var_list`."""
-    sparse = [i for i, v in enumerate(var_list) if is_embedding_table(v)]
+    sparse = [i for i, v in enumerate(var_list) if ENABLED and is_embedding_table(v)]
     return [i for i in range(len(var_list)) if i not in sparse], sparse
 
 

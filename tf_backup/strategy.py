@@ -289,6 +289,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         if cluster_resolver is None:
             cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
+        devices = local_devices.resolve_devices(devices)  # before waiting for the cluster
         if info.task.job == cluster_lib.PS_JOB:
             raise ValueError(
                 f"This process is the ps task {info.task}: ps tasks run `tf_backup.serve()`, "
@@ -313,7 +314,6 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
         # The model trains on this worker's own device; the shared state is reached
         # through graph sessions on the ps tasks (tf_backup.accumulators).
-        devices = local_devices.resolve_devices(devices)
         if len(devices) == 1:
             extended = BackupWorkerExtended(self, devices[0], info, config)
         else:
