@@ -63,14 +63,14 @@ def worker(vocab: int, dim: int, steps: int, sparse_path: bool):
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def sparse_push_take_ms(vocab: int, dim: int, repeats: int = 20) -> float:
+def sparse_push_take_ms(vocab: int, dim: int, run: int, repeats: int = 20) -> float:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
 
     server = sparse_push_take_ms.server = getattr(sparse_push_take_ms, "server", None) or \
         tf.distribute.Server.create_local_server()
     where = accumulators.endpoint(server.target, "/job:localhost/replica:0/task:0/device:CPU:0")
-    acc = accumulators.SparseConditionalAccumulator(f"bench/{vocab}", tf.float32, [vocab, dim], 2, where)
+    acc = accumulators.SparseConditionalAccumulator(f"bench/{vocab}/{run}", tf.float32, [vocab, dim], 2, where)
     rng = np.random.default_rng(0)
     times = []
     for step in range(repeats):
@@ -96,7 +96,7 @@ def main(argv):
     push = {v: [] for v in vocabs}
     for run in range(_RUNS.value):
         for v in vocabs:
-            push[v].append(sparse_push_take_ms(v, _DIM.value))
+            push[v].append(sparse_push_take_ms(v, _DIM.value, run))
             for m in modes:
                 try:
                     out = tf_backup.launch_local(worker, 2, args=(v, _DIM.value, _STEPS.value, m), timeout=900)
