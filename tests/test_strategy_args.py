@@ -37,6 +37,8 @@ def resolver(num_workers=3, task=("worker", 0), ps_port=1):
     (dict(max_steps=2.5), TypeError, "max_steps=2.5"),
     (dict(checkpoint_dir=3), TypeError, "checkpoint_dir=3"),
     (dict(checkpoint_every_steps=0), ValueError, "checkpoint_every_steps=0"),
+    (dict(devices="/device:CPU:0"), TypeError, "devices='/device:CPU:0'"),
+    (dict(devices=["/device:GPU:3"]), ValueError, "which this process does not have"),
 ])
 def test_bad_arguments_name_the_argument_and_value(kwargs, error, message):
     with pytest.raises(error, match=message):

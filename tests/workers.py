@@ -305,3 +305,174 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         result["restored_optimizer"] = restored_optimizer
         result["master"] = [v.numpy() for v in optimizer.master_variables]
     return result
+
+
+
+def train_regression_on_local_devices(steps: int, local_devices: int, inner: str = "sgd"):
+    """Each worker runs `local_devices` logical CPU replicas on host batches of BATCH * local_devices.
+
+    Worker w reads host batches w, w + W, ...; step k of the whole cluster therefore reads
+    rows [k * R, (k + 1) * R) with R = W * BATCH * local_devices, whatever W and local_devices
+    are: 2 workers x 2 devices and 4 workers x 1 device see the same rows per step.
+    """
+    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.local_devices.set_logical_cpus(local_devices)  # before TensorFlow initializes
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    host_batch = BATCH * local_devices
+    x, y = regression_data(steps * strategy.num_workers * local_devices)
+    with strategy.scope():
+        model = _regression_model(keras)
+        optimizer = tf_backup.SyncReplicasOptimizer(
+            {"sgd": lambda: keras.optimizers.SGD(0.1), "adam": lambda: keras.optimizers.Adam(0.05)}[inner]())
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
+    history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    result = {
+        "worker": strategy.worker_index,
+        "num_replicas_in_sync": strategy.num_replicas_in_sync,
+        "weights": [v.numpy() for v in model.trainable_variables],
+        # Every device's copy of every variable: the in-host replicas must agree.
+        "per_device": [[np.asarray(c) for c in strategy.experimental_local_results(v.value)]
+                       for v in model.trainable_variables],
+        "history": history.history,
+        "stats": strategy.stats(),
+    }
+    if strategy.is_chief:
+        result["contributions"] = [r.contributions for r in strategy.step_history()]
+    return result
+
+
+def mlp_regression_model(keras):
+    """Variables of 192, 64, 512, 8, 8 and 1 elements: something to spread over ps tasks."""
+    return keras.Sequential([
+        keras.Input((FEATURES,)),
+        keras.layers.Dense(64, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(1)),
+        keras.layers.Dense(8, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(2)),
+        keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(3)),
+    ])
+
+
+def train_on_several_ps(steps: int):
+    """Trains `mlp_regression_model`; reports what each ps task holds of the parameters."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from tf_backup import accumulators, protocol  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    x, y = regression_data(steps * strategy.num_workers)
+    with strategy.scope():
+        model = mlp_regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                      jit_compile=False)
+    initial = [v.numpy() for v in model.trainable_variables]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    state = strategy.extended.bindings[-1].state
+    ps = strategy.extended.cluster.ps
+    # Look each shard up by name on every ps task, through fresh handles: where does it live?
+    held = {}
+    for s in range(len(state.params)):
+        for t, task in enumerate(ps):
+            var = accumulators.SharedVariable(f"{state.prefix}/params/{s}", state.layout.dtype, [None],
+                                              protocol.endpoint(task))
+            if var.is_initialized():
+                held.setdefault(t, {})[s] = var.read()
+    layout = state.layout
+    return {
+        "worker": strategy.worker_index,
+        "initial": initial,
+        "weights": [v.numpy() for v in model.trainable_variables],
+        "sizes": layout.sizes,
+        "shards": layout.shards,
+        "held": held,
+        "stats": strategy.stats(),
+    }
+
+
+def train_regression_tpu_resolver(steps: int):
+    """Builds the strategy from a TPU-like resolver (TPU hosts = this cluster's workers) + ps."""
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from tf_backup import topology  # pylint: disable=g-import-not-at-top
+
+    config = json.loads(os.environ["TF_CONFIG"])
+    tpu_like = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": config["cluster"]["worker"]}), task_type="worker",
+        task_id=config["task"]["index"], num_accelerators={"TPU": 8})
+    resolver = topology.with_ps(tpu_like, ps=config["cluster"]["ps"])
+    strategy = tf_backup.BackupWorkerStrategy(cluster_resolver=resolver, step_timeout=120.0)
+    x, y = regression_data(steps * strategy.num_workers)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                      jit_compile=False)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    return {"worker": strategy.worker_index, "weights": [v.numpy() for v in model.trainable_variables],
+            "stats": strategy.stats(), "tpu_cores": topology.tpu_topology(resolver).replicas_per_worker}
+
+
+VOCAB = 400
+TOKENS = 4
+
+
+def embedding_data(num_rows: int, seed: int = 0):
+    """Token sequences whose target is a fixed per-token score summed over the sequence."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, VOCAB, size=(num_rows, TOKENS)).astype(np.int32)
+    score = rng.normal(size=VOCAB).astype(np.float32)
+    return x, score[x].sum(axis=1, keepdims=True).astype(np.float32)
+
+
+def embedding_model(keras):
+    return keras.Sequential([
+        keras.Input((TOKENS,), dtype="int32"),
+        keras.layers.Embedding(VOCAB, 3, embeddings_initializer=keras.initializers.RandomNormal(seed=4)),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(5)),
+    ])
+
+
+def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int = 0, slow_worker: int = -1,
+                    checkpoint_dir=None):
+    """An Embedding model (IndexedSlices gradients) through model.fit; host batch BATCH * local_devices."""
+    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.local_devices.set_logical_cpus(local_devices)
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=num_backup_workers, step_timeout=120.0,
+                                              checkpoint_dir=checkpoint_dir)
+    host_batch = BATCH * local_devices
+    x, y = embedding_data(steps * strategy.num_workers * host_batch)
+    with strategy.scope():
+        model = embedding_model(keras)
+        inner = keras.optimizers.SGD(0.5, momentum=0.5 if checkpoint_dir else 0.0)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(inner), loss="mse", jit_compile=False)
+        if checkpoint_dir:
+            model.optimizer.build(model.trainable_variables)  # restores the checkpoint
+    initial = [v.numpy() for v in model.trainable_variables]
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
+    callbacks = []
+    if strategy.worker_index == slow_worker:
+        callbacks.append(WaitUntilStale(strategy, 0.2, last_step=steps).callback)
+    history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
+                        callbacks=callbacks)
+    sparse = model.optimizer._sparse  # pylint: disable=protected-access
+    return {"worker": strategy.worker_index, "initial": initial,
+            "weights": [v.numpy() for v in model.trainable_variables],
+            "loss": history.history["loss"], "stats": strategy.stats(),
+            # What goes through the dense flat shards, and which tables go by rows.
+            "dense_elements": sum(strategy.extended.bindings[-1].layout.shard_sizes),
+            "sparse_tables": None if sparse is None else [t.shape for t in sparse.tables],
+            "master": None if not strategy.is_chief else [v.numpy() for v in model.optimizer.master_variables],
+            "initial_step": strategy.initial_step}

@@ -6,10 +6,12 @@ supported TensorFlow versions are declared in `setup.py`.
 
 # pylint: disable=g-direct-tensorflow-import,unused-import
 from tensorflow.python.distribute import distribute_lib
+from tensorflow.python.distribute import mirrored_strategy
 from tensorflow.python.distribute import one_device_strategy
 
 Strategy = distribute_lib.Strategy
 OneDeviceExtended = one_device_strategy.OneDeviceExtended
+MirroredExtended = mirrored_strategy.MirroredExtended
 from tensorflow.python.distribute import input_util
 
 get_distributed_datasets_from_function = input_util.get_distributed_datasets_from_function

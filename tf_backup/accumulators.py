@@ -246,3 +246,115 @@ class ConditionalAccumulator:
     def set_global_step(self, step: int) -> None:
         """Sets the accumulator's global step (it never moves backwards)."""
         self._run("set_step", {self._ops["step"]: int(step)})
+
+
+class SparseConditionalAccumulator:
+    """A `SparseConditionalAccumulator` on a task for `IndexedSlices` gradients, by `shared_name`.
+
+    TensorFlow has no resource variant of the sparse accumulator (TF 2.21's raw ops
+    are `SparseConditionalAccumulator`, `SparseAccumulatorApplyGradient`,
+    `SparseAccumulatorTakeGradient`, with a ref-typed handle). Ref-typed ops
+    still run in the graphs of our `Endpoint` sessions, and like the dense
+    accumulator the sparse one lives in the task's resource manager under its
+    shared name with no deleter. Pushes carry only the rows of the gradient
+    (indices and values): nothing is densified on the way.
+
+    Counting: the kernel's "MEAN" divides each row by the number of gradients
+    that touched *that row*, not by the number of gradients, which is not the
+    average large-batch SGD needs. So the accumulator SUMs, and its table has
+    `num_workers` extra rows after the `num_rows` real ones: a worker's push adds
+    a row of ones at `num_rows + worker`, so a take says which workers it holds
+    (as the dense accumulators' one-hot slots do).
+
+    Args:
+      shared_name: the name every process uses to reach this accumulator.
+      dtype: tf.float16, tf.float32 or tf.float64.
+      shape: the variable's shape `[num_rows, ...]`.
+      num_workers: workers that push (extra count rows).
+      where: the `Endpoint` of the task (a CPU device) that holds it.
+    """
+
+    def __init__(self, shared_name: str, dtype, shape, num_workers: int, where: Endpoint):
+        dtype = tf.as_dtype(dtype)
+        if dtype not in (tf.float16, tf.float32, tf.float64):
+            raise TypeError(
+                "SparseConditionalAccumulator kernels exist for float16, float32 and "
+                f"float64. Received dtype={dtype.name}")
+        shape = tf.TensorShape(shape)
+        if shape.rank is None or shape.rank < 1 or not shape.is_fully_defined():
+            raise ValueError(f"`shape` must be a known shape of rank >= 1. Received shape={shape}")
+        self.shared_name = shared_name
+        self.dtype = dtype
+        self.num_rows = int(shape[0])
+        self.row_shape = [int(d) for d in shape[1:]]
+        self.num_workers = num_workers
+        self.endpoint = where
+        self._np_dtype = dtype.as_numpy_dtype
+        full = [self.num_rows + num_workers] + self.row_shape
+
+        def ops():
+            handle = tf.raw_ops.SparseConditionalAccumulator(
+                dtype=dtype, shape=full, shared_name=shared_name, container="", reduction_type="SUM")
+            indices = tf.compat.v1.placeholder(tf.int64, [None])
+            values = tf.compat.v1.placeholder(dtype, [None] + self.row_shape)
+            step = tf.compat.v1.placeholder(tf.int64, [])
+            required = tf.compat.v1.placeholder(tf.int32, [])
+            take = tf.raw_ops.SparseAccumulatorTakeGradient(handle=handle, num_required=required, dtype=dtype)
+            return dict(
+                indices=indices, values=values, step=step, required=required,
+                apply=tf.raw_ops.SparseAccumulatorApplyGradient(
+                    handle=handle, local_step=step, gradient_indices=indices, gradient_values=values,
+                    gradient_shape=tf.constant(full, tf.int64), has_known_shape=True),
+                count=tf.raw_ops.AccumulatorNumAccumulated(handle=handle),
+                take=(take.indices, take.values),
+                set_step=tf.raw_ops.AccumulatorSetGlobalStep(handle=handle, new_global_step=step),
+            )
+
+        self._ops = where.build(ops)
+
+    def _run(self, name, feed=None):
+        return self.endpoint.run(self._ops[name], feed, what=f"{name} of accumulator `{self.shared_name}`",
+                                 on_duplicate={"apply": "done", "take": "raise"}.get(name, "retry"))
+
+    def apply_grad(self, indices, values, local_step: int, worker: int) -> None:
+        """Adds the rows `values` at `indices` (duplicates are summed) unless stale.
+
+        Raises:
+          ValueError: an index is outside the variable's rows.
+        """
+        indices = np.asarray(indices, np.int64).reshape([-1])
+        values = np.asarray(values, self._np_dtype).reshape([len(indices)] + self.row_shape)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.num_rows):
+            raise ValueError(
+                f"Gradient rows of `{self.shared_name}` must be in [0, {self.num_rows}). "
+                f"Received indices in [{indices.min()}, {indices.max()}]")
+        # The kernel merges rows across pushes but not inside one: sum duplicates here
+        # (an Embedding's gradient repeats the row of every repeated token).
+        indices, inverse = np.unique(indices, return_inverse=True)
+        summed = np.zeros([len(indices)] + self.row_shape, self._np_dtype)
+        np.add.at(summed, inverse.reshape([-1]), values)
+        values = summed
+        count_row = np.ones([1] + self.row_shape, self._np_dtype)
+        self._run("apply", {self._ops["indices"]: np.append(indices, self.num_rows + worker),
+                            self._ops["values"]: np.concatenate([values, count_row]),
+                            self._ops["step"]: int(local_step)})
+
+    def num_accumulated(self) -> int:
+        return int(self._run("count"))
+
+    def take_grad(self, num_required: int):
+        """(indices, summed rows, per-worker counts); advances the accumulator's step.
+
+        Rows appear once each, sorted; only rows some gradient touched.
+        """
+        indices, values = self._run("take", {self._ops["required"]: int(num_required)})
+        real = indices < self.num_rows
+        counts = np.zeros([self.num_workers], np.int64)
+        for i, v in zip(indices[~real], values[~real]):
+            counts[int(i) - self.num_rows] = int(np.rint(np.ravel(v)[0]))
+        order = np.argsort(indices[real], kind="stable")
+        return indices[real][order], values[real][order], counts
+
+    def set_global_step(self, step: int) -> None:
+        """Sets the accumulator's global step (it never moves backwards)."""
+        self._run("set_step", {self._ops["step"]: int(step)})

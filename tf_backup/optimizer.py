@@ -9,7 +9,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_backup import local_devices
 from tf_backup import protocol
+from tf_backup import sparse
 from tf_backup import strategy as strategy_lib
 
 # Keywords of keras.optimizers.Optimizer that belong to the inner optimizer.
@@ -122,13 +124,19 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         self.replicas_to_aggregate = replicas_to_aggregate
         self.total_num_replicas = total_num_replicas
         self._binding = None
+        self._sparse = None  # sparse.SparseBinding of the Embedding tables, if any
 
     # -- Keras optimizer interface ---------------------------------------------------
 
     def build(self, var_list):
         strategy = tf.distribute.get_strategy()
         if isinstance(strategy, strategy_lib.BackupWorkerStrategy):
-            self._binding = _Binding(self, strategy, list(var_list))
+            var_list = list(var_list)
+            dense_ids, sparse_ids = sparse.split(var_list)  # Embedding tables go by rows
+            self._binding = _Binding(self, strategy, [var_list[i] for i in dense_ids])
+            if sparse_ids:
+                self._sparse = sparse.SparseBinding(self, strategy, self._binding, var_list, dense_ids,
+                                                    sparse_ids)
         else:
             # Built outside a BackupWorkerStrategy (e.g. by keras.models.load_model):
             # the optimizer holds its state but cannot train.
@@ -146,6 +154,8 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
             )
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
+        if self._sparse is not None:
+            return self._sparse.apply(list(grads), list(trainable_variables))
         self._binding.apply(list(grads), list(trainable_variables))
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
@@ -169,7 +179,11 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         """Called by Keras when `fit` ends: ends the round, pulls the final weights."""
         if self._binding is not None:
+            if self._sparse is not None:
+                var_list = [list(var_list)[i] for i in self._sparse.dense_ids]
             self._binding.end_round(list(var_list))
+            if self._sparse is not None:
+                self._sparse.end_round()
 
     def get_config(self):
         # Not super().get_config(): the base keywords belong to the inner optimizer.
@@ -193,7 +207,16 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
     @property
     def master_variables(self) -> Optional[List]:
         """The chief's master copy of the trained variables (None elsewhere)."""
-        return None if self._binding is None else self._binding.master
+        if self._binding is None or self._binding.master is None:
+            return None
+        if self._sparse is None:
+            return self._binding.master
+        out = [None] * self._sparse.num_vars
+        for i, m in zip(self._sparse.dense_ids, self._binding.master):
+            out[i] = m
+        for i, m in zip(self._sparse.sparse_ids, self._sparse.master):
+            out[i] = m
+        return out
 
 
 class _Checkpoint:
@@ -208,14 +231,31 @@ class _Checkpoint:
         self.directory = directory
         self.every_steps = every_steps
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        self._ckpt = tf.train.Checkpoint(master=list(master), optimizer=list(inner.variables),
-                                         global_step=self._step)
-        self._manager = tf.train.CheckpointManager(self._ckpt, directory, max_to_keep=3)
+        self._objects = {"master": list(master), "optimizer": list(inner.variables),
+                         "global_step": self._step}
+        self._make()
         self.saved_step = None
+
+    def _make(self) -> None:
+        self._ckpt = tf.train.Checkpoint(**self._objects)
+        self._manager = tf.train.CheckpointManager(self._ckpt, self.directory, max_to_keep=3)
+
+    def add(self, **variables) -> int:
+        """Adds more state (lists of variables, by name) before the first save.
+
+        Restores the latest checkpoint again, now with the added state, and
+        returns its global step (the Embedding tables of `tf_backup.sparse`).
+        """
+        if self.saved_step is not None and self.saved_step != self.restored_step:
+            raise ValueError("State can only be added to a checkpoint before its first save.")
+        self._objects.update({name: list(value) for name, value in variables.items()})
+        self._make()
+        return self.restore()
 
     def restore(self) -> int:
         """Restores the latest checkpoint, if any; returns its global step (0: none)."""
         path = self._manager.latest_checkpoint
+        self.restored_step = 0
         if path is None:
             return 0
         try:
@@ -225,7 +265,7 @@ class _Checkpoint:
                 f"The checkpoint {path} does not match this model and optimizer (was "
                 f"`checkpoint_dir` used by another job?): {e}".splitlines()[0]
             ) from e
-        self.saved_step = int(self._step.numpy())
+        self.saved_step = self.restored_step = int(self._step.numpy())
         logging.info("tf_backup: restored %s at global step %d", path, self.saved_step)
         return self.saved_step
 
@@ -365,6 +405,10 @@ class _Binding:
     def apply(self, grads: List, variables: List) -> None:
         """The graph part of one step on this worker: push, wait, pull, assign."""
         layout = self.layout
+        replica_ctx = local_devices.several_replicas()
+        if replica_ctx is not None:  # one contribution per host: reduce, then push once
+            return local_devices.apply_once_per_host(
+                replica_ctx, self.apply, grads, variables, layout.shapes, layout.dtypes)
         keys = [self._optimizer._var_key(v) for v in variables]  # pylint: disable=protected-access
         if keys != self._keys:
             raise ValueError(

@@ -5,9 +5,11 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from tf_backup import accumulators
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup import protocol
+from tf_backup import topology
 
 
 def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
@@ -21,6 +23,25 @@ def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
             f"The ps task {info.task} could not start its server on {info.task.address} "
             f"(is the port already in use?): {e.message}"
         ) from e
+
+
+def _job_variable_of_other_ps(ps0: cluster_lib.Task, num_workers: int):
+    """The job vector as a ps task other than ps 0 reads it once the job runs.
+
+    ps 0 exits as soon as the job is done and every worker has left; a read
+    from another ps task just after would block for the endpoint's whole
+    timeout (60 s) on the vanished task, so these reads have a short deadline.
+    """
+    where = accumulators.Endpoint(ps0.target, ps0.device, timeout=5.0)
+    return accumulators.SharedVariable(protocol.Job.NAME, tf.int64, [protocol.Job.size(num_workers)], where)
+
+
+def _accepts_connections(task: cluster_lib.Task) -> bool:
+    try:
+        cluster_lib.wait_for_tasks([task], timeout=0.0)
+        return True
+    except TimeoutError:
+        return False
 
 
 def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeout: float = 120.0,
@@ -47,7 +68,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         silent or gone before the job is done, the job is lost at once.
 
     Returns:
-      A dict: `job_id`, `reason` ("done" or "chief lost") and `left`, the
+      A dict: `job_id`, `reason` ("done", "chief lost", or on a ps task other
+      than ps 0, "ps 0 exited") and `left`, the
       workers that left cleanly.
 
     A worker that never joined the job (it exited, or is not started) is not
@@ -61,7 +83,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
     """
     if cluster_resolver is None:
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    info = cluster_lib.cluster_info_from_resolver(cluster_resolver)
+    info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
     if info.task.job != cluster_lib.PS_JOB:
         raise ValueError(
             f"`tf_backup.serve()` runs ps tasks; this process is {info.task}. Workers build a "
@@ -73,13 +95,27 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
     if info.task != ps0:
         cluster_lib.wait_for_tasks([ps0], startup_timeout, waiter=f"ps task {info.task}")
     job = protocol.job_variable(ps0, info.num_workers)
+    done_job = None  # once the job runs, another ps task reads it with a short deadline
     start = time.monotonic()
     job_id, heartbeat, heartbeat_time, end_time, reason = None, None, None, None, None
     beats, beat_times = [None] * info.num_workers, [0.0] * info.num_workers
     chief = 0  # the chief is worker 0 in tf_backup order
     while True:
         now = time.monotonic()
-        values = job.read() if job.is_initialized() else None
+        if job_id is not None and info.task != ps0:
+            done_job = done_job or _job_variable_of_other_ps(ps0, info.num_workers)
+            try:
+                values = done_job.read()
+            except errors.PsUnavailableError:
+                if _accepts_connections(ps0):
+                    continue  # ps 0 is slow, not gone: keep serving
+                # ps 0 exits once the job is done and every worker has left (a later
+                # poll here may never see DONE); without ps 0 nothing can go on anyway.
+                logging.warning("tf_backup: ps task %s exits: ps task 0 %s has exited", info.task, ps0)
+                reason = reason or "ps 0 exited"
+                break
+        else:
+            values = job.read() if job.is_initialized() else None
         if values is None or not values[protocol.Job.JOB_ID] or (
                 job_id is None and values[protocol.Job.DONE]):
             # No job yet (or a previous job's finished state): wait for the chief.
@@ -110,7 +146,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
                 break
         time.sleep(poll_interval)
     missing = [str(info.workers[w]) for w in range(info.num_workers) if joined[w] and not left[w]]
-    if missing:
+    if missing and reason != "ps 0 exited":  # this task did not see the last state then
         logging.warning("tf_backup: ps task %s exits; workers that never left: %s",
                         info.task, ", ".join(missing))
     if reason == "chief lost":

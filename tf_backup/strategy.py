@@ -15,7 +15,9 @@ import tensorflow as tf
 from tf_backup import _tf_internal
 from tf_backup import accumulators
 from tf_backup import cluster as cluster_lib
+from tf_backup import local_devices
 from tf_backup import protocol
+from tf_backup import topology
 
 # Every strategy of this process, so a launcher can shut them down before os._exit.
 _LIVE = weakref.WeakSet()
@@ -75,12 +77,14 @@ class _Heartbeat(threading.Thread):
         self._stop_event.set()
 
 
-class BackupWorkerExtended(_tf_internal.OneDeviceExtended):
-    """The implementation of `BackupWorkerStrategy`.
+class _BackupWorkerMixin:
+    """The implementation of `BackupWorkerStrategy`, over a local strategy's extended.
 
-    Inside a worker it behaves as `OneDeviceStrategy` on the worker's device;
-    between workers, `SyncReplicasOptimizer` runs the protocol of
-    `tf_backup.protocol` against the shared state on the ps tasks.
+    Inside a worker it behaves as `OneDeviceStrategy` on the worker's device
+    (`BackupWorkerExtended`), or as `MirroredStrategy` over its local devices
+    (`MultiDeviceBackupWorkerExtended`); between workers, `SyncReplicasOptimizer`
+    runs the protocol of `tf_backup.protocol` against the shared state on the
+    ps tasks, one contribution per worker (host) per step.
     """
 
     def __init__(self, container_strategy, device: str, info: cluster_lib.ClusterInfo,
@@ -196,7 +200,7 @@ class BackupWorkerExtended(_tf_internal.OneDeviceExtended):
         context = tf.distribute.InputContext(
             num_input_pipelines=self.cluster.num_workers,
             input_pipeline_id=self.cluster.worker_index,
-            num_replicas_in_sync=1,
+            num_replicas_in_sync=self._num_replicas_in_sync,
         )
         return _tf_internal.get_distributed_datasets_from_function(
             dataset_fn, self._input_workers_with_options(options), [context],
@@ -212,6 +216,25 @@ class BackupWorkerExtended(_tf_internal.OneDeviceExtended):
     @property
     def should_save_summary(self):
         return self.cluster.is_chief
+
+
+class BackupWorkerExtended(_BackupWorkerMixin, _tf_internal.OneDeviceExtended):
+    """A worker with one device: `OneDeviceStrategy` inside the worker."""
+
+
+class MultiDeviceBackupWorkerExtended(_BackupWorkerMixin, _tf_internal.MirroredExtended):
+    """A worker with several local devices: `MirroredStrategy` inside the worker.
+
+    One replica per device; Keras all-reduces the gradients inside the host and
+    `SyncReplicasOptimizer` pushes one contribution per step (`tf_backup.local_devices`).
+    """
+
+    def __init__(self, container_strategy, devices, info, config, **kwargs):
+        # MirroredStrategy's class attribute: the base of its collective keys.
+        if not hasattr(container_strategy, "_collective_key_base"):
+            container_strategy._collective_key_base = 0  # pylint: disable=protected-access
+        super().__init__(container_strategy, tuple(devices), info, config, **kwargs)
+        self._device = self._devices[0]  # where the step metrics live (mirrored anyway)
 
 
 class BackupWorkerStrategy(_tf_internal.Strategy):
@@ -241,7 +264,10 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
 
     Inside one worker the strategy acts as `OneDeviceStrategy` (one replica,
     `num_replicas_in_sync == 1`): the batch a worker's dataset yields is that
-    worker's batch, and one step averages `N` of them. Give `fit` a dataset
+    worker's batch, and one step averages `N` of them. A worker with several
+    local devices acts as `MirroredStrategy` over them (`num_replicas_in_sync`
+    is their number; the worker's batch is split over them and all-reduced in
+    the host) and still makes one contribution per step. Give `fit` a dataset
     from `strategy.distribute_dataset(dataset)`, which shards it by worker.
     A dataset passed to Keras as it is (or arrays) is not sharded: each
     worker reads all of it, so `evaluate` and `predict` see the whole data.
@@ -281,6 +307,11 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
       ps_timeout: seconds one operation on a ps task may take before it fails
         with `PsUnavailableError`: how long a dead ps task goes unnoticed
         (gRPC retries a lost connection until this deadline).
+      devices: this worker's local devices, one replica each (as
+        `MirroredStrategy`); default: every local GPU, else every logical CPU
+        device. With several, `num_replicas_in_sync` is their number, the
+        batch a worker's dataset yields is split over them, and the worker
+        still makes one contribution per step (N and b count workers).
 
     Raises:
       TypeError: an argument has the wrong type.
@@ -295,7 +326,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                  startup_timeout: float = 300.0, chief_timeout: float = 120.0,
                  poll_interval: float = 0.01, worker_timeout: float = 30.0,
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
-                 checkpoint_every_steps: int = 100, ps_timeout: float = 60.0):
+                 checkpoint_every_steps: int = 100, ps_timeout: float = 60.0,
+                 devices=None):
         num_backup_workers = _check_count("num_backup_workers", num_backup_workers, 0)
         if not isinstance(asynchronous, bool):
             raise TypeError(f"`asynchronous` must be a bool. Received asynchronous={asynchronous!r}")
@@ -317,7 +349,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             )
         if cluster_resolver is None:
             cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        info = cluster_lib.cluster_info_from_resolver(cluster_resolver)
+        info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
+        devices = local_devices.resolve_devices(devices)  # before waiting for the cluster
         if info.task.job == cluster_lib.PS_JOB:
             raise ValueError(
                 f"This process is the ps task {info.task}: ps tasks run `tf_backup.serve()`, "
@@ -343,11 +376,14 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         accumulators.set_timeout(ps_timeout)
         # The model trains on this worker's own device; the shared state is reached
         # through graph sessions on the ps tasks (tf_backup.accumulators).
-        device = "/device:GPU:0" if tf.config.list_physical_devices("GPU") else "/device:CPU:0"
-        super().__init__(BackupWorkerExtended(
-            self, device, info, config, worker_timeout=worker_timeout, max_steps=max_steps,
-            checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
-            checkpoint_every_steps=checkpoint_every_steps))
+        kwargs = dict(worker_timeout=worker_timeout, max_steps=max_steps,
+                      checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
+                      checkpoint_every_steps=checkpoint_every_steps)
+        if len(devices) == 1:
+            extended = BackupWorkerExtended(self, devices[0], info, config, **kwargs)
+        else:
+            extended = MultiDeviceBackupWorkerExtended(self, devices, info, config, **kwargs)
+        super().__init__(extended)
         _LIVE.add(self.extended)
         atexit.register(self.extended.shutdown)
 

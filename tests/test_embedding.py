@@ -1,0 +1,93 @@
+"""Embedding models (IndexedSlices gradients) train through model.fit on a cluster."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_backup
+import workers
+
+pytestmark = pytest.mark.cluster
+
+
+def reference(initial, steps, rows_per_step, rows=None):
+    x, y = workers.embedding_data(steps * rows_per_step)
+    if rows is not None:
+        x, y = x[rows], y[rows]
+        rows_per_step = len(rows) // steps
+    model = workers.embedding_model(keras)
+    model.set_weights(initial)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    model.fit(x, y, batch_size=rows_per_step, epochs=1, shuffle=False, verbose=0)
+    return model.get_weights()
+
+
+@pytest.mark.parametrize("local_devices", [1, 2])
+def test_embedding_model_trains_through_fit_like_large_batch_sgd(local_devices):
+    steps = 6
+    out = tf_backup.launch_local(workers.train_embedding, num_workers=2,
+                                 kwargs=dict(steps=steps, local_devices=local_devices), timeout=240)
+    expected = reference(out[0]["initial"], steps, 2 * workers.BATCH * local_devices)
+    for worker in out:
+        assert worker["stats"] == {"global_step": steps, "pushed": [steps] * 2, "taken": [steps] * 2,
+                                   "dropped": [0, 0]}
+        for got, want in zip(worker["weights"], expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        # The table goes by rows (its own sparse accumulator), the Dense layer by the flat shards.
+        assert worker["sparse_tables"] == [[workers.VOCAB, 3]]
+        assert worker["dense_elements"] == 3 + 1
+    for master, final in zip(out[0]["master"], out[0]["weights"]):
+        np.testing.assert_array_equal(master, final)
+    table, initial_table = out[0]["weights"][0], out[0]["initial"][0]
+    x, _ = workers.embedding_data(steps * 2 * workers.BATCH * local_devices)
+    used = np.unique(x)
+    unused = np.setdiff1d(np.arange(workers.VOCAB), used)
+    assert len(used) > 20 and len(unused) > 100
+    # Rows of tokens in the data moved; rows of tokens never seen did not.
+    assert np.all(np.abs(table[used] - initial_table[used]).max(axis=1) > 0)
+    np.testing.assert_array_equal(table[unused], initial_table[unused])
+
+
+def test_embedding_rows_of_a_slow_backup_worker_are_dropped():
+    """3 workers, b = 1: worker 2 is always late; its table rows never reach the model."""
+    steps = 8
+    out = tf_backup.launch_local(workers.train_embedding, num_workers=3,
+                                 kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=2), timeout=240,
+                                 ps_exit_grace=20)
+    b = workers.BATCH
+    # Step k used batches 3k and 3k + 1 (workers 0 and 1) of the 3 workers' data.
+    rows = [r for k in range(steps) for j in (3 * k, 3 * k + 1) for r in range(j * b, (j + 1) * b)]
+    x, _ = workers.embedding_data(steps * 3 * b)
+    expected = reference(out[0]["initial"], steps, 3 * b, rows=rows)
+    for worker in out:
+        for got, want in zip(worker["weights"], expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    stats = out[0]["stats"]
+    assert stats["taken"] == [steps, steps, 0] and stats["dropped"][2] == stats["pushed"][2] >= 1
+    # Tokens only the slow worker saw keep their initial rows.
+    slow_rows = [r for k in range(steps) for r in range((3 * k + 2) * b, (3 * k + 3) * b)]
+    slow_only = np.setdiff1d(np.unique(x[slow_rows]), np.unique(x[rows]))
+    assert len(slow_only) > 0
+    np.testing.assert_array_equal(out[0]["weights"][0][slow_only], out[0]["initial"][0][slow_only])
+
+
+def test_embedding_tables_and_their_slots_are_checkpointed_and_restored(tmp_path):
+    """A second job with the same checkpoint_dir starts from the first one's tables (momentum too)."""
+    checkpoints = str(tmp_path / "ckpt")
+    first = tf_backup.launch_local(workers.train_embedding, num_workers=2, timeout=240,
+                                   kwargs=dict(steps=5, checkpoint_dir=checkpoints))
+    path = tf.train.latest_checkpoint(os.path.join(checkpoints, "opt0"))
+    assert path.endswith("ckpt-5")
+    saved_momentum = tf.train.load_variable(path, "tables_optimizer/2/.ATTRIBUTES/VARIABLE_VALUE")
+    assert saved_momentum.shape == (workers.VOCAB, 3) and np.abs(saved_momentum).sum() > 0
+    second = tf_backup.launch_local(workers.train_embedding, num_workers=2, timeout=240,
+                                    kwargs=dict(steps=3, checkpoint_dir=checkpoints))
+    for worker in second:
+        assert worker["initial_step"] == 5
+        for restored, final in zip(worker["initial"], first[0]["master"]):  # table and Dense layer
+            np.testing.assert_array_equal(restored, final)
+        assert worker["stats"]["global_step"] == 8
+    assert tf.train.latest_checkpoint(os.path.join(checkpoints, "opt0")).endswith("ckpt-8")
