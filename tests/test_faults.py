@@ -128,8 +128,10 @@ def test_more_than_b_dead_workers_stop_the_job_naming_them(tmp_path, seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_restarted_worker_rejoins_and_contributes(tmp_path, seed):
     kill_at = random.Random(seed).randint(3, 10)
-    steps = 60  # 0.4 s a step: time for the chief to notice and for a new process to start
-    cluster, progress = fault_cluster(tmp_path, steps=steps, compute_seconds=0.4)
+    # 120 steps of at least 0.3 s: time for the chief to notice and for a new process to
+    # start and join (20 s and more on a loaded 2-core machine) before training ends.
+    steps = 120
+    cluster, progress = fault_cluster(tmp_path, steps=steps, compute_seconds=0.3)
     with cluster:
         cluster.start()
         wait_for_step(cluster, progress, "worker-2", kill_at)
