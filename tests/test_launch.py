@@ -70,3 +70,22 @@ def test_echo_copies_complete_new_lines_without_tensorflow_chatter(tmp_path, cap
 def test_echo_must_name_a_task():
     with pytest.raises(ValueError, match="echo='worker-3'"):
         tf_backup.launch_local(workers.sleep_forever, num_workers=2, echo="worker-3")
+
+
+def echo_task_name(suffix):
+    import os  # pylint: disable=g-import-not-at-top
+    return os.environ["TF_BACKUP_TASK"] + suffix
+
+
+def test_a_cluster_without_serve_runs_fn_in_ps_tasks_and_waits_for_chosen_tasks(tmp_path):
+    """What the benchmarks use for MultiWorkerMirroredStrategy and TF1 graph jobs."""
+    cluster = tf_backup.LocalCluster(echo_task_name, num_workers=2, num_ps=1, args=("!",),
+                                     log_dir=str(tmp_path), serve_ps=False)
+    with cluster:
+        cluster.start()
+        assert cluster.wait_for(["worker-1", "ps-0"], timeout=120) == ["worker-1!", "ps-0!"]
+    no_ps = tf_backup.LocalCluster(echo_task_name, num_workers=1, num_ps=0, args=("?",))
+    with no_ps:
+        assert no_ps.start().wait(timeout=120) == ["worker-0?"]
+    with pytest.raises(ValueError, match="num_ps=-1"):
+        tf_backup.LocalCluster(echo_task_name, num_workers=1, num_ps=-1)

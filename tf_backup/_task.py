@@ -1,9 +1,10 @@
 """Entry point of one task process of `launch_local` (`python -m tf_backup._task PAYLOAD`).
 
 The process's stdout and stderr already go to the task's log file. The payload
-is a pickle written by `launch_local`: the multiprocessing "spawn" preparation
-data (sys.path, the parent's main module, so `fn` can be found), the task, and
-`fn` with its arguments. The result is pickled next to the payload.
+is a pickle written by `LocalCluster`: the multiprocessing "spawn" preparation
+data (sys.path, the parent's main module, so `fn` can be found), the task's
+role ("serve": a ps task running `tf_backup.serve()`, or "fn"), and `fn` with
+its arguments. The result is pickled next to the payload.
 """
 
 import faulthandler
@@ -19,10 +20,10 @@ def main(payload_path: str) -> int:
     with open(payload_path, "rb") as f:
         prep, rest = pickle.load(f)
     multiprocessing.spawn.prepare(prep)
-    task_type, fn, args, kwargs, result_path = pickle.loads(rest)
+    role, fn, args, kwargs, result_path = pickle.loads(rest)
     failed = False
     try:
-        if task_type == "ps":
+        if role == "serve":
             from tf_backup import server  # pylint: disable=g-import-not-at-top
             result = server.serve()
         else:

@@ -92,7 +92,7 @@ class _Echo:
             sys.stdout.flush()
 
 
-def _check_arguments(fn, num_workers, num_ps, args, kwargs) -> None:
+def _check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps: int = 1) -> None:
     if os.environ.get("TF_BACKUP_TASK"):
         raise RuntimeError(
             "launch_local() was called inside a task process of a local cluster: the task "
@@ -101,7 +101,7 @@ def _check_arguments(fn, num_workers, num_ps, args, kwargs) -> None:
         )
     if not callable(fn):
         raise TypeError(f"`fn` must be callable. Received fn={fn!r}")
-    for name, value, minimum in (("num_workers", num_workers, 1), ("num_ps", num_ps, 1)):
+    for name, value, minimum in (("num_workers", num_workers, 1), ("num_ps", num_ps, min_ps)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"`{name}` must be an integer. Received {name}={value!r}")
         if value < minimum:
@@ -133,13 +133,23 @@ class LocalCluster:
 
     Task names are `ps-<i>` and `worker-<i>`; worker 0 is the chief. Leaving
     the `with` block kills whatever still runs. `launch_local` is built on it.
+
+    Args:
+      fn, args, kwargs: what every worker task runs.
+      num_workers, num_ps: the tasks (`num_ps` may be 0 for programs of other
+        strategies, e.g. `MultiWorkerMirroredStrategy`).
+      log_dir: each task's log, payload and result (default: a temp dir).
+      env: extra environment variables for every task.
+      serve_ps: ps tasks run `tf_backup.serve()`; False: they run `fn` too
+        (a TF1 graph job's ps, say).
     """
 
     def __init__(self, fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence = (),
                  kwargs: Optional[dict] = None, log_dir: Optional[str] = None,
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None, serve_ps: bool = True):
         kwargs = dict(kwargs or {})
-        _check_arguments(fn, num_workers, num_ps, args, kwargs)
+        _check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps=0)
+        self._serve_ps = bool(serve_ps)
         self.num_workers, self.num_ps = num_workers, num_ps
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="tf_backup_local_")
         os.makedirs(self.log_dir, exist_ok=True)
@@ -176,7 +186,8 @@ class LocalCluster:
         task_type, index = name.rsplit("-", 1)
         payload = os.path.join(self.log_dir, f"{name}.payload")
         with open(payload, "wb") as f:
-            rest = pickle.dumps((task_type, self._fn, self._args, self._kwargs, self.results[name]))
+            role = "serve" if task_type == "ps" and self._serve_ps else "fn"
+            rest = pickle.dumps((role, self._fn, self._args, self._kwargs, self.results[name]))
             pickle.dump((self._prep, rest), f)
         child_env = dict(os.environ)
         child_env.update(self._env)
@@ -225,6 +236,30 @@ class LocalCluster:
                 break
             time.sleep(0.1)
         return self.returncodes()
+
+    def wait_for(self, names: Sequence[str], timeout: float) -> List[Any]:
+        """Waits until the named tasks have returned; returns their results, in order.
+
+        Raises:
+          LocalClusterError: any task failed, or the timeout passed (with a log tail).
+        """
+        _check_timeout("timeout", timeout)
+        for name in names:
+            self._check_name(name)
+        deadline = time.monotonic() + timeout
+        while not all(self.procs[n].poll() == 0 for n in names):
+            for name, proc in self.procs.items():
+                if proc.poll() not in (None, 0):
+                    raise LocalClusterError(
+                        f"Task {name} of the local cluster failed (exit code {proc.returncode}). "
+                        f"Last lines of {self.logs[name]}:\n{_tail(self.logs[name])}")
+            if time.monotonic() > deadline:
+                running = [n for n in names if self.procs[n].poll() is None]
+                raise LocalClusterError(
+                    f"Tasks {running} of the local cluster ran past the timeout of {timeout:.0f} s. "
+                    f"Last lines of {self.logs[running[0]]}:\n{_tail(self.logs[running[0]])}")
+            time.sleep(0.1)
+        return [self.result(n) for n in names]
 
     def result(self, name: str) -> Any:
         """What the task's function returned (raises FileNotFoundError if it did not return)."""
