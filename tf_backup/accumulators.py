@@ -146,6 +146,11 @@ class SharedVariable:
 
         self._ops = where.build(ops)
 
+    @property
+    def ops(self) -> dict:
+        """The graph ops and placeholders of this variable in its endpoint's graph."""
+        return self._ops
+
     def _run(self, name, feed=None):
         return self.endpoint.run(self._ops[name], feed, what=f"{name} of `{self.shared_name}`")
 
@@ -220,6 +225,11 @@ class ConditionalAccumulator:
             )
 
         self._ops = where.build(ops)
+
+    @property
+    def ops(self) -> dict:
+        """The graph ops and placeholders of this accumulator in its endpoint's graph."""
+        return self._ops
 
     def _run(self, name, feed=None):
         # A push delivered twice ran once (see Endpoint.run); a take delivered twice
