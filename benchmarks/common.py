@@ -54,6 +54,14 @@ def _module_name(path: str) -> str:
     return rel[:-3].replace(os.sep, ".") if rel.endswith(".py") else rel
 
 
+def write_markdown(path: str, lines: Sequence[str]) -> None:
+    """Writes a result table (making its directory) and prints it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def median_range(values: Iterable[float], fmt: str = "{:.2f}") -> str:
     """'median (min–max)' of the values, or 'failed' if there are none."""
     values = list(values)

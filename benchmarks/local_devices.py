@@ -96,10 +96,7 @@ def main(argv):
         "",
     ] + common.table(["local devices R", "ms/step", "vs R = 1", "rows per replica",
                       "pushed per worker (last run)", "runs ok"], rows)
-    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.write_markdown(_OUT.value, lines)
 
 
 if __name__ == "__main__":

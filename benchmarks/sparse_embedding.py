@@ -126,10 +126,7 @@ def main(argv):
     ] + common.table(["vocab", "table MB", "fit ms/step sparse", "fit ms/step densified",
                       "chief peak RSS MB sparse", "chief peak RSS MB densified", "accumulator push+take ms",
                       "runs ok"], rows)
-    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.write_markdown(_OUT.value, lines)
 
 
 if __name__ == "__main__":

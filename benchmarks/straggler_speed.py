@@ -16,7 +16,6 @@ excluded). Writes benchmarks/results/straggler_speed.md.
   python -m benchmarks.straggler_speed --runs=3
 """
 
-import os
 import statistics
 import time
 
@@ -113,10 +112,7 @@ def main(argv):
         "",
     ] + common.table(["case", "steps/s", "vs 4 workers b = 0", "ms/step", "dropped per worker (last run)",
                       "runs ok"], rows)
-    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    common.write_markdown(_OUT.value, lines)
 
 
 if __name__ == "__main__":
