@@ -54,6 +54,24 @@ def _module_name(path: str) -> str:
     return rel[:-3].replace(os.sep, ".") if rel.endswith(".py") else rel
 
 
+def synthetic_mlp(strategy, rows: int, hidden: int):
+    """(model, x, y): a 40-H-H-10 classifier under `strategy` with SGD, and this worker's random data."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    rng = np.random.default_rng(strategy.worker_index)
+    x = rng.normal(size=(rows, 40)).astype(np.float32)
+    y = rng.integers(0, 10, size=rows).astype(np.int32)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((40,)), keras.layers.Dense(hidden, activation="relu"),
+                                  keras.layers.Dense(hidden, activation="relu"),
+                                  keras.layers.Dense(10, activation="softmax")])
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01)),
+                      loss="sparse_categorical_crossentropy", jit_compile=False)
+    return model, x, y
+
+
 def write_markdown(path: str, lines: Sequence[str]) -> None:
     """Writes a result table (making its directory) and prints it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

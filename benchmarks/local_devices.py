@@ -17,7 +17,6 @@ import statistics
 
 from absl import app
 from absl import flags
-import numpy as np
 
 from benchmarks import common
 
@@ -34,21 +33,12 @@ def worker(local_devices: int, steps: int, host_batch: int):
     """One worker of one run; the chief returns its steady-state ms per step."""
     from tf_backup import local_devices as local_devices_lib  # pylint: disable=g-import-not-at-top
     local_devices_lib.set_logical_cpus(local_devices)
-    import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
     strategy = tf_backup.BackupWorkerStrategy(step_timeout=300.0)
     assert strategy.num_replicas_in_sync == local_devices
-    rng = np.random.default_rng(strategy.worker_index)
-    x = rng.normal(size=(4096, 40)).astype(np.float32)
-    y = rng.integers(0, 10, size=4096).astype(np.int32)
-    with strategy.scope():
-        model = keras.Sequential([keras.Input((40,)), keras.layers.Dense(256, activation="relu"),
-                                  keras.layers.Dense(256, activation="relu"),
-                                  keras.layers.Dense(10, activation="softmax")])
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01)),
-                      loss="sparse_categorical_crossentropy", jit_compile=False)
+    model, x, y = common.synthetic_mlp(strategy, rows=4096, hidden=256)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
     if not strategy.is_chief:

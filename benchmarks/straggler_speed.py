@@ -21,7 +21,6 @@ import time
 
 from absl import app
 from absl import flags
-import numpy as np
 
 from benchmarks import common
 
@@ -46,15 +45,7 @@ def worker(num_backup_workers: int, steps: int, compute: float, slow_worker: int
         def on_train_batch_begin(self, batch, logs=None):
             time.sleep(seconds)
 
-    rng = np.random.default_rng(strategy.worker_index)
-    x = rng.normal(size=(1024, 40)).astype(np.float32)
-    y = rng.integers(0, 10, size=1024).astype(np.int32)
-    with strategy.scope():
-        model = keras.Sequential([keras.Input((40,)), keras.layers.Dense(100, activation="relu"),
-                                  keras.layers.Dense(100, activation="relu"),
-                                  keras.layers.Dense(10, activation="softmax")])
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01)),
-                      loss="sparse_categorical_crossentropy", jit_compile=False)
+    model, x, y = common.synthetic_mlp(strategy, rows=1024, hidden=100)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[SimulatedCompute()])
     if not strategy.is_chief:

@@ -8,6 +8,7 @@ of the cluster has exited within a bound: no fault may leave a hang.
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -44,6 +45,13 @@ def wait_for_step(cluster, progress_dir, name: str, step: int, timeout: float = 
         assert not failed, f"tasks failed before step {step}: {failed}\n{cluster.log('worker-0')[-3000:]}"
         time.sleep(0.05)
     raise AssertionError(f"{name} did not reach step {step} in {timeout} s:\n{cluster.log(name)[-3000:]}")
+
+
+def readline(stream, timeout: float):
+    """The next line of a subprocess's pipe; fails after `timeout` seconds instead of blocking."""
+    ready, _, _ = select.select([stream], [], [], max(timeout, 0.0))
+    assert ready, f"no output line within {timeout:.0f} s"
+    return stream.readline()
 
 
 def assert_all_exited(cluster, timeout: float) -> dict:
@@ -220,7 +228,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     for _ in range(5):
         proc = subprocess.Popen([sys.executable, "-c", SAVER, directory], stdout=subprocess.PIPE,
                                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-        assert proc.stdout.readline().strip() == b"ready"
+        assert readline(proc.stdout, 120).strip() == b"ready"
         time.sleep(rng.uniform(0.3, 1.5))
         proc.kill()
         proc.wait(10)
@@ -245,10 +253,14 @@ def test_the_training_binary_finishes_when_a_backup_worker_is_killed(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainers.train", "--config=regression", "--steps=120", "--log_every=5",
          "--straggler=exp:0.05", "--worker_timeout=3", f"--model_dir={model_dir}"],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)  # unbuffered: select sees every line
     try:
         lines = []
-        for line in proc.stdout:  # the chief's progress lines, echoed by the launcher
+        deadline = time.monotonic() + 240
+        while True:  # the chief's progress lines, echoed by the launcher
+            assert time.monotonic() < deadline, "no progress line of step 20 in 240 s:\n" + "".join(lines)
+            line = readline(proc.stdout, deadline - time.monotonic()).decode(errors="replace")
+            assert line, "the binary ended before step 20:\n" + "".join(lines)
             lines.append(line)
             if line.startswith("train | step: ") and int(line.split()[3].split("/")[0]) >= 20:
                 break
@@ -256,7 +268,7 @@ def test_the_training_binary_finishes_when_a_backup_worker_is_killed(tmp_path):
         pids = subprocess.run(["pgrep", "-f", payload], capture_output=True, text=True).stdout.split()
         assert len(pids) == 1, (pids, "".join(lines))
         os.kill(int(pids[0]), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=240)
+        out = proc.communicate(timeout=240)[0].decode(errors="replace")
     finally:
         proc.kill()
     output = "".join(lines) + out

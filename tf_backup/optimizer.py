@@ -235,6 +235,7 @@ class _Checkpoint:
                          "global_step": self._step}
         self._make()
         self.saved_step = None
+        self.restored_step = None
 
     def _make(self) -> None:
         self._ckpt = tf.train.Checkpoint(**self._objects)
@@ -246,7 +247,7 @@ class _Checkpoint:
         Restores the latest checkpoint again, now with the added state, and
         returns its global step (the Embedding tables of `tf_backup.sparse`).
         """
-        if self.saved_step is not None and self.saved_step != self.restored_step:
+        if self.saved_step not in (None, self.restored_step):  # a save since the restore
             raise ValueError("State can only be added to a checkpoint before its first save.")
         self._objects.update({name: list(value) for name, value in variables.items()})
         self._make()

@@ -96,6 +96,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         cluster_lib.wait_for_tasks([ps0], startup_timeout, waiter=f"ps task {info.task}")
     job = protocol.job_variable(ps0, info.num_workers)
     done_job = None  # once the job runs, another ps task reads it with a short deadline
+    unanswered_since = None  # when ps 0 stopped answering those reads
     start = time.monotonic()
     job_id, heartbeat, heartbeat_time, end_time, reason = None, None, None, None, None
     beats, beat_times = [None] * info.num_workers, [0.0] * info.num_workers
@@ -106,9 +107,11 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
             done_job = done_job or _job_variable_of_other_ps(ps0, info.num_workers)
             try:
                 values = done_job.read()
+                unanswered_since = None
             except errors.PsUnavailableError:
-                if _accepts_connections(ps0):
-                    continue  # ps 0 is slow, not gone: keep serving
+                unanswered_since = unanswered_since or now
+                if _accepts_connections(ps0) and now - unanswered_since < chief_timeout:
+                    continue  # ps 0 is slow, not gone: keep serving (up to chief_timeout)
                 # ps 0 exits once the job is done and every worker has left (a later
                 # poll here may never see DONE); without ps 0 nothing can go on anyway.
                 logging.warning("tf_backup: ps task %s exits: ps task 0 %s has exited", info.task, ps0)

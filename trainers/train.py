@@ -120,7 +120,7 @@ def make_optimizer(name: str, learning_rate: float):
     }[name]()
 
 
-def train_task(config_values: Dict[str, Any], model_dir: str, timeouts: Dict[str, float]) -> Dict[str, Any]:
+def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dict[str, Any]) -> Dict[str, Any]:
     """Runs one worker's part of the job (every worker process runs this).
 
     Returns:
@@ -137,15 +137,13 @@ def train_task(config_values: Dict[str, Any], model_dir: str, timeouts: Dict[str
     from trainers import progress  # pylint: disable=g-import-not-at-top
 
     config = config_lib.TrainConfig.from_dict(config_values)
-    timeouts = dict(timeouts)
-    checkpoint_every = int(timeouts.pop("checkpoint_every", 100))
     _, info = data.load(config.dataset, split="test", batch_size=config.batch_size, data_dir=config.data_dir)
     epochs, steps_per_epoch = config.schedule(info.num_train)
     total = total_steps(config, epochs, steps_per_epoch)
     strategy = tf_backup.BackupWorkerStrategy(
         num_backup_workers=config.num_backup_workers, asynchronous=config.mode == "async",
         max_steps=total, checkpoint_dir=os.path.join(model_dir, "checkpoints"),
-        checkpoint_every_steps=checkpoint_every, **timeouts)
+        **strategy_args)
     if strategy.num_workers != config.num_workers:
         raise ValueError(
             f"--num_workers={config.num_workers} but the cluster has {strategy.num_workers} workers: "
@@ -294,9 +292,10 @@ def main(argv) -> int:
         raise config_lib.ConfigError(f"Unexpected arguments {argv[1:]}: every option is a --flag.")
     config = resolve_config()
     local = _LOCAL_CLUSTER.value if _LOCAL_CLUSTER.value is not None else not _in_tf_config_cluster()
-    timeouts = {"startup_timeout": _STARTUP_TIMEOUT.value, "step_timeout": _STEP_TIMEOUT.value,
-                "worker_timeout": _WORKER_TIMEOUT.value, "chief_timeout": _CHIEF_TIMEOUT.value,
-                "checkpoint_every": _CHECKPOINT_EVERY.value}
+    # BackupWorkerStrategy arguments from flags (every worker gets the same).
+    strategy_args = {"startup_timeout": _STARTUP_TIMEOUT.value, "step_timeout": _STEP_TIMEOUT.value,
+                     "worker_timeout": _WORKER_TIMEOUT.value, "chief_timeout": _CHIEF_TIMEOUT.value,
+                     "checkpoint_every_steps": _CHECKPOINT_EVERY.value}
     model_dir = _MODEL_DIR.value or os.path.join("/tmp/tf_backup", time.strftime("%Y%m%d-%H%M%S"))
     if local:
         check_inputs(config)
@@ -309,7 +308,7 @@ def main(argv) -> int:
               f"{config.straggler}; logs in {model_dir}/logs", flush=True)
         results = tf_backup.launch_local(
             train_task, config.num_workers, num_ps=config.num_ps,
-            args=(config.to_dict(), model_dir, timeouts), timeout=_TIMEOUT.value,
+            args=(config.to_dict(), model_dir, strategy_args), timeout=_TIMEOUT.value,
             log_dir=os.path.join(model_dir, "logs"), echo="worker-0",
             max_failed_workers=0 if config.mode == "async" else config.num_backup_workers)
         summary = merge(results)
@@ -323,7 +322,7 @@ def main(argv) -> int:
             return 0
         check_inputs(config)
         try:
-            result = train_task(config.to_dict(), model_dir, timeouts)
+            result = train_task(config.to_dict(), model_dir, strategy_args)
         except BaseException:
             tf_backup.strategy.shutdown_all(failed=True)  # the chief aborts the job for everyone
             raise
