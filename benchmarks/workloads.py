@@ -45,11 +45,13 @@ def random_data(worker: int, rows: int = 1024):
 
 
 def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[str], seed: int,
-                        step_source):
+                        step_source, strategy=None):
     """A callback sleeping `compute + delay(worker, step)` before each batch.
 
     `step_source()` gives the global step of the parameters at the start of a fit; afterwards the
-    step comes from the batch logs (`global_step`, the step of the parameters just pulled).
+    step comes from the batch logs (`global_step`, the step of the parameters just pulled). With
+    `cancel` set (and a tf_backup `strategy`), the sleep ends early when the batch is superseded
+    (`BackupWorkerStrategy.sleep_unless_superseded`): the straggler is cancelled.
     """
     from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
     model = stragglers.parse(straggler or "none", seed=seed)
@@ -58,8 +60,10 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
         def __init__(self):
             super().__init__()
             self.active = True
+            self.cancel = False
             self.param_step = 0
             self.slept = 0.0
+            self.cut = 0
 
         def on_train_begin(self, logs=None):
             step = step_source()
@@ -70,7 +74,9 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
             if not self.active:
                 return
             seconds = compute + model.delay(worker, self.param_step)
-            if seconds > 0:
+            if self.cancel and strategy is not None:
+                self.cut += int(strategy.sleep_unless_superseded(seconds))
+            elif seconds > 0:
                 time.sleep(seconds)
                 self.slept += seconds
 
@@ -87,8 +93,10 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """One worker of a tf_backup run: a warm-up fit, then `reps` timed fits of `steps` batches.
 
     cfg: num_backup_workers, asynchronous, hidden, batch, compute, straggler, seed, steps, reps,
-    warmup. The chief returns, per rep, the global steps it covered and its wall time, the step
-    history (step, taken, end_time) and the gradient counts.
+    warmup, policies (straggler policies, each run `reps` times in turn: "finish", a late worker
+    finishes its stale batch; "cancel", its sleep is cut short when the step moves on). The chief
+    returns, per rep, the policy, the global steps it covered and its wall time, the step history
+    (step, taken, end_time) and the gradient counts.
     """
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -112,19 +120,21 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                       loss="sparse_categorical_crossentropy", jit_compile=False)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(cfg.get("batch", 32)).repeat()
     sleeper = make_sleep_callback(keras, w, cfg.get("compute", 0.0), cfg.get("straggler"),
-                                  cfg.get("seed", 0), global_step)
+                                  cfg.get("seed", 0), global_step, strategy=strategy)
     sleeper.active = False
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=[sleeper])
     sleeper.active = True
     reps = []
     for _ in range(cfg["reps"]):
-        start_step = global_step()
-        start = time.monotonic()
-        model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0, callbacks=[sleeper])
-        reps.append({"start_step": start_step, "end_step": global_step(),
-                     "wall": time.monotonic() - start})
+        for policy in cfg.get("policies", ["finish"]):
+            sleeper.cancel = policy == "cancel"
+            start_step = global_step()
+            start, cpu = time.monotonic(), time.process_time()
+            model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0, callbacks=[sleeper])
+            reps.append({"policy": policy, "start_step": start_step, "end_step": global_step(),
+                         "wall": time.monotonic() - start, "cpu": time.process_time() - cpu})
     if not strategy.is_chief:
-        return None
+        return {"reps": reps}
     history = [(r.step, r.taken, r.end_time) for r in strategy.step_history()]
     return {"reps": reps, "history": history, "stats": strategy.stats()}
 

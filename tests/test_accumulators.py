@@ -85,12 +85,12 @@ def test_a_request_delivered_twice_is_retried_only_when_idempotent(where, monkey
     real = accumulators.Endpoint._run_once  # pylint: disable=protected-access
     calls = []
 
-    def deliver_twice_once(self, fetches, feed_dict, what):
+    def deliver_twice_once(self, fetches, feed_dict, what, wait=None):
         calls.append(what)
         if len(calls) == 1:
-            real(self, fetches, feed_dict, what)  # the first delivery runs ...
+            real(self, fetches, feed_dict, what, wait)  # the first delivery runs ...
             raise tf.errors.AbortedError(None, None, "The same RunGraph (Worker) request was received twice.")
-        return real(self, fetches, feed_dict, what)
+        return real(self, fetches, feed_dict, what, wait)
 
     monkeypatch.setattr(accumulators.Endpoint, "_run_once", deliver_twice_once)
     np.testing.assert_array_equal(v.read(), [4])  # a read is run again
@@ -102,3 +102,41 @@ def test_a_request_delivered_twice_is_retried_only_when_idempotent(where, monkey
     with pytest.raises(tf.errors.AbortedError):  # a take's result is lost: it must not take again
         acc.take_grad(1)
     assert acc.num_accumulated() == 0
+
+
+def _queue_ops(where, name):
+    def ops():
+        queue = accumulators.fifo_queue(name)
+        block = tf.compat.v1.placeholder(tf.bool, [])
+        token = tf.compat.v1.placeholder(tf.int64, [])
+        return dict(drain=accumulators.drain(queue, block), block=block, token=token,
+                    enqueue=tf.raw_ops.QueueEnqueueV2(handle=queue, components=[token]))
+    return where.build(ops)
+
+
+def test_a_drain_past_its_wait_returns_none_and_takes_nothing(where):
+    q = _queue_ops(where, "t/queue1")
+    for _ in range(2):  # the task cancels the timed-out dequeue: no later token is lost to it
+        assert where.run(q["drain"], {q["block"]: True}, wait=0.2) is None
+    np.testing.assert_array_equal(where.run(q["drain"], {q["block"]: False}, wait=1.0), [])  # no wait
+    for token in (5, 6):
+        where.run(q["enqueue"], {q["token"]: token})
+    np.testing.assert_array_equal(where.run(q["drain"], {q["block"]: True}, wait=5.0), [5, 6])  # all at once
+    assert where.run(q["drain"], {q["block"]: True}, wait=0.1) is None
+
+
+def test_a_blocked_drain_does_not_hold_up_other_runs_of_the_same_endpoint(where):
+    import threading  # pylint: disable=g-import-not-at-top
+    q = _queue_ops(where, "t/queue2")
+    v = accumulators.SharedVariable("t/var_beside_queue", tf.int64, [1], where)
+    v.assign([0])
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(where.run(q["drain"], {q["block"]: True}, wait=60.0)))
+    waiter.start()
+    for i in range(1, 21):  # a push, a read, a heartbeat of another thread meanwhile
+        v.scatter_max([0], [i])
+    assert v.read()[0] == 20 and waiter.is_alive() and not got
+    where.run(q["enqueue"], {q["token"]: 7})
+    waiter.join(30)
+    assert not waiter.is_alive()
+    np.testing.assert_array_equal(got[0], [7])

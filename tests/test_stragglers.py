@@ -279,6 +279,38 @@ def test_ideal_step_times_needs_a_matrix():
 # --- StragglerCallback -----------------------------------------------------------
 
 
+class FakeStrategy:
+    """Stands in for BackupWorkerStrategy.sleep_unless_superseded: cuts the sleeps it is told to."""
+
+    def __init__(self, fake_time, cut_after):
+        self.fake_time = fake_time
+        self.cut_after = cut_after  # per call: seconds after which the batch is superseded, or None
+        self.asked = []
+
+    def sleep_unless_superseded(self, seconds):
+        self.asked.append(seconds)
+        cut = self.cut_after[len(self.asked) - 1]
+        self.fake_time.now += seconds if cut is None else min(cut, seconds)
+        return cut is not None and cut < seconds
+
+
+def test_callback_with_cancel_counts_cut_sleeps_and_records_what_was_slept(fake_time, tmp_path):
+    path = write_trace(tmp_path, "2.0\n3.0\n0.5\n")
+    strategy = FakeStrategy(fake_time, [0.25, None, 0.1])
+    callback = stragglers.StragglerCallback(stragglers.parse(f"trace:{path}"), worker=0, cancel=strategy)
+    for batch in range(3):
+        run_batch(callback, fake_time, batch, 0.0)
+    assert strategy.asked == [2.0, 3.0, 0.5]  # the whole delay is offered to the strategy
+    assert fake_time.slept == []  # it does the sleeping
+    assert callback.delays == pytest.approx([0.25, 3.0, 0.1])
+    assert callback.cancelled == 2 and callback.total_delay == pytest.approx(3.35)
+
+
+def test_callback_cancel_must_be_a_strategy():
+    with pytest.raises(TypeError, match="cancel=3"):
+        stragglers.StragglerCallback(stragglers.parse("none"), worker=0, cancel=3)
+
+
 def run_batch(callback, fake_time, batch, compute_seconds):
     callback.on_train_batch_begin(batch)
     fake_time.now += compute_seconds

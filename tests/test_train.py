@@ -118,6 +118,24 @@ def test_unreachable_tf_config_address_fails_naming_it():
 
 
 @pytest.mark.cluster
+def test_cancel_stragglers_cancels_every_batch_of_a_worker_that_is_always_late(tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("0,0,30\n")  # worker 2 would need 30 s per batch
+    summary_path = tmp_path / "summary.json"
+    out = run_binary("--config=regression", "--steps=12", f"--straggler=trace:{trace}", "--cancel_stragglers",
+                     f"--model_dir={tmp_path / 'model'}", f"--summary_json={summary_path}", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads(summary_path.read_text())
+    g, late = summary["gradients"], summary["workers"][2]
+    assert summary["steps"] == 12 and summary["config"]["cancel_stragglers"] is True
+    assert g["taken"][:2] == [12, 12] and g["pushed"][:2] == [12, 12]
+    # Every batch worker 2 began was superseded before its 30 s were up: none pushed.
+    assert late["pushed"] == 0 and late["cancelled"] == late["local_batches"] >= 1
+    assert late["straggler_delay_seconds"] < 30
+    assert f"cancelled: {late['cancelled']}" in out.stdout
+
+
+@pytest.mark.cluster
 def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     summary_path = tmp_path / "summary.json"
     model_dir = tmp_path / "model"

@@ -66,11 +66,30 @@ class WaitUntilStale:
         raise TimeoutError("the straggler waited too long for the fast workers")
 
 
+class CancelledSleeper:
+    """Keras callback: sleeps `seconds` before each batch, cut short when the batch is superseded."""
+
+    def __init__(self, strategy, seconds: float):
+        import keras  # pylint: disable=g-import-not-at-top
+
+        outer = self
+
+        class _Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                outer.cut.append(strategy.sleep_unless_superseded(seconds))
+
+        self.callback = _Callback()
+        self.cut = []
+
+
 def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",),
-                     slow_worker: int = -1, slow_seconds: float = 0.0, asynchronous: bool = False):
+                     slow_worker: int = -1, slow_seconds: float = 0.0, asynchronous: bool = False,
+                     cancel: bool = False):
     """Trains a linear model with each optimizer in turn; returns weights and counts.
 
-    Worker w reads batches w, w + W, w + 2W, ... of `regression_data`.
+    Worker w reads batches w, w + W, w + 2W, ... of `regression_data`. The slow
+    worker is always late (`WaitUntilStale`), or with `cancel` sleeps
+    `slow_seconds` per batch unless superseded (`CancelledSleeper`).
     """
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -87,8 +106,11 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             model = _regression_model(keras)
             optimizer = tf_backup.SyncReplicasOptimizer(inner())
             model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
-        callbacks = []
-        if strategy.worker_index == slow_worker:
+        callbacks, sleeper = [], None
+        if strategy.worker_index == slow_worker and cancel:
+            sleeper = CancelledSleeper(strategy, slow_seconds)
+            callbacks.append(sleeper.callback)
+        elif strategy.worker_index == slow_worker:
             callbacks.append(WaitUntilStale(strategy, slow_seconds, last_step=steps).callback)
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
         start = time.monotonic()
@@ -100,6 +122,7 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             "history": history.history,
             "stats": strategy.stats(),
             "fit_seconds": time.monotonic() - start,
+            "sleeps_cut": None if sleeper is None else sleeper.cut,
         }
         if strategy.is_chief:
             result["contributions"] = [r.contributions for r in strategy.step_history()]

@@ -60,8 +60,13 @@ class Endpoint:
         with self._lock, self.graph.as_default(), tf.device(self.device):
             return fn()
 
-    def run(self, fetches, feed_dict=None, what: str = "an op", on_duplicate: str = "retry"):
+    def run(self, fetches, feed_dict=None, what: str = "an op", on_duplicate: str = "retry",
+            wait: Optional[float] = None):
         """Runs `fetches` on the task; raises PsUnavailableError past the deadline.
+
+        `wait` (seconds) makes the run a bounded blocking wait instead (a
+        dequeue from an empty queue): past it the run is cancelled on the task
+        and `run` returns None.
 
         gRPC may deliver a request twice (TensorFlow then fails the run with
         `AbortedError: The same RunGraph (Worker) request was received twice`,
@@ -71,7 +76,7 @@ class Endpoint:
         """
         for attempt in range(3):
             try:
-                return self._run_once(fetches, feed_dict, what)
+                return self._run_once(fetches, feed_dict, what, wait)
             except tf.errors.AbortedError as e:
                 if "received twice" not in (e.message or "") or on_duplicate == "raise" or attempt == 2:
                     raise
@@ -79,16 +84,26 @@ class Endpoint:
                 if on_duplicate == "done":
                     return None
 
-    def _run_once(self, fetches, feed_dict, what):
+    def _run_once(self, fetches, feed_dict, what, wait=None):
         if self._session is None:
             with self._lock:
                 if self._session is None:
                     config = tf.compat.v1.ConfigProto(
                         allow_soft_placement=False, operation_timeout_in_ms=int(self.timeout * 1000))
                     self._session = tf.compat.v1.Session(self.target, graph=self.graph, config=config)
+        options = self._options
+        if wait is not None:
+            options = tf.compat.v1.RunOptions(timeout_in_ms=max(1, int(wait * 1000)))
         try:
-            return self._session.run(fetches, feed_dict=feed_dict, options=self._options)
-        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as e:
+            return self._session.run(fetches, feed_dict=feed_dict, options=options)
+        except tf.errors.DeadlineExceededError as e:
+            if wait is not None:
+                return None  # nothing came within `wait`; the task cancelled the run
+            raise errors.PsUnavailableError(
+                f"{what} on {self.device} ({self.target}) did not complete within "
+                f"{self.timeout:.0f} s (DeadlineExceededError: the task is down or unreachable)."
+            ) from e
+        except tf.errors.UnavailableError as e:
             raise errors.PsUnavailableError(
                 f"{what} on {self.device} ({self.target}) did not complete within "
                 f"{self.timeout:.0f} s ({type(e).__name__}: the task is down or unreachable)."
@@ -176,6 +191,29 @@ class SharedVariable:
                          self._ops["updates"]: np.asarray(values, self._np_dtype)})
 
 
+def fifo_queue(shared_name: str):
+    """(In an `Endpoint.build`.) The handle of an unbounded int64 FIFO queue, by `shared_name`.
+
+    Like the other resources, it lives in the task's resource manager and
+    outlives the processes that use it.
+    """
+    return tf.raw_ops.FIFOQueueV2(component_types=[tf.int64], shapes=[[]], capacity=-1,
+                                  shared_name=shared_name, container="")
+
+
+def drain(queue, block):
+    """(In an `Endpoint.build`.) Dequeues everything in `queue`; if `block` and it is empty, waits for one.
+
+    `block` is a bool tensor. Only one process may drain a queue, or the size
+    read here could shrink before the dequeue. Run it with `Endpoint.run(wait=)`
+    to bound the wait: a run past its deadline is cancelled on the task and
+    dequeues nothing.
+    """
+    size = tf.raw_ops.QueueSizeV2(handle=queue)
+    count = tf.maximum(size, tf.cast(block, tf.int32))
+    return tf.raw_ops.QueueDequeueManyV2(handle=queue, n=count, component_types=[tf.int64])[0]
+
+
 class ConditionalAccumulator:
     """A `ResourceConditionalAccumulator` on a task, attached by `shared_name`.
 
@@ -215,7 +253,7 @@ class ConditionalAccumulator:
             step = tf.compat.v1.placeholder(tf.int64, [])
             required = tf.compat.v1.placeholder(tf.int32, [])
             return dict(
-                grad=grad, step=step, required=required,
+                handle=handle, grad=grad, step=step, required=required,
                 apply=tf.raw_ops.ResourceAccumulatorApplyGradient(handle=handle, local_step=step,
                                                                   gradient=grad),
                 count=tf.raw_ops.ResourceAccumulatorNumAccumulated(handle=handle),

@@ -13,19 +13,27 @@ of one `SyncReplicasOptimizer` (`tf_backup/<job id>/opt<k>/...`):
   contributions of each worker, and a stale push is dropped whole.
 * `control`: an int64 vector (see `Control`): global step, the step being
   published, fit rounds, and per-worker counts of gradients pushed, taken and
-  dropped.
+  dropped, and of batches cancelled.
+* `wake/<w>` and `arrivals`: int64 FIFO queues of wake-up tokens, so waits
+  block on the ps instead of polling (see `SharedState`).
 * `signature`: the variables' shapes and dtypes, so a worker built with a
   different model fails with an error naming the variable.
 
 Every worker, each step (`WorkerClient.sync`):
   1. pushes its gradient tagged with step `s` of its parameters;
-  2. waits until the global step passes `s` (polling `control`, with a
-     deadline), or until the fit round is stopped;
-  3. pulls the published parameters of the new step.
+  2. waits until the global step passes `s` (blocked on its wake-up queue,
+     which the chief feeds after each publish, with a deadline), or until the
+     fit round is stopped;
+  3. pulls the published parameters of the new step (with one ps task, read
+     in the same round trip as the wake-up).
+
+A batch whose step was superseded while the worker was still computing it can
+be cancelled (`WorkerClient.sleep_unless_superseded`, used by the straggler
+simulation): it is not pushed and the worker moves to the new step at once.
 
 The chief's `Aggregator` thread, each step:
   1. waits until every shard's accumulator holds `replicas_to_aggregate` fresh
-     gradients;
+     gradients (blocked on the `arrivals` queue, which every push feeds);
   2. takes them (which advances the accumulators' step, so any gradient still
      tagged `s` is dropped from that moment), averages, and applies the average
      with the inner Keras optimizer to the chief's master copy;
@@ -52,6 +60,8 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 
 INT64_MAX = np.iinfo(np.int64).max
+WAKE = -1  # a wake-up token that is not a step: "the control vector changed, look"
+WAKE_WAIT = 1.0  # the longest blocking wait on the ps before health checks run again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +104,7 @@ class Control:
 
     def __init__(self, num_workers: int):
         self.num_workers = num_workers
-        self.size = self.HEADER + 5 * num_workers
+        self.size = self.HEADER + 6 * num_workers
 
     def taken(self, w: int) -> int:
         return self.HEADER + w
@@ -111,6 +121,10 @@ class Control:
     def ended(self, w: int) -> int:
         """The last fit round worker `w` has ended."""
         return self.HEADER + 4 * self.num_workers + w
+
+    def cancelled(self, w: int) -> int:
+        """Batches worker `w` cancelled (the step moved on while it computed; never pushed)."""
+        return self.HEADER + 5 * self.num_workers + w
 
     def block(self, values, first: Callable[[int], int]) -> np.ndarray:
         start = first(0)
@@ -298,11 +312,25 @@ class SharedState:
     def read_control(self) -> np.ndarray:
         return self.control.read()
 
-    # -- one round trip instead of several, when a step's state is on one task --------
+    # -- one round trip instead of several, and wake-ups instead of polls ------------
+    #
+    # The control vector, shard 0's accumulator and two kinds of int64 FIFO queues
+    # are on ps 0 (`control`'s endpoint):
+    #
+    # * `wake/<w>`, one per worker: the chief enqueues the new step after each
+    #   publish, and `WAKE` when a round stops, so a waiting worker blocks on its
+    #   queue (`wait`) instead of polling `control`;
+    # * `arrivals`: each push enqueues its tag, so the aggregator blocks on it
+    #   (`wait_arrivals`) instead of polling the accumulators.
+    #
+    # A token only says "look again": every decision is made on the control vector
+    # (or the accumulator count) read in the same run, after the dequeue. A token
+    # lost (a run delivered twice) costs at most one bounded wait.
     #
     # With one ps task (or every shard on ps 0), the seqlock read, the publish and
     # the push each run as one graph on the ps, their order kept by control
-    # dependencies, where they would otherwise take 3, 3 and 2 round trips.
+    # dependencies, where they would otherwise take 3, 3 and 2 round trips; a
+    # worker's wait then returns the parameters with the control vector.
 
     @property
     def on_one_task(self) -> bool:
@@ -312,31 +340,69 @@ class SharedState:
     def _fused(self) -> dict:
         if self._fused_ops is None:
             control, params, acc = self.control.ops, [p.ops for p in self.params], self.accs[0].ops
-            dtype = self.layout.dtype
+            dtype, prefix, one_task = self.layout.dtype, self.prefix, self.on_one_task
+            if acc["apply"].graph is not control["read"].graph:
+                raise AssertionError("shard 0's accumulator must be on the control vector's task")
 
             def ops():
                 def read(var):
                     return tf.raw_ops.ReadVariableOp(resource=var["handle"], dtype=var["read"].dtype)
 
-                before = read(control)
-                with tf.control_dependencies([before]):
-                    values = [read(p) for p in params]
-                with tf.control_dependencies(values):
-                    after = read(control)
+                def consistent_read(after_ops=()):
+                    with tf.control_dependencies(list(after_ops)):
+                        before = read(control)
+                    if not one_task:
+                        return [before]
+                    with tf.control_dependencies([before]):
+                        values = [read(p) for p in params]
+                    with tf.control_dependencies(values):
+                        after = read(control)
+                    return [before, values, after]
+
+                wake = [accumulators.fifo_queue(f"{prefix}/wake/{w}") for w in range(self.num_workers)]
+                arrivals = accumulators.fifo_queue(f"{prefix}/arrivals")
+                block = tf.compat.v1.placeholder(tf.bool, [])
+                token = tf.compat.v1.placeholder(tf.int64, [])
+
+                def wake_all(after_op):
+                    with tf.control_dependencies([after_op]):
+                        return tf.group(*[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake])
+
+                waits = []
+                for q in wake:
+                    tokens = accumulators.drain(q, block)
+                    waits.append(dict(tokens=tokens, read=[tokens] + consistent_read([tokens])))
+                arrived = accumulators.drain(arrivals, block)
+                with tf.control_dependencies([arrived]):
+                    count = tf.raw_ops.ResourceAccumulatorNumAccumulated(handle=acc["handle"])
+                    before = read(control)
+
                 version_idx, version = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
                 step_idx, step = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
-                new_values = [tf.compat.v1.placeholder(dtype, p["value"].shape) for p in params]
-                mark = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=version_idx,
-                                                        updates=version)
-                with tf.control_dependencies([mark]):
-                    assigns = [tf.raw_ops.AssignVariableOp(resource=p["handle"], value=v)
-                               for p, v in zip(params, new_values)]
-                with tf.control_dependencies(assigns):
-                    commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx,
-                                                              updates=step)
-                return dict(read=[before, values, after], publish=commit, version_idx=version_idx,
-                            version=version, step_idx=step_idx, step=step, new_values=new_values,
-                            push=[acc["apply"], control["scatter_update"]])
+                commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx,
+                                                          updates=step)
+                out = dict(waits=waits, arrivals=[arrived, count, before], block=block, token=token,
+                           commit=wake_all(commit), wake_all=wake_all(tf.no_op()),
+                           poke_arrivals=tf.raw_ops.QueueEnqueueV2(handle=arrivals, components=[token]),
+                           step_idx=step_idx, step=step, version_idx=version_idx, version=version)
+                with tf.control_dependencies([acc["apply"]]):
+                    pushed = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"],
+                                                              indices=control["indices"],
+                                                              updates=control["updates"])
+                with tf.control_dependencies([pushed]):
+                    out["push"] = tf.raw_ops.QueueEnqueueV2(handle=arrivals, components=[acc["step"]])
+                if one_task:
+                    new_values = [tf.compat.v1.placeholder(dtype, p["value"].shape) for p in params]
+                    mark = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=version_idx,
+                                                            updates=version)
+                    with tf.control_dependencies([mark]):
+                        assigns = [tf.raw_ops.AssignVariableOp(resource=p["handle"], value=v)
+                                   for p, v in zip(params, new_values)]
+                    with tf.control_dependencies(assigns):
+                        fused_commit = tf.raw_ops.ResourceScatterUpdate(
+                            resource=control["handle"], indices=step_idx, updates=step)
+                    out.update(read=consistent_read(), publish=wake_all(fused_commit), new_values=new_values)
+                return out
 
             self._fused_ops = self.control.endpoint.build(ops)
         return self._fused_ops
@@ -347,34 +413,69 @@ class SharedState:
         return self.control.endpoint.run(ops["read"], what=f"read of `{self.prefix}` parameters")
 
     def publish(self, step: int, flats: Sequence, indices: Sequence[int], values: Sequence[int]) -> None:
-        """VERSION = step, the parameters, then control[indices] = values (STEP among them)."""
+        """VERSION = step, the parameters, then control[indices] = values (STEP among them).
+
+        Then wakes every worker with the token `step`.
+        """
+        ops = self._fused()
+        feed = {ops["step_idx"]: np.asarray(indices, np.int32), ops["step"]: np.asarray(values, np.int64),
+                ops["token"]: int(step)}
         if not self.on_one_task:
             self.control.scatter_update([Control.VERSION], [step])
             for var, flat in zip(self.params, flats):
                 var.assign(flat)
-            self.control.scatter_update(indices, values)
+            self.control.endpoint.run(ops["commit"], feed, what=f"commit of `{self.prefix}` step {step}")
             return
-        ops = self._fused()
-        feed = {ops["version_idx"]: [Control.VERSION], ops["version"]: [step],
-                ops["step_idx"]: np.asarray(indices, np.int32), ops["step"]: np.asarray(values, np.int64)}
+        feed.update({ops["version_idx"]: [Control.VERSION], ops["version"]: [step]})
         feed.update({ph: np.asarray(flat, self.layout.dtype.as_numpy_dtype)
                      for ph, flat in zip(ops["new_values"], flats)})
         self.control.endpoint.run(ops["publish"], feed, what=f"publish of `{self.prefix}` step {step}")
 
     def push(self, flats: Sequence, tag: int, indices: Sequence[int], values: Sequence[int]) -> None:
-        """Pushes one gradient per shard tagged `tag`, then sets control[indices] = values."""
+        """Pushes one gradient per shard tagged `tag`, sets control[indices] = values, wakes the chief."""
         for acc, flat in zip(self.accs[1:], flats[1:]):
             acc.apply_grad(flat, tag)
-        if not self.on_one_task:
-            self.accs[0].apply_grad(flats[0], tag)
-            self.control.scatter_update(indices, values)
-            return
         acc, control = self.accs[0].ops, self.control.ops
         feed = {acc["grad"]: np.asarray(flats[0], self.layout.dtype.as_numpy_dtype), acc["step"]: int(tag),
                 control["indices"]: np.asarray(indices, np.int32), control["updates"]: np.asarray(values, np.int64)}
         # Delivered twice, the push ran once (see accumulators.Endpoint.run).
         self.control.endpoint.run(self._fused()["push"], feed, what=f"push to `{self.prefix}`",
                                   on_duplicate="done")
+
+    def wake_all(self) -> None:
+        """Wakes every worker's wait with the token `WAKE` (a round stopped, the job finished)."""
+        ops = self._fused()
+        self.control.endpoint.run(ops["wake_all"], {ops["token"]: WAKE}, what=f"wake-up of `{self.prefix}`")
+
+    def poke_aggregator(self) -> None:
+        """Wakes the aggregator's wait (it is being stopped)."""
+        ops = self._fused()
+        self.control.endpoint.run(ops["poke_arrivals"], {ops["token"]: WAKE},
+                                  what=f"wake-up of `{self.prefix}` aggregator")
+
+    def wait(self, w: int, block: bool, seconds: float, tokens_only: bool = False):
+        """Drains worker `w`'s wake-up queue, waiting up to `seconds` for a token if `block`.
+
+        Returns None if nothing came in time; else `(tokens, control, snapshot)`,
+        the control vector read after the dequeue and, with one ps task, the
+        seqlock read `(before, flats, after)` of the parameters (else None).
+        With `tokens_only`, just the tokens (or None).
+        """
+        ops = self._fused()
+        fetches = ops["waits"][w]["tokens" if tokens_only else "read"]
+        got = self.control.endpoint.run(fetches, {ops["block"]: bool(block)}, wait=seconds,
+                                        what=f"wait of worker {w} on `{self.prefix}`")
+        if got is None or tokens_only:
+            return got
+        snapshot = tuple(got[1:]) if len(got) == 4 else None
+        return got[0], got[1], snapshot
+
+    def wait_arrivals(self, seconds: float):
+        """Waits up to `seconds` for a push; None, or `(shard 0's gradient count, control)`."""
+        ops = self._fused()
+        got = self.control.endpoint.run(ops["arrivals"], {ops["block"]: True}, wait=seconds,
+                                        what=f"wait for pushes to `{self.prefix}`")
+        return None if got is None else (int(got[1]), got[2])
 
 
 @dataclasses.dataclass
@@ -583,6 +684,8 @@ class WorkerClient:
         self._unresolved = 0
         self._last_tag = -1
         self._last_control = None
+        self.cancelled = 0
+        self._superseded = False  # the step moved past `self.step` during this batch
         self.on_stop: List[Callable[[], None]] = []
 
     # -- waiting -----------------------------------------------------------------
@@ -594,23 +697,57 @@ class WorkerClient:
                 raise errors.AggregatorError(f"The aggregator on this chief failed: {message}")
         self.monitor.check(force=force)
 
-    def _wait(self, done: Callable[[np.ndarray], bool], what: str, timeout: float) -> np.ndarray:
+    def _wait(self, done: Callable[[np.ndarray], bool], what: str, timeout: float):
+        """Blocks on this worker's wake-up queue until `done(control)`; returns (control, snapshot).
+
+        `snapshot` is a seqlock read of the parameters made in the same run as
+        the control vector (one ps task), or None.
+        """
         start = time.monotonic()
-        sleeps = _sleep_schedule(self.config)
         while True:
-            ctl = self.state.read_control()
+            waited = time.monotonic() - start
+            got = self.state.wait(self.w, True, min(WAKE_WAIT, max(0.001, timeout - waited)))
+            if got is None:  # nothing happened: look anyway (a token may have been lost)
+                ctl, snapshot = self.state.read_control(), None
+            else:
+                _, ctl, snapshot = got
             if done(ctl):
-                return ctl
+                return ctl, snapshot
             self._check_health()
             if self.monitor.done:
-                return ctl
+                return ctl, snapshot
             waited = time.monotonic() - start
             if waited > timeout:
                 raise errors.StepTimeoutError(
                     f"Worker {self.w} {self.info.task} waited {waited:.0f} s for {what}. "
                     f"{self._diagnose(ctl)}"
                 )
-            time.sleep(next(sleeps))
+
+    def sleep_unless_superseded(self, seconds: float) -> bool:
+        """Sleeps `seconds`, or less if this worker's batch becomes useless first (then True).
+
+        The batch is useless once the global step passes `self.step` (the step
+        of its parameters) or the fit round stops. Both wake this worker at once
+        (its wake-up queue). `sync` then skips that batch's push: it is
+        cancelled. Asynchronous training never cancels.
+        """
+        deadline = time.monotonic() + seconds
+        if not self.config.staleness_check or self._round_stopped or self._superseded:
+            time.sleep(max(0.0, seconds))
+            return self._superseded and self.config.staleness_check
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            tokens = self.state.wait(self.w, True, remaining, tokens_only=True)
+            if tokens is None:
+                return False
+            # Every change a later wait looks for comes with a token after it; one
+            # taken here is acted on now (or was about an older step or round).
+            if tokens.max(initial=WAKE) > self.step or (
+                    (tokens == WAKE).any() and self._stopped(self.state.read_control())):
+                self._superseded = True
+                return True
 
     def _diagnose(self, ctl: np.ndarray) -> str:
         c = self.state.ctl
@@ -655,6 +792,7 @@ class WorkerClient:
         c = self.state.ctl
         self.pushed = int(ctl[c.pushed(self.w)])
         self.dropped = int(ctl[c.dropped(self.w)])
+        self.cancelled = int(ctl[c.cancelled(self.w)])
         self._taken_seen = int(ctl[c.taken(self.w)])
         self._unresolved = max(0, self.pushed - self.dropped - self._taken_seen)
         self._last_tag = int(ctl[c.last_tag(self.w)]) if self.pushed else -1
@@ -663,13 +801,23 @@ class WorkerClient:
 
     # -- pulling -----------------------------------------------------------------
 
-    def pull(self, ctl: Optional[np.ndarray] = None):
+    def pull(self, ctl: Optional[np.ndarray] = None, snapshot=None):
         """Reads the published parameters of one consistent step.
+
+        Args:
+          ctl: a control vector just read, if any.
+          snapshot: a seqlock read `(before, flats, after)` just made, if any:
+            used as it is when consistent.
 
         Returns:
           (flats, control): the flat parameters per shard, and a control vector
           whose STEP is the step they belong to.
         """
+        if snapshot is not None:
+            before, flats, after = snapshot
+            if before[Control.STEP] == before[Control.VERSION] == after[Control.VERSION]:
+                self._observe(before)
+                return list(flats), before
         start = time.monotonic()
         sleeps = _sleep_schedule(self.config)
         while True:
@@ -730,36 +878,46 @@ class WorkerClient:
         return ctl[Control.STOP_ROUND] >= self.round or ctl[Control.FINISHED] or self.monitor.done
 
     def sync(self, flats: Sequence):
-        """Pushes one gradient, waits for the step, pulls. Returns (flats, metrics)."""
+        """Pushes one gradient, waits for the step, pulls. Returns (flats, metrics).
+
+        A batch superseded while it was computed (`sleep_unless_superseded`) is
+        cancelled: nothing is pushed, the new step is pulled at once.
+        """
         c = self.state.ctl
         if self._round_stopped:
             return [p.read() for p in self.state.params], self.metrics()
         if not self._round_announced:
             self.state.control.scatter_max([Control.ROUND], [self.round])
             self._round_announced = True
-        tag = self.step if self.config.staleness_check else INT64_MAX
-        self.state.push(flats, tag, [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w)],
-                        [self.pushed + 1, self.step, self.dropped])
-        self.pushed += 1
-        self._unresolved += 1
-        self._last_tag = self.step
-        if self.config.staleness_check:
-            tag_step = self.step
-            ctl = self._wait(
-                lambda ctl: ctl[Control.STEP] > tag_step or self._stopped(ctl),
-                f"global step {tag_step + 1}",
-                self.config.step_timeout,
-            )
+        snapshot = ctl = None
+        if self._superseded:
+            self._superseded = False
+            self.cancelled += 1
         else:
-            # Asynchronous: wait for this worker's own gradients only, as TF1's
-            # asynchronous training, whose pushes were the updates themselves.
-            seen, pending, slot = self._taken_seen, self._unresolved, c.taken(self.w)
-            ctl = self._wait(
-                lambda ctl: ctl[slot] - seen >= pending or self.monitor.done,
-                "the chief to apply this worker's gradient",
-                self.config.step_timeout,
-            )
-        flats, ctl = self.pull(ctl)
+            tag = self.step if self.config.staleness_check else INT64_MAX
+            self.state.push(flats, tag,
+                            [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w)],
+                            [self.pushed + 1, self.step, self.dropped, self.cancelled])
+            self.pushed += 1
+            self._unresolved += 1
+            self._last_tag = self.step
+            if self.config.staleness_check:
+                tag_step = self.step
+                ctl, snapshot = self._wait(
+                    lambda ctl: ctl[Control.STEP] > tag_step or self._stopped(ctl),
+                    f"global step {tag_step + 1}",
+                    self.config.step_timeout,
+                )
+            else:
+                # Asynchronous: wait for this worker's own gradients only, as TF1's
+                # asynchronous training, whose pushes were the updates themselves.
+                seen, pending, slot = self._taken_seen, self._unresolved, c.taken(self.w)
+                ctl, snapshot = self._wait(
+                    lambda ctl: ctl[slot] - seen >= pending or self.monitor.done,
+                    "the chief to apply this worker's gradient",
+                    self.config.step_timeout,
+                )
+        flats, ctl = self.pull(ctl, snapshot)
         if self._stopped(ctl):
             self._stop()
         return flats, self.metrics()
@@ -778,7 +936,10 @@ class WorkerClient:
             does this; a worker that does not end in time is named in a warning.
         """
         c = self.state.ctl
-        self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w)], [self.round, self.round])
+        self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w), c.cancelled(self.w)],
+                                       [self.round, self.round, self.cancelled])
+        self.state.wake_all()
+        self._superseded = False
         if wait_for_others:
             start = time.monotonic()
             sleeps = _sleep_schedule(self.config)
@@ -849,6 +1010,10 @@ class Aggregator(threading.Thread):
     def stop(self, timeout: float = 30.0) -> None:
         self._stop_event.set()
         if self.is_alive() and threading.current_thread() is not self:
+            try:
+                self.state.poke_aggregator()
+            except errors.PsUnavailableError:
+                pass  # the ps is gone: the wait ends at its deadline
             self.join(timeout)
 
     def run(self) -> None:
@@ -861,30 +1026,32 @@ class Aggregator(threading.Thread):
     def _loop(self) -> None:
         # No deadline on the gradients themselves: the workers (the chief's own
         # training loop among them) wait for the step with theirs, and a worker
-        # that died is noticed from its heartbeat (`_check_workers`).
+        # that died is noticed from its heartbeat (`_check_workers`). Between
+        # checks, the loop blocks on the `arrivals` queue, which every push feeds.
         n = self.config.replicas_to_aggregate
-        sleeps = _sleep_schedule(self.config)
         finished = False
+        others = self.state.accs[1:]
         while not self._stop_event.is_set():
             if self._check_workers():
                 return
             if self.max_steps is not None and self.step >= self.max_steps:
                 if not finished:
                     self.state.control.scatter_update([Control.FINISHED], [1])
+                    self.state.wake_all()
                     finished = True
                 self._stop_event.wait(max(self.config.poll_max, 0.05))
                 continue
-            ctl = self.state.read_control()
+            got = self.state.wait_arrivals(min(WAKE_WAIT, 0.5))
+            if self._stop_event.is_set():
+                break
+            if got is None:  # nothing came: look anyway (a token may have been lost)
+                got = self.state.accs[0].num_accumulated(), self.state.read_control()
+            count, ctl = got
             paused = ctl[Control.ROUND] <= ctl[Control.STOP_ROUND]
             if paused and self.config.staleness_check:
-                # Between fit rounds. (Asynchronous training applies every gradient.)
-                self._stop_event.wait(self.config.poll_max)
-                continue
-            if all(acc.num_accumulated() >= n for acc in self.state.accs):
+                continue  # between fit rounds (asynchronous training applies every gradient)
+            if count >= n and all(acc.num_accumulated() >= n for acc in others):
                 self._take_apply_publish()
-                sleeps = _sleep_schedule(self.config)
-                continue
-            time.sleep(next(sleeps))
 
     def _check_workers(self) -> bool:
         """Reads the heartbeats (once a second); True when too few workers are left."""

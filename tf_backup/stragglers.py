@@ -437,19 +437,22 @@ class StragglerCallback(keras.callbacks.Callback):
       delays: the seconds slept before each batch, in order.
       total_delay: the sum of `delays`.
       capped: how many delays were cut to `max_delay`.
+      cancelled: how many sleeps were cut short because the batch was superseded.
     """
 
-    def __init__(self, model: StragglerModel, worker: int, *, max_delay: float = 60.0):
+    def __init__(self, model: StragglerModel, worker: int, *, max_delay: float = 60.0, cancel=None):
         """Creates the callback.
 
         Args:
           model: the straggler model, e.g. from `parse`.
           worker: this worker's index, an integer >= 0.
           max_delay: the longest one sleep may last, seconds, >= 0.
+          cancel: None, or the `BackupWorkerStrategy` whose
+            `sleep_unless_superseded` cuts superseded sleeps short.
 
         Raises:
-          TypeError: if `model` is not a `StragglerModel` or `worker` is not an
-            integer.
+          TypeError: if `model` is not a `StragglerModel`, `worker` is not an
+            integer, or `cancel` has no `sleep_unless_superseded`.
           ValueError: if `worker` is negative or `max_delay` is negative or not
             a finite number.
         """
@@ -461,7 +464,12 @@ class StragglerCallback(keras.callbacks.Callback):
                 or not math.isfinite(max_delay) or max_delay < 0):
             raise ValueError("`max_delay` must be a finite number of seconds >= 0. "
                              f"Received: max_delay={max_delay!r}")
+        if cancel is not None and not callable(getattr(cancel, "sleep_unless_superseded", None)):
+            raise TypeError("`cancel` must be None or a tf_backup.BackupWorkerStrategy. "
+                            f"Received: cancel={cancel!r}")
         super().__init__()
+        self.cancel = cancel
+        self.cancelled = 0
         self.straggler_model = model
         self.worker = worker
         self.max_delay = float(max_delay)
@@ -477,7 +485,12 @@ class StragglerCallback(keras.callbacks.Callback):
         slept = min(wanted, self.max_delay)
         if wanted > self.max_delay:
             self.capped += 1
-        if slept > 0:
+        if self.cancel is not None:
+            start = time.monotonic()
+            if self.cancel.sleep_unless_superseded(slept):
+                self.cancelled += 1
+                slept = time.monotonic() - start
+        elif slept > 0:
             time.sleep(slept)
         self.delays.append(slept)
         self.total_delay += slept

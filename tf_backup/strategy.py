@@ -470,7 +470,9 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         Returns:
           A dict with `global_step` and per-worker lists `pushed`, `taken`
           and `dropped` (pushed and never applied: stale, or still pending when
-          training stopped), so `taken + dropped == pushed` for every worker.
+          training stopped), so `taken + dropped == pushed` for every worker;
+          and `cancelled`: batches never pushed because the step moved on
+          while they were computed (see `sleep_unless_superseded`).
         """
         if not self.extended.bindings:
             raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
@@ -484,7 +486,36 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             "pushed": [int(x) for x in pushed],
             "taken": [int(x) for x in taken],
             "dropped": [int(x) for x in pushed - taken],
+            "cancelled": [int(x) for x in c.block(ctl, c.cancelled)],
         }
+
+    def sleep_unless_superseded(self, seconds: float) -> bool:
+        """Sleeps up to `seconds` unless this worker's current batch becomes useless first.
+
+        For simulated compute (the straggler models of `tf_backup.stragglers`):
+        the batch is useless once the global step passes the step of this
+        worker's parameters, or the fit round stops. The chief's publish wakes
+        the worker at once; the batch is then *cancelled*: its gradient is not
+        pushed, and the worker moves to the new step. That is a straggler that
+        can be interrupted, the model behind the order-statistic ideal of
+        `stragglers.ideal_step_times`; without it a late worker finishes its
+        stale batch first (as in TF1). Cancelled batches are counted in
+        `stats()["cancelled"]`.
+
+        Args:
+          seconds: the longest sleep, >= 0.
+
+        Returns:
+          True if the sleep was cut short (the batch is cancelled); False if it
+          lasted `seconds`, or no SyncReplicasOptimizer is built yet.
+        """
+        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                or not seconds >= 0 or seconds == float("inf")):
+            raise ValueError(f"`seconds` must be a finite number >= 0. Received seconds={seconds!r}")
+        if not self.extended.bindings:
+            time.sleep(seconds)
+            return False
+        return self.extended.bindings[-1].client.sleep_unless_superseded(float(seconds))
 
     def step_history(self) -> List[protocol.StepRecord]:
         """The chief's record of every step of the latest optimizer (chief only)."""

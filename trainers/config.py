@@ -67,6 +67,8 @@ class TrainConfig:
       steps: global steps to train; exclusive with `epochs`.
       epochs: passes over the training set (N * batch_size examples per step).
       straggler: a `tf_backup.stragglers` spec.
+      cancel_stragglers: cut a straggler's delay short once its batch is
+        superseded (the step moved on): the batch is cancelled, not pushed.
       seed: seeds the model initializers, data shuffling and the straggler model.
       data_dir: tfds data directory (None: tfds' default).
       log_every: global steps between progress lines on the chief.
@@ -84,6 +86,7 @@ class TrainConfig:
     steps: Optional[int] = None
     epochs: Optional[int] = None
     straggler: str = "none"
+    cancel_stragglers: bool = False
     seed: int = 0
     data_dir: Optional[str] = None
     log_every: int = 50
@@ -124,6 +127,9 @@ class TrainConfig:
         for name, minimum in (("num_workers", 1), ("num_backup_workers", 0), ("num_ps", 1),
                               ("batch_size", 1), ("seed", 0), ("log_every", 1)):
             integer(name, minimum)
+        if not isinstance(self.cancel_stragglers, bool):
+            raise ConfigError("`cancel_stragglers` must be true or false. "
+                              f"Received cancel_stragglers={self.cancel_stragglers!r}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}. Received mode={self.mode!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -51,6 +51,10 @@ _MODE = flags.DEFINE_enum(
 _STRAGGLER = flags.DEFINE_string(
     "straggler", None, "Injected delays: none, slow:WORKER:FACTOR, exp:MEAN, pareto:SHAPE:SCALE "
     "or trace:PATH (seconds; seeded by --seed).")
+_CANCEL_STRAGGLERS = flags.DEFINE_boolean(
+    "cancel_stragglers", None, "Cut an injected delay short once the global step moves past the "
+    "worker's parameters: the batch is cancelled instead of finished and dropped (default: off, as in "
+    "the paper).")
 _SEED = flags.DEFINE_integer("seed", None, "Seeds initializers, shuffling and stragglers.", lower_bound=0)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 _LOCAL_CLUSTER = flags.DEFINE_boolean(
@@ -81,7 +85,8 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer(
 _OVERRIDES = {
     "num_workers": _NUM_WORKERS, "num_backup_workers": _NUM_BACKUP_WORKERS, "num_ps": _NUM_PS,
     "steps": _STEPS, "epochs": _EPOCHS, "batch_size": _BATCH_SIZE, "learning_rate": _LEARNING_RATE,
-    "optimizer": _OPTIMIZER, "mode": _MODE, "straggler": _STRAGGLER, "seed": _SEED,
+    "optimizer": _OPTIMIZER, "mode": _MODE, "straggler": _STRAGGLER,
+    "cancel_stragglers": _CANCEL_STRAGGLERS, "seed": _SEED,
     "data_dir": _DATA_DIR, "log_every": _LOG_EVERY,
 }
 PROG = "tf-backup-train"
@@ -173,7 +178,8 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
     global_per_epoch = steps_per_epoch * (num_workers if config.mode == "async" else 1)
     initial_epoch = min(initial_step // global_per_epoch, epochs - 1)
     model_spec = stragglers.parse(config.straggler, seed=config.seed)
-    delays = stragglers.StragglerCallback(model_spec, w)
+    delays = stragglers.StragglerCallback(model_spec, w,
+                                          cancel=strategy if config.cancel_stragglers else None)
     callbacks = [delays]
     if strategy.is_chief:
         if initial_step:
@@ -209,7 +215,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         "wall_seconds": wall,
         "steps_per_second": (stats["global_step"] - initial_step) / wall if wall > 0 else 0.0,
         "worker_events": [dataclasses.asdict(e) for e in strategy.worker_events()],
-        "gradients": {k: stats[k] for k in ("pushed", "taken", "dropped")},
+        "gradients": {k: stats[k] for k in ("pushed", "taken", "dropped", "cancelled")},
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
     }
     return result
@@ -233,7 +239,7 @@ def merge(results) -> Dict[str, Any]:
     summary["workers"] = [
         {"worker": r["worker"], "local_batches": r["local_batches"],
          "straggler_delay_seconds": round(r["straggler_delay_seconds"], 3),
-         **{k: summary["gradients"][k][r["worker"]] for k in ("pushed", "taken", "dropped")},
+         **{k: summary["gradients"][k][r["worker"]] for k in ("pushed", "taken", "dropped", "cancelled")},
          **({"lost": True} if r.get("lost") else {})}
         for r in results
     ]
@@ -251,10 +257,10 @@ def format_summary(summary: Dict[str, Any]) -> str:
         f"summary | steps: {summary['steps']} | wall: {summary['wall_seconds']:.1f} s | "
         f"steps/s: {summary['steps_per_second']:.2f}",
         f"summary | gradients pushed: {sum(g['pushed'])} | taken: {sum(g['taken'])} | "
-        f"dropped: {sum(g['dropped'])}",
+        f"dropped: {sum(g['dropped'])}" + (f" | cancelled: {sum(g['cancelled'])}" if sum(g["cancelled"]) else ""),
     ]
-    for w, (p, t, d) in enumerate(zip(g["pushed"], g["taken"], g["dropped"])):
-        lines.append(f"summary | worker {w}: pushed {p}, taken {t}, dropped {d}")
+    for w, (p, t, d, c) in enumerate(zip(g["pushed"], g["taken"], g["dropped"], g["cancelled"])):
+        lines.append(f"summary | worker {w}: pushed {p}, taken {t}, dropped {d}" + (f", cancelled {c}" if c else ""))
     if summary.get("resumed_from_step"):
         lines.append(f"summary | resumed from the checkpoint of step {summary['resumed_from_step']}")
     for e in summary.get("worker_events", []):
