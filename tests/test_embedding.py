@@ -13,12 +13,12 @@ import workers
 pytestmark = pytest.mark.cluster
 
 
-def reference(initial, steps, rows_per_step, rows=None):
+def reference(initial, steps, rows_per_step, rows=None, gather=False):
     x, y = workers.embedding_data(steps * rows_per_step)
     if rows is not None:
         x, y = x[rows], y[rows]
         rows_per_step = len(rows) // steps
-    model = workers.embedding_model(keras)
+    model = workers.gather_model(keras) if gather else workers.embedding_model(keras)
     model.set_weights(initial)
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
     model.fit(x, y, batch_size=rows_per_step, epochs=1, shuffle=False, verbose=0)
@@ -49,6 +49,28 @@ def test_embedding_model_trains_through_fit_like_large_batch_sgd(local_devices):
     # Rows of tokens in the data moved; rows of tokens never seen did not.
     assert np.all(np.abs(table[used] - initial_table[used]).max(axis=1) > 0)
     np.testing.assert_array_equal(table[unused], initial_table[unused])
+
+
+@pytest.mark.parametrize("sparse_variables,by_rows", [(["lookup/table"], True), (None, False)])
+def test_a_gathered_variable_named_in_sparse_variables_goes_by_rows(sparse_variables, by_rows):
+    """Any IndexedSlices gradient, not only an Embedding's: named, by rows; else densified, same result."""
+    steps = 5
+    out = tf_backup.launch_local(workers.train_embedding, num_workers=2, timeout=240,
+                                 kwargs=dict(steps=steps, gather=True, sparse_variables=sparse_variables))
+    expected = reference(out[0]["initial"], steps, 2 * workers.BATCH, gather=True)
+    for worker in out:
+        assert worker["stats"]["global_step"] == steps and worker["stats"]["taken"] == [steps] * 2
+        for got, want in zip(worker["weights"], expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        assert worker["sparse_tables"] == ([[workers.VOCAB, 3]] if by_rows else None)
+        assert worker["dense_elements"] == 3 + 1 + (0 if by_rows else workers.VOCAB * 3)
+
+
+def test_sparse_variables_must_name_variables_of_the_model():
+    with pytest.raises(ValueError, match="`nope/table`.*not a trainable variable"):
+        tf_backup.sparse.split([keras.Variable(np.zeros([3, 2]), name="t")], ["nope/table"])
+    with pytest.raises(TypeError, match="sparse_variables='lookup/table'"):
+        tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), sparse_variables="lookup/table")
 
 
 def test_embedding_rows_of_a_slow_backup_worker_are_dropped():

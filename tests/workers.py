@@ -464,9 +464,32 @@ def embedding_model(keras):
     ])
 
 
+def gather_model(keras):
+    """`embedding_model` with a custom layer reading its table by `tf.gather` instead of an Embedding."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    class Lookup(keras.layers.Layer):
+        def build(self, input_shape):
+            self.table = self.add_weight(name="table", shape=(VOCAB, 3),
+                                         initializer=keras.initializers.RandomNormal(seed=4))
+
+        def call(self, tokens):
+            return tf.gather(self.table, tokens)
+
+    return keras.Sequential([
+        keras.Input((TOKENS,), dtype="int32"),
+        Lookup(name="lookup"),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(5)),
+    ])
+
+
 def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int = 0, slow_worker: int = -1,
-                    checkpoint_dir=None):
-    """An Embedding model (IndexedSlices gradients) through model.fit; host batch BATCH * local_devices."""
+                    checkpoint_dir=None, gather: bool = False, sparse_variables=None):
+    """An Embedding model (IndexedSlices gradients) through model.fit; host batch BATCH * local_devices.
+
+    `gather`: the table is a custom layer's, read by `tf.gather` (`gather_model`).
+    """
     import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
     tf_backup.local_devices.set_logical_cpus(local_devices)
     import keras  # pylint: disable=g-import-not-at-top
@@ -478,9 +501,10 @@ def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int 
     host_batch = BATCH * local_devices
     x, y = embedding_data(steps * strategy.num_workers * host_batch)
     with strategy.scope():
-        model = embedding_model(keras)
+        model = gather_model(keras) if gather else embedding_model(keras)
         inner = keras.optimizers.SGD(0.5, momentum=0.5 if checkpoint_dir else 0.0)
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(inner), loss="mse", jit_compile=False)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(inner, sparse_variables=sparse_variables),
+                      loss="mse", jit_compile=False)
         if checkpoint_dir:
             model.optimizer.build(model.trainable_variables)  # restores the checkpoint
     initial = [v.numpy() for v in model.trainable_variables]

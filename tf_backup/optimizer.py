@@ -78,18 +78,26 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         (`num_workers - num_backup_workers`).
       total_num_replicas: N + b, checked against the strategy's number of
         workers. Default: the strategy's.
+      sparse_variables: the variables that go by rows (their gradients are
+        `IndexedSlices`, e.g. read with `tf.gather`): each step pushes,
+        applies, publishes and pulls only the rows it touched, through a
+        sparse conditional accumulator (`tf_backup.sparse`). None (default):
+        the tables of `keras.layers.Embedding`. Else a list of variables or
+        variable paths (`"my_layer/table"`, or the path's last components), or
+        a callable from a variable to bool; `[]` sends every variable through the dense accumulators. An
+        `IndexedSlices` gradient of any other variable is densified.
       name: the optimizer's name.
 
     Raises:
-      TypeError: `optimizer` is not a Keras optimizer, or a count is not an
-        integer.
+      TypeError: `optimizer` is not a Keras optimizer, a count is not an
+        integer, or `sparse_variables` is not a list or a callable.
       ValueError: a count is below 1, `replicas_to_aggregate >
         total_num_replicas`, the inner optimizer uses EMA, or a keyword that
         belongs to the inner optimizer is passed here.
     """
 
     def __init__(self, optimizer, replicas_to_aggregate=None, total_num_replicas=None,
-                 name=None, **kwargs):
+                 sparse_variables=None, name=None, **kwargs):
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 "`optimizer` must be a keras.optimizers.Optimizer instance. "
@@ -119,7 +127,13 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
                 "SyncReplicasOptimizer does not support an inner optimizer with `use_ema=True` "
                 "yet. Received optimizer with use_ema=True"
             )
+        if sparse_variables is not None and not callable(sparse_variables):
+            if isinstance(sparse_variables, (str, bytes)) or not isinstance(sparse_variables, (list, tuple)):
+                raise TypeError("`sparse_variables` must be None, a list of variables or variable paths, "
+                                f"or a callable. Received sparse_variables={sparse_variables!r}")
+            sparse_variables = list(sparse_variables)
         super().__init__(learning_rate=0.0, name=name)
+        self.sparse_variables = sparse_variables
         self.inner_optimizer = optimizer
         self.replicas_to_aggregate = replicas_to_aggregate
         self.total_num_replicas = total_num_replicas
@@ -132,7 +146,7 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         strategy = tf.distribute.get_strategy()
         if isinstance(strategy, strategy_lib.BackupWorkerStrategy):
             var_list = list(var_list)
-            dense_ids, sparse_ids = sparse.split(var_list)  # Embedding tables go by rows
+            dense_ids, sparse_ids = sparse.split(var_list, self.sparse_variables)  # tables go by rows
             self._binding = _Binding(self, strategy, [var_list[i] for i in dense_ids])
             if sparse_ids:
                 self._sparse = sparse.SparseBinding(self, strategy, self._binding, var_list, dense_ids,
@@ -192,6 +206,9 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "replicas_to_aggregate": self.replicas_to_aggregate,
             "total_num_replicas": self.total_num_replicas,
+            # Paths only: a callable or variables do not serialize.
+            **({"sparse_variables": [x if isinstance(x, str) else sparse.path(x) for x in self.sparse_variables]}
+               if isinstance(self.sparse_variables, list) else {}),
         }
 
     @classmethod
@@ -293,6 +310,7 @@ class _Binding:
         self.layout = protocol.Layout(var_list, len(info.ps))
         self.worker_index, self.num_workers = info.worker_index, info.num_workers
         self._keys = [optimizer._var_key(v) for v in var_list]  # pylint: disable=protected-access
+        self._densified = set()  # variables warned about: IndexedSlices gradients densified
         self._ext = ext
         self._optimizer = optimizer
         inner = optimizer.inner_optimizer
@@ -422,7 +440,13 @@ class _Binding:
             if grad is None:
                 grad = tf.zeros(shape, layout.dtypes[i])
             elif isinstance(grad, tf.IndexedSlices):
-                grad = tf.convert_to_tensor(grad)  # sparse accumulators are future work
+                if name not in self._densified:
+                    self._densified.add(name)
+                    logging.warning(
+                        "tf_backup: variable `%s` gets IndexedSlices gradients; it goes through the dense "
+                        "accumulators, densified. Name it in SyncReplicasOptimizer(sparse_variables=[...]) "
+                        "to push and pull only the rows a step touches.", name)
+                grad = tf.convert_to_tensor(grad)
             grad = tf.convert_to_tensor(grad)
             if not grad.shape.is_compatible_with(shape):
                 raise ValueError(

@@ -1,7 +1,9 @@
 """Sparse gradients: Embedding tables pushed, applied, published and pulled by rows.
 
 A variable of a `keras.layers.Embedding` (its `embeddings`, rank 2) gets an
-`IndexedSlices` gradient: the rows of the tokens in the batch. Densifying it
+`IndexedSlices` gradient: the rows of the tokens in the batch (as does any
+variable read with `tf.gather`; name those in
+`SyncReplicasOptimizer(sparse_variables=[...])`). Densifying it
 makes every step cost O(vocabulary) in the push, the take, the publish and the
 pull. Here such a table is kept out of the flat shards of `protocol.Layout`
 and has its own shared state on a ps task (`<prefix>/sparse/<k>/...`):
@@ -49,19 +51,55 @@ from tf_backup import protocol
 INT64_MAX = np.iinfo(np.int64).max
 
 
+def path(variable) -> str:
+    """A variable's Keras path (`"dense/kernel"`), or its TF name without the `:0`."""
+    return (getattr(variable, "path", None) or getattr(variable, "name", "")).split(":")[0]
+
+
 def is_embedding_table(variable) -> bool:
     """Whether `variable` is a `keras.layers.Embedding` table (its gradients are IndexedSlices)."""
-    name = getattr(variable, "path", None) or getattr(variable, "name", "")
-    return name.split("/")[-1].split(":")[0] == "embeddings" and len(variable.shape) == 2
+    return path(variable).split("/")[-1] == "embeddings" and len(variable.shape) == 2
 
 
 # False sends Embedding tables through the dense flat shards (densified), for comparisons.
 ENABLED = True
 
 
-def split(var_list: Sequence) -> Tuple[List[int], List[int]]:
-    """(dense positions, sparse positions) of `var_list`."""
-    sparse = [i for i, v in enumerate(var_list) if ENABLED and is_embedding_table(v)]
+def split(var_list: Sequence, chosen=None) -> Tuple[List[int], List[int]]:
+    """(dense positions, sparse positions) of `var_list`.
+
+    Args:
+      var_list: the trainable variables.
+      chosen: which go by rows (`SyncReplicasOptimizer(sparse_variables=)`):
+        None for the Embedding tables; a list of variables or paths; or a
+        callable from a variable to bool.
+
+    Raises:
+      ValueError: a listed variable or path is not in `var_list`, or a chosen
+        variable is a scalar.
+    """
+    if chosen is None:
+        pick = is_embedding_table
+    elif callable(chosen):
+        pick = lambda v: bool(chosen(v))  # noqa: E731
+    else:
+        paths = {path(v) for v in var_list}
+        wanted = set()
+        for item in chosen:
+            name = item if isinstance(item, str) else path(item)
+            # A path or its last components: "lookup/table" names "sequential/lookup/table".
+            matches = {p for p in paths if p == name or p.endswith("/" + name)}
+            if not matches:
+                raise ValueError(
+                    f"`sparse_variables` names `{name}`, which is not a trainable variable of this model "
+                    f"(its variables: {', '.join(sorted(paths))}). Received sparse_variables={chosen!r}")
+            wanted |= matches
+        pick = lambda v: path(v) in wanted  # noqa: E731
+    sparse = [i for i, v in enumerate(var_list) if ENABLED and pick(v)]
+    for i in sparse:
+        if len(var_list[i].shape) < 1:
+            raise ValueError(f"A variable that goes by rows needs rank >= 1; `{path(var_list[i])}` is a "
+                             "scalar. Leave it out of `sparse_variables`.")
     return [i for i in range(len(var_list)) if i not in sparse], sparse
 
 
