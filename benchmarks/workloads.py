@@ -123,6 +123,7 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                                   cfg.get("seed", 0), global_step, strategy=strategy)
     sleeper.active = False
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=[sleeper])
+    strategy.wait_for_fit_end()
     sleeper.active = True
     reps = []
     for _ in range(cfg["reps"]):
@@ -131,6 +132,7 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             start_step = global_step()
             start, cpu = time.monotonic(), time.process_time()
             model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0, callbacks=[sleeper])
+            strategy.wait_for_fit_end()  # a worker late in its long sleep must not run into the next rep
             reps.append({"policy": policy, "start_step": start_step, "end_step": global_step(),
                          "wall": time.monotonic() - start, "cpu": time.process_time() - cpu})
     if not strategy.is_chief:

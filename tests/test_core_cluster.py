@@ -63,11 +63,13 @@ def test_3_workers_1_backup_drops_every_gradient_of_the_slow_worker():
     steps = 20
     out = tf_backup.launch_local(
         workers.train_regression, num_workers=4,
-        kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, slow_seconds=0.3),
+        kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, slow_seconds=0.3, barrier=True),
         timeout=240, ps_exit_grace=20)
     expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2], steps, 4)
     for worker in out:
         result = worker["results"][0]
+        # After wait_for_fit_end every worker reads the same, final counts (the slow one ends last).
+        assert result["late"] == [] and result["stats"] == out[0]["results"][0]["stats"]
         for got, want in zip(result["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
     stats = out[0]["results"][0]["stats"]

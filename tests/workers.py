@@ -84,12 +84,13 @@ class CancelledSleeper:
 
 def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",),
                      slow_worker: int = -1, slow_seconds: float = 0.0, asynchronous: bool = False,
-                     cancel: bool = False):
+                     cancel: bool = False, barrier: bool = False):
     """Trains a linear model with each optimizer in turn; returns weights and counts.
 
     Worker w reads batches w, w + W, w + 2W, ... of `regression_data`. The slow
     worker is always late (`WaitUntilStale`), or with `cancel` sleeps
-    `slow_seconds` per batch unless superseded (`CancelledSleeper`).
+    `slow_seconds` per batch unless superseded (`CancelledSleeper`). With
+    `barrier`, each worker calls `wait_for_fit_end` before reading the counts.
     """
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -116,7 +117,9 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
         start = time.monotonic()
         history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps,
                             verbose=0, callbacks=callbacks)
+        late = strategy.wait_for_fit_end(timeout=60) if barrier else None
         result = {
+            "late": late,
             "optimizer": name,
             "weights": [v.numpy() for v in model.trainable_variables],
             "history": history.history,

@@ -941,29 +941,38 @@ class WorkerClient:
         self.state.wake_all()
         self._superseded = False
         if wait_for_others:
-            start = time.monotonic()
-            sleeps = _sleep_schedule(self.config)
-            while True:
-                ended = c.block(self.state.read_control(), c.ended)
-                late = [w for w in range(self.info.num_workers) if ended[w] < self.round]
-                if late:  # a worker that left the job (e.g. refused at build) or died never ends it
-                    gone = set(self.monitor.left_workers()) | set(self._dead_workers())
-                    late = [w for w in late if w not in gone]
-                if not late:
-                    break
-                if time.monotonic() - start > self.config.chief_timeout:
-                    logging.warning(
-                        "tf_backup: workers %s did not end fit round %d within %.0f s "
-                        "(chief_timeout); their counts may be incomplete.",
-                        ", ".join(str(self.info.workers[w]) for w in late), self.round,
-                        self.config.chief_timeout)
-                    break
-                time.sleep(next(sleeps))
+            self.wait_for_round_end(self.round, self.config.chief_timeout, "chief_timeout")
         flats, _ = self.pull()
         self.round += 1
         self._round_announced = False
         self._round_stopped = False
         return flats
+
+
+    def wait_for_round_end(self, round_: int, timeout: float, setting: str = "timeout") -> List[str]:
+        """Waits until every worker has ended fit round `round_`; returns the tasks that did not in time.
+
+        Workers that left the job or that the chief declared dead are not waited
+        for. Past `timeout` seconds, a warning names the late workers.
+        """
+        c = self.state.ctl
+        start = time.monotonic()
+        sleeps = _sleep_schedule(self.config)
+        while True:
+            ended = c.block(self.state.read_control(), c.ended)
+            late = [w for w in range(self.info.num_workers) if ended[w] < round_]
+            if late:  # a worker that left the job (e.g. refused at build) or died never ends it
+                gone = set(self.monitor.left_workers()) | set(self._dead_workers())
+                late = [w for w in late if w not in gone]
+            if not late:
+                return []
+            if time.monotonic() - start > timeout:
+                names = [str(self.info.workers[w]) for w in late]
+                logging.warning(
+                    "tf_backup: workers %s did not end fit round %d within %.0f s (%s); their counts "
+                    "may be incomplete.", ", ".join(names), round_, timeout, setting)
+                return names
+            time.sleep(next(sleeps))
 
 
 class Aggregator(threading.Thread):

@@ -489,6 +489,33 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             "cancelled": [int(x) for x in c.block(ctl, c.cancelled)],
         }
 
+    def wait_for_fit_end(self, timeout: Optional[float] = None) -> List[str]:
+        """After `fit` returns: waits until every worker's last `fit` has ended too.
+
+        A fit round ends for all workers when any worker's `fit` ends, but each
+        worker leaves it at its own next step: one in a long sleep or a slow
+        batch leaves late, and may still be in the old round while the others
+        start their next `fit`. Call this between fits to start the next one
+        together (the benchmarks do, so each timed fit measures its own steps).
+        The chief's own `fit` already waits for the others before it returns.
+
+        Args:
+          timeout: the longest wait, seconds (default: `chief_timeout`).
+
+        Returns:
+          The tasks that had not ended the round in time (a warning names them);
+          [] when every worker had. Workers that left or died are not waited for.
+        """
+        if not self.extended.bindings:
+            raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
+        client = self.extended.bindings[-1].client
+        if timeout is None:
+            timeout = client.config.chief_timeout
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not 0 <= timeout < float("inf")):
+            raise ValueError(f"`timeout` must be a finite number of seconds >= 0. Received timeout={timeout!r}")
+        return client.wait_for_round_end(client.round - 1, float(timeout))
+
     def sleep_unless_superseded(self, seconds: float) -> bool:
         """Sleeps up to `seconds` unless this worker's current batch becomes useless first.
 
