@@ -353,6 +353,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         snaps = Snapshots()
         model.fit(strategy.distribute_dataset(ds), epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
                   callbacks=[sleeper, snaps] if strategy.is_chief else [sleeper])
+        strategy.wait_for_fit_end()  # the next run starts together (a late worker may still be asleep)
         if strategy.is_chief:
             end = (time.monotonic() - snaps.start, strategy.stats()["global_step"] - snaps.base,
                    [v.copy() for v in model.get_weights()])

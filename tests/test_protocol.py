@@ -62,12 +62,37 @@ def test_control_slots_do_not_overlap():
     c = protocol.Control(num_workers=3)
     slots = [protocol.Control.STEP, protocol.Control.VERSION, protocol.Control.ROUND,
              protocol.Control.STOP_ROUND, protocol.Control.LAST_TAKEN, protocol.Control.FINISHED]
-    for block in (c.taken, c.pushed, c.dropped, c.last_tag, c.ended):
+    for block in (c.taken, c.pushed, c.dropped, c.last_tag, c.ended, c.cancelled):
         slots += [block(w) for w in range(3)]
     assert len(set(slots)) == len(slots) and max(slots) < c.size
     job = [protocol.Job.JOB_ID, protocol.Job.DONE, protocol.Job.ABORT, protocol.Job.HEARTBEAT]
     job += [f(w) for f in (protocol.Job.joined, protocol.Job.left, protocol.Job.beat) for w in range(3)]
     assert len(set(job)) == len(job) and max(job) < protocol.Job.size(3)
+
+
+class FakeState:
+    def __init__(self, num_workers):
+        self.ctl = protocol.Control(num_workers)
+
+
+@pytest.mark.parametrize("pushed,ended,round_,stop_round,expected", [
+    (0, 0, 3, 2, 1),  # new, the others in their 3rd fit: its first fit is round 1 (over: it ends at once)
+    (0, 0, 0, 0, 1),  # new, nobody started
+    (5, 2, 3, 2, 3),  # restarted during round 3: it trains round 3
+    (5, 3, 3, 3, 4),  # restarted between rounds: the next one
+])
+def test_a_worker_joining_a_running_job_picks_its_fit_round(pushed, ended, round_, stop_round, expected):
+    spec = tf.train.ClusterSpec({"worker": ["h:1", "h:2"], "ps": ["h:9"]})
+    info = cluster_lib.cluster_info_from_resolver(
+        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=1))
+    state = FakeState(2)
+    client = protocol.WorkerClient(state, protocol.ProtocolConfig(1, 2), info, monitor=None)
+    c = state.ctl
+    ctl = np.zeros([c.size], np.int64)
+    ctl[protocol.Control.ROUND], ctl[protocol.Control.STOP_ROUND] = round_, stop_round
+    ctl[c.pushed(1)], ctl[c.taken(1)], ctl[c.ended(1)] = pushed, pushed, ended
+    client._resume(ctl)  # pylint: disable=protected-access
+    assert client.round == expected and client.pushed == pushed
 
 
 class FakeJobVariable:

@@ -789,6 +789,7 @@ class WorkerClient:
         continues its predecessor's counts, so `taken + dropped == pushed`
         stays true; the predecessor's unsettled pushes are settled as usual.
         """
+        # (A worker that never pushed, cancelled or ended a round is new to the job.)
         c = self.state.ctl
         self.pushed = int(ctl[c.pushed(self.w)])
         self.dropped = int(ctl[c.dropped(self.w)])
@@ -796,8 +797,14 @@ class WorkerClient:
         self._taken_seen = int(ctl[c.taken(self.w)])
         self._unresolved = max(0, self.pushed - self.dropped - self._taken_seen)
         self._last_tag = int(ctl[c.last_tag(self.w)]) if self.pushed else -1
-        # The round being trained, or the next one between rounds.
-        self.round = max(1, int(ctl[Control.ROUND]), int(ctl[Control.STOP_ROUND]) + 1)
+        if not (self.pushed or self.cancelled or int(ctl[c.ended(self.w)])):
+            # New to the job: its k-th fit is round k, as every worker's (each runs the same
+            # program). One that starts late, after the others' first fit ended, thus finds
+            # that round over and its first fit ends at once, in step with them after.
+            self.round = 1
+        else:
+            # Restarted: its predecessor's round being trained, or the next one between rounds.
+            self.round = max(1, int(ctl[Control.ROUND]), int(ctl[Control.STOP_ROUND]) + 1)
 
     # -- pulling -----------------------------------------------------------------
 
