@@ -89,6 +89,25 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
     return SleepCallback()
 
 
+def wait_for_chief_fit(strategy, timeout: float = 120.0) -> None:
+    """(Non-chief workers, between timed fits.) Waits until the chief has started its next fit.
+
+    With b >= 1 the other workers make steps without the chief: let loose before the chief reads
+    the step its timed fit starts from, they could run part of (or all of) the round first, and the
+    chief would measure a short or empty window. The chief's first push announces its round.
+    """
+    if strategy.is_chief:
+        return
+    from tf_backup import protocol  # pylint: disable=g-import-not-at-top
+    client = strategy.extended.bindings[-1].client
+    start = time.monotonic()
+    while client.state.read_control()[protocol.Control.ROUND] < client.round:
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"worker {strategy.worker_index}: the chief did not start fit round "
+                               f"{client.round} within {timeout:.0f} s")
+        time.sleep(0.005)
+
+
 def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """One worker of a tf_backup run: a warm-up fit, then `reps` timed fits of `steps` batches.
 
@@ -129,6 +148,7 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     for _ in range(cfg["reps"]):
         for policy in cfg.get("policies", ["finish"]):
             sleeper.cancel = policy == "cancel"
+            wait_for_chief_fit(strategy)
             start_step = global_step()
             start, cpu = time.monotonic(), time.process_time()
             model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0, callbacks=[sleeper])
