@@ -51,6 +51,7 @@ def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
             assert result["history"]["global_step"] == [steps]
             assert result["history"]["fresh_gradients"] == [3.0]
             assert result["history"]["dropped_gradients"] == [0.0]
+            assert result["missed_wakeups"] == 0  # every wait was ended by its wake-up token
         chief = out[0]["results"][i]
         assert chief["contributions"] == [[1, 1, 1]] * steps
         for master, final in zip(chief["master"], chief["weights"]):
@@ -59,20 +60,28 @@ def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
     assert abs(float(out[0]["results"][0]["weights"][0][0, 0])) > 0.1
 
 
-def test_3_workers_1_backup_drops_every_gradient_of_the_slow_worker():
-    steps = 20
+def train_with_slow_worker_3(steps, **kwargs):
+    """4 workers, b = 1, worker 3 slow (`kwargs` say how); checks every worker's weights against
+    large-batch SGD on the three fast workers' batches. Returns every worker's first result."""
     out = tf_backup.launch_local(
         workers.train_regression, num_workers=4,
-        kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, slow_seconds=0.3, barrier=True),
+        kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, **kwargs),
         timeout=240, ps_exit_grace=20)
     expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2], steps, 4)
-    for worker in out:
-        result = worker["results"][0]
-        # After wait_for_fit_end every worker reads the same, final counts (the slow one ends last).
-        assert result["late"] == [] and result["stats"] == out[0]["results"][0]["stats"]
+    results = [worker["results"][0] for worker in out]
+    for result in results:
         for got, want in zip(result["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
-    stats = out[0]["results"][0]["stats"]
+    return results
+
+
+def test_3_workers_1_backup_drops_every_gradient_of_the_slow_worker():
+    steps = 20
+    results = train_with_slow_worker_3(steps, slow_seconds=0.3, barrier=True)
+    stats = results[0]["stats"]
+    for result in results:
+        # After wait_for_fit_end every worker reads the same, final counts (the slow one ends last).
+        assert result["late"] == [] and result["stats"] == stats
     assert stats["global_step"] == steps
     assert stats["taken"] == [steps, steps, steps, 0]
     assert stats["pushed"][:3] == [steps] * 3
@@ -80,31 +89,24 @@ def test_3_workers_1_backup_drops_every_gradient_of_the_slow_worker():
     # The slow worker pushed, every push was dropped, and steps went on without it.
     assert 1 <= slow_pushed < steps
     assert stats["dropped"] == [0, 0, 0, slow_pushed]
-    assert out[0]["results"][0]["contributions"] == [[1, 1, 1, 0]] * steps
+    assert results[0]["contributions"] == [[1, 1, 1, 0]] * steps
     # Every worker logs the cluster-wide count of dropped gradients.
-    assert out[3]["results"][0]["history"]["dropped_gradients"][-1] >= slow_pushed - 1
+    assert results[3]["history"]["dropped_gradients"][-1] >= slow_pushed - 1
 
 
 def test_a_superseded_straggler_cancels_its_batches_instead_of_pushing_them():
     # Worker 3 "computes" 60 s per batch; each sleep is cut short by the next
     # publish (or the end of the round), so it never pushes and never holds up the end.
     steps = 20
-    out = tf_backup.launch_local(
-        workers.train_regression, num_workers=4,
-        kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, slow_seconds=60.0, cancel=True),
-        timeout=240, ps_exit_grace=20)
-    expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2], steps, 4)
-    for worker in out:
-        for got, want in zip(worker["results"][0]["weights"], expected):
-            np.testing.assert_allclose(got, want, atol=1e-5)
-    stats = out[0]["results"][0]["stats"]
+    results = train_with_slow_worker_3(steps, slow_seconds=60.0, cancel=True)
+    stats = results[0]["stats"]
     assert stats["global_step"] == steps
     assert stats["taken"] == [steps, steps, steps, 0]
     assert stats["pushed"] == [steps, steps, steps, 0]
-    cut = out[3]["results"][0]["sleeps_cut"]
+    cut = results[3]["sleeps_cut"]
     assert len(cut) >= 1 and all(cut)  # no 60 s sleep ran to its end
     assert stats["cancelled"] == [0, 0, 0, len(cut)]
-    assert out[3]["results"][0]["fit_seconds"] < 60
+    assert results[3]["fit_seconds"] < 60
 
 
 def test_asynchronous_mode_applies_every_gradient():

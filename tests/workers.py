@@ -118,8 +118,13 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
         history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps,
                             verbose=0, callbacks=callbacks)
         late = strategy.wait_for_fit_end(timeout=60) if barrier else None
+        binding = strategy.extended.bindings[-1]
         result = {
             "late": late,
+            # Waits that ran to their 1 s deadline although what they waited for had happened: a
+            # wake-up token was lost (or never sent).
+            "missed_wakeups": binding.client.missed_wakeups + (
+                binding.aggregator.missed_wakeups if binding.aggregator is not None else 0),
             "optimizer": name,
             "weights": [v.numpy() for v in model.trainable_variables],
             "history": history.history,

@@ -361,7 +361,7 @@ class SharedState:
 
                 wake = [accumulators.fifo_queue(f"{prefix}/wake/{w}") for w in range(self.num_workers)]
                 arrivals = accumulators.fifo_queue(f"{prefix}/arrivals")
-                block = tf.compat.v1.placeholder(tf.bool, [])
+                block = tf.constant(True)  # every wait here waits for one token (bounded by the run's deadline)
                 token = tf.compat.v1.placeholder(tf.int64, [])
 
                 def wake_all(after_op):
@@ -381,7 +381,7 @@ class SharedState:
                 step_idx, step = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
                 commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx,
                                                           updates=step)
-                out = dict(waits=waits, arrivals=[arrived, count, before], block=block, token=token,
+                out = dict(waits=waits, arrivals=[arrived, count, before], token=token,
                            commit=wake_all(commit), wake_all=wake_all(tf.no_op()),
                            poke_arrivals=tf.raw_ops.QueueEnqueueV2(handle=arrivals, components=[token]),
                            step_idx=step_idx, step=step, version_idx=version_idx, version=version)
@@ -453,8 +453,8 @@ class SharedState:
         self.control.endpoint.run(ops["poke_arrivals"], {ops["token"]: WAKE},
                                   what=f"wake-up of `{self.prefix}` aggregator")
 
-    def wait(self, w: int, block: bool, seconds: float, tokens_only: bool = False):
-        """Drains worker `w`'s wake-up queue, waiting up to `seconds` for a token if `block`.
+    def wait(self, w: int, seconds: float, tokens_only: bool = False):
+        """Drains worker `w`'s wake-up queue, waiting up to `seconds` for a token if it is empty.
 
         Returns None if nothing came in time; else `(tokens, control, snapshot)`,
         the control vector read after the dequeue and, with one ps task, the
@@ -463,8 +463,7 @@ class SharedState:
         """
         ops = self._fused()
         fetches = ops["waits"][w]["tokens" if tokens_only else "read"]
-        got = self.control.endpoint.run(fetches, {ops["block"]: bool(block)}, wait=seconds,
-                                        what=f"wait of worker {w} on `{self.prefix}`")
+        got = self.control.endpoint.run(fetches, wait=seconds, what=f"wait of worker {w} on `{self.prefix}`")
         if got is None or tokens_only:
             return got
         snapshot = tuple(got[1:]) if len(got) == 4 else None
@@ -473,8 +472,7 @@ class SharedState:
     def wait_arrivals(self, seconds: float):
         """Waits up to `seconds` for a push; None, or `(shard 0's gradient count, control)`."""
         ops = self._fused()
-        got = self.control.endpoint.run(ops["arrivals"], {ops["block"]: True}, wait=seconds,
-                                        what=f"wait for pushes to `{self.prefix}`")
+        got = self.control.endpoint.run(ops["arrivals"], wait=seconds, what=f"wait for pushes to `{self.prefix}`")
         return None if got is None else (int(got[1]), got[2])
 
 
@@ -685,6 +683,7 @@ class WorkerClient:
         self._last_tag = -1
         self._last_control = None
         self.cancelled = 0
+        self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
         self._superseded = False  # the step moved past `self.step` during this batch
         self.on_stop: List[Callable[[], None]] = []
 
@@ -706,9 +705,12 @@ class WorkerClient:
         start = time.monotonic()
         while True:
             waited = time.monotonic() - start
-            got = self.state.wait(self.w, True, min(WAKE_WAIT, max(0.001, timeout - waited)))
+            got = self.state.wait(self.w, min(WAKE_WAIT, max(0.001, timeout - waited)))
             if got is None:  # nothing happened: look anyway (a token may have been lost)
                 ctl, snapshot = self.state.read_control(), None
+                if done(ctl):
+                    self.missed_wakeups += 1
+                    return ctl, snapshot
             else:
                 _, ctl, snapshot = got
             if done(ctl):
@@ -731,15 +733,17 @@ class WorkerClient:
         (its wake-up queue). `sync` then skips that batch's push: it is
         cancelled. Asynchronous training never cancels.
         """
+        if self._superseded:
+            return True  # already cancelled: nothing to wait for
         deadline = time.monotonic() + seconds
-        if not self.config.staleness_check or self._round_stopped or self._superseded:
+        if not self.config.staleness_check or self._round_stopped:
             time.sleep(max(0.0, seconds))
-            return self._superseded and self.config.staleness_check
+            return False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            tokens = self.state.wait(self.w, True, remaining, tokens_only=True)
+            tokens = self.state.wait(self.w, remaining, tokens_only=True)
             if tokens is None:
                 return False
             # Every change a later wait looks for comes with a token after it; one
@@ -1019,6 +1023,7 @@ class Aggregator(threading.Thread):
         self.error: Optional[str] = None
         self.taken = np.zeros([config.num_workers], np.int64)
         self.lost_steps = 0  # steps published without an update (a take delivered twice)
+        self.missed_wakeups = 0  # waits that ran to their deadline with enough gradients in
         self._stop_event = threading.Event()
         self._last_publish = time.monotonic()
         self._last_liveness = 0.0
@@ -1060,13 +1065,15 @@ class Aggregator(threading.Thread):
             got = self.state.wait_arrivals(min(WAKE_WAIT, 0.5))
             if self._stop_event.is_set():
                 break
-            if got is None:  # nothing came: look anyway (a token may have been lost)
+            timed_out = got is None
+            if timed_out:  # nothing came: look anyway (a token may have been lost)
                 got = self.state.accs[0].num_accumulated(), self.state.read_control()
             count, ctl = got
             paused = ctl[Control.ROUND] <= ctl[Control.STOP_ROUND]
             if paused and self.config.staleness_check:
                 continue  # between fit rounds (asynchronous training applies every gradient)
             if count >= n and all(acc.num_accumulated() >= n for acc in others):
+                self.missed_wakeups += int(timed_out)
                 self._take_apply_publish()
 
     def _check_workers(self) -> bool:

@@ -32,9 +32,12 @@ def _check_count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _check_seconds(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number of seconds. Received {name}={value!r}")
+def _check_seconds(name: str, value, allow_zero: bool = False) -> float:
+    """`value` as float seconds: positive (or >= 0 with `allow_zero`) and finite, else ValueError."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (value >= 0 if allow_zero else value > 0) or value == float("inf")):
+        kind = "a finite number of seconds >= 0" if allow_zero else "a positive number of seconds"
+        raise ValueError(f"`{name}` must be {kind}. Received {name}={value!r}")
     return float(value)
 
 
@@ -509,12 +512,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         if not self.extended.bindings:
             raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
         client = self.extended.bindings[-1].client
-        if timeout is None:
-            timeout = client.config.chief_timeout
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or not 0 <= timeout < float("inf")):
-            raise ValueError(f"`timeout` must be a finite number of seconds >= 0. Received timeout={timeout!r}")
-        return client.wait_for_round_end(client.round - 1, float(timeout))
+        timeout = client.config.chief_timeout if timeout is None else _check_seconds("timeout", timeout, True)
+        return client.wait_for_round_end(client.round - 1, timeout)
 
     def sleep_unless_superseded(self, seconds: float) -> bool:
         """Sleeps up to `seconds` unless this worker's current batch becomes useless first.
@@ -536,13 +535,11 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
           True if the sleep was cut short (the batch is cancelled); False if it
           lasted `seconds`, or no SyncReplicasOptimizer is built yet.
         """
-        if (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
-                or not seconds >= 0 or seconds == float("inf")):
-            raise ValueError(f"`seconds` must be a finite number >= 0. Received seconds={seconds!r}")
+        seconds = _check_seconds("seconds", seconds, allow_zero=True)
         if not self.extended.bindings:
             time.sleep(seconds)
             return False
-        return self.extended.bindings[-1].client.sleep_unless_superseded(float(seconds))
+        return self.extended.bindings[-1].client.sleep_unless_superseded(seconds)
 
     def step_history(self) -> List[protocol.StepRecord]:
         """The chief's record of every step of the latest optimizer (chief only)."""
