@@ -44,23 +44,24 @@ def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatc
         return [np.asarray(state.params[0].read()) - np.asarray(grads[0])]
 
     acc = state.accs[0]
-    real_take = type(acc).take_grad
+    real_wait = protocol.SharedState.wait_arrivals
+    lost = []
 
-    def take_lost_once(self, n):
-        value = real_take(self, n)  # the take ran on the ps ...
-        if not applied and not getattr(self, "lost", False):
-            self.lost = True  # ... but its answer never came back
+    def wait_lost_once(self, *args, **kwargs):
+        got = real_wait(self, *args, **kwargs)  # the wait and its take ran on the ps ...
+        if got[2] is not None and not lost:
+            lost.append(got)  # ... but the answer never came back
             raise tf.errors.AbortedError(None, None, "The same RunGraph (Worker) request was received twice.")
-        return value
+        return got
 
-    monkeypatch.setattr(type(acc), "take_grad", take_lost_once)
+    monkeypatch.setattr(protocol.SharedState, "wait_arrivals", wait_lost_once)
     aggregator = protocol.Aggregator(state, config, ps_info, apply_fn)
     aggregator.start()
     try:
         for w in range(2):  # step 0: both gradients are taken, then lost
             acc.apply_grad(np.array([1.0, 1.0] + [1.0 if i == w else 0.0 for i in range(2)], np.float32), 0)
         wait_for(lambda: state.read_control()[protocol.Control.STEP] == 1, "step 1")
-        assert aggregator.lost_steps == 1 and applied == []
+        assert aggregator.lost_steps == 1 and applied == [] and len(lost) == 1
         np.testing.assert_array_equal(state.params[0].read(), [1.0, 2.0])  # published unchanged
         acc.apply_grad(np.array([9.0, 9.0, 1.0, 0.0], np.float32), 0)  # stale: step 0 is over
         for w in range(2):  # step 1 applies normally: the mean gradient is [0.5, 1.5]

@@ -71,6 +71,8 @@ def test_control_slots_do_not_overlap():
 
 
 class FakeState:
+    prefix = "fake"
+
     def __init__(self, num_workers):
         self.ctl = protocol.Control(num_workers)
 

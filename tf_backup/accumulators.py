@@ -201,16 +201,19 @@ def fifo_queue(shared_name: str):
                                   shared_name=shared_name, container="")
 
 
-def drain(queue, block):
+def drain(queue, block, at_least=None):
     """(In an `Endpoint.build`.) Dequeues everything in `queue`; if `block` and it is empty, waits for one.
 
-    `block` is a bool tensor. Only one process may drain a queue, or the size
-    read here could shrink before the dequeue. Run it with `Endpoint.run(wait=)`
-    to bound the wait: a run past its deadline is cancelled on the task and
-    dequeues nothing.
+    `block` is a bool tensor; `at_least`, an int32 tensor: with `block`, wait
+    until the queue holds that many (default 1). Only one process may drain a
+    queue, or the size read here could shrink before the dequeue. Run it with
+    `Endpoint.run(wait=)` to bound the wait: a run past its deadline is
+    cancelled on the task, and what it had dequeued so far is lost (tokens
+    are hints: lose one, and a wait runs to its deadline).
     """
     size = tf.raw_ops.QueueSizeV2(handle=queue)
-    count = tf.maximum(size, tf.cast(block, tf.int32))
+    least = tf.cast(block, tf.int32) if at_least is None else tf.cast(block, tf.int32) * at_least
+    count = tf.maximum(size, least)
     return tf.raw_ops.QueueDequeueManyV2(handle=queue, n=count, component_types=[tf.int64])[0]
 
 

@@ -406,6 +406,7 @@ class _Binding:
 
     def close(self, failed: bool = False) -> None:
         """Stops the aggregator; the chief saves a last checkpoint (also after a failure)."""
+        self.client.close()
         if self.aggregator is not None:
             self.aggregator.stop()
             if self._checkpoint is not None and not self.aggregator.is_alive():

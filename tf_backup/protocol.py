@@ -100,6 +100,7 @@ class Control:
     STOP_ROUND = 3  # the highest fit round that has ended
     LAST_TAKEN = 4  # gradients averaged into the last step
     FINISHED = 5  # 1 once the chief reached its max_steps: every round stops
+    TAKEN_FOR = 6  # s + 1 once the gradients of step s were taken (the accumulator's new step)
     HEADER = 8
 
     def __init__(self, num_workers: int):
@@ -341,6 +342,7 @@ class SharedState:
         if self._fused_ops is None:
             control, params, acc = self.control.ops, [p.ops for p in self.params], self.accs[0].ops
             dtype, prefix, one_task = self.layout.dtype, self.prefix, self.on_one_task
+            num_workers = self.num_workers
             if acc["apply"].graph is not control["read"].graph:
                 raise AssertionError("shard 0's accumulator must be on the control vector's task")
 
@@ -372,18 +374,41 @@ class SharedState:
                 for q in wake:
                     tokens = accumulators.drain(q, block)
                     waits.append(dict(tokens=tokens, read=[tokens] + consistent_read([tokens])))
-                arrived = accumulators.drain(arrivals, block)
+                # The aggregator's wait: `need` tokens (1 + the fresh gradients still missing), then
+                # the count and the control vector; with one shard, the take too when it is due.
+                need = tf.compat.v1.placeholder_with_default(tf.constant(1, tf.int32), [])
+                arrived = accumulators.drain(arrivals, block, at_least=need)
                 with tf.control_dependencies([arrived]):
                     count = tf.raw_ops.ResourceAccumulatorNumAccumulated(handle=acc["handle"])
                     before = read(control)
+                required = tf.compat.v1.placeholder_with_default(tf.constant(0, tf.int32), [])
+                taken_for = tf.compat.v1.placeholder_with_default(tf.constant(0, tf.int64), [])
+                always = tf.compat.v1.placeholder_with_default(False, [])  # also between fit rounds (async)
+                running = tf.logical_or(always, before[Control.ROUND] > before[Control.STOP_ROUND])
+                due = tf.logical_and(tf.logical_and(required > 0, count >= required), running)
+
+                def take():
+                    sums = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=acc["handle"], num_required=required,
+                                                                      dtype=dtype)
+                    with tf.control_dependencies([sums]):
+                        mark = tf.raw_ops.ResourceScatterUpdate(
+                            resource=control["handle"], indices=[Control.TAKEN_FOR], updates=tf.reshape(taken_for, [1]))
+                    with tf.control_dependencies([mark]):
+                        return tf.identity(sums)
+
+                took = tf.cond(due, take, lambda: tf.zeros(acc["grad"].shape, dtype))
 
                 version_idx, version = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
                 step_idx, step = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
                 commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx,
                                                           updates=step)
                 out = dict(waits=waits, arrivals=[arrived, count, before], token=token,
+                           arrivals_take=[arrived, count, before, due, took], need=need, required=required,
+                           taken_for=taken_for, always=always,
+                           pokes=[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake],
                            commit=wake_all(commit), wake_all=wake_all(tf.no_op()),
-                           poke_arrivals=tf.raw_ops.QueueEnqueueV2(handle=arrivals, components=[token]),
+                           poke_arrivals=tf.raw_ops.QueueEnqueueManyV2(
+                               handle=arrivals, components=[tf.fill([num_workers], token)]),
                            step_idx=step_idx, step=step, version_idx=version_idx, version=version)
                 with tf.control_dependencies([acc["apply"]]):
                     pushed = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"],
@@ -391,6 +416,13 @@ class SharedState:
                                                               updates=control["updates"])
                 with tf.control_dependencies([pushed]):
                     out["push"] = tf.raw_ops.QueueEnqueueV2(handle=arrivals, components=[acc["step"]])
+                # A push and the wait after it, in one run: the wait blocks on the worker's queue
+                # with no deadline of its own; `Waker` ends it with a token instead.
+                out["push_waits"] = []
+                for q in wake:
+                    with tf.control_dependencies([out["push"]]):
+                        tokens = accumulators.drain(q, block)
+                    out["push_waits"].append([tokens] + consistent_read([tokens]))
                 if one_task:
                     new_values = [tf.compat.v1.placeholder(dtype, p["value"].shape) for p in params]
                     mark = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=version_idx,
@@ -431,16 +463,35 @@ class SharedState:
                      for ph, flat in zip(ops["new_values"], flats)})
         self.control.endpoint.run(ops["publish"], feed, what=f"publish of `{self.prefix}` step {step}")
 
-    def push(self, flats: Sequence, tag: int, indices: Sequence[int], values: Sequence[int]) -> None:
-        """Pushes one gradient per shard tagged `tag`, sets control[indices] = values, wakes the chief."""
+    def push_wait(self, w: int, flats: Sequence, tag: int, indices: Sequence[int], values: Sequence[int],
+                  waker: "Waker", seconds: float):
+        """`push`, then `wait(w, seconds)` in the same run (one round trip less per step).
+
+        The wait has no deadline of its own (a run cancelled at a deadline might
+        or might not have pushed): `waker` ends it after `seconds` with a
+        token. Returns what `wait` returns; None if the run was delivered twice
+        (it pushed once; its result is lost).
+        """
         for acc, flat in zip(self.accs[1:], flats[1:]):
             acc.apply_grad(flat, tag)
-        acc, control = self.accs[0].ops, self.control.ops
+        acc, control, ops = self.accs[0].ops, self.control.ops, self._fused()
         feed = {acc["grad"]: np.asarray(flats[0], self.layout.dtype.as_numpy_dtype), acc["step"]: int(tag),
                 control["indices"]: np.asarray(indices, np.int32), control["updates"]: np.asarray(values, np.int64)}
-        # Delivered twice, the push ran once (see accumulators.Endpoint.run).
-        self.control.endpoint.run(self._fused()["push"], feed, what=f"push to `{self.prefix}`",
-                                  on_duplicate="done")
+        waker.arm(seconds)
+        try:
+            got = self.control.endpoint.run(ops["push_waits"][w], feed, what=f"push and wait of worker {w} "
+                                            f"on `{self.prefix}`", on_duplicate="done")
+        finally:
+            waker.disarm()
+        if got is None:
+            return None
+        snapshot = tuple(got[1:]) if len(got) == 4 else None
+        return got[0], got[1], snapshot
+
+    def poke(self, w: int) -> None:
+        """Puts a `WAKE` token in worker `w`'s queue: its blocked wait returns (see `Waker`)."""
+        ops = self._fused()
+        self.control.endpoint.run(ops["pokes"][w], {ops["token"]: WAKE}, what=f"wake-up of worker {w}")
 
     def wake_all(self) -> None:
         """Wakes every worker's wait with the token `WAKE` (a round stopped, the job finished)."""
@@ -469,11 +520,49 @@ class SharedState:
         snapshot = tuple(got[1:]) if len(got) == 4 else None
         return got[0], got[1], snapshot
 
-    def wait_arrivals(self, seconds: float):
-        """Waits up to `seconds` for a push; None, or `(shard 0's gradient count, control)`."""
+    @property
+    def takes_in_wait(self) -> bool:
+        """Whether `wait_arrivals` can take (one shard: its accumulator is on the control vector's task)."""
+        return len(self.layout.shard_sizes) == 1
+
+    def wait_arrivals(self, seconds: float, need: int = 1, required: int = 0, taken_for: int = 0,
+                      always: bool = False, waker: Optional["Waker"] = None):
+        """Waits up to `seconds` for `need` pushes, then reads shard 0's count and the control vector.
+
+        With `required` > 0 (one shard only, `takes_in_wait`), the same run
+        takes the gradients when `count >= required` and a fit round runs (or
+        `always`), and sets control[TAKEN_FOR] = `taken_for`. Such a run must
+        not be cancelled at a deadline once it may have taken, so it has none
+        of its own: `waker` ends it after `seconds` (`poke_aggregator`).
+
+        Returns None if fewer than `need` came in time (only without `waker`);
+        else `(count, control, sums, tokens)`: the gradient count and control
+        vector read after the wait, the taken sum (None: nothing taken) and
+        the tokens dequeued.
+
+        Raises:
+          tf.errors.AbortedError: the run was delivered twice; it ran once, and
+            if it took, its gradients are lost (control[TAKEN_FOR] says).
+        """
         ops = self._fused()
-        got = self.control.endpoint.run(ops["arrivals"], wait=seconds, what=f"wait for pushes to `{self.prefix}`")
-        return None if got is None else (int(got[1]), got[2])
+        feed = {ops["need"]: max(1, int(need))}
+        if required:
+            if not self.takes_in_wait or waker is None:
+                raise ValueError("wait_arrivals takes only with one shard and a waker.")
+            feed.update({ops["required"]: int(required), ops["taken_for"]: int(taken_for), ops["always"]: bool(always)})
+        what = f"wait for pushes to `{self.prefix}`"
+        if waker is None:
+            got = self.control.endpoint.run(ops["arrivals"], feed, wait=seconds, what=what)
+        else:
+            waker.arm(seconds)
+            try:
+                got = self.control.endpoint.run(ops["arrivals_take"] if required else ops["arrivals"], feed,
+                                                what=what, on_duplicate="raise")
+            finally:
+                waker.disarm()
+        if got is None:
+            return None
+        return int(got[1]), got[2], (got[4] if required and got[3] else None), got[0]
 
 
 @dataclasses.dataclass
@@ -656,6 +745,63 @@ class Liveness:
         return self._clock() - self._since[w]
 
 
+class Waker(threading.Thread):
+    """Ends a blocked run after a deadline by sending it a token (`SharedState.push_wait`).
+
+    A run cancelled at its deadline leaves undecided whatever it had started:
+    a push and a wait in one run may or may not have pushed. So that run has
+    no deadline of its own (beyond the endpoint's, which fails the job), and
+    this thread, armed before it and disarmed after, runs `poke()` (a token
+    into the waiting queue) if it lasts longer than `seconds`. A poke racing
+    with the run's own return leaves one spare token: the next wait returns at
+    once and looks again.
+    """
+
+    def __init__(self, poke: Callable[[], None], name: str):
+        super().__init__(name=name, daemon=True)
+        self._poke = poke
+        self._cond = threading.Condition()
+        self._deadline: Optional[float] = None
+        self._closed = False
+        self.pokes = 0
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self._deadline = time.monotonic() + seconds
+            if not self.is_alive():
+                self.start()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                self._deadline = None
+            try:
+                self._poke()
+                self.pokes += 1
+            except Exception as e:  # pylint: disable=broad-except
+                # The ps is gone: the blocked run fails at the endpoint's deadline.
+                logging.warning("tf_backup: %s could not wake a blocked wait: %s", self.name, e)
+
+
 class WorkerClient:
     """One worker's side of the protocol for one optimizer (eager Python).
 
@@ -685,6 +831,7 @@ class WorkerClient:
         self.cancelled = 0
         self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
         self._superseded = False  # the step moved past `self.step` during this batch
+        self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
         self.on_stop: List[Callable[[], None]] = []
 
     # -- waiting -----------------------------------------------------------------
@@ -696,16 +843,24 @@ class WorkerClient:
                 raise errors.AggregatorError(f"The aggregator on this chief failed: {message}")
         self.monitor.check(force=force)
 
-    def _wait(self, done: Callable[[np.ndarray], bool], what: str, timeout: float):
+    def _wait(self, done: Callable[[np.ndarray], bool], what: str, timeout: float, push=None):
         """Blocks on this worker's wake-up queue until `done(control)`; returns (control, snapshot).
 
         `snapshot` is a seqlock read of the parameters made in the same run as
-        the control vector (one ps task), or None.
+        the control vector (one ps task), or None. `push`: the arguments of a
+        `SharedState.push_wait` whose run is the first wait.
         """
         start = time.monotonic()
         while True:
             waited = time.monotonic() - start
-            got = self.state.wait(self.w, min(WAKE_WAIT, max(0.001, timeout - waited)))
+            seconds = min(WAKE_WAIT, max(0.001, timeout - waited))
+            if push is not None:
+                got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds)
+                push = None
+                if got is None:  # delivered twice: it pushed, its result is lost
+                    continue
+            else:
+                got = self.state.wait(self.w, seconds)
             if got is None:  # nothing happened: look anyway (a token may have been lost)
                 ctl, snapshot = self.state.read_control(), None
                 if done(ctl):
@@ -906,9 +1061,8 @@ class WorkerClient:
             self.cancelled += 1
         else:
             tag = self.step if self.config.staleness_check else INT64_MAX
-            self.state.push(flats, tag,
-                            [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w)],
-                            [self.pushed + 1, self.step, self.dropped, self.cancelled])
+            push = (flats, tag, [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w)],
+                    [self.pushed + 1, self.step, self.dropped, self.cancelled])
             self.pushed += 1
             self._unresolved += 1
             self._last_tag = self.step
@@ -917,7 +1071,7 @@ class WorkerClient:
                 ctl, snapshot = self._wait(
                     lambda ctl: ctl[Control.STEP] > tag_step or self._stopped(ctl),
                     f"global step {tag_step + 1}",
-                    self.config.step_timeout,
+                    self.config.step_timeout, push=push,
                 )
             else:
                 # Asynchronous: wait for this worker's own gradients only, as TF1's
@@ -926,12 +1080,16 @@ class WorkerClient:
                 ctl, snapshot = self._wait(
                     lambda ctl: ctl[slot] - seen >= pending or self.monitor.done,
                     "the chief to apply this worker's gradient",
-                    self.config.step_timeout,
+                    self.config.step_timeout, push=push,
                 )
         flats, ctl = self.pull(ctl, snapshot)
         if self._stopped(ctl):
             self._stop()
         return flats, self.metrics()
+
+    def close(self) -> None:
+        """Ends the waker thread."""
+        self._waker.close()
 
     def _stop(self) -> None:
         self._round_stopped = True
@@ -1025,6 +1183,7 @@ class Aggregator(threading.Thread):
         self.lost_steps = 0  # steps published without an update (a take delivered twice)
         self.missed_wakeups = 0  # waits that ran to their deadline with enough gradients in
         self._stop_event = threading.Event()
+        self._waker = Waker(state.poke_aggregator, f"tf_backup-aggregator-waker-{state.prefix}")
         self._last_publish = time.monotonic()
         self._last_liveness = 0.0
 
@@ -1043,6 +1202,8 @@ class Aggregator(threading.Thread):
         except Exception as e:  # pylint: disable=broad-except
             self.error = f"{type(e).__name__}: {e}"
             logging.error("tf_backup aggregator failed at step %d: %s", self.step, self.error)
+        finally:
+            self._waker.close()
 
     def _loop(self) -> None:
         # No deadline on the gradients themselves: the workers (the chief's own
@@ -1052,6 +1213,8 @@ class Aggregator(threading.Thread):
         n = self.config.replicas_to_aggregate
         finished = False
         others = self.state.accs[1:]
+        fused = self.state.takes_in_wait  # one shard: the wait takes too, in the same run
+        count = 0  # fresh gradients seen in the accumulator: the wait asks for the rest
         while not self._stop_event.is_set():
             if self._check_workers():
                 return
@@ -1062,19 +1225,37 @@ class Aggregator(threading.Thread):
                     finished = True
                 self._stop_event.wait(max(self.config.poll_max, 0.05))
                 continue
-            got = self.state.wait_arrivals(min(WAKE_WAIT, 0.5))
+            need = max(1, n - count)
+            try:
+                got = self.state.wait_arrivals(
+                    min(WAKE_WAIT, 0.5), need=need, required=n if fused else 0, taken_for=self.step + 1,
+                    always=not self.config.staleness_check, waker=self._waker)
+            except tf.errors.AbortedError as e:  # delivered twice (Endpoint.run): did its take run?
+                if "received twice" not in (e.message or ""):
+                    raise
+                count = 0
+                if self.state.read_control()[Control.TAKEN_FOR] == self.step + 1:
+                    self._lost_take(e)
+                    self._apply_publish(None)
+                continue
+            count, ctl, sums, tokens = got
+            # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
+            # are in all the same, their tokens went missing.
+            timed_out = (tokens == WAKE).any() and (tokens != WAKE).sum() < need
+            if sums is not None:  # taken (also when stopping: the accumulators have moved on)
+                self.missed_wakeups += int(timed_out)
+                self._apply_publish([sums], start=time.monotonic())
+                count = 0
+                continue
             if self._stop_event.is_set():
                 break
-            timed_out = got is None
-            if timed_out:  # nothing came: look anyway (a token may have been lost)
-                got = self.state.accs[0].num_accumulated(), self.state.read_control()
-            count, ctl = got
             paused = ctl[Control.ROUND] <= ctl[Control.STOP_ROUND]
             if paused and self.config.staleness_check:
                 continue  # between fit rounds (asynchronous training applies every gradient)
             if count >= n and all(acc.num_accumulated() >= n for acc in others):
                 self.missed_wakeups += int(timed_out)
                 self._take_apply_publish()
+                count = 0
 
     def _check_workers(self) -> bool:
         """Reads the heartbeats (once a second); True when too few workers are left."""
@@ -1111,19 +1292,28 @@ class Aggregator(threading.Thread):
         tags, pushed = c.block(ctl, c.last_tag), c.block(ctl, c.pushed)
         return [int(t) if p else -1 for t, p in zip(tags, pushed)]
 
+    def _lost_take(self, e: tf.errors.AbortedError) -> None:
+        # A take delivered twice ran once and its gradients are lost (see
+        # accumulators.Endpoint.run). Every accumulator has moved on, so the step
+        # moves on without an update; its gradients count as dropped.
+        logging.warning("tf_backup: step %d lost its gradients (%s); publishing it unchanged.",
+                        self.step, e.message.splitlines()[0] if e.message else e)
+        self.lost_steps += 1
+
     def _take_apply_publish(self) -> None:
         start = time.monotonic()
-        n, workers = self.config.replicas_to_aggregate, self.config.num_workers
+        n = self.config.replicas_to_aggregate
         try:
             sums = [acc.take_grad(n) for acc in self.state.accs]
         except tf.errors.AbortedError as e:
-            # A take delivered twice ran once and its gradients are lost (see
-            # accumulators.Endpoint.run). Every accumulator has moved on, so the step
-            # moves on without an update; its gradients count as dropped.
-            logging.warning("tf_backup: step %d lost its gradients (%s); publishing it unchanged.",
-                            self.step, e.message.splitlines()[0] if e.message else e)
-            self.lost_steps += 1
+            self._lost_take(e)
             sums = None
+        self._apply_publish(sums, start)
+
+    def _apply_publish(self, sums: Optional[List[np.ndarray]], start: Optional[float] = None) -> None:
+        """Applies the taken sums (one per shard; None: the take was lost) and publishes the next step."""
+        start = time.monotonic() if start is None else start
+        workers = self.config.num_workers
         if sums is None:
             counts = np.zeros([workers], np.int64)
             new_flats = [p.read() for p in self.state.params]

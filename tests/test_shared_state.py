@@ -1,0 +1,154 @@
+"""One optimizer's shared state on an in-process tf.distribute.Server: the fused runs of a step.
+
+A worker's push and its wait are one run, ended by its `Waker` when nothing
+comes; the aggregator's wait asks for the gradients still missing and takes
+them in the same run.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_backup import cluster as cluster_lib
+from tf_backup import protocol
+
+WORKERS = 3
+
+
+@pytest.fixture(scope="module")
+def server():
+    return tf.distribute.Server.create_local_server()
+
+
+_count = iter(range(1000))
+
+
+@pytest.fixture
+def state(server):
+    """A fresh shared state (one shard of 4 floats, 3 workers) on the local server, at step 0."""
+    ps = cluster_lib.Task("localhost", 0, server.target[len("grpc://"):])
+    layout = protocol.Layout([tf.Variable(tf.zeros([4]), name="v")], num_shards=1)
+    st = protocol.SharedState(f"t/state{next(_count)}", layout, [ps], WORKERS)
+    st.create([np.arange(4, dtype=np.float32)], step=0)
+    return st
+
+
+def push_args(state, w, tag, pushed=1):
+    c = state.ctl
+    grad = np.concatenate([np.full(4, w + 1.0, np.float32), np.eye(WORKERS, dtype=np.float32)[w]])
+    return [grad], tag, [c.pushed(w), c.last_tag(w)], [pushed, tag]
+
+
+def push(state, w, tag=0, pushed=1):
+    """Worker `w` pushes; its wait ends at once (its waker pokes after 10 ms)."""
+    waker = protocol.Waker(Pokes(state, w), "test-waker")
+    try:
+        return state.push_wait(w, *push_args(state, w, tag, pushed), waker=waker, seconds=0.01)
+    finally:
+        waker.close()
+
+
+class Pokes:
+    def __init__(self, state, w):
+        self.state, self.w, self.count = state, w, 0
+
+    def __call__(self):
+        self.count += 1
+        self.state.poke(self.w)
+
+
+def test_waker_pokes_once_after_its_deadline_and_never_when_disarmed():
+    pokes = []
+    waker = protocol.Waker(lambda: pokes.append(time.monotonic()), "test-waker")
+    start = time.monotonic()
+    waker.arm(0.2)
+    deadline = time.monotonic() + 10
+    while not pokes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pokes) == 1 and pokes[0] - start >= 0.2
+    waker.arm(0.3)
+    waker.disarm()  # the run returned in time
+    time.sleep(0.6)
+    assert len(pokes) == 1 and waker.pokes == 1
+    waker.close()
+    waker.join(5)
+    assert not waker.is_alive()
+
+
+def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
+    pokes = Pokes(state, 1)
+    waker = protocol.Waker(pokes, "test-waker")
+    start = time.monotonic()
+    tokens, ctl, snapshot = state.push_wait(1, *push_args(state, 1, tag=0), waker=waker, seconds=0.3)
+    assert time.monotonic() - start >= 0.3 and pokes.count == 1
+    np.testing.assert_array_equal(tokens, [protocol.WAKE])  # the waker's token, nothing published
+    assert ctl[state.ctl.pushed(1)] == 1 and ctl[protocol.Control.STEP] == 0
+    before, flats, after = snapshot  # one ps task: the parameters come with the wake-up
+    np.testing.assert_array_equal(flats[0], np.arange(4))
+    assert state.accs[0].num_accumulated() == 1  # pushed once
+    count, _, sums, tokens = state.wait_arrivals(5.0)  # the push's token (tag 0) is in the aggregator's queue
+    assert count == 1 and sums is None
+    np.testing.assert_array_equal(tokens, [0])
+    waker.close()
+
+
+def test_push_wait_returns_at_the_publish_with_its_parameters(state):
+    waker = protocol.Waker(Pokes(state, 0), "test-waker")
+    got = []
+    t = threading.Thread(target=lambda: got.append(
+        state.push_wait(0, *push_args(state, 0, tag=0), waker=waker, seconds=30.0)))
+    t.start()
+    while state.accs[0].num_accumulated() < 1:
+        time.sleep(0.01)
+    new = np.full(4, 7.0, np.float32)
+    state.publish(1, [new], [protocol.Control.STEP], [1])
+    t.join(30)
+    tokens, ctl, (before, flats, after) = got[0]
+    np.testing.assert_array_equal(tokens, [1])
+    assert ctl[protocol.Control.STEP] == 1 and waker.pokes == 0
+    np.testing.assert_array_equal(flats[0], new)
+    waker.close()
+
+
+def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_in(state):
+    c = protocol.Control
+    state.control.scatter_max([c.ROUND], [1])  # a fit round runs
+    waker = protocol.Waker(state.poke_aggregator, "test-aggregator-waker")
+    for w in range(2):  # two fresh pushes for step 0
+        push(state, w)
+    # Asks for one push more than came: the waker ends the wait (its tokens: one per worker); 2 < 3, no take.
+    count, _, sums, tokens = state.wait_arrivals(0.3, need=3, required=3, taken_for=1, waker=waker)
+    assert count == 2 and sums is None and waker.pokes == 1
+    np.testing.assert_array_equal(tokens, [0, 0, protocol.WAKE])
+    push(state, 2)
+    count, ctl, sums, tokens = state.wait_arrivals(5.0, need=1, required=3, taken_for=1, waker=waker)
+    np.testing.assert_array_equal(tokens, [protocol.WAKE, protocol.WAKE, 0])  # the poke's spare tokens first
+    assert count == 3 and sums is not None and waker.pokes == 1
+    np.testing.assert_allclose(sums, [6, 6, 6, 6, 1, 1, 1])  # (1 + 2 + 3) per element, one per worker
+    assert state.read_control()[c.TAKEN_FOR] == 1
+    assert state.accs[0].num_accumulated() == 0
+    # The accumulator moved to step 1: a push still tagged 0 is dropped.
+    push(state, 0, pushed=2)
+    assert state.accs[0].num_accumulated() == 0
+    waker.close()
+
+
+def test_aggregator_wait_does_not_take_between_fit_rounds_unless_asynchronous(state):
+    c = protocol.Control
+    state.control.scatter_max([c.ROUND, c.STOP_ROUND], [1, 1])  # round 1 ended, no other started
+    waker = protocol.Waker(state.poke_aggregator, "test-aggregator-waker")
+    for w in range(WORKERS):
+        push(state, w)
+    count, _, sums, _ = state.wait_arrivals(5.0, need=3, required=2, taken_for=1, waker=waker)
+    assert count == 3 and sums is None
+    count, _, sums, _ = state.wait_arrivals(0.2, need=1, required=2, taken_for=1, always=True, waker=waker)
+    assert sums is not None and state.accs[0].num_accumulated() == 0 and waker.pokes == 1
+    waker.close()
+
+
+def test_aggregator_wait_refuses_to_take_without_a_waker(state):
+    with pytest.raises(ValueError, match="waker"):
+        state.wait_arrivals(0.1, required=1, taken_for=1)
