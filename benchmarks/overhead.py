@@ -37,6 +37,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     hiddens = [workloads.hidden_for_params(p) for p in s["params"]]
     systems = ["tf_backup", "mwms"]
     times = {(sys_, w, h): [] for sys_ in systems for w in s["workers"] for h in hiddens}
+    cpus = {key: [] for key in times}  # CPU ms per step, all the cluster's processes
     failures, csv_rows = [], []
     for cluster in range(s["clusters"]):
         for w in s["workers"]:
@@ -54,11 +55,15 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                     print(f"{NAME}: {system} {w} workers FAILED: {msg}", flush=True)
                     continue
                 for h in hiddens:
-                    for rep, steps in enumerate(out[0][h]):
+                    cpu_reps = out[0].get(("cpu", h)) or [None] * len(out[0][h])
+                    for rep, (steps, cpu) in enumerate(zip(out[0][h], cpu_reps)):
                         mean = float(np.mean(steps))
                         times[(system, w, h)].append(mean)
+                        cpu_ms = 1e3 * sum(cpu.values()) if cpu else float("nan")
+                        if cpu:
+                            cpus[(system, w, h)].append(cpu_ms)
                         csv_rows.append([system, w, workloads.mlp_params(h), cluster + 1, rep + 1, len(steps), mean,
-                                         float(np.quantile(steps, 0.9))])
+                                         float(np.quantile(steps, 0.9)), cpu_ms])
                     print(f"{NAME}: {system} {w} workers {workloads.mlp_params(h)} params: "
                           f"{[round(x * 1e3, 1) for x in times[(system, w, h)]]} ms", flush=True)
     runs = s["clusters"] * s["reps"]
@@ -74,7 +79,10 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             else:
                 rtxt = dtxt = "failed"
             ms = lambda v: common.median_range([x * 1e3 for x in v], "{:.1f}")  # noqa: E731
-            rows.append([w, f"{workloads.mlp_params(h):,}", ms(ours), ms(ref), rtxt, dtxt,
+            cpu_ours, cpu_ref = cpus[("tf_backup", w, h)], cpus[("mwms", w, h)]
+            cpu_txt = (f"{statistics.median(cpu_ours):.1f} / {statistics.median(cpu_ref):.1f}"
+                       if cpu_ours and cpu_ref else "n/a")
+            rows.append([w, f"{workloads.mlp_params(h):,}", ms(ours), ms(ref), rtxt, cpu_txt, dtxt,
                          f"{len(ours)}/{runs}, {len(ref)}/{runs}"])
     notes = [
         f"A {workloads.INPUT_DIM}-h-h-10 MLP (h = {', '.join(str(h) for h in hiddens)}), batch 32 per worker, "
@@ -85,6 +93,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         "Step time: mean time between worker 0's consecutive batch ends in one timed fit of "
         f"{s['steps']} batches (first and last left out), after a warm-up fit; {s['clusters']} cluster(s) per cell "
         f"with {s['reps']} timed fit(s) each; median (min–max) over the runs. Ratio = median / median.",
+        "CPU: user + system time of every process of the cluster (workers, and our ps) over the same batches "
+        "of each timed fit, from /proc, per batch; median over the runs. With every process on 2 cores, step "
+        "time follows it.",
         f"The last ratio column is derived, not measured: (ours + {COMPUTE_FOR_DERIVED:g} s) / (MWMS + "
         f"{COMPUTE_FOR_DERIVED:g} s), the ratio if each step also had {COMPUTE_FOR_DERIVED * 1e3:.0f} ms of "
         "compute (the per-step overheads added to it unchanged).",
@@ -93,9 +104,10 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         "itself and reduces logs with \"first\" (one scalar all-reduce less per step for MWMS).",
         "Target: at most 1.25x at 4 workers.",
     ]
-    columns = ["workers", "parameters", "tf_backup ms/step", "MWMS ms/step", "ratio", "ratio with 100 ms compute (derived)",
-               "runs ok (ours, MWMS)"]
-    csv_columns = ["system", "workers", "parameters", "cluster", "rep", "steps", "mean_step_s", "p90_step_s"]
+    columns = ["workers", "parameters", "tf_backup ms/step", "MWMS ms/step", "ratio",
+               "CPU ms/step, all processes (ours / MWMS)", "ratio with 100 ms compute (derived)", "runs ok (ours, MWMS)"]
+    csv_columns = ["system", "workers", "parameters", "cluster", "rep", "steps", "mean_step_s", "p90_step_s",
+                   "cpu_ms_per_step"]
     image = None
     if not smoke:
         path = os.path.join(out_dir, f"{NAME}.png")

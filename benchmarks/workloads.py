@@ -211,16 +211,65 @@ def simulate_protocol(delay, n: int, workers: int, compute: float, start_step: i
     return pub
 
 
-def make_step_timer(keras):
-    """A callback recording `time.monotonic()` at the end of every batch."""
+def cluster_cpu_seconds() -> Optional[Dict[str, float]]:
+    """CPU seconds (user + system) used so far by each task process of this process's local cluster.
+
+    Tasks of a `tf_backup.LocalCluster` run `python -m tf_backup._task <log dir>/<task>.payload`:
+    the processes whose command line names this process's log dir, by task name ("ps-0",
+    "worker-1", ...). None where there is no /proc or this process is not such a task.
+    """
+    import os  # pylint: disable=g-import-not-at-top
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            own = [a.decode() for a in f.read().split(b"\0") if a.endswith(b".payload")]
+        ticks = os.sysconf("SC_CLK_TCK")
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except (OSError, ValueError):
+        return None
+    if not own:
+        return None
+    log_dir = os.path.dirname(own[0])
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+            payload = [a for a in args if a.endswith(".payload") and os.path.dirname(a) == log_dir]
+            if not payload:
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        out[os.path.basename(payload[0])[:-len(".payload")]] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def make_step_timer(keras, cpu_window: Optional[int] = None):
+    """A callback recording `time.monotonic()` at the end of every batch.
+
+    With `cpu_window` (the fit's batches), it also reads `cluster_cpu_seconds()` at the end of
+    batch 1 and of batch `cpu_window - 2`, the span `steady_step_times` keeps: `cpu` is then
+    {task: CPU seconds per batch over that span} (None if unavailable).
+    """
 
     class StepTimer(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
             self.ends = []
+            self.cpu = None
+            self._cpu_start = None
 
         def on_train_batch_end(self, batch, logs=None):
             self.ends.append(time.monotonic())
+            if cpu_window is None or cpu_window < 4:
+                return
+            if batch == 1:
+                self._cpu_start = cluster_cpu_seconds()
+            elif batch == cpu_window - 2 and self._cpu_start is not None:
+                end = cluster_cpu_seconds() or {}
+                n = cpu_window - 3
+                self.cpu = {k: (end[k] - v) / n for k, v in self._cpu_start.items() if k in end}
 
     return StepTimer()
 
@@ -231,15 +280,17 @@ def steady_step_times(ends: List[float]) -> List[float]:
     return [float(x) for x in d[1:-1]] if len(d) > 2 else [float(x) for x in d]
 
 
-def _timed_fits(keras, model, dataset, cfg, extra_callbacks=()):
-    timer = make_step_timer(keras)
+def _timed_fits(keras, model, dataset, cfg, extra_callbacks=(), cpu: Optional[List] = None):
+    """Step times of `reps` timed fits after a warm-up fit; with `cpu` (a list), also each fit's CPU per step."""
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=list(extra_callbacks))
     reps = []
     for _ in range(cfg["reps"]):
-        timer.ends = []
+        timer = make_step_timer(keras, cpu_window=cfg["steps"] if cpu is not None else None)
         model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
                   callbacks=[timer] + list(extra_callbacks))
         reps.append(steady_step_times(timer.ends))
+        if cpu is not None:
+            cpu.append(timer.cpu)
     return reps
 
 
@@ -268,7 +319,7 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
     For each width in cfg["hiddens"] a fresh model is built and timed over `reps` fits of `steps`
     batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch). Worker 0 returns
-    {hidden: [[step seconds, ...] per rep]}.
+    {hidden: [[step seconds, ...] per rep], ("cpu", hidden): [{task: CPU s per step} or None per rep]}.
     """
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -306,7 +357,9 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                 # build from a plain batch here and skip Keras' own build.
                 model._symbolic_build(data_batch=(x[:32], y[:32]))  # pylint: disable=protected-access
                 model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # pylint: disable=protected-access
-        out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if cfg.get("compute") else [])
+        cpu = [] if worker == 0 else None
+        out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if cfg.get("compute") else [], cpu=cpu)
+        out[("cpu", hidden)] = cpu
     return out if worker == 0 else None
 
 

@@ -67,6 +67,8 @@ def test_smoke_quick_mode_smallest_case(tmp_path):
         (system, "2", "9943", str(rep)) for system in ("mwms", "tf_backup") for rep in (1, 2, 3))
     for r in rows:
         assert 0 < float(r["mean_step_s"]) < 5 and int(r["steps"]) == 12  # 15 batches: 14 gaps less the first and last
+        # Every process of the cluster, from /proc: at least worker 0's own step, at most all cores all the time.
+        assert 0 < float(r["cpu_ms_per_step"]) <= 1e3 * float(r["mean_step_s"]) * (os.cpu_count() or 1) * 1.5
     md = (out / "overhead.md").read_text()
     assert "| 2 | 9,943 |" in md and "3/3, 3/3" in md and "Failed runs: none." in md
     ratio = float(md.split("| 2 | 9,943 |")[1].split("|")[3])

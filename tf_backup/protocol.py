@@ -22,10 +22,13 @@ of one `SyncReplicasOptimizer` (`tf_backup/<job id>/opt<k>/...`):
 Every worker, each step (`WorkerClient.sync`):
   1. pushes its gradient tagged with step `s` of its parameters;
   2. waits until the global step passes `s` (blocked on its wake-up queue,
-     which the chief feeds after each publish, with a deadline), or until the
-     fit round is stopped;
-  3. pulls the published parameters of the new step (with one ps task, read
-     in the same round trip as the wake-up).
+     which the chief feeds after each publish), or until the fit round is
+     stopped;
+  3. pulls the published parameters of the new step.
+With one ps task the three are one round trip (`SharedState.push_wait`): a run
+that pushes cannot be cancelled at a deadline without leaving it unknown
+whether it pushed, so it has none of its own, and the worker's `Waker` thread
+ends a wait that lasts past `WAKE_WAIT` with a token (health checks then run).
 
 A batch whose step was superseded while the worker was still computing it can
 be cancelled (`WorkerClient.sleep_unless_superseded`, used by the straggler
@@ -33,9 +36,11 @@ simulation): it is not pushed and the worker moves to the new step at once.
 
 The chief's `Aggregator` thread, each step:
   1. waits until every shard's accumulator holds `replicas_to_aggregate` fresh
-     gradients (blocked on the `arrivals` queue, which every push feeds);
+     gradients (blocked on the `arrivals` queue, which every push feeds, for
+     as many tokens as gradients are still missing);
   2. takes them (which advances the accumulators' step, so any gradient still
-     tagged `s` is dropped from that moment), averages, and applies the average
+     tagged `s` is dropped from that moment; with one shard, in the same run as
+     the wait, which its own `Waker` ends), averages, and applies the average
      with the inner Keras optimizer to the chief's master copy;
   3. publishes: `version = s+1`, the new parameters, then `step = s+1`. A
      worker that reads `step`, the parameters, then `version` and finds
