@@ -84,7 +84,7 @@ def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
     start = time.monotonic()
     tokens, ctl, snapshot = state.push_wait(1, *push_args(state, 1, tag=0), waker=waker, seconds=0.3)
     assert time.monotonic() - start >= 0.3 and pokes.count == 1
-    np.testing.assert_array_equal(tokens, [protocol.WAKE])  # the waker's token, nothing published
+    np.testing.assert_array_equal(tokens, [protocol.POKE])  # the waker's token, nothing published
     assert ctl[state.ctl.pushed(1)] == 1 and ctl[protocol.Control.STEP] == 0
     before, flats, after = snapshot  # one ps task: the parameters come with the wake-up
     np.testing.assert_array_equal(flats[0], np.arange(4))
@@ -122,10 +122,10 @@ def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_i
     # Asks for one push more than came: the waker ends the wait (its tokens: one per worker); 2 < 3, no take.
     count, _, sums, tokens = state.wait_arrivals(0.3, need=3, required=3, taken_for=1, waker=waker)
     assert count == 2 and sums is None and waker.pokes == 1
-    np.testing.assert_array_equal(tokens, [0, 0, protocol.WAKE])
+    np.testing.assert_array_equal(tokens, [0, 0, protocol.POKE])
     push(state, 2)
     count, ctl, sums, tokens = state.wait_arrivals(5.0, need=1, required=3, taken_for=1, waker=waker)
-    np.testing.assert_array_equal(tokens, [protocol.WAKE, protocol.WAKE, 0])  # the poke's spare tokens first
+    np.testing.assert_array_equal(tokens, [protocol.POKE, protocol.POKE, 0])  # the poke's spare tokens first
     assert count == 3 and sums is not None and waker.pokes == 1
     np.testing.assert_allclose(sums, [6, 6, 6, 6, 1, 1, 1])  # (1 + 2 + 3) per element, one per worker
     assert state.read_control()[c.TAKEN_FOR] == 1

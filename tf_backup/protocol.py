@@ -66,6 +66,7 @@ from tf_backup import errors
 
 INT64_MAX = np.iinfo(np.int64).max
 WAKE = -1  # a wake-up token that is not a step: "the control vector changed, look"
+POKE = -2  # a `Waker`'s token: "your wait is past its deadline", nothing changed
 WAKE_WAIT = 1.0  # the longest blocking wait on the ps before health checks run again
 
 
@@ -494,9 +495,9 @@ class SharedState:
         return got[0], got[1], snapshot
 
     def poke(self, w: int) -> None:
-        """Puts a `WAKE` token in worker `w`'s queue: its blocked wait returns (see `Waker`)."""
+        """Puts a `POKE` token in worker `w`'s queue: its blocked wait returns (see `Waker`)."""
         ops = self._fused()
-        self.control.endpoint.run(ops["pokes"][w], {ops["token"]: WAKE}, what=f"wake-up of worker {w}")
+        self.control.endpoint.run(ops["pokes"][w], {ops["token"]: POKE}, what=f"wake-up of worker {w}")
 
     def wake_all(self) -> None:
         """Wakes every worker's wait with the token `WAKE` (a round stopped, the job finished)."""
@@ -504,9 +505,9 @@ class SharedState:
         self.control.endpoint.run(ops["wake_all"], {ops["token"]: WAKE}, what=f"wake-up of `{self.prefix}`")
 
     def poke_aggregator(self) -> None:
-        """Wakes the aggregator's wait (it is being stopped)."""
+        """Ends the aggregator's wait with `POKE` tokens, one per worker (its waker's deadline, or a stop)."""
         ops = self._fused()
-        self.control.endpoint.run(ops["poke_arrivals"], {ops["token"]: WAKE},
+        self.control.endpoint.run(ops["poke_arrivals"], {ops["token"]: POKE},
                                   what=f"wake-up of `{self.prefix}` aggregator")
 
     def wait(self, w: int, seconds: float, tokens_only: bool = False):
@@ -864,6 +865,9 @@ class WorkerClient:
                 push = None
                 if got is None:  # delivered twice: it pushed, its result is lost
                     continue
+                if (got[0] == POKE).all() and done(got[1]):  # ended by the waker, yet the step had moved on
+                    self.missed_wakeups += 1
+                    return got[1], got[2]
             else:
                 got = self.state.wait(self.w, seconds)
             if got is None:  # nothing happened: look anyway (a token may have been lost)
@@ -1246,7 +1250,7 @@ class Aggregator(threading.Thread):
             count, ctl, sums, tokens = got
             # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
             # are in all the same, their tokens went missing.
-            timed_out = (tokens == WAKE).any() and (tokens != WAKE).sum() < need
+            timed_out = (tokens == POKE).any() and (tokens != POKE).sum() < need
             if sums is not None:  # taken (also when stopping: the accumulators have moved on)
                 self.missed_wakeups += int(timed_out)
                 self._apply_publish([sums], start=time.monotonic())
