@@ -89,10 +89,14 @@ def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
     before, flats, after = snapshot  # one ps task: the parameters come with the wake-up
     np.testing.assert_array_equal(flats[0], np.arange(4))
     assert state.accs[0].num_accumulated() == 1  # pushed once
-    count, _, sums, tokens = state.wait_arrivals(5.0)  # the push's token (tag 0) is in the aggregator's queue
-    assert count == 1 and sums is None
+    aggregator = protocol.Waker(state.poke_aggregator, "test-aggregator-waker")
+    count, _, sums, tokens = state.wait_arrivals(5.0, aggregator)  # the push's token (tag 0) is in the queue
+    assert count == 1 and sums is None and aggregator.pokes == 0
     np.testing.assert_array_equal(tokens, [0])
     waker.close()
+    aggregator.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        waker.arm(1.0)
 
 
 def test_push_wait_returns_at_the_publish_with_its_parameters(state):
@@ -120,11 +124,11 @@ def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_i
     for w in range(2):  # two fresh pushes for step 0
         push(state, w)
     # Asks for one push more than came: the waker ends the wait (its tokens: one per worker); 2 < 3, no take.
-    count, _, sums, tokens = state.wait_arrivals(0.3, need=3, required=3, taken_for=1, waker=waker)
+    count, _, sums, tokens = state.wait_arrivals(0.3, waker, need=3, required=3, taken_for=1)
     assert count == 2 and sums is None and waker.pokes == 1
     np.testing.assert_array_equal(tokens, [0, 0, protocol.POKE])
     push(state, 2)
-    count, ctl, sums, tokens = state.wait_arrivals(5.0, need=1, required=3, taken_for=1, waker=waker)
+    count, ctl, sums, tokens = state.wait_arrivals(5.0, waker, need=1, required=3, taken_for=1)
     np.testing.assert_array_equal(tokens, [protocol.POKE, protocol.POKE, 0])  # the poke's spare tokens first
     assert count == 3 and sums is not None and waker.pokes == 1
     np.testing.assert_allclose(sums, [6, 6, 6, 6, 1, 1, 1])  # (1 + 2 + 3) per element, one per worker
@@ -142,13 +146,16 @@ def test_aggregator_wait_does_not_take_between_fit_rounds_unless_asynchronous(st
     waker = protocol.Waker(state.poke_aggregator, "test-aggregator-waker")
     for w in range(WORKERS):
         push(state, w)
-    count, _, sums, _ = state.wait_arrivals(5.0, need=3, required=2, taken_for=1, waker=waker)
+    count, _, sums, _ = state.wait_arrivals(5.0, waker, need=3, required=2, taken_for=1)
     assert count == 3 and sums is None
-    count, _, sums, _ = state.wait_arrivals(0.2, need=1, required=2, taken_for=1, always=True, waker=waker)
+    count, _, sums, _ = state.wait_arrivals(0.2, waker, need=1, required=2, taken_for=1, always=True)
     assert sums is not None and state.accs[0].num_accumulated() == 0 and waker.pokes == 1
     waker.close()
 
 
-def test_aggregator_wait_refuses_to_take_without_a_waker(state):
-    with pytest.raises(ValueError, match="waker"):
-        state.wait_arrivals(0.1, required=1, taken_for=1)
+def test_aggregator_wait_refuses_to_take_with_several_shards(server):
+    ps = cluster_lib.Task("localhost", 0, server.target[len("grpc://"):])
+    layout = protocol.Layout([tf.Variable(tf.zeros([4]), name="a"), tf.Variable(tf.zeros([3]), name="b")], num_shards=2)
+    st = protocol.SharedState(f"t/state{next(_count)}", layout, [ps, ps], WORKERS)
+    with pytest.raises(ValueError, match="one shard"):
+        st.wait_arrivals(0.1, protocol.Waker(st.poke_aggregator, "test"), required=1, taken_for=1)

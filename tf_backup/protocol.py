@@ -376,10 +376,15 @@ class SharedState:
                     with tf.control_dependencies([after_op]):
                         return tf.group(*[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake])
 
+                def wait_on(q, after_ops=()):
+                    with tf.control_dependencies(list(after_ops)):
+                        tokens = accumulators.drain(q, block)
+                    return [tokens] + consistent_read([tokens])
+
                 waits = []
                 for q in wake:
-                    tokens = accumulators.drain(q, block)
-                    waits.append(dict(tokens=tokens, read=[tokens] + consistent_read([tokens])))
+                    read_after = wait_on(q)
+                    waits.append(dict(tokens=read_after[0], read=read_after))
                 # The aggregator's wait: `need` tokens (1 + the fresh gradients still missing), then
                 # the count and the control vector; with one shard, the take too when it is due.
                 need = tf.compat.v1.placeholder_with_default(tf.constant(1, tf.int32), [])
@@ -424,11 +429,7 @@ class SharedState:
                     out["push"] = tf.raw_ops.QueueEnqueueV2(handle=arrivals, components=[acc["step"]])
                 # A push and the wait after it, in one run: the wait blocks on the worker's queue
                 # with no deadline of its own; `Waker` ends it with a token instead.
-                out["push_waits"] = []
-                for q in wake:
-                    with tf.control_dependencies([out["push"]]):
-                        tokens = accumulators.drain(q, block)
-                    out["push_waits"].append([tokens] + consistent_read([tokens]))
+                out["push_waits"] = [wait_on(q, [out["push"]]) for q in wake]
                 if one_task:
                     new_values = [tf.compat.v1.placeholder(dtype, p["value"].shape) for p in params]
                     mark = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=version_idx,
@@ -531,20 +532,19 @@ class SharedState:
         """Whether `wait_arrivals` can take (one shard: its accumulator is on the control vector's task)."""
         return len(self.layout.shard_sizes) == 1
 
-    def wait_arrivals(self, seconds: float, need: int = 1, required: int = 0, taken_for: int = 0,
-                      always: bool = False, waker: Optional["Waker"] = None):
-        """Waits up to `seconds` for `need` pushes, then reads shard 0's count and the control vector.
+    def wait_arrivals(self, seconds: float, waker: "Waker", need: int = 1, required: int = 0, taken_for: int = 0,
+                      always: bool = False):
+        """Waits for `need` pushes (`waker` ends the wait after `seconds`), then reads shard 0's count and control.
 
         With `required` > 0 (one shard only, `takes_in_wait`), the same run
         takes the gradients when `count >= required` and a fit round runs (or
         `always`), and sets control[TAKEN_FOR] = `taken_for`. Such a run must
         not be cancelled at a deadline once it may have taken, so it has none
-        of its own: `waker` ends it after `seconds` (`poke_aggregator`).
+        of its own: `waker` ends it with `POKE` tokens (`poke_aggregator`).
 
-        Returns None if fewer than `need` came in time (only without `waker`);
-        else `(count, control, sums, tokens)`: the gradient count and control
-        vector read after the wait, the taken sum (None: nothing taken) and
-        the tokens dequeued.
+        Returns `(count, control, sums, tokens)`: the gradient count and
+        control vector read after the wait, the taken sum (None: nothing
+        taken) and the tokens dequeued.
 
         Raises:
           tf.errors.AbortedError: the run was delivered twice; it ran once, and
@@ -553,21 +553,15 @@ class SharedState:
         ops = self._fused()
         feed = {ops["need"]: max(1, int(need))}
         if required:
-            if not self.takes_in_wait or waker is None:
-                raise ValueError("wait_arrivals takes only with one shard and a waker.")
+            if not self.takes_in_wait:
+                raise ValueError("wait_arrivals can take only with one shard (`takes_in_wait`).")
             feed.update({ops["required"]: int(required), ops["taken_for"]: int(taken_for), ops["always"]: bool(always)})
-        what = f"wait for pushes to `{self.prefix}`"
-        if waker is None:
-            got = self.control.endpoint.run(ops["arrivals"], feed, wait=seconds, what=what)
-        else:
-            waker.arm(seconds)
-            try:
-                got = self.control.endpoint.run(ops["arrivals_take"] if required else ops["arrivals"], feed,
-                                                what=what, on_duplicate="raise")
-            finally:
-                waker.disarm()
-        if got is None:
-            return None
+        waker.arm(seconds)
+        try:
+            got = self.control.endpoint.run(ops["arrivals_take"] if required else ops["arrivals"], feed,
+                                            what=f"wait for pushes to `{self.prefix}`", on_duplicate="raise")
+        finally:
+            waker.disarm()
         return int(got[1]), got[2], (got[4] if required and got[3] else None), got[0]
 
 
@@ -773,6 +767,8 @@ class Waker(threading.Thread):
 
     def arm(self, seconds: float) -> None:
         with self._cond:
+            if self._closed:  # its thread is gone: the run would wait for the endpoint's deadline
+                raise RuntimeError(f"{self.name} was closed (its optimizer binding was shut down).")
             self._deadline = time.monotonic() + seconds
             if not self.is_alive():
                 self.start()
@@ -800,9 +796,9 @@ class Waker(threading.Thread):
                     self._cond.wait(remaining)
                     continue
                 self._deadline = None
+            self.pokes += 1  # before the poke: the run it ends may return before `_poke` does
             try:
                 self._poke()
-                self.pokes += 1
             except Exception as e:  # pylint: disable=broad-except
                 # The ps is gone: the blocked run fails at the endpoint's deadline.
                 logging.warning("tf_backup: %s could not wake a blocked wait: %s", self.name, e)
@@ -1237,8 +1233,8 @@ class Aggregator(threading.Thread):
             need = max(1, n - count)
             try:
                 got = self.state.wait_arrivals(
-                    min(WAKE_WAIT, 0.5), need=need, required=n if fused else 0, taken_for=self.step + 1,
-                    always=not self.config.staleness_check, waker=self._waker)
+                    min(WAKE_WAIT, 0.5), self._waker, need=need, required=n if fused else 0, taken_for=self.step + 1,
+                    always=not self.config.staleness_check)
             except tf.errors.AbortedError as e:  # delivered twice (Endpoint.run): did its take run?
                 if "received twice" not in (e.message or ""):
                     raise
