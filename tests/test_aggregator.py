@@ -70,5 +70,9 @@ def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatc
         np.testing.assert_allclose(applied[0][0], [0.5, 1.5])
         np.testing.assert_allclose(state.params[0].read(), [0.5, 0.5])
         assert [r.taken for r in aggregator.history] == [0, 2]
+        # What it published, kept for the chief's own worker: the last KEEP_PUBLISHED steps.
+        np.testing.assert_allclose(aggregator.published(2)[0], [0.5, 0.5])
+        np.testing.assert_allclose(aggregator.published(1)[0], [1.0, 2.0])
+        assert aggregator.published(0) is None and protocol.KEEP_PUBLISHED == 2
     finally:
         aggregator.stop()

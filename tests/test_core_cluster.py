@@ -52,6 +52,8 @@ def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
             assert result["history"]["fresh_gradients"] == [3.0]
             assert result["history"]["dropped_gradients"] == [0.0]
             assert result["missed_wakeups"] == 0  # every wait was ended by its wake-up token
+        # The chief read every step's parameters from what its aggregator published; the others from the ps.
+        assert [worker["results"][i]["local_pulls"] for worker in out] == [steps, 0, 0]
         chief = out[0]["results"][i]
         assert chief["contributions"] == [[1, 1, 1]] * steps
         for master, final in zip(chief["master"], chief["weights"]):

@@ -117,6 +117,24 @@ def test_push_wait_returns_at_the_publish_with_its_parameters(state):
     waker.close()
 
 
+def test_push_wait_without_parameters_returns_the_control_vector_only(state):
+    # The chief's worker: it takes the parameters from its own aggregator.
+    waker = protocol.Waker(Pokes(state, 1), "test-waker")
+    got = []
+    t = threading.Thread(target=lambda: got.append(
+        state.push_wait(1, *push_args(state, 1, tag=0), waker=waker, seconds=30.0, with_params=False)))
+    t.start()
+    while state.accs[0].num_accumulated() < 1:
+        time.sleep(0.01)
+    state.publish(1, [np.full(4, 7.0, np.float32)], [protocol.Control.STEP], [1])
+    t.join(30)
+    tokens, ctl, snapshot = got[0]
+    np.testing.assert_array_equal(tokens, [1])
+    assert ctl[protocol.Control.STEP] == 1 and snapshot is None and waker.pokes == 0
+    assert ctl[state.ctl.pushed(1)] == 1  # it pushed, in the same run
+    waker.close()
+
+
 def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_in(state):
     c = protocol.Control
     state.control.scatter_max([c.ROUND], [1])  # a fit round runs

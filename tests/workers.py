@@ -125,6 +125,8 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             # wake-up token was lost (or never sent).
             "missed_wakeups": binding.client.missed_wakeups + (
                 binding.aggregator.missed_wakeups if binding.aggregator is not None else 0),
+            # Steps whose parameters this worker took from its own aggregator instead of the ps.
+            "local_pulls": binding.client.local_pulls,
             "optimizer": name,
             "weights": [v.numpy() for v in model.trainable_variables],
             "history": history.history,

@@ -350,6 +350,7 @@ class _Binding:
         self.client = protocol.WorkerClient(
             self.state, self.config, info, ext.monitor, chief_error=self.aggregator_error,
             dead_workers=self._dead_workers,
+            local_params=None if self.aggregator is None else self.aggregator.published,
         )
         if self.aggregator is not None:
             self.aggregator.start()

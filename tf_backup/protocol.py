@@ -29,6 +29,8 @@ With one ps task the three are one round trip (`SharedState.push_wait`): a run
 that pushes cannot be cancelled at a deadline without leaving it unknown
 whether it pushed, so it has none of its own, and the worker's `Waker` thread
 ends a wait that lasts past `WAKE_WAIT` with a token (health checks then run).
+The chief's own worker reads only the control vector there: it takes the
+parameters of step `s+1` from its aggregator, which kept what it published.
 
 A batch whose step was superseded while the worker was still computing it can
 be cancelled (`WorkerClient.sleep_unless_superseded`, used by the straggler
@@ -51,6 +53,7 @@ round for everybody: the other workers' next wait returns at once and their fit
 stops. A later `fit` starts a new round.
 """
 
+import collections
 import dataclasses
 import threading
 import time
@@ -68,6 +71,7 @@ INT64_MAX = np.iinfo(np.int64).max
 WAKE = -1  # a wake-up token that is not a step: "the control vector changed, look"
 POKE = -2  # a `Waker`'s token: "your wait is past its deadline", nothing changed
 WAKE_WAIT = 1.0  # the longest blocking wait on the ps before health checks run again
+KEEP_PUBLISHED = 2  # the chief keeps its last published parameters for its own worker's pull
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,10 +360,10 @@ class SharedState:
                 def read(var):
                     return tf.raw_ops.ReadVariableOp(resource=var["handle"], dtype=var["read"].dtype)
 
-                def consistent_read(after_ops=()):
+                def consistent_read(after_ops=(), with_params=True):
                     with tf.control_dependencies(list(after_ops)):
                         before = read(control)
-                    if not one_task:
+                    if not (one_task and with_params):
                         return [before]
                     with tf.control_dependencies([before]):
                         values = [read(p) for p in params]
@@ -376,10 +380,10 @@ class SharedState:
                     with tf.control_dependencies([after_op]):
                         return tf.group(*[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake])
 
-                def wait_on(q, after_ops=()):
+                def wait_on(q, after_ops=(), with_params=True):
                     with tf.control_dependencies(list(after_ops)):
                         tokens = accumulators.drain(q, block)
-                    return [tokens] + consistent_read([tokens])
+                    return [tokens] + consistent_read([tokens], with_params)
 
                 waits = []
                 for q in wake:
@@ -430,6 +434,8 @@ class SharedState:
                 # A push and the wait after it, in one run: the wait blocks on the worker's queue
                 # with no deadline of its own; `Waker` ends it with a token instead.
                 out["push_waits"] = [wait_on(q, [out["push"]]) for q in wake]
+                # The same without the parameters: for the chief, which has them already.
+                out["push_waits_control"] = [wait_on(q, [out["push"]], with_params=False) for q in wake]
                 if one_task:
                     new_values = [tf.compat.v1.placeholder(dtype, p["value"].shape) for p in params]
                     mark = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=version_idx,
@@ -471,13 +477,14 @@ class SharedState:
         self.control.endpoint.run(ops["publish"], feed, what=f"publish of `{self.prefix}` step {step}")
 
     def push_wait(self, w: int, flats: Sequence, tag: int, indices: Sequence[int], values: Sequence[int],
-                  waker: "Waker", seconds: float):
+                  waker: "Waker", seconds: float, with_params: bool = True):
         """`push`, then `wait(w, seconds)` in the same run (one round trip less per step).
 
         The wait has no deadline of its own (a run cancelled at a deadline might
         or might not have pushed): `waker` ends it after `seconds` with a
-        token. Returns what `wait` returns; None if the run was delivered twice
-        (it pushed once; its result is lost).
+        token. Returns what `wait` returns (without `with_params`, never a
+        snapshot of the parameters); None if the run was delivered twice (it
+        pushed once; its result is lost).
         """
         for acc, flat in zip(self.accs[1:], flats[1:]):
             acc.apply_grad(flat, tag)
@@ -486,7 +493,8 @@ class SharedState:
                 control["indices"]: np.asarray(indices, np.int32), control["updates"]: np.asarray(values, np.int64)}
         waker.arm(seconds)
         try:
-            got = self.control.endpoint.run(ops["push_waits"][w], feed, what=f"push and wait of worker {w} "
+            fetches = ops["push_waits" if with_params else "push_waits_control"][w]
+            got = self.control.endpoint.run(fetches, feed, what=f"push and wait of worker {w} "
                                             f"on `{self.prefix}`", on_duplicate="done")
         finally:
             waker.disarm()
@@ -808,11 +816,17 @@ class WorkerClient:
     """One worker's side of the protocol for one optimizer (eager Python).
 
     `sync` runs inside the training step through a `tf.py_function`.
+
+    `local_params` (the chief's: `Aggregator.published`) returns the flat
+    parameters this process published for a step, or None: the chief's steps
+    then read only the control vector from the ps, not the parameters it sent
+    there itself.
     """
 
     def __init__(self, state: SharedState, config: ProtocolConfig, info: cluster_lib.ClusterInfo,
                  monitor: JobMonitor, chief_error: Optional[Callable[[], Optional[str]]] = None,
-                 dead_workers: Optional[Callable[[], Sequence[int]]] = None):
+                 dead_workers: Optional[Callable[[], Sequence[int]]] = None,
+                 local_params: Optional[Callable[[int], Optional[List[np.ndarray]]]] = None):
         self.state = state
         self.config = config
         self.info = info
@@ -832,6 +846,8 @@ class WorkerClient:
         self._last_control = None
         self.cancelled = 0
         self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
+        self._local_params = local_params
+        self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
         self._superseded = False  # the step moved past `self.step` during this batch
         self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
         self.on_stop: List[Callable[[], None]] = []
@@ -857,7 +873,8 @@ class WorkerClient:
             waited = time.monotonic() - start
             seconds = min(WAKE_WAIT, max(0.001, timeout - waited))
             if push is not None:
-                got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds)
+                got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
+                                           with_params=self._local_params is None)
                 push = None
                 if got is None:  # delivered twice: it pushed, its result is lost
                     continue
@@ -989,6 +1006,12 @@ class WorkerClient:
             if before[Control.STEP] == before[Control.VERSION] == after[Control.VERSION]:
                 self._observe(before)
                 return list(flats), before
+        if ctl is not None and self._local_params is not None:
+            flats = self._local_params(int(ctl[Control.STEP]))  # published here before STEP said so
+            if flats is not None:
+                self.local_pulls += 1
+                self._observe(ctl)
+                return list(flats), ctl
         start = time.monotonic()
         sleeps = _sleep_schedule(self.config)
         while True:
@@ -1189,6 +1212,8 @@ class Aggregator(threading.Thread):
         self.missed_wakeups = 0  # waits that ran to their deadline with enough gradients in
         self._stop_event = threading.Event()
         self._waker = Waker(state.poke_aggregator, f"tf_backup-aggregator-waker-{state.prefix}")
+        self._published: "collections.OrderedDict[int, List[np.ndarray]]" = collections.OrderedDict()
+        self._published_lock = threading.Lock()
         self._last_publish = time.monotonic()
         self._last_liveness = 0.0
 
@@ -1200,6 +1225,11 @@ class Aggregator(threading.Thread):
             except errors.PsUnavailableError:
                 pass  # the ps is gone: the wait ends at its deadline
             self.join(timeout)
+
+    def published(self, step: int) -> Optional[List[np.ndarray]]:
+        """The flat parameters this aggregator published for `step`, if among its last `KEEP_PUBLISHED`."""
+        with self._published_lock:
+            return self._published.get(step)
 
     def run(self) -> None:
         try:
@@ -1328,6 +1358,11 @@ class Aggregator(threading.Thread):
         c = self.state.ctl
         new_step = self.step + 1
         self.taken += counts
+        new_flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in new_flats]
+        with self._published_lock:  # before the ps says `new_step`: the chief's worker reads it here
+            self._published[new_step] = new_flats
+            while len(self._published) > KEEP_PUBLISHED:
+                self._published.popitem(last=False)
         self.state.publish(
             new_step, new_flats,
             [Control.STEP, Control.LAST_TAKEN] + [c.taken(w) for w in range(workers)],
