@@ -73,6 +73,8 @@ def tf1_task(cfg: Dict[str, Any]):
             original_init(self, *args, recovery_wait_secs=recovery_wait_secs, **kwargs)
         patched._patched = True  # pylint: disable=protected-access
         session_manager.SessionManager.__init__ = patched
+    from tf_backup import memory  # pylint: disable=g-import-not-at-top
+    memory.tune_malloc()  # the malloc settings our ps and workers get: the same allocator for both
     conf = json.loads(os.environ["TF_CONFIG"])
     job, index = conf["task"]["type"], conf["task"]["index"]
     cluster = tf.train.ClusterSpec(conf["cluster"])

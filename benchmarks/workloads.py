@@ -326,6 +326,10 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
     if cfg["system"] == "mwms":
         patch_keras_for_multi_worker_mirrored()
+        # The malloc settings our processes get (`BackupWorkerStrategy`, `serve`), so both systems
+        # run with the same allocator: with glibc's defaults MWMS is slower too (WORKSPACE_NOTES).
+        from tf_backup import memory  # pylint: disable=g-import-not-at-top
+        memory.tune_malloc()
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         worker = strategy.cluster_resolver.task_id
         make_optimizer = lambda: keras.optimizers.SGD(0.01)  # noqa: E731

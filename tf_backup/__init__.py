@@ -9,6 +9,7 @@ from tf_backup.errors import StepTimeoutError
 from tf_backup.launch import LocalCluster
 from tf_backup.launch import LocalClusterError
 from tf_backup.launch import launch_local
+from tf_backup.memory import tune_malloc
 from tf_backup.optimizer import SyncReplicasOptimizer
 from tf_backup.protocol import StepRecord
 from tf_backup.server import serve

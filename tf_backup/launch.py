@@ -18,6 +18,8 @@ import tempfile
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
+from tf_backup import memory
+
 
 class LocalClusterError(RuntimeError):
     """A task of a local cluster failed, or the cluster ran past its timeout."""
@@ -139,7 +141,9 @@ class LocalCluster:
       num_workers, num_ps: the tasks (`num_ps` may be 0 for programs of other
         strategies, e.g. `MultiWorkerMirroredStrategy`).
       log_dir: each task's log, payload and result (default: a temp dir).
-      env: extra environment variables for every task.
+      env: extra environment variables for every task. Every task also
+        starts with `tf_backup.memory.malloc_env()` (glibc settings that keep
+        freed memory; `TF_BACKUP_TUNE_MALLOC=0`: not).
       serve_ps: ps tasks run `tf_backup.serve()`; False: they run `fn` too
         (a TF1 graph job's ps, say).
     """
@@ -190,6 +194,7 @@ class LocalCluster:
             rest = pickle.dumps((role, self._fn, self._args, self._kwargs, self.results[name]))
             pickle.dump((self._prep, rest), f)
         child_env = dict(os.environ)
+        child_env.update(memory.malloc_env())  # every task, whatever it runs: the same allocator settings
         child_env.update(self._env)
         child_env["TF_CONFIG"] = json.dumps(
             {"cluster": self.spec, "task": {"type": task_type, "index": int(index)}})

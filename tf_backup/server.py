@@ -8,6 +8,7 @@ import tensorflow as tf
 from tf_backup import accumulators
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
+from tf_backup import memory
 from tf_backup import protocol
 from tf_backup import topology
 
@@ -89,6 +90,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
             f"`tf_backup.serve()` runs ps tasks; this process is {info.task}. Workers build a "
             "BackupWorkerStrategy instead."
         )
+    memory.tune_malloc()  # the ps copies every gradient and parameter in and out: keep freed buffers
     server = _start_server(info)  # serves until this function returns
     logging.info("tf_backup: ps task %s serving", info.task)
     ps0 = info.ps[0]

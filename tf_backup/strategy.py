@@ -16,6 +16,7 @@ from tf_backup import _tf_internal
 from tf_backup import accumulators
 from tf_backup import cluster as cluster_lib
 from tf_backup import local_devices
+from tf_backup import memory
 from tf_backup import protocol
 from tf_backup import topology
 
@@ -316,6 +317,10 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         batch a worker's dataset yields is split over them, and the worker
         still makes one contribution per step (N and b count workers).
 
+    The strategy makes glibc malloc keep freed memory in this process
+    (`tf_backup.tune_malloc`; `TF_BACKUP_TUNE_MALLOC=0` to leave glibc's
+    defaults): every step feeds and fetches buffers the size of the model.
+
     Raises:
       TypeError: an argument has the wrong type.
       ValueError: the cluster has no worker job or no ps job, this process is
@@ -377,6 +382,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         )
         cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
         accumulators.set_timeout(ps_timeout)
+        memory.tune_malloc()  # every step feeds and fetches model-sized buffers (TF_BACKUP_TUNE_MALLOC=0: not)
         # The model trains on this worker's own device; the shared state is reached
         # through graph sessions on the ps tasks (tf_backup.accumulators).
         kwargs = dict(worker_timeout=worker_timeout, max_steps=max_steps,

@@ -1,0 +1,98 @@
+"""tf_backup.memory: the glibc malloc settings every task gets (WORKSPACE_NOTES, "Memory allocation")."""
+
+import os
+
+import pytest
+
+import tf_backup
+from tf_backup import memory
+
+ENV_NAMES = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ENV_NAMES + [memory.ENV]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(memory, "_applied", None)
+
+
+class FakeLibc:
+    def __init__(self, answer=1):
+        self.calls, self.answer = [], answer
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.answer
+
+
+def test_tune_malloc_sets_the_three_thresholds_once(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    assert tf_backup.tune_malloc() is True
+    assert libc.calls == [(memory.M_MMAP_THRESHOLD, 32 << 20), (memory.M_TRIM_THRESHOLD, 256 << 20),
+                          (memory.M_TOP_PAD, 32 << 20)]
+    assert tf_backup.tune_malloc() is True and len(libc.calls) == 3  # already in effect
+    assert tf_backup.tune_malloc(trim_threshold=64 << 20) is True and libc.calls[-2] == (memory.M_TRIM_THRESHOLD, 64 << 20)
+
+
+def test_tune_malloc_reports_a_refusal_and_other_c_libraries(monkeypatch):
+    monkeypatch.setattr(memory, "_glibc", lambda: FakeLibc(answer=0))
+    assert tf_backup.tune_malloc() is False
+    monkeypatch.setattr(memory, "_glibc", lambda: None)  # not glibc (macOS, musl)
+    assert tf_backup.tune_malloc() is False
+
+
+def test_tune_malloc_works_on_this_machine_glibc():
+    # The CI machines are Linux with glibc: the real mallopt accepts the settings.
+    assert memory._glibc() is not None  # pylint: disable=protected-access
+    assert tf_backup.tune_malloc() is True
+
+
+def test_the_environment_switch_turns_both_off(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    monkeypatch.setenv(memory.ENV, "0")
+    assert tf_backup.tune_malloc() is False and libc.calls == []
+    assert memory.malloc_env() == {}
+
+
+def test_malloc_env_keeps_the_callers_own_settings(monkeypatch):
+    assert memory.malloc_env() == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
+                                   "MALLOC_TOP_PAD_": str(32 << 20)}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1234")
+    assert "MALLOC_TRIM_THRESHOLD_" not in memory.malloc_env()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mmap_threshold=64 << 20), "mmap_threshold=67108864"),
+    (dict(trim_threshold=-1), "trim_threshold=-1"),
+    (dict(top_pad=1.5), "top_pad=1.5"),
+    (dict(trim_threshold=2**31), "trim_threshold=2147483648"),
+])
+def test_bad_settings_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tf_backup.tune_malloc(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        memory.malloc_env(**kwargs)
+
+
+def task_environment(names):
+    import os  # pylint: disable=g-import-not-at-top,redefined-outer-name,reimported
+    return {n: os.environ.get(n) for n in names}
+
+
+def test_every_local_cluster_task_starts_with_the_settings(monkeypatch):
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")  # the caller's own value wins
+    cluster = tf_backup.LocalCluster(task_environment, num_workers=1, num_ps=1, args=(ENV_NAMES,), serve_ps=False)
+    with cluster:
+        cluster.start()
+        got = cluster.wait_for(["worker-0", "ps-0"], timeout=120)
+    want = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_TOP_PAD_": "4096"}
+    assert got == [want, want]
+    monkeypatch.setenv(memory.ENV, "0")
+    monkeypatch.delenv("MALLOC_TOP_PAD_")
+    cluster = tf_backup.LocalCluster(task_environment, num_workers=1, num_ps=0, args=(ENV_NAMES,))
+    with cluster:
+        assert cluster.start().wait(timeout=120) == [dict.fromkeys(ENV_NAMES)]
+    assert os.environ[memory.ENV] == "0"
