@@ -32,6 +32,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import launcher  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from tf_backup import memory  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
     hiddens = [workloads.hidden_for_params(p) for p in s["params"]]
@@ -89,7 +90,11 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         "SGD(0.01), no stragglers, **no simulated compute**: step time = the framework's cost + a small real "
         "step. tf_backup: `BackupWorkerStrategy(num_backup_workers=0)` + `SyncReplicasOptimizer`, 1 ps task; "
         "MWMS: `tf.distribute.MultiWorkerMirroredStrategy` (collective all-reduce), one process per worker, "
-        "`TF_CONFIG` per process. All processes share this machine's cores.",
+        "`TF_CONFIG` per process. All processes share this machine's cores. " + (
+            "Every process of both systems starts with the same glibc malloc settings "
+            "(`tf_backup.memory.malloc_env()`: freed memory stays in the process; WORKSPACE_NOTES, "
+            "\"Memory allocation\")." if memory.enabled() else
+            "`TF_BACKUP_TUNE_MALLOC=0`: every process runs with glibc's default malloc settings."),
         "Step time: mean time between worker 0's consecutive batch ends in one timed fit of "
         f"{s['steps']} batches (first and last left out), after a warm-up fit; {s['clusters']} cluster(s) per cell "
         f"with {s['reps']} timed fit(s) each; median (min–max) over the runs. Ratio = median / median.",
