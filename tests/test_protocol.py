@@ -97,6 +97,29 @@ def test_a_worker_joining_a_running_job_picks_its_fit_round(pushed, ended, round
     assert client.round == expected and client.pushed == pushed
 
 
+def test_the_chief_pulls_what_its_aggregator_published_even_given_a_snapshot_from_the_ps():
+    spec = tf.train.ClusterSpec({"worker": ["h:1", "h:2"], "ps": ["h:9"]})
+    info = cluster_lib.cluster_info_from_resolver(
+        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=0))
+    state = FakeState(2)
+    state.on_one_task = True
+    published = {3: [np.full(2, 3.0, np.float32)]}
+    client = protocol.WorkerClient(state, protocol.ProtocolConfig(1, 2), info, monitor=None,
+                                   local_params=published.get)
+    ctl = np.zeros([state.ctl.size], np.int64)
+    ctl[protocol.Control.STEP] = ctl[protocol.Control.VERSION] = 3
+    snapshot = (ctl, [np.full(2, -1.0, np.float32)], ctl)  # a wait past WAKE_WAIT read them from the ps too
+    flats, got = client.pull(ctl, snapshot)
+    np.testing.assert_array_equal(flats[0], [3.0, 3.0])
+    assert got[protocol.Control.STEP] == 3 and client.step == 3 and client.local_pulls == 1
+    flats, _ = client.pull(ctl)  # no snapshot: the same
+    np.testing.assert_array_equal(flats[0], [3.0, 3.0])
+    ctl[protocol.Control.STEP] = ctl[protocol.Control.VERSION] = 4  # not kept here: the ps's copy
+    flats, _ = client.pull(ctl, (ctl, [np.full(2, 4.0, np.float32)], ctl))
+    np.testing.assert_array_equal(flats[0], [4.0, 4.0])
+    assert client.step == 4 and client.local_pulls == 2
+
+
 class FakeJobVariable:
     """The job vector in memory, for `Liveness`."""
 

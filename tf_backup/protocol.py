@@ -1001,17 +1001,20 @@ class WorkerClient:
           (flats, control): the flat parameters per shard, and a control vector
           whose STEP is the step they belong to.
         """
+        seen = snapshot[0] if snapshot is not None else ctl
+        if seen is not None and self._local_params is not None:
+            # The chief: published here before STEP said so (also when a wait that ran past
+            # WAKE_WAIT read the parameters from the ps all the same).
+            flats = self._local_params(int(seen[Control.STEP]))
+            if flats is not None:
+                self.local_pulls += 1
+                self._observe(seen)
+                return list(flats), seen
         if snapshot is not None:
             before, flats, after = snapshot
             if before[Control.STEP] == before[Control.VERSION] == after[Control.VERSION]:
                 self._observe(before)
                 return list(flats), before
-        if ctl is not None and self._local_params is not None:
-            flats = self._local_params(int(ctl[Control.STEP]))  # published here before STEP said so
-            if flats is not None:
-                self.local_pulls += 1
-                self._observe(ctl)
-                return list(flats), ctl
         start = time.monotonic()
         sleeps = _sleep_schedule(self.config)
         while True:
