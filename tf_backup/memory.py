@@ -5,7 +5,7 @@ the model (gRPC messages, protobuf copies, tensors fed and fetched). With
 glibc's default settings, freed buffers of a few MiB go back to the kernel
 (`munmap`, or `madvise` from a thread's arena) and the next one is faulted in
 and zeroed page by page. A profile of the ps at 4 workers and 1e6 parameters
-(`perf record`) spent about 40% of its CPU in page faults, page clearing and
+(`perf record`) spent 35-40% of its CPU in page faults, page clearing and
 unmapping; see WORKSPACE_NOTES.md, "Memory allocation".
 
 The settings below keep freed memory in the process instead: large blocks
