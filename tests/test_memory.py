@@ -96,3 +96,31 @@ def test_every_local_cluster_task_starts_with_the_settings(monkeypatch):
     with cluster:
         assert cluster.start().wait(timeout=120) == [dict.fromkeys(ENV_NAMES)]
     assert os.environ[memory.ENV] == "0"
+
+
+class Stop(Exception):
+    pass
+
+
+def test_serve_and_the_strategy_apply_the_settings_before_anything_else(monkeypatch):
+    # Processes started without the variables (a real cluster's tasks) get them through mallopt.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from tf_backup import cluster as cluster_lib  # pylint: disable=g-import-not-at-top
+    from tf_backup import server  # pylint: disable=g-import-not-at-top
+    calls = []
+    monkeypatch.setattr(memory, "tune_malloc", lambda: calls.append("tune_malloc"))
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    spec = tf.train.ClusterSpec({"worker": ["localhost:1", "localhost:2"], "ps": ["localhost:3"]})
+    resolver = lambda job: tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type=job, task_id=0)  # noqa: E731
+    monkeypatch.setattr(server, "_start_server", stop)
+    with pytest.raises(Stop):
+        tf_backup.serve(resolver("ps"))
+    assert calls == ["tune_malloc"]
+    monkeypatch.setattr(cluster_lib, "wait_for_tasks", lambda *args, **kwargs: None)
+    monkeypatch.setattr(memory, "tune_malloc", lambda: (calls.append("strategy"), stop()))
+    with pytest.raises(Stop):
+        tf_backup.BackupWorkerStrategy(resolver("worker"))
+    assert calls == ["tune_malloc", "strategy"]

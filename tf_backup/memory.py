@@ -10,8 +10,9 @@ unmapping; see WORKSPACE_NOTES.md, "Memory allocation".
 
 The settings below keep freed memory in the process instead: large blocks
 come from the heap, not fresh mappings, and a heap is trimmed only past
-`trim_threshold` of free space at its top. They cost resident memory (up to
-about `trim_threshold` more per malloc arena), not CPU. Two ways in:
+`trim_threshold` of free space at its top. They cost resident memory, not
+CPU: by glibc's rules up to about `trim_threshold` more per malloc arena (not
+measured here). Two ways in:
 
 * `malloc_env()`: glibc's environment variables, read when a process starts.
   `LocalCluster` (so `launch_local`) starts every task with them; on a real
