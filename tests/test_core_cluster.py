@@ -96,6 +96,38 @@ def test_3_workers_1_backup_drops_every_gradient_of_the_slow_worker():
     assert results[3]["history"]["dropped_gradients"][-1] >= slow_pushed - 1
 
 
+def test_a_superseded_straggler_restarts_its_batch_on_the_new_step_and_pushes_it(tmp_path):
+    # Worker 3's first sleep of every batch (60 s) is cut short by the next publish; it then pulls
+    # that step into its model (`restart_superseded`) and pushes the same batch for it at once.
+    steps = 12
+    out = tf_backup.launch_local(workers.train_with_restarting_straggler, num_workers=4,
+                                 args=(steps, str(tmp_path)), timeout=240, ps_exit_grace=20)
+    slow = out[3]
+    restarts = slow["restarts"]
+    assert slow["fit_seconds"] < 60 and len(slow["cut"]) >= 2 and all(slow["cut"])
+    assert len(restarts) == len(slow["cut"])
+    # Each restart moved to a later step, except one the round's end cut short (None, the last).
+    moved = [(old, new, weights) for old, new, weights in restarts if new is not None]
+    assert moved == restarts or moved == restarts[:-1]
+    assert len(moved) >= 2 and all(new > old for old, new, _ in moved)
+    # The weights after a restart are exactly those the fast workers had at that step.
+    published = {step: weights for worker in out[:3] for step, weights in worker["seen"]}
+    checked = [new for _, new, weights in moved if new in published and weights == published[new]]
+    assert sorted(checked) == sorted(new for _, new, _ in moved if new in published) and len(checked) >= 2
+    # Each cut counts as cancelled; each restarted batch was pushed once, for the step it restarted
+    # on. (Counts of the timed fit: the warm-up fit before it pushed too.)
+    c = tf_backup.protocol.Control(4)
+    control, stats, before = slow["control"], slow["stats"], slow["stats_before"]
+    assert before["cancelled"][3] == 0
+    assert stats["cancelled"][3] == control[c.cancelled(3)] == len(restarts)
+    assert stats["pushed"][3] - before["pushed"][3] == len(moved)
+    assert control[c.last_tag(3)] == moved[-1][1]
+    chief, chief_before = out[0]["stats"], out[0]["stats_before"]
+    assert chief["global_step"] - chief_before["global_step"] == steps
+    taken = sum(chief["taken"]) - sum(chief_before["taken"])
+    assert 3 * steps <= taken <= 4 * steps  # at least N = 3 per step
+
+
 def test_a_superseded_straggler_cancels_its_batches_instead_of_pushing_them():
     # Worker 3 "computes" 60 s per batch; each sleep is cut short by the next
     # publish (or the end of the round), so it never pushes and never holds up the end.

@@ -1,4 +1,6 @@
-"""Pieces of the step protocol that need no cluster: layout, signature, control slots."""
+"""Pieces of the step protocol that need no cluster: layout, signature, control slots, sleeps."""
+
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +120,69 @@ def test_the_chief_pulls_what_its_aggregator_published_even_given_a_snapshot_fro
     flats, _ = client.pull(ctl, (ctl, [np.full(2, 4.0, np.float32)], ctl))
     np.testing.assert_array_equal(flats[0], [4.0, 4.0])
     assert client.step == 4 and client.local_pulls == 2
+
+
+class WakingState(FakeState):
+    """A ps whose wake-up queue of worker 1 holds the tokens given, read with step `step`'s parameters."""
+
+    on_one_task = True
+
+    def __init__(self, tokens, step):
+        super().__init__(2)
+        self.tokens, self.waits = tokens, []
+        self.ctl_now = np.zeros([self.ctl.size], np.int64)
+        self.ctl_now[protocol.Control.STEP] = self.ctl_now[protocol.Control.VERSION] = step
+        self.params = [np.full(2, float(step), np.float32)]
+
+    def wait(self, w, seconds, tokens_only=False):
+        assert w == 1 and not tokens_only
+        self.waits.append(seconds)
+        if not self.tokens:
+            time.sleep(seconds)
+            return None
+        tokens, self.tokens = np.asarray(self.tokens, np.int64), []
+        return tokens, self.ctl_now, (self.ctl_now, self.params, self.ctl_now)
+
+
+def worker_1(state):
+    spec = tf.train.ClusterSpec({"worker": ["h:1", "h:2"], "ps": ["h:9"]})
+    info = cluster_lib.cluster_info_from_resolver(
+        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=1))
+    monitor = type("Monitor", (), {"done": False})()
+    return protocol.WorkerClient(state, protocol.ProtocolConfig(1, 2), info, monitor=monitor)
+
+
+def test_a_superseded_sleep_restarts_on_the_parameters_read_with_the_token():
+    state = WakingState(tokens=[4], step=4)
+    client = worker_1(state)
+    client.step = 3
+    assert client.sleep_unless_superseded(60.0)
+    flats = client.restart_superseded()  # no further read: `WakingState` has none
+    np.testing.assert_array_equal(flats[0], [4.0, 4.0])
+    assert client.step == 4 and client.cancelled == 1
+    assert client.restart_superseded() is None  # nothing left to restart
+    assert len(state.waits) == 1
+
+
+def test_a_token_of_the_step_already_pulled_does_not_cut_the_sleep_short():
+    state = WakingState(tokens=[3], step=3)
+    client = worker_1(state)
+    client.step = 3
+    assert not client.sleep_unless_superseded(0.05)
+    assert client.restart_superseded() is None and client.cancelled == 0
+
+
+def test_the_sleep_waits_on_the_ps_until_its_last_milliseconds_then_sleeps_them_here():
+    state = WakingState(tokens=[], step=3)
+    client = worker_1(state)
+    client.step = 3
+    start = time.monotonic()
+    assert not client.sleep_unless_superseded(0.05)
+    assert time.monotonic() - start >= 0.05
+    assert len(state.waits) == 1 and state.waits[0] <= 0.05 - protocol.SLEEP_MARGIN
+    state.waits.clear()
+    assert not client.sleep_unless_superseded(protocol.SLEEP_MARGIN / 2)  # all of it here
+    assert state.waits == []
 
 
 class FakeJobVariable:

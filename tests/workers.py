@@ -4,6 +4,7 @@ Module-level functions, so worker processes can import them. Each returns
 plain numbers the test asserts on.
 """
 
+import os
 import time
 
 import numpy as np
@@ -139,6 +140,67 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             result["master"] = [v.numpy() for v in optimizer.master_variables]
         results.append(result)
     return {"worker": strategy.worker_index, "results": results}
+
+
+def train_with_restarting_straggler(steps: int, gate_dir: str):
+    """4 workers, b = 1; worker 3's first sleep of each batch (60 s) is always superseded.
+
+    It then restarts the batch on the current step (`restart_superseded`) and pushes it at once.
+    Every worker records, before each batch, the step of its parameters and its weights; worker 3
+    also records what each restart returned and the weights right after it. The fast workers start
+    their first batch once worker 3 has started its fit (a file in `gate_dir`), so its batches
+    overlap their steps however late its process started.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=1, step_timeout=120.0)
+    w = strategy.worker_index
+    x, y = regression_data(steps * strategy.num_workers)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                      jit_compile=False)
+    seen, restarts, cut = [], [], []
+
+    def weights():
+        return [v.numpy().tolist() for v in model.trainable_variables]
+
+    gate = os.path.join(gate_dir, "worker-3-started")
+
+    class _Callback(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if w == 3:
+                _write_atomic(gate, "started")
+                return
+            deadline = time.monotonic() + 120
+            while not os.path.exists(gate):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker 3 did not start its fit within 120 s ({gate})")
+                time.sleep(0.01)
+
+        def on_train_batch_begin(self, batch, logs=None):
+            client = strategy.extended.bindings[-1].client
+            if w == 3:
+                before = client.step
+                cut.append(strategy.sleep_unless_superseded(60.0))
+                if cut[-1]:
+                    restarts.append((before, strategy.restart_superseded(), weights()))
+                    assert strategy.restart_superseded() is None  # nothing left to restart
+            seen.append((client.step, weights()))
+
+    dataset = strategy.distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat())
+    # A warm-up fit first: a first batch traces the train step (about a second), during which the
+    # fast workers would make all the steps.
+    model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)
+    strategy.wait_for_fit_end()
+    before = strategy.stats()
+    start = time.monotonic()
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[_Callback()])
+    return {"worker": w, "seen": seen, "restarts": restarts, "stats_before": before, "cut": cut, "stats": strategy.stats(),
+            "control": strategy.extended.bindings[-1].state.read_control().tolist(),
+            "weights": weights(), "fit_seconds": time.monotonic() - start}
 
 
 def train_with_wrong_model(steps: int):

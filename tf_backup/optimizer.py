@@ -360,6 +360,7 @@ class _Binding:
         self.client.on_stop.append(ext.stop_models)
         flats, _ = self.client.pull()
         self.initial_step = self.client.step
+        self._var_list = list(var_list)
         self._assign(var_list, flats)
         self.metric_vars = ext.ensure_metric_vars()
         ext.bindings.append(self)
@@ -415,6 +416,18 @@ class _Binding:
 
     def _assign(self, var_list: Sequence, flats: Sequence) -> List:
         return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]
+
+    def restart_superseded(self) -> Optional[int]:
+        """Pulls the current step into the model after a superseded sleep (`WorkerClient.restart_superseded`).
+
+        Returns the new step of the parameters; None if no sleep was superseded
+        or the fit round has stopped (the batch then ends the fit).
+        """
+        flats = self.client.restart_superseded()
+        if flats is None:
+            return None
+        self._assign(self._var_list, flats)
+        return None if self.client.round_stopped else self.client.step
 
     def _sync(self, *flats):
         new_flats, metrics = self.client.sync(flats)

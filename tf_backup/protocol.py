@@ -34,7 +34,10 @@ parameters of step `s+1` from its aggregator, which kept what it published.
 
 A batch whose step was superseded while the worker was still computing it can
 be cancelled (`WorkerClient.sleep_unless_superseded`, used by the straggler
-simulation): it is not pushed and the worker moves to the new step at once.
+simulation): it is not pushed and the worker moves to the new step at once; or
+restarted (`WorkerClient.restart_superseded`): the worker pulls the new step
+and computes the same batch on it. The wait that sees the new step's token also
+reads its parameters, so neither needs another round trip.
 
 The chief's `Aggregator` thread, each step:
   1. waits until every shard's accumulator holds `replicas_to_aggregate` fresh
@@ -71,6 +74,7 @@ INT64_MAX = np.iinfo(np.int64).max
 WAKE = -1  # a wake-up token that is not a step: "the control vector changed, look"
 POKE = -2  # a `Waker`'s token: "your wait is past its deadline", nothing changed
 WAKE_WAIT = 1.0  # the longest blocking wait on the ps before health checks run again
+SLEEP_MARGIN = 0.003  # `sleep_unless_superseded` sleeps its last seconds locally (see there)
 KEEP_PUBLISHED = 2  # the chief keeps its last published parameters for its own worker's pull
 
 
@@ -849,6 +853,7 @@ class WorkerClient:
         self._local_params = local_params
         self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
         self._superseded = False  # the step moved past `self.step` during this batch
+        self._superseded_read = (None, None)  # (control, snapshot) read when it did
         self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
         self.on_stop: List[Callable[[], None]] = []
 
@@ -920,15 +925,44 @@ class WorkerClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            tokens = self.state.wait(self.w, remaining, tokens_only=True)
-            if tokens is None:
+            if remaining <= SLEEP_MARGIN:
+                # A wait on the ps that ends at its deadline returns ~2-3 ms late (the run
+                # is cancelled there); the last few ms are slept here, not woken.
+                time.sleep(remaining)
                 return False
+            got = self.state.wait(self.w, remaining - SLEEP_MARGIN)
+            if got is None:
+                continue
+            tokens, ctl, snapshot = got
             # Every change a later wait looks for comes with a token after it; one
             # taken here is acted on now (or was about an older step or round).
-            if tokens.max(initial=WAKE) > self.step or (
-                    (tokens == WAKE).any() and self._stopped(self.state.read_control())):
+            if tokens.max(initial=WAKE) > self.step or ((tokens == WAKE).any() and self._stopped(ctl)):
                 self._superseded = True
+                # The same run read the parameters after the token (one ps task): the
+                # batch's `sync` or `restart_superseded` uses them instead of a pull.
+                self._superseded_read = (ctl, snapshot)
                 return True
+
+    def restart_superseded(self):
+        """After `sleep_unless_superseded` returned True: moves to the current step now.
+
+        Pulls the parameters of the current global step, so the batch is
+        computed on them and pushed for that step instead of being cancelled at
+        `sync`. Counted as a cancelled batch all the same (its computation on
+        the old step was abandoned). If the round stopped meanwhile, this
+        worker stops as at the end of a step.
+
+        Returns:
+          The flat parameters pulled, or None if no sleep was superseded.
+        """
+        if not self._superseded:
+            return None
+        flats, ctl = self.pull(*self._superseded_read)
+        self._superseded, self._superseded_read = False, (None, None)
+        self.cancelled += 1
+        if self._stopped(ctl):
+            self._stop()
+        return flats
 
     def _diagnose(self, ctl: np.ndarray) -> str:
         c = self.state.ctl
@@ -1088,7 +1122,8 @@ class WorkerClient:
             self._round_announced = True
         snapshot = ctl = None
         if self._superseded:
-            self._superseded = False
+            ctl, snapshot = self._superseded_read
+            self._superseded, self._superseded_read = False, (None, None)
             self.cancelled += 1
         else:
             tag = self.step if self.config.staleness_check else INT64_MAX
@@ -1122,6 +1157,11 @@ class WorkerClient:
         """Ends the waker thread."""
         self._waker.close()
 
+    @property
+    def round_stopped(self) -> bool:
+        """Whether this worker has seen its fit round stop (its fit ends after the current batch)."""
+        return self._round_stopped
+
     def _stop(self) -> None:
         self._round_stopped = True
         for callback in self.on_stop:
@@ -1139,7 +1179,7 @@ class WorkerClient:
         self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w), c.cancelled(self.w)],
                                        [self.round, self.round, self.cancelled])
         self.state.wake_all()
-        self._superseded = False
+        self._superseded, self._superseded_read = False, (None, None)
         if wait_for_others:
             self.wait_for_round_end(self.round, self.config.chief_timeout, "chief_timeout")
         flats, _ = self.pull()

@@ -528,11 +528,15 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         the batch is useless once the global step passes the step of this
         worker's parameters, or the fit round stops. The chief's publish wakes
         the worker at once; the batch is then *cancelled*: its gradient is not
-        pushed, and the worker moves to the new step. That is a straggler that
-        can be interrupted, the model behind the order-statistic ideal of
-        `stragglers.ideal_step_times`; without it a late worker finishes its
-        stale batch first (as in TF1). Cancelled batches are counted in
-        `stats()["cancelled"]`.
+        pushed, and the worker moves to the new step (or, after
+        `restart_superseded`, computes the same batch on the new step). That
+        is a straggler that can be interrupted, the model behind the
+        order-statistic ideal of `stragglers.ideal_step_times`; without it a
+        late worker finishes its stale batch first (as in TF1). Cancelled
+        batches are counted in `stats()["cancelled"]`. The last 3 ms of a
+        sleep are slept locally, not on the ps (`protocol.SLEEP_MARGIN`: a
+        wait there that runs to its deadline returns 2-3 ms late): a publish
+        in them does not cut the sleep short.
 
         Args:
           seconds: the longest sleep, >= 0.
@@ -546,6 +550,29 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             time.sleep(seconds)
             return False
         return self.extended.bindings[-1].client.sleep_unless_superseded(seconds)
+
+    def restart_superseded(self) -> Optional[int]:
+        """After `sleep_unless_superseded` returned True: starts this batch afresh on the current step.
+
+        Pulls the parameters of the current global step into the model now, so
+        the batch about to run is computed on them and pushed for that step,
+        instead of being computed on the old step and cancelled (not pushed).
+        A straggler simulation that calls this, then sleeps the new step's delay
+        (which may be cut short again), models a straggler interrupted and
+        restarted at once, the model of `stragglers.ideal_step_times`; the
+        batch's data is used, not skipped. The batch still counts in
+        `stats()["cancelled"]`. Call it from a callback's
+        `on_train_batch_begin`, between batches, never inside a step.
+
+        Returns:
+          The global step of the parameters now in the model; None if no
+          sleep was superseded (nothing pulled), the fit round has stopped
+          (the batch then ends the fit at once: do not sleep again), or no
+          SyncReplicasOptimizer is built yet.
+        """
+        if not self.extended.bindings:
+            return None
+        return self.extended.bindings[-1].restart_superseded()
 
     def step_history(self) -> List[protocol.StepRecord]:
         """The chief's record of every step of the latest optimizer (chief only)."""
