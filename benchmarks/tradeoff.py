@@ -7,9 +7,10 @@ workers' times (`tf_backup.stragglers.ideal_step_times`); achieved step time is 
 two consecutive global steps published by the chief.
 
 Each b runs under two straggler policies, in turn on the same cluster: "finish" (a late worker
-finishes its stale batch, whose gradient is dropped, as in TF1 and the paper) and "cancel" (the
-publish of the next step cuts a late worker's sleep short, `sleep_unless_superseded`: the model
-behind the order-statistic ideal).
+finishes its stale batch, whose gradient is dropped, as in TF1 and the paper) and "restart" (the
+publish of the next step cuts a late worker's sleep short, `sleep_unless_superseded`, and the
+worker starts the batch afresh on the new step, `restart_superseded`: the model behind the
+order-statistic ideal).
 """
 
 import statistics
@@ -25,9 +26,9 @@ TITLE = "Trade-off of b: step time with N = 4 and b backup workers, achieved vs 
 
 def settings(quick: bool, smoke: bool = False) -> Dict:
     if smoke:
-        return dict(n=4, bs=[1], clusters=1, reps=3, steps=8, compute=0.1, straggler="pareto:1.5:0.05")
+        return dict(n=4, bs=[1], clusters=1, reps=3, steps=10, compute=0.1, straggler="pareto:1.5:0.05")
     if quick:
-        return dict(n=4, bs=[0, 1, 2, 3], clusters=1, reps=3, steps=10, compute=0.1,
+        return dict(n=4, bs=[0, 1, 2, 3], clusters=1, reps=3, steps=16, compute=0.1,
                     straggler="pareto:1.5:0.05")
     return dict(n=4, bs=[0, 1, 2, 3], clusters=3, reps=1, steps=60, compute=0.2,
                 straggler="pareto:1.5:0.1")
@@ -41,7 +42,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     s = settings(quick, smoke)
     n, seed, hidden = s["n"], 0, workloads.hidden_for_params(1e4)
     model = stragglers.parse(s["straggler"], seed=seed)
-    policies = ["finish", "cancel"]
+    policies = ["finish", "restart"]
     per_b = {(b, p): {"mean": [], "p90": [], "ideal_mean": [], "ideal_p90": [], "ratio": [], "ratio_p90": [],
                       "replay_mean": [], "ratio_replay": [], "dropped": [], "cancelled": []}
              for b in s["bs"] for p in policies}
@@ -61,7 +62,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                 continue
             chief = out[0]
             for rep_index, rep in enumerate(chief["reps"]):
-                durations = workloads.step_durations(chief["history"], rep["start_step"], s["steps"])
+                all_in = max(o["reps"][rep_index]["first_batch"] or 0.0 for o in out)
+                durations = workloads.step_durations(chief["history"], rep["start_step"], s["steps"], all_in)
                 steps = sorted(durations)
                 if not steps:
                     failures.append(f"b = {b}, {rep['policy']}, cluster {cluster + 1}, rep {rep_index + 1}: "
@@ -73,7 +75,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                 pub = workloads.simulate_protocol(model.delay, n, n + b, s["compute"], rep["start_step"],
                                                   max(steps) - rep["start_step"] + 1)
                 replay = np.array([pub[k] - pub[k - 1] for k in steps])
-                reference = ideal if rep["policy"] == "cancel" else replay
+                reference = ideal if rep["policy"] == "restart" else replay
                 r = per_b[b, rep["policy"]]
                 r["mean"].append(achieved.mean())
                 r["p90"].append(float(np.quantile(achieved, 0.9)))
@@ -90,7 +92,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                 print(f"{NAME}: b = {b} {rep['policy']} run {len(r['mean'])}: mean {achieved.mean() * 1e3:.0f} ms "
                       f"(ideal {ideal.mean() * 1e3:.0f} ms), achieved/ideal {r['ratio'][-1]:.3f}", flush=True)
             per_b[b, "finish"]["dropped"].append(sum(chief["stats"]["dropped"]))
-            per_b[b, "cancel"]["cancelled"].append(sum(chief["stats"]["cancelled"]))
+            per_b[b, "restart"]["cancelled"].append(sum(chief["stats"]["cancelled"]))
     runs = s["clusters"] * s["reps"]
     ms = lambda v: common.median_range([x * 1e3 for x in v], "{:.0f}")  # noqa: E731
     rows = []
@@ -106,9 +108,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         return max((statistics.median(per_b[b, policy][key]) for b in s["bs"] if per_b[b, policy][key]),
                    default=float("nan"))
 
-    worst, worst_replay = worst_of("cancel", "ratio"), worst_of("finish", "ratio_replay")
+    worst, worst_replay = worst_of("restart", "ratio"), worst_of("finish", "ratio_replay")
     worst_finish = worst_of("finish", "ratio")
-    cancelled = sum(sum(per_b[b, "cancel"]["cancelled"]) for b in s["bs"])
+    cancelled = sum(sum(per_b[b, "restart"]["cancelled"]) for b in s["bs"])
     dropped = sum(sum(per_b[b, "finish"]["dropped"]) for b in s["bs"])
     notes = [
         f"N = {n} gradients per step, b backup workers (N + b worker processes + 1 ps), a "
@@ -118,24 +120,27 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         "global step), so every b sees the same delays. Sleeping instead of computing keeps the figures "
         "independent of how the processes share the cores.",
         "Achieved: time between consecutive global steps published by the chief (the first step of each "
-        f"timed fit and the last one are left out). Ideal: per step, the N-th smallest of the N + b "
+        "timed fit, the steps that began before every worker had begun its fit's first batch, and the last "
+        "step are left out; workers collect garbage between fits, see `benchmarks.workloads`). Ideal: per "
+        "step, the N-th smallest of the N + b "
         f"workers' times ({s['compute']:g} s + delay), i.e. no communication, no real compute, no overhead.",
         f"A run is one timed fit of {s['steps']} batches per worker; {s['clusters']} fresh cluster(s) per b with "
         f"{s['reps']} timed fit(s) each (after a warm-up fit); median (min–max) over the runs.",
         "Straggler policy. **finish**: as in TF1 and the paper, a late worker finishes its stale batch "
         "(its gradient is dropped) before starting on the current step, so a long stall also keeps it out "
-        "of the next steps. **cancel**: the publish of the next step wakes a late worker during its sleep "
-        "(`BackupWorkerStrategy.sleep_unless_superseded`); the batch is cancelled, not pushed, and the "
-        "worker starts on the new step: every step starts afresh, the model the ideal assumes. Both policies "
-        "run in turn on the same cluster with the same delays.",
-        "Reference: for **cancel**, the ideal; for **finish**, a zero-overhead replay of the protocol with "
+        "of the next steps. **restart**: the publish of the next step wakes a late worker during its sleep "
+        "(`BackupWorkerStrategy.sleep_unless_superseded`); the worker pulls the new step's parameters at "
+        "once (`restart_superseded`) and starts the same batch afresh on them, sleeping that step's delay: "
+        "every step starts afresh, the model the ideal assumes. Both policies run in turn on the same "
+        "cluster with the same delays.",
+        "Reference: for **restart**, the ideal; for **finish**, a zero-overhead replay of the protocol with "
         "the same delays and stragglers that finish (`benchmarks.workloads.simulate_protocol`; ideal <= "
-        "replay: replay/ideal is what not cancelling costs). achieved/reference is tf_backup's own "
+        "replay: replay/ideal is what not restarting costs). achieved/reference is tf_backup's own "
         "overhead: communication, the real Keras step, 2 shared cores.",
         f"Target: achieved/ideal (mean) within 1.15 for every b. Worst median here: {worst:.3f} with "
-        f"cancelled stragglers, {worst_finish:.3f} with stragglers that finish (whose worst "
-        f"achieved/replay is {worst_replay:.3f}). Gradients dropped (finish): {dropped}; batches "
-        f"cancelled (cancel): {cancelled}, over all runs.",
+        f"restarted stragglers, {worst_finish:.3f} with stragglers that finish (whose worst "
+        f"achieved/replay is {worst_replay:.3f}). Gradients dropped (finish): {dropped}; sleeps "
+        f"cut short and restarted (restart): {cancelled}, over all runs.",
     ]
     columns = ["b", "workers", "stragglers", "mean step ms", "ideal mean ms", "achieved/ideal (mean)",
                "p90 step ms", "ideal p90 ms", "achieved/ideal (p90)", "replay mean ms",
@@ -147,22 +152,22 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     if not smoke:
         import os  # pylint: disable=g-import-not-at-top
         path = os.path.join(out_dir, f"{NAME}.png")
-        bs = [b for b in s["bs"] if per_b[b, "cancel"]["mean"] and per_b[b, "finish"]["mean"]]
+        bs = [b for b in s["bs"] if per_b[b, "restart"]["mean"] and per_b[b, "finish"]["mean"]]
 
         def med(p, key, scale=1.0):
             return [statistics.median(per_b[b, p][key]) * scale for b in bs]
 
         if common.plot(path, [
                 {"xlabel": "backup workers b (N = 4)", "ylabel": "step time (ms)", "series": [
-                    ("achieved mean, cancel", bs, med("cancel", "mean", 1e3)),
+                    ("achieved mean, restart", bs, med("restart", "mean", 1e3)),
                     ("achieved mean, finish", bs, med("finish", "mean", 1e3)),
-                    ("ideal mean", bs, med("cancel", "ideal_mean", 1e3)),
+                    ("ideal mean", bs, med("restart", "ideal_mean", 1e3)),
                     ("replay mean (finish)", bs, med("finish", "replay_mean", 1e3)),
-                    ("achieved p90, cancel", bs, med("cancel", "p90", 1e3)),
-                    ("ideal p90", bs, med("cancel", "ideal_p90", 1e3))]},
+                    ("achieved p90, restart", bs, med("restart", "p90", 1e3)),
+                    ("ideal p90", bs, med("restart", "ideal_p90", 1e3))]},
                 {"xlabel": "backup workers b (N = 4)", "ylabel": "achieved / ideal", "hline": 1.15, "series": [
-                    ("mean, cancel", bs, med("cancel", "ratio")),
-                    ("p90, cancel", bs, med("cancel", "ratio_p90")),
+                    ("mean, restart", bs, med("restart", "ratio")),
+                    ("p90, restart", bs, med("restart", "ratio_p90")),
                     ("mean, finish", bs, med("finish", "ratio")),
                     ("mean, finish vs replay", bs, med("finish", "ratio_replay"))]}], TITLE):
             image = path

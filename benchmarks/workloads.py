@@ -5,8 +5,15 @@ Keras callback before each batch, on top of the (small) real step, so the figure
 on how the processes share this machine's cores. Straggler delays come from a seeded
 `tf_backup.stragglers` model keyed by (worker, global step of the parameters the batch is computed
 on), so every b sees the same delays at the same global step.
+
+Every worker collects garbage after each fit (`collect_between_fits`), outside the timed batches:
+each Keras `fit` under a `tf.distribute` strategy leaves about 1,100 objects in reference cycles
+(the traced functions of TF's multi-device iterator), and their collection takes ~0.17 s of CPU
+per process (TF's cost, measured with MirroredStrategy in one process too); left to Python's
+collector it lands in a later timed fit, at the same moment in every worker.
 """
 
+import gc
 import math
 import time
 from typing import Any, Dict, List, Optional
@@ -44,6 +51,11 @@ def random_data(worker: int, rows: int = 1024):
     return x, y
 
 
+def collect_between_fits() -> None:
+    """Collects the reference cycles a `fit` leaves behind (see the module docstring), between fits."""
+    gc.collect()
+
+
 def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[str], seed: int,
                         step_source, strategy=None):
     """A callback sleeping `compute + delay(worker, step)` before each batch.
@@ -51,7 +63,9 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
     `step_source()` gives the global step of the parameters at the start of a fit; afterwards the
     step comes from the batch logs (`global_step`, the step of the parameters just pulled). With
     `cancel` set (and a tf_backup `strategy`), the sleep ends early when the batch is superseded
-    (`BackupWorkerStrategy.sleep_unless_superseded`): the straggler is cancelled.
+    (`BackupWorkerStrategy.sleep_unless_superseded`): with "cancel" the batch is cancelled (not
+    pushed); with "restart" the worker pulls the new step (`restart_superseded`) and sleeps that
+    step's delay before the batch, which is then computed and pushed for the new step.
     """
     from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
     model = stragglers.parse(straggler or "none", seed=seed)
@@ -64,18 +78,33 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
             self.param_step = 0
             self.slept = 0.0
             self.cut = 0
+            self.first_batch = None  # time.time() at this fit's first batch
+            self.gate = None  # called at each fit's first batch, before its sleep
 
         def on_train_begin(self, logs=None):
+            self.first_batch = None
             step = step_source()
             if step is not None:
                 self.param_step = step
 
         def on_train_batch_begin(self, batch, logs=None):
+            if self.first_batch is None:
+                if self.gate is not None:
+                    self.gate()
+                self.first_batch = time.time()
             if not self.active:
                 return
             seconds = compute + model.delay(worker, self.param_step)
             if self.cancel and strategy is not None:
-                self.cut += int(strategy.sleep_unless_superseded(seconds))
+                while strategy.sleep_unless_superseded(seconds):
+                    self.cut += 1
+                    if self.cancel != "restart":
+                        break
+                    step = strategy.restart_superseded()
+                    if step is None:
+                        break  # the round stopped: the batch ends the fit at once
+                    self.param_step = step
+                    seconds = compute + model.delay(worker, self.param_step)
             elif seconds > 0:
                 time.sleep(seconds)
                 self.slept += seconds
@@ -89,23 +118,48 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
     return SleepCallback()
 
 
-def wait_for_chief_fit(strategy, timeout: float = 120.0) -> None:
-    """(Non-chief workers, between timed fits.) Waits until the chief has started its next fit.
+class FitBarrier:
+    """A barrier of every worker of a tf_backup cluster, on the ps: `wait` collects garbage, then waits for all.
 
-    With b >= 1 the other workers make steps without the chief: let loose before the chief reads
-    the step its timed fit starts from, they could run part of (or all of) the round first, and the
-    chief would measure a short or empty window. The chief's first push announces its round.
+    Made by every worker after the first optimizer is built (the chief creates the shared counter
+    on ps 0, the others attach to it). Each `wait` is the next round of the barrier: this worker
+    marks it reached, then polls until every worker has.
+
+    With b >= 1 the other workers make steps without any one of them; a worker let loose before the
+    others would run part of the round with fewer workers (and the chief would measure a short or
+    empty window). And a worker still collecting the last fit's garbage (`collect_between_fits`)
+    would join late.
     """
-    if strategy.is_chief:
-        return
-    from tf_backup import protocol  # pylint: disable=g-import-not-at-top
-    client = strategy.extended.bindings[-1].client
-    start = time.monotonic()
-    while client.state.read_control()[protocol.Control.ROUND] < client.round:
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"worker {strategy.worker_index}: the chief did not start fit round "
-                               f"{client.round} within {timeout:.0f} s")
-        time.sleep(0.005)
+
+    def __init__(self, strategy, timeout: float = 300.0):
+        from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
+        from tf_backup import protocol  # pylint: disable=g-import-not-at-top
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        ext = strategy.extended
+        info = ext.cluster
+        self.w, self.num_workers, self.timeout, self.rounds = info.worker_index, info.num_workers, timeout, 0
+        job_id = ext.monitor.job_id
+        self.var = accumulators.SharedVariable(f"benchmarks/{job_id}/barrier", tf.int64, [info.num_workers],
+                                               protocol.endpoint(info.ps[0]))
+        if info.is_chief:
+            self.var.assign(np.zeros([info.num_workers], np.int64))
+        else:
+            self._poll(self.var.is_initialized, "the chief to create the barrier")
+
+    def _poll(self, done, what) -> None:
+        start = time.monotonic()
+        while not done():
+            if time.monotonic() - start > self.timeout:
+                raise TimeoutError(f"worker {self.w} waited {self.timeout:.0f} s for "
+                                   f"{what() if callable(what) else what}")
+            time.sleep(0.002)
+
+    def wait(self) -> None:
+        collect_between_fits()
+        self.rounds += 1
+        self.var.scatter_max([self.w], [self.rounds])
+        self._poll(lambda: self.var.read().min() >= self.rounds,
+                   lambda: f"every worker at barrier round {self.rounds} (reached: {self.var.read().tolist()})")
 
 
 def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -113,7 +167,8 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
     cfg: num_backup_workers, asynchronous, hidden, batch, compute, straggler, seed, steps, reps,
     warmup, policies (straggler policies, each run `reps` times in turn: "finish", a late worker
-    finishes its stale batch; "cancel", its sleep is cut short when the step moves on). The chief
+    finishes its stale batch; "cancel", its sleep is cut short when the step moves on and the batch
+    is not pushed; "restart", the same batch starts afresh on the new step). The chief
     returns, per rep, the policy, the global steps it covered and its wall time, the step history
     (step, taken, end_time) and the gradient counts.
     """
@@ -143,34 +198,41 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     sleeper.active = False
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=[sleeper])
     strategy.wait_for_fit_end()
+    # Each timed fit starts at a barrier in its first batch, after Keras made the fit's input
+    # iterator (0.1-0.5 s on 2 shared cores) and after the last fit's garbage is collected (up to
+    # seconds): every worker then starts its first sleep within milliseconds of the others.
+    sleeper.gate = FitBarrier(strategy).wait
     sleeper.active = True
     reps = []
     for _ in range(cfg["reps"]):
         for policy in cfg.get("policies", ["finish"]):
-            sleeper.cancel = policy == "cancel"
-            wait_for_chief_fit(strategy)
+            sleeper.cancel = policy if policy in ("cancel", "restart") else False
             start_step = global_step()
             start, cpu = time.monotonic(), time.process_time()
             model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0, callbacks=[sleeper])
             strategy.wait_for_fit_end()  # a worker late in its long sleep must not run into the next rep
             reps.append({"policy": policy, "start_step": start_step, "end_step": global_step(),
-                         "wall": time.monotonic() - start, "cpu": time.process_time() - cpu})
+                         "wall": time.monotonic() - start, "cpu": time.process_time() - cpu,
+                         "first_batch": sleeper.first_batch})
     if not strategy.is_chief:
         return {"reps": reps}
     history = [(r.step, r.taken, r.end_time) for r in strategy.step_history()]
     return {"reps": reps, "history": history, "stats": strategy.stats()}
 
 
-def step_durations(history: List[tuple], start_step: int, steps: int) -> Dict[int, float]:
+def step_durations(history: List[tuple], start_step: int, steps: int,
+                   all_in: Optional[float] = None) -> Dict[int, float]:
     """{step s: seconds from step s-1's publish to step s's} for the steady steps of one rep.
 
     Leaves out the rep's first step (it holds the fit's start-up) and everything from step
-    `start_step + steps - 1` on (workers end their fit at different times).
+    `start_step + steps - 1` on (workers end their fit at different times). With `all_in` (a
+    `time.time()`: when the last worker began its fit's first batch), also the steps that began
+    before it, which the late workers could not take part in.
     """
     ends = {s: t for s, _, t in history}
     out = {}
     for s in range(start_step + 1, start_step + steps - 1):
-        if s in ends and s - 1 in ends:
+        if s in ends and s - 1 in ends and (all_in is None or ends[s - 1] >= all_in):
             out[s] = ends[s] - ends[s - 1]
     return out
 
@@ -284,10 +346,12 @@ def _timed_fits(keras, model, dataset, cfg, extra_callbacks=(), cpu: Optional[Li
     """Step times of `reps` timed fits after a warm-up fit; with `cpu` (a list), also each fit's CPU per step."""
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=list(extra_callbacks))
     reps = []
+    collect_between_fits()
     for _ in range(cfg["reps"]):
         timer = make_step_timer(keras, cpu_window=cfg["steps"] if cpu is not None else None)
         model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
                   callbacks=[timer] + list(extra_callbacks))
+        collect_between_fits()
         reps.append(steady_step_times(timer.ends))
         if cpu is not None:
             cpu.append(timer.cpu)
@@ -438,6 +502,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             end = (time.monotonic() - snaps.start, strategy.stats()["global_step"] - snaps.base,
                    [v.copy() for v in model.get_weights()])
             runs.append(snaps.points + [end])
+        collect_between_fits()
     if not strategy.is_chief:
         return None
     test, _ = data.load("mnist1d", split="test", batch_size=500)

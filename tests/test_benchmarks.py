@@ -52,7 +52,7 @@ def test_smoke_quick_mode_smallest_case(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_csv(out / "tradeoff.csv")
     # 3 runs of N = 4, b = 1 per straggler policy, in turn on one cluster
-    assert [(r["b"], r["workers"], r["policy"]) for r in rows] == [("1", "5", "finish"), ("1", "5", "cancel")] * 3
+    assert [(r["b"], r["workers"], r["policy"]) for r in rows] == [("1", "5", "finish"), ("1", "5", "restart")] * 3
     for r in rows:
         ratio, replay_ratio = float(r["ratio_mean"]), float(r["ratio_reference_mean"])
         assert math.isfinite(ratio) and ratio > 0
@@ -61,7 +61,8 @@ def test_smoke_quick_mode_smallest_case(tmp_path):
         assert float(r["ideal_mean_s"]) <= float(r["replay_mean_s"]) + 1e-9
         assert 0.1 <= float(r["ideal_mean_s"]) < float(r["mean_s"]) * 1.05
         assert float(r["mean_s"]) < 20 * float(r["ideal_mean_s"])
-        assert int(r["steps"]) == 6
+        # 10 batches less the first and last step, less any step begun before every worker's first batch.
+        assert 1 <= int(r["steps"]) <= 8
     rows = read_csv(out / "overhead.csv")
     assert sorted((r["system"], r["workers"], r["parameters"], r["rep"]) for r in rows) == sorted(
         (system, "2", "9943", str(rep)) for system in ("mwms", "tf_backup") for rep in (1, 2, 3))
