@@ -39,6 +39,12 @@ def header(title: str, argv: Optional[Sequence[str]] = None) -> List[str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=False).stdout.strip() or "unknown"
+        # Code changed since that commit (results aside): the table is not that commit's.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)benchmarks/results"], capture_output=True, text=True,
+                                 check=False).stdout.strip()
+        if changed and commit != "unknown":
+            commit += " with uncommitted changes"
     except OSError:
         commit = "unknown"
     try:

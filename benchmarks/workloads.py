@@ -6,11 +6,12 @@ on how the processes share this machine's cores. Straggler delays come from a se
 `tf_backup.stragglers` model keyed by (worker, global step of the parameters the batch is computed
 on), so every b sees the same delays at the same global step.
 
-Every worker collects garbage after each fit (`collect_between_fits`), outside the timed batches:
-each Keras `fit` under a `tf.distribute` strategy leaves about 1,100 objects in reference cycles
-(the traced functions of TF's multi-device iterator), and their collection takes ~0.17 s of CPU
-per process (TF's cost, measured with MirroredStrategy in one process too); left to Python's
-collector it lands in a later timed fit, at the same moment in every worker.
+Every worker turns Python's garbage collector off (`keep_garbage`) before its first fit. Each
+Keras `fit` under a `tf.distribute` strategy leaves ~1,100 objects in reference cycles, among them
+the fit's input iterator (TF's `MultiDeviceIterator`); in our workers with stragglers, destroying
+one stalled the collecting worker for 0.2-30 s (in steps of about 10 s), whenever the collector
+happened to run: inside a later timed fit, or at the start of one. Kept alive, they cost a few MB
+per fit. Tasks end with `os._exit`, so nothing is destroyed at exit either (WORKSPACE_NOTES).
 """
 
 import gc
@@ -51,9 +52,9 @@ def random_data(worker: int, rows: int = 1024):
     return x, y
 
 
-def collect_between_fits() -> None:
-    """Collects the reference cycles a `fit` leaves behind (see the module docstring), between fits."""
-    gc.collect()
+def keep_garbage() -> None:
+    """Turns the garbage collector off in this worker process (see the module docstring)."""
+    gc.disable()
 
 
 def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[str], seed: int,
@@ -119,7 +120,7 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
 
 
 class FitBarrier:
-    """A barrier of every worker of a tf_backup cluster, on the ps: `wait` collects garbage, then waits for all.
+    """A barrier of every worker of a tf_backup cluster, on the ps: `wait` returns once every worker called it.
 
     Made by every worker after the first optimizer is built (the chief creates the shared counter
     on ps 0, the others attach to it). Each `wait` is the next round of the barrier: this worker
@@ -127,8 +128,8 @@ class FitBarrier:
 
     With b >= 1 the other workers make steps without any one of them; a worker let loose before the
     others would run part of the round with fewer workers (and the chief would measure a short or
-    empty window). And a worker still collecting the last fit's garbage (`collect_between_fits`)
-    would join late.
+    empty window). Called in a fit's first batch, after Keras made the fit's input iterator (0.1-0.5 s
+    per worker on 2 shared cores), it starts every worker's first batch within milliseconds.
     """
 
     def __init__(self, strategy, timeout: float = 300.0):
@@ -155,7 +156,6 @@ class FitBarrier:
             time.sleep(0.002)
 
     def wait(self) -> None:
-        collect_between_fits()
         self.rounds += 1
         self.var.scatter_max([self.w], [self.rounds])
         self._poll(lambda: self.var.read().min() >= self.rounds,
@@ -172,6 +172,7 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     returns, per rep, the policy, the global steps it covered and its wall time, the step history
     (step, taken, end_time) and the gradient counts.
     """
+    keep_garbage()
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
@@ -198,9 +199,8 @@ def tf_backup_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     sleeper.active = False
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=[sleeper])
     strategy.wait_for_fit_end()
-    # Each timed fit starts at a barrier in its first batch, after Keras made the fit's input
-    # iterator (0.1-0.5 s on 2 shared cores) and after the last fit's garbage is collected (up to
-    # seconds): every worker then starts its first sleep within milliseconds of the others.
+    # Each timed fit starts at a barrier in its first batch: every worker then starts its first
+    # sleep within milliseconds of the others.
     sleeper.gate = FitBarrier(strategy).wait
     sleeper.active = True
     reps = []
@@ -346,12 +346,10 @@ def _timed_fits(keras, model, dataset, cfg, extra_callbacks=(), cpu: Optional[Li
     """Step times of `reps` timed fits after a warm-up fit; with `cpu` (a list), also each fit's CPU per step."""
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=list(extra_callbacks))
     reps = []
-    collect_between_fits()
     for _ in range(cfg["reps"]):
         timer = make_step_timer(keras, cpu_window=cfg["steps"] if cpu is not None else None)
         model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
                   callbacks=[timer] + list(extra_callbacks))
-        collect_between_fits()
         reps.append(steady_step_times(timer.ends))
         if cpu is not None:
             cpu.append(timer.cpu)
@@ -385,6 +383,7 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch). Worker 0 returns
     {hidden: [[step seconds, ...] per rep], ("cpu", hidden): [{task: CPU s per step} or None per rep]}.
     """
+    keep_garbage()
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -438,10 +437,11 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     of a run: the chief's fit stops at the first batch end past it, which ends the round for every
     worker), steps (batches per worker per run, at most), reps (runs, each from a fresh model and
     optimizer), every_seconds (wall time between snapshots), straggler, seed, and the default
-    config's model/optimizer fields. The chief keeps its weights every `every_seconds` with the
-    wall time since the fit began and the global step, and after training evaluates every snapshot
+    config's model/optimizer fields. Every run starts at a `FitBarrier` in its first batch. The chief keeps its weights every `every_seconds` with the
+    wall time since that barrier and the global step, and after training evaluates every snapshot
     on the test split (not timed). Returns, on the chief, per run a list of (seconds, global step, test accuracy).
     """
+    keep_garbage()
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
@@ -486,6 +486,16 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                 self.model.stop_training = True  # the budget is spent: the round ends for everybody
 
     runs = []
+    barrier = []
+
+    def start_together(snaps):
+        # At each run's first batch (after Keras made the run's input iterator): every worker waits
+        # for the others; the chief's clock starts after that.
+        if not barrier:
+            barrier.append(FitBarrier(strategy))
+        barrier[0].wait()
+        snaps.start = time.monotonic()
+
     for _ in range(cfg["reps"]):
         with strategy.scope():
             model = models.build(cfg["model"]["kind"], info.input_shape, info.num_classes, seed=cfg["seed"],
@@ -495,6 +505,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                 loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
         sleeper = make_sleep_callback(keras, w, cfg.get("compute", 0.0), cfg["straggler"], cfg["seed"], global_step)
         snaps = Snapshots()
+        sleeper.gate = lambda snaps=snaps: start_together(snaps)
         model.fit(strategy.distribute_dataset(ds), epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
                   callbacks=[sleeper, snaps] if strategy.is_chief else [sleeper])
         strategy.wait_for_fit_end()  # the next run starts together (a late worker may still be asleep)
@@ -502,7 +513,6 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             end = (time.monotonic() - snaps.start, strategy.stats()["global_step"] - snaps.base,
                    [v.copy() for v in model.get_weights()])
             runs.append(snaps.points + [end])
-        collect_between_fits()
     if not strategy.is_chief:
         return None
     test, _ = data.load("mnist1d", split="test", batch_size=500)
