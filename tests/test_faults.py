@@ -101,8 +101,10 @@ def test_a_killed_backup_worker_loses_no_step(tmp_path, seed):
     # The dead worker's gradients stop with its process: the last one it could
     # have pushed was computed on the last parameters it pulled.
     assert all(c[2] == 0 for s, c in chief["contributions"] if s > last)
-    assert sum(c[2] for _, c in chief["contributions"]) > 0
     stats = chief["stats"]
+    # It trained before it died. (Not "some of its gradients were taken": with N = 2 of 3 it can
+    # lose every race of the few steps before an early kill, as seed 1, killed at step 7, once did.)
+    assert stats["pushed"][2] >= 1
     assert all(t <= p for t, p in zip(stats["taken"], stats["pushed"]))
     np.testing.assert_allclose(chief["weights"][0], other["weights"][0], rtol=0, atol=0)
 
