@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import cluster as cluster_lib
+from tf_backup import errors
 from tf_backup import launch
 from tf_backup import protocol
 
@@ -76,3 +77,23 @@ def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatc
         assert aggregator.published(0) is None and protocol.KEEP_PUBLISHED == 2
     finally:
         aggregator.stop()
+
+
+def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(ps_info, monkeypatch):
+    # The ps dies between the apply and the publish: the master copy (and the inner optimizer)
+    # already hold step 1, so the chief's checkpoint on the way out must say step 1, not 0.
+    var = keras.Variable(np.array([1.0, 2.0], np.float32))
+    layout = protocol.Layout([var], 1)
+    state = protocol.SharedState("test/unpublished", layout, ps_info.ps, num_workers=2)
+    state.create(layout.pack([var]))
+    config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2)
+    aggregator = protocol.Aggregator(state, config, ps_info, lambda grads: [np.array([0.5, 0.5], np.float32)])
+
+    def ps_gone(self, *args, **kwargs):
+        raise errors.PsUnavailableError("the ps is gone")
+
+    monkeypatch.setattr(protocol.SharedState, "publish", ps_gone)
+    assert aggregator.master_step == aggregator.step == 0
+    with pytest.raises(errors.PsUnavailableError):
+        aggregator._apply_publish([np.array([1.0, 1.0, 1.0, 1.0], np.float32)])  # pylint: disable=protected-access
+    assert aggregator.step == 0 and aggregator.master_step == 1

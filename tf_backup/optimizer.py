@@ -412,7 +412,9 @@ class _Binding:
         if self.aggregator is not None:
             self.aggregator.stop()
             if self._checkpoint is not None and not self.aggregator.is_alive():
-                self._checkpoint.save(self.aggregator.step, why="failed" if failed else "end")
+                # The master's step: a ps that died between an apply and its publish leaves the
+                # master one step ahead of the last published step (and the inner optimizer's count).
+                self._checkpoint.save(self.aggregator.master_step, why="failed" if failed else "end")
 
     def _assign(self, var_list: Sequence, flats: Sequence) -> List:
         return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]

@@ -1245,6 +1245,9 @@ class Aggregator(threading.Thread):
         self.info = info
         self.apply_fn = apply_fn
         self.step = step
+        # The step the master copy's values belong to: `step`, or `step + 1` once the apply for it
+        # ran and its publish has not (yet) succeeded. The chief's checkpoint saves this step.
+        self.master_step = step
         self.max_steps = max_steps
         self.liveness = liveness
         self.on_publish = on_publish
@@ -1400,6 +1403,7 @@ class Aggregator(threading.Thread):
             new_flats = self.apply_fn([s[:-workers] / s[-workers:].sum() for s in sums])
         c = self.state.ctl
         new_step = self.step + 1
+        self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         self.taken += counts
         new_flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in new_flats]
         with self._published_lock:  # before the ps says `new_step`: the chief's worker reads it here
