@@ -138,7 +138,7 @@ class FitBarrier:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         ext = strategy.extended
         info = ext.cluster
-        self.w, self.num_workers, self.timeout, self.rounds = info.worker_index, info.num_workers, timeout, 0
+        self.w, self.timeout, self.rounds = info.worker_index, timeout, 0
         job_id = ext.monitor.job_id
         self.var = accumulators.SharedVariable(f"benchmarks/{job_id}/barrier", tf.int64, [info.num_workers],
                                                protocol.endpoint(info.ps[0]))

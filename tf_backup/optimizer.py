@@ -425,6 +425,12 @@ class _Binding:
         Returns the new step of the parameters; None if no sleep was superseded
         or the fit round has stopped (the batch then ends the fit).
         """
+        if self._optimizer._sparse is not None:  # pylint: disable=protected-access
+            # Its tables' rows are pulled inside each step, from the step of the last one: a restart
+            # between steps would move the dense variables to the new step and leave the rows behind.
+            raise ValueError(
+                "restart_superseded() does not support a SyncReplicasOptimizer with `sparse_variables` "
+                "yet: cancel the batch instead (do not call it after sleep_unless_superseded).")
         flats = self.client.restart_superseded()
         if flats is None:
             return None
