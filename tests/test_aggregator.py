@@ -97,3 +97,74 @@ def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(p
     with pytest.raises(errors.PsUnavailableError):
         aggregator._apply_publish([np.array([1.0, 1.0, 1.0, 1.0], np.float32)])  # pylint: disable=protected-access
     assert aggregator.step == 0 and aggregator.master_step == 1
+
+
+def test_a_round_closes_only_after_the_apply_in_flight_when_it_stopped(ps_info):
+    # The last take of a round was made before a worker stopped the round: its apply and
+    # publish are still on their way. A worker pulling its final parameters at once would
+    # miss that step; the round is closed (Control.CLOSED) only once it is published.
+    import threading  # pylint: disable=g-import-not-at-top
+
+    var = keras.Variable(np.array([1.0, 2.0], np.float32))
+    layout = protocol.Layout([var], 1)
+    state = protocol.SharedState("test/close_sync", layout, ps_info.ps, num_workers=2)
+    state.create(layout.pack([var]))
+    state.control.scatter_max([protocol.Control.ROUND], [1])
+    config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
+    in_apply, release = threading.Event(), threading.Event()
+
+    def apply_fn(grads):
+        in_apply.set()
+        assert release.wait(20.0), "the test never released the apply"
+        return [np.asarray(state.params[0].read()) - np.asarray(grads[0])]
+
+    aggregator = protocol.Aggregator(state, config, ps_info, apply_fn)
+    aggregator.start()
+    C = protocol.Control
+    try:
+        for w in range(2):
+            state.accs[0].apply_grad(np.array([1.0, 1.0] + [1.0 if i == w else 0.0 for i in range(2)], np.float32), 0)
+        assert in_apply.wait(20.0), "the aggregator never took step 0"
+        # A worker ends round 1 while step 0's apply is in flight.
+        state.control.scatter_max([C.STOP_ROUND, state.ctl.ended(1)], [1, 1])
+        state.poke_aggregator(protocol.WAKE)
+        time.sleep(0.3)
+        ctl = state.read_control()
+        assert ctl[C.STEP] == 0 and ctl[C.CLOSED] == 0
+        release.set()
+        wait_for(lambda: state.read_control()[C.CLOSED] == 1, "round 1 closed")
+        assert state.read_control()[C.STEP] == 1
+        np.testing.assert_allclose(state.params[0].read(), [0.0, 1.0])
+    finally:
+        release.set()
+        aggregator.stop()
+
+
+def test_an_asynchronous_round_closes_once_every_worker_ended_it(ps_info):
+    # Asynchronous training applies every gradient, also after the round stopped: the round
+    # closes when every worker has ended it (each waited for its last gradient to be applied).
+    var = keras.Variable(np.array([1.0, 2.0], np.float32))
+    layout = protocol.Layout([var], 1)
+    state = protocol.SharedState("test/close_async", layout, ps_info.ps, num_workers=2)
+    state.create(layout.pack([var]))
+    state.control.scatter_max([protocol.Control.ROUND], [1])
+    config = protocol.ProtocolConfig(replicas_to_aggregate=1, num_workers=2, staleness_check=False,
+                                     poll_max=0.01, poll_min=0.001)
+    aggregator = protocol.Aggregator(state, config, ps_info, lambda grads: [np.asarray(state.params[0].read()) - grads[0]])
+    aggregator.start()
+    C, c = protocol.Control, state.ctl
+    try:
+        state.control.scatter_max([C.STOP_ROUND, c.ended(0)], [1, 1])  # worker 0 ended round 1
+        state.poke_aggregator(protocol.WAKE)
+        # Worker 1 had not: its gradient, pushed after the stop, is still applied.
+        state.accs[0].apply_grad(np.array([1.0, 1.0, 0.0, 1.0], np.float32), protocol.INT64_MAX)
+        state.poke_aggregator(protocol.WAKE)
+        wait_for(lambda: state.read_control()[C.STEP] == 1, "step 1")
+        time.sleep(0.3)
+        assert state.read_control()[C.CLOSED] == 0
+        state.control.scatter_max([c.ended(1)], [1])  # worker 1 ends the round
+        state.poke_aggregator(protocol.WAKE)
+        wait_for(lambda: state.read_control()[C.CLOSED] == 1, "round 1 closed")
+        np.testing.assert_allclose(state.params[0].read(), [0.0, 1.0])
+    finally:
+        aggregator.stop()

@@ -143,11 +143,14 @@ def test_a_superseded_straggler_cancels_its_batches_instead_of_pushing_them():
     assert results[3]["fit_seconds"] < 60
 
 
-def test_asynchronous_mode_applies_every_gradient():
+@pytest.mark.parametrize("slow_worker", [-1, 0])
+def test_asynchronous_mode_applies_every_gradient(slow_worker):
+    # With a slow chief (0.3 s before each batch), worker 1 ends its fit first while the chief
+    # still pushes: the chief applies that gradient, and worker 1's final pull must come after.
     steps = 6
     out = tf_backup.launch_local(
         workers.train_regression, num_workers=2,
-        kwargs=dict(steps=steps, asynchronous=True), timeout=240)
+        kwargs=dict(steps=steps, asynchronous=True, slow_worker=slow_worker, slow_seconds=0.3), timeout=240)
     stats = out[0]["results"][0]["stats"]
     assert stats["dropped"] == [0, 0]
     assert stats["pushed"] == stats["taken"]
@@ -157,6 +160,7 @@ def test_asynchronous_mode_applies_every_gradient():
     chief = out[0]["results"][0]
     assert sum(len(c) and sum(c) for c in chief["contributions"]) == sum(stats["pushed"])
     for worker in out:
+        assert worker["results"][0]["stats"]["global_step"] == stats["global_step"]
         for got, want in zip(worker["results"][0]["weights"], chief["master"]):
             np.testing.assert_array_equal(got, want)
 

@@ -115,6 +115,7 @@ class Control:
     LAST_TAKEN = 4  # gradients averaged into the last step
     FINISHED = 5  # 1 once the chief reached its max_steps: every round stops
     TAKEN_FOR = 6  # s + 1 once the gradients of step s were taken (the accumulator's new step)
+    CLOSED = 7  # the highest fit round the aggregator closed: nothing more is applied for it
     HEADER = 8
 
     def __init__(self, num_workers: int):
@@ -517,10 +518,14 @@ class SharedState:
         ops = self._fused()
         self.control.endpoint.run(ops["wake_all"], {ops["token"]: WAKE}, what=f"wake-up of `{self.prefix}`")
 
-    def poke_aggregator(self) -> None:
-        """Ends the aggregator's wait with `POKE` tokens, one per worker (its waker's deadline, or a stop)."""
+    def poke_aggregator(self, token: int = POKE) -> None:
+        """Ends the aggregator's wait with `token`s, one per worker.
+
+        `POKE`: its waker's deadline, or a stop. `WAKE`: a worker ended its fit
+        round; the aggregator looks at the control vector and closes the round.
+        """
         ops = self._fused()
-        self.control.endpoint.run(ops["poke_arrivals"], {ops["token"]: POKE},
+        self.control.endpoint.run(ops["poke_arrivals"], {ops["token"]: int(token)},
                                   what=f"wake-up of `{self.prefix}` aggregator")
 
     def wait(self, w: int, seconds: float, tokens_only: bool = False):
@@ -1179,15 +1184,35 @@ class WorkerClient:
         self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w), c.cancelled(self.w)],
                                        [self.round, self.round, self.cancelled])
         self.state.wake_all()
+        self.state.poke_aggregator(WAKE)  # it closes the round once it sees nothing more to apply
         self._superseded, self._superseded_read = False, (None, None)
         if wait_for_others:
             self.wait_for_round_end(self.round, self.config.chief_timeout, "chief_timeout")
+        self.wait_for_round_closed(self.round, self.config.chief_timeout)
         flats, _ = self.pull()
         self.round += 1
         self._round_announced = False
         self._round_stopped = False
         return flats
 
+
+    def wait_for_round_closed(self, round_: int, timeout: float) -> bool:
+        """Waits until the chief's aggregator has closed fit round `round_` (or the job finished).
+
+        Only then are the published parameters the round's final ones: an
+        apply of gradients taken before the round stopped may still be on its
+        way, and asynchronous training applies every worker's last gradient.
+        Past `timeout` seconds (`chief_timeout`), a warning says so and this
+        returns False.
+        """
+        what = f"the chief {self.info.chief} to close fit round {round_}"
+        try:
+            ctl, _ = self._wait(lambda ctl: ctl[Control.CLOSED] >= round_ or ctl[Control.FINISHED], what, timeout)
+        except errors.StepTimeoutError as e:
+            logging.warning("tf_backup: %s; this worker's final parameters may miss the round's last steps "
+                            "(chief_timeout).", e)
+            return False
+        return bool(ctl[Control.CLOSED] >= round_ or ctl[Control.FINISHED])
 
     def wait_for_round_end(self, round_: int, timeout: float, setting: str = "timeout") -> List[str]:
         """Waits until every worker has ended fit round `round_`; returns the tasks that did not in time.
@@ -1331,12 +1356,37 @@ class Aggregator(threading.Thread):
             if self._stop_event.is_set():
                 break
             paused = ctl[Control.ROUND] <= ctl[Control.STOP_ROUND]
+            if paused and ctl[Control.CLOSED] < ctl[Control.STOP_ROUND] and self._nothing_left(ctl, count):
+                self._close_round(int(ctl[Control.STOP_ROUND]))
             if paused and self.config.staleness_check:
                 continue  # between fit rounds (asynchronous training applies every gradient)
             if count >= n and all(acc.num_accumulated() >= n for acc in others):
                 self.missed_wakeups += int(timed_out)
                 self._take_apply_publish()
                 count = 0
+
+    def _nothing_left(self, ctl: np.ndarray, count: int) -> bool:
+        """Whether the stopped rounds in `ctl` have nothing more to apply.
+
+        `ctl` was read after the loop's last take (none in flight). With the
+        staleness check, no take starts once the round stopped. Asynchronous
+        training applies every gradient: it waits until every worker still in
+        the job ended the round (each waited for its last gradient to be
+        applied) and nothing is left in the accumulator.
+        """
+        if self.config.staleness_check:
+            return True
+        if count:
+            return False
+        c, stop = self.state.ctl, ctl[Control.STOP_ROUND]
+        gone = (self.liveness.dead | self.liveness.left) if self.liveness is not None else set()
+        ended = c.block(ctl, c.ended)
+        return all(ended[w] >= stop or w in gone for w in range(self.config.num_workers))
+
+    def _close_round(self, round_: int) -> None:
+        """Marks the fit rounds up to `round_` closed and wakes the workers waiting in `end_round`."""
+        self.state.control.scatter_max([Control.CLOSED], [round_])
+        self.state.wake_all()
 
     def _check_workers(self) -> bool:
         """Reads the heartbeats (once a second); True when too few workers are left."""
