@@ -306,6 +306,45 @@ def test_callback_with_cancel_counts_cut_sleeps_and_records_what_was_slept(fake_
     assert callback.cancelled == 2 and callback.total_delay == pytest.approx(3.35)
 
 
+class FakeRestartingStrategy(FakeStrategy):
+    """Also stands in for restart_superseded: returns the given steps in turn (None: the round stopped)."""
+
+    def __init__(self, fake_time, cut_after, restart_steps):
+        super().__init__(fake_time, cut_after)
+        self.restart_steps = list(restart_steps)
+        self.restarts = 0
+
+    def restart_superseded(self):
+        self.restarts += 1
+        return self.restart_steps.pop(0)
+
+
+def test_callback_with_restart_sleeps_a_fresh_delay_after_each_cut_sleep(fake_time, tmp_path):
+    path = write_trace(tmp_path, "2.0\n3.0\n0.5\n4.0\n1.5\n")
+    # Batch 0: 2.0 cut at 0.25, restarted; 3.0 cut at 0.5, restarted; 0.5 in full.
+    # Batch 1: 4.0 cut at 1.0, and the round has stopped: no restart, no further sleep.
+    strategy = FakeRestartingStrategy(fake_time, [0.25, 0.5, None, 1.0], [7, 8, None])
+    callback = stragglers.StragglerCallback(stragglers.parse(f"trace:{path}"), worker=0, cancel=strategy,
+                                            restart=True)
+    for batch in range(2):
+        run_batch(callback, fake_time, batch, 0.0)
+    assert strategy.asked == [2.0, 3.0, 0.5, 4.0]  # each attempt draws the model's next delay
+    assert strategy.restarts == 3 and callback.step == 4
+    assert callback.delays == pytest.approx([1.25, 1.0])  # per batch: what its attempts slept
+    assert callback.cancelled == 3 and callback.restarted == 2
+    assert fake_time.slept == []
+
+
+def test_callback_restart_needs_a_strategy_that_restarts():
+    model = stragglers.parse("none")
+    with pytest.raises(ValueError, match="cancel=None"):
+        stragglers.StragglerCallback(model, worker=0, restart=True)
+    with pytest.raises(TypeError, match="restart_superseded"):
+        stragglers.StragglerCallback(model, worker=0, cancel=FakeStrategy(None, []), restart=True)
+    with pytest.raises(TypeError, match="restart='yes'"):
+        stragglers.StragglerCallback(model, worker=0, restart="yes")
+
+
 def test_callback_cancel_must_be_a_strategy():
     with pytest.raises(TypeError, match="cancel=3"):
         stragglers.StragglerCallback(stragglers.parse("none"), worker=0, cancel=3)

@@ -136,6 +136,36 @@ def test_cancel_stragglers_cancels_every_batch_of_a_worker_that_is_always_late(t
 
 
 @pytest.mark.cluster
+def test_restart_stragglers_pushes_every_restarted_batch_for_the_new_step(tmp_path):
+    trace = tmp_path / "trace.csv"
+    # Worker 2 draws 30 s, is cut short by the next publish, restarts on the new step and draws 0 s:
+    # each of its batches is restarted once and pushed. The others take 0.3 s per batch.
+    trace.write_text("0.3,0.3,30\n0.3,0.3,0\n")
+    summary_path = tmp_path / "summary.json"
+    out = run_binary("--config=regression", "--steps=20", f"--straggler=trace:{trace}", "--restart_stragglers",
+                     f"--model_dir={tmp_path / 'model'}", f"--summary_json={summary_path}", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads(summary_path.read_text())
+    g, late = summary["gradients"], summary["workers"][2]
+    assert summary["steps"] == 20 and summary["config"]["restart_stragglers"] is True
+    assert late["restarted"] >= 1
+    assert late["pushed"] == late["restarted"]  # each batch of worker 2 pushed after its restart
+    for worker in summary["workers"]:  # (workers 0 and 1 may be superseded too: N = 2 of 3)
+        # A restarted batch is pushed once, for its new step; only a cut that the round's stop made
+        # (the last batch) is not restarted.
+        assert worker["cancelled"] - worker["restarted"] in (0, 1)
+        assert worker["pushed"] == worker["local_batches"] - (worker["cancelled"] - worker["restarted"])
+        assert worker["taken"] + worker["dropped"] == worker["pushed"]
+
+
+def test_cancel_and_restart_stragglers_are_exclusive(tmp_path):
+    out = run_binary("--config=regression", "--cancel_stragglers", "--restart_stragglers",
+                     f"--model_dir={tmp_path / 'model'}", timeout=120)
+    assert out.returncode != 0
+    assert "at most one of --cancel_stragglers" in out.stderr and "--restart_stragglers" in out.stderr
+
+
+@pytest.mark.cluster
 def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     summary_path = tmp_path / "summary.json"
     model_dir = tmp_path / "model"

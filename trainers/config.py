@@ -69,6 +69,8 @@ class TrainConfig:
       straggler: a `tf_backup.stragglers` spec.
       cancel_stragglers: cut a straggler's delay short once its batch is
         superseded (the step moved on): the batch is cancelled, not pushed.
+      restart_stragglers: cut it short the same way, then restart the batch
+        on the new step (a fresh delay first); it is pushed for that step.
       seed: seeds the model initializers, data shuffling and the straggler model.
       data_dir: tfds data directory (None: tfds' default).
       log_every: global steps between progress lines on the chief.
@@ -87,6 +89,7 @@ class TrainConfig:
     epochs: Optional[int] = None
     straggler: str = "none"
     cancel_stragglers: bool = False
+    restart_stragglers: bool = False
     seed: int = 0
     data_dir: Optional[str] = None
     log_every: int = 50
@@ -127,9 +130,12 @@ class TrainConfig:
         for name, minimum in (("num_workers", 1), ("num_backup_workers", 0), ("num_ps", 1),
                               ("batch_size", 1), ("seed", 0), ("log_every", 1)):
             integer(name, minimum)
-        if not isinstance(self.cancel_stragglers, bool):
-            raise ConfigError("`cancel_stragglers` must be true or false. "
-                              f"Received cancel_stragglers={self.cancel_stragglers!r}")
+        for name in ("cancel_stragglers", "restart_stragglers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"`{name}` must be true or false. Received {name}={getattr(self, name)!r}")
+        if self.cancel_stragglers and self.restart_stragglers:
+            raise ConfigError("Set at most one of --cancel_stragglers (skip a superseded batch) and "
+                              "--restart_stragglers (compute it on the new step). Received both.")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}. Received mode={self.mode!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -55,6 +55,10 @@ _CANCEL_STRAGGLERS = flags.DEFINE_boolean(
     "cancel_stragglers", None, "Cut an injected delay short once the global step moves past the "
     "worker's parameters: the batch is cancelled instead of finished and dropped (default: off, as in "
     "the paper).")
+_RESTART_STRAGGLERS = flags.DEFINE_boolean(
+    "restart_stragglers", None, "Cut an injected delay short as --cancel_stragglers does, then restart "
+    "the batch on the new step after a fresh delay: it is pushed for that step, not skipped (the model "
+    "of the order-statistic ideal).")
 _SEED = flags.DEFINE_integer("seed", None, "Seeds initializers, shuffling and stragglers.", lower_bound=0)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 _LOCAL_CLUSTER = flags.DEFINE_boolean(
@@ -86,7 +90,8 @@ _OVERRIDES = {
     "num_workers": _NUM_WORKERS, "num_backup_workers": _NUM_BACKUP_WORKERS, "num_ps": _NUM_PS,
     "steps": _STEPS, "epochs": _EPOCHS, "batch_size": _BATCH_SIZE, "learning_rate": _LEARNING_RATE,
     "optimizer": _OPTIMIZER, "mode": _MODE, "straggler": _STRAGGLER,
-    "cancel_stragglers": _CANCEL_STRAGGLERS, "seed": _SEED,
+    "cancel_stragglers": _CANCEL_STRAGGLERS,
+    "restart_stragglers": _RESTART_STRAGGLERS, "seed": _SEED,
     "data_dir": _DATA_DIR, "log_every": _LOG_EVERY,
 }
 PROG = "tf-backup-train"
@@ -178,8 +183,9 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
     global_per_epoch = steps_per_epoch * (num_workers if config.mode == "async" else 1)
     initial_epoch = min(initial_step // global_per_epoch, epochs - 1)
     model_spec = stragglers.parse(config.straggler, seed=config.seed)
-    delays = stragglers.StragglerCallback(model_spec, w,
-                                          cancel=strategy if config.cancel_stragglers else None)
+    cut = config.cancel_stragglers or config.restart_stragglers
+    delays = stragglers.StragglerCallback(model_spec, w, cancel=strategy if cut else None,
+                                          restart=config.restart_stragglers)
     callbacks = [delays]
     if strategy.is_chief:
         if initial_step:
@@ -192,7 +198,8 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
                         steps_per_epoch=steps_per_epoch, verbose=2 if strategy.is_chief else 0,
                         callbacks=callbacks)
     wall = time.monotonic() - start
-    result = {"worker": w, "local_batches": len(delays.delays), "straggler_delay_seconds": delays.total_delay}
+    result = {"worker": w, "local_batches": len(delays.delays), "straggler_delay_seconds": delays.total_delay,
+              "restarted": delays.restarted}
     if not strategy.is_chief:
         return result
     stats = strategy.stats()
@@ -234,11 +241,13 @@ def merge(results) -> Dict[str, Any]:
     A worker whose process was lost (None) is listed with its counts from the ps.
     """
     summary = dict(next(r["summary"] for r in results if r and "summary" in r))
-    results = [r or {"worker": w, "local_batches": None, "straggler_delay_seconds": 0.0, "lost": True}
+    results = [r or {"worker": w, "local_batches": None, "straggler_delay_seconds": 0.0, "restarted": None,
+                     "lost": True}
                for w, r in enumerate(results)]
     summary["workers"] = [
         {"worker": r["worker"], "local_batches": r["local_batches"],
          "straggler_delay_seconds": round(r["straggler_delay_seconds"], 3),
+         "restarted": r.get("restarted"),
          **{k: summary["gradients"][k][r["worker"]] for k in ("pushed", "taken", "dropped", "cancelled")},
          **({"lost": True} if r.get("lost") else {})}
         for r in results
