@@ -99,17 +99,23 @@ def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(p
     assert aggregator.step == 0 and aggregator.master_step == 1
 
 
+def running_state(ps_info, prefix):
+    """Shared state of 2 workers for parameters [1, 2], with fit round 1 running."""
+    var = keras.Variable(np.array([1.0, 2.0], np.float32))
+    layout = protocol.Layout([var], 1)
+    state = protocol.SharedState(prefix, layout, ps_info.ps, num_workers=2)
+    state.create(layout.pack([var]))
+    state.control.scatter_max([protocol.Control.ROUND], [1])
+    return state
+
+
 def test_a_round_closes_only_after_the_apply_in_flight_when_it_stopped(ps_info):
     # The last take of a round was made before a worker stopped the round: its apply and
     # publish are still on their way. A worker pulling its final parameters at once would
     # miss that step; the round is closed (Control.CLOSED) only once it is published.
     import threading  # pylint: disable=g-import-not-at-top
 
-    var = keras.Variable(np.array([1.0, 2.0], np.float32))
-    layout = protocol.Layout([var], 1)
-    state = protocol.SharedState("test/close_sync", layout, ps_info.ps, num_workers=2)
-    state.create(layout.pack([var]))
-    state.control.scatter_max([protocol.Control.ROUND], [1])
+    state = running_state(ps_info, "test/close_sync")
     config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
     in_apply, release = threading.Event(), threading.Event()
 
@@ -143,11 +149,7 @@ def test_a_round_closes_only_after_the_apply_in_flight_when_it_stopped(ps_info):
 def test_an_asynchronous_round_closes_once_every_worker_ended_it(ps_info):
     # Asynchronous training applies every gradient, also after the round stopped: the round
     # closes when every worker has ended it (each waited for its last gradient to be applied).
-    var = keras.Variable(np.array([1.0, 2.0], np.float32))
-    layout = protocol.Layout([var], 1)
-    state = protocol.SharedState("test/close_async", layout, ps_info.ps, num_workers=2)
-    state.create(layout.pack([var]))
-    state.control.scatter_max([protocol.Control.ROUND], [1])
+    state = running_state(ps_info, "test/close_async")
     config = protocol.ProtocolConfig(replicas_to_aggregate=1, num_workers=2, staleness_check=False,
                                      poll_max=0.01, poll_min=0.001)
     aggregator = protocol.Aggregator(state, config, ps_info, lambda grads: [np.asarray(state.params[0].read()) - grads[0]])
