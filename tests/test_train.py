@@ -117,15 +117,20 @@ def test_unreachable_tf_config_address_fails_naming_it():
     assert f"localhost:{port}" in out.stderr and "2 s" in out.stderr
 
 
-@pytest.mark.cluster
-def test_cancel_stragglers_cancels_every_batch_of_a_worker_that_is_always_late(tmp_path):
+def run_with_trace(tmp_path, trace_text, steps, *flags):
+    """Runs the regression job on a local cluster with a straggler trace; returns (process, summary)."""
     trace = tmp_path / "trace.csv"
-    trace.write_text("0,0,30\n")  # worker 2 would need 30 s per batch
+    trace.write_text(trace_text)
     summary_path = tmp_path / "summary.json"
-    out = run_binary("--config=regression", "--steps=12", f"--straggler=trace:{trace}", "--cancel_stragglers",
+    out = run_binary("--config=regression", f"--steps={steps}", f"--straggler=trace:{trace}", *flags,
                      f"--model_dir={tmp_path / 'model'}", f"--summary_json={summary_path}", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    summary = json.loads(summary_path.read_text())
+    return out, json.loads(summary_path.read_text())
+
+
+@pytest.mark.cluster
+def test_cancel_stragglers_cancels_every_batch_of_a_worker_that_is_always_late(tmp_path):
+    out, summary = run_with_trace(tmp_path, "0,0,30\n", 12, "--cancel_stragglers")  # worker 2: 30 s per batch
     g, late = summary["gradients"], summary["workers"][2]
     assert summary["steps"] == 12 and summary["config"]["cancel_stragglers"] is True
     assert g["taken"][:2] == [12, 12] and g["pushed"][:2] == [12, 12]
@@ -137,16 +142,10 @@ def test_cancel_stragglers_cancels_every_batch_of_a_worker_that_is_always_late(t
 
 @pytest.mark.cluster
 def test_restart_stragglers_pushes_every_restarted_batch_for_the_new_step(tmp_path):
-    trace = tmp_path / "trace.csv"
     # Worker 2 draws 30 s, is cut short by the next publish, restarts on the new step and draws 0 s:
     # each of its batches is restarted once and pushed. The others take 0.3 s per batch.
-    trace.write_text("0.3,0.3,30\n0.3,0.3,0\n")
-    summary_path = tmp_path / "summary.json"
-    out = run_binary("--config=regression", "--steps=20", f"--straggler=trace:{trace}", "--restart_stragglers",
-                     f"--model_dir={tmp_path / 'model'}", f"--summary_json={summary_path}", timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    summary = json.loads(summary_path.read_text())
-    g, late = summary["gradients"], summary["workers"][2]
+    _, summary = run_with_trace(tmp_path, "0.3,0.3,30\n0.3,0.3,0\n", 20, "--restart_stragglers")
+    late = summary["workers"][2]
     assert summary["steps"] == 20 and summary["config"]["restart_stragglers"] is True
     assert late["restarted"] >= 1
     assert late["pushed"] == late["restarted"]  # each batch of worker 2 pushed after its restart

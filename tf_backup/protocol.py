@@ -726,6 +726,11 @@ class Liveness:
         self.left: set = set()
         self.events: List[WorkerEvent] = []
 
+    @property
+    def gone(self) -> set:
+        """The workers that are dead or left the job: nothing waits for them."""
+        return self.dead | self.left
+
     def update(self, step: int, last_steps: Sequence[int]) -> List[WorkerEvent]:
         """Reads the heartbeats; returns the new events (also kept in `events`)."""
         values = self._var.read()
@@ -1195,15 +1200,14 @@ class WorkerClient:
         self._round_stopped = False
         return flats
 
-
     def wait_for_round_closed(self, round_: int, timeout: float) -> bool:
         """Waits until the chief's aggregator has closed fit round `round_` (or the job finished).
 
         Only then are the published parameters the round's final ones: an
         apply of gradients taken before the round stopped may still be on its
         way, and asynchronous training applies every worker's last gradient.
-        Past `timeout` seconds (`chief_timeout`), a warning says so and this
-        returns False.
+        Past `timeout` seconds (`chief_timeout`), a warning names what it
+        waited for and this returns False; also False if the job ended first.
         """
         what = f"the chief {self.info.chief} to close fit round {round_}"
         try:
@@ -1379,7 +1383,7 @@ class Aggregator(threading.Thread):
         if count:
             return False
         c, stop = self.state.ctl, ctl[Control.STOP_ROUND]
-        gone = (self.liveness.dead | self.liveness.left) if self.liveness is not None else set()
+        gone = self.liveness.gone if self.liveness is not None else set()
         ended = c.block(ctl, c.ended)
         return all(ended[w] >= stop or w in gone for w in range(self.config.num_workers))
 
@@ -1400,7 +1404,7 @@ class Aggregator(threading.Thread):
         ctl = self.state.read_control()  # after the job vector: a worker ends its round before it leaves
         if ctl[Control.ROUND] <= ctl[Control.STOP_ROUND] or ctl[Control.FINISHED]:
             return False  # no round is being trained: nothing waits for gradients
-        gone = self.liveness.dead | self.liveness.left
+        gone = self.liveness.gone
         alive = self.config.num_workers - len(gone)
         needed = self.config.replicas_to_aggregate
         if alive >= needed or not self.liveness.dead:

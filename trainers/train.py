@@ -247,7 +247,7 @@ def merge(results) -> Dict[str, Any]:
     summary["workers"] = [
         {"worker": r["worker"], "local_batches": r["local_batches"],
          "straggler_delay_seconds": round(r["straggler_delay_seconds"], 3),
-         "restarted": r.get("restarted"),
+         "restarted": r["restarted"],
          **{k: summary["gradients"][k][r["worker"]] for k in ("pushed", "taken", "dropped", "cancelled")},
          **({"lost": True} if r.get("lost") else {})}
         for r in results
