@@ -6,7 +6,7 @@ Two measurements, for each --vocab size (an Embedding of --dim columns):
    -> average pooling -> Dense model, batch 64 x 8 tokens (at most 512 rows of
    the table touched per worker per step), through the sparse path (rows
    pushed, applied, published and pulled) and, for comparison, with the table
-   densified into the flat shards (`tf_backup.sparse.ENABLED = False`).
+   densified into the flat shards (`SyncReplicasOptimizer(sparse_variables=[])`).
    Reported: chief ms/step (after 5 warm-up steps) and the chief's peak RSS.
 2. `accumulators.SparseConditionalAccumulator` on an in-process server: 2 pushes
    of 512 rows each + 1 take, what one step of a sparse push costs; it should
@@ -41,9 +41,6 @@ def worker(vocab: int, dim: int, steps: int, sparse_path: bool):
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from tf_backup import sparse  # pylint: disable=g-import-not-at-top
-
-    sparse.ENABLED = sparse_path
 
     strategy = tf_backup.BackupWorkerStrategy(step_timeout=600.0)
     rng = np.random.default_rng(strategy.worker_index)
@@ -52,8 +49,10 @@ def worker(vocab: int, dim: int, steps: int, sparse_path: bool):
     with strategy.scope():
         model = keras.Sequential([keras.Input((TOKENS,), dtype="int32"), keras.layers.Embedding(vocab, dim),
                                   keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(1)])
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
-                      jit_compile=False)
+        # sparse_variables=[]: every variable through the dense shards, the table densified.
+        optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1),
+                                                    sparse_variables=None if sparse_path else [])
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
     model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat(), epochs=1,
               steps_per_epoch=steps, verbose=0)
     if not strategy.is_chief:
@@ -66,10 +65,11 @@ def worker(vocab: int, dim: int, steps: int, sparse_path: bool):
 def sparse_push_take_ms(vocab: int, dim: int, run: int, repeats: int = 20) -> float:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
+    from tf_backup import endpoint  # pylint: disable=g-import-not-at-top
 
     server = sparse_push_take_ms.server = getattr(sparse_push_take_ms, "server", None) or \
         tf.distribute.Server.create_local_server()
-    where = accumulators.endpoint(server.target, "/job:localhost/replica:0/task:0/device:CPU:0")
+    where = endpoint.Endpoint(server.target, "/job:localhost/replica:0/task:0/device:CPU:0")
     acc = accumulators.SparseConditionalAccumulator(f"bench/{vocab}/{run}", tf.float32, [vocab, dim], 2, where)
     rng = np.random.default_rng(0)
     times = []
@@ -119,7 +119,7 @@ def main(argv):
         "server). Median (min–max) of the runs.",
         "",
         "`sparse`: tf_backup's path for Embedding tables (rows pushed, taken, applied, published, pulled). "
-        "`densified`: the table sent through the dense flat shards (`tf_backup.sparse.ENABLED = False`).",
+        "`densified`: the table sent through the dense flat shards (`SyncReplicasOptimizer(sparse_variables=[])`).",
         "",
         f"Load average (1 min) at start {load_before[0]:.1f}, at end {os.getloadavg()[0]:.1f}.",
         "",

@@ -134,14 +134,13 @@ class FitBarrier:
 
     def __init__(self, strategy, timeout: float = 300.0):
         from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
-        from tf_backup import protocol  # pylint: disable=g-import-not-at-top
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         ext = strategy.extended
         info = ext.cluster
         self.w, self.timeout, self.rounds = info.worker_index, timeout, 0
         job_id = ext.monitor.job_id
         self.var = accumulators.SharedVariable(f"benchmarks/{job_id}/barrier", tf.int64, [info.num_workers],
-                                               protocol.endpoint(info.ps[0]))
+                                               ext.endpoints.of(info.ps[0]))
         if info.is_chief:
             self.var.assign(np.zeros([info.num_workers], np.int64))
         else:

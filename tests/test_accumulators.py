@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import accumulators
+from tf_backup import endpoint
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,7 @@ def server():
 
 @pytest.fixture
 def where(server):
-    return accumulators.endpoint(server.target, "/job:localhost/replica:0/task:0/device:CPU:0", timeout=10.0)
+    return endpoint.Endpoint(server.target, "/job:localhost/replica:0/task:0/device:CPU:0", timeout=10.0)
 
 
 def test_take_sums_fresh_gradients_and_advances_the_step(where):
@@ -72,7 +73,7 @@ def test_a_task_that_does_not_answer_fails_within_the_deadline_naming_it():
         s.bind(("localhost", 0))
         s.listen()  # accepts TCP but never speaks gRPC
         target = f"grpc://localhost:{s.getsockname()[1]}"
-        where = accumulators.Endpoint(target, "/job:ps/replica:0/task:0/device:CPU:0", timeout=2.0)
+        where = endpoint.Endpoint(target, "/job:ps/replica:0/task:0/device:CPU:0", timeout=2.0)
         v = accumulators.SharedVariable("t/silent", tf.int64, [1], where)
         with pytest.raises(errors.PsUnavailableError, match=r"initialized of `t/silent` on .*did not complete within 2 s"):
             v.is_initialized()
@@ -82,7 +83,7 @@ def test_a_request_delivered_twice_is_retried_only_when_idempotent(where, monkey
     acc = accumulators.ConditionalAccumulator("t/dup", tf.float32, [1], where)
     v = accumulators.SharedVariable("t/dupvar", tf.int64, [1], where)
     v.assign([4])
-    real = accumulators.Endpoint._run_once  # pylint: disable=protected-access
+    real = endpoint.Endpoint._run_once  # pylint: disable=protected-access
     calls = []
 
     def deliver_twice_once(self, fetches, feed_dict, what, wait=None):
@@ -92,7 +93,7 @@ def test_a_request_delivered_twice_is_retried_only_when_idempotent(where, monkey
             raise tf.errors.AbortedError(None, None, "The same RunGraph (Worker) request was received twice.")
         return real(self, fetches, feed_dict, what, wait)
 
-    monkeypatch.setattr(accumulators.Endpoint, "_run_once", deliver_twice_once)
+    monkeypatch.setattr(endpoint.Endpoint, "_run_once", deliver_twice_once)
     np.testing.assert_array_equal(v.read(), [4])  # a read is run again
     assert len(calls) == 2
     calls.clear()
@@ -140,3 +141,29 @@ def test_a_blocked_drain_does_not_hold_up_other_runs_of_the_same_endpoint(where)
     waiter.join(30)
     assert not waiter.is_alive()
     np.testing.assert_array_equal(got[0], [7])
+
+
+@pytest.mark.cluster
+def test_closing_an_endpoint_of_a_task_that_is_gone_does_not_wait_for_it():
+    # A session's close asks the task to end it: to a task that exited, it blocks until the deadline.
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import sys  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+    from tf_backup import launch  # pylint: disable=g-import-not-at-top
+    port = launch.free_ports(1)[0]
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import time, tensorflow as tf\n"
+        f"s = tf.distribute.Server(tf.train.ClusterSpec({{'ps': ['localhost:{port}']}}), job_name='ps', task_index=0)\n"
+        "print('up', flush=True)\ntime.sleep(300)\n")], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout.readline().strip() == b"up"
+        where = endpoint.Endpoint(f"grpc://localhost:{port}", "/job:ps/replica:0/task:0/device:CPU:0", timeout=20.0)
+        v = accumulators.SharedVariable("t/gone", tf.int64, [1], where)
+        v.assign([3])
+        np.testing.assert_array_equal(v.read(), [3])
+    finally:
+        server.kill()
+        server.wait(10)
+    start = time.monotonic()
+    where.close()
+    assert time.monotonic() - start < 1.0

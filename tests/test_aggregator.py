@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_backup import aggregator as aggregator_lib
 from tf_backup import cluster as cluster_lib
+from tf_backup import endpoint
 from tf_backup import errors
 from tf_backup import launch
 from tf_backup import protocol
+from tf_backup.layout import Layout
+from tf_backup.shared_state import SharedState
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,8 @@ def wait_for(predicate, what, timeout=20.0):
 
 def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatch):
     var = keras.Variable(np.array([1.0, 2.0], np.float32))
-    layout = protocol.Layout([var], 1)
-    state = protocol.SharedState("test/lost", layout, ps_info.ps, num_workers=2)
+    layout = Layout([var], 1)
+    state = SharedState("test/lost", layout, ps_info.ps, num_workers=2, endpoints=endpoint.Endpoints())
     state.create(layout.pack([var]))
     state.control.scatter_max([protocol.Control.ROUND], [1])  # a fit round is running
     config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
@@ -45,18 +49,18 @@ def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatc
         return [np.asarray(state.params[0].read()) - np.asarray(grads[0])]
 
     acc = state.accs[0]
-    real_wait = protocol.SharedState.wait_arrivals
+    real_wait = SharedState.wait_arrivals
     lost = []
 
     def wait_lost_once(self, *args, **kwargs):
         got = real_wait(self, *args, **kwargs)  # the wait and its take ran on the ps ...
-        if got[2] is not None and not lost:
+        if got.sums is not None and not lost:
             lost.append(got)  # ... but the answer never came back
-            raise tf.errors.AbortedError(None, None, "The same RunGraph (Worker) request was received twice.")
+            raise errors.DuplicateDeliveryError("The same RunGraph (Worker) request was received twice.")
         return got
 
-    monkeypatch.setattr(protocol.SharedState, "wait_arrivals", wait_lost_once)
-    aggregator = protocol.Aggregator(state, config, ps_info, apply_fn)
+    monkeypatch.setattr(SharedState, "wait_arrivals", wait_lost_once)
+    aggregator = aggregator_lib.Aggregator(state, config, ps_info, apply_fn)
     aggregator.start()
     try:
         for w in range(2):  # step 0: both gradients are taken, then lost
@@ -83,16 +87,16 @@ def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(p
     # The ps dies between the apply and the publish: the master copy (and the inner optimizer)
     # already hold step 1, so the chief's checkpoint on the way out must say step 1, not 0.
     var = keras.Variable(np.array([1.0, 2.0], np.float32))
-    layout = protocol.Layout([var], 1)
-    state = protocol.SharedState("test/unpublished", layout, ps_info.ps, num_workers=2)
+    layout = Layout([var], 1)
+    state = SharedState("test/unpublished", layout, ps_info.ps, num_workers=2, endpoints=endpoint.Endpoints())
     state.create(layout.pack([var]))
     config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2)
-    aggregator = protocol.Aggregator(state, config, ps_info, lambda grads: [np.array([0.5, 0.5], np.float32)])
+    aggregator = aggregator_lib.Aggregator(state, config, ps_info, lambda grads: [np.array([0.5, 0.5], np.float32)])
 
     def ps_gone(self, *args, **kwargs):
         raise errors.PsUnavailableError("the ps is gone")
 
-    monkeypatch.setattr(protocol.SharedState, "publish", ps_gone)
+    monkeypatch.setattr(SharedState, "publish", ps_gone)
     assert aggregator.master_step == aggregator.step == 0
     with pytest.raises(errors.PsUnavailableError):
         aggregator._apply_publish([np.array([1.0, 1.0, 1.0, 1.0], np.float32)])  # pylint: disable=protected-access
@@ -102,8 +106,8 @@ def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(p
 def running_state(ps_info, prefix):
     """Shared state of 2 workers for parameters [1, 2], with fit round 1 running."""
     var = keras.Variable(np.array([1.0, 2.0], np.float32))
-    layout = protocol.Layout([var], 1)
-    state = protocol.SharedState(prefix, layout, ps_info.ps, num_workers=2)
+    layout = Layout([var], 1)
+    state = SharedState(prefix, layout, ps_info.ps, num_workers=2, endpoints=endpoint.Endpoints())
     state.create(layout.pack([var]))
     state.control.scatter_max([protocol.Control.ROUND], [1])
     return state
@@ -124,7 +128,7 @@ def test_a_round_closes_only_after_the_apply_in_flight_when_it_stopped(ps_info):
         assert release.wait(20.0), "the test never released the apply"
         return [np.asarray(state.params[0].read()) - np.asarray(grads[0])]
 
-    aggregator = protocol.Aggregator(state, config, ps_info, apply_fn)
+    aggregator = aggregator_lib.Aggregator(state, config, ps_info, apply_fn)
     aggregator.start()
     C = protocol.Control
     try:
@@ -152,7 +156,7 @@ def test_an_asynchronous_round_closes_once_every_worker_ended_it(ps_info):
     state = running_state(ps_info, "test/close_async")
     config = protocol.ProtocolConfig(replicas_to_aggregate=1, num_workers=2, staleness_check=False,
                                      poll_max=0.01, poll_min=0.001)
-    aggregator = protocol.Aggregator(state, config, ps_info, lambda grads: [np.asarray(state.params[0].read()) - grads[0]])
+    aggregator = aggregator_lib.Aggregator(state, config, ps_info, lambda grads: [np.asarray(state.params[0].read()) - grads[0]])
     aggregator.start()
     C, c = protocol.Control, state.ctl
     try:

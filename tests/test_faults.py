@@ -206,11 +206,11 @@ def test_a_killed_chief_or_ps_job_resumes_from_its_checkpoint(tmp_path, seed, vi
 
 SAVER = r"""
 import sys, numpy as np, tensorflow as tf, keras
-from tf_backup import optimizer
+from tf_backup import checkpoint
 master = [keras.Variable(np.zeros((200, 200), np.float32)), keras.Variable(np.zeros(7, np.float32))]
 inner = keras.optimizers.SGD(0.1, momentum=0.9)
 inner.build(master)
-ckpt = optimizer._Checkpoint(sys.argv[1], master, inner, every_steps=1)
+ckpt = checkpoint.Checkpoint(sys.argv[1], master, inner, every_steps=1)
 step = ckpt.restore()
 print("ready", flush=True)
 while True:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tf_backup
-from tf_backup import protocol
+from tf_backup.layout import Layout
 import workers
 
 
@@ -17,23 +17,23 @@ class _Var:
 def test_layout_spreads_variables_by_size_largest_first():
     # 512, 192, 64, 8, 8, 1 elements (the test MLP) over 2 shards: the largest alone,
     # then every next variable to the lighter shard.
-    layout = protocol.Layout([_Var((3, 64)), _Var((64,)), _Var((64, 8)), _Var((8,)), _Var((8, 1)),
+    layout = Layout([_Var((3, 64)), _Var((64,)), _Var((64, 8)), _Var((8,)), _Var((8, 1)),
                               _Var((1,))], 2)
     assert layout.shards == [[2], [0, 1, 3, 4, 5]]
     assert layout.shard_sizes == [512, 273]
     # Four equal variables over 2 shards: two each.
-    even = protocol.Layout([_Var((100,))] * 4, 2)
+    even = Layout([_Var((100,))] * 4, 2)
     assert even.shard_sizes == [200, 200] and even.shards == [[0, 2], [1, 3]]
     # Greedy bound: no shard exceeds the mean by more than the largest variable.
     sizes = [37, 1000, 5, 640, 640, 300, 299, 1]
-    spread = protocol.Layout([_Var((n,)) for n in sizes], 3)
+    spread = Layout([_Var((n,)) for n in sizes], 3)
     assert sum(spread.shard_sizes) == sum(sizes)
     assert max(spread.shard_sizes) <= sum(sizes) / 3 + max(sizes)
     assert sorted(i for m in spread.shards for i in m) == list(range(len(sizes)))
 
 
 def test_layout_with_more_shards_than_variables_leaves_shards_empty():
-    layout = protocol.Layout([_Var((4,)), _Var((2,))], 3)
+    layout = Layout([_Var((4,)), _Var((2,))], 3)
     assert layout.shard_sizes == [4, 2, 0]
     flats = layout.pack([np.arange(4.0), np.arange(2.0)])
     assert [int(f.shape[0]) for f in flats] == [4, 2, 0]

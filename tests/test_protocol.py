@@ -1,4 +1,4 @@
-"""Pieces of the step protocol that need no cluster: layout, signature, control slots, sleeps."""
+"""Pieces of the step protocol that need no cluster: layout, signature, slots, transitions, sleeps."""
 
 import time
 
@@ -7,7 +7,12 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import cluster as cluster_lib
+from tf_backup import job as job_lib
 from tf_backup import protocol
+from tf_backup import shared_state
+from tf_backup import worker as worker_lib
+from tf_backup.layout import Layout
+from tf_backup.layout import largest_first
 
 
 def variables(*shapes, dtype=tf.float32):
@@ -16,7 +21,7 @@ def variables(*shapes, dtype=tf.float32):
 
 def test_pack_unpack_round_trip_over_two_shards():
     vs = variables((3, 4), (5,), (), (2, 2, 2))
-    layout = protocol.Layout(vs, num_shards=2)
+    layout = Layout(vs, num_shards=2)
     assert sorted(sum(layout.shards, [])) == [0, 1, 2, 3]
     assert sum(layout.shard_sizes) == 12 + 5 + 1 + 8
     values = [tf.reshape(tf.range(v.shape.num_elements(), dtype=tf.float32) + 10 * i, v.shape)
@@ -28,12 +33,12 @@ def test_pack_unpack_round_trip_over_two_shards():
 
 
 def test_largest_variables_are_spread_over_shards():
-    layout = protocol.Layout(variables((100,), (90,), (10,), (5,)), num_shards=2)
+    layout = Layout(variables((100,), (90,), (10,), (5,)), num_shards=2)
     assert layout.shard_sizes == [105, 100]  # 100+5 and 90+10
 
 
 def test_float64_variables_accumulate_in_float64():
-    layout = protocol.Layout(variables((2,)) + variables((3,), dtype=tf.float64), num_shards=1)
+    layout = Layout(variables((2,)) + variables((3,), dtype=tf.float64), num_shards=1)
     assert layout.dtype == tf.float64
     out = layout.unpack(layout.pack([tf.ones([2]), tf.ones([3], tf.float64)]))
     assert [t.dtype for t in out] == [tf.float32, tf.float64]
@@ -41,21 +46,21 @@ def test_float64_variables_accumulate_in_float64():
 
 def test_integer_variables_are_refused_by_name():
     with pytest.raises(TypeError, match="variable `v0:0` with dtype=int32|dtype=int32"):
-        protocol.Layout([tf.Variable(tf.zeros([2], tf.int32), name="v0")], num_shards=1)
+        Layout([tf.Variable(tf.zeros([2], tf.int32), name="v0")], num_shards=1)
 
 
 def test_signature_check_names_the_first_differing_variable():
-    chief = protocol.Layout(variables((3, 1), (1,)), num_shards=1)
-    worker = protocol.Layout(variables((3, 2), (2,)), num_shards=1)
+    chief = Layout(variables((3, 1), (1,)), num_shards=1)
+    worker = Layout(variables((3, 2), (2,)), num_shards=1)
     with pytest.raises(ValueError, match=r"variable 0 \(`v0:0`\) is \(3, 2\) float32 on this worker "
                                          r"but \(3, 1\) float32 on the chief"):
         worker.check_signature(chief.signature())
-    protocol.Layout(variables((3, 1), (1,)), num_shards=1).check_signature(chief.signature())
+    Layout(variables((3, 1), (1,)), num_shards=1).check_signature(chief.signature())
 
 
 def test_signature_check_counts_variables():
-    chief = protocol.Layout(variables((3, 1), (1,)), num_shards=1)
-    worker = protocol.Layout(variables((3, 1)), num_shards=1)
+    chief = Layout(variables((3, 1), (1,)), num_shards=1)
+    worker = Layout(variables((3, 1)), num_shards=1)
     with pytest.raises(ValueError, match="has 1 trainable variables but the chief's has 2"):
         worker.check_signature(chief.signature())
 
@@ -67,16 +72,110 @@ def test_control_slots_do_not_overlap():
     for block in (c.taken, c.pushed, c.dropped, c.last_tag, c.ended, c.cancelled):
         slots += [block(w) for w in range(3)]
     assert len(set(slots)) == len(slots) and max(slots) < c.size
+    job_slots = protocol.Job(3)
     job = [protocol.Job.JOB_ID, protocol.Job.DONE, protocol.Job.ABORT, protocol.Job.HEARTBEAT]
-    job += [f(w) for f in (protocol.Job.joined, protocol.Job.left, protocol.Job.beat) for w in range(3)]
-    assert len(set(job)) == len(job) and max(job) < protocol.Job.size(3)
+    job += [f(w) for f in (job_slots.joined, job_slots.left, job_slots.beat) for w in range(3)]
+    assert len(set(job)) == len(job) and max(job) < job_slots.size
 
 
-class FakeState:
-    prefix = "fake"
+def test_the_control_view_reads_slots_by_name():
+    c = protocol.Control(num_workers=3)
+    values = np.zeros([c.size], np.int64)
+    values[protocol.Control.STEP], values[protocol.Control.VERSION], values[protocol.Control.CLOSED] = 5, 6, 2
+    values[c.pushed(1)], values[c.last_tag(1)], values[c.dropped(2)] = 4, 5, 7
+    ctl = c.view(values)
+    assert (ctl.step, ctl.version, ctl.closed, ctl.finished) == (5, 6, 2, False)
+    assert ctl.block("pushed").tolist() == [0, 4, 0] and ctl.block("dropped").tolist() == [0, 0, 7]
+    assert ctl.last_steps() == [-1, 5, -1] and protocol.fresh_workers(ctl) == [1]
 
-    def __init__(self, num_workers):
-        self.ctl = protocol.Control(num_workers)
+
+def control(num_workers=2, **slots):
+    """A control view with the named header slots set (`step=3, round=2, ...`)."""
+    c = protocol.Control(num_workers)
+    values = np.zeros([c.size], np.int64)
+    for name, value in slots.items():
+        if name in ("ended", "taken", "pushed", "dropped", "last_tag", "cancelled"):
+            for w, v in enumerate(value):
+                values[getattr(c, name)(w)] = v
+        else:
+            values[getattr(protocol.Control, name.upper())] = value
+    return c.view(values)
+
+
+def test_a_round_runs_from_its_announcement_to_its_stop():
+    assert not protocol.round_running(control(round=0, stop_round=0))
+    assert protocol.round_running(control(round=2, stop_round=1))
+    assert not protocol.round_running(control(round=2, stop_round=2))
+    assert protocol.round_stopped(control(stop_round=2), 2) and not protocol.round_stopped(control(stop_round=1), 2)
+    assert protocol.round_stopped(control(finished=1), 5) and protocol.round_stopped(control(), 1, job_done=True)
+    assert protocol.round_closed(control(closed=2), 2) and not protocol.round_closed(control(closed=1), 2)
+    assert protocol.round_closed(control(finished=1), 9)
+
+
+@pytest.mark.parametrize("slots, staleness_check, pending, gone, closable", [
+    (dict(round=2, stop_round=2, closed=1), True, 3, frozenset(), True),  # sync: nothing starts after a stop
+    (dict(round=2, stop_round=1, closed=1), True, 0, frozenset(), False),  # round 2 runs
+    (dict(round=2, stop_round=2, closed=2), True, 0, frozenset(), False),  # closed already
+    (dict(round=1, stop_round=1, ended=[1, 0]), False, 0, frozenset(), False),  # async: worker 1 still in it
+    (dict(round=1, stop_round=1, ended=[1, 0]), False, 0, frozenset({1}), True),  # ... unless it is gone
+    (dict(round=1, stop_round=1, ended=[1, 1]), False, 1, frozenset(), False),  # a gradient to apply
+    (dict(round=1, stop_round=1, ended=[1, 1]), False, 0, frozenset(), True),
+])
+def test_a_stopped_round_closes_once_nothing_more_is_applied_for_it(slots, staleness_check, pending, gone, closable):
+    ctl = control(**slots)
+    assert protocol.round_closable(ctl, staleness_check=staleness_check, pending=pending, gone=gone) == closable
+
+
+def test_a_worker_round_moves_through_its_named_states():
+    r = protocol.WorkerRound()
+    assert (r.number, r.state) == (1, protocol.RoundState.NOT_ANNOUNCED)
+    r = r.announced()
+    assert r.state is protocol.RoundState.RUNNING and not r.is_stopped
+    r = r.stopped()
+    assert r.is_stopped and r.number == 1
+    assert r.next() == protocol.WorkerRound(2, protocol.RoundState.NOT_ANNOUNCED)
+
+
+def test_the_seqlock_accepts_only_an_unchanged_version():
+    assert protocol.consistent(control(step=3, version=3), control(step=3, version=3))
+    assert not protocol.consistent(control(step=3, version=4), control(step=4, version=4))  # a publish ran
+    assert not protocol.consistent(control(step=3, version=3), control(step=3, version=4))  # one began after
+
+
+def test_pushes_settle_as_taken_or_dropped_once_the_step_passes_their_tag():
+    counts = protocol.PushCounts().push(0).push(1)  # two pushes, tagged 0 and 1
+    assert (counts.pushed, counts.unresolved, counts.last_tag) == (2, 2, 1)
+    assert counts.settle(step=1, taken=1, staleness_check=True) == counts  # the push for step 1 is pending
+    settled = counts.settle(step=2, taken=1, staleness_check=True)  # one taken: the other was stale
+    assert (settled.dropped, settled.unresolved, settled.taken_seen) == (1, 0, 1)
+    assert settled.pushed == settled.dropped + settled.taken_seen
+    # Asynchronous: every push is applied in the end; nothing is dropped.
+    counts = protocol.PushCounts().push(0).push(0)
+    assert counts.settle(step=5, taken=1, staleness_check=False).unresolved == 2
+    assert counts.settle(step=6, taken=2, staleness_check=False) == protocol.PushCounts(
+        pushed=2, taken_seen=2, last_tag=0)
+
+
+def test_tokens_supersede_a_batch_only_for_a_later_step_or_a_stopped_round():
+    running = control(round=1, stop_round=0)
+    assert protocol.superseded(np.array([4]), running, step=3, round_=1, job_done=False)
+    assert not protocol.superseded(np.array([3]), running, step=3, round_=1, job_done=False)
+    assert not protocol.superseded(np.array([protocol.WAKE]), running, step=3, round_=1, job_done=False)
+    assert protocol.superseded(np.array([protocol.WAKE]), control(round=1, stop_round=1), 3, 1, False)
+    assert not protocol.superseded(np.array([protocol.POKE]), control(round=1, stop_round=1), 3, 1, False)
+    assert protocol.missed_wakeup(np.array([protocol.POKE]), need=1)
+    assert not protocol.missed_wakeup(np.array([0, protocol.POKE]), need=1)
+
+
+def test_largest_first_placement_fills_the_least_loaded_bin():
+    assert largest_first([100, 90, 10, 5], [0, 0]) == [0, 1, 1, 0]
+    assert largest_first([3], [10, 2]) == [1]
+
+
+def two_workers(task_id):
+    spec = tf.train.ClusterSpec({"worker": ["h:1", "h:2"], "ps": ["h:9"]})
+    return cluster_lib.cluster_info_from_resolver(
+        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=task_id))
 
 
 @pytest.mark.parametrize("pushed,ended,round_,stop_round,expected", [
@@ -86,38 +185,34 @@ class FakeState:
     (5, 3, 3, 3, 4),  # restarted between rounds: the next one
 ])
 def test_a_worker_joining_a_running_job_picks_its_fit_round(pushed, ended, round_, stop_round, expected):
-    spec = tf.train.ClusterSpec({"worker": ["h:1", "h:2"], "ps": ["h:9"]})
-    info = cluster_lib.cluster_info_from_resolver(
-        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=1))
-    state = FakeState(2)
-    client = protocol.WorkerClient(state, protocol.ProtocolConfig(1, 2), info, monitor=None)
-    c = state.ctl
-    ctl = np.zeros([c.size], np.int64)
-    ctl[protocol.Control.ROUND], ctl[protocol.Control.STOP_ROUND] = round_, stop_round
-    ctl[c.pushed(1)], ctl[c.taken(1)], ctl[c.ended(1)] = pushed, pushed, ended
-    client._resume(ctl)  # pylint: disable=protected-access
-    assert client.round == expected and client.pushed == pushed
+    ctl = control(round=round_, stop_round=stop_round, pushed=[0, pushed], taken=[0, pushed], ended=[0, ended])
+    assert protocol.resumed_round(ctl, 1) == protocol.WorkerRound(expected)
+    assert protocol.PushCounts.resumed(ctl, 1).pushed == pushed
+
+
+class FakeState:
+    prefix = "fake"
+    on_one_task = True
+
+    def __init__(self, num_workers):
+        self.ctl = protocol.Control(num_workers)
 
 
 def test_the_chief_pulls_what_its_aggregator_published_even_given_a_snapshot_from_the_ps():
-    spec = tf.train.ClusterSpec({"worker": ["h:1", "h:2"], "ps": ["h:9"]})
-    info = cluster_lib.cluster_info_from_resolver(
-        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=0))
     state = FakeState(2)
-    state.on_one_task = True
     published = {3: [np.full(2, 3.0, np.float32)]}
-    client = protocol.WorkerClient(state, protocol.ProtocolConfig(1, 2), info, monitor=None,
-                                   local_params=published.get)
-    ctl = np.zeros([state.ctl.size], np.int64)
-    ctl[protocol.Control.STEP] = ctl[protocol.Control.VERSION] = 3
-    snapshot = (ctl, [np.full(2, -1.0, np.float32)], ctl)  # a wait past WAKE_WAIT read them from the ps too
-    flats, got = client.pull(ctl, snapshot)
+    client = worker_lib.WorkerClient(state, protocol.ProtocolConfig(1, 2), two_workers(0), monitor=None,
+                                     local_params=published.get)
+    ctl = control(step=3, version=3)
+    # A wait past WAKE_WAIT read them from the ps too.
+    snapshot = shared_state.Snapshot(ctl, [np.full(2, -1.0, np.float32)], ctl)
+    flats, got = client.pull(worker_lib.Seen(ctl, snapshot))
     np.testing.assert_array_equal(flats[0], [3.0, 3.0])
-    assert got[protocol.Control.STEP] == 3 and client.step == 3 and client.local_pulls == 1
-    flats, _ = client.pull(ctl)  # no snapshot: the same
+    assert got.step == 3 and client.step == 3 and client.local_pulls == 1
+    flats, _ = client.pull(worker_lib.Seen(ctl, None))  # no snapshot: the same
     np.testing.assert_array_equal(flats[0], [3.0, 3.0])
-    ctl[protocol.Control.STEP] = ctl[protocol.Control.VERSION] = 4  # not kept here: the ps's copy
-    flats, _ = client.pull(ctl, (ctl, [np.full(2, 4.0, np.float32)], ctl))
+    ctl = control(step=4, version=4)  # not kept here: the ps's copy
+    flats, _ = client.pull(worker_lib.Seen(ctl, shared_state.Snapshot(ctl, [np.full(2, 4.0, np.float32)], ctl)))
     np.testing.assert_array_equal(flats[0], [4.0, 4.0])
     assert client.step == 4 and client.local_pulls == 2
 
@@ -125,31 +220,25 @@ def test_the_chief_pulls_what_its_aggregator_published_even_given_a_snapshot_fro
 class WakingState(FakeState):
     """A ps whose wake-up queue of worker 1 holds the tokens given, read with step `step`'s parameters."""
 
-    on_one_task = True
-
     def __init__(self, tokens, step):
         super().__init__(2)
         self.tokens, self.waits = tokens, []
-        self.ctl_now = np.zeros([self.ctl.size], np.int64)
-        self.ctl_now[protocol.Control.STEP] = self.ctl_now[protocol.Control.VERSION] = step
+        self.ctl_now = control(step=step, version=step)
         self.params = [np.full(2, float(step), np.float32)]
 
-    def wait(self, w, seconds, tokens_only=False):
-        assert w == 1 and not tokens_only
+    def wait(self, w, seconds):
+        assert w == 1
         self.waits.append(seconds)
         if not self.tokens:
             time.sleep(seconds)
             return None
         tokens, self.tokens = np.asarray(self.tokens, np.int64), []
-        return tokens, self.ctl_now, (self.ctl_now, self.params, self.ctl_now)
+        return shared_state.Wake(tokens, self.ctl_now, shared_state.Snapshot(self.ctl_now, self.params, self.ctl_now))
 
 
 def worker_1(state):
-    spec = tf.train.ClusterSpec({"worker": ["h:1", "h:2"], "ps": ["h:9"]})
-    info = cluster_lib.cluster_info_from_resolver(
-        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=1))
     monitor = type("Monitor", (), {"done": False})()
-    return protocol.WorkerClient(state, protocol.ProtocolConfig(1, 2), info, monitor=monitor)
+    return worker_lib.WorkerClient(state, protocol.ProtocolConfig(1, 2), two_workers(1), monitor=monitor)
 
 
 def test_a_superseded_sleep_restarts_on_the_parameters_read_with_the_token():
@@ -159,7 +248,7 @@ def test_a_superseded_sleep_restarts_on_the_parameters_read_with_the_token():
     assert client.sleep_unless_superseded(60.0)
     flats = client.restart_superseded()  # no further read: `WakingState` has none
     np.testing.assert_array_equal(flats[0], [4.0, 4.0])
-    assert client.step == 4 and client.cancelled == 1
+    assert client.step == 4 and client.counts.cancelled == 1
     assert client.restart_superseded() is None  # nothing left to restart
     assert len(state.waits) == 1
 
@@ -169,7 +258,7 @@ def test_a_token_of_the_step_already_pulled_does_not_cut_the_sleep_short():
     client = worker_1(state)
     client.step = 3
     assert not client.sleep_unless_superseded(0.05)
-    assert client.restart_superseded() is None and client.cancelled == 0
+    assert client.restart_superseded() is None and client.counts.cancelled == 0
 
 
 def test_the_sleep_waits_on_the_ps_until_its_last_milliseconds_then_sleeps_them_here():
@@ -189,7 +278,7 @@ class FakeJobVariable:
     """The job vector in memory, for `Liveness`."""
 
     def __init__(self, num_workers):
-        self.values = np.zeros([protocol.Job.size(num_workers)], np.int64)
+        self.values = np.zeros([protocol.Job(num_workers).size], np.int64)
 
     def read(self):
         return self.values.copy()
@@ -200,9 +289,10 @@ def test_liveness_declares_silent_workers_dead_and_sees_them_come_back():
     info = cluster_lib.cluster_info_from_resolver(
         tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=0))
     job, now = FakeJobVariable(3), [100.0]
-    liveness = protocol.Liveness(job, info, worker_timeout=5.0, startup_timeout=20.0, clock=lambda: now[0])
-    job.values[protocol.Job.joined(1)] = 1
-    job.values[protocol.Job.beat(1)] = 7
+    liveness = job_lib.Liveness(job, info, worker_timeout=5.0, startup_timeout=20.0, clock=lambda: now[0])
+    slots = protocol.Job(3)
+    job.values[slots.joined(1)] = 1
+    job.values[slots.beat(1)] = 7
     assert liveness.update(step=0, last_steps=[0, -1, -1]) == []
     now[0] += 5.5  # worker 1 silent for 5.5 s; worker 2 never joined (its limit is startup_timeout)
     events = liveness.update(step=4, last_steps=[3, 3, -1])
@@ -211,8 +301,19 @@ def test_liveness_declares_silent_workers_dead_and_sees_them_come_back():
     assert liveness.dead == {1} and liveness.silent_seconds(1) == pytest.approx(5.5)
     now[0] += 15.0
     assert [(e.worker, e.event) for e in liveness.update(9, [8, 3, -1])] == [(2, "died")]
-    job.values[protocol.Job.beat(1)] = 8  # restarted: its heartbeat moves again
-    job.values[protocol.Job.left(2)] = 1  # worker 2 left the job cleanly: not dead
+    job.values[slots.beat(1)] = 8  # restarted: its heartbeat moves again
+    job.values[slots.left(2)] = 1  # worker 2 left the job cleanly: not dead
     assert [(e.worker, e.event) for e in liveness.update(12, [11, 3, -1])] == [(1, "rejoined")]
     assert liveness.dead == {2} and liveness.left == {2}
     assert [e.event for e in liveness.events] == ["died", "died", "rejoined"]
+
+
+def test_a_beat_watch_counts_a_first_zero_as_never_beaten():
+    now = [10.0]
+    watch = job_lib.BeatWatch([0, 1], clock=lambda: now[0])
+    now[0] = 12.0
+    assert watch.observe(np.array([0, 5])) == [0, 1]
+    assert watch.silent_seconds(0) == pytest.approx(2.0)  # 0: silent since the watch was made
+    assert watch.silent_seconds(1) == 0.0
+    now[0] = 15.0
+    assert watch.observe(np.array([0, 5])) == [] and watch.silent_seconds(1) == pytest.approx(3.0)

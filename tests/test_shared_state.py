@@ -13,7 +13,11 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import cluster as cluster_lib
+from tf_backup import endpoint
 from tf_backup import protocol
+from tf_backup.layout import Layout
+from tf_backup.shared_state import SharedState
+from tf_backup.waker import Waker
 
 WORKERS = 3
 
@@ -30,8 +34,8 @@ _count = iter(range(1000))
 def state(server):
     """A fresh shared state (one shard of 4 floats, 3 workers) on the local server, at step 0."""
     ps = cluster_lib.Task("localhost", 0, server.target[len("grpc://"):])
-    layout = protocol.Layout([tf.Variable(tf.zeros([4]), name="v")], num_shards=1)
-    st = protocol.SharedState(f"t/state{next(_count)}", layout, [ps], WORKERS)
+    layout = Layout([tf.Variable(tf.zeros([4]), name="v")], num_shards=1)
+    st = SharedState(f"t/state{next(_count)}", layout, [ps], WORKERS, endpoint.Endpoints())
     st.create([np.arange(4, dtype=np.float32)], step=0)
     return st
 
@@ -44,7 +48,7 @@ def push_args(state, w, tag, pushed=1):
 
 def push(state, w, tag=0, pushed=1):
     """Worker `w` pushes; its wait ends at once (its waker pokes after 10 ms)."""
-    waker = protocol.Waker(Pokes(state, w), "test-waker")
+    waker = Waker(Pokes(state, w), "test-waker")
     try:
         return state.push_wait(w, *push_args(state, w, tag, pushed), waker=waker, seconds=0.01)
     finally:
@@ -62,7 +66,7 @@ class Pokes:
 
 def test_waker_pokes_once_after_its_deadline_and_never_when_disarmed():
     pokes = []
-    waker = protocol.Waker(lambda: pokes.append(time.monotonic()), "test-waker")
+    waker = Waker(lambda: pokes.append(time.monotonic()), "test-waker")
     start = time.monotonic()
     waker.arm(0.2)
     deadline = time.monotonic() + 10
@@ -80,7 +84,7 @@ def test_waker_pokes_once_after_its_deadline_and_never_when_disarmed():
 
 def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
     pokes = Pokes(state, 1)
-    waker = protocol.Waker(pokes, "test-waker")
+    waker = Waker(pokes, "test-waker")
     start = time.monotonic()
     tokens, ctl, snapshot = state.push_wait(1, *push_args(state, 1, tag=0), waker=waker, seconds=0.3)
     assert time.monotonic() - start >= 0.3 and pokes.count == 1
@@ -89,7 +93,7 @@ def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
     before, flats, after = snapshot  # one ps task: the parameters come with the wake-up
     np.testing.assert_array_equal(flats[0], np.arange(4))
     assert state.accs[0].num_accumulated() == 1  # pushed once
-    aggregator = protocol.Waker(state.poke_aggregator, "test-aggregator-waker")
+    aggregator = Waker(state.poke_aggregator, "test-aggregator-waker")
     count, _, sums, tokens = state.wait_arrivals(5.0, aggregator)  # the push's token (tag 0) is in the queue
     assert count == 1 and sums is None and aggregator.pokes == 0
     np.testing.assert_array_equal(tokens, [0])
@@ -100,7 +104,7 @@ def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
 
 
 def test_push_wait_returns_at_the_publish_with_its_parameters(state):
-    waker = protocol.Waker(Pokes(state, 0), "test-waker")
+    waker = Waker(Pokes(state, 0), "test-waker")
     got = []
     t = threading.Thread(target=lambda: got.append(
         state.push_wait(0, *push_args(state, 0, tag=0), waker=waker, seconds=30.0)))
@@ -119,7 +123,7 @@ def test_push_wait_returns_at_the_publish_with_its_parameters(state):
 
 def test_push_wait_without_parameters_returns_the_control_vector_only(state):
     # The chief's worker: it takes the parameters from its own aggregator.
-    waker = protocol.Waker(Pokes(state, 1), "test-waker")
+    waker = Waker(Pokes(state, 1), "test-waker")
     got = []
     t = threading.Thread(target=lambda: got.append(
         state.push_wait(1, *push_args(state, 1, tag=0), waker=waker, seconds=30.0, with_params=False)))
@@ -138,7 +142,7 @@ def test_push_wait_without_parameters_returns_the_control_vector_only(state):
 def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_in(state):
     c = protocol.Control
     state.control.scatter_max([c.ROUND], [1])  # a fit round runs
-    waker = protocol.Waker(state.poke_aggregator, "test-aggregator-waker")
+    waker = Waker(state.poke_aggregator, "test-aggregator-waker")
     for w in range(2):  # two fresh pushes for step 0
         push(state, w)
     # Asks for one push more than came: the waker ends the wait (its tokens: one per worker); 2 < 3, no take.
@@ -161,7 +165,7 @@ def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_i
 def test_aggregator_wait_does_not_take_between_fit_rounds_unless_asynchronous(state):
     c = protocol.Control
     state.control.scatter_max([c.ROUND, c.STOP_ROUND], [1, 1])  # round 1 ended, no other started
-    waker = protocol.Waker(state.poke_aggregator, "test-aggregator-waker")
+    waker = Waker(state.poke_aggregator, "test-aggregator-waker")
     for w in range(WORKERS):
         push(state, w)
     count, _, sums, _ = state.wait_arrivals(5.0, waker, need=3, required=2, taken_for=1)
@@ -173,7 +177,7 @@ def test_aggregator_wait_does_not_take_between_fit_rounds_unless_asynchronous(st
 
 def test_aggregator_wait_refuses_to_take_with_several_shards(server):
     ps = cluster_lib.Task("localhost", 0, server.target[len("grpc://"):])
-    layout = protocol.Layout([tf.Variable(tf.zeros([4]), name="a"), tf.Variable(tf.zeros([3]), name="b")], num_shards=2)
-    st = protocol.SharedState(f"t/state{next(_count)}", layout, [ps, ps], WORKERS)
+    layout = Layout([tf.Variable(tf.zeros([4]), name="a"), tf.Variable(tf.zeros([3]), name="b")], num_shards=2)
+    st = SharedState(f"t/state{next(_count)}", layout, [ps, ps], WORKERS, endpoint.Endpoints())
     with pytest.raises(ValueError, match="one shard"):
-        st.wait_arrivals(0.1, protocol.Waker(st.poke_aggregator, "test"), required=1, taken_for=1)
+        st.wait_arrivals(0.1, Waker(st.poke_aggregator, "test"), required=1, taken_for=1)

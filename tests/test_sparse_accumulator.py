@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import accumulators
+from tf_backup import endpoint
+from tf_backup.layout import largest_first
 
 DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
 
@@ -16,7 +18,7 @@ def server():
 
 @pytest.fixture
 def where(server):
-    return accumulators.endpoint(server.target, DEVICE, timeout=10.0)
+    return endpoint.Endpoint(server.target, DEVICE, timeout=10.0)
 
 
 def test_take_sums_rows_counts_workers_and_drops_stale_pushes(where):
@@ -64,4 +66,4 @@ def test_embedding_tables_are_found_and_placed_by_size():
     dense_ids, sparse_ids = sparse.split(model.trainable_variables)
     assert sparse_ids == [0] and dense_ids == [1, 2]
     # Tables go largest first to the least loaded ps task, counting the dense shards' loads.
-    assert sparse._placement([8000, 300, 5000], loads=[100, 0]) == [1, 0, 0]  # pylint: disable=protected-access
+    assert largest_first([8000, 300, 5000], loads=[100, 0]) == [1, 0, 0]

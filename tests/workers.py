@@ -119,15 +119,14 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
         history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps,
                             verbose=0, callbacks=callbacks)
         late = strategy.wait_for_fit_end(timeout=60) if barrier else None
-        binding = strategy.extended.bindings[-1]
+        counters = strategy.counters()
         result = {
             "late": late,
             # Waits that ran to their 1 s deadline although what they waited for had happened: a
             # wake-up token was lost (or never sent).
-            "missed_wakeups": binding.client.missed_wakeups + (
-                binding.aggregator.missed_wakeups if binding.aggregator is not None else 0),
+            "missed_wakeups": counters.missed_wakeups,
             # Steps whose parameters this worker took from its own aggregator instead of the ps.
-            "local_pulls": binding.client.local_pulls,
+            "local_pulls": counters.local_pulls,
             "optimizer": name,
             "weights": [v.numpy() for v in model.trainable_variables],
             "history": history.history,
@@ -181,14 +180,13 @@ def train_with_restarting_straggler(steps: int, gate_dir: str):
                 time.sleep(0.01)
 
         def on_train_batch_begin(self, batch, logs=None):
-            client = strategy.extended.bindings[-1].client
             if w == 3:
-                before = client.step
+                before = strategy.counters().step
                 cut.append(strategy.sleep_unless_superseded(60.0))
                 if cut[-1]:
                     restarts.append((before, strategy.restart_superseded(), weights()))
                     assert strategy.restart_superseded() is None  # nothing left to restart
-            seen.append((client.step, weights()))
+            seen.append((strategy.counters().step, weights()))
 
     dataset = strategy.distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat())
     # A warm-up fit first: a first batch traces the train step (about a second), during which the
@@ -199,7 +197,7 @@ def train_with_restarting_straggler(steps: int, gate_dir: str):
     start = time.monotonic()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[_Callback()])
     return {"worker": w, "seen": seen, "restarts": restarts, "stats_before": before, "cut": cut, "stats": strategy.stats(),
-            "control": strategy.extended.bindings[-1].state.read_control().tolist(),
+            "control": strategy.extended.latest_binding().state.read_control().values.tolist(),
             "weights": weights(), "fit_seconds": time.monotonic() - start}
 
 
@@ -456,7 +454,7 @@ def train_on_several_ps(steps: int):
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from tf_backup import accumulators, protocol  # pylint: disable=g-import-not-at-top
+    from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
 
     strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
     x, y = regression_data(steps * strategy.num_workers)
@@ -467,14 +465,14 @@ def train_on_several_ps(steps: int):
     initial = [v.numpy() for v in model.trainable_variables]
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
     model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
-    state = strategy.extended.bindings[-1].state
+    state = strategy.extended.latest_binding().state
     ps = strategy.extended.cluster.ps
     # Look each shard up by name on every ps task, through fresh handles: where does it live?
     held = {}
     for s in range(len(state.params)):
         for t, task in enumerate(ps):
             var = accumulators.SharedVariable(f"{state.prefix}/params/{s}", state.layout.dtype, [None],
-                                              protocol.endpoint(task))
+                                              strategy.extended.endpoints.of(task))
             if var.is_initialized():
                 held.setdefault(t, {})[s] = var.read()
     layout = state.layout
@@ -586,12 +584,12 @@ def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int 
         callbacks.append(WaitUntilStale(strategy, 0.2, last_step=steps).callback)
     history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
                         callbacks=callbacks)
-    sparse = model.optimizer._sparse  # pylint: disable=protected-access
+    counters = strategy.counters()
     return {"worker": strategy.worker_index, "initial": initial,
             "weights": [v.numpy() for v in model.trainable_variables],
             "loss": history.history["loss"], "stats": strategy.stats(),
             # What goes through the dense flat shards, and which tables go by rows.
-            "dense_elements": sum(strategy.extended.bindings[-1].layout.shard_sizes),
-            "sparse_tables": None if sparse is None else [t.shape for t in sparse.tables],
+            "dense_elements": counters.dense_elements,
+            "sparse_tables": counters.sparse_tables,
             "master": None if not strategy.is_chief else [v.numpy() for v in model.optimizer.master_variables],
             "initial_step": strategy.initial_step}

@@ -2,17 +2,36 @@
 
 from tf_backup.accumulators import ConditionalAccumulator
 from tf_backup.accumulators import SharedVariable
+from tf_backup.aggregator import StepRecord
 from tf_backup.errors import AggregatorError
 from tf_backup.errors import ChiefUnavailableError
 from tf_backup.errors import PsUnavailableError
 from tf_backup.errors import StepTimeoutError
+from tf_backup.errors import WorkersLostError
 from tf_backup.launch import LocalCluster
 from tf_backup.launch import LocalClusterError
 from tf_backup.launch import launch_local
 from tf_backup.memory import tune_malloc
 from tf_backup.optimizer import SyncReplicasOptimizer
-from tf_backup.protocol import StepRecord
 from tf_backup.server import serve
 from tf_backup.strategy import BackupWorkerStrategy
+
+__all__ = [
+    "AggregatorError",
+    "BackupWorkerStrategy",
+    "ChiefUnavailableError",
+    "ConditionalAccumulator",
+    "LocalCluster",
+    "LocalClusterError",
+    "PsUnavailableError",
+    "SharedVariable",
+    "StepRecord",
+    "StepTimeoutError",
+    "SyncReplicasOptimizer",
+    "WorkersLostError",
+    "launch_local",
+    "serve",
+    "tune_malloc",
+]
 
 __version__ = "0.1.0"

@@ -35,9 +35,9 @@ def main(payload_path: str) -> int:
         traceback.print_exc()
         failed = True
     finally:
-        if "tf_backup.strategy" in sys.modules:
+        if "tf_backup.extended" in sys.modules:
             try:
-                sys.modules["tf_backup.strategy"].shutdown_all(failed=failed)
+                sys.modules["tf_backup.extended"].shutdown_all(failed=failed)
             except BaseException:  # pylint: disable=broad-except
                 traceback.print_exc()
     return 1 if failed else 0

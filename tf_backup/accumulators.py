@@ -6,13 +6,8 @@ names it reaches the same resource, and nothing is destroyed when a process
 exits (TensorFlow's eager `tf.Variable` and `ConditionalAccumulator` attach a
 deleter that would destroy it).
 
-Processes reach a ps task through an `Endpoint`: a graph of raw ops and a
-`tf.compat.v1.Session` on the task's gRPC target, TensorFlow's distributed
-session runtime (the one TF1's SyncReplicasOptimizer used). Every run has a
-deadline. We do not use eager remote execution (`connect_to_cluster`) here:
-on TF 2.21 a ps task serving several eager clients crashed (SIGSEGV in
-`GetOrCreateKernelAndDevice`), and one failed eager remote op poisons all later
-ones of its client (see WORKSPACE_NOTES.md).
+Processes reach a ps task through an `Endpoint` (`tf_backup.endpoint`): a
+graph of raw ops and a session on the task's server.
 
 `ConditionalAccumulator` is TensorFlow's `ResourceConditionalAccumulator`: it
 sums (or averages) gradients and drops any gradient whose `local_step` is below
@@ -21,112 +16,17 @@ workers. `take_grad` returns the aggregate and advances the accumulator's
 global step, so a gradient tagged with the old step is stale from that moment.
 """
 
-import threading
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Sequence
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from tf_backup import errors
+from tf_backup.endpoint import Endpoint
+from tf_backup.endpoint import OnDuplicate
 
-DEFAULT_TIMEOUT = 60.0
-_ENDPOINTS: Dict[Tuple[str, str], "Endpoint"] = {}
-_ENDPOINTS_LOCK = threading.Lock()
-
-
-class Endpoint:
-    """A graph and a session on one task's server, shared by this process's resources on it.
-
-    Args:
-      target: the server's target, e.g. "grpc://ps0:2222".
-      device: the device the resources live on, e.g.
-        "/job:ps/replica:0/task:0/device:CPU:0".
-      timeout: seconds any single run may take before it fails with
-        `PsUnavailableError` (the task is gone, or a network partition).
-    """
-
-    def __init__(self, target: str, device: str, timeout: float = DEFAULT_TIMEOUT):
-        self.target = target
-        self.device = device
-        self.timeout = timeout
-        self.graph = tf.Graph()
-        self._lock = threading.Lock()
-        self._session: Optional[tf.compat.v1.Session] = None
-        self._options = tf.compat.v1.RunOptions(timeout_in_ms=int(timeout * 1000))
-
-    def build(self, fn):
-        """Calls `fn()` to add ops to this endpoint's graph, on its device."""
-        with self._lock, self.graph.as_default(), tf.device(self.device):
-            return fn()
-
-    def run(self, fetches, feed_dict=None, what: str = "an op", on_duplicate: str = "retry",
-            wait: Optional[float] = None):
-        """Runs `fetches` on the task; raises PsUnavailableError past the deadline.
-
-        `wait` (seconds) makes the run a bounded blocking wait instead (a
-        dequeue from an empty queue): past it the run is cancelled on the task
-        and `run` returns None.
-
-        gRPC may deliver a request twice (TensorFlow then fails the run with
-        `AbortedError: The same RunGraph (Worker) request was received twice`,
-        seen on a loaded 2-core machine): the first delivery ran, its result
-        is lost. `on_duplicate` says what then: "retry" (idempotent runs: reads,
-        assignments), "done" (a push: it happened once; returns None) or "raise".
-        """
-        for attempt in range(3):
-            try:
-                return self._run_once(fetches, feed_dict, what, wait)
-            except tf.errors.AbortedError as e:
-                if "received twice" not in (e.message or "") or on_duplicate == "raise" or attempt == 2:
-                    raise
-                logging.warning("tf_backup: %s on %s was delivered twice (%s).", what, self.target, on_duplicate)
-                if on_duplicate == "done":
-                    return None
-
-    def _run_once(self, fetches, feed_dict, what, wait=None):
-        if self._session is None:
-            with self._lock:
-                if self._session is None:
-                    config = tf.compat.v1.ConfigProto(
-                        allow_soft_placement=False, operation_timeout_in_ms=int(self.timeout * 1000))
-                    self._session = tf.compat.v1.Session(self.target, graph=self.graph, config=config)
-        options = self._options
-        if wait is not None:
-            options = tf.compat.v1.RunOptions(timeout_in_ms=max(1, int(wait * 1000)))
-        try:
-            return self._session.run(fetches, feed_dict=feed_dict, options=options)
-        except tf.errors.DeadlineExceededError as e:
-            if wait is not None:
-                return None  # nothing came within `wait`; the task cancelled the run
-            raise errors.PsUnavailableError(
-                f"{what} on {self.device} ({self.target}) did not complete within "
-                f"{self.timeout:.0f} s (DeadlineExceededError: the task is down or unreachable)."
-            ) from e
-        except tf.errors.UnavailableError as e:
-            raise errors.PsUnavailableError(
-                f"{what} on {self.device} ({self.target}) did not complete within "
-                f"{self.timeout:.0f} s ({type(e).__name__}: the task is down or unreachable)."
-            ) from e
-
-
-_timeout = DEFAULT_TIMEOUT
-
-
-def set_timeout(seconds: float) -> None:
-    """Sets the deadline of every later run on a ps task of this process (endpoints made from now)."""
-    global _timeout
-    _timeout = float(seconds)
-
-
-def endpoint(target: str, device: str, timeout: Optional[float] = None) -> Endpoint:
-    """The process-wide `Endpoint` for (target, device)."""
-    with _ENDPOINTS_LOCK:
-        key = (target, device)
-        if key not in _ENDPOINTS:
-            _ENDPOINTS[key] = Endpoint(target, device, _timeout if timeout is None else timeout)
-        return _ENDPOINTS[key]
-
+# A push delivered twice ran once (see Endpoint.run); a take delivered twice
+# lost its result, so it raises rather than take another N gradients.
+_ON_DUPLICATE = {"apply": OnDuplicate.DONE, "take": OnDuplicate.RAISE}
 
 class SharedVariable:
     """A rank-1 (or any shape) resource variable on a task, created or attached by `shared_name`.
@@ -273,10 +173,8 @@ class ConditionalAccumulator:
         return self._ops
 
     def _run(self, name, feed=None):
-        # A push delivered twice ran once (see Endpoint.run); a take delivered twice
-        # lost its result, so it raises rather than take another N gradients.
         return self.endpoint.run(self._ops[name], feed, what=f"{name} of accumulator `{self.shared_name}`",
-                                 on_duplicate={"apply": "done", "take": "raise"}.get(name, "retry"))
+                                 on_duplicate=_ON_DUPLICATE.get(name, OnDuplicate.RETRY))
 
     def apply_grad(self, grad, local_step: int) -> None:
         """Adds `grad` unless `local_step` is below the accumulator's step."""
@@ -365,7 +263,7 @@ class SparseConditionalAccumulator:
 
     def _run(self, name, feed=None):
         return self.endpoint.run(self._ops[name], feed, what=f"{name} of accumulator `{self.shared_name}`",
-                                 on_duplicate={"apply": "done", "take": "raise"}.get(name, "retry"))
+                                 on_duplicate=_ON_DUPLICATE.get(name, OnDuplicate.RETRY))
 
     def apply_grad(self, indices, values, local_step: int, worker: int) -> None:
         """Adds the rows `values` at `indices` (duplicates are summed) unless stale.

@@ -1,4 +1,4 @@
-"""Errors tf_backup raises when a distributed wait cannot complete.
+"""Errors tf_backup raises: a distributed wait that cannot complete, a lost task, a lost delivery.
 
 They subclass TensorFlow's `OpError`s. Raised outside a traced function (for
 example while `fit` builds the optimizer) they reach the caller as they are.
@@ -34,6 +34,27 @@ class AggregatorError(tf.errors.InternalError):
 
 class PsUnavailableError(tf.errors.UnavailableError):
     """A ps task did not answer within the deadline (it is gone, or unreachable)."""
+
+    def __init__(self, message: str):
+        super().__init__(None, None, message)
+
+
+class WorkersLostError(AggregatorError):
+    """Fewer workers are alive than a step needs: the chief's aggregator stopped.
+
+    Kept by the aggregator as it was raised; the chief's next wait raises an
+    `AggregatorError` whose cause (`__cause__`) is this error.
+    """
+
+
+class DuplicateDeliveryError(tf.errors.AbortedError):
+    """gRPC delivered a request to a ps task twice: the first delivery ran, its result is lost.
+
+    TensorFlow fails such a run with `AbortedError: The same RunGraph (Worker)
+    request was received twice` (seen on a loaded 2-core machine).
+    `tf_backup.endpoint.Endpoint.run` retries what is idempotent and raises
+    this for the rest (a take: did it run?).
+    """
 
     def __init__(self, message: str):
         super().__init__(None, None, message)

@@ -18,6 +18,7 @@ import tempfile
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
+from tf_backup import _checks
 from tf_backup import memory
 
 
@@ -103,11 +104,8 @@ def _check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps: int = 1) -> 
         )
     if not callable(fn):
         raise TypeError(f"`fn` must be callable. Received fn={fn!r}")
-    for name, value, minimum in (("num_workers", num_workers, 1), ("num_ps", num_ps, min_ps)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an integer. Received {name}={value!r}")
-        if value < minimum:
-            raise ValueError(f"`{name}` must be >= {minimum}. Received {name}={value!r}")
+    _checks.check_int("num_workers", num_workers, 1)
+    _checks.check_int("num_ps", num_ps, min_ps)
     try:
         pickle.dumps((fn, tuple(args), kwargs))
     except Exception as e:
@@ -115,11 +113,6 @@ def _check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps: int = 1) -> 
             "`fn`, `args` and `kwargs` must be picklable (fn a module-level function): each "
             f"worker is a separate process. Pickling failed with: {e}"
         ) from e
-
-
-def _check_timeout(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive number of seconds. Received {name}={value!r}")
 
 
 class LocalCluster:
@@ -248,7 +241,7 @@ class LocalCluster:
         Raises:
           LocalClusterError: any task failed, or the timeout passed (with a log tail).
         """
-        _check_timeout("timeout", timeout)
+        _checks.check_seconds("timeout", timeout)
         for name in names:
             self._check_name(name)
         deadline = time.monotonic() + timeout
@@ -294,7 +287,7 @@ class LocalCluster:
           LocalClusterError: a task failed, or the timeout passed (with the
             failing task's log tail).
         """
-        _check_timeout("timeout", timeout)
+        _checks.check_seconds("timeout", timeout)
         if echo is not None:
             self._check_name(echo)
         failed = _supervise(self.procs, self.logs, timeout, ps_exit_grace, _Echo(self.logs.get(echo)),
@@ -346,7 +339,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
         holds the failing task's log tail. No process is left running.
     """
     _check_arguments(fn, num_workers, num_ps, args, dict(kwargs or {}))
-    _check_timeout("timeout", timeout)
+    _checks.check_seconds("timeout", timeout)
     if isinstance(max_failed_workers, bool) or not isinstance(max_failed_workers, int) or not (
             0 <= max_failed_workers < num_workers):
         raise ValueError("`max_failed_workers` must be an integer in [0, num_workers). Received "

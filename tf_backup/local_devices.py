@@ -19,6 +19,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from tf_backup import _checks
+
 
 def resolve_devices(devices: Optional[Sequence[str]]) -> Tuple[str, ...]:
     """The local devices a worker trains on.
@@ -82,10 +84,7 @@ def set_logical_cpus(count: int) -> None:
       TypeError, ValueError: `count` is not a positive integer.
       RuntimeError: TensorFlow has already initialized its devices with another count.
     """
-    if isinstance(count, bool) or not isinstance(count, int):
-        raise TypeError(f"`count` must be an integer. Received count={count!r}")
-    if count < 1:
-        raise ValueError(f"`count` must be >= 1. Received count={count!r}")
+    _checks.check_int("count", count, 1)
     cpu = tf.config.list_physical_devices("CPU")[0]
     current = tf.config.get_logical_device_configuration(cpu)
     if current is not None and len(current) == count:

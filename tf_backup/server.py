@@ -5,12 +5,13 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from tf_backup import accumulators
 from tf_backup import cluster as cluster_lib
+from tf_backup import endpoint as endpoint_lib
 from tf_backup import errors
+from tf_backup import job as job_lib
 from tf_backup import memory
-from tf_backup import protocol
 from tf_backup import topology
+from tf_backup.protocol import Job
 
 
 def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
@@ -26,15 +27,14 @@ def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
         ) from e
 
 
-def _job_variable_of_other_ps(ps0: cluster_lib.Task, num_workers: int):
+def _job_variable_of_other_ps(endpoints: endpoint_lib.Endpoints, ps0: cluster_lib.Task, num_workers: int):
     """The job vector as a ps task other than ps 0 reads it once the job runs.
 
     ps 0 exits as soon as the job is done and every worker has left; a read
     from another ps task just after would block for the endpoint's whole
     timeout (60 s) on the vanished task, so these reads have a short deadline.
     """
-    where = accumulators.Endpoint(ps0.target, ps0.device, timeout=5.0)
-    return accumulators.SharedVariable(protocol.Job.NAME, tf.int64, [protocol.Job.size(num_workers)], where)
+    return job_lib.job_variable(endpoints.of(ps0, timeout=5.0), num_workers)
 
 
 def _accepts_connections(task: cluster_lib.Task) -> bool:
@@ -92,21 +92,33 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         )
     memory.tune_malloc()  # the ps copies every gradient and parameter in and out: keep freed buffers
     server = _start_server(info)  # serves until this function returns
-    logging.info("tf_backup: ps task %s serving", info.task)
+    logging.info("tf_backup: ps task %s serving on %s", info.task, server.target)
     ps0 = info.ps[0]
     if info.task != ps0:
         cluster_lib.wait_for_tasks([ps0], startup_timeout, waiter=f"ps task {info.task}")
-    job = protocol.job_variable(ps0, info.num_workers)
+    endpoints = endpoint_lib.Endpoints()
+    try:
+        return _serve_job(info, endpoints, startup_timeout, chief_timeout, exit_grace, poll_interval, silent_worker)
+    finally:
+        # Its sessions to ps 0, which may have exited: closing them there would block until their deadline.
+        endpoints.close()
+
+
+def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints, startup_timeout: float,
+               chief_timeout: float, exit_grace: float, poll_interval: float, silent_worker: float) -> dict:
+    """`serve()`'s loop: reads the job vector until the job ends; returns `serve()`'s result."""
+    ps0 = info.ps[0]
+    job = job_lib.job_variable(endpoints.of(ps0), info.num_workers)
+    slots = Job(info.num_workers)
     done_job = None  # once the job runs, another ps task reads it with a short deadline
     unanswered_since = None  # when ps 0 stopped answering those reads
     start = time.monotonic()
-    job_id, heartbeat, heartbeat_time, end_time, reason = None, None, None, None, None
-    beats, beat_times = [None] * info.num_workers, [0.0] * info.num_workers
+    job_id, beats, end_time, reason = None, None, None, None
     chief = 0  # the chief is worker 0 in tf_backup order
     while True:
         now = time.monotonic()
         if job_id is not None and info.task != ps0:
-            done_job = done_job or _job_variable_of_other_ps(ps0, info.num_workers)
+            done_job = done_job or _job_variable_of_other_ps(endpoints, ps0, info.num_workers)
             try:
                 values = done_job.read()
                 unanswered_since = None
@@ -121,8 +133,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
                 break
         else:
             values = job.read() if job.is_initialized() else None
-        if values is None or not values[protocol.Job.JOB_ID] or (
-                job_id is None and values[protocol.Job.DONE]):
+        if values is None or not values[Job.JOB_ID] or (job_id is None and values[Job.DONE]):
             # No job yet (or a previous job's finished state): wait for the chief.
             if now - start > startup_timeout:
                 raise TimeoutError(
@@ -130,22 +141,20 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
                     f"{info.chief} to start a job (startup_timeout)."
                 )
         else:
-            if values[protocol.Job.JOB_ID] != job_id:
-                job_id, heartbeat, heartbeat_time = int(values[protocol.Job.JOB_ID]), None, now
+            if values[Job.JOB_ID] != job_id:
+                job_id = int(values[Job.JOB_ID])
+                # Every worker's beat, then the chief's heartbeat (the last slot).
+                beats = job_lib.BeatWatch([slots.beat(w) for w in range(info.num_workers)] + [Job.HEARTBEAT])
                 logging.info("tf_backup: ps task %s serves job %d", info.task, job_id)
-            joined = [bool(values[protocol.Job.joined(w)]) for w in range(info.num_workers)]
-            left = [bool(values[protocol.Job.left(w)]) for w in range(info.num_workers)]
-            for w in range(info.num_workers):
-                if values[protocol.Job.beat(w)] != beats[w]:
-                    beats[w], beat_times[w] = values[protocol.Job.beat(w)], now
-            silent = [now - t > silent_worker for t in beat_times]
+            joined = [bool(values[slots.joined(w)]) for w in range(info.num_workers)]
+            left = [bool(values[slots.left(w)]) for w in range(info.num_workers)]
+            beats.observe(values)
+            silent = [beats.silent_seconds(w) > silent_worker for w in range(info.num_workers)]
             gone = all(l or not j or q for j, l, q in zip(joined, left, silent))
-            if values[protocol.Job.HEARTBEAT] != heartbeat:
-                heartbeat, heartbeat_time = values[protocol.Job.HEARTBEAT], now
-            if end_time is None and values[protocol.Job.DONE]:
+            if end_time is None and values[Job.DONE]:
                 end_time, reason = now, "done"
-            if end_time is None and (now - heartbeat_time > chief_timeout or all(
-                    l or not j or q for j, l, q in zip(joined, left, silent)) and not left[chief]):
+            if end_time is None and (beats.silent_seconds(info.num_workers) > chief_timeout
+                                     or gone and not left[chief]):
                 end_time, reason = now, "chief lost"  # silent, or every task that used the ps is
             if end_time is not None and (gone or now - end_time > exit_grace):
                 break

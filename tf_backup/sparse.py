@@ -5,7 +5,7 @@ A variable of a `keras.layers.Embedding` (its `embeddings`, rank 2) gets an
 variable read with `tf.gather`; name those in
 `SyncReplicasOptimizer(sparse_variables=[...])`). Densifying it
 makes every step cost O(vocabulary) in the push, the take, the publish and the
-pull. Here such a table is kept out of the flat shards of `protocol.Layout`
+pull. Here such a table is kept out of the flat shards of `tf_backup.layout.Layout`
 and has its own shared state on a ps task (`<prefix>/sparse/<k>/...`):
 
 * `table`: the published rows; `version`: per row, the global step that last
@@ -18,7 +18,7 @@ protocol: push the table's gradient rows tagged with the step `s` of the
 parameters (before the dense push, so the chief finds them when it finds the
 dense ones), then -- after the dense sync pulled step `s'` -- pull only the rows
 whose version is above the step the worker last pulled, and scatter them into
-the local table. The chief, in the aggregator's apply (after the dense take):
+the local table. The chief, in an aggregator step hook (after the dense take and apply):
 take the sparse accumulators, average by their own counts, apply the inner
 optimizer (a copy of the user's, over a chief-local master of the tables) to
 `IndexedSlices`, and publish the rows it changed with version `s + 1`, before
@@ -36,19 +36,20 @@ copy for the tables (its slots) is not part of the saved optimizer state.
 """
 
 import threading
-import time
 from typing import List, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_backup import _checks
 from tf_backup import accumulators
+from tf_backup import binding as binding_lib
 from tf_backup import errors
 from tf_backup import local_devices
 from tf_backup import protocol
-
-INT64_MAX = np.iinfo(np.int64).max
+from tf_backup.endpoint import Endpoint
+from tf_backup.layout import largest_first
 
 
 def path(variable) -> str:
@@ -59,10 +60,6 @@ def path(variable) -> str:
 def is_embedding_table(variable) -> bool:
     """Whether `variable` is a `keras.layers.Embedding` table (its gradients are IndexedSlices)."""
     return path(variable).split("/")[-1] == "embeddings" and len(variable.shape) == 2
-
-
-# False sends Embedding tables through the dense flat shards (densified), for comparisons.
-ENABLED = True
 
 
 def split(var_list: Sequence, chosen=None) -> Tuple[List[int], List[int]]:
@@ -95,7 +92,7 @@ def split(var_list: Sequence, chosen=None) -> Tuple[List[int], List[int]]:
                     f"(its variables: {', '.join(sorted(paths))}). Received sparse_variables={chosen!r}")
             wanted |= matches
         pick = lambda v: path(v) in wanted  # noqa: E731
-    sparse = [i for i, v in enumerate(var_list) if ENABLED and pick(v)]
+    sparse = [i for i, v in enumerate(var_list) if pick(v)]
     for i in sparse:
         if len(var_list[i].shape) < 1:
             raise ValueError(f"A variable that goes by rows needs rank >= 1; `{path(var_list[i])}` is a "
@@ -106,7 +103,7 @@ def split(var_list: Sequence, chosen=None) -> Tuple[List[int], List[int]]:
 class SparseTable:
     """One table's shared state on its ps task: published rows, row versions, accumulator."""
 
-    def __init__(self, prefix: str, shape, dtype, num_workers: int, where: accumulators.Endpoint):
+    def __init__(self, prefix: str, shape, dtype, num_workers: int, where: Endpoint):
         self.prefix = prefix
         self.shape = [int(d) for d in shape]
         self.dtype = tf.as_dtype(dtype)
@@ -168,24 +165,15 @@ class SparseTable:
                               self._ops["step"]: int(step)})
 
 
-def _placement(sizes: Sequence[int], loads: Sequence[int]) -> List[int]:
-    """The ps task of each table: largest first, each to the least loaded task."""
-    loads = list(loads)
-    out = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        out[i] = loads.index(min(loads))
-        loads[out[i]] += sizes[i]
-    return out
-
-
 class SparseBinding:
     """The Embedding tables of one `SyncReplicasOptimizer`, beside its dense `_Binding`.
 
     Args:
       optimizer: the SyncReplicasOptimizer.
       strategy: its BackupWorkerStrategy.
-      dense: the optimizer's `_Binding` of the other variables (already built:
-        the job is joined, the dense state exists, the aggregator runs).
+      dense: the optimizer's `binding.Binding` of the other variables (already
+        built: the job is joined, the dense state exists; its aggregator starts
+        after this registered its step hook).
       var_list: every trainable variable; `dense_ids`, `sparse_ids`: positions.
     """
 
@@ -198,11 +186,11 @@ class SparseBinding:
         self.variables = [var_list[i] for i in sparse_ids]
         self.worker_index = info.worker_index
         sizes = [int(np.prod(v.shape)) for v in self.variables]
-        where = _placement(sizes, dense.layout.shard_sizes)
+        where = largest_first(sizes, dense.layout.shard_sizes)
         self.ps_of_table = where
         self.tables = [
             SparseTable(f"{dense.state.prefix}/sparse/{k}", v.shape, v.dtype, info.num_workers,
-                        protocol.endpoint(info.ps[where[k]]))
+                        strategy.extended.endpoints.of(info.ps[where[k]]))
             for k, v in enumerate(self.variables)
         ]
         self._lock = threading.Lock()
@@ -211,11 +199,10 @@ class SparseBinding:
         if info.is_chief:
             inner = optimizer.inner_optimizer
             self.inner = type(inner).from_config(inner.get_config())  # its own slots, same settings
+            self.master = binding_lib.make_master(self.variables)
             with tf.init_scope():
-                self.master = [keras.Variable(tf.convert_to_tensor(v), dtype=v.dtype, trainable=True,
-                                              name=f"master_{v.name}") for v in self.variables]
                 self.inner.build(self.master)
-                checkpoint = dense._checkpoint  # pylint: disable=protected-access
+                checkpoint = dense.checkpoint
                 if checkpoint is not None:  # the tables and their slots go in the same checkpoint
                     step = checkpoint.add(tables=self.master, tables_optimizer=self.inner.variables)
                     if step != dense.initial_step:
@@ -225,16 +212,8 @@ class SparseBinding:
             for table, m in zip(self.tables, self.master):
                 table.create(m.numpy())
             self._apply_rows = self._make_apply_fn()
-            dense_apply = dense.aggregator.apply_fn
             n = dense.config.replicas_to_aggregate
-            aggregator = dense.aggregator
-
-            def apply_fn(flat_grads):  # runs in the aggregator thread, after the dense take
-                new_flats = dense_apply(flat_grads)
-                self._take_apply_publish(n, aggregator.step + 1)
-                return new_flats
-
-            dense.aggregator.apply_fn = apply_fn
+            dense.aggregator.add_step_hook(lambda new_step: self._take_apply_publish(n, new_step))
         else:
             self._wait_until_ready(dense.config.startup_timeout)
         for var, table in zip(self.variables, self.tables):
@@ -242,13 +221,11 @@ class SparseBinding:
         self.pulled_step = dense.client.step
 
     def _wait_until_ready(self, timeout: float) -> None:
-        start = time.monotonic()
-        while not all(t.ready() for t in self.tables):
-            if time.monotonic() - start > timeout:
-                raise errors.StepTimeoutError(
-                    f"Worker {self.worker_index} waited {timeout:.0f} s for the chief to create the "
-                    f"embedding tables `{self.tables[0].prefix}` (startup_timeout).")
-            time.sleep(0.05)
+        _checks.poll_until(
+            lambda: all(t.ready() for t in self.tables), timeout=timeout, first=0.05, longest=0.05,
+            on_timeout=lambda waited: errors.StepTimeoutError(
+                f"Worker {self.worker_index} waited {timeout:.0f} s for the chief to create the "
+                f"embedding tables `{self.tables[0].prefix}` (startup_timeout)."))
 
     # -- chief -------------------------------------------------------------------
 
@@ -278,8 +255,8 @@ class SparseBinding:
 
     def _push(self, *flat):
         client = self.dense.client
-        if not client._round_stopped:  # pylint: disable=protected-access
-            tag = client.step if client.config.staleness_check else INT64_MAX
+        if not client.round_stopped:
+            tag = client.step if client.config.staleness_check else protocol.INT64_MAX
             for k, table in enumerate(self.tables):
                 table.acc.apply_grad(flat[2 * k].numpy(), flat[2 * k + 1].numpy(), tag, self.worker_index)
         return np.int64(0)

@@ -55,6 +55,8 @@ from typing import Tuple
 import keras
 import numpy as np
 
+from tf_backup import _checks
+
 _EXPECTED_ANY = ("one of none, slow:WORKER[,WORKER...]:FACTOR, exp:MEAN, "
                  "pareto:SHAPE:SCALE, trace:PATH")
 _EXPECTED_SLOW = ("slow:WORKER:FACTOR or slow:W1,W2,...:FACTOR with integer "
@@ -76,14 +78,6 @@ def _number(value):
     """Formats a float for a normalized spec: `3.0` -> `3`, `0.1` -> `0.1`."""
     text = repr(float(value))
     return text[:-2] if text.endswith(".0") else text
-
-
-def _check_index(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an integer >= 0. Received: {name}={value!r}")
-    if value < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0. Received: {name}={value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +113,8 @@ class StragglerModel:
           ValueError: if `worker` or `step` is negative, `compute_seconds` is
             negative or not finite, or (`trace`) `worker` has no column.
         """
-        worker = _check_index("worker", worker)
-        step = _check_index("step", step)
+        worker = _checks.check_int("worker", worker, 0)
+        step = _checks.check_int("step", step, 0)
         compute_seconds = float(compute_seconds)
         if not math.isfinite(compute_seconds) or compute_seconds < 0:
             raise ValueError("`compute_seconds` must be a finite number >= 0. "
@@ -144,8 +138,8 @@ class StragglerModel:
           ValueError: if a count is out of range or `compute_seconds` does not
             broadcast; as `delay` otherwise.
         """
-        num_workers = _check_index("num_workers", num_workers)
-        num_steps = _check_index("num_steps", num_steps)
+        num_workers = _checks.check_int("num_workers", num_workers, 0)
+        num_steps = _checks.check_int("num_steps", num_steps, 0)
         if num_workers < 1:
             raise ValueError(f"`num_workers` must be >= 1. Received: num_workers={num_workers}")
         compute = np.broadcast_to(np.asarray(compute_seconds, dtype=np.float64),
@@ -337,7 +331,7 @@ def parse(spec: str, seed: int = 0) -> StragglerModel:
     if not isinstance(spec, str):
         raise TypeError(f"Straggler spec must be a str. Received: {spec!r} "
                         f"of type {type(spec).__name__}")
-    seed = _check_index("seed", seed)
+    seed = _checks.check_int("seed", seed, 0)
     kind, separator, rest = spec.strip().partition(":")
     kind = kind.strip().lower()
 
@@ -475,7 +469,7 @@ class StragglerCallback(keras.callbacks.Callback):
         if not isinstance(model, StragglerModel):
             raise TypeError("`model` must be a StragglerModel (see stragglers.parse). "
                             f"Received: model={model!r}")
-        worker = _check_index("worker", worker)
+        worker = _checks.check_int("worker", worker, 0)
         if (isinstance(max_delay, bool) or not isinstance(max_delay, (int, float))
                 or not math.isfinite(max_delay) or max_delay < 0):
             raise ValueError("`max_delay` must be a finite number of seconds >= 0. "

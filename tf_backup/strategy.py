@@ -2,243 +2,22 @@
 
 import atexit
 import os
-import random
-import threading
 import time
-import weakref
 from typing import List, Optional
 
-from absl import logging
-import numpy as np
 import tensorflow as tf
 
+from tf_backup import _checks
 from tf_backup import _tf_internal
-from tf_backup import accumulators
+from tf_backup import aggregator as aggregator_lib
 from tf_backup import cluster as cluster_lib
+from tf_backup import extended as extended_lib
+from tf_backup import job as job_lib
 from tf_backup import local_devices
 from tf_backup import memory
 from tf_backup import protocol
 from tf_backup import topology
 
-# Every strategy of this process, so a launcher can shut them down before os._exit.
-_LIVE = weakref.WeakSet()
-METRIC_NAMES = ("global_step", "fresh_gradients", "dropped_gradients")
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an integer. Received {name}={value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}. Received {name}={value!r}")
-    return int(value)
-
-
-def _check_seconds(name: str, value, allow_zero: bool = False) -> float:
-    """`value` as float seconds: positive (or >= 0 with `allow_zero`) and finite, else ValueError."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not (value >= 0 if allow_zero else value > 0) or value == float("inf")):
-        kind = "a finite number of seconds >= 0" if allow_zero else "a positive number of seconds"
-        raise ValueError(f"`{name}` must be {kind}. Received {name}={value!r}")
-    return float(value)
-
-
-def shutdown_all(failed: bool = False) -> None:
-    """Shuts down every BackupWorkerStrategy of this process (see `shutdown`)."""
-    for extended in list(_LIVE):
-        extended.shutdown(failed=failed)
-
-
-class _Heartbeat(threading.Thread):
-    """Bumps this worker's heartbeat slots of the job vector every second.
-
-    The chief bumps `Job.HEARTBEAT` (the workers and ps tasks watch it) and its
-    own `Job.beat`; every other worker its `Job.beat` (the chief watches them,
-    `protocol.Liveness`). A beat is the wall-clock time in milliseconds, so a
-    restarted worker's beats differ from its predecessor's.
-    """
-
-    def __init__(self, job_var, slots: List[int], interval: float = 1.0):
-        super().__init__(name="tf_backup-heartbeat", daemon=True)
-        self._var = job_var
-        self._slots = list(slots)
-        self._interval = interval
-        self._stop_event = threading.Event()
-
-    def beat(self) -> None:
-        now = int(time.time() * 1000)
-        self._var.scatter_update(self._slots, [now] * len(self._slots))
-
-    def run(self):
-        while not self._stop_event.wait(self._interval):
-            try:
-                self.beat()
-            except Exception as e:  # pylint: disable=broad-except
-                if not self._stop_event.is_set():
-                    logging.error("tf_backup heartbeat stopped: %s", e)
-                return
-
-    def stop(self):
-        self._stop_event.set()
-
-
-class _BackupWorkerMixin:
-    """The implementation of `BackupWorkerStrategy`, over a local strategy's extended.
-
-    Inside a worker it behaves as `OneDeviceStrategy` on the worker's device
-    (`BackupWorkerExtended`), or as `MirroredStrategy` over its local devices
-    (`MultiDeviceBackupWorkerExtended`); between workers, `SyncReplicasOptimizer`
-    runs the protocol of `tf_backup.protocol` against the shared state on the
-    ps tasks, one contribution per worker (host) per step.
-    """
-
-    def __init__(self, container_strategy, device: str, info: cluster_lib.ClusterInfo,
-                 config: protocol.ProtocolConfig, worker_timeout: float = 30.0,
-                 max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
-                 checkpoint_every_steps: int = 100):
-        super().__init__(container_strategy, device)
-        self.cluster = info
-        self.config = config
-        self.worker_timeout = worker_timeout
-        self.max_steps = max_steps
-        self.checkpoint_dir = checkpoint_dir
-        self.checkpoint_every_steps = checkpoint_every_steps
-        self.job_var = protocol.job_variable(info.ps[0], info.num_workers)
-        self.monitor = protocol.JobMonitor(self.job_var, info, config)
-        self.bindings: List = []
-        self.metric_vars: Optional[dict] = None
-        self._models = weakref.WeakSet()
-        self._step_applied = False
-        self._heartbeat: Optional[_Heartbeat] = None
-        self._shut_down = False
-        if info.is_chief:
-            self._start_job()
-
-    # -- job -------------------------------------------------------------------
-
-    def _start_job(self) -> None:
-        job_id = random.SystemRandom().randrange(1, 2**62)
-        values = np.zeros([protocol.Job.size(self.cluster.num_workers)], np.int64)
-        values[protocol.Job.JOB_ID] = job_id
-        values[protocol.Job.joined(self.cluster.worker_index)] = 1
-        self.job_var.assign(values)
-        self.monitor.job_id = job_id
-        self._start_heartbeat([protocol.Job.HEARTBEAT, protocol.Job.beat(self.cluster.worker_index)])
-
-    def _start_heartbeat(self, slots: List[int]) -> None:
-        self._heartbeat = _Heartbeat(self.job_var, slots)
-        self._heartbeat.beat()
-        self._heartbeat.start()
-
-    def join_job(self) -> int:
-        """The job id; non-chief workers wait for the chief to start the job."""
-        job_id = self.monitor.join(self.cluster.task)
-        if self._heartbeat is None:
-            self._start_heartbeat([protocol.Job.beat(self.cluster.worker_index)])
-        return job_id
-
-    def liveness(self) -> protocol.Liveness:
-        """The chief's watch over the other workers' heartbeats."""
-        return protocol.Liveness(self.job_var, self.cluster, self.worker_timeout,
-                                 self.config.startup_timeout)
-
-    def abort(self) -> None:
-        """Tells every worker the job failed (chief)."""
-        try:
-            self.job_var.scatter_update([protocol.Job.ABORT], [1])
-        except Exception as e:  # pylint: disable=broad-except
-            logging.error("tf_backup could not signal the abort: %s", e)
-
-    def shutdown(self, failed: bool = False) -> None:
-        """Leaves the job; on the chief, stops the aggregators and marks the job done.
-
-        Args:
-          failed: the program failed; on the chief this aborts the job for all.
-        """
-        if self._shut_down:
-            return
-        self._shut_down = True
-        for binding in self.bindings:
-            binding.close(failed=failed)
-        if self.monitor.job_id is None:
-            return  # never joined a job: nothing on the ps to update (the job vector may not exist)
-        try:
-            if self.cluster.is_chief:
-                failed = failed or any(b.aggregator_error() for b in self.bindings)
-                self.job_var.scatter_update(
-                    [protocol.Job.DONE, protocol.Job.ABORT], [1, int(failed)]
-                )
-            self.job_var.scatter_update([protocol.Job.left(self.cluster.worker_index)], [1])
-            self.job_var.read()  # wait for the updates to land before this process exits
-        except Exception as e:  # pylint: disable=broad-except
-            logging.warning("tf_backup shutdown could not update the job state: %s", e)
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-
-    # -- Keras integration ---------------------------------------------------------
-
-    def note_model(self, model) -> None:
-        self._models.add(model)
-
-    def stop_models(self) -> None:
-        for model in list(self._models):
-            model.stop_training = True
-
-    def ensure_metric_vars(self) -> dict:
-        if self.metric_vars is None:
-            with tf.init_scope(), tf.device(self._device):
-                self.metric_vars = {
-                    name: tf.Variable(0, dtype=tf.int64, trainable=False, name=f"tf_backup_{name}")
-                    for name in METRIC_NAMES
-                }
-        return self.metric_vars
-
-    # -- input -----------------------------------------------------------------
-
-    def shard(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
-        policy = dataset.options().experimental_distribute.auto_shard_policy
-        if policy == tf.data.experimental.AutoShardPolicy.OFF or self.cluster.num_workers == 1:
-            return dataset
-        return dataset.shard(self.cluster.num_workers, self.cluster.worker_index)
-
-    def _distribute_datasets_from_function(self, dataset_fn, options):
-        context = tf.distribute.InputContext(
-            num_input_pipelines=self.cluster.num_workers,
-            input_pipeline_id=self.cluster.worker_index,
-            num_replicas_in_sync=self._num_replicas_in_sync,
-        )
-        return _tf_internal.get_distributed_datasets_from_function(
-            dataset_fn, self._input_workers_with_options(options), [context],
-            self._container_strategy(), options=options,
-        )
-
-    # -- roles -----------------------------------------------------------------
-
-    @property
-    def should_checkpoint(self):
-        return self.cluster.is_chief
-
-    @property
-    def should_save_summary(self):
-        return self.cluster.is_chief
-
-
-class BackupWorkerExtended(_BackupWorkerMixin, _tf_internal.OneDeviceExtended):
-    """A worker with one device: `OneDeviceStrategy` inside the worker."""
-
-
-class MultiDeviceBackupWorkerExtended(_BackupWorkerMixin, _tf_internal.MirroredExtended):
-    """A worker with several local devices: `MirroredStrategy` inside the worker.
-
-    One replica per device; Keras all-reduces the gradients inside the host and
-    `SyncReplicasOptimizer` pushes one contribution per step (`tf_backup.local_devices`).
-    """
-
-    def __init__(self, container_strategy, devices, info, config, **kwargs):
-        # MirroredStrategy's class attribute: the base of its collective keys.
-        if not hasattr(container_strategy, "_collective_key_base"):
-            container_strategy._collective_key_base = 0  # pylint: disable=protected-access
-        super().__init__(container_strategy, tuple(devices), info, config, **kwargs)
-        self._device = self._devices[0]  # where the step metrics live (mirrored anyway)
 
 
 class BackupWorkerStrategy(_tf_internal.Strategy):
@@ -336,20 +115,18 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every_steps: int = 100, ps_timeout: float = 60.0,
                  devices=None):
-        num_backup_workers = _check_count("num_backup_workers", num_backup_workers, 0)
-        if not isinstance(asynchronous, bool):
-            raise TypeError(f"`asynchronous` must be a bool. Received asynchronous={asynchronous!r}")
-        step_timeout = _check_seconds("step_timeout", step_timeout)
-        startup_timeout = _check_seconds("startup_timeout", startup_timeout)
-        chief_timeout = _check_seconds("chief_timeout", chief_timeout)
-        poll_interval = _check_seconds("poll_interval", poll_interval)
-        worker_timeout = _check_seconds("worker_timeout", worker_timeout)
-        ps_timeout = _check_seconds("ps_timeout", ps_timeout)
-        if max_steps is not None:
-            max_steps = _check_count("max_steps", max_steps, 1)
+        num_backup_workers = _checks.check_int("num_backup_workers", num_backup_workers, 0)
+        _checks.check_bool("asynchronous", asynchronous)
+        step_timeout = _checks.check_seconds("step_timeout", step_timeout)
+        startup_timeout = _checks.check_seconds("startup_timeout", startup_timeout)
+        chief_timeout = _checks.check_seconds("chief_timeout", chief_timeout)
+        poll_interval = _checks.check_seconds("poll_interval", poll_interval)
+        worker_timeout = _checks.check_seconds("worker_timeout", worker_timeout)
+        ps_timeout = _checks.check_seconds("ps_timeout", ps_timeout)
+        max_steps = _checks.check_optional_int("max_steps", max_steps, 1)
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"`checkpoint_dir` must be a path or None. Received checkpoint_dir={checkpoint_dir!r}")
-        checkpoint_every_steps = _check_count("checkpoint_every_steps", checkpoint_every_steps, 1)
+        checkpoint_every_steps = _checks.check_int("checkpoint_every_steps", checkpoint_every_steps, 1)
         if asynchronous and num_backup_workers:
             raise ValueError(
                 "Asynchronous training applies every gradient, so it has no backup workers: "
@@ -381,19 +158,18 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             poll_min=min(0.0005, poll_interval),
         )
         cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
-        accumulators.set_timeout(ps_timeout)
         memory.tune_malloc()  # every step feeds and fetches model-sized buffers (TF_BACKUP_TUNE_MALLOC=0: not)
         # The model trains on this worker's own device; the shared state is reached
         # through graph sessions on the ps tasks (tf_backup.accumulators).
         kwargs = dict(worker_timeout=worker_timeout, max_steps=max_steps,
                       checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
-                      checkpoint_every_steps=checkpoint_every_steps)
+                      checkpoint_every_steps=checkpoint_every_steps, ps_timeout=ps_timeout)
         if len(devices) == 1:
-            extended = BackupWorkerExtended(self, devices[0], info, config, **kwargs)
+            extended = extended_lib.BackupWorkerExtended(self, devices[0], info, config, **kwargs)
         else:
-            extended = MultiDeviceBackupWorkerExtended(self, devices, info, config, **kwargs)
+            extended = extended_lib.MultiDeviceBackupWorkerExtended(self, devices, info, config, **kwargs)
         super().__init__(extended)
-        _LIVE.add(self.extended)
+        extended_lib.register(self.extended)
         atexit.register(self.extended.shutdown)
 
     # -- what the cluster is -------------------------------------------------------
@@ -463,9 +239,9 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                     "jit_compile=True"
                 )
             self.extended.note_model(model)
-        self.extended._step_applied = False  # pylint: disable=protected-access
+        self.extended.step_applied = False
         outputs = super().run(fn, args, kwargs, options)
-        if self.extended._step_applied and isinstance(outputs, dict):  # pylint: disable=protected-access
+        if self.extended.step_applied and isinstance(outputs, dict):
             outputs = dict(outputs)
             for name, var in self.extended.ensure_metric_vars().items():
                 outputs[name] = tf.cast(var.read_value(), tf.float32)
@@ -483,20 +259,23 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
           and `cancelled`: batches never pushed because the step moved on
           while they were computed (see `sleep_unless_superseded`).
         """
-        if not self.extended.bindings:
-            raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
-        state = self.extended.bindings[-1].state
-        ctl = state.read_control()
-        c = state.ctl
-        pushed = c.block(ctl, c.pushed)
-        taken = c.block(ctl, c.taken)
+        ctl = self.extended.latest_binding().state.read_control()
+        pushed, taken = ctl.block("pushed"), ctl.block("taken")
         return {
-            "global_step": int(ctl[protocol.Control.STEP]),
+            "global_step": ctl.step,
             "pushed": [int(x) for x in pushed],
             "taken": [int(x) for x in taken],
             "dropped": [int(x) for x in pushed - taken],
-            "cancelled": [int(x) for x in c.block(ctl, c.cancelled)],
+            "cancelled": [int(x) for x in ctl.block("cancelled")],
         }
+
+    def counters(self):
+        """This worker's protocol counters for the latest optimizer (`tf_backup.binding.Counters`).
+
+        Raises:
+          ValueError: no SyncReplicasOptimizer has been built yet.
+        """
+        return self.extended.latest_binding().counters()
 
     def wait_for_fit_end(self, timeout: Optional[float] = None) -> List[str]:
         """After `fit` returns: waits until every worker's last `fit` has ended too.
@@ -515,11 +294,11 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
           The tasks that had not ended the round in time (a warning names them);
           [] when every worker had. Workers that left or died are not waited for.
         """
-        if not self.extended.bindings:
-            raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
-        client = self.extended.bindings[-1].client
-        timeout = client.config.chief_timeout if timeout is None else _check_seconds("timeout", timeout, True)
-        return client.wait_for_round_end(client.round - 1, timeout)
+        client = self.extended.latest_binding().client
+        if timeout is None:
+            timeout = client.config.chief_timeout
+        timeout = _checks.check_seconds("timeout", timeout, allow_zero=True)
+        return client.wait_for_round_end(client.round.number - 1, timeout)
 
     def sleep_unless_superseded(self, seconds: float) -> bool:
         """Sleeps up to `seconds` unless this worker's current batch becomes useless first.
@@ -545,11 +324,11 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
           True if the sleep was cut short (the batch is cancelled); False if it
           lasted `seconds`, or no SyncReplicasOptimizer is built yet.
         """
-        seconds = _check_seconds("seconds", seconds, allow_zero=True)
+        seconds = _checks.check_seconds("seconds", seconds, allow_zero=True)
         if not self.extended.bindings:
             time.sleep(seconds)
             return False
-        return self.extended.bindings[-1].client.sleep_unless_superseded(seconds)
+        return self.extended.latest_binding().client.sleep_unless_superseded(seconds)
 
     def restart_superseded(self) -> Optional[int]:
         """After `sleep_unless_superseded` returned True: starts this batch afresh on the current step.
@@ -572,9 +351,9 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         """
         if not self.extended.bindings:
             return None
-        return self.extended.bindings[-1].restart_superseded()
+        return self.extended.latest_binding().restart_superseded()
 
-    def step_history(self) -> List[protocol.StepRecord]:
+    def step_history(self) -> List[aggregator_lib.StepRecord]:
         """The chief's record of every step of the latest optimizer (chief only)."""
         if not self.is_chief:
             raise ValueError(
@@ -582,9 +361,9 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             )
         if not self.extended.bindings:
             return []
-        return list(self.extended.bindings[-1].aggregator.history)
+        return list(self.extended.latest_binding().aggregator.history)
 
-    def worker_events(self) -> List[protocol.WorkerEvent]:
+    def worker_events(self) -> List[job_lib.WorkerEvent]:
         """The workers the chief declared dead, or saw rejoin, in order (chief only)."""
         if not self.is_chief:
             raise ValueError(
@@ -604,9 +383,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         other workers, the step of their first pull (a worker restarted into a
         running job starts where the job is).
         """
-        if not self.extended.bindings:
-            raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
-        return self.extended.bindings[-1].initial_step
+        return self.extended.latest_binding().initial_step
 
     def shutdown(self) -> None:
         """Ends this worker's part in the job (idempotent; also runs at exit).

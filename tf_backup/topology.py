@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 
 _TPU_RESOLVERS = (tf.distribute.cluster_resolver.TPUClusterResolver,
@@ -43,14 +44,6 @@ class TPUPodResolver(tf.distribute.cluster_resolver.SimpleClusterResolver):
         super().__init__(cluster_spec, master=master, task_type=task_type, task_id=task_id,
                          num_accelerators={"TPU": cores_per_host}, rpc_layer=rpc_layer)
         self.hosts_per_worker = hosts_per_worker
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an integer. Received {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1. Received {name}={value!r}")
-    return value
 
 
 def with_ps(tpu_resolver, ps: Sequence[str], *, hosts_per_worker: int = 1, task_type: Optional[str] = None,
@@ -76,7 +69,7 @@ def with_ps(tpu_resolver, ps: Sequence[str], *, hosts_per_worker: int = 1, task_
             f"accelerators. Received tpu_resolver={tpu_resolver!r}")
     if isinstance(ps, str) or not isinstance(ps, (list, tuple)) or not ps:
         raise ValueError(f"`ps` must be a non-empty list of 'host:port' addresses. Received ps={ps!r}")
-    _check_positive("hosts_per_worker", hosts_per_worker)
+    _checks.check_int("hosts_per_worker", hosts_per_worker, 1)
     spec = tpu_resolver.cluster_spec().as_dict()
     spec["ps"] = list(ps)
     resolver = TPUPodResolver(
@@ -151,7 +144,7 @@ def tpu_topology(resolver) -> Optional[TPUTopology]:
     cores = _tpu_cores(resolver)
     if cores is None:
         return None
-    k = _check_positive("hosts_per_worker", getattr(resolver, "hosts_per_worker", 1))
+    k = _checks.check_int("hosts_per_worker", getattr(resolver, "hosts_per_worker", 1), 1)
     spec = resolver.cluster_spec()
     described = spec.as_dict()
     unknown = sorted(set(spec.jobs) - {"worker", cluster_lib.PS_JOB})

@@ -339,7 +339,7 @@ def main(argv) -> int:
         try:
             result = train_task(config.to_dict(), model_dir, strategy_args)
         except BaseException:
-            tf_backup.strategy.shutdown_all(failed=True)  # the chief aborts the job for everyone
+            tf_backup.extended.shutdown_all(failed=True)  # the chief aborts the job for everyone
             raise
         if "summary" not in result:
             return 0

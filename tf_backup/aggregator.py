@@ -1,0 +1,275 @@
+"""The chief's `Aggregator`: take N fresh gradients, apply them with the inner optimizer, publish.
+
+The chief's aggregator thread, each step:
+  1. waits until every shard's accumulator holds `replicas_to_aggregate` fresh
+     gradients (blocked on the `arrivals` queue, which every push feeds, for
+     as many tokens as gradients are still missing);
+  2. takes them (which advances the accumulators' step, so any gradient still
+     tagged `s` is dropped from that moment; with one shard, in the same run as
+     the wait, which its own `Waker` ends), averages, and applies the average
+     with the inner Keras optimizer to the chief's master copy; then runs the
+     step hooks (the Embedding tables of `tf_backup.sparse` take, apply and
+     publish their rows there);
+  3. publishes: `version = s+1`, the new parameters, then `step = s+1`. A
+     worker that reads `step`, the parameters, then `version` and finds
+     `version == step` has read parameters of exactly that step.
+Between steps it closes stopped fit rounds (`protocol.round_closable`) and
+reads the workers' heartbeats: with fewer live workers than a step needs, it
+stops with a `WorkersLostError`, kept in `failure`.
+"""
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Callable, List, Optional
+
+from absl import logging
+import numpy as np
+
+from tf_backup import cluster as cluster_lib
+from tf_backup import errors
+from tf_backup import job as job_lib
+from tf_backup import protocol
+from tf_backup.protocol import Control
+from tf_backup.shared_state import SharedState
+from tf_backup.waker import Waker
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What the chief did in one global step.
+
+    Attributes:
+      step: the global step the gradients were computed on (the new step is
+        `step + 1`).
+      taken: fresh gradients averaged into this step.
+      contributions: per worker, how many of its gradients were averaged.
+      wait_seconds: time from the previous step's publish to the take.
+      apply_seconds: time to take, apply and publish.
+      end_time: `time.time()` when the step was published.
+    """
+
+    step: int
+    taken: int
+    contributions: List[int]
+    wait_seconds: float
+    apply_seconds: float
+    end_time: float
+
+
+class Aggregator(threading.Thread):
+    """The chief's loop: take N fresh gradients, apply with the inner optimizer, publish.
+
+    Args:
+      state: the optimizer's shared state.
+      config: protocol settings.
+      info: the cluster.
+      apply_fn: a function from the averaged flat gradients (one per shard) to
+        the new flat parameters (one per shard); it runs the inner optimizer on
+        the chief's master copy.
+      step: the global step to start from (a restored checkpoint's).
+      max_steps: stop every round once the global step reaches this (None:
+        the workers' fits decide).
+      liveness: the workers' heartbeats; when fewer workers are alive than a
+        step needs, the aggregator stops with `WorkersLostError` instead of
+        waiting for gradients that cannot come.
+      on_publish: called with the new step after each step is published, in
+        this thread (the master copy does not change meanwhile): checkpoints.
+    """
+
+    def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
+                 apply_fn: Callable, step: int = 0, max_steps: Optional[int] = None,
+                 liveness: Optional[job_lib.Liveness] = None,
+                 on_publish: Optional[Callable[[int], None]] = None):
+        super().__init__(name=f"tf_backup-aggregator-{state.prefix}", daemon=True)
+        self.state = state
+        self.config = config
+        self.info = info
+        self.apply_fn = apply_fn
+        self.step = step
+        # The step the master copy's values belong to: `step`, or `step + 1` once the apply for it
+        # ran and its publish has not (yet) succeeded. The chief's checkpoint saves this step.
+        self.master_step = step
+        self.max_steps = max_steps
+        self.liveness = liveness
+        self.on_publish = on_publish
+        self.history: List[StepRecord] = []
+        self.failure: Optional[BaseException] = None  # why the loop stopped, if it failed
+        self.taken = np.zeros([config.num_workers], np.int64)
+        self.lost_steps = 0  # steps published without an update (a take delivered twice)
+        self.missed_wakeups = 0  # waits that ran to their deadline with enough gradients in
+        self._step_hooks: List[Callable[[int], None]] = []
+        self._stop_event = threading.Event()
+        self._waker = Waker(state.poke_aggregator, f"tf_backup-aggregator-waker-{state.prefix}")
+        self._published: "collections.OrderedDict[int, List[np.ndarray]]" = collections.OrderedDict()
+        self._published_lock = threading.Lock()
+        self._last_publish = time.monotonic()
+        self._last_liveness = 0.0
+
+    def add_step_hook(self, hook: Callable[[int], None]) -> None:
+        """Runs `hook(new_step)` in this thread after each dense apply, before the step is published.
+
+        Register before `start()`. The Embedding tables of `tf_backup.sparse`
+        take, apply and publish their rows here, so a worker that sees the new
+        step finds their rows too.
+        """
+        if self.is_alive():
+            raise RuntimeError("Step hooks are added before the aggregator starts.")
+        self._step_hooks.append(hook)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            try:
+                self.state.poke_aggregator()
+            except errors.PsUnavailableError:
+                pass  # the ps is gone: the wait ends at its deadline
+            self.join(timeout)
+
+    def published(self, step: int) -> Optional[List[np.ndarray]]:
+        """The flat parameters this aggregator published for `step`, if among its last `KEEP_PUBLISHED`."""
+        with self._published_lock:
+            return self._published.get(step)
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # pylint: disable=broad-except
+            self.failure = e
+            logging.error("tf_backup aggregator failed at step %d: %s: %s", self.step, type(e).__name__, e)
+        finally:
+            self._waker.close()
+
+    def _loop(self) -> None:
+        # No deadline on the gradients themselves: the workers (the chief's own
+        # training loop among them) wait for the step with theirs, and a worker
+        # that died is noticed from its heartbeat (`_check_workers`). Between
+        # checks, the loop blocks on the `arrivals` queue, which every push feeds.
+        n = self.config.replicas_to_aggregate
+        finished = False
+        others = self.state.accs[1:]
+        fused = self.state.takes_in_wait  # one shard: the wait takes too, in the same run
+        count = 0  # fresh gradients seen in the accumulator: the wait asks for the rest
+        while not self._stop_event.is_set():
+            self._check_workers()
+            if self.max_steps is not None and self.step >= self.max_steps:
+                if not finished:
+                    self.state.control.scatter_update([Control.FINISHED], [1])
+                    self.state.wake_all()
+                    finished = True
+                self._stop_event.wait(max(self.config.poll_max, 0.05))
+                continue
+            need = max(1, n - count)
+            try:
+                got = self.state.wait_arrivals(
+                    min(protocol.WAKE_WAIT, 0.5), self._waker, need=need, required=n if fused else 0,
+                    taken_for=self.step + 1, always=not self.config.staleness_check)
+            except errors.DuplicateDeliveryError as e:  # did its take run?
+                count = 0
+                if self.state.read_control().taken_for == self.step + 1:
+                    self._lost_take(e)
+                    self._apply_publish(None)
+                continue
+            count, ctl = got.count, got.control
+            # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
+            # are in all the same, their tokens went missing.
+            timed_out = protocol.missed_wakeup(got.tokens, need)
+            if got.sums is not None:  # taken (also when stopping: the accumulators have moved on)
+                self.missed_wakeups += int(timed_out)
+                self._apply_publish([got.sums], start=time.monotonic())
+                count = 0
+                continue
+            if self._stop_event.is_set():
+                break
+            gone = self.liveness.gone if self.liveness is not None else frozenset()
+            if protocol.round_closable(ctl, staleness_check=self.config.staleness_check, pending=count, gone=gone):
+                self._close_round(ctl.stop_round)
+            if not protocol.round_running(ctl) and self.config.staleness_check:
+                continue  # between fit rounds (asynchronous training applies every gradient)
+            if count >= n and all(acc.num_accumulated() >= n for acc in others):
+                self.missed_wakeups += int(timed_out)
+                self._take_apply_publish()
+                count = 0
+
+    def _close_round(self, round_: int) -> None:
+        """Marks the fit rounds up to `round_` closed and wakes the workers waiting in `end_round`."""
+        self.state.control.scatter_max([Control.CLOSED], [round_])
+        self.state.wake_all()
+
+    def _check_workers(self) -> None:
+        """Reads the heartbeats (once a second); raises WorkersLostError when too few workers are left."""
+        if self.liveness is None or time.monotonic() - self._last_liveness < 1.0:
+            return
+        self._last_liveness = time.monotonic()
+        events = self.liveness.update(self.step, self.state.read_control().last_steps())
+        for e in events:
+            logging.warning("tf_backup: worker %s %s at global step %d (its last gradient was for step %d).",
+                            e.task, e.event, e.step, e.last_step)
+        ctl = self.state.read_control()  # after the job vector: a worker ends its round before it leaves
+        if not protocol.round_running(ctl) or ctl.finished:
+            return  # no round is being trained: nothing waits for gradients
+        needed = self.config.replicas_to_aggregate
+        if not protocol.lost_workers(self.config.num_workers, needed, self.liveness.gone, self.liveness.dead):
+            return
+        alive = self.config.num_workers - len(self.liveness.gone)
+        tags = ctl.last_steps()
+        lost = "; ".join(
+            f"{self.info.workers[w]}: last gradient for step {tags[w]}, silent for "
+            f"{self.liveness.silent_seconds(w):.0f} s" for w in sorted(self.liveness.dead))
+        raise errors.WorkersLostError((
+            f"only {alive} of {self.config.num_workers} workers are alive at global "
+            f"step {self.step} but each step needs {needed}. Missing: {lost}."))
+
+    def _lost_take(self, e: errors.DuplicateDeliveryError) -> None:
+        # A take delivered twice ran once and its gradients are lost (see
+        # endpoint.Endpoint.run). Every accumulator has moved on, so the step
+        # moves on without an update; its gradients count as dropped.
+        logging.warning("tf_backup: step %d lost its gradients (%s); publishing it unchanged.",
+                        self.step, e.message.splitlines()[0] if e.message else e)
+        self.lost_steps += 1
+
+    def _take_apply_publish(self) -> None:
+        start = time.monotonic()
+        n = self.config.replicas_to_aggregate
+        try:
+            sums = [acc.take_grad(n) for acc in self.state.accs]
+        except errors.DuplicateDeliveryError as e:
+            self._lost_take(e)
+            sums = None
+        self._apply_publish(sums, start)
+
+    def _apply_publish(self, sums: Optional[List[np.ndarray]], start: Optional[float] = None) -> None:
+        """Applies the taken sums (one per shard; None: the take was lost) and publishes the next step."""
+        start = time.monotonic() if start is None else start
+        workers = self.config.num_workers
+        new_step = self.step + 1
+        if sums is None:
+            counts = np.zeros([workers], np.int64)
+            new_flats = self.state.read_params()
+        else:
+            counts = np.rint(sums[0][-workers:]).astype(np.int64)
+            new_flats = self.apply_fn([s[:-workers] / s[-workers:].sum() for s in sums])
+            for hook in self._step_hooks:
+                hook(new_step)
+        c = self.state.ctl
+        self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
+        self.taken += counts
+        new_flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in new_flats]
+        with self._published_lock:  # before the ps says `new_step`: the chief's worker reads it here
+            self._published[new_step] = new_flats
+            while len(self._published) > protocol.KEEP_PUBLISHED:
+                self._published.popitem(last=False)
+        self.state.publish(
+            new_step, new_flats,
+            [Control.STEP, Control.LAST_TAKEN] + [c.taken(w) for w in range(workers)],
+            [new_step, int(counts.sum())] + [int(t) for t in self.taken],
+        )
+        end = time.monotonic()
+        self.history.append(
+            StepRecord(step=self.step, taken=int(counts.sum()), contributions=[int(x) for x in counts],
+                       wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time()))
+        self._last_publish = end
+        self.step = new_step
+        if self.on_publish is not None:
+            self.on_publish(new_step)

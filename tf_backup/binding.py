@@ -1,0 +1,279 @@
+"""`Binding`: one `SyncReplicasOptimizer` attached to the shared state of its strategy.
+
+It makes the optimizer's shared state (the chief creates it, the others wait
+for it), the chief's master copy, inner optimizer, checkpoint and `Aggregator`,
+and every worker's `WorkerClient`; and it builds the graph part of one step:
+the gradients packed into shards with the worker's one-hot, a `tf.py_function`
+that runs `WorkerClient.sync`, and the new parameters assigned to the model.
+"""
+
+import dataclasses
+import os
+from typing import List, Optional, Sequence
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from tf_backup import aggregator as aggregator_lib
+from tf_backup import checkpoint as checkpoint_lib
+from tf_backup import local_devices
+from tf_backup import protocol
+from tf_backup import shared_state
+from tf_backup import worker as worker_lib
+from tf_backup.layout import Layout
+
+
+def make_master(variables: Sequence) -> List[keras.Variable]:
+    """(Chief.) A chief-local copy of `variables`, which the inner optimizer updates."""
+    with tf.init_scope():
+        return [keras.Variable(tf.convert_to_tensor(v), dtype=v.dtype, trainable=True, name=f"master_{v.name}")
+                for v in variables]
+
+
+def resolve_config(optimizer, strategy) -> protocol.ProtocolConfig:
+    """The strategy's protocol settings, with the optimizer's own N if it names one.
+
+    Raises:
+      ValueError: the optimizer's counts do not fit the strategy.
+    """
+    config = strategy.extended.config
+    workers = strategy.num_workers
+    total = optimizer.total_num_replicas
+    if total is not None and total != workers:
+        raise ValueError(
+            "`total_num_replicas` must equal the number of workers of the "
+            f"BackupWorkerStrategy ({workers}). Received total_num_replicas={total}"
+        )
+    n = optimizer.replicas_to_aggregate
+    if n is None:
+        return config
+    if n > workers:
+        raise ValueError(
+            f"`replicas_to_aggregate` must not exceed the number of workers ({workers}). "
+            f"Received replicas_to_aggregate={n}"
+        )
+    if strategy.asynchronous and n != 1:
+        raise ValueError(
+            "An asynchronous BackupWorkerStrategy applies every gradient: "
+            f"`replicas_to_aggregate` must be 1 or None. Received replicas_to_aggregate={n}"
+        )
+    return dataclasses.replace(config, replicas_to_aggregate=n)
+
+
+class Binding:
+    """One SyncReplicasOptimizer attached to the shared state of its strategy.
+
+    Build it, attach the Embedding tables (`sparse`), then `start()`: the
+    chief's aggregator must have its step hooks before it runs.
+
+    Attributes:
+      layout, state: the dense variables' shards and shared state.
+      client: this worker's `WorkerClient`.
+      master, aggregator, checkpoint: the chief's (None elsewhere).
+      sparse: the `tf_backup.sparse.SparseBinding` of the tables, if any.
+      initial_step: the global step of the first pull.
+    """
+
+    def __init__(self, optimizer, strategy, var_list: List):
+        ext = strategy.extended
+        info = ext.cluster
+        self.config = resolve_config(optimizer, strategy)
+        self.layout = Layout(var_list, len(info.ps))
+        self.worker_index, self.num_workers = info.worker_index, info.num_workers
+        self._keys = [optimizer._var_key(v) for v in var_list]  # pylint: disable=protected-access
+        self._densified = set()  # variables warned about: IndexedSlices gradients densified
+        self._ext = ext
+        self._optimizer = optimizer
+        inner = optimizer.inner_optimizer
+        captured = getattr(inner, "_distribution_strategy", strategy)
+        if captured is not strategy:
+            raise ValueError(
+                "The inner optimizer was created outside `strategy.scope()` of this "
+                "BackupWorkerStrategy: create it (and the SyncReplicasOptimizer) inside the scope."
+            )
+        job_id = ext.join_job()
+        self.index = len(ext.bindings)
+        self.state = shared_state.SharedState(
+            f"tf_backup/{job_id}/opt{self.index}", self.layout, info.ps, info.num_workers, ext.endpoints)
+        self.master = None
+        self.aggregator: Optional[aggregator_lib.Aggregator] = None
+        self.checkpoint: Optional[checkpoint_lib.Checkpoint] = None
+        self.sparse = None
+        step = 0
+        if info.is_chief:
+            self.master = make_master(var_list)
+            with tf.init_scope():
+                inner.build(self.master)
+                if ext.checkpoint_dir is not None:
+                    self.checkpoint = checkpoint_lib.Checkpoint(
+                        os.path.join(ext.checkpoint_dir, f"opt{self.index}"), self.master, inner,
+                        ext.checkpoint_every_steps)
+                    step = self.checkpoint.restore()
+                self.state.create(self.layout.pack([tf.convert_to_tensor(v) for v in self.master]), step=step)
+            self.aggregator = aggregator_lib.Aggregator(
+                self.state, self.config, info, self._make_apply_fn(inner), step=step,
+                max_steps=ext.max_steps, liveness=ext.liveness(),
+                on_publish=None if self.checkpoint is None else self.checkpoint.maybe_save,
+            )
+        self.client = worker_lib.WorkerClient(
+            self.state, self.config, info, ext.monitor, chief_failure=self.aggregator_failure,
+            dead_workers=self._dead_workers,
+            local_params=None if self.aggregator is None else self.aggregator.published,
+        )
+        if self.aggregator is None:
+            inner.build(var_list)
+            self.client.wait_until_ready()
+        self.client.on_stop.append(ext.stop_models)
+        flats, _ = self.client.pull()
+        self.initial_step = self.client.step
+        self._var_list = list(var_list)
+        self._assign(var_list, flats)
+        self.metric_vars = ext.ensure_metric_vars()
+        ext.bindings.append(self)
+
+    def start(self) -> None:
+        """Starts the chief's aggregator (nothing elsewhere)."""
+        if self.aggregator is not None:
+            self.aggregator.start()
+
+    def _make_apply_fn(self, inner):
+        layout, master = self.layout, self.master
+
+        @tf.function(jit_compile=False, autograph=False)
+        def apply_fn(flat_grads):
+            inner.apply(layout.unpack(flat_grads), master)
+            return layout.pack([v.value for v in master])
+
+        return apply_fn
+
+    def _dead_workers(self):
+        return () if self.aggregator is None or self.aggregator.liveness is None else self.aggregator.liveness.dead
+
+    def aggregator_failure(self) -> Optional[BaseException]:
+        """Why the chief's aggregator stopped, if it failed (None elsewhere)."""
+        return None if self.aggregator is None else self.aggregator.failure
+
+    def close(self, failed: bool = False) -> None:
+        """Stops the aggregator; the chief saves a last checkpoint (also after a failure)."""
+        self.client.close()
+        if self.aggregator is not None:
+            self.aggregator.stop()
+            if self.checkpoint is not None and not self.aggregator.is_alive():
+                # The master's step: a ps that died between an apply and its publish leaves the
+                # master one step ahead of the last published step (and the inner optimizer's count).
+                self.checkpoint.save(self.aggregator.master_step, why="failed" if failed else "end")
+
+    def _assign(self, var_list: Sequence, flats: Sequence) -> List:
+        return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]
+
+    def restart_superseded(self) -> Optional[int]:
+        """Pulls the current step into the model after a superseded sleep (`WorkerClient.restart_superseded`).
+
+        Returns the new step of the parameters; None if no sleep was superseded
+        or the fit round has stopped (the batch then ends the fit).
+        """
+        if self.sparse is not None:
+            # Its tables' rows are pulled inside each step, from the step of the last one: a restart
+            # between steps would move the dense variables to the new step and leave the rows behind.
+            raise ValueError(
+                "restart_superseded() does not support a SyncReplicasOptimizer with `sparse_variables` "
+                "yet: cancel the batch instead (do not call it after sleep_unless_superseded).")
+        flats = self.client.restart_superseded()
+        if flats is None:
+            return None
+        self._assign(self._var_list, flats)
+        return None if self.client.round_stopped else self.client.step
+
+    def _sync(self, *flats):
+        new_flats, metrics = self.client.sync(flats)
+        if metrics.stopped and not self._ext.has_models():
+            # Stopped, and no Keras model to stop: end a custom loop like an exhausted dataset.
+            raise tf.errors.OutOfRangeError(None, None, "tf_backup: the training round has ended.")
+        return [*new_flats, tf.constant(metrics.as_array())]
+
+    def dense_gradients(self, grads: List) -> List[tf.Tensor]:
+        """The gradients as dense tensors of the variables' shapes (None: zeros)."""
+        layout, dense = self.layout, []
+        for i, (grad, name, shape) in enumerate(zip(grads, layout.names, layout.shapes)):
+            if grad is None:
+                grad = tf.zeros(shape, layout.dtypes[i])
+            elif isinstance(grad, tf.IndexedSlices):
+                if name not in self._densified:
+                    self._densified.add(name)
+                    logging.warning(
+                        "tf_backup: variable `%s` gets IndexedSlices gradients; it goes through the dense "
+                        "accumulators, densified. Name it in SyncReplicasOptimizer(sparse_variables=[...]) "
+                        "to push and pull only the rows a step touches.", name)
+            grad = tf.convert_to_tensor(grad)
+            if not grad.shape.is_compatible_with(shape):
+                raise ValueError(
+                    f"The gradient of variable `{name}` has shape {tuple(grad.shape)} but the "
+                    f"variable has shape {shape}."
+                )
+            dense.append(grad)
+        return dense
+
+    def apply(self, grads: List, variables: List) -> None:
+        """The graph part of one step on this worker: push, wait, pull, assign."""
+        layout = self.layout
+        replica_ctx = local_devices.several_replicas()
+        if replica_ctx is not None:  # one contribution per host: reduce, then push once
+            return local_devices.apply_once_per_host(
+                replica_ctx, self.apply, grads, variables, layout.shapes, layout.dtypes)
+        keys = [self._optimizer._var_key(v) for v in variables]  # pylint: disable=protected-access
+        if keys != self._keys:
+            raise ValueError(
+                "SyncReplicasOptimizer.apply() received variables that differ from the "
+                f"{layout.num_vars} it was built with: apply to the same trainable variables "
+                "every step."
+            )
+        onehot = tf.one_hot(self.worker_index, self.num_workers, dtype=layout.dtype)
+        flats = [tf.concat([flat, onehot], 0) for flat in layout.pack(self.dense_gradients(grads))]
+        outs = tf.py_function(
+            self._sync, flats, Tout=[layout.dtype] * len(flats) + [tf.int64], name="tf_backup_sync"
+        )
+        new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
+        metrics = tf.ensure_shape(outs[-1], [len(worker_lib.StepMetrics._fields)])
+        assigns = self._assign(variables, new_flats)
+        with tf.control_dependencies(assigns):
+            self.metric_vars["global_step"].assign(metrics[0])
+            self.metric_vars["fresh_gradients"].assign(metrics[1])
+            self.metric_vars["dropped_gradients"].assign(metrics[2])
+            self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
+        self._ext.mark_step_applied()
+
+    def end_round(self, var_list: List) -> None:
+        self._assign(var_list, self.client.end_round(wait_for_others=self.aggregator is not None))
+
+    def counters(self) -> "Counters":
+        """This worker's protocol counters (for tests and benchmarks)."""
+        return Counters(
+            missed_wakeups=self.client.missed_wakeups + (self.aggregator.missed_wakeups if self.aggregator else 0),
+            local_pulls=self.client.local_pulls,
+            step=self.client.step,
+            dense_elements=sum(self.layout.shard_sizes),
+            sparse_tables=None if self.sparse is None else [t.shape for t in self.sparse.tables],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Counters:
+    """What one worker's binding counted.
+
+    Attributes:
+      missed_wakeups: waits that ran to their deadline although what they
+        waited for had happened (a wake-up token lost or never sent); the
+        chief's include its aggregator's.
+      local_pulls: steps whose parameters the chief's worker took from its own
+        aggregator instead of the ps.
+      step: the global step of the parameters in the model.
+      dense_elements: elements in the dense flat shards.
+      sparse_tables: the shapes of the tables that go by rows (None: none).
+    """
+
+    missed_wakeups: int
+    local_pulls: int
+    step: int
+    dense_elements: int
+    sparse_tables: Optional[List[List[int]]]

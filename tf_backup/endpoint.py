@@ -1,0 +1,168 @@
+"""How a process reaches one ps task: a graph of raw ops and a session on the task's server.
+
+Processes reach a ps task through an `Endpoint`: a graph of raw ops and a
+`tf.compat.v1.Session` on the task's gRPC target, TensorFlow's distributed
+session runtime (the one TF1's SyncReplicasOptimizer used). Every run has a
+deadline. We do not use eager remote execution (`connect_to_cluster`) here:
+on TF 2.21 a ps task serving several eager clients crashed (SIGSEGV in
+`GetOrCreateKernelAndDevice`), and one failed eager remote op poisons all later
+ones of its client (see WORKSPACE_NOTES.md).
+
+A strategy owns its `Endpoints` (one per task, with its `ps_timeout`); there
+is no process-wide registry.
+"""
+
+import enum
+import threading
+from typing import Dict, Optional, Tuple
+
+from absl import logging
+import tensorflow as tf
+
+from tf_backup import errors
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class OnDuplicate(enum.Enum):
+    """What `Endpoint.run` does when gRPC delivered its request twice (the first delivery ran)."""
+
+    RETRY = "retry"  # idempotent runs (reads, assignments): run again
+    DONE = "done"  # it happened once (a push): return None, its result is lost
+    RAISE = "raise"  # the caller decides (a take: did it run?): DuplicateDeliveryError
+
+
+def is_duplicate_delivery(error: tf.errors.OpError) -> bool:
+    """Whether `error` is TensorFlow's answer to a request delivered twice."""
+    return isinstance(error, tf.errors.AbortedError) and "received twice" in (error.message or "")
+
+
+class Endpoint:
+    """A graph and a session on one task's server, shared by this process's resources on it.
+
+    Args:
+      target: the server's target, e.g. "grpc://ps0:2222".
+      device: the device the resources live on, e.g.
+        "/job:ps/replica:0/task:0/device:CPU:0".
+      timeout: seconds any single run may take before it fails with
+        `PsUnavailableError` (the task is gone, or a network partition).
+    """
+
+    def __init__(self, target: str, device: str, timeout: float = DEFAULT_TIMEOUT):
+        self.target = target
+        self.device = device
+        self.timeout = timeout
+        self.graph = tf.Graph()
+        self._lock = threading.Lock()
+        self._session: Optional[tf.compat.v1.Session] = None
+        self._options = tf.compat.v1.RunOptions(timeout_in_ms=int(timeout * 1000))
+
+    def build(self, fn):
+        """Calls `fn()` to add ops to this endpoint's graph, on its device."""
+        with self._lock, self.graph.as_default(), tf.device(self.device):
+            return fn()
+
+    def run(self, fetches, feed_dict=None, what: str = "an op", on_duplicate: OnDuplicate = OnDuplicate.RETRY,
+            wait: Optional[float] = None):
+        """Runs `fetches` on the task; raises PsUnavailableError past the deadline.
+
+        `wait` (seconds) makes the run a bounded blocking wait instead (a
+        dequeue from an empty queue): past it the run is cancelled on the task
+        and `run` returns None.
+
+        gRPC may deliver a request twice (see `errors.DuplicateDeliveryError`);
+        `on_duplicate` says what then.
+        """
+        for attempt in range(3):
+            try:
+                return self._run_once(fetches, feed_dict, what, wait)
+            except tf.errors.AbortedError as e:
+                if not is_duplicate_delivery(e):
+                    raise
+                if on_duplicate is OnDuplicate.RAISE or attempt == 2:
+                    raise errors.DuplicateDeliveryError(f"{what} on {self.target}: {e.message}") from e
+                logging.warning("tf_backup: %s on %s was delivered twice (%s).", what, self.target,
+                                on_duplicate.value)
+                if on_duplicate is OnDuplicate.DONE:
+                    return None
+        raise AssertionError("unreachable")
+
+    def _run_once(self, fetches, feed_dict, what, wait=None):
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    config = tf.compat.v1.ConfigProto(
+                        allow_soft_placement=False, operation_timeout_in_ms=int(self.timeout * 1000))
+                    self._session = tf.compat.v1.Session(self.target, graph=self.graph, config=config)
+        options = self._options
+        if wait is not None:
+            options = tf.compat.v1.RunOptions(timeout_in_ms=max(1, int(wait * 1000)))
+        try:
+            return self._session.run(fetches, feed_dict=feed_dict, options=options)
+        except tf.errors.DeadlineExceededError as e:
+            if wait is not None:
+                return None  # nothing came within `wait`; the task cancelled the run
+            raise self._unavailable(what, e) from e
+        except tf.errors.UnavailableError as e:
+            raise self._unavailable(what, e) from e
+
+    def close(self) -> None:
+        """Closes the session without waiting for the task.
+
+        A session's close asks the task's master to end it: to a task that is
+        gone, it blocks until `timeout` (as it would when the session is
+        garbage collected). So the close runs in a daemon thread, which also
+        keeps the session from being collected before it is closed.
+        """
+        with self._lock:
+            session, self._session = self._session, None
+        if session is not None:
+            threading.Thread(target=_close_quietly, args=(session,), name=f"tf_backup-close-{self.target}",
+                             daemon=True).start()
+
+    def _unavailable(self, what: str, e: tf.errors.OpError) -> errors.PsUnavailableError:
+        cause = "DeadlineExceededError" if isinstance(e, tf.errors.DeadlineExceededError) else type(e).__name__
+        return errors.PsUnavailableError(
+            f"{what} on {self.device} ({self.target}) did not complete within "
+            f"{self.timeout:.0f} s ({cause}: the task is down or unreachable)."
+        )
+
+
+def _close_quietly(session: tf.compat.v1.Session) -> None:
+    try:
+        session.close()
+    except tf.errors.OpError:
+        pass  # the task is gone: nothing to end there
+
+
+class Endpoints:
+    """One `Endpoint` per task, all with the same deadline: what one strategy (or `serve()`) owns.
+
+    Every resource of a task built through the same `Endpoints` shares its
+    graph and session (one session per ps task per process: see the module doc).
+    """
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT):
+        self.timeout = float(timeout)
+        self._lock = threading.Lock()
+        self._by_task: Dict[Tuple[str, str, float], Endpoint] = {}
+
+    def of(self, task, timeout: Optional[float] = None) -> Endpoint:
+        """The endpoint of `task` (a `cluster.Task`: its target and CPU device).
+
+        `timeout` (default: this object's) gives the runs another deadline, on
+        a session of their own.
+        """
+        timeout = self.timeout if timeout is None else float(timeout)
+        with self._lock:
+            key = (task.target, task.device, timeout)
+            if key not in self._by_task:
+                self._by_task[key] = Endpoint(task.target, task.device, timeout)
+            return self._by_task[key]
+
+    def close(self) -> None:
+        """Closes every endpoint's session without waiting (see `Endpoint.close`)."""
+        with self._lock:
+            endpoints, self._by_task = list(self._by_task.values()), {}
+        for e in endpoints:
+            e.close()

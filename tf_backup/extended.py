@@ -1,0 +1,180 @@
+"""The extended classes of `BackupWorkerStrategy`: what a worker holds for the job.
+
+`BackupWorkerExtended` is `OneDeviceStrategy`'s extended, and
+`MultiDeviceBackupWorkerExtended` `MirroredStrategy`'s, over this worker's
+devices, each with `_BackupWorkerMixin`: the strategy's endpoints to the ps
+tasks, its membership of the job (`job.JobMonitor`), the optimizers bound to
+the shared state (`binding.Binding`), the Keras models it stops, and input
+sharding by worker.
+"""
+
+import weakref
+from typing import List, Optional
+
+import tensorflow as tf
+
+from tf_backup import _tf_internal
+from tf_backup import cluster as cluster_lib
+from tf_backup import endpoint as endpoint_lib
+from tf_backup import job as job_lib
+from tf_backup import protocol
+
+# The one process-wide registry, kept on purpose: a task launcher (`tf_backup._task`, the
+# trainer) does not own the strategies the user's function made, and must shut them down
+# (aborting the job if it failed) before it ends the process with os._exit.
+_LIVE = weakref.WeakSet()
+METRIC_NAMES = ("global_step", "fresh_gradients", "dropped_gradients")
+
+
+def register(extended) -> None:
+    """Adds a strategy's extended to the registry `shutdown_all` shuts down."""
+    _LIVE.add(extended)
+
+
+def shutdown_all(failed: bool = False) -> None:
+    """Shuts down every BackupWorkerStrategy of this process (see `shutdown`)."""
+    for extended in list(_LIVE):
+        extended.shutdown(failed=failed)
+
+
+class _BackupWorkerMixin:
+    """The implementation of `BackupWorkerStrategy`, over a local strategy's extended.
+
+    Inside a worker it behaves as `OneDeviceStrategy` on the worker's device
+    (`BackupWorkerExtended`), or as `MirroredStrategy` over its local devices
+    (`MultiDeviceBackupWorkerExtended`); between workers, `SyncReplicasOptimizer`
+    runs the protocol of `tf_backup.protocol` against the shared state on the
+    ps tasks, one contribution per worker (host) per step.
+    """
+
+    def __init__(self, container_strategy, device: str, info: cluster_lib.ClusterInfo,
+                 config: protocol.ProtocolConfig, worker_timeout: float = 30.0,
+                 max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
+                 checkpoint_every_steps: int = 100, ps_timeout: float = endpoint_lib.DEFAULT_TIMEOUT):
+        super().__init__(container_strategy, device)
+        self.cluster = info
+        self.config = config
+        self.worker_timeout = worker_timeout
+        self.max_steps = max_steps
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.endpoints = endpoint_lib.Endpoints(ps_timeout)  # this strategy's sessions to the ps tasks
+        self.job_var = job_lib.job_variable(self.endpoints.of(info.ps[0]), info.num_workers)
+        self.monitor = job_lib.JobMonitor(self.job_var, info, config.startup_timeout, config.chief_timeout)
+        self.bindings: List = []  # tf_backup.binding.Binding, one per SyncReplicasOptimizer built
+        self.metric_vars: Optional[dict] = None
+        self._models = weakref.WeakSet()
+        self.step_applied = False  # a SyncReplicasOptimizer step is in the function `run` traces
+        self._shut_down = False
+        if info.is_chief:
+            self.monitor.start()
+
+    # -- job -------------------------------------------------------------------
+
+    def join_job(self) -> int:
+        """The job id; non-chief workers wait for the chief to start the job."""
+        return self.monitor.join()
+
+    def liveness(self) -> job_lib.Liveness:
+        """The chief's watch over the other workers' heartbeats."""
+        return job_lib.Liveness(self.job_var, self.cluster, self.worker_timeout, self.config.startup_timeout)
+
+    def latest_binding(self):
+        """The `tf_backup.binding.Binding` of the latest SyncReplicasOptimizer built under this strategy.
+
+        Raises:
+          ValueError: none has been built yet.
+        """
+        if not self.bindings:
+            raise ValueError("No SyncReplicasOptimizer has been built under this strategy yet.")
+        return self.bindings[-1]
+
+    def shutdown(self, failed: bool = False) -> None:
+        """Leaves the job; on the chief, stops the aggregators and marks the job done.
+
+        Args:
+          failed: the program failed; on the chief this aborts the job for all.
+        """
+        if self._shut_down:
+            return
+        self._shut_down = True
+        for binding in self.bindings:
+            binding.close(failed=failed)
+        chief_failed = None
+        if self.cluster.is_chief:
+            chief_failed = failed or any(b.aggregator_failure() is not None for b in self.bindings)
+        self.monitor.leave(chief_failed=chief_failed)
+
+    # -- Keras integration ---------------------------------------------------------
+
+    def note_model(self, model) -> None:
+        self._models.add(model)
+
+    def stop_models(self) -> None:
+        for model in list(self._models):
+            model.stop_training = True
+
+    def has_models(self) -> bool:
+        """Whether a Keras model runs its steps here (else a custom loop does)."""
+        return bool(list(self._models))
+
+    def mark_step_applied(self) -> None:
+        """(While tracing `run`'s function.) A SyncReplicasOptimizer step is part of it: `run` adds the metrics."""
+        self.step_applied = True
+
+    def ensure_metric_vars(self) -> dict:
+        if self.metric_vars is None:
+            with tf.init_scope(), tf.device(self._device):
+                self.metric_vars = {
+                    name: tf.Variable(0, dtype=tf.int64, trainable=False, name=f"tf_backup_{name}")
+                    for name in METRIC_NAMES
+                }
+        return self.metric_vars
+
+    # -- input -----------------------------------------------------------------
+
+    def shard(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        policy = dataset.options().experimental_distribute.auto_shard_policy
+        if policy == tf.data.experimental.AutoShardPolicy.OFF or self.cluster.num_workers == 1:
+            return dataset
+        return dataset.shard(self.cluster.num_workers, self.cluster.worker_index)
+
+    def _distribute_datasets_from_function(self, dataset_fn, options):
+        context = tf.distribute.InputContext(
+            num_input_pipelines=self.cluster.num_workers,
+            input_pipeline_id=self.cluster.worker_index,
+            num_replicas_in_sync=self._num_replicas_in_sync,
+        )
+        return _tf_internal.get_distributed_datasets_from_function(
+            dataset_fn, self._input_workers_with_options(options), [context],
+            self._container_strategy(), options=options,
+        )
+
+    # -- roles -----------------------------------------------------------------
+
+    @property
+    def should_checkpoint(self):
+        return self.cluster.is_chief
+
+    @property
+    def should_save_summary(self):
+        return self.cluster.is_chief
+
+
+class BackupWorkerExtended(_BackupWorkerMixin, _tf_internal.OneDeviceExtended):
+    """A worker with one device: `OneDeviceStrategy` inside the worker."""
+
+
+class MultiDeviceBackupWorkerExtended(_BackupWorkerMixin, _tf_internal.MirroredExtended):
+    """A worker with several local devices: `MirroredStrategy` inside the worker.
+
+    One replica per device; Keras all-reduces the gradients inside the host and
+    `SyncReplicasOptimizer` pushes one contribution per step (`tf_backup.local_devices`).
+    """
+
+    def __init__(self, container_strategy, devices, info, config, **kwargs):
+        # MirroredStrategy's class attribute: the base of its collective keys.
+        if not hasattr(container_strategy, "_collective_key_base"):
+            container_strategy._collective_key_base = 0  # pylint: disable=protected-access
+        super().__init__(container_strategy, tuple(devices), info, config, **kwargs)
+        self._device = self._devices[0]  # where the step metrics live (mirrored anyway)

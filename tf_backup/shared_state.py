@@ -1,0 +1,405 @@
+"""One optimizer's shared state on the ps tasks, and the runs that read and write it.
+
+The resources (see `tf_backup.protocol`): `control`, `signature`,
+`params/<s>` and `acc/<s>` per shard, and on ps 0 two kinds of int64 FIFO
+queues of wake-up tokens:
+
+* `wake/<w>`, one per worker: the chief enqueues the new step after each
+  publish, and `WAKE` when a round stops, so a waiting worker blocks on its
+  queue (`wait`) instead of polling `control`;
+* `arrivals`: each push enqueues its tag, so the aggregator blocks on it
+  (`wait_arrivals`) instead of polling the accumulators.
+
+A token only says "look again": every decision is made on the control vector
+(or the accumulator count) read in the same run, after the dequeue. A token
+lost (a run delivered twice) costs at most one bounded wait.
+
+With one ps task (or every shard on ps 0), the seqlock read, the publish and
+the push each run as one graph on the ps, their order kept by control
+dependencies, where they would otherwise take 3, 3 and 2 round trips; a
+worker's wait then returns the parameters with the control vector.
+
+A run that changes state is never cancelled at a deadline (a cancelled run may
+have run part of its graph): the push-and-wait and the aggregator's wait-and-take
+have no deadline of their own but the endpoint's, and a `tf_backup.waker.Waker`
+ends them with a `POKE` token instead.
+"""
+
+import dataclasses
+from typing import List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tf_backup import accumulators
+from tf_backup import endpoint as endpoint_lib
+from tf_backup import protocol
+from tf_backup.layout import Layout
+from tf_backup.protocol import Control
+from tf_backup.protocol import ControlView
+from tf_backup.waker import Waker
+
+
+class Snapshot(NamedTuple):
+    """A seqlock read: the control vector, the flat parameters per shard, the control vector again."""
+
+    before: ControlView
+    flats: List[np.ndarray]
+    after: ControlView
+
+    @property
+    def consistent(self) -> bool:
+        """Whether `flats` are exactly the parameters of step `before.step`."""
+        return protocol.consistent(self.before, self.after)
+
+
+class Wake(NamedTuple):
+    """What a worker's wait returns: the tokens it dequeued, and what it read after them.
+
+    `snapshot` is a seqlock read of the parameters made in the same run (one
+    ps task, and the parameters were asked for), else None.
+    """
+
+    tokens: np.ndarray
+    control: ControlView
+    snapshot: Optional[Snapshot]
+
+
+class Arrivals(NamedTuple):
+    """What the aggregator's wait returns.
+
+    Attributes:
+      count: fresh gradients in shard 0's accumulator, read after the wait.
+      control: the control vector, read after the wait.
+      sums: what the same run took (one shard only), else None.
+      tokens: the tokens dequeued.
+    """
+
+    count: int
+    control: ControlView
+    sums: Optional[np.ndarray]
+    tokens: np.ndarray
+
+
+@dataclasses.dataclass
+class _Runs:
+    """The fused graphs on ps 0, built once (`SharedState._runs`), and their placeholders."""
+
+    token: tf.Tensor  # the token a wake-up or poke enqueues
+    waits: List[dict]  # per worker: drain its queue, then read
+    push_waits: List[dict]  # per worker: push, then its wait
+    push_waits_control: List[dict]  # the same, reading only the control vector
+    pokes: List[tf.Operation]
+    wake_all: tf.Operation
+    poke_arrivals: tf.Operation
+    arrivals: dict  # the aggregator's wait; `need`, `required`, `taken_for`, `always` feed it
+    arrivals_take: dict
+    need: tf.Tensor
+    required: tf.Tensor
+    taken_for: tf.Tensor
+    always: tf.Tensor
+    step_idx: tf.Tensor  # control[step_idx] = step: the commit of a publish
+    step: tf.Tensor
+    commit: tf.Operation  # the commit, then wake everybody
+    version_idx: Optional[tf.Tensor] = None  # one task: version, parameters, commit in one run
+    version: Optional[tf.Tensor] = None
+    new_values: Optional[List[tf.Tensor]] = None
+    publish: Optional[tf.Operation] = None
+    read: Optional[dict] = None
+
+
+class SharedState:
+    """Handles to one optimizer's shared state on the ps tasks.
+
+    Args:
+      prefix: the resources' name prefix, `tf_backup/<job id>/opt<k>`.
+      layout: the variables' shards.
+      ps: the ps tasks (shard `s` lives on `ps[s]`).
+      num_workers: N + b.
+      endpoints: how this process reaches the ps tasks.
+    """
+
+    def __init__(self, prefix: str, layout: Layout, ps: Sequence, num_workers: int,
+                 endpoints: endpoint_lib.Endpoints):
+        self.prefix = prefix
+        self.layout = layout
+        self.num_workers = num_workers
+        self.ctl = Control(num_workers)
+        where = [endpoints.of(task) for task in ps]
+        self.control = accumulators.SharedVariable(f"{prefix}/control", tf.int64, [self.ctl.size], where[0])
+        sig = layout.signature()
+        self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64, [len(sig)], where[0])
+        self._where = where
+        self.params = [
+            accumulators.SharedVariable(f"{prefix}/params/{s}", layout.dtype, [size], where[s])
+            for s, size in enumerate(layout.shard_sizes)
+        ]
+        self._accs = None
+        self._built: Optional[_Runs] = None
+
+    @property
+    def accs(self) -> List[accumulators.ConditionalAccumulator]:
+        """The accumulators, one per shard.
+
+        Made on first use: making one creates it on the ps with this layout's
+        shape, so a worker must check the chief's signature before touching them.
+        """
+        if self._accs is None:
+            self._accs = [
+                accumulators.ConditionalAccumulator(
+                    f"{self.prefix}/acc/{s}", self.layout.dtype, [size + self.num_workers],
+                    self._where[s], reduction_type="SUM")
+                for s, size in enumerate(self.layout.shard_sizes)
+            ]
+        return self._accs
+
+    def create(self, flats: Sequence, step: int = 0) -> None:
+        """Writes the initial state (chief only). `control` goes last: it marks the state ready."""
+        self.signature.assign(self.layout.signature())
+        for var, flat in zip(self.params, flats):
+            var.assign(flat)
+        for acc in self.accs:
+            acc.set_global_step(step)
+        control = np.zeros([self.ctl.size], np.int64)
+        control[Control.STEP] = control[Control.VERSION] = step
+        self.control.assign(control)
+
+    def read_control(self) -> ControlView:
+        return self.ctl.view(self.control.read())
+
+    def read_params(self) -> List[np.ndarray]:
+        """The published flat parameters, shard by shard (no consistency check)."""
+        return [p.read() for p in self.params]
+
+    @property
+    def on_one_task(self) -> bool:
+        ep = self.control.endpoint
+        return all(p.endpoint is ep for p in self.params) and self.accs[0].endpoint is ep
+
+    @property
+    def takes_in_wait(self) -> bool:
+        """Whether `wait_arrivals` can take (one shard: its accumulator is on the control vector's task)."""
+        return len(self.layout.shard_sizes) == 1
+
+    # -- the runs --------------------------------------------------------------------
+
+    def read_consistent(self) -> Snapshot:
+        """A seqlock read (control, parameters, control) in one run (`on_one_task` only)."""
+        got = self.control.endpoint.run(self._runs().read, what=f"read of `{self.prefix}` parameters")
+        return self._snapshot(got)
+
+    def publish(self, step: int, flats: Sequence, indices: Sequence[int], values: Sequence[int]) -> None:
+        """VERSION = step, the parameters, then control[indices] = values (STEP among them).
+
+        Then wakes every worker with the token `step`.
+        """
+        runs = self._runs()
+        feed = {runs.step_idx: np.asarray(indices, np.int32), runs.step: np.asarray(values, np.int64),
+                runs.token: int(step)}
+        if not self.on_one_task:
+            self.control.scatter_update([Control.VERSION], [step])
+            for var, flat in zip(self.params, flats):
+                var.assign(flat)
+            self.control.endpoint.run(runs.commit, feed, what=f"commit of `{self.prefix}` step {step}")
+            return
+        feed.update({runs.version_idx: [Control.VERSION], runs.version: [step]})
+        feed.update({ph: np.asarray(flat, self.layout.dtype.as_numpy_dtype)
+                     for ph, flat in zip(runs.new_values, flats)})
+        self.control.endpoint.run(runs.publish, feed, what=f"publish of `{self.prefix}` step {step}")
+
+    def push_wait(self, w: int, flats: Sequence, tag: int, indices: Sequence[int], values: Sequence[int],
+                  waker: Waker, seconds: float, with_params: bool = True) -> Optional[Wake]:
+        """Pushes worker `w`'s gradient tagged `tag` (and control[indices] = values), then `wait`s, in one run.
+
+        The wait has no deadline of its own (a run cancelled at a deadline might
+        or might not have pushed): `waker` ends it after `seconds` with a
+        token. Returns what `wait` returns (without `with_params`, never a
+        snapshot); None if the run was delivered twice (it pushed once; its
+        result is lost).
+        """
+        for acc, flat in zip(self.accs[1:], flats[1:]):
+            acc.apply_grad(flat, tag)
+        acc, control, runs = self.accs[0].ops, self.control.ops, self._runs()
+        feed = {acc["grad"]: np.asarray(flats[0], self.layout.dtype.as_numpy_dtype), acc["step"]: int(tag),
+                control["indices"]: np.asarray(indices, np.int32), control["updates"]: np.asarray(values, np.int64)}
+        fetches = (runs.push_waits if with_params else runs.push_waits_control)[w]
+        with waker.armed(seconds):
+            got = self.control.endpoint.run(fetches, feed, what=f"push and wait of worker {w} on `{self.prefix}`",
+                                            on_duplicate=endpoint_lib.OnDuplicate.DONE)
+        return None if got is None else self._wake(got)
+
+    def wait(self, w: int, seconds: float) -> Optional[Wake]:
+        """Drains worker `w`'s wake-up queue, waiting up to `seconds` for a token if it is empty.
+
+        Returns None if nothing came in time, else what the run read after the
+        dequeue (with one ps task, a seqlock read of the parameters too).
+        """
+        got = self.control.endpoint.run(self._runs().waits[w], wait=seconds,
+                                        what=f"wait of worker {w} on `{self.prefix}`")
+        return None if got is None else self._wake(got)
+
+    def wait_arrivals(self, seconds: float, waker: Waker, need: int = 1, required: int = 0, taken_for: int = 0,
+                      always: bool = False) -> Arrivals:
+        """Waits for `need` pushes (`waker` ends the wait after `seconds`), then reads shard 0's count and control.
+
+        With `required` > 0 (one shard only, `takes_in_wait`), the same run
+        takes the gradients when `count >= required` and a fit round runs (or
+        `always`), and sets control[TAKEN_FOR] = `taken_for`. Such a run must
+        not be cancelled at a deadline once it may have taken, so it has none
+        of its own: `waker` ends it with `POKE` tokens (`poke_aggregator`).
+
+        Raises:
+          errors.DuplicateDeliveryError: the run was delivered twice; it ran
+            once, and if it took, its gradients are lost (control[TAKEN_FOR] says).
+        """
+        runs = self._runs()
+        feed = {runs.need: max(1, int(need))}
+        if required:
+            if not self.takes_in_wait:
+                raise ValueError("wait_arrivals can take only with one shard (`takes_in_wait`).")
+            feed.update({runs.required: int(required), runs.taken_for: int(taken_for), runs.always: bool(always)})
+        with waker.armed(seconds):
+            got = self.control.endpoint.run(runs.arrivals_take if required else runs.arrivals, feed,
+                                            what=f"wait for pushes to `{self.prefix}`",
+                                            on_duplicate=endpoint_lib.OnDuplicate.RAISE)
+        took = required and got["due"]
+        return Arrivals(count=int(got["count"]), control=self.ctl.view(got["control"]),
+                        sums=got["took"] if took else None, tokens=got["tokens"])
+
+    def poke(self, w: int) -> None:
+        """Puts a `POKE` token in worker `w`'s queue: its blocked wait returns (see `Waker`)."""
+        runs = self._runs()
+        self.control.endpoint.run(runs.pokes[w], {runs.token: protocol.POKE}, what=f"wake-up of worker {w}")
+
+    def wake_all(self) -> None:
+        """Wakes every worker's wait with the token `WAKE` (a round stopped, the job finished)."""
+        runs = self._runs()
+        self.control.endpoint.run(runs.wake_all, {runs.token: protocol.WAKE}, what=f"wake-up of `{self.prefix}`")
+
+    def poke_aggregator(self, token: int = protocol.POKE) -> None:
+        """Ends the aggregator's wait with `token`s, one per worker.
+
+        `POKE`: its waker's deadline, or a stop. `WAKE`: a worker ended its fit
+        round; the aggregator looks at the control vector and closes the round.
+        """
+        runs = self._runs()
+        self.control.endpoint.run(runs.poke_arrivals, {runs.token: int(token)},
+                                  what=f"wake-up of `{self.prefix}` aggregator")
+
+    # -- results ---------------------------------------------------------------------
+
+    def _snapshot(self, got: dict) -> Snapshot:
+        return Snapshot(self.ctl.view(got["before"]), list(got["flats"]), self.ctl.view(got["after"]))
+
+    def _wake(self, got: dict) -> Wake:
+        snapshot = self._snapshot(got) if "flats" in got else None
+        return Wake(got["tokens"], self.ctl.view(got["before"]), snapshot)
+
+    # -- building the graphs -----------------------------------------------------------
+
+    def _runs(self) -> _Runs:
+        if self._built is None:
+            acc = self.accs[0].ops
+            if acc["apply"].graph is not self.control.ops["read"].graph:
+                raise AssertionError("shard 0's accumulator must be on the control vector's task")
+            self._built = self.control.endpoint.build(self._build)
+        return self._built
+
+    def _build(self) -> _Runs:
+        """(In the control vector's endpoint graph.) Every fused run, ordered by control dependencies."""
+        control, acc = self.control.ops, self.accs[0].ops
+        params = [p.ops for p in self.params]
+        one_task = self.on_one_task
+
+        def read(var):
+            return tf.raw_ops.ReadVariableOp(resource=var["handle"], dtype=var["read"].dtype)
+
+        def consistent_read(after_ops=(), with_params=True) -> dict:
+            with tf.control_dependencies(list(after_ops)):
+                before = read(control)
+            if not (one_task and with_params):
+                return {"before": before}
+            with tf.control_dependencies([before]):
+                values = [read(p) for p in params]
+            with tf.control_dependencies(values):
+                after = read(control)
+            return {"before": before, "flats": values, "after": after}
+
+        wake = [accumulators.fifo_queue(f"{self.prefix}/wake/{w}") for w in range(self.num_workers)]
+        arrivals_queue = accumulators.fifo_queue(f"{self.prefix}/arrivals")
+        block = tf.constant(True)  # every wait here waits for one token (bounded by the run's deadline)
+        token = tf.compat.v1.placeholder(tf.int64, [])
+
+        def enqueue_all(after_op):
+            with tf.control_dependencies([after_op]):
+                return tf.group(*[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake])
+
+        def wait_on(q, after_ops=(), with_params=True) -> dict:
+            with tf.control_dependencies(list(after_ops)):
+                tokens = accumulators.drain(q, block)
+            return {"tokens": tokens, **consistent_read([tokens], with_params)}
+
+        # The aggregator's wait: `need` tokens (1 + the fresh gradients still missing), then
+        # the count and the control vector; with one shard, the take too when it is due.
+        need = tf.compat.v1.placeholder_with_default(tf.constant(1, tf.int32), [])
+        arrived = accumulators.drain(arrivals_queue, block, at_least=need)
+        with tf.control_dependencies([arrived]):
+            count = tf.raw_ops.ResourceAccumulatorNumAccumulated(handle=acc["handle"])
+            before = read(control)
+        required = tf.compat.v1.placeholder_with_default(tf.constant(0, tf.int32), [])
+        taken_for = tf.compat.v1.placeholder_with_default(tf.constant(0, tf.int64), [])
+        always = tf.compat.v1.placeholder_with_default(False, [])  # also between fit rounds (async)
+        running = tf.logical_or(always, before[Control.ROUND] > before[Control.STOP_ROUND])  # protocol.round_running
+        due = tf.logical_and(tf.logical_and(required > 0, count >= required), running)
+
+        def take():
+            sums = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=acc["handle"], num_required=required,
+                                                              dtype=self.layout.dtype)
+            with tf.control_dependencies([sums]):
+                mark = tf.raw_ops.ResourceScatterUpdate(
+                    resource=control["handle"], indices=[Control.TAKEN_FOR], updates=tf.reshape(taken_for, [1]))
+            with tf.control_dependencies([mark]):
+                return tf.identity(sums)
+
+        took = tf.cond(due, take, lambda: tf.zeros(acc["grad"].shape, self.layout.dtype))
+        arrivals = {"tokens": arrived, "count": count, "control": before}
+
+        step_idx, step = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
+        commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx, updates=step)
+
+        # A push and the wait after it, in one run: the wait blocks on the worker's queue
+        # with no deadline of its own; `Waker` ends it with a token instead.
+        with tf.control_dependencies([acc["apply"]]):
+            pushed = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=control["indices"],
+                                                      updates=control["updates"])
+        with tf.control_dependencies([pushed]):
+            push = tf.raw_ops.QueueEnqueueV2(handle=arrivals_queue, components=[acc["step"]])
+
+        runs = _Runs(
+            token=token,
+            waits=[wait_on(q) for q in wake],
+            push_waits=[wait_on(q, [push]) for q in wake],
+            push_waits_control=[wait_on(q, [push], with_params=False) for q in wake],  # the chief has the params
+            pokes=[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake],
+            wake_all=enqueue_all(tf.no_op()),
+            poke_arrivals=tf.raw_ops.QueueEnqueueManyV2(
+                handle=arrivals_queue, components=[tf.fill([self.num_workers], token)]),
+            arrivals=arrivals, arrivals_take={**arrivals, "due": due, "took": took},
+            need=need, required=required, taken_for=taken_for, always=always,
+            step_idx=step_idx, step=step, commit=enqueue_all(commit),
+        )
+        if one_task:
+            runs.version_idx = tf.compat.v1.placeholder(tf.int32, [None])
+            runs.version = tf.compat.v1.placeholder(tf.int64, [None])
+            runs.new_values = [tf.compat.v1.placeholder(self.layout.dtype, p["value"].shape) for p in params]
+            mark = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=runs.version_idx,
+                                                    updates=runs.version)
+            with tf.control_dependencies([mark]):
+                assigns = [tf.raw_ops.AssignVariableOp(resource=p["handle"], value=v)
+                           for p, v in zip(params, runs.new_values)]
+            with tf.control_dependencies(assigns):
+                fused_commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx,
+                                                                updates=step)
+            runs.publish = enqueue_all(fused_commit)
+            runs.read = consistent_read()
+        return runs

@@ -1,0 +1,428 @@
+"""`WorkerClient`: one worker's side of the step protocol for one optimizer.
+
+Every worker, each step (`sync`, run by the train step through a
+`tf.py_function`, see `tf_backup.binding`):
+  1. pushes its gradient tagged with step `s` of its parameters;
+  2. waits until the global step passes `s` (blocked on its wake-up queue,
+     which the chief feeds after each publish), or until the fit round is
+     stopped;
+  3. pulls the published parameters of the new step.
+With one ps task the three are one round trip (`SharedState.push_wait`). The
+chief's own worker reads only the control vector there: it takes the
+parameters of step `s+1` from its aggregator, which kept what it published.
+
+A batch whose step was superseded while the worker was still computing it can
+be cancelled (`sleep_unless_superseded`, used by the straggler simulation): it
+is not pushed and the worker moves to the new step at once; or restarted
+(`restart_superseded`): the worker pulls the new step and computes the same
+batch on it. The wait that sees the new step's token also reads its
+parameters, so neither needs another round trip.
+
+A fit on any worker that ends (`end_round`) stops the round for everybody: the
+other workers' next wait returns at once and their fit stops.
+"""
+
+import time
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+from absl import logging
+import numpy as np
+
+from tf_backup import _checks
+from tf_backup import cluster as cluster_lib
+from tf_backup import errors
+from tf_backup import job as job_lib
+from tf_backup import protocol
+from tf_backup.protocol import Control
+from tf_backup.protocol import ControlView
+from tf_backup.shared_state import SharedState
+from tf_backup.shared_state import Snapshot
+from tf_backup.waker import Waker
+
+
+class Seen(NamedTuple):
+    """What a wait read after its wake-up: the control vector and, maybe, the parameters with it."""
+
+    control: Optional[ControlView]
+    snapshot: Optional[Snapshot]
+
+
+class StepMetrics(NamedTuple):
+    """What one step reports to Keras's logs."""
+
+    global_step: int
+    fresh_gradients: int  # averaged into the latest step
+    dropped_gradients: int  # stale gradients dropped so far, all workers
+    stopped: bool  # the fit round stopped: the fit ends after this batch
+
+    def as_array(self) -> np.ndarray:
+        return np.asarray([self.global_step, self.fresh_gradients, self.dropped_gradients, int(self.stopped)],
+                          np.int64)
+
+
+class WorkerClient:
+    """One worker's side of the protocol for one optimizer (eager Python).
+
+    Args:
+      state: the optimizer's shared state.
+      config: protocol settings.
+      info: the cluster.
+      monitor: this worker's membership of the job (health checks).
+      chief_failure: the chief's aggregator's failure, if any (the chief only).
+      dead_workers: the workers the chief declared dead (the chief only).
+      local_params: (the chief's: `Aggregator.published`) the flat parameters
+        this process published for a step, or None: the chief's steps then read
+        only the control vector from the ps, not the parameters it sent there.
+
+    State: `step` (of the parameters in the model), `round` (a
+    `protocol.WorkerRound`), `counts` (a `protocol.PushCounts`) and
+    `superseded` (what the wait that superseded the current batch read; None:
+    not superseded).
+    """
+
+    def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
+                 monitor: Optional[job_lib.JobMonitor],
+                 chief_failure: Optional[Callable[[], Optional[BaseException]]] = None,
+                 dead_workers: Optional[Callable[[], Sequence[int]]] = None,
+                 local_params: Optional[Callable[[int], Optional[List[np.ndarray]]]] = None):
+        self.state = state
+        self.config = config
+        self.info = info
+        self.w = info.worker_index
+        self.monitor = monitor
+        self._chief_failure = chief_failure
+        self._dead_workers = dead_workers or (lambda: ())
+        self._local_params = local_params
+        self.step = 0
+        self.round = protocol.WorkerRound()
+        self.counts = protocol.PushCounts()
+        self.superseded: Optional[Seen] = None
+        self._last_control: Optional[ControlView] = None
+        self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
+        self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
+        self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
+        self.on_stop: List[Callable[[], None]] = []
+
+    @property
+    def round_stopped(self) -> bool:
+        """Whether this worker has seen its fit round stop (its fit ends after the current batch)."""
+        return self.round.is_stopped
+
+    def close(self) -> None:
+        """Ends the waker thread."""
+        self._waker.close()
+
+    # -- joining -------------------------------------------------------------------
+
+    def wait_until_ready(self) -> None:
+        """Waits for the chief to create the shared state (non-chief workers), checks the model, resumes."""
+        _checks.poll_until(
+            self.state.control.is_initialized, timeout=self.config.startup_timeout,
+            first=self.config.poll_min, longest=0.1, between=self.monitor.check,
+            on_timeout=lambda waited: errors.StepTimeoutError(
+                f"Worker {self.w} {self.info.task} waited {self.config.startup_timeout:.0f} s "
+                f"for the chief {self.info.chief} to create the shared state "
+                f"`{self.state.prefix}` on {self.info.ps[0]}."))
+        if self.state.signature.is_initialized():
+            self.state.layout.check_signature(self.state.signature.read())
+        ctl = self.state.read_control()
+        self.counts = protocol.PushCounts.resumed(ctl, self.w)
+        self.round = protocol.resumed_round(ctl, self.w)
+
+    # -- one step ------------------------------------------------------------------
+
+    def sync(self, flats: Sequence):
+        """Pushes one gradient, waits for the step, pulls. Returns (flats, StepMetrics).
+
+        A batch superseded while it was computed (`sleep_unless_superseded`) is
+        cancelled: nothing is pushed, the new step is pulled at once.
+        """
+        c = self.state.ctl
+        if self.round.is_stopped:
+            return self.state.read_params(), self.metrics()
+        if self.round.state is protocol.RoundState.NOT_ANNOUNCED:
+            self.state.control.scatter_max([Control.ROUND], [self.round.number])
+            self.round = self.round.announced()
+        if self.superseded is not None:
+            seen, self.superseded = self.superseded, None
+            self.counts = self.counts.cancel()
+        else:
+            tag = self.step if self.config.staleness_check else protocol.INT64_MAX
+            self.counts = self.counts.push(self.step)
+            k = self.counts
+            push = (flats, tag, [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w)],
+                    [k.pushed, k.last_tag, k.dropped, k.cancelled])
+            if self.config.staleness_check:
+                tag_step = self.step
+                seen = self._wait(lambda ctl: protocol.step_passed(ctl, tag_step) or self._stopped(ctl),
+                                  f"global step {tag_step + 1}", self.config.step_timeout, push=push)
+            else:
+                # Asynchronous: wait for this worker's own gradients only, as TF1's
+                # asynchronous training, whose pushes were the updates themselves.
+                before, pending = k.taken_seen, k.unresolved
+                seen = self._wait(
+                    lambda ctl: ctl.block("taken")[self.w] - before >= pending or self.monitor.done,
+                    "the chief to apply this worker's gradient", self.config.step_timeout, push=push)
+        flats, ctl = self.pull(seen)
+        if self._stopped(ctl):
+            self._stop()
+        return flats, self.metrics()
+
+    def metrics(self) -> StepMetrics:
+        ctl = self._last_control
+        if ctl is None:
+            return StepMetrics(self.step, 0, self.counts.dropped, self.round.is_stopped)
+        others = ctl.block("dropped").copy()
+        others[self.w] = self.counts.dropped
+        return StepMetrics(self.step, ctl.last_taken, int(others.sum()), self.round.is_stopped)
+
+    def _stopped(self, ctl: ControlView) -> bool:
+        return protocol.round_stopped(ctl, self.round.number, self.monitor.done)
+
+    def _stop(self) -> None:
+        self.round = self.round.stopped()
+        for callback in self.on_stop:
+            callback()
+
+    # -- waiting -------------------------------------------------------------------
+
+    def _check_health(self) -> None:
+        failure = self._chief_failure() if self._chief_failure is not None else None
+        if failure is not None:
+            raise errors.AggregatorError(
+                f"The aggregator on this chief failed: {type(failure).__name__}: {failure}") from failure
+        self.monitor.check()
+
+    def _wait(self, done: Callable[[ControlView], bool], what: str, timeout: float, push=None) -> Seen:
+        """Blocks on this worker's wake-up queue until `done(control)`.
+
+        `push`: the arguments of a `SharedState.push_wait` whose run is the
+        first wait.
+        """
+        start = time.monotonic()
+        while True:
+            waited = time.monotonic() - start
+            seconds = min(protocol.WAKE_WAIT, max(0.001, timeout - waited))
+            if push is not None:
+                got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
+                                           with_params=self._local_params is None)
+                push = None
+                if got is None:  # delivered twice: it pushed, its result is lost
+                    continue
+                if (got.tokens == protocol.POKE).all() and done(got.control):  # ended by the waker, yet done
+                    self.missed_wakeups += 1
+                    return Seen(got.control, got.snapshot)
+            else:
+                got = self.state.wait(self.w, seconds)
+            if got is None:  # nothing happened: look anyway (a token may have been lost)
+                ctl, snapshot = self.state.read_control(), None
+                if done(ctl):
+                    self.missed_wakeups += 1
+                    return Seen(ctl, snapshot)
+            else:
+                ctl, snapshot = got.control, got.snapshot
+            if done(ctl):
+                return Seen(ctl, snapshot)
+            self._check_health()
+            if self.monitor.done:
+                return Seen(ctl, snapshot)
+            waited = time.monotonic() - start
+            if waited > timeout:
+                raise errors.StepTimeoutError(
+                    f"Worker {self.w} {self.info.task} waited {waited:.0f} s for {what}. {self._diagnose(ctl)}")
+
+    def _diagnose(self, ctl: ControlView) -> str:
+        tags, pushed = ctl.block("last_tag"), ctl.block("pushed")
+        fresh = protocol.fresh_workers(ctl)
+        lagging = [
+            f"worker {w} {self.info.workers[w]} (last pushed for step {tags[w] if pushed[w] else 'none'})"
+            for w in range(self.info.num_workers) if w not in fresh
+        ]
+        return (
+            f"Global step {ctl.step}; {self.config.replicas_to_aggregate} fresh gradients are needed "
+            f"per step and workers {fresh} pushed for this step. Not pushed: "
+            f"{', '.join(lagging) or 'none'}. Chief: {self.info.chief}."
+        )
+
+    # -- stragglers ------------------------------------------------------------------
+
+    def sleep_unless_superseded(self, seconds: float) -> bool:
+        """Sleeps `seconds`, or less if this worker's batch becomes useless first (then True).
+
+        The batch is useless once the global step passes `self.step` (the step
+        of its parameters) or the fit round stops. Both wake this worker at once
+        (its wake-up queue). `sync` then skips that batch's push: it is
+        cancelled. Asynchronous training never cancels.
+        """
+        if self.superseded is not None:
+            return True  # already cancelled: nothing to wait for
+        deadline = time.monotonic() + seconds
+        if not self.config.staleness_check or self.round.is_stopped:
+            time.sleep(max(0.0, seconds))
+            return False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if remaining <= protocol.SLEEP_MARGIN:
+                # A wait on the ps that ends at its deadline returns ~2-3 ms late (the run
+                # is cancelled there); the last few ms are slept here, not woken.
+                time.sleep(remaining)
+                return False
+            got = self.state.wait(self.w, remaining - protocol.SLEEP_MARGIN)
+            if got is None:
+                continue
+            if protocol.superseded(got.tokens, got.control, self.step, self.round.number, self.monitor.done):
+                # The same run read the parameters after the token (one ps task): the
+                # batch's `sync` or `restart_superseded` uses them instead of a pull.
+                self.superseded = Seen(got.control, got.snapshot)
+                return True
+
+    def restart_superseded(self) -> Optional[List[np.ndarray]]:
+        """After `sleep_unless_superseded` returned True: moves to the current step now.
+
+        Pulls the parameters of the current global step, so the batch is
+        computed on them and pushed for that step instead of being cancelled at
+        `sync`. Counted as a cancelled batch all the same (its computation on
+        the old step was abandoned). If the round stopped meanwhile, this
+        worker stops as at the end of a step.
+
+        Returns:
+          The flat parameters pulled, or None if no sleep was superseded.
+        """
+        if self.superseded is None:
+            return None
+        seen, self.superseded = self.superseded, None
+        flats, ctl = self.pull(seen)
+        self.counts = self.counts.cancel()
+        if self._stopped(ctl):
+            self._stop()
+        return flats
+
+    # -- pulling -------------------------------------------------------------------
+
+    def pull(self, seen: Seen = Seen(None, None)):
+        """Reads the published parameters of one consistent step.
+
+        Args:
+          seen: what a wait just read, if anything: a consistent snapshot is
+            used as it is.
+
+        Returns:
+          (flats, control): the flat parameters per shard, and a control vector
+          whose step is the step they belong to.
+        """
+        ctl, snapshot = seen
+        latest = snapshot.before if snapshot is not None else ctl
+        if latest is not None and self._local_params is not None:
+            # The chief: published here before STEP said so (also when a wait that ran past
+            # WAKE_WAIT read the parameters from the ps all the same).
+            flats = self._local_params(latest.step)
+            if flats is not None:
+                self.local_pulls += 1
+                self._observe(latest)
+                return list(flats), latest
+        if snapshot is not None and snapshot.consistent:
+            self._observe(snapshot.before)
+            return list(snapshot.flats), snapshot.before
+        found = []
+
+        def read_consistent():
+            nonlocal ctl
+            if self.state.on_one_task:
+                got = self.state.read_consistent()
+                ctl = got.after
+                found[:] = [got.flats, got.before]
+                return got.consistent
+            if ctl is None or ctl.step != ctl.version:
+                ctl = self.state.read_control()
+            if ctl.step != ctl.version:
+                return False
+            flats, before, ctl = self.state.read_params(), ctl, self.state.read_control()
+            found[:] = [flats, before]
+            return protocol.consistent(before, ctl)
+
+        _checks.poll_until(
+            read_consistent, timeout=self.config.step_timeout, first=self.config.poll_min,
+            longest=self.config.poll_max,
+            on_timeout=lambda waited: errors.StepTimeoutError(
+                f"Worker {self.w} {self.info.task} could not read a consistent copy of the "
+                f"parameters in {self.config.step_timeout:.0f} s (the chief {self.info.chief} "
+                f"kept publishing step {ctl.version})."))
+        flats, before = found
+        self._observe(before)
+        return list(flats), before
+
+    def _observe(self, ctl: ControlView) -> None:
+        """Moves to the pulled step and settles the fate of earlier pushes."""
+        self.step = ctl.step
+        self._last_control = ctl
+        self.counts = self.counts.settle(ctl.step, int(ctl.block("taken")[self.w]), self.config.staleness_check)
+
+    # -- the end of a fit round ----------------------------------------------------------
+
+    def end_round(self, wait_for_others: bool = False) -> List[np.ndarray]:
+        """Ends this worker's fit round: stops the others, returns final parameters.
+
+        Args:
+          wait_for_others: wait (up to `chief_timeout`) until every worker has
+            ended the round too, so counts read afterwards are final. The chief
+            does this; a worker that does not end in time is named in a warning.
+        """
+        c, number = self.state.ctl, self.round.number
+        self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w), c.cancelled(self.w)],
+                                       [number, number, self.counts.cancelled])
+        self.state.wake_all()
+        self.state.poke_aggregator(protocol.WAKE)  # it closes the round once it sees nothing more to apply
+        self.superseded = None
+        if wait_for_others:
+            self.wait_for_round_end(number, self.config.chief_timeout, "chief_timeout")
+        self.wait_for_round_closed(number, self.config.chief_timeout)
+        flats, _ = self.pull()
+        self.round = self.round.next()
+        return flats
+
+    def wait_for_round_closed(self, round_: int, timeout: float) -> bool:
+        """Waits until the chief's aggregator has closed fit round `round_` (or the job finished).
+
+        Only then are the published parameters the round's final ones: an
+        apply of gradients taken before the round stopped may still be on its
+        way, and asynchronous training applies every worker's last gradient.
+        Past `timeout` seconds (`chief_timeout`), a warning names what it
+        waited for and this returns False; also False if the job ended first.
+        """
+        what = f"the chief {self.info.chief} to close fit round {round_}"
+        try:
+            ctl, _ = self._wait(lambda ctl: protocol.round_closed(ctl, round_), what, timeout)
+        except errors.StepTimeoutError as e:
+            logging.warning("tf_backup: %s; this worker's final parameters may miss the round's last steps "
+                            "(chief_timeout).", e)
+            return False
+        return protocol.round_closed(ctl, round_)
+
+    def wait_for_round_end(self, round_: int, timeout: float, setting: str = "timeout") -> List[str]:
+        """Waits until every worker has ended fit round `round_`; returns the tasks that did not in time.
+
+        Workers that left the job or that the chief declared dead are not waited
+        for. Past `timeout` seconds, a warning names the late workers.
+        """
+        late: List[int] = []
+
+        def all_ended() -> bool:
+            ended = self.state.read_control().block("ended")
+            late[:] = [w for w in range(self.info.num_workers) if ended[w] < round_]
+            if late:  # a worker that left the job (e.g. refused at build) or died never ends it
+                gone = set(self.monitor.left_workers()) | set(self._dead_workers())
+                late[:] = [w for w in late if w not in gone]
+            return not late
+
+        try:
+            _checks.poll_until(all_ended, timeout=timeout, first=self.config.poll_min, longest=self.config.poll_max,
+                               on_timeout=lambda waited: errors.StepTimeoutError(f"round {round_}"))
+        except errors.StepTimeoutError:
+            names = [str(self.info.workers[w]) for w in late]
+            logging.warning(
+                "tf_backup: workers %s did not end fit round %d within %.0f s (%s); their counts "
+                "may be incomplete.", ", ".join(names), round_, timeout, setting)
+            return names
+        return []
