@@ -25,7 +25,7 @@ setuptools.setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pyflakes>=3"],  # CI lints with pyflakes, then runs pytest
         "bench": ["matplotlib>=3.8"],  # plots of `python -m benchmarks.run`; skipped with a notice without it
     },
 )
