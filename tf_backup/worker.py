@@ -325,33 +325,35 @@ class WorkerClient:
         if snapshot is not None and snapshot.consistent:
             self._observe(snapshot.before)
             return list(snapshot.flats), snapshot.before
-        found = []
+        last_read = [ctl]  # the newest control vector read, for the next read and the timeout's message
 
-        def read_consistent():
-            nonlocal ctl
-            if self.state.on_one_task:
-                got = self.state.read_consistent()
-                ctl = got.after
-                found[:] = [got.flats, got.before]
-                return got.consistent
-            if ctl is None or ctl.step != ctl.version:
-                ctl = self.state.read_control()
-            if ctl.step != ctl.version:
-                return False
-            flats, before, ctl = self.state.read_params(), ctl, self.state.read_control()
-            found[:] = [flats, before]
-            return protocol.consistent(before, ctl)
+        def read_once() -> Optional[Snapshot]:
+            got = self._read_snapshot(last_read[0])
+            last_read[0] = got.after
+            return got if got.consistent else None
 
-        _checks.poll_until(
-            read_consistent, timeout=self.config.step_timeout, first=self.config.poll_min,
-            longest=self.config.poll_max,
+        got = _checks.poll_until(
+            read_once, timeout=self.config.step_timeout, first=self.config.poll_min, longest=self.config.poll_max,
             on_timeout=lambda waited: errors.StepTimeoutError(
                 f"Worker {self.w} {self.info.task} could not read a consistent copy of the "
                 f"parameters in {self.config.step_timeout:.0f} s (the chief {self.info.chief} "
-                f"kept publishing step {ctl.version})."))
-        flats, before = found
-        self._observe(before)
-        return list(flats), before
+                f"kept publishing step {last_read[0].version})."))
+        self._observe(got.before)
+        return list(got.flats), got.before
+
+    def _read_snapshot(self, ctl: Optional[ControlView]) -> Snapshot:
+        """One seqlock read of the parameters: in one run with one ps task, else control, params, control.
+
+        With several tasks, `ctl` (a control vector just read) stands for the
+        first read if it is not in the middle of a publish.
+        """
+        if self.state.on_one_task:
+            return self.state.read_consistent()
+        if ctl is None or ctl.step != ctl.version:
+            ctl = self.state.read_control()
+        if ctl.step != ctl.version:  # a publish is under way: not consistent, no parameters read
+            return Snapshot(ctl, [], ctl)
+        return Snapshot(ctl, self.state.read_params(), self.state.read_control())
 
     def _observe(self, ctl: ControlView) -> None:
         """Moves to the pulled step and settles the fate of earlier pushes."""
