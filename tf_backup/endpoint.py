@@ -106,19 +106,23 @@ class Endpoint:
         except tf.errors.UnavailableError as e:
             raise self._unavailable(what, e) from e
 
-    def close(self) -> None:
-        """Closes the session without waiting for the task.
+    def close(self, wait: float = 5.0) -> None:
+        """Closes the session, waiting at most `wait` seconds for the task.
 
         A session's close asks the task's master to end it: to a task that is
         gone, it blocks until `timeout` (as it would when the session is
-        garbage collected). So the close runs in a daemon thread, which also
-        keeps the session from being collected before it is closed.
+        garbage collected). So the close runs in a daemon thread, joined for
+        `wait` seconds: a close to a live task ends there (one still running
+        while the interpreter tears down can abort the process), and one to a
+        task that is gone is left behind, holding the session.
         """
         with self._lock:
             session, self._session = self._session, None
         if session is not None:
-            threading.Thread(target=_close_quietly, args=(session,), name=f"tf_backup-close-{self.target}",
-                             daemon=True).start()
+            closer = threading.Thread(target=_close_quietly, args=(session,), name=f"tf_backup-close-{self.target}",
+                                      daemon=True)
+            closer.start()
+            closer.join(wait)
 
     def _unavailable(self, what: str, e: tf.errors.OpError) -> errors.PsUnavailableError:
         cause = "DeadlineExceededError" if isinstance(e, tf.errors.DeadlineExceededError) else type(e).__name__
@@ -160,9 +164,9 @@ class Endpoints:
                 self._by_task[key] = Endpoint(task.target, task.device, timeout)
             return self._by_task[key]
 
-    def close(self) -> None:
-        """Closes every endpoint's session without waiting (see `Endpoint.close`)."""
+    def close(self, wait: float = 5.0) -> None:
+        """Closes every endpoint's session, waiting at most `wait` seconds for each (see `Endpoint.close`)."""
         with self._lock:
             endpoints, self._by_task = list(self._by_task.values()), {}
         for e in endpoints:
-            e.close()
+            e.close(wait)

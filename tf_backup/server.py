@@ -100,8 +100,9 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
     try:
         return _serve_job(info, endpoints, startup_timeout, chief_timeout, exit_grace, poll_interval, silent_worker)
     finally:
-        # Its sessions to ps 0, which may have exited: closing them there would block until their deadline.
-        endpoints.close()
+        # Its sessions go to ps 0: here, to itself (closed at once); on another ps task, to a ps 0 that
+        # may have exited first, whose close would block until the session's deadline: 2 s at most.
+        endpoints.close(wait=2.0)
 
 
 def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints, startup_timeout: float,
