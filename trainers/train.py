@@ -334,7 +334,12 @@ def main(argv) -> int:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         if resolver.task_type == "ps":
             tf_backup.serve(resolver, startup_timeout=_STARTUP_TIMEOUT.value)
-            return 0
+            # Skip the interpreter's teardown, as tf_backup._task does: a ps task whose ps 0 exited
+            # first may still hold a session closing towards it, and TensorFlow aborts a process
+            # torn down under such a call (exit -6: a cluster manager would restart the ps).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         check_inputs(config)
         try:
             result = train_task(config.to_dict(), model_dir, strategy_args)
