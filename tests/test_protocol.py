@@ -167,6 +167,12 @@ def test_tokens_supersede_a_batch_only_for_a_later_step_or_a_stopped_round():
     assert not protocol.missed_wakeup(np.array([0, protocol.POKE]), need=1)
 
 
+def test_too_few_workers_needs_a_dead_one_not_only_workers_that_left():
+    assert protocol.lost_workers(num_workers=3, needed=2, gone={1, 2}, dead={2})  # 1 of 3 left, 2 needed
+    assert not protocol.lost_workers(num_workers=3, needed=2, gone={2}, dead={2})  # 2 alive: enough
+    assert not protocol.lost_workers(num_workers=3, needed=2, gone={1, 2}, dead=set())  # they left: the fit ended
+
+
 def test_largest_first_placement_fills_the_least_loaded_bin():
     assert largest_first([100, 90, 10, 5], [0, 0]) == [0, 1, 1, 0]
     assert largest_first([3], [10, 2]) == [1]

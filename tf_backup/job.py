@@ -191,13 +191,6 @@ class JobMonitor:
                 f"(chief_timeout={self._chief_timeout:.0f} s)."
             )
 
-    def abort(self) -> None:
-        """(Chief.) Tells every worker the job failed."""
-        try:
-            self._var.scatter_update([Job.ABORT], [1])
-        except Exception as e:  # pylint: disable=broad-except
-            logging.error("tf_backup could not signal the abort: %s", e)
-
     def leave(self, *, chief_failed: Optional[bool] = None) -> None:
         """Leaves the job; the chief (`chief_failed` not None) first marks it done, and aborted if it failed.
 

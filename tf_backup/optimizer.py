@@ -224,8 +224,3 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         for i, m in zip(tables.sparse_ids, tables.master):
             out[i] = m
         return out
-
-    @property
-    def binding(self) -> Optional[binding_lib.Binding]:
-        """How this optimizer is attached to its strategy's shared state (None until built under one)."""
-        return self._binding
