@@ -15,23 +15,6 @@ import workers
 pytestmark = pytest.mark.cluster
 
 
-def reference_fit(optimizer, batches_per_step, steps, num_workers):
-    """Single-process training on each step's batches concatenated (one big batch).
-
-    `workers.train_regression` on `num_workers` workers reads the same data.
-    """
-    x, y = workers.regression_data(steps * num_workers)
-    rows = []
-    for k in range(steps):
-        for b in batches_per_step(k):
-            rows.extend(range(b * workers.BATCH, (b + 1) * workers.BATCH))
-    big = len(rows) // steps
-    model = workers._regression_model(keras)  # pylint: disable=protected-access
-    model.compile(optimizer=optimizer, loss="mse")
-    model.fit(x[rows], y[rows], batch_size=big, epochs=1, shuffle=False, verbose=0)
-    return [v.numpy() for v in model.trainable_variables]
-
-
 def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
     steps = 6
     out = tf_backup.launch_local(
@@ -39,7 +22,7 @@ def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
         kwargs=dict(steps=steps, num_backup_workers=0, optimizers=("sgd", "adam")), timeout=240)
     for i, (name, inner) in enumerate([("sgd", keras.optimizers.SGD(0.1)),
                                        ("adam", keras.optimizers.Adam(0.05))]):
-        expected = reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
+        expected = workers.reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
         for worker in out:
             result = worker["results"][i]
             assert result["optimizer"] == name
@@ -69,7 +52,7 @@ def train_with_slow_worker_3(steps, **kwargs):
         workers.train_regression, num_workers=4,
         kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, **kwargs),
         timeout=240, ps_exit_grace=20)
-    expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2], steps, 4)
+    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2], steps, 4)
     results = [worker["results"][0] for worker in out]
     for result in results:
         for got, want in zip(result["weights"], expected):
@@ -172,7 +155,7 @@ def test_worker_with_another_model_is_refused_and_the_others_train_on():
     assert "every worker must build the same model" in out[2]["error"]
     assert "kernel" in out[2]["error"] and "(3, 2)" in out[2]["error"] and "(3, 1)" in out[2]["error"]
     # Workers 0 and 1 (N = 2) trained as if worker 2 never existed: chief not corrupted.
-    expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [3 * k, 3 * k + 1], steps, 3)
+    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [3 * k, 3 * k + 1], steps, 3)
     for worker in out[:2]:
         for got, want in zip(worker["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)

@@ -7,7 +7,6 @@ import pytest
 import tf_backup
 from tf_backup import local_devices
 import workers
-from test_core_cluster import reference_fit
 
 
 def test_resolve_devices_defaults_to_the_local_devices():
@@ -38,7 +37,7 @@ def test_2_workers_x_2_devices_equal_4_single_device_workers():
     single = tf_backup.launch_local(workers.train_regression_on_local_devices, num_workers=4,
                                     kwargs=dict(steps=steps, local_devices=1), timeout=240)
     # Large-batch SGD on batches 4k..4k+3 (rows 16k..16k+15) at step k.
-    expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k + i for i in range(4)], steps, 4)
+    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k + i for i in range(4)], steps, 4)
     for worker in multi + single:
         for got, want, single_got in zip(worker["weights"], expected, single[0]["weights"]):
             np.testing.assert_allclose(got, want, atol=1e-5)

@@ -8,7 +8,7 @@ import tensorflow as tf
 import tf_backup
 from tf_backup import topology
 import workers
-from test_core_cluster import reference_fit
+
 
 HOSTS = [f"10.0.0.{i}:8470" for i in range(8)]  # a pod of 8 TPU hosts, 4 cores each
 PS = ["10.0.1.0:2222", "10.0.1.1:2222"]
@@ -85,7 +85,7 @@ def test_strategy_trains_on_a_tpu_like_resolver_one_worker_per_host():
     steps = 4
     out = tf_backup.launch_local(workers.train_regression_tpu_resolver, num_workers=2, args=(steps,),
                                  timeout=240)
-    expected = reference_fit(keras.optimizers.SGD(0.1), lambda k: [2 * k, 2 * k + 1], steps, 2)
+    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [2 * k, 2 * k + 1], steps, 2)
     for worker in out:
         assert worker["tpu_cores"] == 8
         assert worker["stats"] == {"global_step": steps, "pushed": [steps] * 2, "taken": [steps] * 2,

@@ -29,6 +29,25 @@ def _regression_model(keras, units: int = 1):
     ])
 
 
+def reference_fit(optimizer, batches_per_step, steps, num_workers):
+    """Single-process training on each step's batches concatenated (one big batch).
+
+    `train_regression` on `num_workers` workers reads the same data.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+
+    x, y = regression_data(steps * num_workers)
+    rows = []
+    for k in range(steps):
+        for b in batches_per_step(k):
+            rows.extend(range(b * BATCH, (b + 1) * BATCH))
+    big = len(rows) // steps
+    model = _regression_model(keras)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(x[rows], y[rows], batch_size=big, epochs=1, shuffle=False, verbose=0)
+    return [v.numpy() for v in model.trainable_variables]
+
+
 class WaitUntilStale:
     """Keras callback: makes this worker a straggler that is always late.
 
@@ -85,7 +104,8 @@ class CancelledSleeper:
 
 def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",),
                      slow_worker: int = -1, slow_seconds: float = 0.0, asynchronous: bool = False,
-                     cancel: bool = False, barrier: bool = False):
+                     cancel: bool = False, barrier: bool = False, jit_compile: bool = False,
+                     steps_per_execution: int = 1):
     """Trains a linear model with each optimizer in turn; returns weights and counts.
 
     Worker w reads batches w, w + W, w + 2W, ... of `regression_data`. The slow
@@ -107,7 +127,8 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
         with strategy.scope():
             model = _regression_model(keras)
             optimizer = tf_backup.SyncReplicasOptimizer(inner())
-            model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+            model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile,
+                          steps_per_execution=steps_per_execution)
         callbacks, sleeper = [], None
         if strategy.worker_index == slow_worker and cancel:
             sleeper = CancelledSleeper(strategy, slow_seconds)
@@ -401,7 +422,8 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
 
 
 
-def train_regression_on_local_devices(steps: int, local_devices: int, inner: str = "sgd"):
+def train_regression_on_local_devices(steps: int, local_devices: int, inner: str = "sgd",
+                                      jit_compile: bool = False):
     """Each worker runs `local_devices` logical CPU replicas on host batches of BATCH * local_devices.
 
     Worker w reads host batches w, w + W, ...; step k of the whole cluster therefore reads
@@ -421,7 +443,7 @@ def train_regression_on_local_devices(steps: int, local_devices: int, inner: str
         model = _regression_model(keras)
         optimizer = tf_backup.SyncReplicasOptimizer(
             {"sgd": lambda: keras.optimizers.SGD(0.1), "adam": lambda: keras.optimizers.Adam(0.05)}[inner]())
-        model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+        model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
     history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
     result = {
@@ -555,7 +577,7 @@ def gather_model(keras):
 
 
 def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int = 0, slow_worker: int = -1,
-                    checkpoint_dir=None, gather: bool = False, sparse_variables=None):
+                    checkpoint_dir=None, gather: bool = False, sparse_variables=None, jit_compile: bool = False):
     """An Embedding model (IndexedSlices gradients) through model.fit; host batch BATCH * local_devices.
 
     `gather`: the table is a custom layer's, read by `tf.gather` (`gather_model`).
@@ -574,11 +596,12 @@ def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int 
         model = gather_model(keras) if gather else embedding_model(keras)
         inner = keras.optimizers.SGD(0.5, momentum=0.5 if checkpoint_dir else 0.0)
         model.compile(optimizer=tf_backup.SyncReplicasOptimizer(inner, sparse_variables=sparse_variables),
-                      loss="mse", jit_compile=False)
+                      loss="mse", jit_compile=jit_compile)
         if checkpoint_dir:
             model.optimizer.build(model.trainable_variables)  # restores the checkpoint
     initial = [v.numpy() for v in model.trainable_variables]
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
+    # A compiled step's row buffers have a fixed size: static batches.
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch, drop_remainder=jit_compile).repeat()
     callbacks = []
     if strategy.worker_index == slow_worker:
         callbacks.append(WaitUntilStale(strategy, 0.2, last_step=steps).callback)
@@ -593,3 +616,178 @@ def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int 
             "sparse_tables": counters.sparse_tables,
             "master": None if not strategy.is_chief else [v.numpy() for v in model.optimizer.master_variables],
             "initial_step": strategy.initial_step}
+
+
+def train_regression_custom_loop(steps: int, local_devices: int = 1, jit_compile: bool = True,
+                                 always_split: bool = False):
+    """`train_regression_on_local_devices` in a custom loop whose replica function is compiled.
+
+    The loop is a `tf.function` without jit_compile around `strategy.run` of a
+    `tf.function(jit_compile=True)` replica step: the exchange runs in `run`,
+    after the compiled step, on the host.
+    """
+    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.local_devices.set_logical_cpus(local_devices)
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    strategy.extended.always_split = always_split
+    host_batch = BATCH * local_devices
+    x, y = regression_data(steps * strategy.num_workers * local_devices)
+    with strategy.scope():
+        model = _regression_model(keras)
+        optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1))
+        optimizer.build(model.trainable_variables)
+
+    def replica_step(features, labels):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(features, training=True) - labels))
+            loss = loss / strategy.num_replicas_in_sync  # the replicas' gradients are summed in the host
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    replica = tf.function(replica_step, jit_compile=jit_compile)
+
+    @tf.function
+    def train_step(iterator):
+        features, labels = next(iterator)
+        return strategy.run(replica, args=(features, labels))
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
+    iterator = iter(strategy.distribute_dataset(dataset))
+    done = 0
+    try:
+        for _ in range(steps):
+            train_step(iterator)
+            done += 1
+    except tf.errors.OutOfRangeError:  # another worker ended the round first
+        pass
+    optimizer.finalize_variable_values(model.trainable_variables)  # ends the round, pulls the last step
+    return {"worker": strategy.worker_index, "steps_run": done,
+            "weights": [v.numpy() for v in model.trainable_variables], "stats": strategy.stats(),
+            "per_device": [[np.asarray(c) for c in strategy.experimental_local_results(v.value)]
+                           for v in model.trainable_variables],
+            "optimizer_iterations": int(optimizer.iterations.numpy())}
+
+
+def train_mixed_precision(steps: int, jit_compile: bool):
+    """`train_regression` under the `mixed_float16` policy: Keras wraps SyncReplicasOptimizer in a
+    LossScaleOptimizer, which unscales the gradients before our apply."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    x, y = regression_data(steps * strategy.num_workers)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                      jit_compile=jit_compile)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    return {"worker": strategy.worker_index, "optimizer": type(model.optimizer).__name__,
+            "weights": [v.numpy() for v in model.trainable_variables], "stats": strategy.stats(),
+            "loss_scale": float(model.optimizer.dynamic_scale.numpy())}
+
+
+def inspect_compiled_step():
+    """Traces one compiled replica step (the SyncReplicasOptimizer step inside XLA) and reports the ops.
+
+    Returns, for the XLA function and for the host function around it, the op
+    types and the devices their ops name; the step is also run once, so the
+    exchange outside the compiled function is checked to work.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=60.0)
+    x, y = regression_data(2)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+    replica = tf.function(model.train_step, jit_compile=True)
+
+    @tf.function
+    def step(features, labels):
+        return strategy.run(replica, args=((features, labels),))
+
+    concrete = step.get_concrete_function(tf.TensorSpec([BATCH, FEATURES], tf.float32),
+                                          tf.TensorSpec([BATCH, 1], tf.float32))
+    graph = concrete.graph.as_graph_def()
+
+    def describe(nodes):
+        return {"ops": sorted({n.op for n in nodes}), "devices": sorted({n.device for n in nodes if n.device})}
+
+    library = {f.signature.name: f for f in graph.library.function}
+    compiled = [f for f in library.values() if f.attr["_XlaMustCompile"].b]
+    logs = step(tf.constant(x[:BATCH]), tf.constant(y[:BATCH]))
+    return {
+        "compiled": [describe(f.node_def) for f in compiled],
+        "host": describe(list(graph.node) + [n for name, f in library.items() if f not in compiled
+                                             for n in f.node_def]),
+        "global_step": int(logs["global_step"]), "stats": strategy.stats(),
+    }
+
+
+def compiled_step_errors(local_devices: int = 1):
+    """The errors of compiled steps that cannot work; returns {case: (error type, message)}."""
+    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.local_devices.set_logical_cpus(local_devices)
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=60.0)
+    x, y = regression_data(4)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                      jit_compile=True)
+        model.optimizer.build(model.trainable_variables)
+    out = {}
+
+    def record(case, fn):
+        try:
+            fn()
+            out[case] = None
+        except Exception as e:  # pylint: disable=broad-except
+            out[case] = (type(e).__name__, str(e))
+
+    if local_devices > 1:
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH * local_devices).repeat()
+        record("keras_jit_several_devices", lambda: model.fit(
+            strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=1, verbose=0))
+        return out
+
+    def replica_step(features, labels):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(features) - labels))
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function(jit_compile=True)
+    def run_inside_xla(features, labels):
+        return strategy.run(replica_step, args=(features, labels))
+
+    record("custom_loop_run_inside_xla", lambda: run_inside_xla(x[:BATCH], y[:BATCH]))
+
+    # Keras's train step inside XLA, fed twice without the strategy's iterator: the first
+    # gradient is never exchanged.
+    @tf.function(jit_compile=True)
+    def keras_step_without_iterator(features, labels):
+        return strategy.run(model.train_step, args=((features, labels),))
+
+    def twice():
+        keras_step_without_iterator(x[:BATCH], y[:BATCH])
+        keras_step_without_iterator(x[BATCH:2 * BATCH], y[BATCH:2 * BATCH])
+        strategy.extended.exchange_pending()
+
+    record("two_steps_one_exchange", twice)
+    return out

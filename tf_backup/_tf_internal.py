@@ -15,3 +15,11 @@ MirroredExtended = mirrored_strategy.MirroredExtended
 from tensorflow.python.distribute import input_util
 
 get_distributed_datasets_from_function = input_util.get_distributed_datasets_from_function
+from tensorflow.python.distribute import input_lib
+from tensorflow.python.ops import control_flow_util
+
+DistributedDataset = input_lib.DistributedDataset
+DistributedDatasetsFromFunction = input_lib.DistributedDatasetsFromFunction
+DistributedIterator = input_lib.DistributedIterator
+DistributedIteratorSpec = input_lib.DistributedIteratorSpec
+in_xla_context = control_flow_util.GraphOrParentsInXlaContext

@@ -17,6 +17,8 @@ import tensorflow as tf
 
 from tf_backup import aggregator as aggregator_lib
 from tf_backup import checkpoint as checkpoint_lib
+from tf_backup import errors
+from tf_backup import exchange as exchange_lib
 from tf_backup import local_devices
 from tf_backup import protocol
 from tf_backup import shared_state
@@ -130,6 +132,8 @@ class Binding:
         self._var_list = list(var_list)
         self._assign(var_list, flats)
         self.metric_vars = ext.ensure_metric_vars()
+        with strategy.scope():  # several local replicas: one buffer copy each (tf_backup.exchange)
+            self.buffers = exchange_lib.StepBuffers(self.layout.shard_sizes, self.layout.dtype, ext._device)  # pylint: disable=protected-access
         ext.bindings.append(self)
 
     def start(self) -> None:
@@ -182,6 +186,9 @@ class Binding:
         flats = self.client.restart_superseded()
         if flats is None:
             return None
+        # A compiled step's gradient still in the buffers was computed on the old step: it is the
+        # cancelled batch, and must not be pushed tagged with the new one.
+        self.buffers.clear()
         self._assign(self._var_list, flats)
         return None if self.client.round_stopped else self.client.step
 
@@ -215,10 +222,16 @@ class Binding:
         return dense
 
     def apply(self, grads: List, variables: List) -> None:
-        """The graph part of one step on this worker: push, wait, pull, assign."""
+        """The graph part of one step on this worker.
+
+        Not compiled: push, wait, pull, assign, here. Inside an XLA or TPU
+        program: write the gradient into the step buffers; the strategy runs
+        the exchange outside the program (`tf_backup.exchange`).
+        """
         layout = self.layout
+        compiled = exchange_lib.in_compiled_context() or self._ext.always_split
         replica_ctx = local_devices.several_replicas()
-        if replica_ctx is not None:  # one contribution per host: reduce, then push once
+        if replica_ctx is not None and not compiled:  # one contribution per host: reduce, then push once
             return local_devices.apply_once_per_host(
                 replica_ctx, self.apply, grads, variables, layout.shapes, layout.dtypes)
         keys = [self._optimizer._var_key(v) for v in variables]  # pylint: disable=protected-access
@@ -228,11 +241,41 @@ class Binding:
                 f"{layout.num_vars} it was built with: apply to the same trainable variables "
                 "every step."
             )
+        packed = layout.pack(self.dense_gradients(grads))
+        if compiled:  # each local replica writes its own copy; the exchange's read sums them
+            self.buffers.write(packed)
+            self._ext.mark_compiled_step(self)
+        else:
+            self._exchange(packed, variables)
+        self._ext.mark_step_applied()
+
+    def exchange(self) -> tf.Tensor:
+        """(Host, graph or eager.) The exchange of the gradient a compiled step left in the buffers, if any.
+
+        Returns whether there was one (a bool tensor).
+        """
+        buffers = self.buffers
+
+        def run():
+            self._exchange(buffers.read(), self._var_list, pending=buffers.pending.read_value())
+            with tf.control_dependencies([self.metric_vars["global_step"].read_value()]):
+                buffers.clear()
+            return tf.constant(True)
+
+        return tf.cond(buffers.pending.read_value() > 0, run, lambda: tf.constant(False))
+
+    def _exchange(self, packed: List[tf.Tensor], variables: List, pending=None) -> None:
+        """Push, wait, pull (one tf.py_function), then assign the parameters and the step metrics."""
+        layout = self.layout
         onehot = tf.one_hot(self.worker_index, self.num_workers, dtype=layout.dtype)
-        flats = [tf.concat([flat, onehot], 0) for flat in layout.pack(self.dense_gradients(grads))]
-        outs = tf.py_function(
-            self._sync, flats, Tout=[layout.dtype] * len(flats) + [tf.int64], name="tf_backup_sync"
-        )
+        flats = [tf.concat([flat, onehot], 0) for flat in packed]
+        if pending is None:
+            outs = tf.py_function(
+                self._sync, flats, Tout=[layout.dtype] * len(flats) + [tf.int64], name="tf_backup_sync")
+        else:
+            outs = tf.py_function(
+                self._sync_pending, [pending, *flats], Tout=[layout.dtype] * len(flats) + [tf.int64],
+                name="tf_backup_sync")
         new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
         metrics = tf.ensure_shape(outs[-1], [len(worker_lib.StepMetrics._fields)])
         assigns = self._assign(variables, new_flats)
@@ -241,9 +284,22 @@ class Binding:
             self.metric_vars["fresh_gradients"].assign(metrics[1])
             self.metric_vars["dropped_gradients"].assign(metrics[2])
             self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
-        self._ext.mark_step_applied()
+
+    def _sync_pending(self, pending, *flats):
+        if int(pending) > 1:
+            raise errors.ExchangeError(
+                f"{int(pending)} compiled steps wrote their gradient before one exchange: "
+                f"{int(pending) - 1} were never pushed. Fetch each batch from the strategy's "
+                "distributed dataset (its iterator runs the exchange of the previous step).")
+        if self.sparse is None:
+            return self._sync(*flats)
+        self.sparse.push_buffered()  # before the dense push, as in a step that is not compiled
+        out = self._sync(*flats)
+        self.sparse.pull_into_tables()
+        return out
 
     def end_round(self, var_list: List) -> None:
+        self.exchange()  # a compiled fit's last step (tf_backup.exchange)
         self._assign(var_list, self.client.end_round(wait_for_others=self.aggregator is not None))
 
     def counters(self) -> "Counters":

@@ -58,3 +58,10 @@ class DuplicateDeliveryError(tf.errors.AbortedError):
 
     def __init__(self, message: str):
         super().__init__(None, None, message)
+
+
+class ExchangeError(tf.errors.InternalError):
+    """A compiled step's gradient was overwritten before its exchange ran (it was never pushed)."""
+
+    def __init__(self, message: str):
+        super().__init__(None, None, message)

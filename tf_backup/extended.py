@@ -16,6 +16,7 @@ import tensorflow as tf
 from tf_backup import _tf_internal
 from tf_backup import cluster as cluster_lib
 from tf_backup import endpoint as endpoint_lib
+from tf_backup import exchange as exchange_lib
 from tf_backup import job as job_lib
 from tf_backup import protocol
 
@@ -65,6 +66,10 @@ class _BackupWorkerMixin:
         self.metric_vars: Optional[dict] = None
         self._models = weakref.WeakSet()
         self.step_applied = False  # a SyncReplicasOptimizer step is in the function `run` traces
+        self.compiled_steps: List = []  # bindings whose compiled step `run` traces left in their buffers
+        # Split every step as a compiled one is, compiled or not: tests of that path where XLA cannot
+        # compile it (several logical CPU devices share one XLA device).
+        self.always_split = False
         self._shut_down = False
         if info.is_chief:
             self.monitor.start()
@@ -122,6 +127,16 @@ class _BackupWorkerMixin:
         """(While tracing `run`'s function.) A SyncReplicasOptimizer step is part of it: `run` adds the metrics."""
         self.step_applied = True
 
+    def mark_compiled_step(self, binding) -> None:
+        """(While tracing `run`'s function.) A compiled step wrote `binding`'s buffers: `run` exchanges them."""
+        if binding not in self.compiled_steps:
+            self.compiled_steps.append(binding)
+
+    def exchange_pending(self) -> None:
+        """Runs the exchange of every gradient a compiled step left in its buffers (`tf_backup.exchange`)."""
+        for binding in self.bindings:
+            binding.exchange()
+
     def ensure_metric_vars(self) -> dict:
         if self.metric_vars is None:
             with tf.init_scope(), tf.device(self._device):
@@ -139,16 +154,20 @@ class _BackupWorkerMixin:
             return dataset
         return dataset.shard(self.cluster.num_workers, self.cluster.worker_index)
 
+    def _experimental_distribute_dataset(self, dataset, options):
+        # Its iterators run a compiled step's deferred exchange before each batch (tf_backup.exchange).
+        return exchange_lib.exchanging(super()._experimental_distribute_dataset(dataset, options))
+
     def _distribute_datasets_from_function(self, dataset_fn, options):
         context = tf.distribute.InputContext(
             num_input_pipelines=self.cluster.num_workers,
             input_pipeline_id=self.cluster.worker_index,
             num_replicas_in_sync=self._num_replicas_in_sync,
         )
-        return _tf_internal.get_distributed_datasets_from_function(
+        return exchange_lib.exchanging(_tf_internal.get_distributed_datasets_from_function(
             dataset_fn, self._input_workers_with_options(options), [context],
             self._container_strategy(), options=options,
-        )
+        ))
 
     # -- roles -----------------------------------------------------------------
 

@@ -30,7 +30,7 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         model = build_model()
         model.compile(
             optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.Adam(1e-3)),
-            loss="sparse_categorical_crossentropy", jit_compile=False)
+            loss="sparse_categorical_crossentropy")
     model.fit(strategy.distribute_dataset(dataset), epochs=5, steps_per_epoch=100)
     ```
 

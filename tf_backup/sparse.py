@@ -36,7 +36,7 @@ copy for the tables (its slots) is not part of the saved optimizer state.
 """
 
 import threading
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -46,6 +46,7 @@ from tf_backup import _checks
 from tf_backup import accumulators
 from tf_backup import binding as binding_lib
 from tf_backup import errors
+from tf_backup import exchange as exchange_lib
 from tf_backup import local_devices
 from tf_backup import protocol
 from tf_backup.endpoint import Endpoint
@@ -196,6 +197,7 @@ class SparseBinding:
         self._lock = threading.Lock()
         self.pulled_step = 0
         self.master = None
+        self._row_buffers: Optional[List[tf.Variable]] = None  # a compiled step's rows (tf_backup.exchange)
         if info.is_chief:
             inner = optimizer.inner_optimizer
             self.inner = type(inner).from_config(inner.get_config())  # its own slots, same settings
@@ -272,8 +274,18 @@ class SparseBinding:
         return out
 
     def apply(self, grads: List, variables: List) -> None:
-        """The graph part of one step: push rows, the dense step, pull changed rows."""
+        """The graph part of one step: push rows, the dense step, pull changed rows.
+
+        In a compiled step (`tf_backup.exchange`): write the rows into buffers;
+        the dense exchange pushes them and pulls the changed rows, on the host.
+        """
+        compiled = exchange_lib.in_compiled_context() or self.dense._ext.always_split  # pylint: disable=protected-access
         replica_ctx = local_devices.several_replicas()
+        if replica_ctx is not None and compiled:
+            raise NotImplementedError(
+                "A compiled step of a worker with several local devices cannot push Embedding tables "
+                "by rows yet: give each worker process one device, compile with jit_compile=False, "
+                "or send the tables through the dense accumulators (sparse_variables=[]).")
         if replica_ctx is not None:
             shapes = [tuple(v.shape) for v in variables]
             dtypes = [v.dtype for v in variables]
@@ -286,9 +298,16 @@ class SparseBinding:
                 flat += [tf.cast(grad.indices, tf.int64), tf.cast(grad.values, var.dtype)]
             else:  # a dense gradient of a table (e.g. tied weights): every row
                 flat += [tf.range(tf.shape(grad, out_type=tf.int64)[0]), tf.cast(grad, var.dtype)]
+        dense_grads = [grads[i] for i in self.dense_ids]
+        dense_vars = [variables[i] for i in self.dense_ids]
+        if compiled:
+            for buffer, value in zip(self._buffers_for(flat), flat):
+                buffer.assign(value)
+            self.dense.apply(dense_grads, dense_vars)  # writes the dense buffers; its exchange calls ours
+            return
         token = tf.py_function(self._push, flat, Tout=tf.int64, name="tf_backup_sparse_push")
         with tf.control_dependencies([token]):
-            self.dense.apply([grads[i] for i in self.dense_ids], [variables[i] for i in self.dense_ids])
+            self.dense.apply(dense_grads, dense_vars)
         dense_done = tf.identity(self.dense.metric_vars["global_step"].read_value())
         outs = tf.py_function(self._pull, [dense_done],
                               Tout=[t for var in self.variables for t in (tf.int64, var.dtype)],
@@ -296,8 +315,42 @@ class SparseBinding:
         for k, var in enumerate(self.variables):
             idx = tf.ensure_shape(outs[2 * k], [None])
             rows = tf.ensure_shape(outs[2 * k + 1], [None] + list(var.shape[1:]))
-            value = var.value if isinstance(var, keras.Variable) else var
-            value.scatter_update(tf.IndexedSlices(rows, idx, dense_shape=tf.constant([int(d) for d in var.shape], tf.int64)))
+            self._scatter(var, idx, rows)
+
+    @staticmethod
+    def _scatter(var, indices, rows) -> None:
+        value = var.value if isinstance(var, keras.Variable) else var
+        value.scatter_update(tf.IndexedSlices(rows, indices, dense_shape=tf.constant([int(d) for d in var.shape], tf.int64)))
+
+    def _buffers_for(self, flat: List[tf.Tensor]) -> List[tf.Variable]:
+        """(First compiled trace.) Buffers of the rows' shapes: XLA cannot change a variable's shape."""
+        if self._row_buffers is None:
+            if exchange_lib.in_compiled_context() and not all(t.shape.is_fully_defined() for t in flat):
+                raise ValueError(
+                    "A compiled step pushes Embedding rows through buffers of a fixed size, but this "
+                    f"step's row counts are not static ({[tuple(t.shape) for t in flat[::2]]}): give the "
+                    "dataset a fixed batch size (`batch(..., drop_remainder=True)`), or compile with "
+                    "jit_compile=False.")
+            with tf.init_scope():
+                self._row_buffers = [
+                    tf.Variable(tf.zeros([d if d is not None else 0 for d in t.shape], t.dtype),
+                                shape=tf.TensorShape([None] + list(t.shape[1:])), trainable=False,
+                                name=f"tf_backup_rows_{k}")
+                    for k, t in enumerate(flat)]
+        return self._row_buffers
+
+    def push_buffered(self) -> None:
+        """(Host, inside the dense exchange.) Pushes the rows a compiled step left in the buffers."""
+        if self._row_buffers is not None:
+            self._push(*self._row_buffers)
+
+    def pull_into_tables(self) -> None:
+        """(Host, inside the dense exchange, after its pull.) Scatters the changed rows into the tables."""
+        if self._row_buffers is None:
+            return
+        outs = self._pull(None)
+        for k, var in enumerate(self.variables):
+            self._scatter(var, tf.constant(outs[2 * k]), tf.constant(outs[2 * k + 1]))
 
     def end_round(self) -> None:
         """After the dense end of round: the final tables."""

@@ -11,6 +11,7 @@ from tf_backup import _checks
 from tf_backup import _tf_internal
 from tf_backup import aggregator as aggregator_lib
 from tf_backup import cluster as cluster_lib
+from tf_backup import exchange as exchange_lib
 from tf_backup import extended as extended_lib
 from tf_backup import job as job_lib
 from tf_backup import local_devices
@@ -37,7 +38,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
     with strategy.scope():
         model = build_model()
         model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
-                      loss=..., jit_compile=False)
+                      loss=...)
     model.fit(strategy.distribute_dataset(dataset), epochs=..., steps_per_epoch=...)
     ```
 
@@ -229,18 +230,45 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         (a Keras `train_step`), the dict gains `global_step`, `fresh_gradients`
         (gradients averaged into the latest step) and `dropped_gradients`
         (stale gradients dropped so far, over all workers).
+
+        A compiled `fn` (`tf.function(fn, jit_compile=True)`, a TPU program)
+        leaves its gradient in buffers; the exchange with the ps runs here,
+        after it. Called inside an XLA function itself (Keras's
+        `jit_compile=True`), the exchange runs at the next batch fetch from the
+        strategy's distributed dataset, and the metrics are those of the step
+        before (`tf_backup.exchange`).
+
+        Raises:
+          ValueError: called inside an XLA function by something other than a
+            Keras model, or by Keras on a worker with several local devices.
         """
         model = getattr(fn, "__self__", None)
         if model is not None and hasattr(model, "stop_training"):
-            if getattr(model, "jit_compile", False) and not tf.executing_eagerly():
-                raise ValueError(
-                    "BackupWorkerStrategy cannot run an XLA-compiled train step (its step talks "
-                    "to the ps tasks): compile the model with `jit_compile=False`. Received "
-                    "jit_compile=True"
-                )
             self.extended.note_model(model)
+        else:
+            model = None
         self.extended.step_applied = False
+        self.extended.compiled_steps = []
         outputs = super().run(fn, args, kwargs, options)
+        if self.extended.compiled_steps:  # the replica step was compiled: exchange outside it
+            if not exchange_lib.in_compiled_context():
+                for binding in self.extended.compiled_steps:
+                    binding.exchange()
+            elif model is None:
+                raise ValueError(
+                    "BackupWorkerStrategy.run was called inside an XLA-compiled function: its step "
+                    "exchanges gradients with the ps tasks, which XLA cannot compile. Compile the "
+                    "replica function instead: `strategy.run(tf.function(fn, jit_compile=True), ...)` "
+                    "inside a `tf.function` without jit_compile.")
+            elif self.num_replicas_in_sync > 1:
+                raise ValueError(
+                    "Keras compiles every local replica of this worker into one XLA program, which "
+                    f"XLA cannot run over {self.num_replicas_in_sync} devices (MirroredStrategy fails "
+                    "the same way): compile the model with `jit_compile=False`, give each worker "
+                    "process one device (`devices=[...]`), or compile the replica function in a custom "
+                    "loop (`strategy.run(tf.function(fn, jit_compile=True), ...)`). Received "
+                    "jit_compile=True")
+            # else Keras's `jit_compile=True`: the next batch fetch runs the exchange (tf_backup.exchange).
         if self.extended.step_applied and isinstance(outputs, dict):
             outputs = dict(outputs)
             for name, var in self.extended.ensure_metric_vars().items():

@@ -1,0 +1,220 @@
+"""Compiled steps (XLA): the replica step compiled, the exchange on the host (tf_backup.exchange).
+
+Cluster tests train with `jit_compile=True` and compare weights and counts with
+single-process references and with the same training not compiled. Unit tests
+check, without a cluster, what the design relies on in TensorFlow: which traces
+are compiled, and that the strategy's iterators run the exchange before each
+batch inside Keras-like functions.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_backup
+from tf_backup import exchange
+import workers
+
+
+def test_in_compiled_context_is_true_only_while_tracing_an_xla_function():
+    seen = {}
+
+    @tf.function(jit_compile=True)
+    def compiled(x):
+        seen["xla"] = exchange.in_compiled_context()
+        return x + 1
+
+    @tf.function
+    def host(x):
+        seen["host"] = exchange.in_compiled_context()
+        return compiled(x)
+
+    seen["eager"] = exchange.in_compiled_context()
+    assert float(host(tf.constant(1.0))) == 2.0
+    assert seen == {"eager": False, "host": False, "xla": True}
+
+
+class _CountingExtended:
+    """Stands in for the strategy's `exchange_pending`: counts the exchanges each run executes."""
+
+    def __init__(self):
+        self.count = tf.Variable(0, dtype=tf.int64)
+
+    def exchange_pending(self):
+        self.count.assign_add(1)
+
+
+def _exchanging_iterator(strategy, counter, elements=10):
+    strategy.extended.exchange_pending = counter.exchange_pending  # the instance only
+    dataset = exchange.exchanging(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.range(elements).batch(1)))
+    iterator = iter(dataset)
+    assert type(iterator) is exchange.ExchangingIterator  # pylint: disable=unidiomatic-typecheck
+    return iterator
+
+
+def test_the_iterator_runs_the_exchange_before_each_batch_inside_tf_functions():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    counter = _CountingExtended()
+    iterator = _exchanging_iterator(strategy, counter)
+    kinds = []
+
+    @tf.function
+    def three_batches(it):
+        kinds.append(type(it))  # rebuilt from its type spec inside the function
+        return [it.get_next() for _ in range(3)]
+
+    @tf.function
+    def until_empty(it):  # Keras's steps_per_execution loop: get_next_as_optional in a while loop
+        total = tf.constant(0, tf.int64)
+        optional = it.get_next_as_optional()
+        while optional.has_value():
+            total += tf.reduce_sum(optional.get_value())
+            optional = it.get_next_as_optional()
+        return total
+
+    got = [int(x[0]) for x in three_batches(iterator)]
+    assert got == [0, 1, 2] and int(counter.count) == 3
+    assert kinds == [exchange.ExchangingIterator]
+    assert int(next(iterator)[0]) == 3 and int(counter.count) == 4  # eager too
+    assert int(until_empty(iterator)) == sum(range(4, 10))
+    assert int(counter.count) == 4 + 7  # six batches and the fetch that found none
+
+
+def test_the_iterator_of_datasets_from_a_function_exchanges_too():
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    counter = _CountingExtended()
+    strategy.extended.exchange_pending = counter.exchange_pending
+    dataset = exchange.exchanging(strategy.distribute_datasets_from_function(
+        lambda context: tf.data.Dataset.range(4).batch(1)))
+    assert [int(x[0]) for x in dataset] == [0, 1, 2, 3]
+    assert int(counter.count) == 5  # four batches and the end
+
+
+@pytest.mark.cluster
+def test_the_compiled_function_has_no_py_function_and_no_ps_op_and_the_host_exchanges():
+    (out,) = tf_backup.launch_local(workers.inspect_compiled_step, num_workers=1, timeout=180)
+    assert len(out["compiled"]) == 1
+    compiled, host = out["compiled"][0], out["host"]
+    assert "AssignVariableOp" in compiled["ops"]  # it writes the gradient buffers
+    assert not {"EagerPyFunc", "PyFunc"} & set(compiled["ops"])
+    assert not [d for d in compiled["devices"] if "/job:ps" in d]
+    assert "EagerPyFunc" in host["ops"]  # the exchange: outside the compiled function
+    assert out["global_step"] == 1 and out["stats"]["pushed"] == [1] and out["stats"]["taken"] == [1]
+
+
+@pytest.mark.cluster
+def test_xla_3_workers_0_backup_equal_large_batch_sgd_and_adam_also_several_steps_per_execution():
+    steps = 6
+    out = tf_backup.launch_local(
+        workers.train_regression, num_workers=3,
+        kwargs=dict(steps=steps, optimizers=("sgd", "adam"), jit_compile=True, steps_per_execution=2),
+        timeout=240)
+    for i, inner in enumerate([keras.optimizers.SGD(0.1), keras.optimizers.Adam(0.05)]):
+        expected = workers.reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
+        for worker in out:
+            result = worker["results"][i]
+            for got, want in zip(result["weights"], expected):
+                np.testing.assert_allclose(got, want, atol=1e-5)
+            assert result["stats"] == {"global_step": steps, "pushed": [steps] * 3, "taken": [steps] * 3,
+                                       "dropped": [0] * 3, "cancelled": [0] * 3}
+            # A compiled batch's logs are read inside the compiled step, before its exchange: the step before.
+            assert result["history"]["global_step"] == [steps - 1]
+        assert out[0]["results"][i]["contributions"] == [[1, 1, 1]] * steps
+    assert abs(float(out[0]["results"][0]["weights"][0][0, 0])) > 0.1
+
+
+@pytest.mark.cluster
+def test_xla_4_workers_1_backup_never_apply_the_slow_workers_gradients():
+    steps = 12
+    out = tf_backup.launch_local(
+        workers.train_regression, num_workers=4,
+        kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, slow_seconds=0.3, barrier=True,
+                    jit_compile=True),
+        timeout=240, ps_exit_grace=20)
+    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2],
+                                     steps, 4)
+    results = [worker["results"][0] for worker in out]
+    stats = results[0]["stats"]
+    for result in results:
+        assert result["stats"] == stats
+        for got, want in zip(result["weights"], expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    assert stats["global_step"] == steps and stats["taken"] == [steps, steps, steps, 0]
+    assert stats["pushed"][3] >= 1 and stats["dropped"] == [0, 0, 0, stats["pushed"][3]]
+    assert results[0]["contributions"] == [[1, 1, 1, 0]] * steps
+
+
+@pytest.mark.cluster
+def test_a_custom_loop_with_an_xla_replica_function_equals_large_batch_sgd():
+    steps = 5
+    out = tf_backup.launch_local(workers.train_regression_custom_loop, num_workers=2,
+                                 kwargs=dict(steps=steps, jit_compile=True), timeout=240)
+    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [2 * k, 2 * k + 1], steps, 2)
+    for worker in out:
+        for got, want in zip(worker["weights"], expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        assert worker["stats"]["global_step"] == steps and worker["stats"]["taken"] == [steps, steps]
+        assert worker["optimizer_iterations"] == steps
+
+
+@pytest.mark.cluster
+def test_split_steps_of_2_workers_x_2_devices_equal_4_single_device_workers():
+    # XLA cannot compile for several logical CPU devices (they share one XLA device; MirroredStrategy
+    # fails the same way), so this runs the compiled path's split (per-replica buffers summed on
+    # the host, exchange after `run`) without XLA itself.
+    steps = 5
+    multi = tf_backup.launch_local(workers.train_regression_custom_loop, num_workers=2,
+                                   kwargs=dict(steps=steps, local_devices=2, jit_compile=False,
+                                               always_split=True), timeout=240)
+    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k + i for i in range(4)], steps, 4)
+    for worker in multi:
+        for got, want in zip(worker["weights"], expected):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        for copies in worker["per_device"]:
+            np.testing.assert_array_equal(copies[0], copies[1])
+        assert worker["stats"]["taken"] == [steps, steps]
+
+
+@pytest.mark.cluster
+def test_xla_embedding_model_trains_by_rows_as_without_xla():
+    steps = 6
+    runs = {jit: tf_backup.launch_local(workers.train_embedding, num_workers=2,
+                                        kwargs=dict(steps=steps, jit_compile=jit), timeout=240)
+            for jit in (True, False)}
+    for compiled, plain in zip(runs[True], runs[False]):
+        assert compiled["sparse_tables"] == [[workers.VOCAB, 3]] and compiled["dense_elements"] == 3 + 1
+        assert compiled["stats"] == plain["stats"] and compiled["stats"]["taken"] == [steps, steps]
+        for got, want in zip(compiled["weights"], plain["weights"]):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+    table, initial = runs[True][0]["weights"][0], runs[True][0]["initial"][0]
+    assert 0 < int((np.abs(table - initial).max(axis=1) > 0).sum()) < workers.VOCAB  # some rows moved
+
+
+@pytest.mark.cluster
+def test_xla_mixed_precision_through_keras_loss_scale_optimizer_as_without_xla():
+    runs = {jit: tf_backup.launch_local(workers.train_mixed_precision, num_workers=2,
+                                        kwargs=dict(steps=6, jit_compile=jit), timeout=240)
+            for jit in (True, False)}
+    for compiled, plain in zip(runs[True], runs[False]):
+        assert compiled["optimizer"] == "LossScaleOptimizer"
+        assert compiled["stats"] == plain["stats"] and compiled["loss_scale"] == plain["loss_scale"]
+        # Steps whose scaled gradients overflowed are skipped (not pushed) by every worker alike.
+        assert 1 <= compiled["stats"]["global_step"] <= 6
+        for got, want in zip(compiled["weights"], plain["weights"]):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+    assert abs(float(runs[True][0]["weights"][0][0, 0])) > 0.01
+
+
+@pytest.mark.cluster
+def test_compiled_steps_that_cannot_work_raise_errors_that_say_what_to_do():
+    (out,) = tf_backup.launch_local(workers.compiled_step_errors, num_workers=1, timeout=180)
+    kind, message = out["custom_loop_run_inside_xla"]
+    assert kind == "ValueError" and "strategy.run(tf.function(fn, jit_compile=True)" in message
+    kind, message = out["two_steps_one_exchange"]  # raised in the exchange's py_function
+    assert "ExchangeError" in kind + message and "1 were never pushed" in message
+    (out,) = tf_backup.launch_local(workers.compiled_step_errors, num_workers=1,
+                                    kwargs=dict(local_devices=2), timeout=180)
+    kind, message = out["keras_jit_several_devices"]
+    assert kind == "ValueError" and "one XLA program" in message and "jit_compile=True" in message
