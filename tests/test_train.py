@@ -191,13 +191,16 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     assert any(l.startswith("summary | steps: ") for l in out.stdout.splitlines())
     assert os.listdir(model_dir / "tensorboard") and (model_dir / "model.keras").exists()
     assert json.loads((model_dir / "config.json").read_text())["steps"] == 12
+    assert summary["jit_compile"] is False  # --jit_compile=auto: Keras turns XLA off under a strategy
 
-    # The same command again, with more steps, resumes from the final checkpoint.
+    # The same command again, with more steps, resumes from the final checkpoint; this time the
+    # replica step is compiled with XLA.
     assert tf.train.latest_checkpoint(model_dir / "checkpoints" / "opt0").endswith("ckpt-12")
     out = run_binary("--config=regression", "--steps=20", "--log_every=4", f"--model_dir={model_dir}",
-                     timeout=300)
+                     "--jit_compile=true", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     resumed = json.loads((model_dir / "summary.json").read_text())
+    assert resumed["jit_compile"] is True
     assert resumed["resumed_from_step"] == 12 and resumed["steps"] == 20
     assert "resumed from the checkpoint of global step 12" in out.stdout
     assert sum(resumed["gradients"]["taken"]) >= 2 * 8  # this run's 8 steps (counts are per job)

@@ -86,6 +86,11 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "also written at the end). Running the same command again resumes from the latest.",
     lower_bound=1)
 
+_JIT_COMPILE = flags.DEFINE_enum(
+    "jit_compile", "auto", ["auto", "true", "false"],
+    "XLA for the replica step (Keras's compile(jit_compile=...)); the exchange with the ps runs on the "
+    "host either way. auto: Keras's choice (off under a distribution strategy).")
+
 _OVERRIDES = {
     "num_workers": _NUM_WORKERS, "num_backup_workers": _NUM_BACKUP_WORKERS, "num_ps": _NUM_PS,
     "steps": _STEPS, "epochs": _EPOCHS, "batch_size": _BATCH_SIZE, "learning_rate": _LEARNING_RATE,
@@ -130,7 +135,13 @@ def make_optimizer(name: str, learning_rate: float):
     }[name]()
 
 
-def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dict[str, Any]) -> Dict[str, Any]:
+def keras_jit_compile(flag: str):
+    """The --jit_compile flag as Keras's `compile(jit_compile=...)` takes it."""
+    return {"auto": "auto", "true": True, "false": False}[flag]
+
+
+def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dict[str, Any],
+               jit_compile="auto") -> Dict[str, Any]:
     """Runs one worker's part of the job (every worker process runs this).
 
     Returns:
@@ -173,7 +184,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         optimizer = tf_backup.SyncReplicasOptimizer(make_optimizer(config.optimizer, config.learning_rate))
         model.compile(optimizer=optimizer,
                       loss="sparse_categorical_crossentropy" if classifier else "mse",
-                      metrics=["accuracy"] if classifier else [], jit_compile=False)
+                      metrics=["accuracy"] if classifier else [], jit_compile=jit_compile)
         # Built now, not at the first step: the chief restores the latest checkpoint
         # here and every worker learns the global step the job starts from.
         optimizer.build(model.trainable_variables)
@@ -215,6 +226,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         "num_backup_workers": config.num_backup_workers,
         "replicas_to_aggregate": config.replicas_to_aggregate,
         "straggler": model_spec.describe(),
+        "jit_compile": bool(model.jit_compile),
         "test_loss": float(evaluation["loss"]),
         "test_accuracy": float(evaluation["accuracy"]) if classifier else None,
         "steps": stats["global_step"],
@@ -323,7 +335,8 @@ def main(argv) -> int:
               f"{config.straggler}; logs in {model_dir}/logs", flush=True)
         results = tf_backup.launch_local(
             train_task, config.num_workers, num_ps=config.num_ps,
-            args=(config.to_dict(), model_dir, strategy_args), timeout=_TIMEOUT.value,
+            args=(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value)),
+            timeout=_TIMEOUT.value,
             log_dir=os.path.join(model_dir, "logs"), echo="worker-0",
             max_failed_workers=0 if config.mode == "async" else config.num_backup_workers)
         summary = merge(results)
@@ -342,7 +355,7 @@ def main(argv) -> int:
             os._exit(0)
         check_inputs(config)
         try:
-            result = train_task(config.to_dict(), model_dir, strategy_args)
+            result = train_task(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value))
         except BaseException:
             tf_backup.extended.shutdown_all(failed=True)  # the chief aborts the job for everyone
             raise
