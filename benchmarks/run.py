@@ -12,6 +12,7 @@ min–max; failed runs listed) and `<name>.png` when matplotlib is installed (`p
   overhead   tf_backup b = 0 against MultiWorkerMirroredStrategy, no stragglers
   accuracy   time to accuracy of async, sync and sync with backups on MNIST-1D
   tf1        TF1 SyncReplicasOptimizer (graph mode) as the reference implementation
+  xla        compiled steps: the MNIST-1D CNN with XLA on and off; overhead vs MWMS with XLA on
 
 No benchmark is a timed test; `tests/test_benchmarks.py` runs `--smoke` (the quick mode's
 smallest case).
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "overhead": "benchmarks.overhead",
     "accuracy": "benchmarks.time_to_accuracy",
     "tf1": "benchmarks.tf1_reference",
+    "xla": "benchmarks.xla",
 }
 
 SMOKE = ["tradeoff", "overhead"]  # the benchmarks whose smallest quick case the smoke test runs

@@ -415,7 +415,8 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     for hidden in cfg["hiddens"]:
         with strategy.scope():
             model = build_mlp(keras, hidden, seed=0)
-            model.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy", jit_compile=False)
+            model.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy",
+                          jit_compile=cfg.get("jit_compile", False))
             if cfg["system"] == "mwms":
                 # Keras 3.15 `fit` builds loss/metrics from one batch of the distributed iterator,
                 # reduced with strategy.reduce("MEAN", PerReplica), which fails on a multi-worker

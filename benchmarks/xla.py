@@ -1,0 +1,115 @@
+"""Compiled steps: step time with XLA on and off, and the overhead against MWMS with XLA on for both.
+
+1. The default job's model (the MNIST-1D CNN, filters 25-25-25, Adam, batch 32 per worker) on a
+   localhost cluster of 2 workers (b = 0) + 1 ps, `jit_compile=True` against `False`, interleaved
+   run by run so drifting load hits both alike.
+2. `benchmarks.overhead`'s MLP (10^4 parameters, no simulated compute) with `jit_compile=True` for
+   tf_backup and for MultiWorkerMirroredStrategy, 2 and 4 workers.
+
+This machine has no GPU: XLA compiles for its CPU. The ratios say what the split step costs or
+saves here, not what XLA gains on a GPU (`benchmarks/device_check.py` measures that on a GPU).
+
+  python -m benchmarks.run --quick --only=xla
+"""
+
+import statistics
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from benchmarks import common
+
+NAME = "xla"
+TITLE = "Compiled steps: XLA on and off, and against MWMS with XLA"
+
+
+def settings(quick: bool, smoke: bool = False) -> Dict:
+    if smoke:
+        return dict(runs=1, steps=15, reps=1, overhead_workers=[2])
+    if quick:
+        return dict(runs=3, steps=30, reps=2, overhead_workers=[2, 4])
+    return dict(runs=5, steps=60, reps=3, overhead_workers=[2, 4, 8])
+
+
+def cnn_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """One worker: the MNIST-1D CNN; worker 0 returns its step times per timed fit."""
+    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    workloads.keep_garbage()
+    import keras  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from trainers import data  # pylint: disable=g-import-not-at-top
+    from trainers import models  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=0, step_timeout=300.0)
+    w = strategy.worker_index
+    train, info = data.load("mnist1d", split="train", batch_size=32, num_shards=strategy.num_workers,
+                            shard_index=w, shuffle_seed=w, repeat=True)
+    with strategy.scope():
+        model = models.build("cnn", info.input_shape, info.num_classes, filters=(25, 25, 25), seed=0)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.Adam(0.003)),
+                      loss="sparse_categorical_crossentropy", jit_compile=cfg["jit_compile"])
+    reps = workloads._timed_fits(keras, model, train, cfg)  # pylint: disable=protected-access
+    return {"reps": reps, "jit_compile": bool(model.jit_compile)} if w == 0 else None
+
+
+def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from benchmarks import launcher  # pylint: disable=g-import-not-at-top
+    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+
+    s = settings(quick, smoke)
+    failures, csv_rows = [], []
+    cnn = {True: [], False: []}
+    for r in range(s["runs"]):
+        for jit in (True, False):
+            cfg = dict(jit_compile=jit, steps=s["steps"], reps=s["reps"], warmup=5)
+            try:
+                out = tf_backup.launch_local(cnn_worker, 2, args=(cfg,), timeout=600)
+            except Exception as e:  # pylint: disable=broad-except
+                failures.append(f"CNN, jit_compile={jit}, run {r + 1}: {str(e).splitlines()[0]}")
+                continue
+            assert out[0]["jit_compile"] is jit
+            for rep, steps in enumerate(out[0]["reps"]):
+                cnn[jit].append(float(np.mean(steps)))
+                csv_rows.append(["cnn", "tf_backup", 2, jit, r + 1, rep + 1, float(np.mean(steps))])
+            print(f"{NAME}: CNN jit_compile={jit}: {[round(x * 1e3, 1) for x in cnn[jit]]} ms", flush=True)
+    hidden = workloads.hidden_for_params(1e4)
+    over = {}
+    for w in s["overhead_workers"]:
+        for system in ("tf_backup", "mwms"):
+            cfg = dict(system=system, hiddens=[hidden], steps=s["steps"], reps=s["reps"], jit_compile=True)
+            try:
+                if system == "mwms":
+                    out = launcher.launch(workloads.overhead_worker, {"worker": w}, args=(cfg,), timeout=600)
+                else:
+                    out = tf_backup.launch_local(workloads.overhead_worker, w, args=(cfg,), timeout=600)
+            except Exception as e:  # pylint: disable=broad-except
+                failures.append(f"overhead with XLA, {system}, {w} workers: {str(e).splitlines()[0]}")
+                continue
+            over[(system, w)] = [float(np.mean(steps)) for steps in out[0][hidden]]
+            for rep, mean in enumerate(over[(system, w)]):
+                csv_rows.append(["mlp", system, w, True, 1, rep + 1, mean])
+            print(f"{NAME}: overhead XLA {system} {w} workers: {[round(x * 1e3, 1) for x in over[(system, w)]]} ms",
+                  flush=True)
+    ms = lambda v: common.median_range([x * 1e3 for x in v], "{:.1f}") if v else "failed"  # noqa: E731
+    ratio = lambda a, b: f"{statistics.median(a) / statistics.median(b):.2f}" if a and b else "failed"  # noqa: E731
+    rows = [["MNIST-1D CNN (25-25-25), Adam, batch 32", "tf_backup, 2 workers b = 0", ms(cnn[True]),
+             ms(cnn[False]), ratio(cnn[True], cnn[False])]]
+    for w in s["overhead_workers"]:
+        ours, ref = over.get(("tf_backup", w), []), over.get(("mwms", w), [])
+        rows.append([f"MLP {workloads.mlp_params(hidden):,} params, SGD, batch 32", f"{w} workers, both XLA",
+                     f"ours {ms(ours)}", f"MWMS {ms(ref)}", ratio(ours, ref)])
+    notes = [
+        "Row 1: tf_backup with `jit_compile=True` against `jit_compile=False`, the same cluster shape, runs "
+        f"interleaved ({s['runs']} clusters each, {s['reps']} timed fits of {s['steps']} steps per cluster after "
+        "5 warm-up steps); step time = mean time between worker 0's batch ends; median (min–max) over the fits. "
+        "Ratio = XLA / no XLA.",
+        "Other rows: `benchmarks.overhead`'s workload (no stragglers, no simulated compute) with "
+        "`jit_compile=True` for both systems; ratio = ours / MWMS. Compare with `overhead.md` (XLA off).",
+        "This machine has no GPU: XLA compiles for 2 shared CPU cores. With XLA on, the exchange of a batch "
+        "runs when Keras fetches the next batch (docs/design.md, \"Compiled steps\").",
+    ]
+    columns = ["workload", "cluster", "XLA on / ours ms/step", "XLA off / MWMS ms/step", "ratio"]
+    csv_columns = ["workload", "system", "workers", "jit_compile", "cluster", "rep", "mean_step_s"]
+    lines = common.write_results(out_dir, NAME, TITLE, notes, columns, rows, csv_columns, csv_rows, failures, argv)
+    return {"lines": lines, "cnn": cnn, "overhead": over, "failures": failures}
