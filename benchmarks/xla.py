@@ -50,7 +50,10 @@ def cnn_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.Adam(0.003)),
                       loss="sparse_categorical_crossentropy", jit_compile=cfg["jit_compile"])
     reps = workloads._timed_fits(keras, model, train, cfg)  # pylint: disable=protected-access
-    return {"reps": reps, "jit_compile": bool(model.jit_compile)} if w == 0 else None
+    if w != 0:
+        return None
+    return {"reps": reps, "jit_compile": bool(model.jit_compile), "step": strategy.stats()["global_step"],
+            "weights": [v.numpy() for v in model.trainable_variables] if cfg.get("weights") else None}
 
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
@@ -79,7 +82,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     for w in s["overhead_workers"]:
         # MWMS with XLA first; where XLA cannot compile it (on CPU its collectives are not
         # implemented), MWMS without XLA is the comparison, and the table says so.
-        for system, jit in (("tf_backup", True), ("mwms", True), ("mwms", False)):
+        for system, jit in (("tf_backup", True), ("tf_backup", False), ("mwms", True), ("mwms", False)):
             if system == "mwms" and not jit and mwms_jit.get(w):
                 continue
             cfg = dict(system=system, hiddens=[hidden], steps=s["steps"], reps=s["reps"], jit_compile=jit)
@@ -96,20 +99,23 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                 continue
             if system == "mwms":
                 mwms_jit[w] = jit
-            over[(system, w)] = [float(np.mean(steps)) for steps in out[0][hidden]]
-            for rep, mean in enumerate(over[(system, w)]):
+            key = (system, w) if system == "mwms" else (system, w, jit)
+            over[key] = [float(np.mean(steps)) for steps in out[0][hidden]]
+            for rep, mean in enumerate(over[key]):
                 csv_rows.append(["mlp", system, w, jit, 1, rep + 1, mean])
             print(f"{NAME}: overhead {system} jit_compile={jit} {w} workers: "
-                  f"{[round(x * 1e3, 1) for x in over[(system, w)]]} ms", flush=True)
+                  f"{[round(x * 1e3, 1) for x in over[key]]} ms", flush=True)
     ms = lambda v: common.median_range([x * 1e3 for x in v], "{:.1f}") if v else "failed"  # noqa: E731
     ratio = lambda a, b: f"{statistics.median(a) / statistics.median(b):.2f}" if a and b else "failed"  # noqa: E731
     rows = [["MNIST-1D CNN (25-25-25), Adam, batch 32", "tf_backup, 2 workers b = 0", ms(cnn[True]),
              ms(cnn[False]), ratio(cnn[True], cnn[False])]]
     for w in s["overhead_workers"]:
-        ours, ref = over.get(("tf_backup", w), []), over.get(("mwms", w), [])
+        ours, plain = over.get(("tf_backup", w, True), []), over.get(("tf_backup", w, False), [])
+        ref = over.get(("mwms", w), [])
         which = {True: "XLA", False: "XLA off (XLA failed)"}.get(mwms_jit.get(w), "-")
-        rows.append([f"MLP {workloads.mlp_params(hidden):,} params, SGD, batch 32", f"{w} workers",
-                     f"ours, XLA: {ms(ours)}", f"MWMS, {which}: {ms(ref)}", ratio(ours, ref)])
+        mlp = f"MLP {workloads.mlp_params(hidden):,} params, SGD, batch 32"
+        rows.append([mlp, f"tf_backup, {w} workers", f"XLA: {ms(ours)}", f"no XLA: {ms(plain)}", ratio(ours, plain)])
+        rows.append([mlp, f"{w} workers", f"ours, XLA: {ms(ours)}", f"MWMS, {which}: {ms(ref)}", ratio(ours, ref)])
     notes = [
         "Row 1: tf_backup with `jit_compile=True` against `jit_compile=False`, the same cluster shape, runs "
         f"interleaved ({s['runs']} clusters each, {s['reps']} timed fits of {s['steps']} steps per cluster after "

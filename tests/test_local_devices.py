@@ -55,3 +55,19 @@ def test_2_workers_x_2_devices_equal_4_single_device_workers():
     assert single[0]["contributions"] == [[1, 1, 1, 1]] * steps
     assert single[0]["num_replicas_in_sync"] == 1
     assert abs(float(multi[0]["weights"][0][0, 0])) > 0.1  # it trained
+
+
+def test_a_worker_of_several_tpu_hosts_is_refused_naming_the_setting(monkeypatch):
+    # No TPU here: the host is made to report one, to check the refusal before any TPU is touched.
+    monkeypatch.setattr(local_devices.tf.config, "list_physical_devices",
+                        lambda kind=None: ["TPU:0"] if kind == "TPU" else [])
+
+    class PodResolver:  # what topology.with_ps(..., hosts_per_worker=4) returns, as far as this reads
+        hosts_per_worker = 4
+
+    with pytest.raises(NotImplementedError, match="group of 4 TPU hosts.*hosts_per_worker=1"):
+        local_devices.local_tpu(PodResolver())
+
+
+def test_a_host_without_tpu_devices_has_no_local_tpu():
+    assert local_devices.local_tpu(None) is None

@@ -23,3 +23,13 @@ DistributedDatasetsFromFunction = input_lib.DistributedDatasetsFromFunction
 DistributedIterator = input_lib.DistributedIterator
 DistributedIteratorSpec = input_lib.DistributedIteratorSpec
 in_xla_context = control_flow_util.GraphOrParentsInXlaContext
+from tensorflow.python.autograph.core import ag_ctx
+from tensorflow.python.autograph.impl import api as autograph
+from tensorflow.python.distribute import tpu_strategy
+
+TPUExtended = tpu_strategy.TPUExtended
+
+
+def autograph_convert(fn):
+    """`fn` converted as `TPUStrategy.run` converts it before `tpu_run`."""
+    return autograph.tf_convert(fn, ag_ctx.control_status_ctx())

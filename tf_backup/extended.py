@@ -1,8 +1,9 @@
 """The extended classes of `BackupWorkerStrategy`: what a worker holds for the job.
 
-`BackupWorkerExtended` is `OneDeviceStrategy`'s extended, and
+`BackupWorkerExtended` is `OneDeviceStrategy`'s extended,
 `MultiDeviceBackupWorkerExtended` `MirroredStrategy`'s, over this worker's
-devices, each with `_BackupWorkerMixin`: the strategy's endpoints to the ps
+devices, and `TPUBackupWorkerExtended` `TPUStrategy`'s, over its TPU cores,
+each with `_BackupWorkerMixin`: the strategy's endpoints to the ps
 tasks, its membership of the job (`job.JobMonitor`), the optimizers bound to
 the shared state (`binding.Binding`), the Keras models it stops, and input
 sharding by worker.
@@ -48,11 +49,11 @@ class _BackupWorkerMixin:
     ps tasks, one contribution per worker (host) per step.
     """
 
-    def __init__(self, container_strategy, device: str, info: cluster_lib.ClusterInfo,
+    def __init__(self, container_strategy, base_args: tuple, info: cluster_lib.ClusterInfo,
                  config: protocol.ProtocolConfig, worker_timeout: float = 30.0,
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every_steps: int = 100, ps_timeout: float = endpoint_lib.DEFAULT_TIMEOUT):
-        super().__init__(container_strategy, device)
+        super().__init__(container_strategy, *base_args)  # the local strategy's extended
         self.cluster = info
         self.config = config
         self.worker_timeout = worker_timeout
@@ -73,6 +74,12 @@ class _BackupWorkerMixin:
         self._shut_down = False
         if info.is_chief:
             self.monitor.start()
+
+    # -- running -------------------------------------------------------------------
+
+    def run_replicas(self, run, fn, args, kwargs, options):
+        """Runs `fn` on this worker's replicas: `run` is `Strategy.run` (the TPU variant compiles instead)."""
+        return run(fn, args, kwargs, options)
 
     # -- job -------------------------------------------------------------------
 
@@ -195,5 +202,28 @@ class MultiDeviceBackupWorkerExtended(_BackupWorkerMixin, _tf_internal.MirroredE
         # MirroredStrategy's class attribute: the base of its collective keys.
         if not hasattr(container_strategy, "_collective_key_base"):
             container_strategy._collective_key_base = 0  # pylint: disable=protected-access
-        super().__init__(container_strategy, tuple(devices), info, config, **kwargs)
+        super().__init__(container_strategy, (tuple(devices),), info, config, **kwargs)
         self._device = self._devices[0]  # where the step metrics live (mirrored anyway)
+
+
+class TPUBackupWorkerExtended(_BackupWorkerMixin, _tf_internal.TPUExtended):
+    """A worker that is one TPU host: `TPUStrategy` over the host's TPU cores inside the worker.
+
+    `run_replicas` compiles the replica function into the TPU program (`tpu_run`, as
+    `TPUStrategy.run`); its SyncReplicasOptimizer step writes the gradient buffers there, and
+    `BackupWorkerStrategy.run` exchanges them on the host CPU after the program
+    (`tf_backup.exchange`). The buffers synchronize on read, so the host's read sums the cores'
+    gradients. Written against TensorFlow's TPUExtended; it has not run on a TPU (README).
+    """
+
+    def __init__(self, container_strategy, tpu_resolver, info, config, **kwargs):
+        super().__init__(container_strategy, (tpu_resolver,), info, config, **kwargs)
+        self._device = self._host_device  # the step metrics and the exchange: the host CPU
+
+    def _input_workers_with_options(self, options=None):
+        return self._get_input_workers(options)
+
+    def run_replicas(self, run, fn, args, kwargs, options):
+        with self._container_strategy().scope():
+            return self.tpu_run(_tf_internal.autograph_convert(fn), args, kwargs or {},
+                                options or tf.distribute.RunOptions())

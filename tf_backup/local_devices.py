@@ -31,18 +31,11 @@ def resolve_devices(devices: Optional[Sequence[str]]) -> Tuple[str, ...]:
         with `tf.config.set_logical_device_configuration`).
 
     Raises:
-      NotImplementedError: `devices` is None on a host with TPU devices.
       TypeError: `devices` is not a list of strings.
       ValueError: `devices` is empty, has duplicates, names a remote device
         (a job) or a device this process does not have.
     """
     if devices is None:
-        if tf.config.list_physical_devices("TPU"):
-            raise NotImplementedError(
-                "This host has TPU devices: a tf_backup worker runs its replicas on local GPUs or "
-                "CPUs. Replicating over TPU cores (TPUStrategy-style, with the push to the ps outside "
-                "the XLA step) is not implemented yet; see the README's `TPU pods` section. Pass "
-                "`devices=['/device:CPU:0']` to train on the host's CPU.")
         gpus = tf.config.list_logical_devices("GPU")
         found = gpus or tf.config.list_logical_devices("CPU")
         return tuple(_short(d.name) for d in found)
@@ -70,6 +63,31 @@ def resolve_devices(devices: Optional[Sequence[str]]) -> Tuple[str, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"`devices` has duplicates. Received devices={devices!r}")
     return tuple(out)
+
+
+def local_tpu(cluster_resolver) -> Optional["tf.distribute.cluster_resolver.TPUClusterResolver"]:
+    """This host's TPU system, initialized, if the host has TPU devices; else None.
+
+    A worker on a TPU host replicates over the host's TPU cores (`TPUBackupWorkerExtended`).
+
+    Args:
+      cluster_resolver: the strategy's; a worker of several TPU hosts (`hosts_per_worker`) is refused.
+
+    Raises:
+      NotImplementedError: the worker is a group of several TPU hosts (`topology.with_ps(...,
+        hosts_per_worker > 1)`): its TPU program would span hosts, which needs the pod's
+        coordinator, not implemented yet.
+    """
+    if not tf.config.list_physical_devices("TPU"):
+        return None
+    hosts = getattr(cluster_resolver, "hosts_per_worker", 1)
+    if hosts != 1:
+        raise NotImplementedError(
+            f"This worker is a group of {hosts} TPU hosts: a tf_backup worker replicates over the TPU "
+            "cores of its own host only. Use hosts_per_worker=1, or pass `devices=['/device:CPU:0']`.")
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="local")
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return resolver
 
 
 def _short(name: str) -> str:

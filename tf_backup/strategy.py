@@ -136,7 +136,9 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         if cluster_resolver is None:
             cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
-        devices = local_devices.resolve_devices(devices)  # before waiting for the cluster
+        # Before waiting for the cluster: this worker's devices, or its TPU cores.
+        tpu = local_devices.local_tpu(cluster_resolver) if devices is None else None
+        devices = None if tpu is not None else local_devices.resolve_devices(devices)
         if info.task.job == cluster_lib.PS_JOB:
             raise ValueError(
                 f"This process is the ps task {info.task}: ps tasks run `tf_backup.serve()`, "
@@ -165,8 +167,10 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         kwargs = dict(worker_timeout=worker_timeout, max_steps=max_steps,
                       checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
                       checkpoint_every_steps=checkpoint_every_steps, ps_timeout=ps_timeout)
-        if len(devices) == 1:
-            extended = extended_lib.BackupWorkerExtended(self, devices[0], info, config, **kwargs)
+        if tpu is not None:
+            extended = extended_lib.TPUBackupWorkerExtended(self, tpu, info, config, **kwargs)
+        elif len(devices) == 1:
+            extended = extended_lib.BackupWorkerExtended(self, (devices[0],), info, config, **kwargs)
         else:
             extended = extended_lib.MultiDeviceBackupWorkerExtended(self, devices, info, config, **kwargs)
         super().__init__(extended)
@@ -249,7 +253,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             model = None
         self.extended.step_applied = False
         self.extended.compiled_steps = []
-        outputs = super().run(fn, args, kwargs, options)
+        outputs = self.extended.run_replicas(super().run, fn, args, kwargs, options)
         if self.extended.compiled_steps:  # the replica step was compiled: exchange outside it
             if not exchange_lib.in_compiled_context():
                 for binding in self.extended.compiled_steps:
