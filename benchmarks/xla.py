@@ -56,6 +56,20 @@ def cnn_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             "weights": [v.numpy() for v in model.trainable_variables] if cfg.get("weights") else None}
 
 
+def keras_alone(jit_compile: bool, cfg: Dict[str, Any]) -> List[List[float]]:
+    """The same CNN fit by Keras alone in this process (no strategy): XLA's own cost on this machine."""
+    import keras  # pylint: disable=g-import-not-at-top
+    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from trainers import data  # pylint: disable=g-import-not-at-top
+    from trainers import models  # pylint: disable=g-import-not-at-top
+
+    train, info = data.load("mnist1d", split="train", batch_size=32, shuffle_seed=0, repeat=True)
+    model = models.build("cnn", info.input_shape, info.num_classes, filters=(25, 25, 25), seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(0.003), loss="sparse_categorical_crossentropy",
+                  jit_compile=jit_compile)
+    return workloads._timed_fits(keras, model, train, cfg)  # pylint: disable=protected-access
+
+
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import launcher  # pylint: disable=g-import-not-at-top
@@ -77,6 +91,13 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                 cnn[jit].append(float(np.mean(steps)))
                 csv_rows.append(["cnn", "tf_backup", 2, jit, r + 1, rep + 1, float(np.mean(steps))])
             print(f"{NAME}: CNN jit_compile={jit}: {[round(x * 1e3, 1) for x in cnn[jit]]} ms", flush=True)
+    alone = {True: [], False: []}
+    for _ in range(s["runs"]):
+        for jit in (True, False):
+            reps = keras_alone(jit, dict(steps=s["steps"], reps=s["reps"], warmup=5))
+            alone[jit] += [float(np.mean(steps)) for steps in reps]
+            csv_rows += [["cnn", "keras alone", 1, jit, 1, rep + 1, float(np.mean(steps))]
+                         for rep, steps in enumerate(reps)]
     hidden = workloads.hidden_for_params(1e4)
     over, mwms_jit = {}, {}
     for w in s["overhead_workers"]:
@@ -108,7 +129,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     ms = lambda v: common.median_range([x * 1e3 for x in v], "{:.1f}") if v else "failed"  # noqa: E731
     ratio = lambda a, b: f"{statistics.median(a) / statistics.median(b):.2f}" if a and b else "failed"  # noqa: E731
     rows = [["MNIST-1D CNN (25-25-25), Adam, batch 32", "tf_backup, 2 workers b = 0", ms(cnn[True]),
-             ms(cnn[False]), ratio(cnn[True], cnn[False])]]
+             ms(cnn[False]), ratio(cnn[True], cnn[False])],
+            ["MNIST-1D CNN (25-25-25), Adam, batch 32", "Keras alone, 1 process, no strategy", ms(alone[True]),
+             ms(alone[False]), ratio(alone[True], alone[False])]]
     for w in s["overhead_workers"]:
         ours, plain = over.get(("tf_backup", w, True), []), over.get(("tf_backup", w, False), [])
         ref = over.get(("mwms", w), [])
@@ -120,7 +143,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         "Row 1: tf_backup with `jit_compile=True` against `jit_compile=False`, the same cluster shape, runs "
         f"interleaved ({s['runs']} clusters each, {s['reps']} timed fits of {s['steps']} steps per cluster after "
         "5 warm-up steps); step time = mean time between worker 0's batch ends; median (min–max) over the fits. "
-        "Ratio = XLA / no XLA.",
+        "Ratio = XLA / no XLA. Row 2 is the control: the same model and batch fit by Keras alone in one "
+        "process, XLA on and off: what XLA itself costs or saves on this CPU.",
         "Other rows: `benchmarks.overhead`'s workload (no stragglers, no simulated compute), tf_backup with "
         "`jit_compile=True` against MWMS with `jit_compile=True`, or, where XLA cannot compile MWMS's step "
         "(its all-reduce is inside the compiled function; XLA has no CPU collectives), MWMS without XLA; "
