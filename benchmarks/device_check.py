@@ -31,7 +31,6 @@ def main(argv):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import common  # pylint: disable=g-import-not-at-top
-    from benchmarks import launcher  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
     from benchmarks import xla  # pylint: disable=g-import-not-at-top
 
@@ -63,10 +62,7 @@ def main(argv):
             continue
         cfg = dict(system=system, hiddens=[hidden], steps=_STEPS.value, reps=2, jit_compile=jit)
         try:
-            if system == "mwms":
-                out = launcher.launch(workloads.overhead_worker, {"worker": 2}, args=(cfg,), timeout=240)
-            else:
-                out = tf_backup.launch_local(workloads.overhead_worker, 2, args=(cfg,), timeout=240)
+            out = workloads.launch_overhead(system, 2, cfg, timeout=240)
         except Exception as e:  # pylint: disable=broad-except
             text = str(e)
             reason = next((l.strip() for l in text.splitlines() if "Error" in l or "not yet" in l),

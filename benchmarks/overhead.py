@@ -29,8 +29,6 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
 
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
-    import tf_backup  # pylint: disable=g-import-not-at-top
-    from benchmarks import launcher  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
     from tf_backup import memory  # pylint: disable=g-import-not-at-top
 
@@ -45,10 +43,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             for system in systems:
                 cfg = dict(system=system, hiddens=hiddens, steps=s["steps"], reps=s["reps"])
                 try:
-                    if system == "mwms":
-                        out = launcher.launch(workloads.overhead_worker, {"worker": w}, args=(cfg,), timeout=600)
-                    else:
-                        out = tf_backup.launch_local(workloads.overhead_worker, w, args=(cfg,), timeout=600)
+                    out = workloads.launch_overhead(system, w, cfg)
                 except Exception as e:  # pylint: disable=broad-except
                     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                     failures.append(f"{system}, {w} workers, cluster {cluster + 1} ({s['reps']} run(s) of each "

@@ -430,6 +430,15 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return out if worker == 0 else None
 
 
+def launch_overhead(system: str, workers: int, cfg: Dict[str, Any], timeout: float = 600):
+    """Runs `overhead_worker` on a localhost cluster: tf_backup (+ 1 ps) or MWMS (TF_CONFIG per process)."""
+    if system == "mwms":
+        from benchmarks import launcher  # pylint: disable=g-import-not-at-top
+        return launcher.launch(overhead_worker, {"worker": workers}, args=(cfg,), timeout=timeout)
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    return tf_backup.launch_local(overhead_worker, workers, args=(cfg,), timeout=timeout)
+
+
 def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """One worker of the time-to-accuracy benchmark on the offline default task (MNIST-1D, CNN).
 

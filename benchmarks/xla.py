@@ -72,7 +72,6 @@ def keras_alone(jit_compile: bool, cfg: Dict[str, Any]) -> List[List[float]]:
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from benchmarks import launcher  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
@@ -108,10 +107,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                 continue
             cfg = dict(system=system, hiddens=[hidden], steps=s["steps"], reps=s["reps"], jit_compile=jit)
             try:
-                if system == "mwms":
-                    out = launcher.launch(workloads.overhead_worker, {"worker": w}, args=(cfg,), timeout=600)
-                else:
-                    out = tf_backup.launch_local(workloads.overhead_worker, w, args=(cfg,), timeout=600)
+                out = workloads.launch_overhead(system, w, cfg)
             except Exception as e:  # pylint: disable=broad-except
                 text = str(e)
                 reason = next((l.strip() for l in text.splitlines() if "not yet implemented" in l),

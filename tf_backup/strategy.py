@@ -93,15 +93,19 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         (gRPC retries a lost connection until this deadline).
       devices: this worker's local devices, one replica each (as
         `MirroredStrategy`); default: every local GPU, else every logical CPU
-        device. With several, `num_replicas_in_sync` is their number, the
-        batch a worker's dataset yields is split over them, and the worker
-        still makes one contribution per step (N and b count workers).
+        device; on a host with TPU devices, the host's TPU cores (as
+        `TPUStrategy`; not run on a TPU yet, see the README). With several,
+        `num_replicas_in_sync` is their number, the batch a worker's dataset
+        yields is split over them, and the worker still makes one
+        contribution per step (N and b count workers).
 
     The strategy makes glibc malloc keep freed memory in this process
     (`tf_backup.tune_malloc`; `TF_BACKUP_TUNE_MALLOC=0` to leave glibc's
     defaults): every step feeds and fetches buffers the size of the model.
 
     Raises:
+      NotImplementedError: on a TPU host, the worker is a group of several
+        TPU hosts (`topology.with_ps(..., hosts_per_worker > 1)`).
       TypeError: an argument has the wrong type.
       ValueError: the cluster has no worker job or no ps job, this process is
         a ps task, or `num_backup_workers` is not below the number of workers.
