@@ -42,7 +42,7 @@ def main(argv):
         try:
             runs[jit] = tf_backup.launch_local(xla.cnn_worker, 2, args=(cfg,), timeout=240)[0]
         except Exception as e:  # pylint: disable=broad-except
-            failures.append(f"CNN jit_compile={jit}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            failures.append(f"CNN jit_compile={jit}: {workloads.failure_reason(e)}")
             continue
         for rep, steps in enumerate(runs[jit]["reps"]):
             csv_rows.append(["cnn", "tf_backup", jit, rep + 1, float(np.mean(steps))])
@@ -54,7 +54,7 @@ def main(argv):
         scale = max(float(np.abs(y).max()) for y in b["weights"])
         rows.append(["MNIST-1D CNN, 2 workers b = 0, Adam", f"XLA {ms(a['reps'])}", f"no XLA {ms(b['reps'])}",
                      f"{med(a['reps']) / med(b['reps']):.2f}",
-                     f"steps {a['step']} / {b['step']}; max |w_xla - w| = {diff:.2e} (max |w| {scale:.2f})"])
+                     f"steps {a['step']} / {b['step']}; largest weight difference {diff:.2e} (largest weight {scale:.2f})"])
     hidden = workloads.hidden_for_params(1e5)
     over = {}
     for system, jit in (("tf_backup", True), ("mwms", True), ("mwms", False)):
@@ -64,10 +64,7 @@ def main(argv):
         try:
             out = workloads.launch_overhead(system, 2, cfg, timeout=240)
         except Exception as e:  # pylint: disable=broad-except
-            text = str(e)
-            reason = next((l.strip() for l in text.splitlines() if "Error" in l or "not yet" in l),
-                          text.splitlines()[0] if text else type(e).__name__)
-            failures.append(f"MLP {system} jit_compile={jit}: {reason[:300]}")
+            failures.append(f"MLP {system} jit_compile={jit}: {workloads.failure_reason(e)}")
             continue
         over[(system, jit)] = out[0][hidden]
         for rep, steps in enumerate(out[0][hidden]):

@@ -430,6 +430,15 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return out if worker == 0 else None
 
 
+def failure_reason(error: BaseException) -> str:
+    """One line saying why a cluster run failed: TensorFlow's own words where the task log has them."""
+    import re  # pylint: disable=g-import-not-at-top
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    named = [l for l in lines if "not yet implemented" in l] or [
+        l for l in lines if re.match(r"^[\w.]*(Error|Exception): ", l)]
+    return (named[-1] if named else lines[0] if lines else type(error).__name__)[:300]
+
+
 def launch_overhead(system: str, workers: int, cfg: Dict[str, Any], timeout: float = 600):
     """Runs `overhead_worker` on a localhost cluster: tf_backup (+ 1 ps) or MWMS (TF_CONFIG per process)."""
     if system == "mwms":

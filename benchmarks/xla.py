@@ -109,10 +109,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             try:
                 out = workloads.launch_overhead(system, w, cfg)
             except Exception as e:  # pylint: disable=broad-except
-                text = str(e)
-                reason = next((l.strip() for l in text.splitlines() if "not yet implemented" in l),
-                              text.splitlines()[0] if text else type(e).__name__)
-                failures.append(f"overhead, {system}, jit_compile={jit}, {w} workers: {reason[:300]}")
+                failures.append(f"overhead, {system}, jit_compile={jit}, {w} workers: {workloads.failure_reason(e)}")
                 continue
             if system == "mwms":
                 mwms_jit[w] = jit
