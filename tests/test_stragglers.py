@@ -92,6 +92,9 @@ def test_normalized_spec_parses_to_an_equal_model(tmp_path):
     "pareto", "pareto:x", "pareto:1", "pareto:0:1", "pareto:1:0", "pareto:-1:1", "pareto:1:x",
     "pareto:1:1:1", "pareto:inf:1",
     "trace", "trace:", "trace:  ",
+    "phases", "phases:", "phases:none", "phases:none;", "phases:none;0:exp:1", "phases:none;x:exp:1",
+    "phases:none;5:", "phases:none;5:exp:1;5:none", "phases:none;9:exp:1;5:none", "phases:none;5:bogus",
+    "phases:none;5:phases:none;6:none",
 ])
 def test_bad_spec_raises_value_error_naming_it(spec):
     with pytest.raises(ValueError) as error:
@@ -241,6 +244,27 @@ def test_delay_argument_errors():
 
 
 # --- ideal_step_times ------------------------------------------------------------
+
+
+def test_phases_switch_models_at_their_steps_and_keep_each_models_draws():
+    model = stragglers.parse("phases: pareto:1.5:0.02 ; 500:slow:4,5:5", seed=3)
+    assert isinstance(model, stragglers.PhasedDelay)
+    assert model.spec == "phases:pareto:1.5:0.02;500:slow:4,5:5"
+    assert stragglers.parse(model.spec, seed=3) == model
+    pareto, slow = stragglers.parse("pareto:1.5:0.02", seed=3), stragglers.parse("slow:4,5:5", seed=3)
+    delays = model.delays(num_workers=6, num_steps=1000, compute_seconds=0.1)
+    np.testing.assert_array_equal(delays[:500], pareto.delays(6, 1000, 0.1)[:500])
+    np.testing.assert_array_equal(delays[500:], slow.delays(6, 1000, 0.1)[500:])
+    assert np.all(delays[500:, :4] == 0) and np.allclose(delays[500:, 4:], 0.4)
+    assert [model.phase(s) for s in (0, 499, 500, 10**6)] == [0, 0, 1, 1]
+    described = model.describe()
+    assert "\n" not in described and "from step 0: pareto" in described and "from step 500: slow" in described
+
+
+def test_three_phases():
+    model = stragglers.parse("phases:none;10:exp:0.5;20:none", seed=0)
+    delays = model.delays(num_workers=2, num_steps=30)
+    assert np.all(delays[:10] == 0) and np.all(delays[10:20] > 0) and np.all(delays[20:] == 0)
 
 
 def test_ideal_step_times_is_the_nth_order_statistic():

@@ -19,6 +19,12 @@ and the tests share these models, chosen by a spec string (`parse`):
 * `trace:PATH`: replays a recorded CSV, one row per step and one column per
   worker (delays in seconds, `#` lines are comments). Steps past the last row
   wrap around to the first.
+* `phases:SPEC;STEP:SPEC[;STEP:SPEC...]`: conditions that change while a job
+  runs: the first model before step STEP, the next from there on (the step a
+  model is asked for: `StragglerCallback` counts the worker's batches; for
+  example `phases:pareto:1.5:0.02;500:slow:4,5:5`, two workers 5x slow from
+  step 500). Each phase is any spec above but `phases` (quote it in a shell:
+  `;`).
 
 A delay is a pure function of `(seed, worker, step)` (and `compute_seconds`
 for `slow`): it is drawn from `np.random.default_rng([seed, worker, step])`,
@@ -54,7 +60,9 @@ import numpy as np
 from tf_backup import _checks
 
 _EXPECTED_ANY = ("one of none, slow:WORKER[,WORKER...]:FACTOR, exp:MEAN, "
-                 "pareto:SHAPE:SCALE, trace:PATH")
+                 "pareto:SHAPE:SCALE, trace:PATH, phases:SPEC;STEP:SPEC[;STEP:SPEC...]")
+_EXPECTED_PHASES = ("phases:SPEC;STEP:SPEC[;STEP:SPEC...] with increasing integer STEP >= 1 and "
+                    "each SPEC a straggler spec other than phases")
 _EXPECTED_SLOW = ("slow:WORKER:FACTOR or slow:W1,W2,...:FACTOR with integer "
                   "WORKER >= 0 and FACTOR >= 1")
 _EXPECTED_EXP = "exp:MEAN with MEAN > 0 (seconds)"
@@ -261,6 +269,56 @@ class TraceDelay(StragglerModel):
         return self.table[step % steps, worker]
 
 
+@dataclasses.dataclass(frozen=True)
+class PhasedDelay(StragglerModel):
+    """`phases:A;S1:B;...`: model A before global step S1, then B, and so on.
+
+    Attributes:
+      starts: the first step of each phase (0 for the first), increasing.
+      models: the model of each phase.
+    """
+
+    starts: Tuple[int, ...] = (0,)
+    models: Tuple[StragglerModel, ...] = ()
+
+    def phase(self, step: int) -> int:
+        """The index of the phase that `step` is in."""
+        return sum(1 for start in self.starts[1:] if step >= start)
+
+    def describe(self) -> str:
+        parts = [f"from step {start}: {model.describe().removeprefix('stragglers: ')}"
+                 for start, model in zip(self.starts, self.models)]
+        return "stragglers: phases: " + "; ".join(parts)
+
+    def _delay(self, worker, step, compute_seconds):
+        return self.models[self.phase(step)]._delay(worker, step, compute_seconds)  # pylint: disable=protected-access
+
+
+def _parse_phases(spec: str, rest: str, seed: int) -> PhasedDelay:
+    pieces = [piece.strip() for piece in rest.split(";")]
+    if len(pieces) < 2 or not all(pieces):
+        raise _invalid(spec, _EXPECTED_PHASES)
+    starts, models = [0], [pieces[0]]
+    for piece in pieces[1:]:
+        step, _, sub = piece.partition(":")
+        step = step.strip()
+        if not step.isdecimal() or int(step) <= starts[-1] or not sub.strip():
+            raise _invalid(spec, _EXPECTED_PHASES, f"Received: {piece!r}")
+        starts.append(int(step))
+        models.append(sub.strip())
+    parsed = []
+    for text in models:
+        if text.lower().startswith("phases"):
+            raise _invalid(spec, _EXPECTED_PHASES, "A phase cannot be phases itself")
+        try:
+            parsed.append(parse(text, seed=seed))
+        except ValueError as e:
+            raise _invalid(spec, _EXPECTED_PHASES, str(e)) from None
+    normalized = "phases:" + ";".join(
+        [parsed[0].spec] + [f"{start}:{model.spec}" for start, model in zip(starts[1:], parsed[1:])])
+    return PhasedDelay(spec=normalized, seed=seed, starts=tuple(starts), models=tuple(parsed))
+
+
 def _parse_float(spec, expected, text, name, lower, inclusive):
     try:
         value = float(text)
@@ -330,6 +388,9 @@ def parse(spec: str, seed: int = 0) -> StragglerModel:
     seed = _checks.check_int("seed", seed, 0)
     kind, separator, rest = spec.strip().partition(":")
     kind = kind.strip().lower()
+
+    if kind == "phases":
+        return _parse_phases(spec, rest, seed)
 
     if kind == "trace":
         path = rest.strip()

@@ -20,13 +20,14 @@ from tf_backup import _checks
 from tf_backup.straggler_models import ExponentialDelay
 from tf_backup.straggler_models import NoStragglers
 from tf_backup.straggler_models import ParetoDelay
+from tf_backup.straggler_models import PhasedDelay
 from tf_backup.straggler_models import SlowWorkers
 from tf_backup.straggler_models import StragglerModel
 from tf_backup.straggler_models import TraceDelay
 from tf_backup.straggler_models import ideal_step_times
 from tf_backup.straggler_models import parse
 
-__all__ = ["ExponentialDelay", "NoStragglers", "ParetoDelay", "SlowWorkers", "StragglerCallback", "StragglerModel",
+__all__ = ["ExponentialDelay", "NoStragglers", "ParetoDelay", "PhasedDelay", "SlowWorkers", "StragglerCallback", "StragglerModel",
            "TraceDelay", "ideal_step_times", "parse"]
 
 

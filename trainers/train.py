@@ -49,8 +49,9 @@ _MODE = flags.DEFINE_enum(
     "sync_backup: N of N + b gradients per step; sync: all workers (b = 0); async: every gradient "
     "applied as it comes, no staleness check.")
 _STRAGGLER = flags.DEFINE_string(
-    "straggler", None, "Injected delays: none, slow:WORKER:FACTOR, exp:MEAN, pareto:SHAPE:SCALE "
-    "or trace:PATH (seconds; seeded by --seed).")
+    "straggler", None, "Injected delays: none, slow:WORKER:FACTOR, exp:MEAN, pareto:SHAPE:SCALE, "
+    "trace:PATH, or phases:SPEC;STEP:SPEC[;...] (conditions that change at a step; quote the ;) "
+    "(seconds; seeded by --seed).")
 _CANCEL_STRAGGLERS = flags.DEFINE_boolean(
     "cancel_stragglers", None, "Cut an injected delay short once the global step moves past the "
     "worker's parameters: the batch is cancelled instead of finished and dropped (default: off, as in "
