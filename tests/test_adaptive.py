@@ -1,0 +1,119 @@
+"""The adaptive-N rule (tf_backup.adaptive) on generated traces, against its closed form (no cluster)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tf_backup import adaptive
+
+
+def harmonic(k: int) -> float:
+    return sum(1.0 / i for i in range(1, k + 1))
+
+
+COMPUTE = 0.1  # seconds every worker computes; the delays come on top
+
+
+def expected_nth(workers: int, n: int, mean: float) -> float:
+    """E[T_(n)] for arrivals COMPUTE + Exp(mean), i.i.d.: COMPUTE + (H_W - H_{W-n}) * mean."""
+    return COMPUTE + (harmonic(workers) - harmonic(workers - n)) * mean
+
+
+def closed_form_best(workers: int, mean: float, b_simple: float, batch: int, n_min: int, n_max: int) -> int:
+    """argmax_n progress(n) / E[T_(n)] with the closed-form order statistics."""
+    def value(n):
+        return adaptive.progress(n, b_simple, batch) / expected_nth(workers, n, mean)
+    return max(range(n_min, n_max + 1), key=lambda n: (value(n), n))
+
+
+def exponential_trace(workers, steps, mean, seed=0):
+    return COMPUTE + np.random.default_rng(seed).exponential(mean, size=(steps, workers))
+
+
+@pytest.mark.parametrize("b_simple,best", [(1.0, 1), (64.0, 4), (1024.0, 6)])
+def test_the_rule_picks_the_closed_form_n_for_exponential_delays(b_simple, best):
+    workers, batch, mean = 8, 32, 0.05
+    rule = adaptive.AdaptiveN(workers, batch, window=20000, warmup=1)
+    for row in exponential_trace(workers, 20000, mean):
+        rule.arrivals.add(row)
+    times = [rule.arrivals.expected_order_statistic(n) for n in range(1, workers + 1)]
+    for n, t in enumerate(times, start=1):  # the window's order statistics are the closed form's
+        assert t == pytest.approx(expected_nth(workers, n, mean), rel=0.01)
+    choice = adaptive.choose(times, b_simple, batch, 1)
+    assert closed_form_best(workers, mean, b_simple, batch, 1, workers) == best  # the case is what it says
+    assert choice.n == best
+    assert len(choice.rates) == workers and choice.rates[choice.n - 1] == max(choice.rates)
+
+
+def test_more_noise_waits_for_more_gradients():
+    workers, batch, mean = 8, 32, 0.05
+    window = adaptive.ArrivalWindow(workers, 20000)
+    for row in exponential_trace(workers, 20000, mean, seed=1):
+        window.add(row)
+    times = [window.expected_order_statistic(n) for n in range(1, workers + 1)]
+    chosen = [adaptive.choose(times, b, batch, 1).n for b in (1.0, 16.0, 256.0, 4096.0, math.inf)]
+    assert chosen == sorted(chosen) and chosen[0] < chosen[-1]
+    assert chosen[0] == 1 and chosen[-1] >= 7  # no noise: one gradient is as good as eight
+
+
+def test_a_worker_that_is_always_10x_slow_is_not_waited_for():
+    workers, batch = 6, 32
+    rule = adaptive.AdaptiveN(workers, batch, window=200, warmup=5)
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        arrivals = 0.1 + 0.005 * rng.random(workers)
+        arrivals[5] = 1.0  # 10x slow
+        rule.observe(arrivals, sum_sq_norms=500.0, sq_norm_of_sum=525.0, n=5)  # B_simple ~ 2,500
+    assert rule.noise.b_simple == pytest.approx(2528, rel=0.01)
+    assert rule.choose().n == workers - 1
+
+
+def test_no_stragglers_and_a_high_noise_scale_wait_for_every_worker():
+    workers, batch = 6, 32
+    rule = adaptive.AdaptiveN(workers, batch, window=200, warmup=5)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        rule.observe(0.1 + 0.002 * rng.random(workers), sum_sq_norms=600.0, sq_norm_of_sum=612.0, n=6)
+    assert rule.noise.b_simple > 100 * batch
+    assert rule.choose().n == workers
+
+
+def test_the_noise_scale_estimate_is_unbiased():
+    rng = np.random.default_rng(4)
+    d, batch, n, sigma = 50, 16, 4, 2.0
+    g = rng.normal(size=d)
+    truth = d * sigma ** 2 / float(g @ g)  # tr(Sigma) / |G|^2, per-example covariance sigma^2 I
+    noise = adaptive.NoiseScale(batch, window=5000)
+    for _ in range(5000):
+        grads = g + rng.normal(scale=sigma / math.sqrt(batch), size=(n, d))  # means over `batch` examples
+        noise.add(float((grads ** 2).sum()), float((grads.sum(axis=0) ** 2).sum()), n)
+    assert noise.b_simple == pytest.approx(truth, rel=0.1)
+
+
+def test_bounds_are_honoured_and_checked():
+    times = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    assert adaptive.choose(times[2:5], 1.0, 32, 3).n == 3  # the fastest allowed
+    rule = adaptive.AdaptiveN(6, 32, n_min=2, n_max=4, warmup=0)
+    assert rule.choose().n == 4  # nothing observed yet: n_max
+    for _ in range(10):
+        rule.observe([0.01, 0.01, 0.01, 0.01, 0.01, 5.0], 1.0, 4.0, 2)
+    assert 2 <= rule.choose().n <= 4
+    for args, error, words in [
+        ((6, 0, None), ValueError, "min_replicas_to_aggregate"), ((6, None, 7), ValueError, "at most the number"),
+        ((6, 4, 3), ValueError, "must not exceed"), ((6, 1.5, None), TypeError, "min_replicas_to_aggregate"),
+        ((6, None, "3"), TypeError, "max_replicas_to_aggregate")]:
+        with pytest.raises(error, match=words):
+            adaptive.check_bounds(*args)
+
+
+def test_steps_where_the_nth_gradient_never_came_make_that_n_unknown():
+    window = adaptive.ArrivalWindow(3, 10)
+    for _ in range(10):
+        window.add([0.1, 0.2, math.inf])
+    assert window.expected_order_statistic(2) == pytest.approx(0.2)
+    assert window.expected_order_statistic(3) == math.inf
+    choice = adaptive.choose([window.expected_order_statistic(n) for n in (1, 2, 3)], 8.0, 32, 1)
+    assert choice.rates[2] == 0.0 and choice.n in (1, 2)
+    with pytest.raises(ValueError, match="one time per worker"):
+        window.add([0.1])
