@@ -229,7 +229,7 @@ class Binding:
         the exchange outside the program (`tf_backup.exchange`).
         """
         layout = self.layout
-        compiled = exchange_lib.in_compiled_context() or self._ext.always_split
+        compiled = self.split_step()
         replica_ctx = local_devices.several_replicas()
         if replica_ctx is not None and not compiled:  # one contribution per host: reduce, then push once
             return local_devices.apply_once_per_host(
@@ -248,6 +248,10 @@ class Binding:
         else:
             self._exchange(packed, variables)
         self._ext.mark_step_applied()
+
+    def split_step(self) -> bool:
+        """(While tracing.) Whether this step writes buffers for an exchange outside it (compiled)."""
+        return exchange_lib.in_compiled_context() or self._ext.always_split
 
     def exchange(self) -> tf.Tensor:
         """(Host, graph or eager.) The exchange of the gradient a compiled step left in the buffers, if any.

@@ -279,7 +279,7 @@ class SparseBinding:
         In a compiled step (`tf_backup.exchange`): write the rows into buffers;
         the dense exchange pushes them and pulls the changed rows, on the host.
         """
-        compiled = exchange_lib.in_compiled_context() or self.dense._ext.always_split  # pylint: disable=protected-access
+        compiled = self.dense.split_step()
         replica_ctx = local_devices.several_replicas()
         if replica_ctx is not None and compiled:
             raise NotImplementedError(
