@@ -109,6 +109,27 @@ def test_a_killed_backup_worker_loses_no_step(tmp_path, seed):
     np.testing.assert_allclose(chief["weights"][0], other["weights"][0], rtol=0, atol=0)
 
 
+def test_a_dead_workers_wake_up_queue_stops_growing(tmp_path):
+    """Nobody drains a dead worker's queue: the chief stops feeding it once it declared it dead."""
+    steps = 120
+    with fault_cluster(tmp_path, steps=steps)[0] as cluster:
+        progress = str(tmp_path / "progress")
+        cluster.start()
+        wait_for_step(cluster, progress, "worker-2", 8)
+        cluster.kill("worker-2")
+        last = step_of(progress, "worker-2")
+        assert_all_exited(cluster, 120)
+        chief = cluster.result("worker-0")
+    assert chief["stats"]["global_step"] == steps
+    died_at = chief["events"][0][2]
+    assert steps - died_at >= 30  # steps after the death: each would have left a token behind
+    sizes = chief["wake_queue_sizes"]
+    # The publishes between its last pull and the chief's declaration, and the few WAKE tokens of the
+    # end (finished, round stopped and closed) -- not one token a step to the end (steps - last).
+    assert sizes[2] <= died_at - last + 4, (sizes, last, died_at)
+    assert sizes[0] <= 2 and sizes[1] <= 2  # the live workers drain theirs
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_more_than_b_dead_workers_stop_the_job_naming_them(tmp_path, seed):
     """3 workers, b = 1: workers 1 and 2 die; the chief names both, checkpoints, exits 1."""

@@ -181,3 +181,14 @@ def test_aggregator_wait_refuses_to_take_with_several_shards(server):
     st = SharedState(f"t/state{next(_count)}", layout, [ps, ps], WORKERS, endpoint.Endpoints())
     with pytest.raises(ValueError, match="one shard"):
         st.wait_arrivals(0.1, Waker(st.poke_aggregator, "test"), required=1, taken_for=1)
+
+
+def test_a_publish_feeds_no_token_to_the_queues_of_dead_workers(state):
+    # Nobody drains a dead worker's queue: a token per step would pile up for the rest of the job.
+    for step in (1, 2, 3):
+        state.publish(step, [np.full(4, float(step), np.float32)], [protocol.Control.STEP], [step], dead={1})
+    assert state.wake_queue_sizes() == [3, 0, 3]
+    state.publish(4, [np.full(4, 4.0, np.float32)], [protocol.Control.STEP], [4])  # it came back
+    assert state.wake_queue_sizes() == [4, 1, 4]
+    state.wake_all()  # stops and ends of rounds still reach everybody
+    assert state.wake_queue_sizes() == [5, 2, 5]

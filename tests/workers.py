@@ -418,6 +418,7 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         result["contributions"] = [(r.step, r.contributions) for r in strategy.step_history()]
         result["restored_optimizer"] = restored_optimizer
         result["master"] = [v.numpy() for v in optimizer.master_variables]
+        result["wake_queue_sizes"] = strategy.extended.latest_binding().state.wake_queue_sizes()
     return result
 
 

@@ -264,6 +264,7 @@ class Aggregator(threading.Thread):
             new_step, new_flats,
             [Control.STEP, Control.LAST_TAKEN] + [c.taken(w) for w in range(workers)],
             [new_step, int(counts.sum())] + [int(t) for t in self.taken],
+            dead=() if self.liveness is None else set(self.liveness.dead),
         )
         end = time.monotonic()
         self.history.append(

@@ -26,7 +26,7 @@ ends them with a `POKE` token instead.
 """
 
 import dataclasses
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Collection, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -100,7 +100,9 @@ class _Runs:
     always: tf.Tensor
     step_idx: tf.Tensor  # control[step_idx] = step: the commit of a publish
     step: tf.Tensor
-    commit: tf.Operation  # the commit, then wake everybody
+    commit: tf.Operation  # the commit, then wake every worker in `awake`
+    awake: tf.Tensor  # bool per worker (default all): whose queue a publish feeds
+    wake_sizes: List[tf.Tensor]  # tokens waiting in each worker's queue
     version_idx: Optional[tf.Tensor] = None  # one task: version, parameters, commit in one run
     version: Optional[tf.Tensor] = None
     new_values: Optional[List[tf.Tensor]] = None
@@ -188,14 +190,18 @@ class SharedState:
         got = self.control.endpoint.run(self._runs().read, what=f"read of `{self.prefix}` parameters")
         return self._snapshot(got)
 
-    def publish(self, step: int, flats: Sequence, indices: Sequence[int], values: Sequence[int]) -> None:
+    def publish(self, step: int, flats: Sequence, indices: Sequence[int], values: Sequence[int],
+                dead: Collection[int] = ()) -> None:
         """VERSION = step, the parameters, then control[indices] = values (STEP among them).
 
-        Then wakes every worker with the token `step`.
+        Then wakes every worker with the token `step`, but the `dead` ones (their queues would
+        only grow; a worker that comes back finds its next token at the next publish).
         """
         runs = self._runs()
         feed = {runs.step_idx: np.asarray(indices, np.int32), runs.step: np.asarray(values, np.int64),
                 runs.token: int(step)}
+        if dead:
+            feed[runs.awake] = np.asarray([w not in dead for w in range(self.num_workers)], bool)
         if not self.on_one_task:
             self.control.scatter_update([Control.VERSION], [step])
             for var, flat in zip(self.params, flats):
@@ -206,6 +212,11 @@ class SharedState:
         feed.update({ph: np.asarray(flat, self.layout.dtype.as_numpy_dtype)
                      for ph, flat in zip(runs.new_values, flats)})
         self.control.endpoint.run(runs.publish, feed, what=f"publish of `{self.prefix}` step {step}")
+
+    def wake_queue_sizes(self) -> List[int]:
+        """The tokens waiting in each worker's wake-up queue (for tests and measurements)."""
+        runs = self._runs()
+        return [int(x) for x in self.control.endpoint.run(runs.wake_sizes, what=f"wake-up queues of `{self.prefix}`")]
 
     def push_wait(self, w: int, flats: Sequence, tag: int, indices: Sequence[int], values: Sequence[int],
                   waker: Waker, seconds: float, with_params: bool = True) -> Optional[Wake]:
@@ -330,9 +341,24 @@ class SharedState:
         block = tf.constant(True)  # every wait here waits for one token (bounded by the run's deadline)
         token = tf.compat.v1.placeholder(tf.int64, [])
 
-        def enqueue_all(after_op):
+        # A publish skips the queues of workers the chief declared dead: nobody drains them, and
+        # one token a step would pile up for as long as the job runs. Other wake-ups go to all.
+        awake = tf.compat.v1.placeholder_with_default(tf.ones([self.num_workers], tf.bool), [self.num_workers])
+
+        def enqueue_all(after_op, only_awake=False):
+            def enqueue(q):
+                return tf.raw_ops.QueueEnqueueV2(handle=q, components=[token])
+
+            def maybe(w, q):
+                def put():
+                    with tf.control_dependencies([enqueue(q)]):
+                        return tf.constant(True)
+                return tf.cond(awake[w], put, lambda: tf.constant(False))
+
             with tf.control_dependencies([after_op]):
-                return tf.group(*[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake])
+                if not only_awake:
+                    return tf.group(*[enqueue(q) for q in wake])
+                return tf.group(*[maybe(w, q) for w, q in enumerate(wake)])
 
         def wait_on(q, after_ops=(), with_params=True) -> dict:
             with tf.control_dependencies(list(after_ops)):
@@ -386,7 +412,8 @@ class SharedState:
                 handle=arrivals_queue, components=[tf.fill([self.num_workers], token)]),
             arrivals=arrivals, arrivals_take={**arrivals, "due": due, "took": took},
             need=need, required=required, taken_for=taken_for, always=always,
-            step_idx=step_idx, step=step, commit=enqueue_all(commit),
+            step_idx=step_idx, step=step, commit=enqueue_all(commit, only_awake=True), awake=awake,
+            wake_sizes=[tf.raw_ops.QueueSizeV2(handle=q) for q in wake],
         )
         if one_task:
             runs.version_idx = tf.compat.v1.placeholder(tf.int32, [None])
@@ -400,6 +427,6 @@ class SharedState:
             with tf.control_dependencies(assigns):
                 fused_commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx,
                                                                 updates=step)
-            runs.publish = enqueue_all(fused_commit)
+            runs.publish = enqueue_all(fused_commit, only_awake=True)
             runs.read = consistent_read()
         return runs
