@@ -4,7 +4,9 @@ It makes the optimizer's shared state (the chief creates it, the others wait
 for it), the chief's master copy, inner optimizer, checkpoint and `Aggregator`,
 and every worker's `WorkerClient`; and it builds the graph part of one step:
 the gradients packed into shards with the worker's one-hot, a `tf.py_function`
-that runs `WorkerClient.sync`, and the new parameters assigned to the model.
+that runs `WorkerClient.sync`, and the new parameters assigned to the model. A
+compiled step (XLA, TPU) only writes the gradient into the binding's
+`exchange.StepBuffers`; `Binding.exchange` runs the rest outside the program.
 """
 
 import dataclasses
@@ -261,25 +263,24 @@ class Binding:
         buffers = self.buffers
 
         def run():
-            self._exchange(buffers.read(), self._var_list, pending=buffers.pending.read_value())
-            with tf.control_dependencies([self.metric_vars["global_step"].read_value()]):
+            done = self._exchange(buffers.read(), self._var_list, pending=buffers.pending.read_value())
+            with tf.control_dependencies([done]):
                 buffers.clear()
             return tf.constant(True)
 
         return tf.cond(buffers.pending.read_value() > 0, run, lambda: tf.constant(False))
 
-    def _exchange(self, packed: List[tf.Tensor], variables: List, pending=None) -> None:
-        """Push, wait, pull (one tf.py_function), then assign the parameters and the step metrics."""
+    def _exchange(self, packed: List[tf.Tensor], variables: List, pending=None):
+        """Push, wait, pull (one tf.py_function), then assign the parameters and the step metrics.
+
+        `pending`: the buffers' count, for a compiled step's exchange (`_sync_pending`). Returns
+        the last assignment.
+        """
         layout = self.layout
         onehot = tf.one_hot(self.worker_index, self.num_workers, dtype=layout.dtype)
         flats = [tf.concat([flat, onehot], 0) for flat in packed]
-        if pending is None:
-            outs = tf.py_function(
-                self._sync, flats, Tout=[layout.dtype] * len(flats) + [tf.int64], name="tf_backup_sync")
-        else:
-            outs = tf.py_function(
-                self._sync_pending, [pending, *flats], Tout=[layout.dtype] * len(flats) + [tf.int64],
-                name="tf_backup_sync")
+        fn, inputs = (self._sync, flats) if pending is None else (self._sync_pending, [pending, *flats])
+        outs = tf.py_function(fn, inputs, Tout=[layout.dtype] * len(flats) + [tf.int64], name="tf_backup_sync")
         new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
         metrics = tf.ensure_shape(outs[-1], [len(worker_lib.StepMetrics._fields)])
         assigns = self._assign(variables, new_flats)
@@ -287,7 +288,7 @@ class Binding:
             self.metric_vars["global_step"].assign(metrics[0])
             self.metric_vars["fresh_gradients"].assign(metrics[1])
             self.metric_vars["dropped_gradients"].assign(metrics[2])
-            self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
+            return self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
 
     def _sync_pending(self, pending, *flats):
         if int(pending) > 1:
