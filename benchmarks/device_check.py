@@ -56,25 +56,15 @@ def main(argv):
                      f"{med(a['reps']) / med(b['reps']):.2f}",
                      f"steps {a['step']} / {b['step']}; largest weight difference {diff:.2e} (largest weight {scale:.2f})"])
     hidden = workloads.hidden_for_params(1e5)
-    over = {}
-    for system, jit in (("tf_backup", True), ("mwms", True), ("mwms", False)):
-        if system == "mwms" and not jit and ("mwms", True) in over:
-            continue
-        cfg = dict(system=system, hiddens=[hidden], steps=_STEPS.value, reps=2, jit_compile=jit)
-        try:
-            out = workloads.launch_overhead(system, 2, cfg, timeout=240)
-        except Exception as e:  # pylint: disable=broad-except
-            failures.append(f"MLP {system} jit_compile={jit}: {workloads.failure_reason(e)}")
-            continue
-        over[(system, jit)] = out[0][hidden]
-        for rep, steps in enumerate(out[0][hidden]):
-            csv_rows.append(["mlp", system, jit, rep + 1, float(np.mean(steps))])
-    ours = over.get(("tf_backup", True))
-    ref_key = ("mwms", True) if ("mwms", True) in over else ("mwms", False)
-    ref = over.get(ref_key)
+    over, mwms_jit = xla.overhead_with_xla(2, hidden, _STEPS.value, 2, failures, timeout=240)
+    for (system, jit), means in over.items():
+        csv_rows += [["mlp", system, jit, rep + 1, mean] for rep, mean in enumerate(means)]
+    ours, ref = over.get(("tf_backup", True)), over.get(("mwms", mwms_jit))
     if ours and ref:
-        rows.append([f"MLP {workloads.mlp_params(hidden):,} params, 2 workers, SGD", f"ours, XLA {ms(ours)}",
-                     f"MWMS, {'XLA' if ref_key[1] else 'no XLA'} {ms(ref)}", f"{med(ours) / med(ref):.2f}", ""])
+        rows.append([f"MLP {workloads.mlp_params(hidden):,} params, 2 workers, SGD",
+                     f"ours, XLA {common.median_range([1e3 * x for x in ours], '{:.2f}')}",
+                     f"MWMS, {'XLA' if mwms_jit else 'no XLA'} {common.median_range([1e3 * x for x in ref], '{:.2f}')}",
+                     f"{common.med(ours) / common.med(ref):.2f}", ""])
     notes = [f"Devices: {', '.join(gpus) if gpus else 'no GPU: everything ran on the CPU'}. Both workers "
              "(and the ps) share the device. ms/step: mean time between worker 0's batch ends over "
              f"{_STEPS.value}-step fits after 5 warm-up steps, median (min–max) of 2 fits."]

@@ -45,7 +45,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                 try:
                     out = workloads.launch_overhead(system, w, cfg)
                 except Exception as e:  # pylint: disable=broad-except
-                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    msg = workloads.failure_reason(e)
                     failures.append(f"{system}, {w} workers, cluster {cluster + 1} ({s['reps']} run(s) of each "
                                     f"size): {msg}")
                     print(f"{NAME}: {system} {w} workers FAILED: {msg}", flush=True)

@@ -88,7 +88,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             try:
                 out = tf_backup.launch_local(workloads.accuracy_worker, workers, args=(cfg,), timeout=900)
             except Exception as e:  # pylint: disable=broad-except
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                msg = workloads.failure_reason(e)
                 failures.append(f"{label}, cluster {cluster + 1} ({s['reps']} run(s)): {msg}")
                 print(f"{NAME}: {label} FAILED: {msg}", flush=True)
                 continue

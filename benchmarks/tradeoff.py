@@ -56,7 +56,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             try:
                 out = tf_backup.launch_local(workloads.tf_backup_worker, n + b, args=(cfg,), timeout=600)
             except Exception as e:  # pylint: disable=broad-except
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                msg = workloads.failure_reason(e)
                 failures.append(f"b = {b}, cluster {cluster + 1} ({s['reps']} run(s) per policy): {msg}")
                 print(f"{NAME}: b = {b}: FAILED: {msg}", flush=True)
                 continue

@@ -70,6 +70,38 @@ def keras_alone(jit_compile: bool, cfg: Dict[str, Any]) -> List[List[float]]:
     return workloads._timed_fits(keras, model, train, cfg)  # pylint: disable=protected-access
 
 
+def overhead_with_xla(workers: int, hidden: int, steps: int, reps: int, failures: List[str],
+                      also_plain: bool = False, timeout: float = 600):
+    """`benchmarks.overhead`'s workload, tf_backup with XLA (and without, `also_plain`) and MWMS.
+
+    MWMS with XLA first; where XLA cannot compile its step (on CPU its collectives are not
+    implemented), MWMS without XLA, and the failure goes to `failures`.
+
+    Returns:
+      ({(system, jit_compile): [mean step seconds per timed fit]}, the jit_compile MWMS ran with
+      (None: it failed both ways)).
+    """
+    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+
+    runs = [("tf_backup", True)] + ([("tf_backup", False)] if also_plain else []) + [("mwms", True), ("mwms", False)]
+    out, mwms_jit = {}, None
+    for system, jit in runs:
+        if system == "mwms" and mwms_jit is not None:
+            continue
+        cfg = dict(system=system, hiddens=[hidden], steps=steps, reps=reps, jit_compile=jit)
+        try:
+            got = workloads.launch_overhead(system, workers, cfg, timeout=timeout)
+        except Exception as e:  # pylint: disable=broad-except
+            failures.append(f"overhead, {system}, jit_compile={jit}, {workers} workers: {workloads.failure_reason(e)}")
+            continue
+        if system == "mwms":
+            mwms_jit = jit
+        out[(system, jit)] = [float(np.mean(times)) for times in got[0][hidden]]
+        print(f"{NAME}: overhead {system} jit_compile={jit} {workers} workers: "
+              f"{[round(x * 1e3, 1) for x in out[(system, jit)]]} ms", flush=True)
+    return out, mwms_jit
+
+
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
@@ -100,25 +132,10 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     hidden = workloads.hidden_for_params(1e4)
     over, mwms_jit = {}, {}
     for w in s["overhead_workers"]:
-        # MWMS with XLA first; where XLA cannot compile it (on CPU its collectives are not
-        # implemented), MWMS without XLA is the comparison, and the table says so.
-        for system, jit in (("tf_backup", True), ("tf_backup", False), ("mwms", True), ("mwms", False)):
-            if system == "mwms" and not jit and mwms_jit.get(w):
-                continue
-            cfg = dict(system=system, hiddens=[hidden], steps=s["steps"], reps=s["reps"], jit_compile=jit)
-            try:
-                out = workloads.launch_overhead(system, w, cfg)
-            except Exception as e:  # pylint: disable=broad-except
-                failures.append(f"overhead, {system}, jit_compile={jit}, {w} workers: {workloads.failure_reason(e)}")
-                continue
-            if system == "mwms":
-                mwms_jit[w] = jit
-            key = (system, w) if system == "mwms" else (system, w, jit)
-            over[key] = [float(np.mean(steps)) for steps in out[0][hidden]]
-            for rep, mean in enumerate(over[key]):
-                csv_rows.append(["mlp", system, w, jit, 1, rep + 1, mean])
-            print(f"{NAME}: overhead {system} jit_compile={jit} {w} workers: "
-                  f"{[round(x * 1e3, 1) for x in over[key]]} ms", flush=True)
+        got, mwms_jit[w] = overhead_with_xla(w, hidden, s["steps"], s["reps"], failures, also_plain=True)
+        for (system, jit), means in got.items():
+            over[(system, w) if system == "mwms" else (system, w, jit)] = means
+            csv_rows += [["mlp", system, w, jit, 1, rep + 1, mean] for rep, mean in enumerate(means)]
     ms = lambda v: common.median_range([x * 1e3 for x in v], "{:.1f}") if v else "failed"  # noqa: E731
     ratio = lambda a, b: f"{statistics.median(a) / statistics.median(b):.2f}" if a and b else "failed"  # noqa: E731
     rows = [["MNIST-1D CNN (25-25-25), Adam, batch 32", "tf_backup, 2 workers b = 0", ms(cnn[True]),
