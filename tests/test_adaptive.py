@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tf_backup import adaptive
+from tf_backup import protocol
 
 
 def harmonic(k: int) -> float:
@@ -117,3 +118,72 @@ def test_steps_where_the_nth_gradient_never_came_make_that_n_unknown():
     assert choice.rates[2] == 0.0 and choice.n in (1, 2)
     with pytest.raises(ValueError, match="one time per worker"):
         window.add([0.1])
+
+
+@pytest.mark.cluster
+def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
+    # 4 workers, pure-noise regression (a high noise scale), every worker sleeps 50 ms a batch;
+    # worker 3 sleeps 10x as long until global step 60. Window 20, warmup 10.
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    import workers  # pylint: disable=g-import-not-at-top
+
+    out = tf_backup.launch_local(workers.train_adaptive, num_workers=4,
+                                 kwargs=dict(slow_steps=60, fast_steps=50), timeout=300)
+    chief = out[0]
+    replicas, taken = chief["replicas"], chief["taken"]
+    assert len(replicas) == 110
+    assert replicas[:10] == [4] * 10  # warmup: n_max
+    assert replicas[30:60] == [3] * 30  # settled: the slow worker is not waited for
+    assert replicas[-20:] == [4] * 20  # no straggler, high noise: every gradient is worth its wait
+    assert all(t >= n for t, n in zip(taken, replicas))  # a step averages at least its N
+    assert min(chief["noise_scale"][30:]) > 4  # in worker batches: 4 gradients make ~4x the progress of 1
+    for worker in out:
+        assert worker["num_backup_workers"] == "auto"
+        assert (worker["adaptive"].n_min, worker["adaptive"].n_max, worker["adaptive"].window) == (1, 4, 20)
+        stats = worker["stats"]
+        assert stats["global_step"] == 110
+        assert [t + d for t, d in zip(stats["taken"], stats["dropped"])] == stats["pushed"]
+    # Keras's logs carry the chief's choice: after epoch 5 (steps 41-50) N was 3, at the end 4.
+    for worker in out[:3]:
+        n = worker["history"]["replicas_to_aggregate"]
+        assert n[4] == 3.0 and n[-1] == 4.0
+
+
+def test_a_slow_worker_with_fewer_samples_counts_as_much_as_a_fast_one():
+    # Worker 2 pushes once every 10 steps (it is 10x slow); the others every step.
+    window = adaptive.ArrivalWindow(3, 50)
+    for step in range(50):
+        window.add_sample(0, step, 0.1)
+        window.add_sample(1, step, 0.2)
+        if step % 10 == 0:
+            window.add_sample(2, step, 1.0)
+    times = window.expected_order_statistics(step=50)
+    np.testing.assert_allclose(times, [0.1, 0.2, 1.0])  # every step's draw has worker 2 at 1.0
+    np.testing.assert_allclose(window.expected_order_statistics(step=50, unavailable={2}), [0.1, 0.2, np.inf])
+    assert window.sample_for(2, 40) == 1.0 and window.sample_for(2, 41) is None
+
+
+def test_samples_older_than_the_window_are_forgotten_but_the_newest_is_kept():
+    window = adaptive.ArrivalWindow(2, 10)
+    window.add_sample(0, 0, 5.0)  # worker 0 was slow at step 0 and has not pushed since
+    for step in range(10, 20):
+        window.add_sample(1, step, 0.1)
+        if step >= 15:
+            window.add_sample(0, step, 0.3)
+    assert window.recent(0, step=20) == [0.3] * 5  # step 0's sample is out of the window
+    assert window.recent(1, step=100) == [0.1]  # nothing recent: the newest is all there is
+    np.testing.assert_allclose(window.expected_order_statistics(step=20), [0.1, 0.3])
+
+
+def test_the_step_overhead_is_the_period_minus_the_last_taken_compute_time():
+    rule = adaptive.AdaptiveN(3, n_min=1, n_max=3, window=10, warmup=0)
+    for step in range(10):
+        for w, seconds in enumerate([0.1, 0.2, 0.9]):
+            rule.observe_push(protocol.PushSample(w, step, seconds))
+        # Steps taken with workers 0 and 1: the period is 0.25 s, of which 0.2 s the second's compute.
+        rule.observe_take(step, [0, 1], period=0.25, sum_sq_norms=2.0, sq_norm_of_sum=3.9, n=2)
+    assert rule.overhead == pytest.approx(0.05)
+    choice = rule.choose(step=10)
+    np.testing.assert_allclose(choice.expected_times, [0.15, 0.25, 0.95])
+    assert rule.choose(step=10, unavailable={1, 2}).n == 1  # one worker left: N = 1 whatever the rates
+

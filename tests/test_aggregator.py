@@ -64,13 +64,13 @@ def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatc
     aggregator.start()
     try:
         for w in range(2):  # step 0: both gradients are taken, then lost
-            acc.apply_grad(np.array([1.0, 1.0] + [1.0 if i == w else 0.0 for i in range(2)], np.float32), 0)
+            acc.apply_grad(protocol.push_vector(np.array([1.0, 1.0], np.float32), w, 2), 0)
         wait_for(lambda: state.read_control()[protocol.Control.STEP] == 1, "step 1")
         assert aggregator.lost_steps == 1 and applied == [] and len(lost) == 1
         np.testing.assert_array_equal(state.params[0].read(), [1.0, 2.0])  # published unchanged
-        acc.apply_grad(np.array([9.0, 9.0, 1.0, 0.0], np.float32), 0)  # stale: step 0 is over
+        acc.apply_grad(protocol.push_vector(np.array([9.0, 9.0], np.float32), 0, 2), 0)  # stale: step 0 is over
         for w in range(2):  # step 1 applies normally: the mean gradient is [0.5, 1.5]
-            acc.apply_grad(np.array([w, w + 1.0] + [1.0 if i == w else 0.0 for i in range(2)], np.float32), 1)
+            acc.apply_grad(protocol.push_vector(np.array([w, w + 1.0], np.float32), w, 2), 1)
         wait_for(lambda: state.read_control()[protocol.Control.STEP] == 2, "step 2")
         np.testing.assert_allclose(applied[0][0], [0.5, 1.5])
         np.testing.assert_allclose(state.params[0].read(), [0.5, 0.5])
@@ -99,7 +99,7 @@ def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(p
     monkeypatch.setattr(SharedState, "publish", ps_gone)
     assert aggregator.master_step == aggregator.step == 0
     with pytest.raises(errors.PsUnavailableError):
-        aggregator._apply_publish([np.array([1.0, 1.0, 1.0, 1.0], np.float32)])  # pylint: disable=protected-access
+        aggregator._apply_publish([protocol.push_vector(np.array([1.0, 1.0], np.float32), 0, 2)])  # pylint: disable=protected-access
     assert aggregator.step == 0 and aggregator.master_step == 1
 
 
@@ -133,7 +133,7 @@ def test_a_round_closes_only_after_the_apply_in_flight_when_it_stopped(ps_info):
     C = protocol.Control
     try:
         for w in range(2):
-            state.accs[0].apply_grad(np.array([1.0, 1.0] + [1.0 if i == w else 0.0 for i in range(2)], np.float32), 0)
+            state.accs[0].apply_grad(protocol.push_vector(np.array([1.0, 1.0], np.float32), w, 2), 0)
         assert in_apply.wait(20.0), "the aggregator never took step 0"
         # A worker ends round 1 while step 0's apply is in flight.
         state.control.scatter_max([C.STOP_ROUND, state.ctl.ended(1)], [1, 1])
@@ -163,7 +163,7 @@ def test_an_asynchronous_round_closes_once_every_worker_ended_it(ps_info):
         state.control.scatter_max([C.STOP_ROUND, c.ended(0)], [1, 1])  # worker 0 ended round 1
         state.poke_aggregator(protocol.WAKE)
         # Worker 1 had not: its gradient, pushed after the stop, is still applied.
-        state.accs[0].apply_grad(np.array([1.0, 1.0, 0.0, 1.0], np.float32), protocol.INT64_MAX)
+        state.accs[0].apply_grad(protocol.push_vector(np.array([1.0, 1.0], np.float32), 1, 2), protocol.INT64_MAX)
         state.poke_aggregator(protocol.WAKE)
         wait_for(lambda: state.read_control()[C.STEP] == 1, "step 1")
         time.sleep(0.3)

@@ -92,3 +92,20 @@ def test_restart_superseded_refuses_an_optimizer_with_sparse_tables():
     binding.sparse = object()
     with pytest.raises(ValueError, match="sparse_variables"):
         binding.restart_superseded()
+
+
+def test_an_optimizer_naming_n_under_an_adaptive_strategy_is_refused():
+    import types  # pylint: disable=g-import-not-at-top
+
+    from tf_backup import binding  # pylint: disable=g-import-not-at-top
+    from tf_backup import protocol  # pylint: disable=g-import-not-at-top
+
+    config = protocol.ProtocolConfig(replicas_to_aggregate=4, num_workers=4,
+                                     adaptive=protocol.AdaptiveSettings(n_min=2, n_max=4))
+    strategy = types.SimpleNamespace(extended=types.SimpleNamespace(config=config), num_workers=4,
+                                     asynchronous=False)
+    assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD()), strategy) is config
+    assert config.min_replicas == 2
+    with pytest.raises(ValueError, match="chooses N every step.*replicas_to_aggregate=3"):
+        binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), replicas_to_aggregate=3),
+                               strategy)

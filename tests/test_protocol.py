@@ -323,3 +323,24 @@ def test_a_beat_watch_counts_a_first_zero_as_never_beaten():
     assert watch.silent_seconds(1) == 0.0
     now[0] = 15.0
     assert watch.observe(np.array([0, 5])) == [] and watch.silent_seconds(1) == pytest.approx(3.0)
+
+
+def test_a_take_of_summed_pushes_splits_into_gradient_norms_and_counts():
+    grads = [np.array([1.0, 2.0], np.float32), np.array([3.0, -1.0], np.float32)]
+    total = protocol.push_vector(grads[0], 2, 3) + protocol.push_vector(grads[1], 0, 3)
+    assert len(total) == 2 + protocol.push_tail(3)
+    take = protocol.split_take(total, 3)
+    np.testing.assert_allclose(take.gradient, [4.0, 1.0])
+    assert take.sum_sq_norms == pytest.approx(5.0 + 10.0)
+    assert take.counts.tolist() == [1, 0, 1]
+    np.testing.assert_allclose(take.mean, [2.0, 0.5])
+
+
+def test_new_pushes_are_those_whose_count_moved_with_their_step_and_compute_time():
+    c = protocol.Control(3)
+    values = np.zeros([c.size], np.int64)
+    for w, (pushed, tag, micros) in enumerate([(2, 7, 40_000), (1, 5, 250_000), (0, 0, 0)]):
+        values[[c.pushed(w), c.last_tag(w), c.compute_us(w)]] = [pushed, tag, micros]
+    ctl = c.view(values)
+    assert protocol.new_pushes(np.array([1, 1, 0]), ctl) == [protocol.PushSample(0, 7, 0.04)]
+    assert protocol.new_pushes(np.zeros(3), ctl) == [protocol.PushSample(0, 7, 0.04), protocol.PushSample(1, 5, 0.25)]

@@ -42,7 +42,7 @@ def state(server):
 
 def push_args(state, w, tag, pushed=1):
     c = state.ctl
-    grad = np.concatenate([np.full(4, w + 1.0, np.float32), np.eye(WORKERS, dtype=np.float32)[w]])
+    grad = protocol.push_vector(np.full(4, w + 1.0, np.float32), w, WORKERS)
     return [grad], tag, [c.pushed(w), c.last_tag(w)], [pushed, tag]
 
 
@@ -153,7 +153,8 @@ def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_i
     count, ctl, sums, tokens = state.wait_arrivals(5.0, waker, need=1, required=3, taken_for=1)
     np.testing.assert_array_equal(tokens, [protocol.POKE, protocol.POKE, 0])  # the poke's spare tokens first
     assert count == 3 and sums is not None and waker.pokes == 1
-    np.testing.assert_allclose(sums, [6, 6, 6, 6, 1, 1, 1])  # (1 + 2 + 3) per element, one per worker
+    # (1 + 2 + 3) per element; the squared norms 4 * (1 + 4 + 9); one gradient per worker
+    np.testing.assert_allclose(sums, [6, 6, 6, 6, 56, 1, 1, 1])
     assert state.read_control()[c.TAKEN_FOR] == 1
     assert state.accs[0].num_accumulated() == 0
     # The accumulator moved to step 1: a push still tagged 0 is dropped.

@@ -1,16 +1,15 @@
-"""Adaptive N: the rule that picks how many gradients a step waits for (issue 19, the policy only).
+"""Adaptive N: the rule that picks how many gradients a step waits for (`num_backup_workers="auto"`).
 
-Pure functions and small state, no I/O and no TensorFlow: the chief's aggregator is to feed them
-each step's arrival times and gradient norms (not wired yet: `num_backup_workers="auto"` does not
-exist yet).
+Pure functions and small state, no I/O and no TensorFlow: the chief's aggregator
+(`tf_backup.aggregator`) feeds them the pushes' compute times and each take's gradient norms.
 
 The rule. Choose N in `[n_min, n_max]` to maximise the expected progress per second,
 
     rate(N) = progress(N) / E[T_(N)],      progress(N) = 1 / (1 + B_simple / (N * batch)),
 
-* `T_(N)`: seconds from a publish until the N-th gradient for the new step arrives, the N-th
-  order statistic of the workers' arrival times; `E[T_(N)]` is its mean over the last `window`
-  steps (`ArrivalWindow`).
+* `T_(N)`: seconds from a publish until the N-th gradient for the new step is in: the step
+  overhead plus the N-th order statistic of the workers' compute times (`ArrivalWindow`,
+  `AdaptiveN`), over the last `window` steps.
 * `progress(N)`: the loss decrease of a step that averages N gradients of `batch` examples each,
   relative to a step on the full-batch gradient (McCandlish et al., "An Empirical Model of
   Large-Batch Training", 2018, eq. 2.6: with the best learning rate a step of batch B improves
@@ -18,7 +17,7 @@ The rule. Choose N in `[n_min, n_max]` to maximise the expected progress per sec
 * `B_simple = tr(Sigma) / |G|^2`, the simple noise scale (their eq. 2.8), estimated from the
   gradients each step averages (`NoiseScale`).
 
-Ties go to the larger N. Until the window holds `warmup` steps the rule answers `n_max`.
+Ties go to the larger N. Until `warmup` steps were taken the rule answers `n_max`.
 Learning rate: the chief averages the N gradients whatever N is, so the inner optimizer's learning
 rate stays as set (a larger N gives a less noisy step of the same size, not a larger step).
 Everything here is deterministic: the same observations give the same choices.
@@ -27,7 +26,9 @@ Everything here is deterministic: the same observations give the same choices.
 import collections
 import dataclasses
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Collection, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
 
 from tf_backup import _checks
 
@@ -86,41 +87,74 @@ def choose(expected_times: Sequence[float], b_simple: float, batch: int, n_min: 
 
 
 class ArrivalWindow:
-    """The workers' arrival times of the last `size` steps, and their order statistics.
+    """Each worker's recent compute times, and the expected order statistics of the arrivals.
 
-    One step's arrivals: per worker, the seconds from the publish of the step to that worker's
-    gradient for it; `inf` for a worker whose gradient did not come before the step was taken.
+    A sample is one push: the worker, the step it was for, and the seconds from the worker's
+    read of that step to its push (`protocol.PushSample`), late pushes the step was taken
+    without included. A worker keeps its samples of the last `size` steps (at least its newest
+    one). The arrivals of a step are modelled as one draw per worker from its own samples, so a
+    worker that is slow, and therefore pushes less often, counts as much as a fast one.
+
+    E[T_(n)], the mean of the n-th earliest arrival, is estimated by aligned resampling: row j
+    takes each worker's j-th newest sample (cycling through a worker's samples when it has
+    fewer), sorts the row, and the estimate is the mean of the rows' n-th entries. When every
+    worker has one sample per step this is the plain mean over steps of each step's n-th
+    arrival; deterministic either way. A worker without samples (or marked unavailable)
+    arrives never (inf).
     """
 
-    def __init__(self, num_workers: int, size: int, min_fraction: float = 0.5):
+    def __init__(self, num_workers: int, size: int):
         self.num_workers = _checks.check_int("num_workers", num_workers, 1)
         self.size = _checks.check_int("window", size, 1)
-        self.min_fraction = min_fraction
-        self._steps = collections.deque(maxlen=self.size)
+        self._samples = [collections.deque(maxlen=self.size) for _ in range(self.num_workers)]
+        self._steps = 0  # the steps `add` recorded
 
-    def __len__(self) -> int:
-        return len(self._steps)
+    def add_sample(self, worker: int, step: int, seconds: float) -> None:
+        """One push of `worker`, for `step`, `seconds` after it read that step."""
+        self._samples[worker].append((int(step), float(seconds)))
 
     def add(self, arrivals: Sequence[float]) -> None:
+        """A whole step: per worker its arrival (inf: none), as the step after the last `add`."""
         if len(arrivals) != self.num_workers:
             raise ValueError(f"`arrivals` must have one time per worker ({self.num_workers}). "
                              f"Received {len(arrivals)}")
-        self._steps.append(tuple(sorted(float(a) for a in arrivals)))
+        for w, seconds in enumerate(arrivals):
+            if math.isfinite(seconds):
+                self.add_sample(w, self._steps, seconds)
+        self._steps += 1
 
-    def expected_order_statistic(self, n: int) -> float:
-        """The mean over the window of the n-th arrival; inf if it was missing in too many steps.
+    def sample_for(self, worker: int, step: int) -> Optional[float]:
+        """`worker`'s compute time for `step`, if its push for it was seen."""
+        for s, seconds in reversed(self._samples[worker]):
+            if s == step:
+                return seconds
+            if s < step:
+                break
+        return None
 
-        A step whose n-th gradient never came (the step was taken with fewer) tells only that it
-        would have been late: the mean is over the steps where it came, and inf if those are fewer
-        than `min_fraction` of the window.
-        """
+    def recent(self, worker: int, step: Optional[int] = None) -> List[float]:
+        """`worker`'s samples for steps after `step - size` (newest last; at least its newest)."""
+        samples = self._samples[worker]
+        if step is None:
+            step = self._steps
+        kept = [seconds for s, seconds in samples if s > step - self.size]
+        return kept or [seconds for _, seconds in list(samples)[-1:]]
+
+    def expected_order_statistics(self, step: Optional[int] = None,
+                                  unavailable: Collection[int] = ()) -> np.ndarray:
+        """E[T_(n)] for n = 1 .. num_workers (inf where fewer than n workers have samples)."""
+        samples = [[] if w in unavailable else self.recent(w, step) for w in range(self.num_workers)]
+        rows = max((len(x) for x in samples), default=0)
+        if rows == 0:
+            return np.full([self.num_workers], np.inf)
+        table = np.array([[x[-1 - j % len(x)] if x else np.inf for x in samples] for j in range(rows)])
+        return np.sort(table, axis=1).mean(axis=0)
+
+    def expected_order_statistic(self, n: int, step: Optional[int] = None) -> float:
         n = _checks.check_int("n", n, 1)
         if n > self.num_workers:
             raise ValueError(f"`n` must be at most the number of workers ({self.num_workers}). Received n={n}")
-        seen = [step[n - 1] for step in self._steps if math.isfinite(step[n - 1])]
-        if not seen or len(seen) < self.min_fraction * len(self._steps):
-            return math.inf
-        return sum(seen) / len(seen)
+        return float(self.expected_order_statistics(step)[n - 1])
 
 
 @dataclasses.dataclass
@@ -174,33 +208,62 @@ class NoiseScale:
 
 
 class AdaptiveN:
-    """The rule with its state: observe each step, choose the next step's N.
+    """The rule with its state: observe pushes and takes, choose the next step's N.
+
+    E[T_(N)] = the window's mean step overhead (a step's period minus the compute time of its
+    last gradient taken: wake-ups, pulls, pushes, the chief's apply) + the expected N-th
+    compute time (`ArrivalWindow`).
 
     Args:
       num_workers: N + b.
-      batch: examples in one worker's gradient.
+      batch: examples in one worker's gradient; 1 measures the noise scale in worker batches
+        (what the chief does: it does not know the batch, and `progress` needs only the ratio).
       n_min, n_max: the bounds of N (`check_bounds`).
-      window: steps the arrival times and the noise estimates are averaged over.
-      warmup: steps observed before the rule answers anything but `n_max`.
+      window: steps the arrival times, the overhead and the noise estimates are averaged over.
+      warmup: takes observed before the rule answers anything but `n_max`.
     """
 
-    def __init__(self, num_workers: int, batch: int, n_min: Optional[int] = None, n_max: Optional[int] = None,
-                 window: int = 100, warmup: int = 10):
+    def __init__(self, num_workers: int, batch: int = 1, n_min: Optional[int] = None,
+                 n_max: Optional[int] = None, window: int = 50, warmup: int = 10):
         self.n_min, self.n_max = check_bounds(num_workers, n_min, n_max)
         self.batch = _checks.check_int("batch", batch, 1)
         self.warmup = _checks.check_int("warmup", warmup, 0)
         self.arrivals = ArrivalWindow(num_workers, window)
         self.noise = NoiseScale(batch, window)
+        self._overheads = collections.deque(maxlen=window)
+        self.takes = 0
+
+    @property
+    def overhead(self) -> float:
+        return sum(self._overheads) / len(self._overheads) if self._overheads else 0.0
+
+    def observe_push(self, sample) -> None:
+        """One push (a `protocol.PushSample`: worker, step, seconds)."""
+        self.arrivals.add_sample(sample.worker, sample.step, sample.seconds)
+
+    def observe_take(self, step: int, workers: Sequence[int], period: float, sum_sq_norms: float,
+                     sq_norm_of_sum: float, n: int) -> None:
+        """The take of `step`: the `workers` whose gradients it averaged (n in all), the seconds since
+        the step was published, and the norms (`NoiseScale.add`)."""
+        self.takes += 1
+        self.noise.add(sum_sq_norms, sq_norm_of_sum, n)
+        last = [self.arrivals.sample_for(w, step) for w in workers]
+        if last and all(t is not None for t in last):
+            self._overheads.append(max(0.0, period - max(last)))
 
     def observe(self, arrivals: Sequence[float], sum_sq_norms: float, sq_norm_of_sum: float, n: int) -> None:
-        """One taken step: every worker's arrival time, and the norms of the n gradients averaged."""
+        """A whole step at once (a generated trace): every worker's arrival, the norms of the n averaged."""
         self.arrivals.add(arrivals)
         self.noise.add(sum_sq_norms, sq_norm_of_sum, n)
+        self.takes += 1
 
-    def choose(self) -> Choice:
+    def choose(self, step: Optional[int] = None, unavailable: Collection[int] = ()) -> Choice:
+        """The N of the step after `step` (None: after the last `observe`); never more than the workers
+        that are not `unavailable` (declared dead or left), nor fewer than `n_min`."""
         b_simple = self.noise.b_simple
-        if len(self.arrivals) < max(self.warmup, 1):
-            span = self.n_max - self.n_min + 1
-            return Choice(self.n_max, b_simple, (math.inf,) * span, (0.0,) * span)
-        times = [self.arrivals.expected_order_statistic(n) for n in range(self.n_min, self.n_max + 1)]
-        return choose(times, b_simple, self.batch, self.n_min)
+        n_max = max(self.n_min, min(self.n_max, self.arrivals.num_workers - len(set(unavailable))))
+        span = n_max - self.n_min + 1
+        if self.takes < max(self.warmup, 1):
+            return Choice(n_max, b_simple, (math.inf,) * span, (0.0,) * span)
+        times = self.arrivals.expected_order_statistics(step, unavailable)[self.n_min - 1:n_max] + self.overhead
+        return choose([float(t) for t in times], b_simple, self.batch, self.n_min)

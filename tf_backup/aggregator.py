@@ -10,9 +10,13 @@ The chief's aggregator thread, each step:
      with the inner Keras optimizer to the chief's master copy; then runs the
      step hooks (the Embedding tables of `tf_backup.sparse` take, apply and
      publish their rows there);
-  3. publishes: `version = s+1`, the new parameters, then `step = s+1`. A
-     worker that reads `step`, the parameters, then `version` and finds
-     `version == step` has read parameters of exactly that step.
+  3. publishes: `version = s+1`, the new parameters, then `step = s+1` and
+     the next step's N (`Control.REPLICAS`). A worker that reads `step`, the
+     parameters, then `version` and finds `version == step` has read
+     parameters of exactly that step.
+With adaptive N (`ProtocolConfig.adaptive`) the N of each step is the rule's
+(`tf_backup.adaptive.AdaptiveN`), fed with the pushes' compute times it sees in
+the control vector and the norms each take holds; otherwise it is fixed.
 Between steps it closes stopped fit rounds (`protocol.round_closable`) and
 reads the workers' heartbeats: with fewer live workers than a step needs, it
 stops with a `WorkersLostError`, kept in `failure`.
@@ -27,6 +31,7 @@ from typing import Callable, List, Optional
 from absl import logging
 import numpy as np
 
+from tf_backup import adaptive as adaptive_lib
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup import job as job_lib
@@ -45,6 +50,9 @@ class StepRecord:
         `step + 1`).
       taken: fresh gradients averaged into this step.
       contributions: per worker, how many of its gradients were averaged.
+      replicas: N, the gradients the step waited for.
+      noise_scale: (adaptive N) the rule's estimate of the simple noise scale after this step,
+        in worker batches (`tf_backup.adaptive.NoiseScale`); None with a fixed N.
       wait_seconds: time from the previous step's publish to the take.
       apply_seconds: time to take, apply and publish.
       end_time: `time.time()` when the step was published.
@@ -53,6 +61,8 @@ class StepRecord:
     step: int
     taken: int
     contributions: List[int]
+    replicas: int
+    noise_scale: Optional[float]
     wait_seconds: float
     apply_seconds: float
     end_time: float
@@ -97,6 +107,12 @@ class Aggregator(threading.Thread):
         self.history: List[StepRecord] = []
         self.failure: Optional[BaseException] = None  # why the loop stopped, if it failed
         self.taken = np.zeros([config.num_workers], np.int64)
+        self.n = config.replicas_to_aggregate  # N of the step being gathered
+        settings = config.adaptive
+        self.rule = None if settings is None else adaptive_lib.AdaptiveN(
+            config.num_workers, n_min=settings.n_min, n_max=settings.n_max, window=settings.window,
+            warmup=settings.warmup)
+        self._pushes_seen = np.zeros([config.num_workers], np.int64)  # per worker, pushes fed to the rule
         self.lost_steps = 0  # steps published without an update (a take delivered twice)
         self.missed_wakeups = 0  # waits that ran to their deadline with enough gradients in
         self._step_hooks: List[Callable[[int], None]] = []
@@ -107,8 +123,10 @@ class Aggregator(threading.Thread):
         self._last_publish = time.monotonic()
         self._last_liveness = 0.0
 
-    def add_step_hook(self, hook: Callable[[int], None]) -> None:
-        """Runs `hook(new_step)` in this thread after each dense apply, before the step is published.
+    def add_step_hook(self, hook: Callable[[int, int], None]) -> None:
+        """Runs `hook(new_step, taken)` in this thread after each dense apply, before the step is published.
+
+        `taken`: the gradients the dense take averaged.
 
         Register before `start()`. The Embedding tables of `tf_backup.sparse`
         take, apply and publish their rows here, so a worker that sees the new
@@ -146,7 +164,6 @@ class Aggregator(threading.Thread):
         # training loop among them) wait for the step with theirs, and a worker
         # that died is noticed from its heartbeat (`_check_workers`). Between
         # checks, the loop blocks on the `arrivals` queue, which every push feeds.
-        n = self.config.replicas_to_aggregate
         finished = False
         others = self.state.accs[1:]
         fused = self.state.takes_in_wait  # one shard: the wait takes too, in the same run
@@ -160,6 +177,7 @@ class Aggregator(threading.Thread):
                     finished = True
                 self._stop_event.wait(max(self.config.poll_max, 0.05))
                 continue
+            n = self.n
             need = max(1, n - count)
             try:
                 got = self.state.wait_arrivals(
@@ -172,6 +190,7 @@ class Aggregator(threading.Thread):
                     self._apply_publish(None)
                 continue
             count, ctl = got.count, got.control
+            self._observe_pushes(ctl)
             # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
             # are in all the same, their tokens went missing.
             timed_out = protocol.missed_wakeup(got.tokens, need)
@@ -209,7 +228,7 @@ class Aggregator(threading.Thread):
         ctl = self.state.read_control()  # after the job vector: a worker ends its round before it leaves
         if not protocol.round_running(ctl) or ctl.finished:
             return  # no round is being trained: nothing waits for gradients
-        needed = self.config.replicas_to_aggregate
+        needed = self.config.min_replicas
         if not protocol.lost_workers(self.config.num_workers, needed, self.liveness.gone, self.liveness.dead):
             return
         alive = self.config.num_workers - len(self.liveness.gone)
@@ -231,9 +250,8 @@ class Aggregator(threading.Thread):
 
     def _take_apply_publish(self) -> None:
         start = time.monotonic()
-        n = self.config.replicas_to_aggregate
         try:
-            sums = [acc.take_grad(n) for acc in self.state.accs]
+            sums = [acc.take_grad(self.n) for acc in self.state.accs]
         except errors.DuplicateDeliveryError as e:
             self._lost_take(e)
             sums = None
@@ -244,14 +262,18 @@ class Aggregator(threading.Thread):
         start = time.monotonic() if start is None else start
         workers = self.config.num_workers
         new_step = self.step + 1
+        replicas = self.n
         if sums is None:
             counts = np.zeros([workers], np.int64)
             new_flats = self.state.read_params()
         else:
-            counts = np.rint(sums[0][-workers:]).astype(np.int64)
-            new_flats = self.apply_fn([s[:-workers] / s[-workers:].sum() for s in sums])
+            takes = [protocol.split_take(s, workers) for s in sums]
+            counts = takes[0].counts
+            new_flats = self.apply_fn([t.mean for t in takes])
             for hook in self._step_hooks:
-                hook(new_step)
+                hook(new_step, int(counts.sum()))
+            if self.rule is not None:
+                self._choose(takes)
         c = self.state.ctl
         self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         self.taken += counts
@@ -262,15 +284,40 @@ class Aggregator(threading.Thread):
                 self._published.popitem(last=False)
         self.state.publish(
             new_step, new_flats,
-            [Control.STEP, Control.LAST_TAKEN] + [c.taken(w) for w in range(workers)],
-            [new_step, int(counts.sum())] + [int(t) for t in self.taken],
+            [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)],
+            [new_step, int(counts.sum()), self.n] + [int(t) for t in self.taken],
             dead=() if self.liveness is None else set(self.liveness.dead),
         )
         end = time.monotonic()
         self.history.append(
             StepRecord(step=self.step, taken=int(counts.sum()), contributions=[int(x) for x in counts],
+                       replicas=replicas, noise_scale=None if self.rule is None else self.rule.noise.b_simple,
                        wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time()))
         self._last_publish = end
         self.step = new_step
         if self.on_publish is not None:
             self.on_publish(new_step)
+
+    # -- adaptive N ------------------------------------------------------------------
+
+    def _observe_pushes(self, ctl: protocol.ControlView) -> None:
+        """Feeds the rule the compute times of the pushes new in `ctl` (late ones included)."""
+        if self.rule is None:
+            return
+        for sample in protocol.new_pushes(self._pushes_seen, ctl):
+            if sample.seconds >= 0:  # < 0: the first push of a fit (it traced), no time measured
+                self.rule.observe_push(sample)
+        self._pushes_seen = np.maximum(self._pushes_seen, ctl.block("pushed"))
+
+    def _choose(self, takes: List[protocol.Take]) -> None:
+        """After a take and its apply: feeds the rule what the take holds, then sets the next step's N.
+
+        The step's period runs from the last publish to now (the wait, the take, the apply).
+        """
+        n = int(takes[0].counts.sum())
+        self.rule.observe_take(
+            self.step, np.flatnonzero(takes[0].counts), period=time.monotonic() - self._last_publish,
+            sum_sq_norms=sum(t.sum_sq_norms for t in takes),
+            sq_norm_of_sum=sum(float(np.dot(t.gradient, t.gradient)) for t in takes), n=n)
+        gone = frozenset() if self.liveness is None else self.liveness.gone
+        self.n = self.rule.choose(self.step + 1, unavailable=gone).n

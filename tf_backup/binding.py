@@ -3,7 +3,8 @@
 It makes the optimizer's shared state (the chief creates it, the others wait
 for it), the chief's master copy, inner optimizer, checkpoint and `Aggregator`,
 and every worker's `WorkerClient`; and it builds the graph part of one step:
-the gradients packed into shards with the worker's one-hot, a `tf.py_function`
+the gradients packed into shards with their squared norms and the worker's
+one-hot (`protocol.push_tail`), a `tf.py_function`
 that runs `WorkerClient.sync`, and the new parameters assigned to the model. A
 compiled step (XLA, TPU) only writes the gradient into the binding's
 `exchange.StepBuffers`; `Binding.exchange` runs the rest outside the program.
@@ -52,6 +53,10 @@ def resolve_config(optimizer, strategy) -> protocol.ProtocolConfig:
     n = optimizer.replicas_to_aggregate
     if n is None:
         return config
+    if config.adaptive is not None:
+        raise ValueError(
+            "This BackupWorkerStrategy chooses N every step (num_backup_workers='auto'): leave the "
+            f"optimizer's `replicas_to_aggregate` unset. Received replicas_to_aggregate={n}")
     if n > workers:
         raise ValueError(
             f"`replicas_to_aggregate` must not exceed the number of workers ({workers}). "
@@ -114,7 +119,8 @@ class Binding:
                         os.path.join(ext.checkpoint_dir, f"opt{self.index}"), self.master, inner,
                         ext.checkpoint_every_steps)
                     step = self.checkpoint.restore()
-                self.state.create(self.layout.pack([tf.convert_to_tensor(v) for v in self.master]), step=step)
+                self.state.create(self.layout.pack([tf.convert_to_tensor(v) for v in self.master]), step=step,
+                                  replicas=self.config.replicas_to_aggregate)
             self.aggregator = aggregator_lib.Aggregator(
                 self.state, self.config, info, self._make_apply_fn(inner), step=step,
                 max_steps=ext.max_steps, liveness=ext.liveness(),
@@ -278,16 +284,15 @@ class Binding:
         """
         layout = self.layout
         onehot = tf.one_hot(self.worker_index, self.num_workers, dtype=layout.dtype)
-        flats = [tf.concat([flat, onehot], 0) for flat in packed]
+        flats = [tf.concat([flat, tf.reshape(tf.reduce_sum(tf.square(flat)), [1]), onehot], 0) for flat in packed]
         fn, inputs = (self._sync, flats) if pending is None else (self._sync_pending, [pending, *flats])
         outs = tf.py_function(fn, inputs, Tout=[layout.dtype] * len(flats) + [tf.int64], name="tf_backup_sync")
         new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
         metrics = tf.ensure_shape(outs[-1], [len(worker_lib.StepMetrics._fields)])
         assigns = self._assign(variables, new_flats)
         with tf.control_dependencies(assigns):
-            self.metric_vars["global_step"].assign(metrics[0])
-            self.metric_vars["fresh_gradients"].assign(metrics[1])
-            self.metric_vars["dropped_gradients"].assign(metrics[2])
+            for name, var in self.metric_vars.items():  # the StepMetrics fields of the same names
+                var.assign(metrics[worker_lib.StepMetrics._fields.index(name)])
             return self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
 
     def _sync_pending(self, pending, *flats):

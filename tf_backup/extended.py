@@ -25,7 +25,7 @@ from tf_backup import protocol
 # trainer) does not own the strategies the user's function made, and must shut them down
 # (aborting the job if it failed) before it ends the process with os._exit.
 _LIVE = weakref.WeakSet()
-METRIC_NAMES = ("global_step", "fresh_gradients", "dropped_gradients")
+METRIC_NAMES = ("global_step", "fresh_gradients", "dropped_gradients", "replicas_to_aggregate")
 
 
 def register(extended) -> None:

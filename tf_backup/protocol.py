@@ -14,10 +14,12 @@ left and a heartbeat. Shared state of one `SyncReplicasOptimizer`
 
 * `params/<s>`: the published parameters of shard `s`, flat (`tf_backup.layout`).
 * `acc/<s>`: a conditional accumulator per shard. A worker pushes the flat
-  gradient of the shard's variables followed by a one-hot of its worker index,
-  tagged with the global step of the parameters it computed on. The
-  accumulator sums what it accepts, so the one-hot part of a take counts the
-  contributions of each worker, and a stale push is dropped whole.
+  gradient of the shard's variables, its squared norm, and a one-hot of its
+  worker index (`push_tail`), tagged with the global step of the parameters it
+  computed on. The accumulator sums what it accepts, so a take (`split_take`)
+  holds the sum of the gradients, the sum of their squared norms (the noise
+  scale of `tf_backup.adaptive`) and each worker's contributions; a stale push
+  is dropped whole.
 * `control`: an int64 vector (slots in `Control`, typed view `ControlView`).
 * `wake/<w>` and `arrivals`: int64 FIFO queues of wake-up tokens, so waits
   block on the ps instead of polling. Tokens are steps, `WAKE` or `POKE`.
@@ -34,7 +36,7 @@ published parameters the round's final ones. FINISHED (the chief reached
 
 import dataclasses
 import enum
-from typing import FrozenSet, Sequence
+from typing import FrozenSet, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -51,7 +53,8 @@ class ProtocolConfig:
     """Settings of the step protocol, the same on every worker.
 
     Attributes:
-      replicas_to_aggregate: N, the fresh gradients averaged into one step.
+      replicas_to_aggregate: N, the fresh gradients averaged into one step
+        (with `adaptive`, the first step's; the chief picks every other).
       num_workers: N + b, every worker of the cluster.
       staleness_check: whether a gradient tagged with an old step is dropped.
         False gives asynchronous SGD (with `replicas_to_aggregate=1`).
@@ -61,16 +64,39 @@ class ProtocolConfig:
       startup_timeout: how long a worker waits for the chief to create the
         shared state, seconds.
       poll_min, poll_max: the first and the longest sleep between polls.
+      adaptive: the bounds and window of adaptive N (`num_backup_workers="auto"`), or None: N is fixed.
     """
 
     replicas_to_aggregate: int
     num_workers: int
     staleness_check: bool = True
+    adaptive: Optional["AdaptiveSettings"] = None
     step_timeout: float = 600.0
     chief_timeout: float = 120.0
     startup_timeout: float = 600.0
     poll_min: float = 0.0005
     poll_max: float = 0.01
+
+    @property
+    def min_replicas(self) -> int:
+        """The fewest gradients a step may be taken with (fewer live workers: the job is lost)."""
+        return self.adaptive.n_min if self.adaptive is not None else self.replicas_to_aggregate
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveSettings:
+    """Adaptive N (`tf_backup.adaptive`): the chief picks each step's N in `[n_min, n_max]`.
+
+    Attributes:
+      n_min, n_max: the bounds (`min_replicas_to_aggregate`, `max_replicas_to_aggregate`).
+      window: steps over which arrival times and the noise scale are averaged.
+      warmup: steps taken with `n_max` before the rule chooses.
+    """
+
+    n_min: int
+    n_max: int
+    window: int = 50
+    warmup: int = 10
 
 
 class Control:
@@ -87,9 +113,10 @@ class Control:
     FINISHED = 5  # 1 once the chief reached its max_steps: every round stops
     TAKEN_FOR = 6  # s + 1 once the gradients of step s were taken (the accumulator's new step)
     CLOSED = 7  # the highest fit round the aggregator closed: nothing more is applied for it
-    HEADER = 8
+    REPLICAS = 8  # N of the step being gathered: gradients the chief waits for (adaptive N changes it)
+    HEADER = 9
     # Per-worker blocks, in this order after the header.
-    BLOCKS = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled")
+    BLOCKS = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled", "compute_us")
 
     def __init__(self, num_workers: int):
         self.num_workers = num_workers
@@ -121,6 +148,10 @@ class Control:
     def cancelled(self, w: int) -> int:
         """Batches worker `w` cancelled (the step moved on while it computed; never pushed)."""
         return self._slot("cancelled", w)
+
+    def compute_us(self, w: int) -> int:
+        """Microseconds worker `w` took from reading its last push's step to pushing (`PushSample`)."""
+        return self._slot("compute_us", w)
 
     def view(self, values) -> "ControlView":
         return ControlView(np.asarray(values), self.num_workers)
@@ -200,6 +231,10 @@ class ControlView:
     def taken_for(self) -> int:
         return int(self.values[Control.TAKEN_FOR])
 
+    @property
+    def replicas(self) -> int:
+        return int(self.values[Control.REPLICAS])
+
     def block(self, name: str) -> np.ndarray:
         """One per-worker counter (`Control.BLOCKS`) as an int64 array."""
         start = Control.HEADER + Control.BLOCKS.index(name) * self.num_workers
@@ -208,6 +243,63 @@ class ControlView:
     def last_steps(self) -> list:
         """Per worker, the step of its last pushed gradient (-1: none)."""
         return [int(t) if p else -1 for t, p in zip(self.block("last_tag"), self.block("pushed"))]
+
+
+# -- what a push holds ----------------------------------------------------------------
+
+
+def push_tail(num_workers: int) -> int:
+    """Slots a push has after the gradient: its squared norm, then the one-hot of its worker."""
+    return 1 + num_workers
+
+
+def push_vector(gradient: np.ndarray, worker: int, num_workers: int) -> np.ndarray:
+    """What worker `worker` pushes for one shard's `gradient` (numpy; the step builds the same in TF)."""
+    gradient = np.asarray(gradient)
+    tail = np.zeros([push_tail(num_workers)], gradient.dtype)
+    tail[0], tail[1 + worker] = np.dot(gradient, gradient), 1
+    return np.concatenate([gradient, tail])
+
+
+class Take(NamedTuple):
+    """One shard's take, split: what the accumulator summed over the pushes it accepted."""
+
+    gradient: np.ndarray  # the sum of the gradients
+    sum_sq_norms: float  # the sum of their squared norms (this shard's part of each)
+    counts: np.ndarray  # per worker, its gradients in the sum (int64)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.gradient / max(int(self.counts.sum()), 1)
+
+
+def split_take(total: np.ndarray, num_workers: int) -> Take:
+    """`total` (a take of one shard's accumulator) as a `Take`."""
+    tail = push_tail(num_workers)
+    return Take(np.asarray(total[:-tail]), float(total[-tail]),
+                np.rint(total[-num_workers:]).astype(np.int64))
+
+
+class PushSample(NamedTuple):
+    """A push the chief saw in the control vector: the worker, the step it was for, and how long it took.
+
+    `seconds`: measured on the worker, from the moment it read the step's parameters to its push
+    (its compute time; the same whatever N the chief waits for, so it is an arrival time that
+    does not depend on the rule's own choices, and no clocks are compared).
+    """
+
+    worker: int
+    step: int
+    seconds: float
+
+
+def new_pushes(seen: np.ndarray, ctl: ControlView) -> List[PushSample]:
+    """The pushes in `ctl` that are not in `seen` (each worker's push count when last looked).
+
+    A worker that pushed twice between two looks shows its last push only.
+    """
+    pushed, tags, micros = ctl.block("pushed"), ctl.block("last_tag"), ctl.block("compute_us")
+    return [PushSample(w, int(tags[w]), int(micros[w]) / 1e6) for w in range(ctl.num_workers) if pushed[w] > seen[w]]
 
 
 # -- fit rounds ----------------------------------------------------------------------

@@ -149,14 +149,15 @@ class SharedState:
         if self._accs is None:
             self._accs = [
                 accumulators.ConditionalAccumulator(
-                    f"{self.prefix}/acc/{s}", self.layout.dtype, [size + self.num_workers],
+                    f"{self.prefix}/acc/{s}", self.layout.dtype, [size + protocol.push_tail(self.num_workers)],
                     self._where[s], reduction_type="SUM")
                 for s, size in enumerate(self.layout.shard_sizes)
             ]
         return self._accs
 
-    def create(self, flats: Sequence, step: int = 0) -> None:
-        """Writes the initial state (chief only). `control` goes last: it marks the state ready."""
+    def create(self, flats: Sequence, step: int = 0, replicas: int = 1) -> None:
+        """Writes the initial state (chief only), `replicas` the first step's N. `control` goes last: it marks
+        the state ready."""
         self.signature.assign(self.layout.signature())
         for var, flat in zip(self.params, flats):
             var.assign(flat)
@@ -164,6 +165,7 @@ class SharedState:
             acc.set_global_step(step)
         control = np.zeros([self.ctl.size], np.int64)
         control[Control.STEP] = control[Control.VERSION] = step
+        control[Control.REPLICAS] = replicas
         self.control.assign(control)
 
     def read_control(self) -> ControlView:

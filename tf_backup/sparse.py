@@ -214,8 +214,8 @@ class SparseBinding:
             for table, m in zip(self.tables, self.master):
                 table.create(m.numpy())
             self._apply_rows = self._make_apply_fn()
-            n = dense.config.replicas_to_aggregate
-            dense.aggregator.add_step_hook(lambda new_step: self._take_apply_publish(n, new_step))
+            # As many rows as the dense take had gradients: N, or more that came with them.
+            dense.aggregator.add_step_hook(lambda new_step, taken: self._take_apply_publish(taken, new_step))
         else:
             self._wait_until_ready(dense.config.startup_timeout)
         for var, table in zip(self.variables, self.tables):

@@ -3,12 +3,13 @@
 import atexit
 import os
 import time
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import tensorflow as tf
 
 from tf_backup import _checks
 from tf_backup import _tf_internal
+from tf_backup import adaptive as adaptive_lib
 from tf_backup import aggregator as aggregator_lib
 from tf_backup import cluster as cluster_lib
 from tf_backup import exchange as exchange_lib
@@ -60,7 +61,15 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
       cluster_resolver: a `tf.distribute.cluster_resolver.ClusterResolver`;
         default `TFConfigClusterResolver()` (the `TF_CONFIG` variable).
       num_backup_workers: b, the workers whose gradients a step does not wait
-        for. 0 is fully synchronous SGD.
+        for. 0 is fully synchronous SGD. `"auto"`: the chief chooses every
+        step's N (adaptive N, `tf_backup.adaptive`), between
+        `min_replicas_to_aggregate` and `max_replicas_to_aggregate`, to
+        maximise the expected progress per second from the workers' measured
+        compute times and the gradients' noise scale (docs/design.md,
+        "Adaptive N"). The first steps wait for `max_replicas_to_aggregate`.
+      min_replicas_to_aggregate, max_replicas_to_aggregate: (with `"auto"`
+        only) the bounds of N; default 1 and every worker. With fewer live
+        workers than the minimum, the job fails as with too many dead workers.
       asynchronous: asynchronous SGD on the same machinery: every gradient is
         applied as it arrives (`replicas_to_aggregate=1`), with no staleness
         check. `num_backup_workers` must then be 0.
@@ -113,14 +122,27 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         `startup_timeout`.
     """
 
-    def __init__(self, cluster_resolver=None, *, num_backup_workers: int = 0,
+    def __init__(self, cluster_resolver=None, *, num_backup_workers: Union[int, str] = 0,
+                 min_replicas_to_aggregate: Optional[int] = None,
+                 max_replicas_to_aggregate: Optional[int] = None,
+                 adaptive_window: int = 50,
                  asynchronous: bool = False, step_timeout: float = 600.0,
                  startup_timeout: float = 300.0, chief_timeout: float = 120.0,
                  poll_interval: float = 0.01, worker_timeout: float = 30.0,
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every_steps: int = 100, ps_timeout: float = 60.0,
                  devices=None):
-        num_backup_workers = _checks.check_int("num_backup_workers", num_backup_workers, 0)
+        auto = num_backup_workers == "auto"
+        if not auto:
+            num_backup_workers = _checks.check_int("num_backup_workers", num_backup_workers, 0,
+                                                   kind='an integer >= 0 or "auto"')
+            if min_replicas_to_aggregate is not None or max_replicas_to_aggregate is not None:
+                raise ValueError(
+                    "`min_replicas_to_aggregate` and `max_replicas_to_aggregate` bound an adaptive N: "
+                    "they need num_backup_workers='auto'. Received "
+                    f"num_backup_workers={num_backup_workers!r}, min_replicas_to_aggregate="
+                    f"{min_replicas_to_aggregate!r}, max_replicas_to_aggregate={max_replicas_to_aggregate!r}")
+        adaptive_window = _checks.check_int("adaptive_window", adaptive_window, 1)
         _checks.check_bool("asynchronous", asynchronous)
         step_timeout = _checks.check_seconds("step_timeout", step_timeout)
         startup_timeout = _checks.check_seconds("startup_timeout", startup_timeout)
@@ -132,6 +154,10 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"`checkpoint_dir` must be a path or None. Received checkpoint_dir={checkpoint_dir!r}")
         checkpoint_every_steps = _checks.check_int("checkpoint_every_steps", checkpoint_every_steps, 1)
+        if asynchronous and auto:
+            raise ValueError(
+                "Asynchronous training applies every gradient, so it has no N to choose: "
+                "set num_backup_workers=0. Received num_backup_workers='auto'")
         if asynchronous and num_backup_workers:
             raise ValueError(
                 "Asynchronous training applies every gradient, so it has no backup workers: "
@@ -148,6 +174,13 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                 f"This process is the ps task {info.task}: ps tasks run `tf_backup.serve()`, "
                 "not a BackupWorkerStrategy."
             )
+        adaptive = None
+        if auto:
+            n_min, n_max = adaptive_lib.check_bounds(
+                info.num_workers, min_replicas_to_aggregate, max_replicas_to_aggregate)
+            adaptive = protocol.AdaptiveSettings(n_min, n_max, window=adaptive_window,
+                                                 warmup=min(10, adaptive_window))
+            num_backup_workers = info.num_workers - n_max  # the first steps' b
         if num_backup_workers >= info.num_workers:
             raise ValueError(
                 f"`num_backup_workers` must be below the number of workers ({info.num_workers}): "
@@ -157,6 +190,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         config = protocol.ProtocolConfig(
             replicas_to_aggregate=1 if asynchronous else info.num_workers - num_backup_workers,
             num_workers=info.num_workers,
+            adaptive=adaptive,
             staleness_check=not asynchronous,
             step_timeout=step_timeout,
             chief_timeout=chief_timeout,
@@ -194,15 +228,22 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
 
     @property
     def replicas_to_aggregate(self) -> int:
-        """N: the fresh gradients averaged into one step."""
+        """N: the fresh gradients averaged into one step (adaptive N: the first steps', the upper bound)."""
         return self.extended.config.replicas_to_aggregate
 
     @property
-    def num_backup_workers(self) -> int:
-        """b: the workers a step does not wait for (0 in asynchronous mode)."""
+    def num_backup_workers(self) -> Union[int, str]:
+        """b: the workers a step does not wait for (0 in asynchronous mode; `"auto"`: adaptive N)."""
         if self.asynchronous:
             return 0
+        if self.adaptive is not None:
+            return "auto"
         return self.num_workers - self.replicas_to_aggregate
+
+    @property
+    def adaptive(self) -> Optional[protocol.AdaptiveSettings]:
+        """The bounds and window of adaptive N, or None when N is fixed."""
+        return self.extended.config.adaptive
 
     @property
     def asynchronous(self) -> bool:

@@ -53,11 +53,12 @@ class StepMetrics(NamedTuple):
     global_step: int
     fresh_gradients: int  # averaged into the latest step
     dropped_gradients: int  # stale gradients dropped so far, all workers
+    replicas_to_aggregate: int  # N of the step being gathered (adaptive N: the chief's latest choice)
     stopped: bool  # the fit round stopped: the fit ends after this batch
 
     def as_array(self) -> np.ndarray:
-        return np.asarray([self.global_step, self.fresh_gradients, self.dropped_gradients, int(self.stopped)],
-                          np.int64)
+        return np.asarray([self.global_step, self.fresh_gradients, self.dropped_gradients,
+                           self.replicas_to_aggregate, int(self.stopped)], np.int64)
 
 
 class WorkerClient:
@@ -98,6 +99,9 @@ class WorkerClient:
         self.counts = protocol.PushCounts()
         self.superseded: Optional[Seen] = None
         self._last_control: Optional[ControlView] = None
+        # When the parameters of `step` were read (None: not in this fit round yet, whose first
+        # batch also traces): the push reports the time since as its compute time.
+        self._pulled_at: Optional[float] = None
         self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
         self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
         self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
@@ -150,8 +154,10 @@ class WorkerClient:
             tag = self.step if self.config.staleness_check else protocol.INT64_MAX
             self.counts = self.counts.push(self.step)
             k = self.counts
-            push = (flats, tag, [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w)],
-                    [k.pushed, k.last_tag, k.dropped, k.cancelled])
+            micros = -1 if self._pulled_at is None else int(1e6 * (time.monotonic() - self._pulled_at))
+            push = (flats, tag,
+                    [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w), c.compute_us(self.w)],
+                    [k.pushed, k.last_tag, k.dropped, k.cancelled, micros])
             if self.config.staleness_check:
                 tag_step = self.step
                 seen = self._wait(lambda ctl: protocol.step_passed(ctl, tag_step) or self._stopped(ctl),
@@ -171,10 +177,11 @@ class WorkerClient:
     def metrics(self) -> StepMetrics:
         ctl = self._last_control
         if ctl is None:
-            return StepMetrics(self.step, 0, self.counts.dropped, self.round.is_stopped)
+            return StepMetrics(self.step, 0, self.counts.dropped, self.config.replicas_to_aggregate,
+                               self.round.is_stopped)
         others = ctl.block("dropped").copy()
         others[self.w] = self.counts.dropped
-        return StepMetrics(self.step, ctl.last_taken, int(others.sum()), self.round.is_stopped)
+        return StepMetrics(self.step, ctl.last_taken, int(others.sum()), ctl.replicas, self.round.is_stopped)
 
     def _stopped(self, ctl: ControlView) -> bool:
         return protocol.round_stopped(ctl, self.round.number, self.monitor.done)
@@ -359,6 +366,7 @@ class WorkerClient:
         """Moves to the pulled step and settles the fate of earlier pushes."""
         self.step = ctl.step
         self._last_control = ctl
+        self._pulled_at = time.monotonic()
         self.counts = self.counts.settle(ctl.step, int(ctl.block("taken")[self.w]), self.config.staleness_check)
 
     # -- the end of a fit round ----------------------------------------------------------
@@ -382,6 +390,7 @@ class WorkerClient:
         self.wait_for_round_closed(number, self.config.chief_timeout)
         flats, _ = self.pull()
         self.round = self.round.next()
+        self._pulled_at = None
         return flats
 
     def wait_for_round_closed(self, round_: int, timeout: float) -> bool:
