@@ -71,9 +71,9 @@ def _tail(path: str, lines: int = 40) -> str:
 class _Echo:
     """Copies the complete new lines of a task's log to this process's stdout."""
 
-    def __init__(self, path: Optional[str]):
+    def __init__(self, path: Optional[str], offset: int = 0):
         self._path = path
-        self._offset = 0
+        self._offset = offset  # where this cluster's lines start (a log is appended to, run after run)
         self._partial = ""
 
     def poll(self, final: bool = False) -> None:
@@ -156,6 +156,9 @@ class LocalCluster:
         self.logs = {n: os.path.join(self.log_dir, f"{n}.log") for n in self.names}
         self.results = {n: os.path.join(self.log_dir, f"{n}.result") for n in self.names}
         self.starts = {n: 0 for n in self.names}
+        # The logs' sizes before this cluster: a log of the same directory's earlier run is kept
+        # (appended to), and the echo shows this run's lines only.
+        self._log_starts = {n: os.path.getsize(p) if os.path.exists(p) else 0 for n, p in self.logs.items()}
         self._fn, self._args, self._kwargs, self._env = fn, tuple(args), kwargs, dict(env or {})
         prep = multiprocessing.spawn.get_preparation_data("tf_backup-task")
         prep.pop("authkey", None)  # not picklable, and no multiprocessing connection is used
@@ -290,8 +293,8 @@ class LocalCluster:
         _checks.check_seconds("timeout", timeout)
         if echo is not None:
             self._check_name(echo)
-        failed = _supervise(self.procs, self.logs, timeout, ps_exit_grace, _Echo(self.logs.get(echo)),
-                            max_failed_workers)
+        echoed = _Echo(self.logs[echo], self._log_starts[echo]) if echo is not None else _Echo(None)
+        failed = _supervise(self.procs, self.logs, timeout, ps_exit_grace, echoed, max_failed_workers)
         return [None if f"worker-{i}" in failed else self.result(f"worker-{i}")
                 for i in range(self.num_workers)]
 
