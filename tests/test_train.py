@@ -35,7 +35,7 @@ def test_every_shipped_config_is_valid_and_flags_override_it():
     assert {"mnist1d", "mnist1d_mlp", "mnist", "cifar10", "regression"} <= set(config_lib.available())
     for name in config_lib.available():
         config_lib.TrainConfig.from_dict(config_lib.read(name))
-    with flagsaver.flagsaver(config="mnist1d", num_workers=7, num_backup_workers=2, steps=30,
+    with flagsaver.flagsaver(config="mnist1d", num_workers=7, num_backup_workers="2", steps=30,
                              straggler="pareto:1.5:0.01", optimizer="momentum"):
         config = train.resolve_config()
     assert (config.num_workers, config.num_backup_workers, config.replicas_to_aggregate) == (7, 2, 5)
@@ -43,6 +43,11 @@ def test_every_shipped_config_is_valid_and_flags_override_it():
     assert config.straggler == "pareto:1.5:0.01" and config.optimizer == "momentum"
     with flagsaver.flagsaver(config="mnist1d", mode="sync"):
         assert train.resolve_config().num_backup_workers == 0  # sync means b = 0
+    with flagsaver.flagsaver(config="mnist1d", num_workers=6, num_backup_workers="auto", min_replicas_to_aggregate=3):
+        config = train.resolve_config()
+    assert config.adaptive and config.replicas_to_aggregate == 6 and config.tolerated_failures == 3
+    assert config.strategy_args() == dict(num_backup_workers="auto", asynchronous=False,
+                                          min_replicas_to_aggregate=3, max_replicas_to_aggregate=None)
 
 
 def test_schedule_counts_global_steps_per_mode():
@@ -57,6 +62,10 @@ def test_schedule_counts_global_steps_per_mode():
     (dict(mode="sync_backup", num_backup_workers=0), "--mode=sync_backup needs --num_backup_workers >= 1"),
     (dict(learning_rate=-1.0), "Received learning_rate=-1.0"),
     (dict(optimizer="lamb"), "Received optimizer='lamb'"),
+    (dict(max_replicas_to_aggregate=3), "it needs --num_backup_workers=auto. Received max_replicas_to_aggregate=3"),
+    (dict(num_backup_workers="auto", max_replicas_to_aggregate=6),
+     "<= --num_workers (5). Received min_replicas_to_aggregate=None, max_replicas_to_aggregate=6"),
+    (dict(num_backup_workers="auto", min_replicas_to_aggregate=0), "--min_replicas_to_aggregate must be an integer >= 1"),
 ])
 def test_bad_values_name_the_flag(overrides, message):
     base = config_lib.TrainConfig.from_dict(config_lib.read("mnist1d"))
@@ -83,6 +92,8 @@ def test_bad_config_files(tmp_path):
     (["--mode=fast"], "flag --mode=fast"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--steps=0"], "--steps=0"),
+    (["--num_backup_workers=some"], '--num_backup_workers must be an integer >= 0 or "auto". Received '
+                                    "num_backup_workers='some'"),
     (["--straggler=pareto:x"], "--straggler=pareto:x"),
     (["--config=regression", "--steps=1", "positional"], "Unexpected arguments ['positional']"),
 ])
@@ -196,8 +207,9 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     # The same command again, with more steps, resumes from the final checkpoint; this time the
     # replica step is compiled with XLA.
     assert tf.train.latest_checkpoint(model_dir / "checkpoints" / "opt0").endswith("ckpt-12")
+    # N is chosen every step (adaptive N); these 8 steps are all in its warmup, which waits for all 3.
     out = run_binary("--config=regression", "--steps=20", "--log_every=4", f"--model_dir={model_dir}",
-                     "--jit_compile=true", timeout=300)
+                     "--jit_compile=true", "--num_backup_workers=auto", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     resumed = json.loads((model_dir / "summary.json").read_text())
     assert resumed["jit_compile"] is True
@@ -205,6 +217,13 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     assert "resumed from the checkpoint of global step 12" in out.stdout
     assert sum(resumed["gradients"]["taken"]) >= 2 * 8  # this run's 8 steps (counts are per job)
     assert resumed["test_loss"] <= summary["test_loss"] * 1.5
+    assert summary["replicas_per_step"] is None  # a fixed N
+    assert resumed["num_backup_workers"] == "auto"
+    assert resumed["replicas_per_step"] == {"min": 3, "median": 3.0, "max": 3, "last": 3, "steps_with": {"3": 8},
+                                            "noise_scale": resumed["replicas_per_step"]["noise_scale"]}
+    assert "summary | adaptive N: min 3, median 3, max 3, last 3 | steps with N = 3: 8" in out.stdout
+    lines = [l for l in out.stdout.splitlines() if l.startswith("train | step: ")]
+    assert lines and all(" | N: 3 | " in l for l in lines), lines
 
 
 @pytest.mark.slow

@@ -10,9 +10,10 @@ import importlib.resources
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 MODES = ("sync_backup", "sync", "async")
+AUTO = "auto"  # num_backup_workers: adaptive N
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adamw")
 
 
@@ -59,7 +60,9 @@ class TrainConfig:
       dataset: a name known to `trainers.data` (mnist1d, mnist, cifar10, regression).
       model: `{"kind": ..., sizes}` for `trainers.models.build`.
       num_workers: worker processes, N + b.
-      num_backup_workers: b; 0 in the `sync` and `async` modes.
+      num_backup_workers: b; 0 in the `sync` and `async` modes; "auto": the chief
+        picks each step's N (adaptive N) between `min_replicas_to_aggregate` and
+        `max_replicas_to_aggregate` (None: 1 and every worker).
       num_ps: ps tasks the variables are spread over.
       mode: sync_backup (N of N + b), sync (all workers), async (every gradient applied).
       optimizer, learning_rate: the inner Keras optimizer.
@@ -79,7 +82,9 @@ class TrainConfig:
     dataset: str
     model: Dict[str, Any]
     num_workers: int = 5
-    num_backup_workers: int = 1
+    num_backup_workers: Union[int, str] = 1
+    min_replicas_to_aggregate: Optional[int] = None
+    max_replicas_to_aggregate: Optional[int] = None
     num_ps: int = 1
     mode: str = "sync_backup"
     optimizer: str = "adam"
@@ -127,9 +132,27 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"--{name} must be an integer >= {minimum}. Received {name}={value!r}")
 
+        auto = self.num_backup_workers == AUTO
         for name, minimum in (("num_workers", 1), ("num_backup_workers", 0), ("num_ps", 1),
                               ("batch_size", 1), ("seed", 0), ("log_every", 1)):
-            integer(name, minimum)
+            if not (name == "num_backup_workers" and auto):
+                integer(name, minimum)
+        for name in ("min_replicas_to_aggregate", "max_replicas_to_aggregate"):
+            if getattr(self, name) is None:
+                continue
+            if not auto:
+                raise ConfigError(f"--{name} bounds an adaptive N: it needs --num_backup_workers=auto. "
+                                  f"Received {name}={getattr(self, name)!r}, num_backup_workers="
+                                  f"{self.num_backup_workers!r}")
+            integer(name, 1)
+        if auto:
+            lo = self.min_replicas_to_aggregate or 1
+            hi = self.max_replicas_to_aggregate or self.num_workers
+            if not lo <= hi <= self.num_workers:
+                raise ConfigError(
+                    f"Need 1 <= --min_replicas_to_aggregate <= --max_replicas_to_aggregate <= --num_workers "
+                    f"({self.num_workers}). Received min_replicas_to_aggregate={self.min_replicas_to_aggregate!r}, "
+                    f"max_replicas_to_aggregate={self.max_replicas_to_aggregate!r}")
         for name in ("cancel_stragglers", "restart_stragglers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"`{name}` must be true or false. Received {name}={getattr(self, name)!r}")
@@ -141,11 +164,11 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"--optimizer must be one of {', '.join(OPTIMIZERS)}. Received optimizer={self.optimizer!r}")
-        if self.num_backup_workers >= self.num_workers:
+        if not auto and self.num_backup_workers >= self.num_workers:
             raise ConfigError(
                 f"--num_backup_workers must be below --num_workers ({self.num_workers}). "
                 f"Received num_backup_workers={self.num_backup_workers}")
-        if self.mode == "sync_backup" and self.num_backup_workers < 1:
+        if self.mode == "sync_backup" and not auto and self.num_backup_workers < 1:
             raise ConfigError(
                 "--mode=sync_backup needs --num_backup_workers >= 1 (use --mode=sync for none). "
                 f"Received num_backup_workers={self.num_backup_workers}")
@@ -162,9 +185,35 @@ class TrainConfig:
             raise ConfigError(f"`model` must be an object with a `kind`. Received model={self.model!r}")
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the chief picks each step's N (`num_backup_workers="auto"`)."""
+        return self.num_backup_workers == AUTO and self.mode != "async"
+
+    @property
     def replicas_to_aggregate(self) -> int:
-        """N: gradients averaged per step."""
-        return 1 if self.mode == "async" else self.num_workers - self.num_backup_workers
+        """N: gradients averaged per step (adaptive N: the upper bound, the first steps' N)."""
+        if self.mode == "async":
+            return 1
+        if self.adaptive:
+            return self.max_replicas_to_aggregate or self.num_workers
+        return self.num_workers - self.num_backup_workers
+
+    @property
+    def tolerated_failures(self) -> int:
+        """Workers that may die without ending the job: b, or (adaptive N) all but the smallest N."""
+        if self.mode == "async":
+            return 0
+        if self.adaptive:
+            return self.num_workers - (self.min_replicas_to_aggregate or 1)
+        return self.num_backup_workers
+
+    def strategy_args(self) -> Dict[str, Any]:
+        """The `BackupWorkerStrategy` arguments of the mode and the backup workers."""
+        args = {"num_backup_workers": self.num_backup_workers, "asynchronous": self.mode == "async"}
+        if self.adaptive:
+            args.update(min_replicas_to_aggregate=self.min_replicas_to_aggregate,
+                        max_replicas_to_aggregate=self.max_replicas_to_aggregate)
+        return args
 
     def schedule(self, num_train: int) -> Tuple[int, int]:
         """(epochs, steps_per_epoch) of `model.fit` on every worker, in local batches.

@@ -1,6 +1,6 @@
 """The chief's progress line: one fixed, greppable format.
 
-  train | step: 120/960 | loss: 0.5312 | accuracy: 0.8125 | dropped: 12 | steps/s: 9.10 | elapsed: 13s
+  train | step: 120/960 | loss: 0.5312 | accuracy: 0.8125 | dropped: 12 | N: 4 | steps/s: 9.10 | elapsed: 13s
 """
 
 import time
@@ -11,8 +11,9 @@ import keras
 class ProgressLine(keras.callbacks.Callback):
     """Prints a progress line every `every` global steps (and at the last batch).
 
-    Reads `global_step` and `dropped_gradients` from the logs that
-    `BackupWorkerStrategy` adds to every training step.
+    Reads `global_step`, `dropped_gradients` and `replicas_to_aggregate` (N,
+    which adaptive N changes) from the logs that `BackupWorkerStrategy` adds to
+    every training step.
     """
 
     def __init__(self, every: int, total_steps: int, print_fn=print, initial_step: int = 0):
@@ -44,6 +45,8 @@ class ProgressLine(keras.callbacks.Callback):
             if key in logs:
                 parts.append(f"{key}: {float(logs[key]):.4f}")
         parts.append(f"dropped: {int(logs.get('dropped_gradients', 0))}")
+        if "replicas_to_aggregate" in logs:
+            parts.append(f"N: {int(logs['replicas_to_aggregate'])}")
         rate = (step - self._initial_step) / elapsed if elapsed > 0 else 0.0
         parts.append(f"steps/s: {rate:.2f}")
         parts.append(f"elapsed: {elapsed:.0f}s")

@@ -34,9 +34,16 @@ _CONFIG = flags.DEFINE_string(
     "config", "mnist1d", "A config of configs/ by name (mnist1d, mnist1d_mlp, mnist, cifar10, "
     "regression) or a path to a JSON file.")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Workers, N + b.", lower_bound=1)
-_NUM_BACKUP_WORKERS = flags.DEFINE_integer(
+_NUM_BACKUP_WORKERS = flags.DEFINE_string(
     "num_backup_workers", None, "Backup workers b: each step applies the first N = workers - b "
-    "gradients and drops the rest.", lower_bound=0)
+    "gradients and drops the rest. auto: the chief picks every step's N from the workers' measured "
+    "compute times and the gradients' noise scale (adaptive N).")
+_MIN_REPLICAS = flags.DEFINE_integer(
+    "min_replicas_to_aggregate", None, "With --num_backup_workers=auto: the smallest N (default 1).",
+    lower_bound=1)
+_MAX_REPLICAS = flags.DEFINE_integer(
+    "max_replicas_to_aggregate", None, "With --num_backup_workers=auto: the largest N (default: every "
+    "worker).", lower_bound=1)
 _NUM_PS = flags.DEFINE_integer("num_ps", None, "Parameter-server tasks.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", None, "Global steps to train (instead of --epochs).", lower_bound=1)
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Passes over the training set (instead of --steps).",
@@ -93,7 +100,8 @@ _JIT_COMPILE = flags.DEFINE_enum(
     "host either way. auto: Keras's choice (off under a distribution strategy).")
 
 _OVERRIDES = {
-    "num_workers": _NUM_WORKERS, "num_backup_workers": _NUM_BACKUP_WORKERS, "num_ps": _NUM_PS,
+    "num_workers": _NUM_WORKERS, "num_ps": _NUM_PS,
+    "min_replicas_to_aggregate": _MIN_REPLICAS, "max_replicas_to_aggregate": _MAX_REPLICAS,
     "steps": _STEPS, "epochs": _EPOCHS, "batch_size": _BATCH_SIZE, "learning_rate": _LEARNING_RATE,
     "optimizer": _OPTIMIZER, "mode": _MODE, "straggler": _STRAGGLER,
     "cancel_stragglers": _CANCEL_STRAGGLERS,
@@ -106,7 +114,18 @@ PROG = "tf-backup-train"
 def resolve_config() -> config_lib.TrainConfig:
     """The config named by --config with every given flag applied; validated."""
     base = config_lib.TrainConfig.from_dict(config_lib.read(_CONFIG.value))
-    return base.replace(**{name: flag.value for name, flag in _OVERRIDES.items()})
+    return base.replace(num_backup_workers=backup_workers_flag(_NUM_BACKUP_WORKERS.value),
+                        **{name: flag.value for name, flag in _OVERRIDES.items()})
+
+
+def backup_workers_flag(value):
+    """--num_backup_workers: None (not given), an integer, or "auto"."""
+    if value is None or value == config_lib.AUTO:
+        return value
+    if not value.strip().isdecimal():
+        raise config_lib.ConfigError(
+            f'--num_backup_workers must be an integer >= 0 or "auto". Received num_backup_workers={value!r}')
+    return int(value)
 
 
 def check_inputs(config: config_lib.TrainConfig) -> None:
@@ -163,8 +182,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
     epochs, steps_per_epoch = config.schedule(info.num_train)
     total = total_steps(config, epochs, steps_per_epoch)
     strategy = tf_backup.BackupWorkerStrategy(
-        num_backup_workers=config.num_backup_workers, asynchronous=config.mode == "async",
-        max_steps=total, checkpoint_dir=os.path.join(model_dir, "checkpoints"),
+        **config.strategy_args(), max_steps=total, checkpoint_dir=os.path.join(model_dir, "checkpoints"),
         **strategy_args)
     if strategy.num_workers != config.num_workers:
         raise ValueError(
@@ -204,7 +222,9 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
             print(f"{PROG}: resumed from the checkpoint of global step {initial_step} in "
                   f"{model_dir}/checkpoints; training to step {total}", flush=True)
         callbacks.append(progress.ProgressLine(config.log_every, total_steps=total, initial_step=initial_step))
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard")))
+        # Every `log_every` batches too: the step metrics (N among them) as they change, not only per epoch.
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"),
+                                                     update_freq=config.log_every))
     start = time.monotonic()
     history = model.fit(strategy.distribute_dataset(train), epochs=epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=steps_per_epoch, verbose=2 if strategy.is_chief else 0,
@@ -237,8 +257,23 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         "worker_events": [dataclasses.asdict(e) for e in strategy.worker_events()],
         "gradients": {k: stats[k] for k in ("pushed", "taken", "dropped", "cancelled")},
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "replicas_per_step": replicas_per_step(strategy.step_history()) if config.adaptive else None,
     }
     return result
+
+
+def replicas_per_step(records) -> Dict[str, Any]:
+    """Adaptive N over the chief's steps: min, median, max, the last, how many steps had each N, and the
+    last noise-scale estimate (in worker batches)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    n = [r.replicas for r in records]
+    if not n:
+        return {"min": None, "median": None, "max": None, "last": None, "steps_with": {}, "noise_scale": None}
+    noise = records[-1].noise_scale
+    return {"min": min(n), "median": float(np.median(n)), "max": max(n), "last": n[-1],
+            "steps_with": {str(k): n.count(k) for k in sorted(set(n))},
+            "noise_scale": None if noise is None or not np.isfinite(noise) else float(noise)}
 
 
 def total_steps(config: config_lib.TrainConfig, epochs: int, steps_per_epoch: int) -> int:
@@ -273,7 +308,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
     accuracy = summary["test_accuracy"]
     lines = [
         "summary | mode: {mode} | workers: {num_workers} (N = {replicas_to_aggregate}, b = {num_backup_workers})"
-        " | straggler: {straggler}".format(**summary),
+        " | straggler: {straggler}".format(**summary) if not summary.get("replicas_per_step") else
+        "summary | mode: {mode} | workers: {num_workers} (N = auto, b = auto) | straggler: {straggler}".format(
+            **summary),
         f"summary | test_accuracy: {accuracy:.4f} | test_loss: {summary['test_loss']:.4f}"
         if accuracy is not None else f"summary | test_loss: {summary['test_loss']:.6f}",
         f"summary | steps: {summary['steps']} | wall: {summary['wall_seconds']:.1f} s | "
@@ -281,6 +318,12 @@ def format_summary(summary: Dict[str, Any]) -> str:
         f"summary | gradients pushed: {sum(g['pushed'])} | taken: {sum(g['taken'])} | "
         f"dropped: {sum(g['dropped'])}" + (f" | cancelled: {sum(g['cancelled'])}" if sum(g["cancelled"]) else ""),
     ]
+    chosen = summary.get("replicas_per_step")
+    if chosen and chosen["last"] is not None:
+        counts = ", ".join(f"N = {k}: {v}" for k, v in chosen["steps_with"].items())
+        noise = "unknown" if chosen["noise_scale"] is None else f"{chosen['noise_scale']:.1f} worker batches"
+        lines.append(f"summary | adaptive N: min {chosen['min']}, median {chosen['median']:g}, max {chosen['max']}, "
+                     f"last {chosen['last']} | steps with {counts} | noise scale: {noise}")
     for w, (p, t, d, c) in enumerate(zip(g["pushed"], g["taken"], g["dropped"], g["cancelled"])):
         lines.append(f"summary | worker {w}: pushed {p}, taken {t}, dropped {d}" + (f", cancelled {c}" if c else ""))
     if summary.get("resumed_from_step"):
@@ -339,7 +382,7 @@ def main(argv) -> int:
             args=(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value)),
             timeout=_TIMEOUT.value,
             log_dir=os.path.join(model_dir, "logs"), echo="worker-0",
-            max_failed_workers=0 if config.mode == "async" else config.num_backup_workers)
+            max_failed_workers=config.tolerated_failures)
         summary = merge(results)
     else:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
