@@ -13,6 +13,7 @@ min–max; failed runs listed) and `<name>.png` when matplotlib is installed (`p
   accuracy   time to accuracy of async, sync and sync with backups on MNIST-1D
   tf1        TF1 SyncReplicasOptimizer (graph mode) as the reference implementation
   xla        compiled steps: the MNIST-1D CNN with XLA on and off; overhead vs MWMS with XLA on
+  adaptive   num_backup_workers="auto" against every fixed b, stragglers that change mid-run
 
 No benchmark is a timed test; `tests/test_benchmarks.py` runs `--smoke` (the quick mode's
 smallest case).
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "accuracy": "benchmarks.time_to_accuracy",
     "tf1": "benchmarks.tf1_reference",
     "xla": "benchmarks.xla",
+    "adaptive": "benchmarks.adaptive",
 }
 
 SMOKE = ["tradeoff", "overhead"]  # the benchmarks whose smallest quick case the smoke test runs

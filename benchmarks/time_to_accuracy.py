@@ -39,7 +39,7 @@ def _at_time(curve, t):
     return before[-1] if before else float("nan")
 
 
-def _first_reach(curve, target, index):
+def first_reach(curve, target, index):
     for point in curve:
         if point[2] >= target:
             return point[index]
@@ -49,7 +49,7 @@ def _first_reach(curve, target, index):
 def _claims(curves, target) -> List[str]:
     """What this run says of the two claims, from the medians (empty when a mode is missing)."""
     def median_reach(label):
-        times = [_first_reach(c, target, 0) for c in curves.get(label, [])]
+        times = [first_reach(c, target, 0) for c in curves.get(label, [])]
         times = [t if t is not None else float("inf") for t in times]
         return statistics.median(times) if times else None
 
@@ -108,8 +108,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     fmt3 = lambda v: common.median_range(v, "{:.3f}")  # noqa: E731
     for label, mode, workers, b in s["modes"]:
         v = curves[label]
-        reach_t = [_first_reach(c, target, 0) for c in v]
-        reach_s = [_first_reach(c, target, 1) for c in v]
+        reach_t = [first_reach(c, target, 0) for c in v]
+        reach_s = [first_reach(c, target, 1) for c in v]
         rows.append([label, workers, common.median_range([c[-1][0] for c in v], "{:.1f}"),
                      common.median_range([c[-1][1] for c in v], "{:.0f}"), fmt3([c[-1][2] for c in v]),
                      fmt3([_at_time(c, common_t) for c in v]),

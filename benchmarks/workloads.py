@@ -95,7 +95,7 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
                 self.first_batch = time.time()
             if not self.active:
                 return
-            seconds = compute + model.delay(worker, self.param_step)
+            seconds = compute + model.delay(worker, self.param_step, compute)
             if self.cancel and strategy is not None:
                 while strategy.sleep_unless_superseded(seconds):
                     self.cut += 1
@@ -105,7 +105,7 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
                     if step is None:
                         break  # the round stopped: the batch ends the fit at once
                     self.param_step = step
-                    seconds = compute + model.delay(worker, self.param_step)
+                    seconds = compute + model.delay(worker, self.param_step, compute)
             elif seconds > 0:
                 time.sleep(seconds)
                 self.slept += seconds
@@ -455,9 +455,14 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     of a run: the chief's fit stops at the first batch end past it, which ends the round for every
     worker), steps (batches per worker per run, at most), reps (runs, each from a fresh model and
     optimizer), every_seconds (wall time between snapshots), straggler, seed, and the default
-    config's model/optimizer fields. Every run starts at a `FitBarrier` in its first batch. The chief keeps its weights every `every_seconds` with the
+    config's model/optimizer fields; optionally compute (seconds every worker sleeps before each
+    batch besides the straggler delay; `slow` models multiply it), stop_step (the run also ends
+    once the global step reaches it) and mark_steps (global steps whose first batch end's wall
+    time is recorded: the straggler phases' ends). Every run starts at a `FitBarrier` in its first batch. The chief keeps its weights every `every_seconds` with the
     wall time since that barrier and the global step, and after training evaluates every snapshot
-    on the test split (not timed). Returns, on the chief, per run a list of (seconds, global step, test accuracy).
+    on the test split (not timed). Returns, on the chief, `runs`: per run a list of (seconds, global
+    step, test accuracy); `marks`: per run the seconds at which each of `mark_steps` was reached
+    (None: not reached); `replicas`: per run the N of every step.
     """
     keep_garbage()
     import keras  # pylint: disable=g-import-not-at-top
@@ -493,17 +498,21 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             self.base = global_step() or 0
             self.points = [(0.0, 0, [v.copy() for v in self.model.get_weights()])]
             self.next_at = cfg["every_seconds"]
+            self.marks = {m: None for m in cfg.get("mark_steps", ())}
 
         def on_train_batch_end(self, batch, logs=None):
             elapsed = time.monotonic() - self.start
+            step = int(logs["global_step"]) - self.base
+            for m in self.marks:
+                if self.marks[m] is None and step >= m:
+                    self.marks[m] = elapsed
             if elapsed >= self.next_at:
-                self.points.append((elapsed, int(logs["global_step"]) - self.base,
-                                    [v.copy() for v in self.model.get_weights()]))
+                self.points.append((elapsed, step, [v.copy() for v in self.model.get_weights()]))
                 self.next_at += cfg["every_seconds"] * (1 + int((elapsed - self.next_at) // cfg["every_seconds"]))
-            if elapsed >= cfg["seconds"]:
+            if elapsed >= cfg["seconds"] or step >= cfg.get("stop_step", math.inf):
                 self.model.stop_training = True  # the budget is spent: the round ends for everybody
 
-    runs = []
+    runs, marks, replicas = [], [], []
     barrier = []
 
     def start_together(snaps):
@@ -531,6 +540,8 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             end = (time.monotonic() - snaps.start, strategy.stats()["global_step"] - snaps.base,
                    [v.copy() for v in model.get_weights()])
             runs.append(snaps.points + [end])
+            marks.append([snaps.marks[m] for m in cfg.get("mark_steps", ())])
+            replicas.append([r.replicas for r in strategy.step_history()])
     if not strategy.is_chief:
         return None
     test, _ = data.load("mnist1d", split="test", batch_size=500)
@@ -546,4 +557,4 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             accuracy = float(np.mean(predict(x_test).numpy() == y_test.reshape(-1)))
             curve.append((seconds, step, accuracy))
         out.append(curve)
-    return {"runs": out}
+    return {"runs": out, "marks": marks, "replicas": replicas}
