@@ -15,6 +15,7 @@ from typing import Dict, List
 
 from benchmarks import common
 from benchmarks import time_to_accuracy
+from tf_backup import protocol
 
 NAME = "adaptive"
 TITLE = "Adaptive N against fixed b: time to accuracy on MNIST-1D, 6 workers, stragglers that change mid-run"
@@ -49,6 +50,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     curves = {label: [] for label, _ in s["modes"]}
     marks = {label: [] for label, _ in s["modes"]}
     chosen = {label: [] for label, _ in s["modes"]}
+    noise = {label: [] for label, _ in s["modes"]}
     failures, csv_rows = [], []
     for label, b in s["modes"]:
         cfg = dict(base, mode="sync_backup", num_backup_workers=b, seconds=3600.0, steps=100000, reps=s["reps"],
@@ -62,10 +64,12 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             print(f"{NAME}: {label} FAILED: {msg}", flush=True)
             continue
         chief = out[0]
-        for curve, mark, replicas in zip(chief["runs"], chief["marks"], chief["replicas"]):
+        for curve, mark, replicas, scale in zip(chief["runs"], chief["marks"], chief["replicas"],
+                                                chief["noise_scale"]):
             curves[label].append(curve)
             marks[label].append(mark)
             chosen[label].append(replicas)
+            noise[label].append(scale)
             k = len(curves[label])
             csv_rows += [[label, k, sec, step, acc] for sec, step, acc in curve]
             print(f"{NAME}: {label} run {k}: phase 1 {mark[0]:.1f} s, both {mark[1]:.1f} s, "
@@ -110,7 +114,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     notes = [
         f"Task: the default job's (`configs/mnist1d.json`: MNIST-1D, CNN filters {base['model'].get('filters')}, "
         f"{base['optimizer']} lr {base['learning_rate']}, batch {base['batch_size']} per worker), {WORKERS} workers; "
-        "`auto`: `num_backup_workers=\"auto\"` (N in [1, 6], window 50 steps, warmup 10); `b = k`: N = 6 - k.",
+        "`auto`: `num_backup_workers=\"auto\"` (N in [1, 6], window 50 steps, warmup "
+        f"{protocol.AdaptiveSettings.warmup}); `b = k`: N = 6 - k.",
         f"Stragglers: every worker sleeps {s['compute']:g} s before each batch plus its delay from "
         f"`{straggler(s)}` (seed 0, keyed by worker and global step): phase 1 (steps 0-{s['phase_steps'] - 1}) "
         f"Pareto delays on every worker, phase 2 (steps {s['phase_steps']}-{stop - 1}) workers 4 and 5 sleep "
@@ -137,6 +142,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             image = path
     lines = common.write_results(out_dir, NAME, TITLE, notes, columns, rows, csv_columns, csv_rows, failures, argv,
                                  image=image)
+    with open(os.path.join(out_dir, f"{NAME}_steps.json"), "w") as f:  # N and the noise estimate of every step
+        json.dump({"replicas": chosen, "noise_scale": noise}, f)
     return {"lines": lines, "medians": medians, "failures": failures, "chosen": chosen}
 
 

@@ -462,7 +462,8 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     wall time since that barrier and the global step, and after training evaluates every snapshot
     on the test split (not timed). Returns, on the chief, `runs`: per run a list of (seconds, global
     step, test accuracy); `marks`: per run the seconds at which each of `mark_steps` was reached
-    (None: not reached); `replicas`: per run the N of every step.
+    (None: not reached); `replicas`, `noise_scale`: per run the N of every step and the adaptive
+    rule's noise-scale estimate after it (None: a fixed N).
     """
     keep_garbage()
     import keras  # pylint: disable=g-import-not-at-top
@@ -512,7 +513,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             if elapsed >= cfg["seconds"] or step >= cfg.get("stop_step", math.inf):
                 self.model.stop_training = True  # the budget is spent: the round ends for everybody
 
-    runs, marks, replicas = [], [], []
+    runs, marks, replicas, noise = [], [], [], []
     barrier = []
 
     def start_together(snaps):
@@ -542,6 +543,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             runs.append(snaps.points + [end])
             marks.append([snaps.marks[m] for m in cfg.get("mark_steps", ())])
             replicas.append([r.replicas for r in strategy.step_history()])
+            noise.append([r.noise_scale for r in strategy.step_history()])
     if not strategy.is_chief:
         return None
     test, _ = data.load("mnist1d", split="test", batch_size=500)
@@ -557,4 +559,4 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             accuracy = float(np.mean(predict(x_test).numpy() == y_test.reshape(-1)))
             curve.append((seconds, step, accuracy))
         out.append(curve)
-    return {"runs": out, "marks": marks, "replicas": replicas}
+    return {"runs": out, "marks": marks, "replicas": replicas, "noise_scale": noise}

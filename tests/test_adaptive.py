@@ -123,7 +123,7 @@ def test_steps_where_the_nth_gradient_never_came_make_that_n_unknown():
 @pytest.mark.cluster
 def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
     # 4 workers, pure-noise regression (a high noise scale), every worker sleeps 50 ms a batch;
-    # worker 3 sleeps 10x as long until global step 60. Window 20, warmup 10.
+    # worker 3 sleeps 10x as long until global step 60. Window 20, warmup 5.
     import tf_backup  # pylint: disable=g-import-not-at-top
     import workers  # pylint: disable=g-import-not-at-top
 
@@ -132,7 +132,7 @@ def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
     chief = out[0]
     replicas, taken = chief["replicas"], chief["taken"]
     assert len(replicas) == 110
-    assert replicas[:10] == [4] * 10  # warmup: n_max
+    assert replicas[:5] == [4] * 5  # warmup: n_max
     assert replicas[30:60] == [3] * 30  # settled: the slow worker is not waited for
     assert replicas[-20:] == [4] * 20  # no straggler, high noise: every gradient is worth its wait
     assert all(t >= n for t, n in zip(taken, replicas))  # a step averages at least its N

@@ -224,7 +224,7 @@ class AdaptiveN:
     """
 
     def __init__(self, num_workers: int, batch: int = 1, n_min: Optional[int] = None,
-                 n_max: Optional[int] = None, window: int = 50, warmup: int = 10):
+                 n_max: Optional[int] = None, window: int = 50, warmup: int = 5):
         self.n_min, self.n_max = check_bounds(num_workers, n_min, n_max)
         self.batch = _checks.check_int("batch", batch, 1)
         self.warmup = _checks.check_int("warmup", warmup, 0)

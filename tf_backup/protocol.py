@@ -96,7 +96,7 @@ class AdaptiveSettings:
     n_min: int
     n_max: int
     window: int = 50
-    warmup: int = 10
+    warmup: int = 5  # enough for the compute times of every worker; the noise needs steps of 2+
 
 
 class Control:

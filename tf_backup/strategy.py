@@ -179,7 +179,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             n_min, n_max = adaptive_lib.check_bounds(
                 info.num_workers, min_replicas_to_aggregate, max_replicas_to_aggregate)
             adaptive = protocol.AdaptiveSettings(n_min, n_max, window=adaptive_window,
-                                                 warmup=min(10, adaptive_window))
+                                                 warmup=min(protocol.AdaptiveSettings.warmup, adaptive_window))
             num_backup_workers = info.num_workers - n_max  # the first steps' b
         if num_backup_workers >= info.num_workers:
             raise ValueError(

@@ -246,8 +246,8 @@ class WorkerClient:
             for w in range(self.info.num_workers) if w not in fresh
         ]
         return (
-            f"Global step {ctl.step}; {self.config.replicas_to_aggregate} fresh gradients are needed "
-            f"per step and workers {fresh} pushed for this step. Not pushed: "
+            f"Global step {ctl.step}; {ctl.replicas} fresh gradients are needed "
+            f"for it and workers {fresh} pushed for this step. Not pushed: "
             f"{', '.join(lagging) or 'none'}. Chief: {self.info.chief}."
         )
 
