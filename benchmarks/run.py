@@ -14,6 +14,8 @@ min–max; failed runs listed) and `<name>.png` when matplotlib is installed (`p
   tf1        TF1 SyncReplicasOptimizer (graph mode) as the reference implementation
   xla        compiled steps: the MNIST-1D CNN with XLA on and off; overhead vs MWMS with XLA on
   adaptive   num_backup_workers="auto" against every fixed b, stragglers that change mid-run
+  scale_sim  a one-process simulator with real gradients: N up to 100, backups vs sync vs async
+  vs_mwms_stragglers  tf_backup (b = 0, 1, 2) against MultiWorkerMirroredStrategy under stragglers
 
 No benchmark is a timed test; `tests/test_benchmarks.py` runs `--smoke` (the quick mode's
 smallest case).
@@ -34,6 +36,8 @@ BENCHMARKS = {
     "tf1": "benchmarks.tf1_reference",
     "xla": "benchmarks.xla",
     "adaptive": "benchmarks.adaptive",
+    "scale_sim": "benchmarks.scale_sim",
+    "vs_mwms_stragglers": "benchmarks.vs_mwms_stragglers",
 }
 
 SMOKE = ["tradeoff", "overhead"]  # the benchmarks whose smallest quick case the smoke test runs

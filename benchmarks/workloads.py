@@ -242,34 +242,15 @@ def simulate_protocol(delay, n: int, workers: int, compute: float, start_step: i
     The order-statistic ideal assumes every worker starts every step afresh. In tf_backup (as in
     TF1) a late worker is not cancelled: it finishes its stale batch, pushes a gradient that is
     dropped, and only then starts on the current step, so a long stall keeps it out of the next
-    steps too. This replays exactly that with no communication or compute cost: worker w computing
-    on step g takes `compute + delay(w, g)`; step s is published when the N-th gradient tagged s
-    arrives; a worker that finished by then starts step s + 1 at once, a late one starts the
-    current step when it finishes. Returns {step: publish time}, time 0 = all workers start
-    `start_step`.
+    steps too. This replays exactly that (`benchmarks.scale_sim.sync_steps`) with no communication
+    cost. Returns {step: publish time}, time 0 = all workers start `start_step`.
     """
-    tag = [start_step] * workers
-    fin = [compute + delay(w, start_step) for w in range(workers)]
-    pub = {start_step - 1: 0.0}
-    for s in range(start_step, start_step + num_steps):
-        while True:
-            fresh = sorted(fin[w] for w in range(workers) if tag[w] == s)
-            lagging = [w for w in range(workers) if tag[w] < s]
-            if len(fresh) >= n:
-                t = fresh[n - 1]
-                restart = [w for w in lagging if fin[w] < t]
-                if not restart:
-                    break
-            else:
-                restart = [min(lagging, key=lambda w: fin[w])]
-            for w in restart:  # finished its stale batch: starts on step s right away
-                tag[w], fin[w] = s, fin[w] + compute + delay(w, s)
-        pub[s] = t
-        for w in range(workers):
-            if tag[w] == s and fin[w] <= t:
-                tag[w], fin[w] = s + 1, t + compute + delay(w, s + 1)
-    del pub[start_step - 1]
-    return pub
+    import itertools  # pylint: disable=g-import-not-at-top
+
+    from benchmarks import scale_sim  # pylint: disable=g-import-not-at-top
+
+    steps = scale_sim.sync_steps(delay, workers, n, compute, comm=0.0, start_step=start_step)
+    return {s.step: s.published for s in itertools.islice(steps, num_steps)}
 
 
 def cluster_cpu_seconds() -> Optional[Dict[str, float]]:
@@ -318,11 +299,13 @@ def make_step_timer(keras, cpu_window: Optional[int] = None):
         def __init__(self):
             super().__init__()
             self.ends = []
+            self.steps = []  # the global step after each batch (tf_backup's logs; else the batch count)
             self.cpu = None
             self._cpu_start = None
 
         def on_train_batch_end(self, batch, logs=None):
             self.ends.append(time.monotonic())
+            self.steps.append(int((logs or {}).get("global_step", batch + 1)))
             if cpu_window is None or cpu_window < 4:
                 return
             if batch == 1:
@@ -342,14 +325,22 @@ def steady_step_times(ends: List[float]) -> List[float]:
 
 
 def _timed_fits(keras, model, dataset, cfg, extra_callbacks=(), cpu: Optional[List] = None):
-    """Step times of `reps` timed fits after a warm-up fit; with `cpu` (a list), also each fit's CPU per step."""
+    """Step times of `reps` timed fits after a warm-up fit; with `cpu` (a list), also each fit's CPU per step.
+
+    With cfg["per_global_step"], a fit's entry is one number: seconds per global step between its
+    second and its last-but-one batch end (with backup workers this worker's batches skip steps).
+    """
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=list(extra_callbacks))
     reps = []
     for _ in range(cfg["reps"]):
         timer = make_step_timer(keras, cpu_window=cfg["steps"] if cpu is not None else None)
         model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
                   callbacks=[timer] + list(extra_callbacks))
-        reps.append(steady_step_times(timer.ends))
+        if cfg.get("per_global_step"):
+            steps = timer.steps[-2] - timer.steps[1]
+            reps.append([(timer.ends[-2] - timer.ends[1]) / max(steps, 1)])
+        else:
+            reps.append(steady_step_times(timer.ends))
         if cpu is not None:
             cpu.append(timer.cpu)
     return reps
@@ -379,7 +370,8 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """One worker of the overhead benchmark: cfg["system"] is "tf_backup" (b = 0) or "mwms".
 
     For each width in cfg["hiddens"] a fresh model is built and timed over `reps` fits of `steps`
-    batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch). Worker 0 returns
+    batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch, plus a `straggler`
+    delay keyed by worker and global step if given; tf_backup with `num_backup_workers`). Worker 0 returns
     {hidden: [[step seconds, ...] per rep], ("cpu", hidden): [{task: CPU s per step} or None per rep]}.
     """
     keep_garbage()
@@ -397,7 +389,8 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         make_optimizer = lambda: keras.optimizers.SGD(0.01)  # noqa: E731
     else:
         import tf_backup  # pylint: disable=g-import-not-at-top
-        strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=0, step_timeout=300.0)
+        strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg.get("num_backup_workers", 0),
+                                                  step_timeout=300.0)
         worker = strategy.worker_index
         make_optimizer = lambda: tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01))  # noqa: E731
     x, y = random_data(worker)
@@ -410,7 +403,7 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     dataset = dataset.with_options(options)
-    sleeper = make_sleep_callback(keras, worker, cfg.get("compute", 0.0), None, 0, lambda: None)
+    sleeper = make_sleep_callback(keras, worker, cfg.get("compute", 0.0), cfg.get("straggler"), 0, lambda: None)
     out = {}
     for hidden in cfg["hiddens"]:
         with strategy.scope():
@@ -425,7 +418,8 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                 model._symbolic_build(data_batch=(x[:32], y[:32]))  # pylint: disable=protected-access
                 model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # pylint: disable=protected-access
         cpu = [] if worker == 0 else None
-        out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if cfg.get("compute") else [], cpu=cpu)
+        sleeps = cfg.get("compute") or cfg.get("straggler")
+        out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if sleeps else [], cpu=cpu)
         out[("cpu", hidden)] = cpu
     return out if worker == 0 else None
 

@@ -187,3 +187,11 @@ def test_the_step_overhead_is_the_period_minus_the_last_taken_compute_time():
     np.testing.assert_allclose(choice.expected_times, [0.15, 0.25, 0.95])
     assert rule.choose(step=10, unavailable={1, 2}).n == 1  # one worker left: N = 1 whatever the rates
 
+
+
+def test_the_current_n_stays_unless_another_is_more_than_the_margin_better():
+    times = [0.10, 0.104, 0.30]  # N = 1, 2, 3; with no noise N = 1 is best by 4%
+    assert adaptive.choose(times, 0.0, 1, 1).n == 1
+    assert adaptive.choose(times, 0.0, 1, 1, current=2, margin=0.05).n == 2  # 4% < 5%: kept
+    assert adaptive.choose(times, 0.0, 1, 1, current=3, margin=0.05).n == 1  # 3x better: changed
+    assert adaptive.choose(times, 0.0, 1, 1, current=2, margin=0.0).n == 1

@@ -17,7 +17,8 @@ The rule. Choose N in `[n_min, n_max]` to maximise the expected progress per sec
 * `B_simple = tr(Sigma) / |G|^2`, the simple noise scale (their eq. 2.8), estimated from the
   gradients each step averages (`NoiseScale`).
 
-Ties go to the larger N. Until `warmup` steps were taken the rule answers `n_max`.
+Ties go to the larger N, and the current N stays unless another's rate is more than `MARGIN`
+higher. Until `warmup` steps were taken the rule answers `n_max`.
 Learning rate: the chief averages the N gradients whatever N is, so the inner optimizer's learning
 rate stays as set (a larger N gives a less noisy step of the same size, not a larger step).
 Everything here is deterministic: the same observations give the same choices.
@@ -31,6 +32,8 @@ from typing import Collection, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from tf_backup import _checks
+
+MARGIN = 0.05  # another N replaces the current one only if its rate is 5% higher
 
 
 def check_bounds(num_workers: int, n_min: Optional[int], n_max: Optional[int]) -> Tuple[int, int]:
@@ -67,7 +70,8 @@ class Choice(NamedTuple):
     rates: Tuple[float, ...]  # progress(n) / E[T_(n)], same order
 
 
-def choose(expected_times: Sequence[float], b_simple: float, batch: int, n_min: int) -> Choice:
+def choose(expected_times: Sequence[float], b_simple: float, batch: int, n_min: int,
+           current: Optional[int] = None, margin: float = 0.0) -> Choice:
     """The N in `[n_min, n_min + len(expected_times) - 1]` with the highest progress per second.
 
     Args:
@@ -75,6 +79,9 @@ def choose(expected_times: Sequence[float], b_simple: float, batch: int, n_min: 
       b_simple: the noise scale (inf: noise only).
       batch: examples in one worker's gradient.
       n_min: the N of `expected_times[0]`.
+      current: the N in use; it is kept unless another's rate is more than `margin` (a fraction)
+        higher. Estimates from a window are noisy: without this, N flaps between near-ties, and
+        since E[T_(N)] is convex in N a mix of N - 1 and N + 1 is slower than N.
     """
     rates = []
     for k, t in enumerate(expected_times):
@@ -83,6 +90,9 @@ def choose(expected_times: Sequence[float], b_simple: float, batch: int, n_min: 
     best = max(range(len(rates)), key=lambda k: (rates[k], k))  # ties: the larger N
     if rates[best] == 0.0:  # nothing known: wait for every worker allowed
         best = len(rates) - 1
+    keep = None if current is None else current - n_min
+    if keep is not None and 0 <= keep < len(rates) and rates[keep] > 0 and rates[best] <= (1 + margin) * rates[keep]:
+        best = keep
     return Choice(n=n_min + best, b_simple=b_simple, expected_times=tuple(expected_times), rates=tuple(rates))
 
 
@@ -221,10 +231,11 @@ class AdaptiveN:
       n_min, n_max: the bounds of N (`check_bounds`).
       window: steps the arrival times, the overhead and the noise estimates are averaged over.
       warmup: takes observed before the rule answers anything but `n_max`.
+      margin: how much higher (a fraction) another N's rate must be to replace the last choice.
     """
 
     def __init__(self, num_workers: int, batch: int = 1, n_min: Optional[int] = None,
-                 n_max: Optional[int] = None, window: int = 50, warmup: int = 5):
+                 n_max: Optional[int] = None, window: int = 50, warmup: int = 5, margin: float = MARGIN):
         self.n_min, self.n_max = check_bounds(num_workers, n_min, n_max)
         self.batch = _checks.check_int("batch", batch, 1)
         self.warmup = _checks.check_int("warmup", warmup, 0)
@@ -232,6 +243,8 @@ class AdaptiveN:
         self.noise = NoiseScale(batch, window)
         self._overheads = collections.deque(maxlen=window)
         self.takes = 0
+        self.margin = margin
+        self.current: Optional[int] = None  # the last choice
 
     @property
     def overhead(self) -> float:
@@ -266,4 +279,6 @@ class AdaptiveN:
         if self.takes < max(self.warmup, 1):
             return Choice(n_max, b_simple, (math.inf,) * span, (0.0,) * span)
         times = self.arrivals.expected_order_statistics(step, unavailable)[self.n_min - 1:n_max] + self.overhead
-        return choose([float(t) for t in times], b_simple, self.batch, self.n_min)
+        choice = choose([float(t) for t in times], b_simple, self.batch, self.n_min, self.current, self.margin)
+        self.current = choice.n
+        return choice

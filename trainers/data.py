@@ -137,6 +137,13 @@ def load(name: str, *, split: str, batch_size: int, num_shards: int = 1, shard_i
     return ds, info
 
 
+def arrays(name: str, *, split: str, data_dir: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """A whole split as numpy (features, labels), in its stored order (for in-process simulations)."""
+    ds, _ = load(name, split=split, batch_size=4096, data_dir=data_dir)
+    batches = [(x.numpy(), y.numpy()) for x, y in ds]
+    return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+
+
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
