@@ -74,3 +74,24 @@ def test_a_step_of_n_batches_is_the_average_of_the_n_worker_gradients():
     trainer.sync_step([(0, 0), (2, 1)])
     for v, v0, g0, g1 in zip(trainer.model.trainable_variables, before, *grads):
         np.testing.assert_allclose(v.numpy(), v0 - 0.1 * (g0 + g1) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_the_smoke_run_writes_a_complete_table(tmp_path):
+    import csv  # pylint: disable=g-import-not-at-top
+
+    out = scale_sim.run(str(tmp_path), quick=True, argv=["scale_sim", "--smoke"], smoke=True)
+    runs = out["runs"]
+    assert sorted(runs) == [(4, "async"), (4, "sync b = 0"), (4, "sync b = 1")]
+    for (n, label), rs in runs.items():
+        (r,) = rs
+        times = [t for t, _, _ in r.curve]
+        assert times == sorted(times) and times[-1] <= 3.0 and r.curve[0][:2] == (0.0, 0)
+        assert all(0.0 <= a <= 1.0 for _, _, a in r.curve) and r.curve[-1][1] > 0
+    # A step of b = 0 waits for all 4 workers: never more steps in the same simulated time than b = 1.
+    assert runs[(4, "sync b = 0")][0].curve[-1][1] <= runs[(4, "sync b = 1")][0].curve[-1][1]
+    assert runs[(4, "sync b = 0")][0].dropped == 0 < runs[(4, "sync b = 1")][0].dropped
+    md = (tmp_path / "scale_sim.md").read_text()
+    assert "- command: `python -m scale_sim --smoke`" in md and "| 4 | sync b = 1 | 5 |" in md
+    with open(tmp_path / "scale_sim.csv") as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    assert {r["mode"] for r in rows} == {"async", "sync b = 0", "sync b = 1"}
