@@ -133,19 +133,22 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                "median N (phase 1 / 2)", "runs ok"]
     csv_columns = ["mode", "run", "seconds", "global_step", "test_accuracy"]
     image = None
-    if not smoke:
-        path = os.path.join(out_dir, f"{NAME}.png")
-        series = []
-        for label in done:
-            for i, c in enumerate(done[label]):
-                series.append((label if i == 0 else f"{label} ({i + 1})", [p[0] for p in c], [p[2] for p in c]))
-        if common.plot(path, [{"xlabel": "wall time (s)", "ylabel": "test accuracy", "series": series}], TITLE):
-            image = path
+    if not smoke and plot(os.path.join(out_dir, f"{NAME}.png"), done):
+        image = os.path.join(out_dir, f"{NAME}.png")
     lines = common.write_results(out_dir, NAME, TITLE, notes, columns, rows, csv_columns, csv_rows, failures, argv,
                                  image=image)
     with open(os.path.join(out_dir, f"{NAME}_steps.json"), "w") as f:  # N and the noise estimate of every step
         json.dump({"replicas": chosen, "noise_scale": noise}, f)
     return {"lines": lines, "medians": medians, "failures": failures, "chosen": chosen}
+
+
+def plot(path: str, curves: Dict[str, list]) -> bool:
+    """Test accuracy against wall time, every run of every mode (False without matplotlib)."""
+    series = []
+    for label, runs in curves.items():
+        for i, c in enumerate(runs):
+            series.append((label if i == 0 else f"{label} ({i + 1})", [p[0] for p in c], [p[2] for p in c]))
+    return common.plot(path, [{"xlabel": "wall time (s)", "ylabel": "test accuracy", "series": series}], TITLE)
 
 
 def _verdict(medians: Dict[str, Dict[str, float]]) -> List[str]:
