@@ -57,12 +57,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         cfg = dict(base, mode="sync_backup", num_backup_workers=b, seconds=3600.0, steps=100000, reps=s["reps"],
                    every_seconds=s["every_seconds"], straggler=straggler(s), seed=0, compute=s["compute"],
                    stop_step=stop, mark_steps=[SETTLED, s["phase_steps"], stop])
-        try:
-            out = tf_backup.launch_local(workloads.accuracy_worker, WORKERS, args=(cfg,), timeout=1800)
-        except Exception as e:  # pylint: disable=broad-except
-            msg = workloads.failure_reason(e)
-            failures.append(f"{label} ({s['reps']} run(s)): {msg}")
-            print(f"{NAME}: {label} FAILED: {msg}", flush=True)
+        out = workloads.attempt(NAME, f"{label} ({s['reps']} run(s))", failures, lambda: tf_backup.launch_local(
+            workloads.accuracy_worker, WORKERS, args=(cfg,), timeout=1800))
+        if out is None:
             continue
         chief = out[0]
         for curve, mark, replicas, scale in zip(chief["runs"], chief["marks"], chief["replicas"],

@@ -42,13 +42,10 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         for w in s["workers"]:
             for system in systems:
                 cfg = dict(system=system, hiddens=hiddens, steps=s["steps"], reps=s["reps"])
-                try:
-                    out = workloads.launch_overhead(system, w, cfg)
-                except Exception as e:  # pylint: disable=broad-except
-                    msg = workloads.failure_reason(e)
-                    failures.append(f"{system}, {w} workers, cluster {cluster + 1} ({s['reps']} run(s) of each "
-                                    f"size): {msg}")
-                    print(f"{NAME}: {system} {w} workers FAILED: {msg}", flush=True)
+                out = workloads.attempt(
+                    NAME, f"{system}, {w} workers, cluster {cluster + 1} ({s['reps']} run(s) of each size)",
+                    failures, lambda: workloads.launch_overhead(system, w, cfg))
+                if out is None:
                     continue
                 for h in hiddens:
                     cpu_reps = out[0].get(("cpu", h)) or [None] * len(out[0][h])

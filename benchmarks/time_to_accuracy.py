@@ -85,12 +85,10 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         for label, mode, workers, b in s["modes"]:
             cfg = dict(base, mode=mode, num_backup_workers=b, seconds=s["seconds"], steps=s["steps"], reps=s["reps"],
                        every_seconds=s["every_seconds"], straggler=s["straggler"], seed=0)
-            try:
-                out = tf_backup.launch_local(workloads.accuracy_worker, workers, args=(cfg,), timeout=900)
-            except Exception as e:  # pylint: disable=broad-except
-                msg = workloads.failure_reason(e)
-                failures.append(f"{label}, cluster {cluster + 1} ({s['reps']} run(s)): {msg}")
-                print(f"{NAME}: {label} FAILED: {msg}", flush=True)
+            out = workloads.attempt(
+                NAME, f"{label}, cluster {cluster + 1} ({s['reps']} run(s))", failures,
+                lambda: tf_backup.launch_local(workloads.accuracy_worker, workers, args=(cfg,), timeout=900))
+            if out is None:
                 continue
             for curve in out[0]["runs"]:
                 curves[label].append(curve)

@@ -53,12 +53,10 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             cfg = dict(num_backup_workers=b, hidden=hidden, compute=s["compute"],
                        straggler=s["straggler"], seed=seed, steps=s["steps"], reps=s["reps"],
                        policies=policies)
-            try:
-                out = tf_backup.launch_local(workloads.tf_backup_worker, n + b, args=(cfg,), timeout=600)
-            except Exception as e:  # pylint: disable=broad-except
-                msg = workloads.failure_reason(e)
-                failures.append(f"b = {b}, cluster {cluster + 1} ({s['reps']} run(s) per policy): {msg}")
-                print(f"{NAME}: b = {b}: FAILED: {msg}", flush=True)
+            out = workloads.attempt(
+                NAME, f"b = {b}, cluster {cluster + 1} ({s['reps']} run(s) per policy)", failures,
+                lambda: tf_backup.launch_local(workloads.tf_backup_worker, n + b, args=(cfg,), timeout=600))
+            if out is None:
                 continue
             chief = out[0]
             for rep_index, rep in enumerate(chief["reps"]):

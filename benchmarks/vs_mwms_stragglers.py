@@ -35,12 +35,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     cells = [("MWMS", "mwms", 4, 0)] + [(f"tf_backup b = {b}", "tf_backup", 4 + b, b) for b in s["backups"]]
     times, failures, csv_rows = {}, [], []
     for label, system, workers, b in cells:
-        try:
-            out = workloads.launch_overhead(system, workers, dict(base, system=system, num_backup_workers=b))
-        except Exception as e:  # pylint: disable=broad-except
-            msg = workloads.failure_reason(e)
-            failures.append(f"{label} ({s['reps']} fits): {msg}")
-            print(f"{NAME}: {label} FAILED: {msg}", flush=True)
+        out = workloads.attempt(NAME, f"{label} ({s['reps']} fits)", failures, lambda: workloads.launch_overhead(
+            system, workers, dict(base, system=system, num_backup_workers=b)))
+        if out is None:
             continue
         times[label] = [rep[0] for rep in out[0][hidden]]
         csv_rows += [[label, workers, k + 1, t] for k, t in enumerate(times[label])]

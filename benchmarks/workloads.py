@@ -433,6 +433,20 @@ def failure_reason(error: BaseException) -> str:
     return (named[-1] if named else lines[0] if lines else type(error).__name__)[:300]
 
 
+def attempt(name: str, label: str, failures: List[str], launch):
+    """`launch()`, or None when it fails: then "<label>: <reason>" goes to `failures` and is printed.
+
+    One failed cluster does not end a benchmark; its table lists the failure instead.
+    """
+    try:
+        return launch()
+    except Exception as e:  # pylint: disable=broad-except
+        msg = failure_reason(e)
+        failures.append(f"{label}: {msg}")
+        print(f"{name}: {label} FAILED: {msg}", flush=True)
+        return None
+
+
 def launch_overhead(system: str, workers: int, cfg: Dict[str, Any], timeout: float = 600):
     """Runs `overhead_worker` on a localhost cluster: tf_backup (+ 1 ps) or MWMS (TF_CONFIG per process)."""
     if system == "mwms":
