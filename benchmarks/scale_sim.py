@@ -25,6 +25,8 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
+from benchmarks.time_to_accuracy import first_reach  # (seconds, step, accuracy) curves, as here
+
 NAME = "scale_sim"
 TITLE = "Backup workers at the paper's scale: a simulator with real gradients (MNIST-1D CNN)"
 
@@ -291,13 +293,6 @@ def backups(n: int, fractions: Sequence[float]) -> List[int]:
         if b not in out:
             out.append(b)
     return out
-
-
-def first_reach(curve, target: float, index: int):
-    for point in curve:
-        if point[2] >= target:
-            return point[index]
-    return None
 
 
 def _median(values, fmt):
