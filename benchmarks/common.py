@@ -123,7 +123,6 @@ def write_results(out_dir: str, name: str, title: str, notes: Sequence[str], col
     The CSV starts with `#` comment lines naming the command, machine and date, then one
     header row and the numeric rows. Returns the Markdown lines.
     """
-    import csv  # pylint: disable=g-import-not-at-top
     os.makedirs(out_dir, exist_ok=True)
     head = header(title, argv)
     lines = head + list(notes) + [""] + table(columns, rows) + [""]
@@ -134,14 +133,20 @@ def write_results(out_dir: str, name: str, title: str, notes: Sequence[str], col
         lines += ["", f"![{title}]({os.path.basename(image)})"]
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
+    write_csv(os.path.join(out_dir, f"{name}.csv"), head, csv_columns, csv_rows)
+    return lines
+
+
+def write_csv(path: str, head: Sequence[str], columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+    """A CSV of `rows` after `#` lines naming the command, machine and date (from `header`'s lines)."""
+    import csv  # pylint: disable=g-import-not-at-top
+    with open(path, "w", newline="") as f:
         for line in head[2:5]:
             f.write("# " + line.lstrip("- ") + "\n")
         writer = csv.writer(f)
-        writer.writerow(csv_columns)
-        for row in csv_rows:
+        writer.writerow(columns)
+        for row in rows:
             writer.writerow([f"{x:.6g}" if isinstance(x, float) else x for x in row])
-    return lines
 
 
 def plot(path: str, panels: Sequence[dict], title: str) -> bool:

@@ -79,3 +79,34 @@ def test_smoke_quick_mode_smallest_case(tmp_path):
     md = (out / "tradeoff.md").read_text()
     assert "- command: `python -m benchmarks.run --smoke" in md and "- machine: " in md and "- date: " in md
     assert "| 1 | 5 |" in md and "3/3" in md and "Failed runs: none." in md
+
+
+@pytest.mark.slow
+def test_mwms_and_tf_backup_train_the_same_task_alike():
+    """The time-to-accuracy comparison with MWMS is fair: same data, model and optimizer step for step.
+
+    With b = 0 and no stragglers, tf_backup's step averages the same 2 x 32 examples' gradients as
+    MWMS's all-reduce, so after the same number of steps the weights agree to float rounding.
+    """
+    import json  # pylint: disable=g-import-not-at-top
+
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from benchmarks import launcher  # pylint: disable=g-import-not-at-top
+    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+
+    with open(os.path.join(ROOT, "configs", "mnist1d.json")) as f:
+        base = json.load(f)
+    cfg = dict(base, mode="sync", num_backup_workers=0, steps=100000, stop_step=6, reps=1, every_seconds=100.0,
+               straggler="none", seed=0)
+    mwms = launcher.launch(workloads.accuracy_worker, {"worker": 2}, args=(dict(cfg, system="mwms"),), timeout=300)
+    ours = tf_backup.launch_local(workloads.accuracy_worker, 2, args=(dict(cfg, seconds=math.inf),), timeout=300)
+    (mwms_run,), (our_run,) = mwms[0]["runs"], ours[0]["runs"]
+    assert mwms_run[-1][1] == our_run[-1][1] == 6  # global steps
+    assert mwms_run[0][2] == our_run[0][2]  # the same fresh model: the same test accuracy
+    (mwms_weights,), (our_weights,) = mwms[0]["weights"], ours[0]["weights"]
+    for a, b in zip(mwms_weights, our_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    from trainers import models  # pylint: disable=g-import-not-at-top
+    fresh = models.build("cnn", (40,), 10, seed=0, filters=base["model"]["filters"]).get_weights()
+    # Six Adam steps of lr 0.003 moved them: the agreement is not that of two untrained models.
+    assert min(float(np.abs(a - b).max()) for a, b in zip(our_weights, fresh)) > 3e-3
