@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -223,6 +224,71 @@ def test_a_killed_chief_or_ps_job_resumes_from_its_checkpoint(tmp_path, seed, vi
         np.testing.assert_array_equal(restored, expected)
     assert np.abs(chief["restored_optimizer"][2]).sum() > 0
     assert latest_checkpoint_step(checkpoints) == STEPS
+
+
+def kill_when_reached(cluster, progress_dir, watched: str, step: int, victims, timeout: float = 180.0) -> dict:
+    """Kills `victims` once task `watched` reports step `step`, from a thread (the test supervises meanwhile).
+
+    Returns a dict that gets `killed_at` (the chief's last reported step just before the kill) once
+    done, or `error` if the step was not reached within `timeout`.
+    """
+    out = {}
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while step_of(progress_dir, watched) < step:
+            if time.monotonic() > deadline:
+                out["error"] = f"{watched} did not reach step {step} in {timeout:.0f} s"
+                return
+            time.sleep(0.05)
+        out["killed_at"] = step_of(progress_dir, "worker-0")
+        for victim in victims:
+            cluster.kill(victim)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out["thread"] = thread
+    return out
+
+
+@pytest.mark.parametrize("victims", [
+    ["worker-0"],
+    pytest.param(["ps-0"], marks=pytest.mark.slow),
+    pytest.param(["worker-1", "worker-2"], marks=pytest.mark.slow),  # b + 1 workers
+])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, seed):
+    """`max_restarts`: a killed task is started again, and the job ends at its last step by itself.
+
+    The chief: every worker sees the new job and restarts; the chief resumes from its checkpoint
+    (every 5 steps), so at most 5 steps are redone. The ps: everybody restarts; the chief saved its
+    step on the way out. b + 1 workers: the chief stops with a checkpoint, and everybody restarts.
+    """
+    checkpoints = str(tmp_path / "ckpt")
+    steps = 60
+    cluster, progress = fault_cluster(tmp_path, steps=steps, checkpoint_dir=checkpoints, compute_seconds=0.1)
+    with cluster:
+        cluster.start()
+        killer = kill_when_reached(cluster, progress, "worker-1", random.Random(seed).randint(6, 30), victims)
+        results = cluster.wait(timeout=300, max_restarts=3)
+        killer["thread"].join(5)
+        assert "error" not in killer, killer["error"]
+        codes = assert_all_exited(cluster, 60)
+        restarts = cluster.restarts()
+    assert set(codes.values()) == {0}, codes
+    for victim in victims:
+        assert restarts[victim] >= 1, restarts
+    assert max(restarts.values()) <= 3
+    chief = results[0]
+    assert chief["stats"]["global_step"] == steps
+    killed_at, resumed_at = killer["killed_at"], chief["initial_step"]
+    # The step at the kill is killed_at or one more (the chief may have moved on meanwhile).
+    assert killed_at - 5 <= resumed_at <= killed_at + 1, (killed_at, resumed_at)
+    assert [s for s, _ in chief["contributions"]] == list(range(resumed_at, steps))
+    assert latest_checkpoint_step(checkpoints) == steps
+    for r in results[1:]:  # every worker's last process took part in the job's last stretch
+        assert r["initial_step"] >= resumed_at and r["stats"]["global_step"] == steps
+        np.testing.assert_allclose(r["weights"][0], chief["weights"][0], rtol=0, atol=0)
 
 
 SAVER = r"""

@@ -22,6 +22,7 @@ def test_failing_worker_raises_with_its_log_and_kills_the_rest(tmp_path):
     message = str(info.value)
     assert "Task worker-1 of the local cluster failed (exit code 1)" in message
     assert "RuntimeError: worker 1 broke on purpose" in message
+    assert (info.value.task, info.value.exit_code) == ("worker-1", 1)
     assert processes_mentioning(log_dir) == []
 
 
@@ -89,3 +90,22 @@ def test_a_cluster_without_serve_runs_fn_in_ps_tasks_and_waits_for_chosen_tasks(
         assert no_ps.start().wait(timeout=120) == ["worker-0?"]
     with pytest.raises(ValueError, match="num_ps=-1"):
         tf_backup.LocalCluster(echo_task_name, num_workers=1, num_ps=-1)
+
+
+def test_the_supervisor_restarts_a_failing_task_up_to_max_restarts(tmp_path):
+    """`max_restarts`: each task that exits non-zero starts again with the same TF_CONFIG, a bounded number of times."""
+    cluster = tf_backup.LocalCluster(workers.fail_until_started, num_workers=2, num_ps=0, args=(2, str(tmp_path)),
+                                     log_dir=str(tmp_path / "logs"))
+    with cluster:
+        assert cluster.start().wait(timeout=120, max_restarts=2) == [("worker-0", 3), ("worker-1", 3)]
+        assert cluster.restarts() == {"worker-0": 2, "worker-1": 2}
+    # One restart fewer than needed: the run fails, naming the task, once its restarts are spent.
+    cluster = tf_backup.LocalCluster(workers.fail_until_started, num_workers=1, num_ps=0,
+                                     args=(2, str(tmp_path / "again")), log_dir=str(tmp_path / "logs2"))
+    os.makedirs(tmp_path / "again")
+    with cluster:
+        with pytest.raises(tf_backup.LocalClusterError) as failure:
+            cluster.start().wait(timeout=120, max_restarts=1)
+        assert (failure.value.task, failure.value.exit_code, cluster.restarts()) == ("worker-0", 1, {"worker-0": 1})
+    with pytest.raises(ValueError, match="max_restarts=-1"):
+        tf_backup.launch_local(workers.sleep_forever, num_workers=1, max_restarts=-1)

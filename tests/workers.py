@@ -361,6 +361,17 @@ def fail_on_worker_1():
     time.sleep(120)
 
 
+def fail_until_started(times: int, marker_dir: str):
+    """Fails (exit 1) in its first `times` processes of each task, then returns its task name and start count."""
+    import os  # pylint: disable=g-import-not-at-top
+    path = os.path.join(marker_dir, os.environ["TF_BACKUP_TASK"] + ".starts")
+    starts = (int(open(path).read()) if os.path.exists(path) else 0) + 1
+    _write_atomic(path, str(starts))
+    if starts <= times:
+        raise RuntimeError(f"start {starts} fails on purpose")
+    return os.environ["TF_BACKUP_TASK"], starts
+
+
 def sleep_forever():
     time.sleep(600)
 

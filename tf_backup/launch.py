@@ -23,7 +23,18 @@ from tf_backup import memory
 
 
 class LocalClusterError(RuntimeError):
-    """A task of a local cluster failed, or the cluster ran past its timeout."""
+    """A task of a local cluster failed, or the cluster ran past its timeout.
+
+    Attributes:
+      task: the task that failed ("worker-0", "ps-0", ...); None when the
+        timeout passed.
+      exit_code: its exit code (negative: killed by that signal); None when
+        the timeout passed.
+    """
+
+    def __init__(self, message: str, task: Optional[str] = None, exit_code: Optional[int] = None):
+        super().__init__(message)
+        self.task, self.exit_code = task, exit_code
 
 
 def free_ports(count: int) -> List[int]:
@@ -225,6 +236,24 @@ class LocalCluster:
         self.kill(name)
         self._spawn(name)
 
+    def restarts(self) -> dict:
+        """How many times each task was started again (by `restart` or the supervisor)."""
+        return {n: max(0, c - 1) for n, c in self.starts.items()}
+
+    def _restart_failed(self, name: str, max_restarts: int) -> bool:
+        """The supervisor's decision for a task that exited non-zero: restarts it, or returns False."""
+        chief = self.procs.get("worker-0")
+        if chief is not None and chief.poll() == 0:
+            return False  # the job is over: a task failing now has nothing to rejoin
+        done = self.starts[name] - 1
+        if done >= max_restarts:
+            return False
+        sys.stderr.write(f"tf_backup: task {name} exited with code {self.procs[name].returncode}; "
+                         f"restarting it (restart {done + 1} of at most {max_restarts}). Its log: "
+                         f"{self.logs[name]}\n")
+        self._spawn(name)
+        return True
+
     def returncodes(self) -> dict:
         """Each task's exit code; None while it runs or before it started."""
         return {n: (self.procs[n].poll() if n in self.procs else None) for n in self.names}
@@ -253,7 +282,7 @@ class LocalCluster:
                 if proc.poll() not in (None, 0):
                     raise LocalClusterError(
                         f"Task {name} of the local cluster failed (exit code {proc.returncode}). "
-                        f"Last lines of {self.logs[name]}:\n{_tail(self.logs[name])}")
+                        f"Last lines of {self.logs[name]}:\n{_tail(self.logs[name])}", name, proc.returncode)
             if time.monotonic() > deadline:
                 running = [n for n in names if self.procs[n].poll() is None]
                 raise LocalClusterError(
@@ -272,7 +301,7 @@ class LocalCluster:
             return f.read()
 
     def wait(self, timeout: float = 600.0, ps_exit_grace: float = 60.0, echo: Optional[str] = None,
-             max_failed_workers: int = 0) -> List[Any]:
+             max_failed_workers: int = 0, max_restarts: int = 0) -> List[Any]:
         """Waits for every worker to return, then for the ps tasks to exit.
 
         Args:
@@ -281,20 +310,27 @@ class LocalCluster:
           echo: a task whose output is copied to stdout as it comes.
           max_failed_workers: how many workers other than the chief may fail
             (e.g. b, the backup workers) without failing the run.
+          max_restarts: a supervisor, as a cluster manager with
+            `restartPolicy: OnFailure` is: a task that exits non-zero is
+            started again with the same `TF_CONFIG`, up to this many times per
+            task, until the chief has returned. 0: no task is restarted.
 
         Returns:
           The value each worker's function returned, in worker order (None
-          for a worker whose failure was tolerated).
+          for a worker whose failure was tolerated). A restarted task's value
+          is its last process's.
 
         Raises:
-          LocalClusterError: a task failed, or the timeout passed (with the
-            failing task's log tail).
+          LocalClusterError: a task failed (past its restarts), or the timeout
+            passed (with the failing task's log tail).
         """
         _checks.check_seconds("timeout", timeout)
+        _checks.check_int("max_restarts", max_restarts, 0)
         if echo is not None:
             self._check_name(echo)
         echoed = _Echo(self.logs[echo], self._log_starts[echo]) if echo is not None else _Echo(None)
-        failed = _supervise(self.procs, self.logs, timeout, ps_exit_grace, echoed, max_failed_workers)
+        restart = (lambda name: self._restart_failed(name, max_restarts)) if max_restarts else None
+        failed = _supervise(self.procs, self.logs, timeout, ps_exit_grace, echoed, max_failed_workers, restart)
         return [None if f"worker-{i}" in failed else self.result(f"worker-{i}")
                 for i in range(self.num_workers)]
 
@@ -307,7 +343,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
                  kwargs: Optional[dict] = None, timeout: float = 600.0,
                  log_dir: Optional[str] = None, env: Optional[dict] = None,
                  ps_exit_grace: float = 60.0, echo: Optional[str] = None,
-                 max_failed_workers: int = 0) -> List[Any]:
+                 max_failed_workers: int = 0, max_restarts: int = 0) -> List[Any]:
     """Runs `fn(*args, **kwargs)` in every worker process of a localhost cluster.
 
     Starts `num_ps` ps tasks (each runs `tf_backup.serve()`) and
@@ -331,6 +367,9 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
         process's stdout as it comes, without TensorFlow's start-up chatter.
       max_failed_workers: how many workers other than the chief may fail
         without failing the run (b: training goes on without them).
+      max_restarts: restart each task that exits non-zero up to this many
+        times, as a cluster manager would (`LocalCluster.wait`); with a
+        `checkpoint_dir`, a restarted chief resumes from its checkpoint.
 
     Returns:
       The value `fn` returned in each worker, in worker order (None for a
@@ -343,6 +382,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
     """
     _check_arguments(fn, num_workers, num_ps, args, dict(kwargs or {}))
     _checks.check_seconds("timeout", timeout)
+    _checks.check_int("max_restarts", max_restarts, 0)
     if isinstance(max_failed_workers, bool) or not isinstance(max_failed_workers, int) or not (
             0 <= max_failed_workers < num_workers):
         raise ValueError("`max_failed_workers` must be an integer in [0, num_workers). Received "
@@ -352,7 +392,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
         raise ValueError(f"`echo` must name a task of the cluster ({', '.join(names)}). Received echo={echo!r}")
     with LocalCluster(fn, num_workers, num_ps, args, kwargs, log_dir, env) as cluster:
         cluster.start()
-        out = cluster.wait(timeout, ps_exit_grace, echo, max_failed_workers)
+        out = cluster.wait(timeout, ps_exit_grace, echo, max_failed_workers, max_restarts)
     if log_dir is None:
         shutil.rmtree(cluster.log_dir, ignore_errors=True)
     return out
@@ -374,17 +414,22 @@ def _kill_all(procs: dict) -> None:
 
 
 def _supervise(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo,
-               max_failed_workers: int = 0) -> set:
+               max_failed_workers: int = 0, restart: Optional[Callable[[str], bool]] = None) -> set:
     """Waits for the workers, then the ps tasks; raises on the first failure not tolerated."""
     try:
-        return _wait_for_tasks(procs, logs, timeout, ps_exit_grace, echo, max_failed_workers)
+        return _wait_for_tasks(procs, logs, timeout, ps_exit_grace, echo, max_failed_workers, restart)
     finally:
         echo.poll(final=True)
 
 
 def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo,
-                    max_failed_workers: int) -> set:
-    """Returns the workers whose failure was tolerated."""
+                    max_failed_workers: int, restart: Optional[Callable[[str], bool]]) -> set:
+    """Returns the workers whose failure was tolerated.
+
+    A task that exits non-zero is first offered to `restart` (which replaces its entry of `procs`
+    and returns True, or declines); then it is tolerated (up to `max_failed_workers` workers other
+    than the chief) or fails the run.
+    """
     deadline = time.monotonic() + timeout
     workers = [n for n in procs if n.startswith("worker")]
     ps = [n for n in procs if n.startswith("ps")]
@@ -395,6 +440,8 @@ def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: floa
         for name, proc in procs.items():
             if proc.poll() in (None, 0) or name in failed:
                 continue
+            if restart is not None and restart(name):
+                continue
             if name in workers and name != "worker-0" and len(failed) < max_failed_workers:
                 failed.add(name)
                 sys.stderr.write(
@@ -404,8 +451,7 @@ def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: floa
                 continue
             raise LocalClusterError(
                 f"Task {name} of the local cluster failed (exit code {proc.returncode}). "
-                f"Last lines of {logs[name]}:\n{_tail(logs[name])}"
-            )
+                f"Last lines of {logs[name]}:\n{_tail(logs[name])}", name, proc.returncode)
         if all(procs[n].poll() == 0 or n in failed for n in workers):
             if workers_done_at is None:
                 workers_done_at = time.monotonic()

@@ -72,6 +72,12 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "tensorflow-datasets data dire
 _LOCAL_CLUSTER = flags.DEFINE_boolean(
     "local_cluster", None, "Spawn the ps and worker tasks on this machine (tf_backup.launch_local). "
     "Default: on, unless TF_CONFIG names a cluster.")
+_RESTART_FAILED = flags.DEFINE_boolean(
+    "restart_failed", False, "With --local_cluster: restart any task that exits non-zero (up to "
+    "--max_restarts times each), as a cluster manager would; a restarted chief resumes from the "
+    "latest checkpoint, and the job finishes with nothing for a person to do.")
+_MAX_RESTARTS = flags.DEFINE_integer(
+    "max_restarts", 5, "With --restart_failed: how many times each task may be restarted.", lower_bound=1)
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Checkpoints, TensorBoard logs, task logs and the config (default: a new "
     "directory under /tmp/tf_backup).")
@@ -368,6 +374,10 @@ def main(argv) -> int:
                      "worker_timeout": _WORKER_TIMEOUT.value, "chief_timeout": _CHIEF_TIMEOUT.value,
                      "checkpoint_every_steps": _CHECKPOINT_EVERY.value}
     model_dir = _MODEL_DIR.value or os.path.join("/tmp/tf_backup", time.strftime("%Y%m%d-%H%M%S"))
+    if _RESTART_FAILED.value and not local:
+        raise config_lib.ConfigError(
+            "--restart_failed supervises the tasks of a --local_cluster; under a TF_CONFIG cluster, "
+            "let the cluster manager restart failed tasks (e.g. restartPolicy: OnFailure).")
     if local:
         check_inputs(config)
         os.makedirs(model_dir, exist_ok=True)
@@ -382,7 +392,8 @@ def main(argv) -> int:
             args=(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value)),
             timeout=_TIMEOUT.value,
             log_dir=os.path.join(model_dir, "logs"), echo="worker-0",
-            max_failed_workers=config.tolerated_failures)
+            max_failed_workers=config.tolerated_failures,
+            max_restarts=_MAX_RESTARTS.value if _RESTART_FAILED.value else 0)
         summary = merge(results)
     else:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
