@@ -96,6 +96,8 @@ def test_bad_config_files(tmp_path):
                                     "num_backup_workers='some'"),
     (["--straggler=pareto:x"], "--straggler=pareto:x"),
     (["--config=regression", "--steps=1", "positional"], "Unexpected arguments ['positional']"),
+    (["--config=regression", "--local_cluster=false", "--restart_failed"], "--restart_failed supervises the tasks"),
+    (["--max_restarts=0"], "flag --max_restarts=0"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):
     out = run_binary(*args, timeout=120)

@@ -437,7 +437,10 @@ def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: floa
     failed = set()
     while True:
         echo.poll()
-        for name, proc in procs.items():
+        # Workers first: when the chief fails, its ps tasks fail after it (they end with the job),
+        # and the chief's log says why.
+        for name in workers + ps:
+            proc = procs[name]
             if proc.poll() in (None, 0) or name in failed:
                 continue
             if restart is not None and restart(name):

@@ -69,9 +69,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         silent or gone before the job is done, the job is lost at once.
 
     Returns:
-      A dict: `job_id`, `reason` ("done", "chief lost", or on a ps task other
-      than ps 0, "ps 0 exited") and `left`, the
-      workers that left cleanly.
+      A dict: `job_id`, `reason` ("done", or on a ps task other than ps 0,
+      "ps 0 exited") and `left`, the workers that left cleanly.
 
     A worker that never joined the job (it exited, or is not started) is not
     waited for.
@@ -80,7 +79,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
       ValueError: this task is not a ps task, or its server cannot start.
       TimeoutError: no job started within `startup_timeout`.
       tf_backup.errors.ChiefUnavailableError: the chief went silent without
-        finishing the job.
+        finishing the job, or aborted it (a failed job ends its ps tasks
+        non-zero too, so a cluster manager restarts them with the job).
     """
     if cluster_resolver is None:
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
@@ -143,7 +143,9 @@ def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints,
                 )
         else:
             if values[Job.JOB_ID] != job_id:
-                job_id = int(values[Job.JOB_ID])
+                # A new job (a restarted chief's) is served from the start, even if the previous one
+                # ended meanwhile.
+                job_id, end_time, reason = int(values[Job.JOB_ID]), None, None
                 # Every worker's beat, then the chief's heartbeat (the last slot).
                 beats = job_lib.BeatWatch([slots.beat(w) for w in range(info.num_workers)] + [Job.HEARTBEAT])
                 logging.info("tf_backup: ps task %s serves job %d", info.task, job_id)
@@ -153,7 +155,7 @@ def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints,
             silent = [beats.silent_seconds(w) > silent_worker for w in range(info.num_workers)]
             gone = all(l or not j or q for j, l, q in zip(joined, left, silent))
             if end_time is None and values[Job.DONE]:
-                end_time, reason = now, "done"
+                end_time, reason = now, "aborted" if values[Job.ABORT] else "done"
             if end_time is None and (beats.silent_seconds(info.num_workers) > chief_timeout
                                      or gone and not left[chief]):
                 end_time, reason = now, "chief lost"  # silent, or every task that used the ps is
@@ -164,6 +166,12 @@ def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints,
     if missing and reason != "ps 0 exited":  # this task did not see the last state then
         logging.warning("tf_backup: ps task %s exits; workers that never left: %s",
                         info.task, ", ".join(missing))
+    if reason == "aborted":
+        # Non-zero, so that a cluster manager (restartPolicy: OnFailure) or `LocalCluster`'s supervisor
+        # starts this task again for the next attempt: an exit 0 would leave the job without its ps.
+        raise errors.ChiefUnavailableError(
+            f"The chief {info.chief} aborted the job {job_id} (its log says why); the ps task {info.task} "
+            "exits with it.")
     if reason == "chief lost":
         raise errors.ChiefUnavailableError(
             f"The ps task {info.task} heard no heartbeat from the chief {info.chief} for "
