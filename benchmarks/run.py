@@ -16,6 +16,7 @@ min–max; failed runs listed) and `<name>.png` when matplotlib is installed (`p
   adaptive   num_backup_workers="auto" against every fixed b, stragglers that change mid-run
   scale_sim  a one-process simulator with real gradients: N up to 100, backups vs sync vs async
   vs_mwms_stragglers  tf_backup (b = 0, 1, 2) against MultiWorkerMirroredStrategy under stragglers
+  ps_memory  the ps's resident memory over a long run, every worker alive vs one killed
 
 No benchmark is a timed test; `tests/test_benchmarks.py` runs `--smoke` (the quick mode's
 smallest case).
@@ -38,6 +39,7 @@ BENCHMARKS = {
     "adaptive": "benchmarks.adaptive",
     "scale_sim": "benchmarks.scale_sim",
     "vs_mwms_stragglers": "benchmarks.vs_mwms_stragglers",
+    "ps_memory": "benchmarks.ps_memory",
 }
 
 SMOKE = ["tradeoff", "overhead"]  # the benchmarks whose smallest quick case the smoke test runs

@@ -81,7 +81,7 @@ def test_the_smoke_run_writes_a_complete_table(tmp_path):
 
     out = scale_sim.run(str(tmp_path), quick=True, argv=["scale_sim", "--smoke"], smoke=True)
     runs = out["runs"]
-    assert sorted(runs) == [(4, "async"), (4, "sync b = 0"), (4, "sync b = 1")]
+    assert sorted(runs) == [(4, "async"), (4, "sync b = 0"), (4, "sync b = 1"), (4, "sync b = 1, restart")]
     for (n, label), rs in runs.items():
         (r,) = rs
         times = [t for t, _, _ in r.curve]
@@ -90,8 +90,10 @@ def test_the_smoke_run_writes_a_complete_table(tmp_path):
     # A step of b = 0 waits for all 4 workers: never more steps in the same simulated time than b = 1.
     assert runs[(4, "sync b = 0")][0].curve[-1][1] <= runs[(4, "sync b = 1")][0].curve[-1][1]
     assert runs[(4, "sync b = 0")][0].dropped == 0 < runs[(4, "sync b = 1")][0].dropped
+    # Restarted stragglers make each step the order-statistic ideal: never fewer steps than finishing ones.
+    assert runs[(4, "sync b = 1, restart")][0].curve[-1][1] >= runs[(4, "sync b = 1")][0].curve[-1][1]
     md = (tmp_path / "scale_sim.md").read_text()
     assert "- command: `python -m scale_sim --smoke`" in md and "| 4 | sync b = 1 | 5 |" in md
     with open(tmp_path / "scale_sim.csv") as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    assert {r["mode"] for r in rows} == {"async", "sync b = 0", "sync b = 1"}
+    assert {r["mode"] for r in rows} == {"async", "sync b = 0", "sync b = 1", "sync b = 1, restart"}
