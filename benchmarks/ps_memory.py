@@ -22,11 +22,13 @@ TITLE = "ps resident memory over a long run: every worker alive vs one worker ki
 
 
 def settings(quick: bool, smoke: bool = False) -> Dict:
+    # compute: seconds every worker sleeps per batch (4 processes share 2 cores: without it a worker
+    # could be starved past worker_timeout, which a first run showed at 3 s).
     if smoke:
-        return dict(steps=300, kill_at=40, every_seconds=0.5)
+        return dict(steps=300, kill_at=40, every_seconds=0.5, compute=0.005, worker_timeout=10.0)
     if quick:
-        return dict(steps=6000, kill_at=100, every_seconds=1.0)
-    return dict(steps=30000, kill_at=100, every_seconds=2.0)
+        return dict(steps=5000, kill_at=100, every_seconds=1.0, compute=0.005, worker_timeout=10.0)
+    return dict(steps=30000, kill_at=100, every_seconds=2.0, compute=0.005, worker_timeout=10.0)
 
 
 def rss_kib(pid: int) -> Optional[int]:
@@ -55,7 +57,8 @@ def _one_run(s: Dict, kill: bool, timeout: float = 1800.0):
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
 
     work = tempfile.mkdtemp(prefix="tf_backup_ps_memory_")
-    cfg = dict(steps=s["steps"], num_backup_workers=1, hidden=workloads.hidden_for_params(1e4), progress_dir=work)
+    cfg = dict(steps=s["steps"], num_backup_workers=1, hidden=workloads.hidden_for_params(1e4), progress_dir=work,
+               compute=s["compute"], worker_timeout=s["worker_timeout"])
     cluster = tf_backup.LocalCluster(workloads.memory_worker, 3, args=(cfg,), log_dir=os.path.join(work, "logs"))
     samples: List[tuple] = []
     try:
@@ -93,7 +96,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
 
     s = settings(quick, smoke)
     failures, rows, csv_rows, curves = [], [], [], {}
-    settle = 2 * s["kill_at"] + 200  # the dead worker is declared dead 3 s after the kill
+    settle = 2 * s["kill_at"] + 600  # the dead worker is declared dead `worker_timeout` after the kill
     for label, kill in (("every worker alive", False), ("worker 2 killed", True)):
         out = workloads.attempt(NAME, label, failures, lambda kill=kill: _one_run(s, kill))
         if out is None:
@@ -115,9 +118,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
               f"queues {chief['wake_queue_sizes']}", flush=True)
     notes = [
         f"One fit of {s['steps']:,} global steps per run: 3 workers (N = 2, b = 1), 1 ps, the 9,943-parameter MLP, "
-        "batch 32, SGD, no sleeps (the step is the framework's cost, so steps are many). In the second run "
+        f"batch 32, SGD, {1e3 * s['compute']:g} ms of sleep per batch (steps are many). In the second run "
         f"worker 2 is killed (kill -9) once the chief passes step {s['kill_at']}; the chief declares it dead "
-        "3 s later (`worker_timeout`).",
+        f"{s['worker_timeout']:g} s later (`worker_timeout`).",
         f"RSS: VmRSS of the ps process from /proc, sampled every {s['every_seconds']:g} s with the chief's "
         f"global step (written every 20 batches); MiB at the sample nearest the step. Growth: least-squares "
         f"slope of RSS against step over steps >= {settle}, KiB per 1,000 steps. Queues: tokens left in each "

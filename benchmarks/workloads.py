@@ -652,20 +652,26 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 def memory_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """One worker of the ps-memory benchmark: one long fit of `steps` batches, no sleeps.
 
-    cfg: steps, num_backup_workers, hidden, progress_dir (every 20 batches each worker writes its
-    global step to `<progress_dir>/<task>.step`, which the driver reads). The chief returns its
-    stats and the ps's wake-up queue sizes at the end.
+    cfg: steps, num_backup_workers, hidden, compute (seconds each worker sleeps before each
+    batch), worker_timeout, progress_dir (every 20 batches each worker writes its global step to
+    `<progress_dir>/<task>.step`, which the driver reads). The chief returns its stats and the ps's
+    wake-up queue sizes at the end.
     """
+    keep_garbage()
     import os  # pylint: disable=g-import-not-at-top
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
-    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg["num_backup_workers"], worker_timeout=3.0,
-                                              step_timeout=120.0, max_steps=cfg["steps"])
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg["num_backup_workers"],
+                                              worker_timeout=cfg["worker_timeout"], step_timeout=120.0,
+                                              max_steps=cfg["steps"])
     path = os.path.join(cfg["progress_dir"], os.environ["TF_BACKUP_TASK"] + ".step")
 
     class Progress(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            time.sleep(cfg["compute"])
+
         def on_train_batch_end(self, batch, logs=None):
             if batch % 20 == 0:
                 with open(path + ".tmp", "w") as f:
