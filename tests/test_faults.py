@@ -338,37 +338,46 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     assert len(set(steps)) == 5
 
 
-def test_the_training_binary_finishes_when_a_backup_worker_is_killed(tmp_path):
-    """`tf-backup-train` on a local cluster, 3 workers, b = 1: kill -9 of worker 2 mid-run."""
+def run_binary_and_kill(tmp_path, victim: str, *flags: str, kill_after_step: int = 20):
+    """`tf-backup-train` on a local cluster (3 workers, b = 1, 120 steps); kill -9 of `victim` past a step.
+
+    Returns (exit code, the whole output, the summary).
+    """
     model_dir = tmp_path / "model"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     env.pop("TF_CONFIG", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainers.train", "--config=regression", "--steps=120", "--log_every=5",
-         "--straggler=exp:0.05", "--worker_timeout=3", f"--model_dir={model_dir}"],
+         "--straggler=exp:0.05", "--worker_timeout=3", f"--model_dir={model_dir}", *flags],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)  # unbuffered: select sees every line
     try:
         lines = []
         deadline = time.monotonic() + 240
         while True:  # the chief's progress lines, echoed by the launcher
-            assert time.monotonic() < deadline, "no progress line of step 20 in 240 s:\n" + "".join(lines)
+            assert time.monotonic() < deadline, f"no progress line of step {kill_after_step} in 240 s:\n" + "".join(lines)
             line = readline(proc.stdout, deadline - time.monotonic()).decode(errors="replace")
-            assert line, "the binary ended before step 20:\n" + "".join(lines)
+            assert line, f"the binary ended before step {kill_after_step}:\n" + "".join(lines)
             lines.append(line)
-            if line.startswith("train | step: ") and int(line.split()[3].split("/")[0]) >= 20:
+            if line.startswith("train | step: ") and int(line.split()[3].split("/")[0]) >= kill_after_step:
                 break
-        payload = str(model_dir / "logs" / "worker-2.payload")
+        payload = str(model_dir / "logs" / f"{victim}.payload")
         pids = subprocess.run(["pgrep", "-f", payload], capture_output=True, text=True).stdout.split()
         assert len(pids) == 1, (pids, "".join(lines))
         os.kill(int(pids[0]), signal.SIGKILL)
-        out = proc.communicate(timeout=240)[0].decode(errors="replace")
+        out = proc.communicate(timeout=300)[0].decode(errors="replace")
     finally:
         proc.kill()
     output = "".join(lines) + out
-    assert proc.returncode == 0, output[-4000:]
+    summary = json.loads((model_dir / "summary.json").read_text()) if proc.returncode == 0 else None
+    return proc.returncode, output, summary
+
+
+def test_the_training_binary_finishes_when_a_backup_worker_is_killed(tmp_path):
+    """`tf-backup-train` on a local cluster, 3 workers, b = 1: kill -9 of worker 2 mid-run."""
+    code, output, summary = run_binary_and_kill(tmp_path, "worker-2")
+    assert code == 0, output[-4000:]
     assert "task worker-2 failed (exit code -9); training goes on without it" in output
-    summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["steps"] == 120
     assert [(e["worker"], e["event"]) for e in summary["worker_events"]] == [(2, "died")]
     assert summary["worker_events"][0]["step"] >= 20
@@ -376,3 +385,18 @@ def test_the_training_binary_finishes_when_a_backup_worker_is_killed(tmp_path):
     g = summary["gradients"]
     assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]
     assert "worker 2 /job:worker/task:2" in output and "died at global step" in output
+
+
+@pytest.mark.slow
+def test_the_training_binary_with_restart_failed_finishes_when_the_chief_is_killed(tmp_path):
+    """`--restart_failed`: the chief killed at step 20 or later; the job resumes and ends at step 120 by itself."""
+    code, output, summary = run_binary_and_kill(tmp_path, "worker-0", "--restart_failed", "--checkpoint_every=10",
+                                                "--chief_timeout=10")
+    assert code == 0, output[-4000:]
+    assert "task worker-0 exited with code -9; restarting it (restart 1 of at most 5)" in output
+    assert summary["steps"] == 120
+    # The latest periodic checkpoint: the one of step 20 may still be in writing at the kill.
+    assert 10 <= summary["resumed_from_step"] < 120 and summary["resumed_from_step"] % 10 == 0
+    assert summary["task_restarts"]["worker-0"] == 1
+    assert set(summary["task_restarts"]) <= {"worker-0", "worker-1", "worker-2", "ps-0"}
+    assert "summary | restarted by the supervisor: " in output

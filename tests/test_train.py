@@ -190,7 +190,7 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]
     assert summary["num_workers"] == 3 and summary["replicas_to_aggregate"] == 2
     assert summary["steps"] == 12 and summary["resumed_from_step"] == 0  # max_steps: exactly
-    assert summary["worker_events"] == []
+    assert summary["worker_events"] == [] and summary["task_restarts"] == {}
     # At least N = 2 gradients per step; a take averages all that arrived, so at most 3.
     assert 2 * summary["steps"] <= sum(g["taken"]) <= 3 * summary["steps"]
     assert summary["steps_per_second"] == pytest.approx(summary["steps"] / summary["wall_seconds"])

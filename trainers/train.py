@@ -334,6 +334,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
         lines.append(f"summary | worker {w}: pushed {p}, taken {t}, dropped {d}" + (f", cancelled {c}" if c else ""))
     if summary.get("resumed_from_step"):
         lines.append(f"summary | resumed from the checkpoint of step {summary['resumed_from_step']}")
+    if summary.get("task_restarts"):
+        lines.append("summary | restarted by the supervisor: "
+                     + ", ".join(f"{name} {count}x" for name, count in summary["task_restarts"].items()))
     for e in summary.get("worker_events", []):
         lines.append(f"summary | worker {e['worker']} {e['task']} {e['event']} at global step {e['step']} "
                      f"(last gradient for step {e['last_step']})")
@@ -387,14 +390,16 @@ def main(argv) -> int:
         print(f"{PROG}: {config.num_workers} workers (N = {config.replicas_to_aggregate}), "
               f"{config.num_ps} ps, mode {config.mode}, dataset {config.dataset}, straggler "
               f"{config.straggler}; logs in {model_dir}/logs", flush=True)
-        results = tf_backup.launch_local(
+        cluster = tf_backup.LocalCluster(
             train_task, config.num_workers, num_ps=config.num_ps,
             args=(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value)),
-            timeout=_TIMEOUT.value,
-            log_dir=os.path.join(model_dir, "logs"), echo="worker-0",
-            max_failed_workers=config.tolerated_failures,
-            max_restarts=_MAX_RESTARTS.value if _RESTART_FAILED.value else 0)
+            log_dir=os.path.join(model_dir, "logs"))
+        with cluster:
+            cluster.start()
+            results = cluster.wait(_TIMEOUT.value, echo="worker-0", max_failed_workers=config.tolerated_failures,
+                                   max_restarts=_MAX_RESTARTS.value if _RESTART_FAILED.value else 0)
         summary = merge(results)
+        summary["task_restarts"] = {name: count for name, count in cluster.restarts().items() if count}
     else:
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         import tf_backup  # pylint: disable=g-import-not-at-top
