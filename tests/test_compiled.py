@@ -120,7 +120,7 @@ def test_xla_3_workers_0_backup_equal_large_batch_sgd_and_adam_also_several_step
             for got, want in zip(result["weights"], expected):
                 np.testing.assert_allclose(got, want, atol=1e-5)
             assert result["stats"] == {"global_step": steps, "pushed": [steps] * 3, "taken": [steps] * 3,
-                                       "dropped": [0] * 3, "cancelled": [0] * 3}
+                                       "dropped": [0] * 3, "cancelled": [0] * 3, "batches": [steps] * 3}
             # A compiled batch's logs are read inside the compiled step, before its exchange: the step before.
             assert result["history"]["global_step"] == [steps - 1]
         assert out[0]["results"][i]["contributions"] == [[1, 1, 1]] * steps

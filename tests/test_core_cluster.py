@@ -30,11 +30,14 @@ def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
                 np.testing.assert_allclose(got, want, atol=1e-5)
             assert result["stats"] == {
                 "global_step": steps, "pushed": [steps] * 3, "taken": [steps] * 3, "dropped": [0] * 3,
-                "cancelled": [0] * 3}
+                "cancelled": [0] * 3, "batches": [steps] * 3}
             assert result["history"]["global_step"] == [steps]
             assert result["history"]["fresh_gradients"] == [3.0]
             assert result["history"]["dropped_gradients"] == [0.0]
             assert result["missed_wakeups"] == 0  # every wait was ended by its wake-up token
+        # Resuming the input before the first optimizer is built is refused, naming the fix.
+        assert "call `optimizer.build(model.trainable_variables)`" in out[0]["results"][0]["early_resume_input"]
+        assert out[0]["results"][1]["early_resume_input"] is None  # the first optimizer is built: it resumes
         # The chief read every step's parameters from what its aggregator published; the others from the ps.
         assert [worker["results"][i]["local_pulls"] for worker in out] == [steps, 0, 0]
         chief = out[0]["results"][i]
@@ -104,6 +107,8 @@ def test_a_superseded_straggler_restarts_its_batch_on_the_new_step_and_pushes_it
     assert before["cancelled"][3] == 0
     assert stats["cancelled"][3] == control[c.cancelled(3)] == len(restarts)
     assert stats["pushed"][3] - before["pushed"][3] == len(moved)
+    # A restarted batch is one batch of input: the position counts it once, as it was pushed once.
+    assert stats["batches"][3] == control[c.batches(3)] == stats["pushed"][3]
     assert control[c.last_tag(3)] == moved[-1][1]
     chief, chief_before = out[0]["stats"], out[0]["stats_before"]
     assert chief["global_step"] - chief_before["global_step"] == steps
@@ -123,6 +128,7 @@ def test_a_superseded_straggler_cancels_its_batches_instead_of_pushing_them():
     cut = results[3]["sleeps_cut"]
     assert len(cut) >= 1 and all(cut)  # no 60 s sleep ran to its end
     assert stats["cancelled"] == [0, 0, 0, len(cut)]
+    assert stats["batches"] == [steps, steps, steps, len(cut)]  # a cancelled batch is dropped with its input
     assert results[3]["fit_seconds"] < 60
 
 

@@ -33,7 +33,7 @@ def test_embedding_model_trains_through_fit_like_large_batch_sgd(local_devices):
     expected = reference(out[0]["initial"], steps, 2 * workers.BATCH * local_devices)
     for worker in out:
         assert worker["stats"] == {"global_step": steps, "pushed": [steps] * 2, "taken": [steps] * 2,
-                                   "dropped": [0, 0], "cancelled": [0, 0]}
+                                   "dropped": [0, 0], "cancelled": [0, 0], "batches": [steps] * 2}
         for got, want in zip(worker["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
         # The table goes by rows (its own sparse accumulator), the Dense layer by the flat shards.

@@ -62,6 +62,34 @@ def assert_all_exited(cluster, timeout: float) -> dict:
     return codes
 
 
+def check_input_positions(progress_dir, results) -> int:
+    """Each worker's batches across its processes (`workers.input_log`); returns how many were read again.
+
+    Within a process the positions run on by one from where it started (the
+    last process's start is its `input_position`). Across a restart nothing is
+    skipped, and a batch is read again only if it was in flight at the kill
+    (its predecessor's last) or computed for a step the job redid (at or after
+    the step it resumed at, or the one before: a late gradient for it was dropped).
+    """
+    resumes = [run[0][1] for run in workers.input_log(progress_dir, "worker-0")[1:]]
+    reread = 0
+    for w, result in enumerate(results):
+        runs = workers.input_log(progress_dir, f"worker-{w}")
+        assert runs[0][0][0] == 0, runs[0][:3]
+        for run in runs:
+            positions = [p for p, _ in run]
+            assert positions == list(range(positions[0], positions[0] + len(positions))), positions
+        for before, after in zip(runs, runs[1:]):
+            start, end = after[0][0], before[-1][0] + 1
+            assert start <= end, (w, start, end)  # nothing skipped
+            resumed = max([r for r in resumes if r <= after[0][1]], default=0)
+            again = [(p, tag) for p, tag in before if p >= start and p != end - 1]
+            assert all(tag >= resumed - 1 for _, tag in again), (w, resumed, again)
+            reread += end - start
+        assert runs[-1][0][0] == result["input_position"], (w, runs[-1][:3], result["input_position"])
+    return reread
+
+
 def fault_cluster(tmp_path, num_workers=3, num_backup_workers=1, steps=STEPS, **kwargs):
     progress = tmp_path / "progress"
     progress.mkdir(exist_ok=True)
@@ -176,7 +204,7 @@ def test_a_restarted_worker_rejoins_and_contributes(tmp_path, seed):
         rejoined_at = wait_for_step(cluster, progress, "worker-2", 0)
         codes = assert_all_exited(cluster, 120)
         assert codes == {"ps-0": 0, "worker-0": 0, "worker-1": 0, "worker-2": 0}, cluster.log("worker-2")[-3000:]
-        chief, restarted = cluster.result("worker-0"), cluster.result("worker-2")
+        chief, other, restarted = (cluster.result(f"worker-{w}") for w in range(3))
     assert chief["stats"]["global_step"] == steps
     assert [(w, e) for w, e, _, _ in chief["events"]] == [(2, "died"), (2, "rejoined")]
     assert restarted["initial_step"] > kill_at
@@ -186,6 +214,10 @@ def test_a_restarted_worker_rejoins_and_contributes(tmp_path, seed):
     stats = restarted["stats"]  # its counts continue its predecessor's
     assert stats["pushed"][2] >= kill_at and stats["taken"][2] + stats["dropped"][2] == stats["pushed"][2]
     np.testing.assert_allclose(chief["weights"][0], restarted["weights"][0], rtol=0, atol=0)
+    # Its input went on where its predecessor's stopped: only the batch in flight at the kill is read again.
+    first, second = workers.input_log(progress, "worker-2")
+    assert len(first) - 1 <= restarted["input_position"] <= len(first), (len(first), restarted["input_position"])
+    check_input_positions(progress, [chief, other, restarted])
 
 
 def run_to_the_end(tmp_path, checkpoints) -> dict:
@@ -257,6 +289,7 @@ def kill_when_reached(cluster, progress_dir, watched: str, step: int, victims, t
     ["worker-0"],
     pytest.param(["ps-0"], marks=pytest.mark.slow),
     pytest.param(["worker-1", "worker-2"], marks=pytest.mark.slow),  # b + 1 workers
+    pytest.param(["worker-2"], marks=pytest.mark.slow),  # a backup worker: it rejoins the running job
 ])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, seed):
@@ -265,10 +298,15 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     The chief: every worker sees the new job and restarts; the chief resumes from its checkpoint
     (every 5 steps), so at most 5 steps are redone. The ps: everybody restarts; the chief saved its
     step on the way out. b + 1 workers: the chief stops with a checkpoint, and everybody restarts.
+    One worker: it alone restarts and rejoins the running job (120 steps of at least 0.3 s: time
+    for the new process to start and join before the job ends), nothing is redone.
+    Every worker's input goes on where the job's parameters are (`check_input_positions`).
     """
     checkpoints = str(tmp_path / "ckpt")
-    steps = 60
-    cluster, progress = fault_cluster(tmp_path, steps=steps, checkpoint_dir=checkpoints, compute_seconds=0.1)
+    one_worker = victims == ["worker-2"]
+    steps, compute_seconds = (120, 0.3) if one_worker else (60, 0.1)
+    cluster, progress = fault_cluster(tmp_path, steps=steps, checkpoint_dir=checkpoints,
+                                      compute_seconds=compute_seconds)
     with cluster:
         cluster.start()
         killer = kill_when_reached(cluster, progress, "worker-1", random.Random(seed).randint(6, 30), victims)
@@ -277,9 +315,11 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
         assert "error" not in killer, killer["error"]
         codes = assert_all_exited(cluster, 60)
         restarts = cluster.restarts()
+    reread = check_input_positions(progress, results)
     # One line per run for the README's fault table (`pytest -s`).
     print(f"fault-run victims={victims} seed={seed} killed_at={killer['killed_at']} "
-          f"resumed_at={results[0]['initial_step']} restarts={restarts} codes={codes}")
+          f"resumed_at={results[0]['initial_step']} restarts={restarts} codes={codes} "
+          f"batches_read_again={reread} input_positions={[r['input_position'] for r in results]}")
     assert set(codes.values()) == {0}, codes
     for victim in victims:
         assert restarts[victim] >= 1, restarts
@@ -287,8 +327,11 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     chief = results[0]
     assert chief["stats"]["global_step"] == steps
     killed_at, resumed_at = killer["killed_at"], chief["initial_step"]
-    # The step at the kill is killed_at or one more (the chief may have moved on meanwhile).
-    assert killed_at - 5 <= resumed_at <= killed_at + 1, (killed_at, resumed_at)
+    if one_worker:  # the job ran on: nobody else restarted
+        assert resumed_at == 0 and restarts == {"ps-0": 0, "worker-0": 0, "worker-1": 0, "worker-2": 1}, restarts
+        assert 0 < results[2]["input_position"] <= results[2]["stats"]["batches"][2]
+    else:  # the step at the kill is killed_at or one more (the chief may have moved on meanwhile)
+        assert killed_at - 5 <= resumed_at <= killed_at + 1, (killed_at, resumed_at)
     assert [s for s, _ in chief["contributions"]] == list(range(resumed_at, steps))
     assert latest_checkpoint_step(checkpoints) == steps
     for r in results[1:]:  # every worker's last process took part in the job's last stretch

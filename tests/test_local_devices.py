@@ -46,7 +46,7 @@ def test_2_workers_x_2_devices_equal_4_single_device_workers():
         assert worker["num_replicas_in_sync"] == 2
         # One contribution per host per step, and both replicas of a host hold the same values.
         assert worker["stats"] == {"global_step": steps, "pushed": [steps] * 2, "taken": [steps] * 2,
-                                   "dropped": [0] * 2, "cancelled": [0] * 2}
+                                   "dropped": [0] * 2, "cancelled": [0] * 2, "batches": [steps] * 2}
         assert worker["history"]["fresh_gradients"] == [2.0]
         for copies in worker["per_device"]:
             assert len(copies) == 2

@@ -94,7 +94,7 @@ def control(num_workers=2, **slots):
     c = protocol.Control(num_workers)
     values = np.zeros([c.size], np.int64)
     for name, value in slots.items():
-        if name in ("ended", "taken", "pushed", "dropped", "last_tag", "cancelled"):
+        if name in protocol.Control.BLOCKS:
             for w, v in enumerate(value):
                 values[getattr(c, name)(w)] = v
         else:
@@ -153,7 +153,18 @@ def test_pushes_settle_as_taken_or_dropped_once_the_step_passes_their_tag():
     counts = protocol.PushCounts().push(0).push(0)
     assert counts.settle(step=5, taken=1, staleness_check=False).unresolved == 2
     assert counts.settle(step=6, taken=2, staleness_check=False) == protocol.PushCounts(
-        pushed=2, taken_seen=2, last_tag=0)
+        pushed=2, taken_seen=2, last_tag=0, batches=2)
+
+
+def test_the_input_position_counts_each_batch_once_whatever_becomes_of_it():
+    counts = protocol.PushCounts().push(0)  # pushed
+    counts = counts.cancel()  # cancelled: dropped with its batch
+    counts = counts.cancel(batch_done=False).push(2)  # cancelled, computed again on the new step, pushed
+    assert (counts.batches, counts.pushed, counts.cancelled) == (3, 2, 2)
+    assert counts.settle(step=3, taken=1, staleness_check=True).batches == 3  # settling reads no batch
+    # A worker that rejoins (or a resumed job's, from the checkpoint) continues the position in the control.
+    ctl = control(batches=[7, 11], pushed=[5, 9])
+    assert [protocol.PushCounts.resumed(ctl, w).batches for w in (0, 1)] == [7, 11]
 
 
 def test_tokens_supersede_a_batch_only_for_a_later_step_or_a_stopped_round():

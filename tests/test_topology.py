@@ -89,7 +89,7 @@ def test_strategy_trains_on_a_tpu_like_resolver_one_worker_per_host():
     for worker in out:
         assert worker["tpu_cores"] == 8
         assert worker["stats"] == {"global_step": steps, "pushed": [steps] * 2, "taken": [steps] * 2,
-                                   "dropped": [0, 0], "cancelled": [0, 0]}
+                                   "dropped": [0, 0], "cancelled": [0, 0], "batches": [steps] * 2}
         for got, want in zip(worker["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
     assert [w["worker"] for w in out] == [0, 1]

@@ -136,6 +136,11 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
         elif strategy.worker_index == slow_worker:
             callbacks.append(WaitUntilStale(strategy, slow_seconds, last_step=steps).callback)
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+        try:  # the input position is known once the optimizer is built (in the fit, here)
+            strategy.distribute_dataset(dataset, resume_input=True)
+            early_resume = None
+        except ValueError as e:
+            early_resume = str(e)
         start = time.monotonic()
         history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps,
                             verbose=0, callbacks=callbacks)
@@ -154,6 +159,7 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             "stats": strategy.stats(),
             "fit_seconds": time.monotonic() - start,
             "sleeps_cut": None if sleeper is None else sleeper.cut,
+            "early_resume_input": early_resume,
         }
         if strategy.is_chief:
             result["contributions"] = [r.contributions for r in strategy.step_history()]
@@ -383,6 +389,38 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _input_recorder_class():
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    class InputRecorder(keras.layers.Layer):
+        """Passes the features on without their last column (a batch's position), which it records."""
+
+        def __init__(self, record, **kwargs):
+            super().__init__(**kwargs)
+            self._record = record
+
+        def call(self, x):
+            # A stateful op: it runs with every step (not in Keras's symbolic build, which only traces).
+            tf.py_function(self._record, [x[:, -1]], [])
+            return x[:, :-1]
+
+        def compute_output_shape(self, input_shape):
+            return input_shape[:-1] + (input_shape[-1] - 1,)
+
+    return InputRecorder
+
+
+def input_log(progress_dir: str, task: str):
+    """What `train_through_faults` recorded for `task`: per process in order, its (position, step) pairs."""
+    runs = {}
+    with open(os.path.join(progress_dir, f"{task}.input")) as f:
+        for line in f:
+            pid, position, step = (int(v) for v in line.split())
+            runs.setdefault(pid, []).append((position, step))
+    return list(runs.values())
+
+
 def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
                          checkpoint_dir=None, checkpoint_every_steps: int = 5,
                          worker_timeout: float = 3.0, chief_timeout: float = 8.0,
@@ -392,6 +430,11 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     A linear model with SGD + momentum (so the optimizer has state to
     checkpoint). After every batch, each worker writes its global step to
     `progress_dir/<task>.step`, which the test watches to pick kill moments.
+    Its input resumes at `strategy.input_position` (`resume_input`); each
+    batch trained on appends `<pid> <position> <step>` to
+    `progress_dir/<task>.input` (its position in the worker's shard of
+    batches, and the step of the parameters it was computed on), written by
+    the model's first layer as the step runs (`input_log`).
     """
     import os  # pylint: disable=g-import-not-at-top
     import keras  # pylint: disable=g-import-not-at-top
@@ -403,9 +446,17 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         chief_timeout=chief_timeout, worker_timeout=worker_timeout, max_steps=steps,
         checkpoint_dir=checkpoint_dir, checkpoint_every_steps=checkpoint_every_steps, ps_timeout=10.0)
     task = os.environ["TF_BACKUP_TASK"]
+    InputRecorder = _input_recorder_class()  # pylint: disable=invalid-name
     x, y = regression_data(64)
+    log_path = os.path.join(progress_dir, f"{task}.input")
+
+    def record(positions):  # the position in the whole stream; this worker reads every num_workers-th batch
+        position = (int(positions.numpy()[0]) - strategy.worker_index) // strategy.num_workers
+        with open(log_path, "a") as f:
+            f.write(f"{os.getpid()} {position} {strategy.extended.latest_binding().client.step}\n")
+
     with strategy.scope():
-        model = _regression_model(keras)
+        model = keras.Sequential([keras.Input((FEATURES + 1,)), InputRecorder(record), _regression_model(keras)])
         optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.05, momentum=0.9))
         model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
         optimizer.build(model.trainable_variables)  # restores the checkpoint, joins the job
@@ -419,11 +470,17 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         def on_train_batch_end(self, batch, logs=None):
             _write_atomic(os.path.join(progress_dir, f"{task}.step"), str(int(logs["global_step"])))
 
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
-    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
+    def with_position(position, batch):  # the position as the features' last column
+        features, labels = batch
+        column = tf.fill([tf.shape(features)[0], 1], tf.cast(position, tf.float32))
+        return tf.concat([features, column], axis=1), labels
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat().enumerate().map(with_position)
+    model.fit(strategy.distribute_dataset(dataset, resume_input=True), epochs=1, steps_per_epoch=steps, verbose=0,
               callbacks=[Progress()])
     result = {"worker": strategy.worker_index, "initial_step": initial_step, "stats": strategy.stats(),
-              "weights": [v.numpy() for v in model.trainable_variables]}
+              "weights": [v.numpy() for v in model.trainable_variables],
+              "input_position": strategy.input_position}
     if strategy.is_chief:
         result["events"] = [(e.worker, e.event, e.step, e.last_step) for e in strategy.worker_events()]
         result["contributions"] = [(r.step, r.contributions) for r in strategy.step_history()]

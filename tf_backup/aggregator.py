@@ -32,6 +32,7 @@ from absl import logging
 import numpy as np
 
 from tf_backup import adaptive as adaptive_lib
+from tf_backup import checkpoint as checkpoint_lib
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup import job as job_lib
@@ -84,14 +85,16 @@ class Aggregator(threading.Thread):
       liveness: the workers' heartbeats; when fewer workers are alive than a
         step needs, the aggregator stops with `WorkersLostError` instead of
         waiting for gradients that cannot come.
-      on_publish: called with the new step after each step is published, in
-        this thread (the master copy does not change meanwhile): checkpoints.
+      checkpoint: saved after each step it is `due` for, in this thread (the
+        master copy does not change meanwhile), with the workers' input
+        positions read just before that step's publish: every batch they count
+        was pushed for an earlier step (taken or dropped), none for this one.
     """
 
     def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
                  apply_fn: Callable, step: int = 0, max_steps: Optional[int] = None,
                  liveness: Optional[job_lib.Liveness] = None,
-                 on_publish: Optional[Callable[[int], None]] = None):
+                 checkpoint: Optional[checkpoint_lib.Checkpoint] = None):
         super().__init__(name=f"tf_backup-aggregator-{state.prefix}", daemon=True)
         self.state = state
         self.config = config
@@ -103,7 +106,9 @@ class Aggregator(threading.Thread):
         self.master_step = step
         self.max_steps = max_steps
         self.liveness = liveness
-        self.on_publish = on_publish
+        self.checkpoint = checkpoint
+        # Per worker, its input position (`Control.batches`) as last read: for a save off the step.
+        self.input_positions: Optional[np.ndarray] = None
         self.history: List[StepRecord] = []
         self.failure: Optional[BaseException] = None  # why the loop stopped, if it failed
         self.taken = np.zeros([config.num_workers], np.int64)
@@ -190,6 +195,7 @@ class Aggregator(threading.Thread):
                     self._apply_publish(None)
                 continue
             count, ctl = got.count, got.control
+            self.input_positions = ctl.block("batches")
             self._observe_pushes(ctl)
             # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
             # are in all the same, their tokens went missing.
@@ -275,6 +281,9 @@ class Aggregator(threading.Thread):
             if self.rule is not None:
                 self._choose(takes)
         c = self.state.ctl
+        save = self.checkpoint is not None and self.checkpoint.due(new_step)
+        if save:  # before the publish: no push for `new_step` can be counted yet
+            self.input_positions = self.state.read_control().block("batches")
         self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         self.taken += counts
         new_flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in new_flats]
@@ -295,8 +304,8 @@ class Aggregator(threading.Thread):
                        wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time()))
         self._last_publish = end
         self.step = new_step
-        if self.on_publish is not None:
-            self.on_publish(new_step)
+        if save:
+            self.checkpoint.save(new_step, why="periodic", input_positions=self.input_positions)
 
     # -- adaptive N ------------------------------------------------------------------
 

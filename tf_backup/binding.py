@@ -82,6 +82,7 @@ class Binding:
       master, aggregator, checkpoint: the chief's (None elsewhere).
       sparse: the `tf_backup.sparse.SparseBinding` of the tables, if any.
       initial_step: the global step of the first pull.
+      initial_input_position: this worker's input position then (`WorkerClient.input_position`).
     """
 
     def __init__(self, optimizer, strategy, var_list: List):
@@ -109,7 +110,7 @@ class Binding:
         self.aggregator: Optional[aggregator_lib.Aggregator] = None
         self.checkpoint: Optional[checkpoint_lib.Checkpoint] = None
         self.sparse = None
-        step = 0
+        step, positions = 0, None
         if info.is_chief:
             self.master = make_master(var_list)
             with tf.init_scope():
@@ -119,12 +120,12 @@ class Binding:
                         os.path.join(ext.checkpoint_dir, f"opt{self.index}"), self.master, inner,
                         ext.checkpoint_every_steps)
                     step = self.checkpoint.restore()
+                    positions = self._restored_positions()
                 self.state.create(self.layout.pack([tf.convert_to_tensor(v) for v in self.master]), step=step,
-                                  replicas=self.config.replicas_to_aggregate)
+                                  replicas=self.config.replicas_to_aggregate, input_positions=positions)
             self.aggregator = aggregator_lib.Aggregator(
                 self.state, self.config, info, self._make_apply_fn(inner), step=step,
-                max_steps=ext.max_steps, liveness=ext.liveness(),
-                on_publish=None if self.checkpoint is None else self.checkpoint.maybe_save,
+                max_steps=ext.max_steps, liveness=ext.liveness(), checkpoint=self.checkpoint,
             )
         self.client = worker_lib.WorkerClient(
             self.state, self.config, info, ext.monitor, chief_failure=self.aggregator_failure,
@@ -134,9 +135,12 @@ class Binding:
         if self.aggregator is None:
             inner.build(var_list)
             self.client.wait_until_ready()
+        else:
+            self.client.resume()  # its input position, from the checkpoint
         self.client.on_stop.append(ext.stop_models)
         flats, _ = self.client.pull()
         self.initial_step = self.client.step
+        self.initial_input_position = self.client.input_position
         self._var_list = list(var_list)
         self._assign(var_list, flats)
         self.metric_vars = ext.ensure_metric_vars()
@@ -159,6 +163,17 @@ class Binding:
 
         return apply_fn
 
+    def _restored_positions(self) -> Optional[List[int]]:
+        """The restored checkpoint's input positions, if they fit this job's workers."""
+        positions = self.checkpoint.restored_positions
+        if positions is not None and len(positions) != self.num_workers:
+            logging.warning(
+                "tf_backup: the checkpoint in %s was saved by a job of %d workers, this one has %d: "
+                "every worker reads its input from the start.", self.checkpoint.directory, len(positions),
+                self.num_workers)
+            return None
+        return positions
+
     def _dead_workers(self):
         return () if self.aggregator is None or self.aggregator.liveness is None else self.aggregator.liveness.dead
 
@@ -174,7 +189,8 @@ class Binding:
             if self.checkpoint is not None and not self.aggregator.is_alive():
                 # The master's step: a ps that died between an apply and its publish leaves the
                 # master one step ahead of the last published step (and the inner optimizer's count).
-                self.checkpoint.save(self.aggregator.master_step, why="failed" if failed else "end")
+                self.checkpoint.save(self.aggregator.master_step, why="failed" if failed else "end",
+                                     input_positions=self.aggregator.input_positions)
 
     def _assign(self, var_list: Sequence, flats: Sequence) -> List:
         return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]

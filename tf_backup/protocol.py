@@ -116,7 +116,7 @@ class Control:
     REPLICAS = 8  # N of the step being gathered: gradients the chief waits for (adaptive N changes it)
     HEADER = 9
     # Per-worker blocks, in this order after the header.
-    BLOCKS = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled", "compute_us")
+    BLOCKS = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled", "compute_us", "batches")
 
     def __init__(self, num_workers: int):
         self.num_workers = num_workers
@@ -152,6 +152,15 @@ class Control:
     def compute_us(self, w: int) -> int:
         """Microseconds worker `w` took from reading its last push's step to pushing (`PushSample`)."""
         return self._slot("compute_us", w)
+
+    def batches(self, w: int) -> int:
+        """Batches of its input worker `w` has finished with, pushed or cancelled (its input position).
+
+        Written with each push (a cancelled batch's count lands with the next
+        push). A worker that rejoins the job resumes its input here; the chief
+        saves the block with each checkpoint (`tf_backup.checkpoint`).
+        """
+        return self._slot("batches", w)
 
     def view(self, values) -> "ControlView":
         return ControlView(np.asarray(values), self.num_workers)
@@ -405,6 +414,8 @@ class PushCounts:
         pushes before `unresolved` were settled.
       unresolved: pushes whose fate (taken or dropped) is not known yet.
       last_tag: the step the last push was tagged with (-1: none).
+      batches: batches of input finished with, pushed or cancelled (a batch
+        cancelled and then computed again on the new step is one batch).
     """
 
     pushed: int = 0
@@ -413,6 +424,7 @@ class PushCounts:
     taken_seen: int = 0
     unresolved: int = 0
     last_tag: int = -1
+    batches: int = 0
 
     @classmethod
     def resumed(cls, ctl: ControlView, w: int) -> "PushCounts":
@@ -425,13 +437,17 @@ class PushCounts:
         taken = int(ctl.block("taken")[w])
         return cls(pushed=pushed, dropped=dropped, cancelled=int(ctl.block("cancelled")[w]), taken_seen=taken,
                    unresolved=max(0, pushed - dropped - taken),
-                   last_tag=int(ctl.block("last_tag")[w]) if pushed else -1)
+                   last_tag=int(ctl.block("last_tag")[w]) if pushed else -1,
+                   batches=int(ctl.block("batches")[w]))
 
     def push(self, step: int) -> "PushCounts":
-        return dataclasses.replace(self, pushed=self.pushed + 1, unresolved=self.unresolved + 1, last_tag=step)
+        """A batch's gradient pushed for `step`: the batch is finished with."""
+        return dataclasses.replace(self, pushed=self.pushed + 1, unresolved=self.unresolved + 1, last_tag=step,
+                                   batches=self.batches + 1)
 
-    def cancel(self) -> "PushCounts":
-        return dataclasses.replace(self, cancelled=self.cancelled + 1)
+    def cancel(self, batch_done: bool = True) -> "PushCounts":
+        """A batch's computation abandoned; `batch_done`: the batch is dropped too (not computed again)."""
+        return dataclasses.replace(self, cancelled=self.cancelled + 1, batches=self.batches + int(batch_done))
 
     def settle(self, step: int, taken: int, staleness_check: bool) -> "PushCounts":
         """The counts once the worker read step `step` and the chief's count `taken` of its gradients.

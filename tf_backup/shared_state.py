@@ -155,9 +155,13 @@ class SharedState:
             ]
         return self._accs
 
-    def create(self, flats: Sequence, step: int = 0, replicas: int = 1) -> None:
+    def create(self, flats: Sequence, step: int = 0, replicas: int = 1,
+               input_positions: Optional[Sequence[int]] = None) -> None:
         """Writes the initial state (chief only), `replicas` the first step's N. `control` goes last: it marks
-        the state ready."""
+        the state ready.
+
+        `input_positions`: per worker, the batches of its input already trained
+        on (`Control.batches`; a resumed job's, from its checkpoint)."""
         self.signature.assign(self.layout.signature())
         for var, flat in zip(self.params, flats):
             var.assign(flat)
@@ -166,6 +170,8 @@ class SharedState:
         control = np.zeros([self.ctl.size], np.int64)
         control[Control.STEP] = control[Control.VERSION] = step
         control[Control.REPLICAS] = replicas
+        if input_positions is not None:
+            control[[self.ctl.batches(w) for w in range(self.num_workers)]] = np.asarray(input_positions, np.int64)
         self.control.assign(control)
 
     def read_control(self) -> ControlView:

@@ -260,17 +260,35 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
 
     # -- running -------------------------------------------------------------------
 
-    def distribute_dataset(self, dataset: tf.data.Dataset, options=None):
+    def distribute_dataset(self, dataset: tf.data.Dataset, options=None, resume_input: bool = False):
         """Shards `dataset` by worker and distributes it to this worker's device.
 
         Each worker reads every `num_workers`-th element, starting at its
         `worker_index` (unless the dataset's `auto_shard_policy` is `OFF`).
         Shard after batching to give each worker whole batches of the
         dataset's batch size.
+
+        With `resume_input`, this worker's shard then skips the
+        `input_position` batches the job has already trained on (a restarted
+        worker's predecessors', or the resumed checkpoint's): build the
+        optimizer first (`optimizer.build(model.trainable_variables)` under
+        the scope), so that the position is known.
+
+        Raises:
+          TypeError: `dataset` is not a `tf.data.Dataset`.
+          ValueError: `resume_input` before any optimizer was built.
         """
         if not isinstance(dataset, tf.data.Dataset):
             raise TypeError(f"`dataset` must be a tf.data.Dataset. Received dataset={dataset!r}")
-        return self.experimental_distribute_dataset(self.extended.shard(dataset), options)
+        dataset = self.extended.shard(dataset)
+        if resume_input:
+            if not self.extended.bindings:
+                raise ValueError(
+                    "distribute_dataset(resume_input=True) needs this worker's input position, known once "
+                    "the optimizer is built: call `optimizer.build(model.trainable_variables)` under "
+                    "`strategy.scope()` first.")
+            dataset = dataset.skip(self.input_position)
+        return self.experimental_distribute_dataset(dataset, options)
 
     def run(self, fn, args=(), kwargs=None, options=None):
         """Runs `fn` on this worker's replica; adds the backup metrics to its logs.
@@ -334,7 +352,9 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
           and `dropped` (pushed and never applied: stale, or still pending when
           training stopped), so `taken + dropped == pushed` for every worker;
           and `cancelled`: batches never pushed because the step moved on
-          while they were computed (see `sleep_unless_superseded`).
+          while they were computed (see `sleep_unless_superseded`); and
+          `batches`: each worker's input position (batches pushed or
+          cancelled, counting a restarted batch once; see `input_position`).
         """
         ctl = self.extended.latest_binding().state.read_control()
         pushed, taken = ctl.block("pushed"), ctl.block("taken")
@@ -344,6 +364,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             "taken": [int(x) for x in taken],
             "dropped": [int(x) for x in pushed - taken],
             "cancelled": [int(x) for x in ctl.block("cancelled")],
+            "batches": [int(x) for x in ctl.block("batches")],
         }
 
     def counters(self):
@@ -461,6 +482,25 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         running job starts where the job is).
         """
         return self.extended.latest_binding().initial_step
+
+    @property
+    def input_position(self) -> int:
+        """Batches of this worker's input the job has finished with (latest optimizer), when it joined.
+
+        0 for a new job. A worker restarted into a running job: the batches its
+        predecessors pushed or cancelled. A job resumed from a checkpoint: the
+        batches each worker had pushed for the steps before the checkpoint's
+        (saved with it), so the redone steps read their batches again. Skip
+        them before `fit` makes its iterator, so that no batch is trained on
+        twice and none is skipped: `distribute_dataset(dataset, resume_input=True)`
+        does (after sharding), or `dataset.skip(strategy.input_position)` on a
+        dataset that is this worker's shard already.
+        It holds only for a dataset that yields the same batches in the same
+        order in every process (see docs/design.md, "Input position").
+        Known after the optimizer is built (`optimizer.build(model.trainable_variables)`
+        under the scope, as for `initial_step`).
+        """
+        return self.extended.latest_binding().initial_input_position
 
     def shutdown(self) -> None:
         """Ends this worker's part in the job (idempotent; also runs at exit).

@@ -129,9 +129,22 @@ class WorkerClient:
                 f"`{self.state.prefix}` on {self.info.ps[0]}."))
         if self.state.signature.is_initialized():
             self.state.layout.check_signature(self.state.signature.read())
+        self.resume()
+
+    def resume(self) -> None:
+        """Continues this worker's counts, fit round and input position from the shared state.
+
+        A restarted worker continues its predecessor's; in a job resumed from a
+        checkpoint, the input position is the one saved with it.
+        """
         ctl = self.state.read_control()
         self.counts = protocol.PushCounts.resumed(ctl, self.w)
         self.round = protocol.resumed_round(ctl, self.w)
+
+    @property
+    def input_position(self) -> int:
+        """Batches of this worker's input finished with in this job (by it and its predecessors)."""
+        return self.counts.batches
 
     # -- one step ------------------------------------------------------------------
 
@@ -156,8 +169,9 @@ class WorkerClient:
             k = self.counts
             micros = -1 if self._pulled_at is None else int(1e6 * (time.monotonic() - self._pulled_at))
             push = (flats, tag,
-                    [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w), c.compute_us(self.w)],
-                    [k.pushed, k.last_tag, k.dropped, k.cancelled, micros])
+                    [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w), c.compute_us(self.w),
+                     c.batches(self.w)],
+                    [k.pushed, k.last_tag, k.dropped, k.cancelled, micros, k.batches])
             if self.config.staleness_check:
                 tag_step = self.step
                 seen = self._wait(lambda ctl: protocol.step_passed(ctl, tag_step) or self._stopped(ctl),
@@ -301,7 +315,7 @@ class WorkerClient:
             return None
         seen, self.superseded = self.superseded, None
         flats, ctl = self.pull(seen)
-        self.counts = self.counts.cancel()
+        self.counts = self.counts.cancel(batch_done=False)  # the same batch is pushed for the new step
         if self._stopped(ctl):
             self._stop()
         return flats
@@ -380,8 +394,8 @@ class WorkerClient:
             does this; a worker that does not end in time is named in a warning.
         """
         c, number = self.state.ctl, self.round.number
-        self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w), c.cancelled(self.w)],
-                                       [number, number, self.counts.cancelled])
+        self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w), c.cancelled(self.w), c.batches(self.w)],
+                                       [number, number, self.counts.cancelled, self.counts.batches])
         self.state.wake_all()
         self.state.poke_aggregator(protocol.WAKE)  # it closes the round once it sees nothing more to apply
         self.superseded = None

@@ -214,6 +214,9 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         # here and every worker learns the global step the job starts from.
         optimizer.build(model.trainable_variables)
     initial_step = strategy.initial_step
+    # Batches this worker's predecessors (or the checkpoint's job) trained on: the fit reads on from there
+    # (`resume_input` below).
+    input_position = strategy.input_position
     # A resumed job (or a restarted worker) starts its fit at the epoch it is in;
     # the chief stops every worker at global step `total` (max_steps) either way.
     global_per_epoch = steps_per_epoch * (num_workers if config.mode == "async" else 1)
@@ -232,12 +235,12 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"),
                                                      update_freq=config.log_every))
     start = time.monotonic()
-    history = model.fit(strategy.distribute_dataset(train), epochs=epochs, initial_epoch=initial_epoch,
+    history = model.fit(strategy.distribute_dataset(train, resume_input=True), epochs=epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=steps_per_epoch, verbose=2 if strategy.is_chief else 0,
                         callbacks=callbacks)
     wall = time.monotonic() - start
     result = {"worker": w, "local_batches": len(delays.delays), "straggler_delay_seconds": delays.total_delay,
-              "restarted": delays.restarted}
+              "restarted": delays.restarted, "input_position": input_position}
     if not strategy.is_chief:
         return result
     stats = strategy.stats()
