@@ -404,7 +404,7 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         # run with the same allocator: with glibc's defaults MWMS is slower too (WORKSPACE_NOTES).
         from tf_backup import memory  # pylint: disable=g-import-not-at-top
         memory.tune_malloc()
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = multi_worker_mirrored()
         worker = strategy.cluster_resolver.task_id
         make_optimizer = lambda: keras.optimizers.SGD(0.01)  # noqa: E731
     else:
@@ -516,7 +516,7 @@ def _mwms_accuracy_run(cfg, data, tf) -> _AccuracyRun:
                          f"seconds={cfg.get('seconds')!r}")
     patch_keras_for_multi_worker_mirrored()
     memory.tune_malloc()  # as in `overhead_worker`: both systems with the same allocator settings
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = multi_worker_mirrored()
     w, workers = strategy.cluster_resolver.task_id, strategy.num_replicas_in_sync
 
     def shard(ctx=None):
@@ -531,6 +531,20 @@ def _mwms_accuracy_run(cfg, data, tf) -> _AccuracyRun:
     return _AccuracyRun(strategy, w, w == 0, strategy.distribute_datasets_from_function(lambda ctx: shard()[0]),
                         next(iter(ds)), lambda optimizer: optimizer, lambda batch, logs: batch + 1, wait,
                         lambda: None, info)
+
+
+MWMS_COLLECTIVE_TIMEOUT = 600.0
+
+
+def multi_worker_mirrored():
+    """MultiWorkerMirroredStrategy whose collectives (the start barrier, every all-reduce) time out.
+
+    Without `timeout_seconds` a worker whose peer is gone waits in its all-reduce for ever; with
+    it the collective fails with DeadlineExceeded after `MWMS_COLLECTIVE_TIMEOUT` seconds.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=MWMS_COLLECTIVE_TIMEOUT)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
 def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:

@@ -70,6 +70,8 @@ def check_input_positions(progress_dir, results) -> int:
     skipped, and a batch is read again only if it was in flight at the kill
     (its predecessor's last) or computed for a step the job redid (at or after
     the step it resumed at, or the one before: a late gradient for it was dropped).
+    Across a resume from a checkpoint, every batch computed for a redone step
+    is read again (its gradient was lost with the old job).
     """
     resumes = [run[0][1] for run in workers.input_log(progress_dir, "worker-0")[1:]]
     reread = 0
@@ -85,6 +87,9 @@ def check_input_positions(progress_dir, results) -> int:
             resumed = max([r for r in resumes if r <= after[0][1]], default=0)
             again = [(p, tag) for p, tag in before if p >= start and p != end - 1]
             assert all(tag >= resumed - 1 for _, tag in again), (w, resumed, again)
+            if resumed and before[-1][1] >= resumed:  # rolled back past some of its batches
+                kept = [(p, tag) for p, tag in before if p < start]
+                assert all(tag < resumed for _, tag in kept), (w, resumed, kept[-3:])
             reread += end - start
         assert runs[-1][0][0] == result["input_position"], (w, runs[-1][:3], result["input_position"])
     return reread
@@ -425,6 +430,7 @@ def test_the_training_binary_finishes_when_a_backup_worker_is_killed(tmp_path):
     assert [(e["worker"], e["event"]) for e in summary["worker_events"]] == [(2, "died")]
     assert summary["worker_events"][0]["step"] >= 20
     assert summary["workers"][2]["lost"] and not summary["workers"][1].get("lost")
+    assert [w["input_position"] for w in summary["workers"]] == [0, 0, None]  # a new job reads from the start
     g = summary["gradients"]
     assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]
     assert "worker 2 /job:worker/task:2" in output and "died at global step" in output
@@ -436,10 +442,15 @@ def test_the_training_binary_with_restart_failed_finishes_when_the_chief_is_kill
     code, output, summary = run_binary_and_kill(tmp_path, "worker-0", "--restart_failed", "--checkpoint_every=10",
                                                 "--chief_timeout=10")
     assert code == 0, output[-4000:]
-    assert "task worker-0 exited with code -9; restarting it (restart 1 of at most 5)" in output
+    assert "task worker-0 exited with code -9; restarting it in 1.0 s (restart 1 of at most 5)" in output
     assert summary["steps"] == 120
     # The latest periodic checkpoint: the one of step 20 may still be in writing at the kill.
     assert 10 <= summary["resumed_from_step"] < 120 and summary["resumed_from_step"] % 10 == 0
     assert summary["task_restarts"]["worker-0"] == 1
     assert set(summary["task_restarts"]) <= {"worker-0", "worker-1", "worker-2", "ps-0"}
     assert "summary | restarted by the supervisor: " in output
+    # Every worker's input resumed where the checkpoint's job had read to: at most a batch a step.
+    starts = [w["input_position"] for w in summary["workers"]]
+    assert all(0 < p <= summary["resumed_from_step"] for p in starts), (starts, summary["resumed_from_step"])
+    assert all(p <= b for p, b in zip(starts, summary["input_batches"])), (starts, summary["input_batches"])
+    assert "summary | input resumed at batch " in output

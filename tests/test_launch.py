@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 import tf_backup
+from tf_backup import launch
 import workers
 
 
@@ -97,8 +98,12 @@ def test_the_supervisor_restarts_a_failing_task_up_to_max_restarts(tmp_path):
     cluster = tf_backup.LocalCluster(workers.fail_until_started, num_workers=2, num_ps=0, args=(2, str(tmp_path)),
                                      log_dir=str(tmp_path / "logs"))
     with cluster:
-        assert cluster.start().wait(timeout=120, max_restarts=2) == [("worker-0", 3), ("worker-1", 3)]
+        assert cluster.start().wait(timeout=120, max_restarts=2, restart_delay=0.5) == [
+            ("worker-0", 3), ("worker-1", 3)]
         assert cluster.restarts() == {"worker-0": 2, "worker-1": 2}
+    for task in ("worker-0", "worker-1"):  # backed off: 0.5 s before the first restart, 1 s before the second
+        times = [float(t) for t in (tmp_path / f"{task}.starts.times").read_text().split()]
+        assert len(times) == 3 and times[1] - times[0] >= 0.5 and times[2] - times[1] >= 1.0, times
     # One restart fewer than needed: the run fails, naming the task, once its restarts are spent.
     cluster = tf_backup.LocalCluster(workers.fail_until_started, num_workers=1, num_ps=0,
                                      args=(2, str(tmp_path / "again")), log_dir=str(tmp_path / "logs2"))
@@ -109,3 +114,22 @@ def test_the_supervisor_restarts_a_failing_task_up_to_max_restarts(tmp_path):
         assert (failure.value.task, failure.value.exit_code, cluster.restarts()) == ("worker-0", 1, {"worker-0": 1})
     with pytest.raises(ValueError, match="max_restarts=-1"):
         tf_backup.launch_local(workers.sleep_forever, num_workers=1, max_restarts=-1)
+    with pytest.raises(ValueError, match="restart_delay=-1"):
+        tf_backup.launch_local(workers.sleep_forever, num_workers=1, max_restarts=1, restart_delay=-1)
+
+
+def test_the_supervisor_backs_off_doubling_up_to_its_longest_delay():
+    assert [launch.restart_delay(k, first=1.0) for k in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert launch.restart_delay(3, first=0.0) == 0.0
+
+
+def test_the_supervisor_restarts_nothing_once_the_chief_has_returned(tmp_path):
+    """A task that fails after the chief returned has no job to rejoin: the run fails, naming it."""
+    cluster = tf_backup.LocalCluster(workers.fail_after_the_chief_returned, num_workers=2, num_ps=0, args=(3.0,),
+                                     log_dir=str(tmp_path / "logs"))
+    with cluster:
+        with pytest.raises(tf_backup.LocalClusterError) as failure:
+            cluster.start().wait(timeout=120, max_restarts=3, restart_delay=0)
+        assert cluster.returncodes()["worker-0"] == 0
+        assert (failure.value.task, failure.value.exit_code, cluster.restarts()) == (
+            "worker-1", 1, {"worker-0": 0, "worker-1": 0})

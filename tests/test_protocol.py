@@ -167,6 +167,13 @@ def test_the_input_position_counts_each_batch_once_whatever_becomes_of_it():
     assert [protocol.PushCounts.resumed(ctl, w).batches for w in (0, 1)] == [7, 11]
 
 
+def test_a_checkpoint_counts_no_batch_pushed_for_its_own_step_or_later():
+    # Read after the publish of step 5: worker 1 already pushed for it, worker 0 not; worker 2 never pushed.
+    ctl = control(num_workers=3, batches=[5, 6, 2], pushed=[5, 6, 0], last_tag=[4, 5, 0])
+    assert protocol.input_positions(ctl, step=5) == [5, 5, 2]
+    assert protocol.input_positions(ctl, step=6) == [5, 6, 2]  # read before the publish of 6: all count
+
+
 def test_tokens_supersede_a_batch_only_for_a_later_step_or_a_stopped_round():
     running = control(round=1, stop_round=0)
     assert protocol.superseded(np.array([4]), running, step=3, round_=1, job_done=False)

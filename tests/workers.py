@@ -373,9 +373,20 @@ def fail_until_started(times: int, marker_dir: str):
     path = os.path.join(marker_dir, os.environ["TF_BACKUP_TASK"] + ".starts")
     starts = (int(open(path).read()) if os.path.exists(path) else 0) + 1
     _write_atomic(path, str(starts))
+    with open(path + ".times", "a") as f:  # when each process ran, for the supervisor's back-off
+        f.write(f"{time.time()}\n")
     if starts <= times:
         raise RuntimeError(f"start {starts} fails on purpose")
     return os.environ["TF_BACKUP_TASK"], starts
+
+
+def fail_after_the_chief_returned(seconds: float):
+    """The chief returns at once; every other worker fails `seconds` later."""
+    import os  # pylint: disable=g-import-not-at-top
+    if os.environ["TF_BACKUP_TASK"] != "worker-0":
+        time.sleep(seconds)
+        raise RuntimeError("fails after the chief returned")
+    return "chief"
 
 
 def sleep_forever():

@@ -107,8 +107,7 @@ class Aggregator(threading.Thread):
         self.max_steps = max_steps
         self.liveness = liveness
         self.checkpoint = checkpoint
-        # Per worker, its input position (`Control.batches`) as last read: for a save off the step.
-        self.input_positions: Optional[np.ndarray] = None
+        self._last_control: Optional[protocol.ControlView] = None  # for a save off the step (`input_positions`)
         self.history: List[StepRecord] = []
         self.failure: Optional[BaseException] = None  # why the loop stopped, if it failed
         self.taken = np.zeros([config.num_workers], np.int64)
@@ -195,7 +194,7 @@ class Aggregator(threading.Thread):
                     self._apply_publish(None)
                 continue
             count, ctl = got.count, got.control
-            self.input_positions = ctl.block("batches")
+            self._last_control = ctl
             self._observe_pushes(ctl)
             # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
             # are in all the same, their tokens went missing.
@@ -283,7 +282,7 @@ class Aggregator(threading.Thread):
         c = self.state.ctl
         save = self.checkpoint is not None and self.checkpoint.due(new_step)
         if save:  # before the publish: no push for `new_step` can be counted yet
-            self.input_positions = self.state.read_control().block("batches")
+            positions = protocol.input_positions(self.state.read_control(), new_step)
         self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         self.taken += counts
         new_flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in new_flats]
@@ -305,7 +304,11 @@ class Aggregator(threading.Thread):
         self._last_publish = end
         self.step = new_step
         if save:
-            self.checkpoint.save(new_step, why="periodic", input_positions=self.input_positions)
+            self.checkpoint.save(new_step, why="periodic", input_positions=positions)
+
+    def input_positions(self, step: int) -> Optional[List[int]]:
+        """The workers' input positions for a checkpoint of `step`, from the last control vector read (None: none)."""
+        return None if self._last_control is None else protocol.input_positions(self._last_control, step)
 
     # -- adaptive N ------------------------------------------------------------------
 

@@ -190,7 +190,7 @@ class Binding:
                 # The master's step: a ps that died between an apply and its publish leaves the
                 # master one step ahead of the last published step (and the inner optimizer's count).
                 self.checkpoint.save(self.aggregator.master_step, why="failed" if failed else "end",
-                                     input_positions=self.aggregator.input_positions)
+                                     input_positions=self.aggregator.input_positions(self.aggregator.master_step))
 
     def _assign(self, var_list: Sequence, flats: Sequence) -> List:
         return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]

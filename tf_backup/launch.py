@@ -51,6 +51,18 @@ def free_ports(count: int) -> List[int]:
             s.close()
 
 
+RESTART_DELAY_MAX = 30.0
+
+
+def restart_delay(restarts_done: int, first: float, longest: float = RESTART_DELAY_MAX) -> float:
+    """Seconds before a task's next restart: `first`, doubled for each earlier restart, at most `longest`.
+
+    As a cluster manager backs off (Kubernetes: 10 s, doubled, at most 5 min), so
+    that a task that fails at start does not spend its restarts in seconds.
+    """
+    return min(first * 2.0 ** restarts_done, longest)
+
+
 def local_cluster_spec(num_workers: int, num_ps: int = 1) -> dict:
     """A cluster dict of `num_workers` workers and `num_ps` ps tasks on free localhost ports."""
     ports = free_ports(num_workers + num_ps)
@@ -167,6 +179,7 @@ class LocalCluster:
         self.logs = {n: os.path.join(self.log_dir, f"{n}.log") for n in self.names}
         self.results = {n: os.path.join(self.log_dir, f"{n}.result") for n in self.names}
         self.starts = {n: 0 for n in self.names}
+        self._restart_due: dict = {}  # task -> when the supervisor restarts it (time.monotonic())
         # The logs' sizes before this cluster: a log of the same directory's earlier run is kept
         # (appended to), and the echo shows this run's lines only.
         self._log_starts = {n: os.path.getsize(p) if os.path.exists(p) else 0 for n, p in self.logs.items()}
@@ -240,18 +253,30 @@ class LocalCluster:
         """How many times each task was started again (by `restart` or the supervisor)."""
         return {n: max(0, c - 1) for n, c in self.starts.items()}
 
-    def _restart_failed(self, name: str, max_restarts: int) -> bool:
-        """The supervisor's decision for a task that exited non-zero: restarts it, or returns False."""
+    def _restart_failed(self, name: str, max_restarts: int, first_delay: float) -> bool:
+        """The supervisor's decision for a task that exited non-zero, asked every loop while it is down.
+
+        True: it is restarted, now or once its back-off delay has passed (asked
+        again meanwhile, it stays True). False: it is not (its restarts are
+        spent, or the chief has returned: a task failing now has nothing to rejoin).
+        """
         chief = self.procs.get("worker-0")
         if chief is not None and chief.poll() == 0:
-            return False  # the job is over: a task failing now has nothing to rejoin
-        done = self.starts[name] - 1
-        if done >= max_restarts:
+            self._restart_due.pop(name, None)
             return False
-        sys.stderr.write(f"tf_backup: task {name} exited with code {self.procs[name].returncode}; "
-                         f"restarting it (restart {done + 1} of at most {max_restarts}). Its log: "
-                         f"{self.logs[name]}\n")
-        self._spawn(name)
+        due = self._restart_due.get(name)
+        if due is None:
+            done = self.starts[name] - 1
+            if done >= max_restarts:
+                return False
+            delay = restart_delay(done, first_delay)
+            self._restart_due[name] = time.monotonic() + delay
+            sys.stderr.write(f"tf_backup: task {name} exited with code {self.procs[name].returncode}; "
+                             f"restarting it in {delay:.1f} s (restart {done + 1} of at most {max_restarts}). "
+                             f"Its log: {self.logs[name]}\n")
+        elif time.monotonic() >= due:
+            del self._restart_due[name]
+            self._spawn(name)
         return True
 
     def returncodes(self) -> dict:
@@ -301,7 +326,7 @@ class LocalCluster:
             return f.read()
 
     def wait(self, timeout: float = 600.0, ps_exit_grace: float = 60.0, echo: Optional[str] = None,
-             max_failed_workers: int = 0, max_restarts: int = 0) -> List[Any]:
+             max_failed_workers: int = 0, max_restarts: int = 0, restart_delay: float = 1.0) -> List[Any]:
         """Waits for every worker to return, then for the ps tasks to exit.
 
         Args:
@@ -314,6 +339,8 @@ class LocalCluster:
             `restartPolicy: OnFailure` is: a task that exits non-zero is
             started again with the same `TF_CONFIG`, up to this many times per
             task, until the chief has returned. 0: no task is restarted.
+          restart_delay: seconds before a task's first restart, doubled for
+            each of its later ones (at most `RESTART_DELAY_MAX`); 0: at once.
 
         Returns:
           The value each worker's function returned, in worker order (None
@@ -326,10 +353,11 @@ class LocalCluster:
         """
         _checks.check_seconds("timeout", timeout)
         _checks.check_int("max_restarts", max_restarts, 0)
+        _checks.check_seconds("restart_delay", restart_delay, allow_zero=True)
         if echo is not None:
             self._check_name(echo)
         echoed = _Echo(self.logs[echo], self._log_starts[echo]) if echo is not None else _Echo(None)
-        restart = (lambda name: self._restart_failed(name, max_restarts)) if max_restarts else None
+        restart = (lambda name: self._restart_failed(name, max_restarts, restart_delay)) if max_restarts else None
         failed = _supervise(self.procs, self.logs, timeout, ps_exit_grace, echoed, max_failed_workers, restart)
         return [None if f"worker-{i}" in failed else self.result(f"worker-{i}")
                 for i in range(self.num_workers)]
@@ -343,7 +371,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
                  kwargs: Optional[dict] = None, timeout: float = 600.0,
                  log_dir: Optional[str] = None, env: Optional[dict] = None,
                  ps_exit_grace: float = 60.0, echo: Optional[str] = None,
-                 max_failed_workers: int = 0, max_restarts: int = 0) -> List[Any]:
+                 max_failed_workers: int = 0, max_restarts: int = 0, restart_delay: float = 1.0) -> List[Any]:
     """Runs `fn(*args, **kwargs)` in every worker process of a localhost cluster.
 
     Starts `num_ps` ps tasks (each runs `tf_backup.serve()`) and
@@ -370,6 +398,8 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
       max_restarts: restart each task that exits non-zero up to this many
         times, as a cluster manager would (`LocalCluster.wait`); with a
         `checkpoint_dir`, a restarted chief resumes from its checkpoint.
+      restart_delay: seconds before a task's first restart, doubled for each
+        of its later ones (at most `RESTART_DELAY_MAX`); 0: at once.
 
     Returns:
       The value `fn` returned in each worker, in worker order (None for a
@@ -383,6 +413,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
     _check_arguments(fn, num_workers, num_ps, args, dict(kwargs or {}))
     _checks.check_seconds("timeout", timeout)
     _checks.check_int("max_restarts", max_restarts, 0)
+    _checks.check_seconds("restart_delay", restart_delay, allow_zero=True)
     if isinstance(max_failed_workers, bool) or not isinstance(max_failed_workers, int) or not (
             0 <= max_failed_workers < num_workers):
         raise ValueError("`max_failed_workers` must be an integer in [0, num_workers). Received "
@@ -392,7 +423,7 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
         raise ValueError(f"`echo` must name a task of the cluster ({', '.join(names)}). Received echo={echo!r}")
     with LocalCluster(fn, num_workers, num_ps, args, kwargs, log_dir, env) as cluster:
         cluster.start()
-        out = cluster.wait(timeout, ps_exit_grace, echo, max_failed_workers, max_restarts)
+        out = cluster.wait(timeout, ps_exit_grace, echo, max_failed_workers, max_restarts, restart_delay)
     if log_dir is None:
         shutil.rmtree(cluster.log_dir, ignore_errors=True)
     return out

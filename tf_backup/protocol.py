@@ -467,6 +467,19 @@ class PushCounts:
         return self
 
 
+def input_positions(ctl: ControlView, step: int) -> List[int]:
+    """Per worker, the batches a checkpoint of `step` counts as trained on, from a control vector read at that step or before.
+
+    `batches` counts every batch pushed, also one pushed for `step` itself (read
+    after its publish): that batch's gradient is not in the checkpoint's
+    parameters, so it is not counted and the resumed job reads it again. A
+    worker pushes once per step and tags go no higher than the step read, so
+    there is at most one such push per worker.
+    """
+    later = (ctl.block("pushed") > 0) & (ctl.block("last_tag") >= step)
+    return [int(b) - int(x) for b, x in zip(ctl.block("batches"), later)]
+
+
 def superseded(tokens: np.ndarray, ctl: ControlView, step: int, round_: int, job_done: bool) -> bool:
     """Whether wake-up `tokens` (and `ctl`, read after them) make a batch on step `step` useless.
 

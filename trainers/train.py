@@ -265,6 +265,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         "steps_per_second": (stats["global_step"] - initial_step) / wall if wall > 0 else 0.0,
         "worker_events": [dataclasses.asdict(e) for e in strategy.worker_events()],
         "gradients": {k: stats[k] for k in ("pushed", "taken", "dropped", "cancelled")},
+        "input_batches": stats["batches"],  # per worker, batches of its shard finished with in this job
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "replicas_per_step": replicas_per_step(strategy.step_history()) if config.adaptive else None,
     }
@@ -299,12 +300,13 @@ def merge(results) -> Dict[str, Any]:
     """
     summary = dict(next(r["summary"] for r in results if r and "summary" in r))
     results = [r or {"worker": w, "local_batches": None, "straggler_delay_seconds": 0.0, "restarted": None,
-                     "lost": True}
+                     "input_position": None, "lost": True}
                for w, r in enumerate(results)]
     summary["workers"] = [
         {"worker": r["worker"], "local_batches": r["local_batches"],
          "straggler_delay_seconds": round(r["straggler_delay_seconds"], 3),
          "restarted": r["restarted"],
+         "input_position": r["input_position"],  # where its last process's input began
          **{k: summary["gradients"][k][r["worker"]] for k in ("pushed", "taken", "dropped", "cancelled")},
          **({"lost": True} if r.get("lost") else {})}
         for r in results
@@ -337,6 +339,10 @@ def format_summary(summary: Dict[str, Any]) -> str:
         lines.append(f"summary | worker {w}: pushed {p}, taken {t}, dropped {d}" + (f", cancelled {c}" if c else ""))
     if summary.get("resumed_from_step"):
         lines.append(f"summary | resumed from the checkpoint of step {summary['resumed_from_step']}")
+    starts = [w.get("input_position") for w in summary.get("workers", [])]
+    if any(starts):
+        lines.append("summary | input resumed at batch " + ", ".join(
+            f"{'?' if p is None else p} (worker {w})" for w, p in enumerate(starts)))
     if summary.get("task_restarts"):
         lines.append("summary | restarted by the supervisor: "
                      + ", ".join(f"{name} {count}x" for name, count in summary["task_restarts"].items()))
