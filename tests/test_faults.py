@@ -335,8 +335,10 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     if one_worker:  # the job ran on: nobody else restarted
         assert resumed_at == 0 and restarts == {"ps-0": 0, "worker-0": 0, "worker-1": 0, "worker-2": 1}, restarts
         assert 0 < results[2]["input_position"] <= results[2]["stats"]["batches"][2]
-    else:  # the step at the kill is killed_at or one more (the chief may have moved on meanwhile)
-        assert killed_at - 5 <= resumed_at <= killed_at + 1, (killed_at, resumed_at)
+    else:
+        # The step at the kill is killed_at or one more (the chief may have moved on meanwhile), and
+        # gradients the victims had already pushed may make one more step (b + 1 workers: seen, 9 -> 11).
+        assert killed_at - 5 <= resumed_at <= killed_at + 2, (killed_at, resumed_at)
     assert [s for s, _ in chief["contributions"]] == list(range(resumed_at, steps))
     assert latest_checkpoint_step(checkpoints) == steps
     for r in results[1:]:  # every worker's last process took part in the job's last stretch
