@@ -21,7 +21,8 @@ def test_each_checkpoint_keeps_the_input_positions_it_was_saved_with(tmp_path):
     for step in range(1, 21):
         assert ckpt.due(step) == (step % 5 == 0)
         master[0].assign(np.full(3, step, np.float32))
-        ckpt.maybe_save(step, input_positions=[step, 2 * step])
+        if ckpt.due(step):
+            ckpt.save(step, why="periodic", input_positions=[step, 2 * step])
     # The manager keeps the last 3 checkpoints; the positions of the deleted one go with it.
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("input_positions")) == [
         "input_positions-10.json", "input_positions-15.json", "input_positions-20.json"]

@@ -360,7 +360,8 @@ while True:
     for v in master:
         v.assign(tf.fill(v.shape, float(step)))
     inner.iterations.assign(step)
-    ckpt.maybe_save(step)
+    if ckpt.due(step):
+        ckpt.save(step, why="periodic")
 """
 
 

@@ -77,12 +77,8 @@ class Checkpoint:
         return self.saved_step
 
     def due(self, step: int) -> bool:
-        """Whether `maybe_save` saves at `step`."""
+        """Whether a periodic save is due at `step` (every `every_steps`, not saved yet)."""
         return step % self.every_steps == 0 and step != self.saved_step
-
-    def maybe_save(self, step: int, input_positions: Optional[Sequence[int]] = None) -> None:
-        if self.due(step):
-            self.save(step, why="periodic", input_positions=input_positions)
 
     def save(self, step: int, why: str, input_positions: Optional[Sequence[int]] = None) -> None:
         if step == self.saved_step:
