@@ -301,17 +301,18 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     """`max_restarts`: a killed task is started again, and the job ends at its last step by itself.
 
     The chief: every worker sees the new job and restarts; the chief resumes from its checkpoint
-    (every 5 steps), so at most 5 steps are redone. The ps: everybody restarts; the chief saved its
-    step on the way out. b + 1 workers: the chief stops with a checkpoint, and everybody restarts.
+    (every 5 steps), so at most 5 steps are redone. The ps (`ps_restart_timeout`): it alone restarts;
+    the chief writes the state again at the step it had reached and every worker carries on, nothing
+    redone, no batch read twice. b + 1 workers: the chief stops with a checkpoint, and everybody restarts.
     One worker: it alone restarts and rejoins the running job (120 steps of at least 0.3 s: time
     for the new process to start and join before the job ends), nothing is redone.
     Every worker's input goes on where the job's parameters are (`check_input_positions`).
     """
     checkpoints = str(tmp_path / "ckpt")
-    one_worker = victims == ["worker-2"]
+    one_worker, ps = victims == ["worker-2"], victims == ["ps-0"]
     steps, compute_seconds = (120, 0.3) if one_worker else (60, 0.1)
     cluster, progress = fault_cluster(tmp_path, steps=steps, checkpoint_dir=checkpoints,
-                                      compute_seconds=compute_seconds)
+                                      compute_seconds=compute_seconds, ps_restart_timeout=60.0 if ps else 0.0)
     with cluster:
         cluster.start()
         killer = kill_when_reached(cluster, progress, "worker-1", random.Random(seed).randint(6, 30), victims)
@@ -335,6 +336,10 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     if one_worker:  # the job ran on: nobody else restarted
         assert resumed_at == 0 and restarts == {"ps-0": 0, "worker-0": 0, "worker-1": 0, "worker-2": 1}, restarts
         assert 0 < results[2]["input_position"] <= results[2]["stats"]["batches"][2]
+    elif ps:  # the chief wrote the state again, once; every worker moved to it and carried on
+        assert resumed_at == 0 and restarts == {"ps-0": 1, "worker-0": 0, "worker-1": 0, "worker-2": 0}, restarts
+        assert chief["state_rewrites"] == 1 and [r["recoveries"] for r in results] == [1, 1, 1]
+        assert reread == 0
     else:
         # The step at the kill is killed_at or one more (the chief may have moved on meanwhile), and
         # gradients the victims had already pushed may make one more step (b + 1 workers: seen, 9 -> 11).

@@ -435,7 +435,7 @@ def input_log(progress_dir: str, task: str):
 def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
                          checkpoint_dir=None, checkpoint_every_steps: int = 5,
                          worker_timeout: float = 3.0, chief_timeout: float = 8.0,
-                         compute_seconds: float = 0.05):
+                         compute_seconds: float = 0.05, ps_restart_timeout: float = 0.0):
     """The program of the fault-injection tests: trains to global step `steps`.
 
     A linear model with SGD + momentum (so the optimizer has state to
@@ -455,7 +455,8 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     strategy = tf_backup.BackupWorkerStrategy(
         num_backup_workers=num_backup_workers, step_timeout=60.0, startup_timeout=60.0,
         chief_timeout=chief_timeout, worker_timeout=worker_timeout, max_steps=steps,
-        checkpoint_dir=checkpoint_dir, checkpoint_every_steps=checkpoint_every_steps, ps_timeout=10.0)
+        checkpoint_dir=checkpoint_dir, checkpoint_every_steps=checkpoint_every_steps, ps_timeout=10.0,
+        ps_restart_timeout=ps_restart_timeout)
     task = os.environ["TF_BACKUP_TASK"]
     InputRecorder = _input_recorder_class()  # pylint: disable=invalid-name
     x, y = regression_data(64)
@@ -491,8 +492,10 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
               callbacks=[Progress()])
     result = {"worker": strategy.worker_index, "initial_step": initial_step, "stats": strategy.stats(),
               "weights": [v.numpy() for v in model.trainable_variables],
-              "input_position": strategy.input_position}
+              "input_position": strategy.input_position,
+              "recoveries": strategy.extended.latest_binding().client.recoveries}
     if strategy.is_chief:
+        result["state_rewrites"] = strategy.extended.latest_binding().aggregator.recovery.recoveries
         result["events"] = [(e.worker, e.event, e.step, e.last_step) for e in strategy.worker_events()]
         result["contributions"] = [(r.step, r.contributions) for r in strategy.step_history()]
         result["restored_optimizer"] = restored_optimizer

@@ -25,7 +25,7 @@ def main(payload_path: str) -> int:
     try:
         if role == "serve":
             from tf_backup import server  # pylint: disable=g-import-not-at-top
-            result = server.serve()
+            result = server.serve(**kwargs)
         else:
             result = fn(*args, **kwargs)
         with open(result_path + ".tmp", "wb") as f:

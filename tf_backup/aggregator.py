@@ -37,6 +37,7 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup import job as job_lib
 from tf_backup import protocol
+from tf_backup import recovery
 from tf_backup.protocol import Control
 from tf_backup.shared_state import SharedState
 from tf_backup.waker import Waker
@@ -89,12 +90,17 @@ class Aggregator(threading.Thread):
         master copy does not change meanwhile), with the workers' input
         positions read just before that step's publish: every batch they count
         was pushed for an earlier step (taken or dropped), none for this one.
+      master_flats: the master copy as flat parameters (one per shard): what
+        the chief writes again when a ps task comes back empty
+        (`tf_backup.recovery`, with `config.ps_restart_timeout`). None: a lost
+        ps task ends the loop.
     """
 
     def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
                  apply_fn: Callable, step: int = 0, max_steps: Optional[int] = None,
                  liveness: Optional[job_lib.Liveness] = None,
-                 checkpoint: Optional[checkpoint_lib.Checkpoint] = None):
+                 checkpoint: Optional[checkpoint_lib.Checkpoint] = None,
+                 master_flats: Optional[Callable[[], List[np.ndarray]]] = None):
         super().__init__(name=f"tf_backup-aggregator-{state.prefix}", daemon=True)
         self.state = state
         self.config = config
@@ -107,6 +113,8 @@ class Aggregator(threading.Thread):
         self.max_steps = max_steps
         self.liveness = liveness
         self.checkpoint = checkpoint
+        self._master_flats = master_flats
+        self.recovery = recovery.ChiefRecovery(state, info, config.ps_restart_timeout, liveness)
         self._last_control: Optional[protocol.ControlView] = None  # for a save off the step (`input_positions`)
         self.history: List[StepRecord] = []
         self.failure: Optional[BaseException] = None  # why the loop stopped, if it failed
@@ -169,52 +177,55 @@ class Aggregator(threading.Thread):
         # that died is noticed from its heartbeat (`_check_workers`). Between
         # checks, the loop blocks on the `arrivals` queue, which every push feeds.
         finished = False
-        others = self.state.accs[1:]
         fused = self.state.takes_in_wait  # one shard: the wait takes too, in the same run
         count = 0  # fresh gradients seen in the accumulator: the wait asks for the rest
         while not self._stop_event.is_set():
-            self._check_workers()
-            if self.max_steps is not None and self.step >= self.max_steps:
-                if not finished:
-                    self.state.control.scatter_update([Control.FINISHED], [1])
-                    self.state.wake_all()
-                    finished = True
-                self._stop_event.wait(max(self.config.poll_max, 0.05))
-                continue
-            n = self.n
-            need = max(1, n - count)
             try:
-                got = self.state.wait_arrivals(
-                    min(protocol.WAKE_WAIT, 0.5), self._waker, need=need, required=n if fused else 0,
-                    taken_for=self.step + 1, always=not self.config.staleness_check)
-            except errors.DuplicateDeliveryError as e:  # did its take run?
-                count = 0
-                if self.state.read_control().taken_for == self.step + 1:
-                    self._lost_take(e)
-                    self._apply_publish(None)
-                continue
-            count, ctl = got.count, got.control
-            self._last_control = ctl
-            self._observe_pushes(ctl)
-            # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
-            # are in all the same, their tokens went missing.
-            timed_out = protocol.missed_wakeup(got.tokens, need)
-            if got.sums is not None:  # taken (also when stopping: the accumulators have moved on)
-                self.missed_wakeups += int(timed_out)
-                self._apply_publish([got.sums], start=time.monotonic())
-                count = 0
-                continue
-            if self._stop_event.is_set():
-                break
-            gone = self.liveness.gone if self.liveness is not None else frozenset()
-            if protocol.round_closable(ctl, staleness_check=self.config.staleness_check, pending=count, gone=gone):
-                self._close_round(ctl.stop_round)
-            if not protocol.round_running(ctl) and self.config.staleness_check:
-                continue  # between fit rounds (asynchronous training applies every gradient)
-            if count >= n and all(acc.num_accumulated() >= n for acc in others):
-                self.missed_wakeups += int(timed_out)
-                self._take_apply_publish()
-                count = 0
+                self._check_workers()
+                if self.max_steps is not None and self.step >= self.max_steps:
+                    if not finished:
+                        self.state.control.scatter_update([Control.FINISHED], [1])
+                        self.state.wake_all()
+                        finished = True
+                    self._stop_event.wait(max(self.config.poll_max, 0.05))
+                    continue
+                n = self.n
+                need = max(1, n - count)
+                try:
+                    got = self.state.wait_arrivals(
+                        min(protocol.WAKE_WAIT, 0.5), self._waker, need=need, required=n if fused else 0,
+                        taken_for=self.step + 1, always=not self.config.staleness_check)
+                except errors.DuplicateDeliveryError as e:  # did its take run?
+                    count = 0
+                    if self.state.read_control().taken_for == self.step + 1:
+                        self._lost_take(e)
+                        self._apply_publish(None)
+                    continue
+                count, ctl = got.count, got.control
+                self._last_control = ctl
+                self._observe_pushes(ctl)
+                # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
+                # are in all the same, their tokens went missing.
+                timed_out = protocol.missed_wakeup(got.tokens, need)
+                if got.sums is not None:  # taken (also when stopping: the accumulators have moved on)
+                    self.missed_wakeups += int(timed_out)
+                    self._apply_publish([got.sums], start=time.monotonic())
+                    count = 0
+                    continue
+                if self._stop_event.is_set():
+                    break
+                gone = self.liveness.gone if self.liveness is not None else frozenset()
+                if protocol.round_closable(ctl, staleness_check=self.config.staleness_check, pending=count, gone=gone):
+                    self._close_round(ctl.stop_round)
+                if not protocol.round_running(ctl) and self.config.staleness_check:
+                    continue  # between fit rounds (asynchronous training applies every gradient)
+                if count >= n and all(acc.num_accumulated() >= n for acc in self.state.accs[1:]):
+                    self.missed_wakeups += int(timed_out)
+                    self._take_apply_publish()
+                    count = 0
+            except recovery.RECOVERABLE as e:  # a ps task is down, or back empty
+                self._recover(e)
+                count, finished = 0, False
 
     def _close_round(self, round_: int) -> None:
         """Marks the fit rounds up to `round_` closed and wakes the workers waiting in `end_round`."""
@@ -222,10 +233,18 @@ class Aggregator(threading.Thread):
         self.state.wake_all()
 
     def _check_workers(self) -> None:
-        """Reads the heartbeats (once a second); raises WorkersLostError when too few workers are left."""
+        """Reads the heartbeats (once a second); raises WorkersLostError when too few workers are left.
+
+        With `ps_restart_timeout`, also raises PsRestartedError when a ps task
+        other than ps 0 lost its shards (the loop then writes the state again).
+        """
         if self.liveness is None or time.monotonic() - self._last_liveness < 1.0:
             return
         self._last_liveness = time.monotonic()
+        if self.config.ps_restart_timeout:
+            lost = self.state.lost_elsewhere()
+            if lost:
+                raise errors.PsRestartedError(f"the ps tasks {', '.join(lost)} restarted and lost their shards")
         events = self.liveness.update(self.step, self.state.read_control().last_steps())
         for e in events:
             logging.warning("tf_backup: worker %s %s at global step %d (its last gradient was for step %d).",
@@ -244,6 +263,28 @@ class Aggregator(threading.Thread):
         raise errors.WorkersLostError((
             f"only {alive} of {self.config.num_workers} workers are alive at global "
             f"step {self.step} but each step needs {needed}. Missing: {lost}."))
+
+    def _recover(self, error: BaseException) -> None:
+        """A ps task failed: waits for it, then writes the whole state again at the master copy's step.
+
+        Raises `error` when the state cannot be written again: no
+        `ps_restart_timeout`, stopping, no master copy given, or Embedding
+        tables (their rows live on the ps only).
+        """
+        if self._stop_event.is_set() or self._master_flats is None or not self.config.ps_restart_timeout:
+            raise error
+        if self._step_hooks:
+            raise errors.PsUnavailableError(
+                f"{error} The shared state cannot be written again after a ps restart: the Embedding tables of "
+                "`sparse_variables` are not supported by ps_restart_timeout yet.") from error
+        flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in self._master_flats()]
+        finished = self.max_steps is not None and self.master_step >= self.max_steps
+        control = recovery.control_to_restore(self._last_control, self.config.num_workers, self.taken, self.n,
+                                              finished)
+        with self._published_lock:  # the chief's own worker reads this step here
+            self._published[self.master_step] = flats
+        self.recovery.recover(error, flats, self.master_step, control)
+        self.step = self.master_step
 
     def _lost_take(self, e: errors.DuplicateDeliveryError) -> None:
         # A take delivered twice ran once and its gradients are lost (see
@@ -279,26 +320,30 @@ class Aggregator(threading.Thread):
                 hook(new_step, int(counts.sum()))
             if self.rule is not None:
                 self._choose(takes)
+        self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         c = self.state.ctl
         save = self.checkpoint is not None and self.checkpoint.due(new_step)
-        if save:  # before the publish: no push for `new_step` can be counted yet
-            positions = protocol.input_positions(self.state.read_control(), new_step)
-        self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         self.taken += counts
         new_flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in new_flats]
         with self._published_lock:  # before the ps says `new_step`: the chief's worker reads it here
             self._published[new_step] = new_flats
             while len(self._published) > protocol.KEEP_PUBLISHED:
                 self._published.popitem(last=False)
-        self.state.publish(
-            new_step, new_flats,
-            [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)],
-            [new_step, int(counts.sum()), self.n] + [int(t) for t in self.taken],
-            dead=() if self.liveness is None else set(self.liveness.dead),
-        )
+        try:
+            if save:  # before the publish: no push for `new_step` can be counted yet
+                positions = protocol.input_positions(self.state.read_control(), new_step)
+            self.state.publish(
+                new_step, new_flats,
+                [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)],
+                [new_step, int(counts.sum()), self.n] + [int(t) for t in self.taken],
+                dead=() if self.liveness is None else set(self.liveness.dead),
+            )
+        except recovery.RECOVERABLE as e:  # writing the state again at `master_step` publishes the step
+            self._recover(e)
+            positions = self.input_positions(new_step) if save else None
         end = time.monotonic()
         self.history.append(
-            StepRecord(step=self.step, taken=int(counts.sum()), contributions=[int(x) for x in counts],
+            StepRecord(step=new_step - 1, taken=int(counts.sum()), contributions=[int(x) for x in counts],
                        replicas=replicas, noise_scale=None if self.rule is None else self.rule.noise.b_simple,
                        wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time()))
         self._last_publish = end

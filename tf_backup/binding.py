@@ -126,6 +126,7 @@ class Binding:
             self.aggregator = aggregator_lib.Aggregator(
                 self.state, self.config, info, self._make_apply_fn(inner), step=step,
                 max_steps=ext.max_steps, liveness=ext.liveness(), checkpoint=self.checkpoint,
+                master_flats=lambda: self.layout.pack([tf.convert_to_tensor(v) for v in self.master]),
             )
         self.client = worker_lib.WorkerClient(
             self.state, self.config, info, ext.monitor, chief_failure=self.aggregator_failure,

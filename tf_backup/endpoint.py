@@ -37,6 +37,16 @@ def is_duplicate_delivery(error: tf.errors.OpError) -> bool:
     return isinstance(error, tf.errors.AbortedError) and "received twice" in (error.message or "")
 
 
+def is_session_lost(error: tf.errors.OpError) -> bool:
+    """Whether `error` is a task's answer to a session it does not know: its server restarted since.
+
+    (TF 2.21 answers `AbortedError: Session <handle> is not found` to every run
+    of that session, for ever: checked with a server killed and started again.)
+    """
+    message = error.message or ""
+    return isinstance(error, tf.errors.AbortedError) and "Session" in message and "is not found" in message
+
+
 class Endpoint:
     """A graph and a session on one task's server, shared by this process's resources on it.
 
@@ -88,23 +98,38 @@ class Endpoint:
         raise AssertionError("unreachable")
 
     def _run_once(self, fetches, feed_dict, what, wait=None):
-        if self._session is None:
-            with self._lock:
-                if self._session is None:
-                    config = tf.compat.v1.ConfigProto(
-                        allow_soft_placement=False, operation_timeout_in_ms=int(self.timeout * 1000))
-                    self._session = tf.compat.v1.Session(self.target, graph=self.graph, config=config)
+        with self._lock:
+            if self._session is None:
+                config = tf.compat.v1.ConfigProto(
+                    allow_soft_placement=False, operation_timeout_in_ms=int(self.timeout * 1000))
+                self._session = tf.compat.v1.Session(self.target, graph=self.graph, config=config)
+            session = self._session
         options = self._options
         if wait is not None:
             options = tf.compat.v1.RunOptions(timeout_in_ms=max(1, int(wait * 1000)))
         try:
-            return self._session.run(fetches, feed_dict=feed_dict, options=options)
+            return session.run(fetches, feed_dict=feed_dict, options=options)
+        except tf.errors.AbortedError as e:
+            if not is_session_lost(e):
+                raise
+            self._drop_session(session)
+            raise errors.PsRestartedError(
+                f"{what} on {self.device} ({self.target}): the task was restarted; what it held is gone.") from e
         except tf.errors.DeadlineExceededError as e:
             if wait is not None:
                 return None  # nothing came within `wait`; the task cancelled the run
             raise self._unavailable(what, e) from e
         except tf.errors.UnavailableError as e:
             raise self._unavailable(what, e) from e
+
+    def _drop_session(self, session: tf.compat.v1.Session) -> None:
+        """Forgets `session`, which its task no longer knows (unless another thread did); the next run makes a new one."""
+        with self._lock:
+            if self._session is not session:
+                return
+            self._session = None
+        threading.Thread(target=_close_quietly, args=(session,), name=f"tf_backup-close-{self.target}",
+                         daemon=True).start()
 
     def close(self, wait: float = 5.0) -> None:
         """Closes the session, waiting at most `wait` seconds for the task.

@@ -39,6 +39,16 @@ class PsUnavailableError(tf.errors.UnavailableError):
         super().__init__(None, None, message)
 
 
+class PsRestartedError(PsUnavailableError):
+    """A ps task answered as a new process: its server restarted, and every resource on it is gone.
+
+    TensorFlow answers a session made before the restart with `AbortedError:
+    Session ... is not found`; the endpoint then makes a new session for the
+    next run. With `ps_restart_timeout`, the chief writes the state again
+    (`tf_backup.recovery`).
+    """
+
+
 class WorkersLostError(AggregatorError):
     """Fewer workers are alive than a step needs: the chief's aggregator stopped.
 

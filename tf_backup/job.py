@@ -59,6 +59,10 @@ class BeatWatch:
                 moved.append(i)
         return moved
 
+    def reset(self) -> None:
+        """Counts every slot's silence from now."""
+        self._since = [self._clock()] * len(self._slots)
+
     def silent_seconds(self, i: int) -> float:
         """Seconds since slot `i` (a position in `slots`) last moved."""
         return self._clock() - self._since[i]
@@ -85,13 +89,16 @@ class Heartbeat(threading.Thread):
         self._var.scatter_update(self._slots, [now] * len(self._slots))
 
     def run(self):
+        failing = False  # beats go on through a ps outage: a restarted ps 0 gets the job vector back
         while not self._stop_event.wait(self._interval):
             try:
                 self.beat()
+                failing = False
             except Exception as e:  # pylint: disable=broad-except
-                if not self._stop_event.is_set():
-                    logging.error("tf_backup heartbeat stopped: %s", e)
-                return
+                if not failing and not self._stop_event.is_set():
+                    logging.warning("tf_backup: a heartbeat failed (it is tried again every %.0f s): %s",
+                                    self._interval, e)
+                failing = True
 
     def stop(self):
         self._stop_event.set()
@@ -210,6 +217,20 @@ class JobMonitor:
             self._heartbeat.stop()
 
 
+def restore(job_var: accumulators.SharedVariable, values: np.ndarray) -> None:
+    """(Chief.) Writes the job vector `values` (as last read) again, every heartbeat set to now.
+
+    For a ps task 0 that restarted empty (`tf_backup.recovery`): the same job
+    id, so the workers carry on, and fresh beats, so nobody counts the outage
+    as silence.
+    """
+    values = np.array(values, np.int64)
+    job = Job((len(values) - Job.HEADER) // 3)
+    now = int(time.time() * 1000)
+    values[[Job.HEARTBEAT] + [job.beat(w) for w in range(job.num_workers)]] = now
+    job_var.assign(values)
+
+
 @dataclasses.dataclass
 class WorkerEvent:
     """A worker the chief declared dead, or saw come back.
@@ -252,6 +273,15 @@ class Liveness:
         self.dead: set = set()
         self.left: set = set()
         self.events: List[WorkerEvent] = []
+        self.values: Optional[np.ndarray] = None  # the job vector as last read
+
+    @property
+    def job_var(self) -> accumulators.SharedVariable:
+        return self._var
+
+    def reset(self) -> None:
+        """Counts every worker's silence from now (after a ps outage, in which nobody could beat)."""
+        self._watch.reset()
 
     @property
     def gone(self) -> frozenset:
@@ -260,7 +290,7 @@ class Liveness:
 
     def update(self, step: int, last_steps: Sequence[int]) -> List[WorkerEvent]:
         """Reads the heartbeats; returns the new events (also kept in `events`)."""
-        values = self._var.read()
+        values = self.values = self._var.read()
         moved = set(self._watch.observe(values))
         new = []
         for w in range(self._info.num_workers):

@@ -162,12 +162,15 @@ class LocalCluster:
         freed memory; `TF_BACKUP_TUNE_MALLOC=0`: not).
       serve_ps: ps tasks run `tf_backup.serve()`; False: they run `fn` too
         (a TF1 graph job's ps, say).
+      serve_kwargs: keyword arguments of the ps tasks' `tf_backup.serve()`
+        (`ps_restart_timeout`, say).
     """
 
     def __init__(self, fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence = (),
                  kwargs: Optional[dict] = None, log_dir: Optional[str] = None,
-                 env: Optional[dict] = None, serve_ps: bool = True):
+                 env: Optional[dict] = None, serve_ps: bool = True, serve_kwargs: Optional[dict] = None):
         kwargs = dict(kwargs or {})
+        self._serve_kwargs = dict(serve_kwargs or {})
         _check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps=0)
         self._serve_ps = bool(serve_ps)
         self.num_workers, self.num_ps = num_workers, num_ps
@@ -211,7 +214,8 @@ class LocalCluster:
         payload = os.path.join(self.log_dir, f"{name}.payload")
         with open(payload, "wb") as f:
             role = "serve" if task_type == "ps" and self._serve_ps else "fn"
-            rest = pickle.dumps((role, self._fn, self._args, self._kwargs, self.results[name]))
+            fn_kwargs = self._serve_kwargs if role == "serve" else self._kwargs
+            rest = pickle.dumps((role, self._fn, self._args, fn_kwargs, self.results[name]))
             pickle.dump((self._prep, rest), f)
         child_env = dict(os.environ)
         child_env.update(memory.malloc_env())  # every task, whatever it runs: the same allocator settings

@@ -36,7 +36,7 @@ published parameters the round's final ones. FINISHED (the chief reached
 
 import dataclasses
 import enum
-from typing import FrozenSet, List, NamedTuple, Optional, Sequence
+from typing import FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -64,6 +64,9 @@ class ProtocolConfig:
       startup_timeout: how long a worker waits for the chief to create the
         shared state, seconds.
       poll_min, poll_max: the first and the longest sleep between polls.
+      ps_restart_timeout: how long the chief and the workers wait for a ps
+        task that failed to answer again, seconds; the chief then writes the
+        state again (`tf_backup.recovery`). 0: a lost ps ends the job.
       adaptive: the bounds and window of adaptive N (`num_backup_workers="auto"`), or None: N is fixed.
     """
 
@@ -76,6 +79,7 @@ class ProtocolConfig:
     startup_timeout: float = 600.0
     poll_min: float = 0.0005
     poll_max: float = 0.01
+    ps_restart_timeout: float = 0.0
 
     @property
     def min_replicas(self) -> int:
@@ -114,7 +118,8 @@ class Control:
     TAKEN_FOR = 6  # s + 1 once the gradients of step s were taken (the accumulator's new step)
     CLOSED = 7  # the highest fit round the aggregator closed: nothing more is applied for it
     REPLICAS = 8  # N of the step being gathered: gradients the chief waits for (adaptive N changes it)
-    HEADER = 9
+    GENERATION = 9  # times the chief wrote the state again (a ps task restarted empty: `tf_backup.recovery`)
+    HEADER = 10
     # Per-worker blocks, in this order after the header.
     BLOCKS = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled", "compute_us", "batches")
 
@@ -243,6 +248,10 @@ class ControlView:
     @property
     def replicas(self) -> int:
         return int(self.values[Control.REPLICAS])
+
+    @property
+    def generation(self) -> int:
+        return int(self.values[Control.GENERATION])
 
     def block(self, name: str) -> np.ndarray:
         """One per-worker counter (`Control.BLOCKS`) as an int64 array."""
@@ -465,6 +474,20 @@ class PushCounts:
         if taken - self.taken_seen >= self.unresolved:
             return dataclasses.replace(self, taken_seen=taken, unresolved=0)
         return self
+
+
+def own_slots(ctl: Control, w: int, counts: PushCounts, round_: WorkerRound) -> Tuple[List[int], List[int]]:
+    """What worker `w` writes again (a `scatter_max`) into a control vector the chief wrote again.
+
+    Its counters, the round it announced or stopped, and the last round it ended:
+    all only grow, so a slot the chief's copy already has is left as it is.
+    """
+    running = round_.state is not RoundState.NOT_ANNOUNCED
+    indices = [ctl.pushed(w), ctl.last_tag(w), ctl.dropped(w), ctl.cancelled(w), ctl.batches(w), ctl.ended(w),
+               Control.ROUND, Control.STOP_ROUND]
+    values = [counts.pushed, counts.last_tag, counts.dropped, counts.cancelled, counts.batches, round_.number - 1,
+              round_.number if running else 0, round_.number if round_.is_stopped else 0]
+    return indices, values
 
 
 def input_positions(ctl: ControlView, step: int) -> List[int]:

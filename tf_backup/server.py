@@ -46,7 +46,8 @@ def _accepts_connections(task: cluster_lib.Task) -> bool:
 
 
 def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeout: float = 120.0,
-          exit_grace: float = 60.0, poll_interval: float = 0.5, silent_worker: float = 10.0) -> dict:
+          exit_grace: float = 60.0, poll_interval: float = 0.5, silent_worker: float = 10.0,
+          ps_restart_timeout: float = 0.0) -> dict:
     """Runs this process's `ps` task until the training job ends.
 
     Starts a `tf.distribute.Server` for the task and serves the shared state
@@ -67,6 +68,11 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         heartbeat has not moved for this many seconds is not waited for (its
         process was killed). When every worker, the chief included, is
         silent or gone before the job is done, the job is lost at once.
+      ps_restart_timeout: (a ps task other than ps 0) seconds it keeps
+        serving while ps 0 is gone before the job is done: ps 0 may be
+        restarting, and the chief writes the job again (`tf_backup.recovery`;
+        the workers' `BackupWorkerStrategy(ps_restart_timeout=...)`). 0: it
+        exits with ps 0.
 
     Returns:
       A dict: `job_id`, `reason` ("done", or on a ps task other than ps 0,
@@ -98,7 +104,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         cluster_lib.wait_for_tasks([ps0], startup_timeout, waiter=f"ps task {info.task}")
     endpoints = endpoint_lib.Endpoints()
     try:
-        return _serve_job(info, endpoints, startup_timeout, chief_timeout, exit_grace, poll_interval, silent_worker)
+        return _serve_job(info, endpoints, startup_timeout, chief_timeout, exit_grace, poll_interval, silent_worker,
+                          ps_restart_timeout)
     finally:
         # Its sessions go to ps 0: here, to itself (closed at once); on another ps task, to a ps 0 that
         # may have exited first, whose close would block until the session's deadline: 2 s at most.
@@ -106,7 +113,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
 
 
 def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints, startup_timeout: float,
-               chief_timeout: float, exit_grace: float, poll_interval: float, silent_worker: float) -> dict:
+               chief_timeout: float, exit_grace: float, poll_interval: float, silent_worker: float,
+               ps_restart_timeout: float) -> dict:
     """`serve()`'s loop: reads the job vector until the job ends; returns `serve()`'s result."""
     ps0 = info.ps[0]
     job = job_lib.job_variable(endpoints.of(ps0), info.num_workers)
@@ -123,10 +131,13 @@ def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints,
             try:
                 values = done_job.read()
                 unanswered_since = None
-            except errors.PsUnavailableError:
+            except errors.PsUnavailableError:  # (a restarted ps 0: PsRestartedError; the next read is answered)
                 unanswered_since = unanswered_since or now
-                if _accepts_connections(ps0) and now - unanswered_since < chief_timeout:
-                    continue  # ps 0 is slow, not gone: keep serving (up to chief_timeout)
+                down = now - unanswered_since
+                restarting = end_time is None and down < ps_restart_timeout  # the job is not over: ps 0 died
+                if down < chief_timeout and (restarting or _accepts_connections(ps0)):
+                    time.sleep(poll_interval)
+                    continue  # ps 0 is slow or restarting, not gone: keep serving (up to chief_timeout)
                 # ps 0 exits once the job is done and every worker has left (a later
                 # poll here may never see DONE); without ps 0 nothing can go on anyway.
                 logging.warning("tf_backup: ps task %s exits: ps task 0 %s has exited", info.task, ps0)
@@ -160,6 +171,8 @@ def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints,
                                      or gone and not left[chief]):
                 end_time, reason = now, "chief lost"  # silent, or every task that used the ps is
             if end_time is not None and (gone or now - end_time > exit_grace):
+                if info.task == ps0 and len(info.ps) > 1:
+                    time.sleep(2 * poll_interval)  # the other ps tasks see DONE before ps 0 is gone
                 break
         time.sleep(poll_interval)
     missing = [str(info.workers[w]) for w in range(info.num_workers) if joined[w] and not left[w]]

@@ -26,7 +26,8 @@ ends them with a `POKE` token instead.
 """
 
 import dataclasses
-from typing import Collection, List, NamedTuple, Optional, Sequence
+import threading
+from typing import Collection, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -136,43 +137,95 @@ class SharedState:
             accumulators.SharedVariable(f"{prefix}/params/{s}", layout.dtype, [size], where[s])
             for s, size in enumerate(layout.shard_sizes)
         ]
-        self._accs = None
-        self._built: Optional[_Runs] = None
+        self.generation = 0  # the newest generation (`set_generation`)
+        self._accs: Dict[int, List[accumulators.ConditionalAccumulator]] = {}  # per generation
+        self._built: Dict[int, _Runs] = {}  # per generation
+        self._lock = threading.Lock()
 
     @property
     def accs(self) -> List[accumulators.ConditionalAccumulator]:
-        """The accumulators, one per shard.
+        """The accumulators of the newest generation, one per shard (`accs_of`)."""
+        return self.accs_of(self.generation)
+
+    def accs_of(self, generation: int) -> List[accumulators.ConditionalAccumulator]:
+        """The accumulators of `generation`, one per shard.
 
         Made on first use: making one creates it on the ps with this layout's
         shape, so a worker must check the chief's signature before touching them.
+        Each generation has accumulators of its own names, so a push from a
+        worker that has not seen the new generation yet lands in the old ones,
+        never taken (on a restarted ps task, one made with the old name would
+        start at step 0 and accept any tag: `tf_backup.recovery`).
         """
-        if self._accs is None:
-            self._accs = [
-                accumulators.ConditionalAccumulator(
-                    f"{self.prefix}/acc/{s}", self.layout.dtype, [size + protocol.push_tail(self.num_workers)],
-                    self._where[s], reduction_type="SUM")
-                for s, size in enumerate(self.layout.shard_sizes)
-            ]
-        return self._accs
+        with self._lock:
+            if generation not in self._accs:
+                where = self.prefix if not generation else f"{self.prefix}/g{generation}"
+                self._accs[generation] = [
+                    accumulators.ConditionalAccumulator(
+                        f"{where}/acc/{s}", self.layout.dtype, [size + protocol.push_tail(self.num_workers)],
+                        self._where[s], reduction_type="SUM")
+                    for s, size in enumerate(self.layout.shard_sizes)
+                ]
+            return self._accs[generation]
+
+    def set_generation(self, generation: int) -> None:
+        """Takes the accumulators of `generation` (and the runs on them) from now on, unless newer ones are in use."""
+        self.generation = max(self.generation, generation)
 
     def create(self, flats: Sequence, step: int = 0, replicas: int = 1,
                input_positions: Optional[Sequence[int]] = None) -> None:
-        """Writes the initial state (chief only), `replicas` the first step's N. `control` goes last: it marks
-        the state ready.
+        """Writes the initial state (chief only), `replicas` the first step's N.
 
         `input_positions`: per worker, the batches of its input already trained
         on (`Control.batches`; a resumed job's, from its checkpoint)."""
+        control = np.zeros([self.ctl.size], np.int64)
+        control[Control.REPLICAS] = replicas
+        if input_positions is not None:
+            control[[self.ctl.batches(w) for w in range(self.num_workers)]] = np.asarray(input_positions, np.int64)
+        self._write(flats, step, control)
+
+    def repopulate(self, flats: Sequence, step: int, control: np.ndarray) -> int:
+        """(Chief.) Writes the whole state again, as of `step`, in a new generation; returns it.
+
+        `control`: the control vector to write (the chief's last read, brought
+        up to date); its STEP, VERSION and GENERATION are set here.
+        """
+        self.set_generation(self.generation + 1)
+        self._write(flats, step, control)
+        return self.generation
+
+    def _write(self, flats: Sequence, step: int, control: np.ndarray) -> None:
+        """The parameters, this generation's accumulators at `step`, then `control`: last, it marks the state ready."""
         self.signature.assign(self.layout.signature())
         for var, flat in zip(self.params, flats):
             var.assign(flat)
         for acc in self.accs:
             acc.set_global_step(step)
-        control = np.zeros([self.ctl.size], np.int64)
+        control = np.array(control, np.int64)
         control[Control.STEP] = control[Control.VERSION] = step
-        control[Control.REPLICAS] = replicas
-        if input_positions is not None:
-            control[[self.ctl.batches(w) for w in range(self.num_workers)]] = np.asarray(input_positions, np.int64)
+        control[Control.GENERATION] = self.generation
         self.control.assign(control)
+
+    def lost_elsewhere(self) -> List[str]:
+        """The ps tasks other than the control vector's that no longer hold their shard (they restarted empty).
+
+        (A restart of the control vector's task fails the chief's next run
+        there; one of another task would go unnoticed by the chief while every
+        worker waits for it: `tf_backup.recovery`.)
+
+        Raises:
+          errors.PsUnavailableError: a task did not answer.
+        """
+        home = self.control.endpoint
+        return [var.endpoint.device for var in self.params if var.endpoint is not home and not var.is_initialized()]
+
+    def intact(self) -> bool:
+        """Whether every ps task still holds this state (False: one restarted empty since it was written).
+
+        Raises:
+          errors.PsUnavailableError: a task did not answer.
+        """
+        return all(var.is_initialized() for var in [self.control, self.signature, *self.params])
 
     def read_control(self) -> ControlView:
         return self.ctl.view(self.control.read())
@@ -227,8 +280,12 @@ class SharedState:
         return [int(x) for x in self.control.endpoint.run(runs.wake_sizes, what=f"wake-up queues of `{self.prefix}`")]
 
     def push_wait(self, w: int, flats: Sequence, tag: int, indices: Sequence[int], values: Sequence[int],
-                  waker: Waker, seconds: float, with_params: bool = True) -> Optional[Wake]:
+                  waker: Waker, seconds: float, with_params: bool = True,
+                  generation: Optional[int] = None) -> Optional[Wake]:
         """Pushes worker `w`'s gradient tagged `tag` (and control[indices] = values), then `wait`s, in one run.
+
+        `generation`: the accumulators pushed to (default: the newest), those
+        of the generation the worker has seen.
 
         The wait has no deadline of its own (a run cancelled at a deadline might
         or might not have pushed): `waker` ends it after `seconds` with a
@@ -236,9 +293,11 @@ class SharedState:
         snapshot); None if the run was delivered twice (it pushed once; its
         result is lost).
         """
-        for acc, flat in zip(self.accs[1:], flats[1:]):
+        generation = self.generation if generation is None else generation
+        accs = self.accs_of(generation)
+        for acc, flat in zip(accs[1:], flats[1:]):
             acc.apply_grad(flat, tag)
-        acc, control, runs = self.accs[0].ops, self.control.ops, self._runs()
+        acc, control, runs = accs[0].ops, self.control.ops, self._runs(generation)
         feed = {acc["grad"]: np.asarray(flats[0], self.layout.dtype.as_numpy_dtype), acc["step"]: int(tag),
                 control["indices"]: np.asarray(indices, np.int32), control["updates"]: np.asarray(values, np.int64)}
         fetches = (runs.push_waits if with_params else runs.push_waits_control)[w]
@@ -316,17 +375,21 @@ class SharedState:
 
     # -- building the graphs -----------------------------------------------------------
 
-    def _runs(self) -> _Runs:
-        if self._built is None:
-            acc = self.accs[0].ops
+    def _runs(self, generation: Optional[int] = None) -> _Runs:
+        """The fused runs on the accumulators of `generation` (default: the newest)."""
+        generation = self.generation if generation is None else generation
+        if generation not in self._built:
+            acc = self.accs_of(generation)[0].ops
             if acc["apply"].graph is not self.control.ops["read"].graph:
                 raise AssertionError("shard 0's accumulator must be on the control vector's task")
-            self._built = self.control.endpoint.build(self._build)
-        return self._built
+            built = self.control.endpoint.build(lambda: self._build(generation))
+            with self._lock:
+                self._built.setdefault(generation, built)
+        return self._built[generation]
 
-    def _build(self) -> _Runs:
+    def _build(self, generation: int) -> _Runs:
         """(In the control vector's endpoint graph.) Every fused run, ordered by control dependencies."""
-        control, acc = self.control.ops, self.accs[0].ops
+        control, acc = self.control.ops, self.accs_of(generation)[0].ops
         params = [p.ops for p in self.params]
         one_task = self.on_one_task
 

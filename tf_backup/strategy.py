@@ -100,6 +100,13 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
       ps_timeout: seconds one operation on a ps task may take before it fails
         with `PsUnavailableError`: how long a dead ps task goes unnoticed
         (gRPC retries a lost connection until this deadline).
+      ps_restart_timeout: seconds to wait for a ps task that failed to
+        answer again (a cluster manager restarts it). The chief then writes
+        the shared state again from its master copy, at the step it had
+        reached, and every worker carries on: no process restarts, no step is
+        redone (`tf_backup.recovery`). 0 (the default): a lost ps task ends the
+        job (the chief saves a checkpoint). Not with Embedding tables in
+        `sparse_variables` yet.
       devices: this worker's local devices, one replica each (as
         `MirroredStrategy`); default: every local GPU, else every logical CPU
         device; on a host with TPU devices, the host's TPU cores (as
@@ -131,7 +138,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                  poll_interval: float = 0.01, worker_timeout: float = 30.0,
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every_steps: int = 100, ps_timeout: float = 60.0,
-                 devices=None):
+                 ps_restart_timeout: float = 0.0, devices=None):
         auto = num_backup_workers == "auto"
         if not auto:
             num_backup_workers = _checks.check_int("num_backup_workers", num_backup_workers, 0,
@@ -150,6 +157,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         poll_interval = _checks.check_seconds("poll_interval", poll_interval)
         worker_timeout = _checks.check_seconds("worker_timeout", worker_timeout)
         ps_timeout = _checks.check_seconds("ps_timeout", ps_timeout)
+        ps_restart_timeout = _checks.check_seconds("ps_restart_timeout", ps_restart_timeout, allow_zero=True)
         max_steps = _checks.check_optional_int("max_steps", max_steps, 1)
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"`checkpoint_dir` must be a path or None. Received checkpoint_dir={checkpoint_dir!r}")
@@ -197,6 +205,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             startup_timeout=startup_timeout,
             poll_max=poll_interval,
             poll_min=min(0.0005, poll_interval),
+            ps_restart_timeout=ps_restart_timeout,
         )
         cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
         memory.tune_malloc()  # every step feeds and fetches model-sized buffers (TF_BACKUP_TUNE_MALLOC=0: not)

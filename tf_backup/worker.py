@@ -33,6 +33,7 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup import job as job_lib
 from tf_backup import protocol
+from tf_backup import recovery
 from tf_backup.protocol import Control
 from tf_backup.protocol import ControlView
 from tf_backup.shared_state import SharedState
@@ -102,6 +103,8 @@ class WorkerClient:
         # When the parameters of `step` were read (None: not in this fit round yet, whose first
         # batch also traces): the push reports the time since as its compute time.
         self._pulled_at: Optional[float] = None
+        self.generation = 0  # of the shared state this worker pushes to (`tf_backup.recovery`)
+        self.recoveries = 0  # times it moved to a state the chief wrote again
         self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
         self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
         self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
@@ -208,11 +211,15 @@ class WorkerClient:
     # -- waiting -------------------------------------------------------------------
 
     def _check_health(self) -> None:
+        self._check_aggregator()
+        self.monitor.check()
+
+    def _check_aggregator(self) -> None:
+        """(The chief.) Raises AggregatorError once this process's aggregator has failed."""
         failure = self._chief_failure() if self._chief_failure is not None else None
         if failure is not None:
             raise errors.AggregatorError(
                 f"The aggregator on this chief failed: {type(failure).__name__}: {failure}") from failure
-        self.monitor.check()
 
     def _wait(self, done: Callable[[ControlView], bool], what: str, timeout: float, push=None) -> Seen:
         """Blocks on this worker's wake-up queue until `done(control)`.
@@ -221,36 +228,66 @@ class WorkerClient:
         first wait.
         """
         start = time.monotonic()
+        pushing = push  # pushed again if the state is written again before its step passed
         while True:
             waited = time.monotonic() - start
             seconds = min(protocol.WAKE_WAIT, max(0.001, timeout - waited))
-            if push is not None:
-                got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
-                                           with_params=self._local_params is None)
-                push = None
-                if got is None:  # delivered twice: it pushed, its result is lost
+            try:
+                if push is not None:
+                    got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
+                                               with_params=self._local_params is None, generation=self.generation)
+                    push = None
+                    if got is None:  # delivered twice: it pushed, its result is lost
+                        continue
+                    if (got.tokens == protocol.POKE).all() and done(got.control):  # ended by the waker, yet done
+                        self.missed_wakeups += 1
+                        return Seen(got.control, got.snapshot)
+                else:
+                    got = self.state.wait(self.w, seconds)
+                if got is None:  # nothing happened: look anyway (a token may have been lost)
+                    ctl, snapshot = self.state.read_control(), None
+                    if done(ctl) and not recovery.state_lost(ctl, self.generation):
+                        self.missed_wakeups += 1
+                        return Seen(ctl, snapshot)
+                else:
+                    ctl, snapshot = got.control, got.snapshot
+                if recovery.state_lost(ctl, self.generation):  # the chief wrote the state again
+                    ctl = self._adopt_generation(ctl)
+                    push = pushing if pushing is not None and not done(ctl) else None
                     continue
-                if (got.tokens == protocol.POKE).all() and done(got.control):  # ended by the waker, yet done
-                    self.missed_wakeups += 1
-                    return Seen(got.control, got.snapshot)
-            else:
-                got = self.state.wait(self.w, seconds)
-            if got is None:  # nothing happened: look anyway (a token may have been lost)
-                ctl, snapshot = self.state.read_control(), None
                 if done(ctl):
-                    self.missed_wakeups += 1
                     return Seen(ctl, snapshot)
-            else:
-                ctl, snapshot = got.control, got.snapshot
-            if done(ctl):
-                return Seen(ctl, snapshot)
-            self._check_health()
+                self._check_health()
+            except recovery.RECOVERABLE as e:  # a ps task is down, or back empty: wait for the chief
+                ctl = self._recover(e)
+                push = pushing if pushing is not None and not done(ctl) else None
+                continue
             if self.monitor.done:
                 return Seen(ctl, snapshot)
             waited = time.monotonic() - start
             if waited > timeout:
                 raise errors.StepTimeoutError(
                     f"Worker {self.w} {self.info.task} waited {waited:.0f} s for {what}. {self._diagnose(ctl)}")
+
+    def _recover(self, error: BaseException) -> ControlView:
+        """Waits (`ps_restart_timeout`) for the chief to write the state again after a ps failure; moves to it.
+
+        Raises `error` without `ps_restart_timeout`, PsUnavailableError past it,
+        AggregatorError if this chief's aggregator failed meanwhile.
+        """
+        ctl = recovery.await_generation(self.state, self.info, self.generation, self.config.ps_restart_timeout,
+                                        error, between=self._check_aggregator)
+        return self._adopt_generation(ctl)
+
+    def _adopt_generation(self, ctl: ControlView) -> ControlView:
+        """Moves to the generation of `ctl`: writes this worker's own slots again; returns the control vector then."""
+        self.generation = ctl.generation
+        indices, values = protocol.own_slots(self.state.ctl, self.w, self.counts, self.round)
+        self.state.control.scatter_max(indices, values)
+        self.recoveries += 1
+        logging.info("tf_backup: worker %d goes on at global step %d in generation %d of `%s`.",
+                     self.w, ctl.step, ctl.generation, self.state.prefix)
+        return self.state.read_control()
 
     def _diagnose(self, ctl: ControlView) -> str:
         tags, pushed = ctl.block("last_tag"), ctl.block("pushed")
@@ -349,7 +386,11 @@ class WorkerClient:
         last_read = [ctl]  # the newest control vector read, for the next read and the timeout's message
 
         def read_once() -> Optional[Snapshot]:
-            got = self._read_snapshot(last_read[0])
+            try:
+                got = self._read_snapshot(last_read[0])
+            except recovery.RECOVERABLE as e:  # a ps task is down, or back empty: read the state written again
+                last_read[0] = self._recover(e)
+                return None
             last_read[0] = got.after
             return got if got.consistent else None
 

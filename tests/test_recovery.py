@@ -1,0 +1,121 @@
+"""A ps task restarted empty (`tf_backup.recovery`): the chief writes the state again in a new generation.
+
+The pure parts (what the chief and a worker write again) are checked on their
+own; the rest on a real ps server process, killed and started again on its port.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_backup import cluster as cluster_lib
+from tf_backup import endpoint
+from tf_backup import errors
+from tf_backup import launch
+from tf_backup import protocol
+from tf_backup import recovery
+from tf_backup.layout import Layout
+from tf_backup.protocol import Control
+from tf_backup.shared_state import SharedState
+
+WORKERS = 3
+
+SERVER = """
+import sys, time, tensorflow as tf
+server = tf.distribute.Server(tf.train.ClusterSpec({"ps": [sys.argv[1]]}), job_name="ps", task_index=0,
+                              protocol="grpc", start=True)
+print("serving", flush=True)
+time.sleep(600)
+"""
+
+
+def start_ps(address: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, address], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "serving"
+    return proc
+
+
+def test_the_chief_writes_back_its_own_slots_over_its_last_read():
+    ctl = Control(WORKERS)
+    last = np.arange(ctl.size, dtype=np.int64)
+    values = recovery.control_to_restore(ctl.view(last), WORKERS, taken=[5, 6, 7], replicas=2, finished=False)
+    assert [values[ctl.taken(w)] for w in range(WORKERS)] == [5, 6, 7]
+    assert values[Control.REPLICAS] == 2
+    assert values[Control.FINISHED] == last[Control.FINISHED]  # a FINISHED already read stays
+    others = [i for i in range(ctl.size)
+              if i not in {Control.REPLICAS, *(ctl.taken(w) for w in range(WORKERS))}]
+    np.testing.assert_array_equal(values[others], last[others])  # the workers' slots, as read
+
+    fresh = recovery.control_to_restore(None, WORKERS, taken=[0, 1, 0], replicas=3, finished=True)
+    assert fresh[Control.FINISHED] == 1 and fresh[Control.REPLICAS] == 3 and fresh[ctl.taken(1)] == 1
+    assert fresh.sum() == 1 + 3 + 1
+
+
+def test_a_worker_writes_back_its_counts_and_its_round():
+    ctl = Control(WORKERS)
+    counts = protocol.PushCounts(pushed=9, dropped=2, cancelled=1, last_tag=8, batches=10)
+    running = protocol.WorkerRound(2).announced()
+    indices, values = protocol.own_slots(ctl, 1, counts, running)
+    got = dict(zip(indices, values))
+    assert got[ctl.pushed(1)] == 9 and got[ctl.dropped(1)] == 2 and got[ctl.cancelled(1)] == 1
+    assert got[ctl.last_tag(1)] == 8 and got[ctl.batches(1)] == 10
+    assert got[ctl.ended(1)] == 1  # round 1 is over
+    assert got[Control.ROUND] == 2 and got[Control.STOP_ROUND] == 0  # scatter_max: 0 leaves it
+
+    _, values = protocol.own_slots(ctl, 1, counts, running.stopped())
+    assert dict(zip(indices, values))[Control.STOP_ROUND] == 2
+    _, values = protocol.own_slots(ctl, 1, counts, protocol.WorkerRound(3))
+    assert dict(zip(indices, values))[Control.ROUND] == 0  # not announced yet: nothing to say
+
+
+def test_without_a_restart_timeout_the_error_is_raised_as_it_came():
+    error = errors.PsUnavailableError("ps 0 is gone")
+    with pytest.raises(errors.PsUnavailableError, match="ps 0 is gone"):
+        recovery.await_generation(None, None, 0, timeout=0.0, error=error)
+    with pytest.raises(errors.PsUnavailableError, match="ps 0 is gone"):
+        recovery.ChiefRecovery(None, None, timeout=0.0, liveness=None).recover(error, [], 0, np.zeros([1]))
+
+
+def test_a_restarted_ps_is_written_again_in_a_new_generation():
+    address = f"localhost:{launch.free_ports(1)[0]}"
+    ps = cluster_lib.Task("ps", 0, address)
+    proc = start_ps(address)
+    try:
+        layout = Layout([tf.Variable(tf.zeros([4]), name="v")], num_shards=1)
+        state = SharedState("t/recovery", layout, [ps], WORKERS, endpoint.Endpoints(timeout=10.0))
+        state.create([np.arange(4, dtype=np.float32)], step=7)
+        state.accs[0].apply_grad(protocol.push_vector(np.ones(4, np.float32), 0, WORKERS), 7)
+        assert state.accs[0].num_accumulated() == 1 and state.intact()
+
+        proc.kill()
+        proc.wait()
+        proc = start_ps(address)
+        with pytest.raises(errors.PsRestartedError, match="restarted"):
+            state.read_control()  # the session made before the restart is not known there
+        assert not state.intact()  # the next run has a new session: the state is gone
+        assert not recovery.state_lost(state.ctl.view(np.zeros([state.ctl.size], np.int64)), 0)
+
+        control = np.zeros([state.ctl.size], np.int64)
+        control[state.ctl.pushed(0)] = 1
+        assert state.repopulate([np.arange(4, dtype=np.float32) + 1], 7, control) == 1
+        ctl = state.read_control()
+        assert (ctl.step, ctl.version, ctl.generation) == (7, 7, 1) and ctl.block("pushed")[0] == 1
+        assert recovery.state_lost(ctl, 0) and not recovery.state_lost(ctl, 1)
+        np.testing.assert_array_equal(state.read_params()[0], np.arange(4) + 1)
+        assert state.intact()
+
+        # A worker that has not seen generation 1 pushes into generation 0's accumulator, which the
+        # restart made anew at step 0 (it accepts any tag): nobody takes it.
+        grad = protocol.push_vector(np.ones(4, np.float32), 1, WORKERS)
+        state.accs_of(0)[0].apply_grad(grad, 3)
+        assert state.accs_of(0)[0].num_accumulated() == 1
+        assert state.accs[0].num_accumulated() == 0
+        state.accs[0].apply_grad(grad, 6)  # stale for step 7: dropped
+        state.accs[0].apply_grad(grad, 7)
+        assert state.accs[0].num_accumulated() == 1
+    finally:
+        proc.kill()
+        proc.wait()
