@@ -95,13 +95,14 @@ def check_input_positions(progress_dir, results) -> int:
     return reread
 
 
-def fault_cluster(tmp_path, num_workers=3, num_backup_workers=1, steps=STEPS, **kwargs):
+def fault_cluster(tmp_path, num_workers=3, num_backup_workers=1, steps=STEPS, num_ps=1, **kwargs):
     progress = tmp_path / "progress"
     progress.mkdir(exist_ok=True)
     cluster = tf_backup.LocalCluster(
-        workers.train_through_faults, num_workers,
+        workers.train_through_faults, num_workers, num_ps=num_ps,
         args=(steps, num_backup_workers, str(progress)), kwargs=kwargs,
-        log_dir=str(tmp_path / f"logs{len(list(tmp_path.glob('logs*')))}"))
+        log_dir=str(tmp_path / f"logs{len(list(tmp_path.glob('logs*')))}"),
+        serve_kwargs={"ps_restart_timeout": kwargs.get("ps_restart_timeout", 0.0)})
     return cluster, str(progress)
 
 
@@ -234,9 +235,10 @@ def run_to_the_end(tmp_path, checkpoints) -> dict:
         return cluster.result("worker-0")
 
 
-@pytest.mark.parametrize("victim", ["worker-0", "ps-0"])
+@pytest.mark.parametrize("victim", ["worker-0", pytest.param("ps-0", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_killed_chief_or_ps_job_resumes_from_its_checkpoint(tmp_path, seed, victim):
+    """Without a supervisor (and `ps_restart_timeout` = 0): every task exits, the chief with a checkpoint."""
     kill_at = random.Random(seed).randint(6, STEPS - 10)
     checkpoints = str(tmp_path / "ckpt")
     cluster, progress = fault_cluster(tmp_path, checkpoint_dir=checkpoints)
@@ -292,7 +294,7 @@ def kill_when_reached(cluster, progress_dir, watched: str, step: int, victims, t
 
 @pytest.mark.parametrize("victims", [
     ["worker-0"],
-    pytest.param(["ps-0"], marks=pytest.mark.slow),
+    ["ps-0"],
     pytest.param(["worker-1", "worker-2"], marks=pytest.mark.slow),  # b + 1 workers
     pytest.param(["worker-2"], marks=pytest.mark.slow),  # a backup worker: it rejoins the running job
 ])
@@ -348,6 +350,31 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     assert latest_checkpoint_step(checkpoints) == steps
     for r in results[1:]:  # every worker's last process took part in the job's last stretch
         assert r["initial_step"] >= resumed_at and r["stats"]["global_step"] == steps
+        np.testing.assert_allclose(r["weights"][0], chief["weights"][0], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["ps-0", "ps-1"])
+def test_under_a_supervisor_either_of_two_ps_tasks_is_written_again(tmp_path, victim):
+    """Two ps tasks, each holding shards: whichever restarts, the chief writes the state again and nobody else
+    restarts. (A restart of ps 1 fails no run of the chief's: its once-a-second check finds it.)"""
+    steps = 60
+    cluster, progress = fault_cluster(tmp_path, steps=steps, num_ps=2, compute_seconds=0.1, ps_restart_timeout=60.0)
+    with cluster:
+        cluster.start()
+        killer = kill_when_reached(cluster, progress, "worker-1", 15, [victim])
+        results = cluster.wait(timeout=300, max_restarts=3)
+        killer["thread"].join(5)
+        assert "error" not in killer, killer["error"]
+        codes = assert_all_exited(cluster, 60)
+        restarts = cluster.restarts()
+    assert set(codes.values()) == {0}, codes
+    assert restarts == {name: int(name == victim) for name in restarts}, restarts
+    assert check_input_positions(progress, results) == 0
+    chief = results[0]
+    assert chief["state_rewrites"] == 1 and [r["recoveries"] for r in results] == [1, 1, 1]
+    assert [s for s, _ in chief["contributions"]] == list(range(steps))
+    for r in results[1:]:
         np.testing.assert_allclose(r["weights"][0], chief["weights"][0], rtol=0, atol=0)
 
 
@@ -462,3 +489,18 @@ def test_the_training_binary_with_restart_failed_finishes_when_the_chief_is_kill
     assert all(0 < p <= summary["resumed_from_step"] for p in starts), (starts, summary["resumed_from_step"])
     assert all(p <= b for p, b in zip(starts, summary["input_batches"])), (starts, summary["input_batches"])
     assert "summary | input resumed at batch " in output
+
+
+@pytest.mark.slow
+def test_the_training_binary_with_restart_failed_goes_on_when_the_ps_is_killed(tmp_path):
+    """`--restart_failed` (so `--ps_restart_timeout=60`): the ps killed at step 20 or later comes back empty, the
+    chief writes the state again, and only the ps restarts: no step redone, every input read once."""
+    code, output, summary = run_binary_and_kill(tmp_path, "ps-0", "--restart_failed", "--checkpoint_every=10")
+    assert code == 0, output[-4000:]
+    assert "task ps-0 exited with code -9; restarting it in 1.0 s (restart 1 of at most 5)" in output
+    assert summary["steps"] == 120 and summary["resumed_from_step"] == 0
+    assert summary["task_restarts"] == {"ps-0": 1} and summary["state_rewrites"] == 1
+    assert "summary | the chief wrote the shared state again after a ps restart: 1x" in output
+    assert [w["input_position"] for w in summary["workers"]] == [0, 0, 0]  # nobody restarted: all read from 0
+    g = summary["gradients"]
+    assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]

@@ -493,9 +493,9 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     result = {"worker": strategy.worker_index, "initial_step": initial_step, "stats": strategy.stats(),
               "weights": [v.numpy() for v in model.trainable_variables],
               "input_position": strategy.input_position,
-              "recoveries": strategy.extended.latest_binding().client.recoveries}
+              "recoveries": strategy.counters().state_generation}
     if strategy.is_chief:
-        result["state_rewrites"] = strategy.extended.latest_binding().aggregator.recovery.recoveries
+        result["state_rewrites"] = strategy.counters().state_rewrites
         result["events"] = [(e.worker, e.event, e.step, e.last_step) for e in strategy.worker_events()]
         result["contributions"] = [(r.step, r.contributions) for r in strategy.step_history()]
         result["restored_optimizer"] = restored_optimizer

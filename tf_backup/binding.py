@@ -337,6 +337,8 @@ class Binding:
             step=self.client.step,
             dense_elements=sum(self.layout.shard_sizes),
             sparse_tables=None if self.sparse is None else [t.shape for t in self.sparse.tables],
+            state_generation=self.client.generation,
+            state_rewrites=self.aggregator.recovery.recoveries if self.aggregator else 0,
         )
 
 
@@ -353,6 +355,10 @@ class Counters:
       step: the global step of the parameters in the model.
       dense_elements: elements in the dense flat shards.
       sparse_tables: the shapes of the tables that go by rows (None: none).
+      state_generation: the generation of the shared state this worker is in
+        (how many times the chief wrote it again after a ps restart).
+      state_rewrites: (the chief) times its aggregator wrote the state again
+        (`tf_backup.recovery`); 0 elsewhere.
     """
 
     missed_wakeups: int
@@ -360,3 +366,5 @@ class Counters:
     step: int
     dense_elements: int
     sparse_tables: Optional[List[List[int]]]
+    state_generation: int = 0
+    state_rewrites: int = 0

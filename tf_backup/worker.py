@@ -104,7 +104,6 @@ class WorkerClient:
         # batch also traces): the push reports the time since as its compute time.
         self._pulled_at: Optional[float] = None
         self.generation = 0  # of the shared state this worker pushes to (`tf_backup.recovery`)
-        self.recoveries = 0  # times it moved to a state the chief wrote again
         self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
         self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
         self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
@@ -275,8 +274,15 @@ class WorkerClient:
         Raises `error` without `ps_restart_timeout`, PsUnavailableError past it,
         AggregatorError if this chief's aggregator failed meanwhile.
         """
+        def still_worth_it():  # the chief's aggregator failed, or a new chief started another job: stop waiting
+            self._check_aggregator()
+            try:
+                self.monitor.check()
+            except recovery.RECOVERABLE:
+                pass  # the job vector is on ps 0: down, or not written again yet
+
         ctl = recovery.await_generation(self.state, self.info, self.generation, self.config.ps_restart_timeout,
-                                        error, between=self._check_aggregator)
+                                        error, between=still_worth_it)
         return self._adopt_generation(ctl)
 
     def _adopt_generation(self, ctl: ControlView) -> ControlView:
@@ -284,7 +290,6 @@ class WorkerClient:
         self.generation = ctl.generation
         indices, values = protocol.own_slots(self.state.ctl, self.w, self.counts, self.round)
         self.state.control.scatter_max(indices, values)
-        self.recoveries += 1
         logging.info("tf_backup: worker %d goes on at global step %d in generation %d of `%s`.",
                      self.w, ctl.step, ctl.generation, self.state.prefix)
         return self.state.read_control()

@@ -76,6 +76,11 @@ _RESTART_FAILED = flags.DEFINE_boolean(
     "restart_failed", False, "With --local_cluster: restart any task that exits non-zero (up to "
     "--max_restarts times each), as a cluster manager would; a restarted chief resumes from the "
     "latest checkpoint, and the job finishes with nothing for a person to do.")
+_PS_RESTART_TIMEOUT = flags.DEFINE_float(
+    "ps_restart_timeout", None, "Seconds to wait for a ps task that failed to come back (restarted by "
+    "--restart_failed or a cluster manager); the chief then writes the shared state again and "
+    "training goes on, nothing redone. 0: a lost ps ends the job (resume it from the checkpoint). "
+    "Default: 60 with --restart_failed, else 0. Give every task the same value.", lower_bound=0.0)
 _MAX_RESTARTS = flags.DEFINE_integer(
     "max_restarts", 5, "With --restart_failed: how many times each task may be restarted.", lower_bound=1)
 _MODEL_DIR = flags.DEFINE_string(
@@ -266,6 +271,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         "worker_events": [dataclasses.asdict(e) for e in strategy.worker_events()],
         "gradients": {k: stats[k] for k in ("pushed", "taken", "dropped", "cancelled")},
         "input_batches": stats["batches"],  # per worker, batches of its shard finished with in this job
+        "state_rewrites": strategy.counters().state_rewrites,  # after a ps restart (ps_restart_timeout)
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "replicas_per_step": replicas_per_step(strategy.step_history()) if config.adaptive else None,
     }
@@ -343,6 +349,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
     if any(starts):
         lines.append("summary | input resumed at batch " + ", ".join(
             f"{'?' if p is None else p} (worker {w})" for w, p in enumerate(starts)))
+    if summary.get("state_rewrites"):
+        lines.append(f"summary | the chief wrote the shared state again after a ps restart: "
+                     f"{summary['state_rewrites']}x (nothing redone)")
     if summary.get("task_restarts"):
         lines.append("summary | restarted by the supervisor: "
                      + ", ".join(f"{name} {count}x" for name, count in summary["task_restarts"].items()))
@@ -376,6 +385,13 @@ def _in_tf_config_cluster() -> bool:
     return bool(parsed.get("cluster"))
 
 
+def ps_restart_timeout() -> float:
+    """--ps_restart_timeout, or its default: 60 s under --restart_failed (a ps that dies comes back), else 0."""
+    if _PS_RESTART_TIMEOUT.value is not None:
+        return _PS_RESTART_TIMEOUT.value
+    return 60.0 if _RESTART_FAILED.value else 0.0
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise config_lib.ConfigError(f"Unexpected arguments {argv[1:]}: every option is a --flag.")
@@ -384,7 +400,8 @@ def main(argv) -> int:
     # BackupWorkerStrategy arguments from flags (every worker gets the same).
     strategy_args = {"startup_timeout": _STARTUP_TIMEOUT.value, "step_timeout": _STEP_TIMEOUT.value,
                      "worker_timeout": _WORKER_TIMEOUT.value, "chief_timeout": _CHIEF_TIMEOUT.value,
-                     "checkpoint_every_steps": _CHECKPOINT_EVERY.value}
+                     "checkpoint_every_steps": _CHECKPOINT_EVERY.value,
+                     "ps_restart_timeout": ps_restart_timeout()}
     model_dir = _MODEL_DIR.value or os.path.join("/tmp/tf_backup", time.strftime("%Y%m%d-%H%M%S"))
     if _RESTART_FAILED.value and not local:
         raise config_lib.ConfigError(
@@ -402,7 +419,8 @@ def main(argv) -> int:
         cluster = tf_backup.LocalCluster(
             train_task, config.num_workers, num_ps=config.num_ps,
             args=(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value)),
-            log_dir=os.path.join(model_dir, "logs"))
+            log_dir=os.path.join(model_dir, "logs"),
+            serve_kwargs={"ps_restart_timeout": strategy_args["ps_restart_timeout"]})
         with cluster:
             cluster.start()
             results = cluster.wait(_TIMEOUT.value, echo="worker-0", max_failed_workers=config.tolerated_failures,
@@ -415,7 +433,8 @@ def main(argv) -> int:
 
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         if resolver.task_type == "ps":
-            tf_backup.serve(resolver, startup_timeout=_STARTUP_TIMEOUT.value)
+            tf_backup.serve(resolver, startup_timeout=_STARTUP_TIMEOUT.value,
+                            ps_restart_timeout=strategy_args["ps_restart_timeout"])
             # Skip the interpreter's teardown, as tf_backup._task does: a ps task whose ps 0 exited
             # first may still hold a session closing towards it, and TensorFlow aborts a process
             # torn down under such a call (exit -6: a cluster manager would restart the ps).
