@@ -62,7 +62,7 @@ def assert_all_exited(cluster, timeout: float) -> dict:
     return codes
 
 
-def check_input_positions(progress_dir, results) -> int:
+def check_input_positions(progress_dir, results, redone_read_again: bool = True) -> int:
     """Each worker's batches across its processes (`workers.input_log`); returns how many were read again.
 
     Within a process the positions run on by one from where it started (the
@@ -71,7 +71,9 @@ def check_input_positions(progress_dir, results) -> int:
     (its predecessor's last) or computed for a step the job redid (at or after
     the step it resumed at, or the one before: a late gradient for it was dropped).
     Across a resume from a checkpoint, every batch computed for a redone step
-    is read again (its gradient was lost with the old job).
+    is read again (its gradient was lost with the old job); not so with
+    `redone_read_again=False` (a chief that rejoined its job: the workers carry
+    on, and every batch is read once).
     """
     resumes = [run[0][1] for run in workers.input_log(progress_dir, "worker-0")[1:]]
     reread = 0
@@ -87,7 +89,7 @@ def check_input_positions(progress_dir, results) -> int:
             resumed = max([r for r in resumes if r <= after[0][1]], default=0)
             again = [(p, tag) for p, tag in before if p >= start and p != end - 1]
             assert all(tag >= resumed - 1 for _, tag in again), (w, resumed, again)
-            if resumed and before[-1][1] >= resumed:  # rolled back past some of its batches
+            if redone_read_again and resumed and before[-1][1] >= resumed:  # rolled back past some of its batches
                 kept = [(p, tag) for p, tag in before if p < start]
                 assert all(tag < resumed for _, tag in kept), (w, resumed, kept[-3:])
             reread += end - start
@@ -293,17 +295,20 @@ def kill_when_reached(cluster, progress_dir, watched: str, step: int, victims, t
 
 
 @pytest.mark.parametrize("victims", [
-    ["worker-0"],
-    ["ps-0"],
-    pytest.param(["worker-1", "worker-2"], marks=pytest.mark.slow),  # b + 1 workers
-    pytest.param(["worker-2"], marks=pytest.mark.slow),  # a backup worker: it rejoins the running job
+    pytest.param(["worker-0"], id="chief"),  # rejoining its job (`chief_rejoins`)
+    pytest.param(["worker-0", "new job"], marks=pytest.mark.slow, id="chief-new-job"),  # starting a new job
+    pytest.param(["ps-0"], id="ps"),
+    pytest.param(["worker-1", "worker-2"], marks=pytest.mark.slow, id="b+1"),  # b + 1 workers
+    pytest.param(["worker-2"], marks=pytest.mark.slow, id="worker"),  # a backup worker: it rejoins the running job
 ])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, seed):
     """`max_restarts`: a killed task is started again, and the job ends at its last step by itself.
 
-    The chief: every worker sees the new job and restarts; the chief resumes from its checkpoint
-    (every 5 steps), so at most 5 steps are redone. The ps (`ps_restart_timeout`): it alone restarts;
+    The chief (`chief_rejoins`): it alone restarts, rejoins its job at its checkpoint (every 5 steps,
+    so at most 5 steps redone), and the workers carry on, each batch read once. The chief starting a
+    new job ("new job"): every worker sees it and restarts, the redone steps' batches are read again.
+    The ps (`ps_restart_timeout`): it alone restarts;
     the chief writes the state again at the step it had reached and every worker carries on, nothing
     redone, no batch read twice. b + 1 workers: the chief stops with a checkpoint, and everybody restarts.
     One worker: it alone restarts and rejoins the running job (120 steps of at least 0.3 s: time
@@ -311,10 +316,13 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     Every worker's input goes on where the job's parameters are (`check_input_positions`).
     """
     checkpoints = str(tmp_path / "ckpt")
-    one_worker, ps = victims == ["worker-2"], victims == ["ps-0"]
+    one_worker, ps, rejoin = victims == ["worker-2"], victims == ["ps-0"], victims == ["worker-0"]
+    victims = [v for v in victims if v != "new job"]
     steps, compute_seconds = (120, 0.3) if one_worker else (60, 0.1)
+    # A rejoining chief must be back (start TensorFlow, restore) before the workers give up on it.
     cluster, progress = fault_cluster(tmp_path, steps=steps, checkpoint_dir=checkpoints,
-                                      compute_seconds=compute_seconds, ps_restart_timeout=60.0 if ps else 0.0)
+                                      compute_seconds=compute_seconds, ps_restart_timeout=60.0 if ps else 0.0,
+                                      chief_rejoins=rejoin, chief_timeout=60.0 if rejoin else 8.0)
     with cluster:
         cluster.start()
         killer = kill_when_reached(cluster, progress, "worker-1", random.Random(seed).randint(6, 30), victims)
@@ -323,7 +331,7 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
         assert "error" not in killer, killer["error"]
         codes = assert_all_exited(cluster, 60)
         restarts = cluster.restarts()
-    reread = check_input_positions(progress, results)
+    reread = check_input_positions(progress, results, redone_read_again=not rejoin)
     # One line per run for the README's fault table (`pytest -s`).
     print(f"fault-run victims={victims} seed={seed} killed_at={killer['killed_at']} "
           f"resumed_at={results[0]['initial_step']} restarts={restarts} codes={codes} "
@@ -338,6 +346,11 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     if one_worker:  # the job ran on: nobody else restarted
         assert resumed_at == 0 and restarts == {"ps-0": 0, "worker-0": 0, "worker-1": 0, "worker-2": 1}, restarts
         assert 0 < results[2]["input_position"] <= results[2]["stats"]["batches"][2]
+    elif rejoin:  # the same job, gone back to the checkpoint; only the chief restarted
+        assert restarts == {"ps-0": 0, "worker-0": 1, "worker-1": 0, "worker-2": 0}, restarts
+        assert killed_at - 5 <= resumed_at <= killed_at + 2, (killed_at, resumed_at)
+        assert [r["recoveries"] for r in results] == [1, 1, 1]  # all in the state's generation 1
+        assert reread <= 1  # the chief's batch in flight at the kill, at most
     elif ps:  # the chief wrote the state again, once; every worker moved to it and carried on
         assert resumed_at == 0 and restarts == {"ps-0": 1, "worker-0": 0, "worker-1": 0, "worker-2": 0}, restarts
         assert chief["state_rewrites"] == 1 and [r["recoveries"] for r in results] == [1, 1, 1]
@@ -349,7 +362,8 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     assert [s for s, _ in chief["contributions"]] == list(range(resumed_at, steps))
     assert latest_checkpoint_step(checkpoints) == steps
     for r in results[1:]:  # every worker's last process took part in the job's last stretch
-        assert r["initial_step"] >= resumed_at and r["stats"]["global_step"] == steps
+        assert (r["initial_step"] == 0 if rejoin else r["initial_step"] >= resumed_at), r["initial_step"]
+        assert r["stats"]["global_step"] == steps
         np.testing.assert_allclose(r["weights"][0], chief["weights"][0], rtol=0, atol=0)
 
 

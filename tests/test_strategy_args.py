@@ -45,6 +45,7 @@ def resolver(num_workers=3, task=("worker", 0), ps_port=1):
     (dict(ps_timeout=-1), ValueError, "ps_timeout=-1"),
     (dict(ps_restart_timeout=-1.0), ValueError, "ps_restart_timeout=-1.0"),
     (dict(ps_restart_timeout="60"), ValueError, "ps_restart_timeout='60'"),
+    (dict(chief_rejoins="yes"), TypeError, "chief_rejoins='yes'"),
     (dict(max_steps=0), ValueError, "`max_steps` must be an integer >= 1.*max_steps=0"),
     (dict(max_steps=2.5), TypeError, "max_steps=2.5"),
     (dict(checkpoint_dir=3), TypeError, "checkpoint_dir=3"),

@@ -435,7 +435,8 @@ def input_log(progress_dir: str, task: str):
 def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
                          checkpoint_dir=None, checkpoint_every_steps: int = 5,
                          worker_timeout: float = 3.0, chief_timeout: float = 8.0,
-                         compute_seconds: float = 0.05, ps_restart_timeout: float = 0.0):
+                         compute_seconds: float = 0.05, ps_restart_timeout: float = 0.0,
+                         chief_rejoins: bool = False):
     """The program of the fault-injection tests: trains to global step `steps`.
 
     A linear model with SGD + momentum (so the optimizer has state to
@@ -456,7 +457,7 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         num_backup_workers=num_backup_workers, step_timeout=60.0, startup_timeout=60.0,
         chief_timeout=chief_timeout, worker_timeout=worker_timeout, max_steps=steps,
         checkpoint_dir=checkpoint_dir, checkpoint_every_steps=checkpoint_every_steps, ps_timeout=10.0,
-        ps_restart_timeout=ps_restart_timeout)
+        ps_restart_timeout=ps_restart_timeout, chief_rejoins=chief_rejoins)
     task = os.environ["TF_BACKUP_TASK"]
     InputRecorder = _input_recorder_class()  # pylint: disable=invalid-name
     x, y = regression_data(64)
@@ -488,8 +489,11 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         return tf.concat([features, column], axis=1), labels
 
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat().enumerate().map(with_position)
-    model.fit(strategy.distribute_dataset(dataset, resume_input=True), epochs=1, steps_per_epoch=steps, verbose=0,
-              callbacks=[Progress()])
+    # A worker that carries on through a chief's rejoin trains the redone steps too: up to
+    # checkpoint_every_steps batches more than `steps` (max_steps ends every fit at step `steps`).
+    spare = checkpoint_every_steps if chief_rejoins else 0
+    model.fit(strategy.distribute_dataset(dataset, resume_input=True), epochs=1, steps_per_epoch=steps + spare,
+              verbose=0, callbacks=[Progress()])
     result = {"worker": strategy.worker_index, "initial_step": initial_step, "stats": strategy.stats(),
               "weights": [v.numpy() for v in model.trainable_variables],
               "input_position": strategy.input_position,

@@ -26,7 +26,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -94,13 +94,16 @@ class Aggregator(threading.Thread):
         the chief writes again when a ps task comes back empty
         (`tf_backup.recovery`, with `config.ps_restart_timeout`). None: a lost
         ps task ends the loop.
+      taken: per worker, its gradients already taken in this job (a chief
+        that rejoined its job continues its predecessor's counts); default 0.
     """
 
     def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
                  apply_fn: Callable, step: int = 0, max_steps: Optional[int] = None,
                  liveness: Optional[job_lib.Liveness] = None,
                  checkpoint: Optional[checkpoint_lib.Checkpoint] = None,
-                 master_flats: Optional[Callable[[], List[np.ndarray]]] = None):
+                 master_flats: Optional[Callable[[], List[np.ndarray]]] = None,
+                 taken: Optional[Sequence[int]] = None):
         super().__init__(name=f"tf_backup-aggregator-{state.prefix}", daemon=True)
         self.state = state
         self.config = config
@@ -118,7 +121,8 @@ class Aggregator(threading.Thread):
         self._last_control: Optional[protocol.ControlView] = None  # for a save off the step (`input_positions`)
         self.history: List[StepRecord] = []
         self.failure: Optional[BaseException] = None  # why the loop stopped, if it failed
-        self.taken = np.zeros([config.num_workers], np.int64)
+        # Per worker, its gradients taken in this job (a chief that rejoined it: its predecessor's too).
+        self.taken = np.zeros([config.num_workers], np.int64) if taken is None else np.array(taken, np.int64)
         self.n = config.replicas_to_aggregate  # N of the step being gathered
         settings = config.adaptive
         self.rule = None if settings is None else adaptive_lib.AdaptiveN(

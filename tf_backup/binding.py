@@ -24,6 +24,7 @@ from tf_backup import errors
 from tf_backup import exchange as exchange_lib
 from tf_backup import local_devices
 from tf_backup import protocol
+from tf_backup import recovery
 from tf_backup import shared_state
 from tf_backup import worker as worker_lib
 from tf_backup.layout import Layout
@@ -85,7 +86,7 @@ class Binding:
       initial_input_position: this worker's input position then (`WorkerClient.input_position`).
     """
 
-    def __init__(self, optimizer, strategy, var_list: List):
+    def __init__(self, optimizer, strategy, var_list: List, has_tables: bool = False):
         ext = strategy.extended
         info = ext.cluster
         self.config = resolve_config(optimizer, strategy)
@@ -110,7 +111,7 @@ class Binding:
         self.aggregator: Optional[aggregator_lib.Aggregator] = None
         self.checkpoint: Optional[checkpoint_lib.Checkpoint] = None
         self.sparse = None
-        step, positions = 0, None
+        step, positions, running = 0, None, None
         if info.is_chief:
             self.master = make_master(var_list)
             with tf.init_scope():
@@ -121,12 +122,21 @@ class Binding:
                         ext.checkpoint_every_steps)
                     step = self.checkpoint.restore()
                     positions = self._restored_positions()
-                self.state.create(self.layout.pack([tf.convert_to_tensor(v) for v in self.master]), step=step,
-                                  replicas=self.config.replicas_to_aggregate, input_positions=positions)
+                flats = self.layout.pack([tf.convert_to_tensor(v) for v in self.master])
+                running = self._running_state(has_tables) if ext.monitor.rejoined else None
+                if running is None:
+                    self.state.create(flats, step=step, replicas=self.config.replicas_to_aggregate,
+                                      input_positions=positions)
+                else:  # a restarted chief: the same job, rewound to its checkpoint; the workers carry on
+                    self.state.repopulate(flats, step, recovery.control_to_rejoin(
+                        running, self.config.replicas_to_aggregate))
+                    logging.warning("tf_backup: the chief rejoined job %d at global step %d (its checkpoint); "
+                                    "the job had reached step %d.", ext.monitor.job_id, step, running.step)
             self.aggregator = aggregator_lib.Aggregator(
                 self.state, self.config, info, self._make_apply_fn(inner), step=step,
                 max_steps=ext.max_steps, liveness=ext.liveness(), checkpoint=self.checkpoint,
                 master_flats=lambda: self.layout.pack([tf.convert_to_tensor(v) for v in self.master]),
+                taken=None if running is None else running.block("taken"),
             )
         self.client = worker_lib.WorkerClient(
             self.state, self.config, info, ext.monitor, chief_failure=self.aggregator_failure,
@@ -138,6 +148,7 @@ class Binding:
             self.client.wait_until_ready()
         else:
             self.client.resume()  # its input position, from the checkpoint
+        self.rejoined = running is not None  # (chief) it rejoined its running job at its checkpoint
         self.client.on_stop.append(ext.stop_models)
         flats, _ = self.client.pull()
         self.initial_step = self.client.step
@@ -163,6 +174,25 @@ class Binding:
             return layout.pack([v.value for v in master])
 
         return apply_fn
+
+    def _running_state(self, has_tables: bool) -> Optional[protocol.ControlView]:
+        """(A chief that rejoined its job.) The control vector of this optimizer's state if it is on the ps.
+
+        Raises:
+          ValueError: the state belongs to another model (its signature differs), or the
+            optimizer has Embedding tables (their rows cannot go back to the checkpoint yet).
+        """
+        if not self.state.control.is_initialized():
+            return None
+        if has_tables:
+            raise ValueError(
+                "chief_rejoins=True does not support a SyncReplicasOptimizer with Embedding tables in "
+                "`sparse_variables` yet: their rows on the ps cannot go back to the checkpoint. Use "
+                "chief_rejoins=False (a restarted chief starts a new job).")
+        self.layout.check_signature(self.state.signature.read())
+        ctl = self.state.read_control()
+        self.state.set_generation(ctl.generation)
+        return ctl
 
     def _restored_positions(self) -> Optional[List[int]]:
         """The restored checkpoint's input positions, if they fit this job's workers."""

@@ -52,7 +52,8 @@ class _BackupWorkerMixin:
     def __init__(self, container_strategy, base_args: tuple, info: cluster_lib.ClusterInfo,
                  config: protocol.ProtocolConfig, worker_timeout: float = 30.0,
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
-                 checkpoint_every_steps: int = 100, ps_timeout: float = endpoint_lib.DEFAULT_TIMEOUT):
+                 checkpoint_every_steps: int = 100, ps_timeout: float = endpoint_lib.DEFAULT_TIMEOUT,
+                 chief_rejoins: bool = False):
         super().__init__(container_strategy, *base_args)  # the local strategy's extended
         self.cluster = info
         self.config = config
@@ -73,7 +74,7 @@ class _BackupWorkerMixin:
         self.always_split = False
         self._shut_down = False
         if info.is_chief:
-            self.monitor.start()
+            self.monitor.start(rejoin=chief_rejoins)
 
     # -- running -------------------------------------------------------------------
 

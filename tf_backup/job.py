@@ -123,19 +123,38 @@ class JobMonitor:
         self._chief_beat: Optional[BeatWatch] = None
         self._heartbeat: Optional[Heartbeat] = None
         self.job_id: Optional[int] = None
+        self.rejoined = False  # (chief) `start` joined the job that was running, not a new one
         self.done = False
 
-    def start(self) -> int:
-        """(Chief.) Starts a new job with a random id, joins it and starts beating; returns the id."""
-        job_id = random.SystemRandom().randrange(1, 2**62)
-        values = np.zeros([self._job.size], np.int64)
-        values[Job.JOB_ID] = job_id
-        values[self._job.joined(self._worker_index)] = 1
-        self._var.assign(values)
-        self.job_id = job_id
+    def start(self, rejoin: bool = False) -> int:
+        """(Chief.) Starts a new job with a random id, joins it and starts beating; returns the id.
+
+        `rejoin`: if the ps already holds a job that is neither done nor
+        aborted (this chief was restarted), join that one instead (`rejoined`).
+        """
         self._chief_beat = BeatWatch([Job.HEARTBEAT])
+        running = self._running_job() if rejoin else None
+        if running is not None:
+            self.job_id, self.rejoined = running, True
+            self._var.scatter_update([self._job.joined(self._worker_index), self._job.left(self._worker_index)], [1, 0])
+            logging.warning("tf_backup: the chief rejoins the running job %d.", running)
+        else:
+            self.job_id = random.SystemRandom().randrange(1, 2**62)
+            values = np.zeros([self._job.size], np.int64)
+            values[Job.JOB_ID] = self.job_id
+            values[self._job.joined(self._worker_index)] = 1
+            self._var.assign(values)
         self._start_heartbeat([Job.HEARTBEAT, self._job.beat(self._worker_index)])
-        return job_id
+        return self.job_id
+
+    def _running_job(self) -> Optional[int]:
+        """The id of the job on the ps if one runs (not done, not aborted, of this many workers), else None."""
+        if not self._var.is_initialized():
+            return None
+        values = self._var.read()
+        if len(values) != self._job.size or not values[Job.JOB_ID] or values[Job.DONE] or values[Job.ABORT]:
+            return None
+        return int(values[Job.JOB_ID])
 
     def join(self) -> int:
         """Waits for the chief to start a job on the ps tasks, joins it; returns its id."""

@@ -134,7 +134,8 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
         if isinstance(strategy, strategy_lib.BackupWorkerStrategy):
             var_list = list(var_list)
             dense_ids, sparse_ids = sparse.split(var_list, self.sparse_variables)  # tables go by rows
-            self._binding = binding_lib.Binding(self, strategy, [var_list[i] for i in dense_ids])
+            self._binding = binding_lib.Binding(self, strategy, [var_list[i] for i in dense_ids],
+                                                has_tables=bool(sparse_ids))
             if sparse_ids:
                 self._binding.sparse = sparse.SparseBinding(
                     self, strategy, self._binding, var_list, dense_ids, sparse_ids)

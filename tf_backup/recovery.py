@@ -71,6 +71,20 @@ def control_to_restore(last: Optional[ControlView], num_workers: int, taken: Seq
     return values
 
 
+def control_to_rejoin(ctl: ControlView, replicas: int) -> np.ndarray:
+    """The control vector a restarted chief writes when it rejoins its job at its checkpoint's step.
+
+    The workers' slots stay (their counts and input positions go on: they
+    carry on); FINISHED and TAKEN_FOR are cleared (the step went back), and
+    REPLICAS is the first step's N again. STEP, VERSION and GENERATION are
+    set by `SharedState.repopulate`.
+    """
+    values = np.array(ctl.values, np.int64)
+    values[Control.FINISHED] = values[Control.TAKEN_FOR] = 0
+    values[Control.REPLICAS] = replicas
+    return values
+
+
 def _wait_for(condition: Callable, timeout: float, what: str, error: BaseException,
               between: Optional[Callable[[], None]] = None):
     """Polls `condition` (None until ready; a recoverable error counts as not ready) for `timeout` seconds."""

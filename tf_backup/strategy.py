@@ -107,6 +107,14 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         redone (`tf_backup.recovery`). 0 (the default): a lost ps task ends the
         job (the chief saves a checkpoint). Not with Embedding tables in
         `sparse_variables` yet.
+      chief_rejoins: a chief that starts while its job still runs on the ps
+        (it was restarted; the ps kept the state) rejoins that job: it restores
+        its latest checkpoint and writes the state again at that step, and the
+        workers carry on from there without restarting (docs/design.md, "A
+        restarted chief"). False (the default): it starts a new job, and every
+        worker exits (`ChiefUnavailableError`) to be restarted into it. Give
+        every task the same value. Not with Embedding tables in
+        `sparse_variables` yet.
       devices: this worker's local devices, one replica each (as
         `MirroredStrategy`); default: every local GPU, else every logical CPU
         device; on a host with TPU devices, the host's TPU cores (as
@@ -138,7 +146,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                  poll_interval: float = 0.01, worker_timeout: float = 30.0,
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every_steps: int = 100, ps_timeout: float = 60.0,
-                 ps_restart_timeout: float = 0.0, devices=None):
+                 ps_restart_timeout: float = 0.0, chief_rejoins: bool = False, devices=None):
         auto = num_backup_workers == "auto"
         if not auto:
             num_backup_workers = _checks.check_int("num_backup_workers", num_backup_workers, 0,
@@ -158,6 +166,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         worker_timeout = _checks.check_seconds("worker_timeout", worker_timeout)
         ps_timeout = _checks.check_seconds("ps_timeout", ps_timeout)
         ps_restart_timeout = _checks.check_seconds("ps_restart_timeout", ps_restart_timeout, allow_zero=True)
+        _checks.check_bool("chief_rejoins", chief_rejoins)
         max_steps = _checks.check_optional_int("max_steps", max_steps, 1)
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"`checkpoint_dir` must be a path or None. Received checkpoint_dir={checkpoint_dir!r}")
@@ -213,7 +222,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         # through graph sessions on the ps tasks (tf_backup.accumulators).
         kwargs = dict(worker_timeout=worker_timeout, max_steps=max_steps,
                       checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
-                      checkpoint_every_steps=checkpoint_every_steps, ps_timeout=ps_timeout)
+                      checkpoint_every_steps=checkpoint_every_steps, ps_timeout=ps_timeout,
+                      chief_rejoins=chief_rejoins)
         if tpu is not None:
             extended = extended_lib.TPUBackupWorkerExtended(self, tpu, info, config, **kwargs)
         elif len(devices) == 1:

@@ -142,6 +142,8 @@ class WorkerClient:
         ctl = self.state.read_control()
         self.counts = protocol.PushCounts.resumed(ctl, self.w)
         self.round = protocol.resumed_round(ctl, self.w)
+        self.generation = ctl.generation  # a state the chief wrote again: push to its accumulators
+        self.state.set_generation(ctl.generation)
 
     @property
     def input_position(self) -> int:
@@ -252,6 +254,8 @@ class WorkerClient:
                     ctl, snapshot = got.control, got.snapshot
                 if recovery.state_lost(ctl, self.generation):  # the chief wrote the state again
                     ctl = self._adopt_generation(ctl)
+                    if ctl.step < self.step:
+                        return Seen(ctl, None)  # a restarted chief went back to its checkpoint: pull that
                     push = pushing if pushing is not None and not done(ctl) else None
                     continue
                 if done(ctl):
@@ -259,6 +263,8 @@ class WorkerClient:
                 self._check_health()
             except recovery.RECOVERABLE as e:  # a ps task is down, or back empty: wait for the chief
                 ctl = self._recover(e)
+                if ctl.step < self.step:
+                    return Seen(ctl, None)
                 push = pushing if pushing is not None and not done(ctl) else None
                 continue
             if self.monitor.done:
