@@ -81,6 +81,7 @@ def test_the_tfjob_manifest_gives_every_task_the_flags_its_replicas_need():
     assert replicas["Chief"] == 1 and text.count("name: tensorflow") == 3  # the operator's container name
     # Every replica waits the same time for a restarted ps (the chief writes the state again).
     assert re.findall(r"--ps_restart_timeout=(\d+)", text) == ["300"] * 3
+    assert text.count('"--chief_rejoins"') == 3  # a restarted chief rejoins; every task must agree
 
 
 def test_the_plain_manifest_lists_every_indexed_pod_in_its_cluster():
@@ -92,7 +93,7 @@ def test_the_plain_manifest_lists_every_indexed_pod_in_its_cluster():
     assert workers == [str(i) for i in range(int(completions["worker"]))]
     assert ps == [str(i) for i in range(int(completions["ps"]))]
     assert _flag(text, "num_workers") == int(completions["worker"])
-    assert re.findall(r"--ps_restart_timeout=(\d+)", text) == ["300"] * 2  # the ps job's and the workers'
+    assert re.findall(r"--ps_restart_timeout=(\d+) --chief_rejoins", text) == ["300"] * 2  # ps's and workers'
     for cluster in re.findall(r"value: >-\n((?:\s+.*\n)+?)\s+ports:", text):  # each CLUSTER value is JSON
         parsed = json.loads(" ".join(cluster.split()))
         assert len(parsed["worker"]) == int(completions["worker"]) and len(parsed["ps"]) == int(completions["ps"])

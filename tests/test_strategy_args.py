@@ -30,7 +30,7 @@ def resolver(num_workers=3, task=("worker", 0), ps_port=1):
      "need num_backup_workers='auto'.*max_replicas_to_aggregate=2"),
     (dict(num_backup_workers="auto", min_replicas_to_aggregate=0), ValueError, "min_replicas_to_aggregate=0"),
     (dict(num_backup_workers="auto", max_replicas_to_aggregate=4), ValueError,
-     "at most the number of workers \(3\).*max_replicas_to_aggregate=4"),
+     r"at most the number of workers \(3\).*max_replicas_to_aggregate=4"),
     (dict(num_backup_workers="auto", min_replicas_to_aggregate=3, max_replicas_to_aggregate=2), ValueError,
      "min_replicas_to_aggregate=3, max_replicas_to_aggregate=2"),
     (dict(num_backup_workers="auto", adaptive_window=0), ValueError, "adaptive_window=0"),

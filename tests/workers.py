@@ -497,7 +497,7 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     result = {"worker": strategy.worker_index, "initial_step": initial_step, "stats": strategy.stats(),
               "weights": [v.numpy() for v in model.trainable_variables],
               "input_position": strategy.input_position,
-              "recoveries": strategy.counters().state_generation}
+              "generation": strategy.counters().state_generation}
     if strategy.is_chief:
         result["state_rewrites"] = strategy.counters().state_rewrites
         result["events"] = [(e.worker, e.event, e.step, e.last_step) for e in strategy.worker_events()]

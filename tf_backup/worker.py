@@ -233,6 +233,7 @@ class WorkerClient:
         while True:
             waited = time.monotonic() - start
             seconds = min(protocol.WAKE_WAIT, max(0.001, timeout - waited))
+            moved = None  # the control vector of a state the chief wrote again, once this worker moved to it
             try:
                 if push is not None:
                     got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
@@ -253,19 +254,19 @@ class WorkerClient:
                 else:
                     ctl, snapshot = got.control, got.snapshot
                 if recovery.state_lost(ctl, self.generation):  # the chief wrote the state again
-                    ctl = self._adopt_generation(ctl)
-                    if ctl.step < self.step:
-                        return Seen(ctl, None)  # a restarted chief went back to its checkpoint: pull that
-                    push = pushing if pushing is not None and not done(ctl) else None
-                    continue
-                if done(ctl):
-                    return Seen(ctl, snapshot)
-                self._check_health()
+                    moved = self._adopt_generation(ctl)
+                else:
+                    if done(ctl):
+                        return Seen(ctl, snapshot)
+                    self._check_health()
             except recovery.RECOVERABLE as e:  # a ps task is down, or back empty: wait for the chief
-                ctl = self._recover(e)
-                if ctl.step < self.step:
-                    return Seen(ctl, None)
-                push = pushing if pushing is not None and not done(ctl) else None
+                moved = self._recover(e)
+            if moved is not None:
+                # Pull its step if it is behind this worker's (a restarted chief went back to its
+                # checkpoint) or what was waited for happened; else push again: the gradient is fresh.
+                if moved.step < self.step or done(moved):
+                    return Seen(moved, None)
+                push = pushing
                 continue
             if self.monitor.done:
                 return Seen(ctl, snapshot)

@@ -81,6 +81,11 @@ _PS_RESTART_TIMEOUT = flags.DEFINE_float(
     "--restart_failed or a cluster manager); the chief then writes the shared state again and "
     "training goes on, nothing redone. 0: a lost ps ends the job (resume it from the checkpoint). "
     "Default: 60 with --restart_failed, else 0. Give every task the same value.", lower_bound=0.0)
+_CHIEF_REJOINS = flags.DEFINE_boolean(
+    "chief_rejoins", None, "A restarted chief rejoins its running job from its latest checkpoint and the "
+    "workers carry on (at most --checkpoint_every steps redone, no batch read twice); off: it starts a "
+    "new job and every worker restarts into it. Default: on with --restart_failed. Give every task "
+    "the same value.")
 _MAX_RESTARTS = flags.DEFINE_integer(
     "max_restarts", 5, "With --restart_failed: how many times each task may be restarted.", lower_bound=1)
 _MODEL_DIR = flags.DEFINE_string(
@@ -240,7 +245,11 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"),
                                                      update_freq=config.log_every))
     start = time.monotonic()
-    history = model.fit(strategy.distribute_dataset(train, resume_input=True), epochs=epochs, initial_epoch=initial_epoch,
+    # A worker that carries on through a chief's rejoin also trains the redone steps: one spare epoch
+    # (max_steps ends every fit at step `total` all the same).
+    spare = int(strategy_args.get("chief_rejoins", False))
+    history = model.fit(strategy.distribute_dataset(train, resume_input=True), epochs=epochs + spare,
+                        initial_epoch=initial_epoch,
                         steps_per_epoch=steps_per_epoch, verbose=2 if strategy.is_chief else 0,
                         callbacks=callbacks)
     wall = time.monotonic() - start
@@ -401,7 +410,8 @@ def main(argv) -> int:
     strategy_args = {"startup_timeout": _STARTUP_TIMEOUT.value, "step_timeout": _STEP_TIMEOUT.value,
                      "worker_timeout": _WORKER_TIMEOUT.value, "chief_timeout": _CHIEF_TIMEOUT.value,
                      "checkpoint_every_steps": _CHECKPOINT_EVERY.value,
-                     "ps_restart_timeout": ps_restart_timeout()}
+                     "ps_restart_timeout": ps_restart_timeout(),
+                     "chief_rejoins": _RESTART_FAILED.value if _CHIEF_REJOINS.value is None else _CHIEF_REJOINS.value}
     model_dir = _MODEL_DIR.value or os.path.join("/tmp/tf_backup", time.strftime("%Y%m%d-%H%M%S"))
     if _RESTART_FAILED.value and not local:
         raise config_lib.ConfigError(
