@@ -71,6 +71,24 @@ def test_a_worker_writes_back_its_counts_and_its_round():
     assert dict(zip(indices, values))[Control.ROUND] == 0  # not announced yet: nothing to say
 
 
+def test_a_worker_pushes_again_only_a_gradient_of_the_new_states_step():
+    move = recovery.next_move
+    assert move(step=12, own_step=12, done=False, pushed=True) is recovery.Move.PUSH_AGAIN  # a ps restart
+    assert move(step=12, own_step=12, done=False, pushed=False) is recovery.Move.WAIT
+    assert move(step=13, own_step=12, done=True, pushed=True) is recovery.Move.PULL  # the step passed meanwhile
+    # A restarted chief went back to its checkpoint: the gradient of step 18 would count as fresh at 15.
+    assert move(step=15, own_step=18, done=False, pushed=True) is recovery.Move.PULL
+
+
+def test_a_rejoining_chief_keeps_the_workers_slots_and_clears_its_step_marks():
+    ctl = Control(WORKERS)
+    values = np.arange(ctl.size, dtype=np.int64) + 1
+    written = recovery.control_to_rejoin(ctl.view(values), replicas=2)
+    assert written[Control.FINISHED] == written[Control.TAKEN_FOR] == 0 and written[Control.REPLICAS] == 2
+    kept = [i for i in range(ctl.size) if i not in (Control.FINISHED, Control.TAKEN_FOR, Control.REPLICAS)]
+    np.testing.assert_array_equal(written[kept], values[kept])
+
+
 def test_without_a_restart_timeout_the_error_is_raised_as_it_came():
     error = errors.PsUnavailableError("ps 0 is gone")
     with pytest.raises(errors.PsUnavailableError, match="ps 0 is gone"):

@@ -148,7 +148,6 @@ class Binding:
             self.client.wait_until_ready()
         else:
             self.client.resume()  # its input position, from the checkpoint
-        self.rejoined = running is not None  # (chief) it rejoined its running job at its checkpoint
         self.client.on_stop.append(ext.stop_models)
         flats, _ = self.client.pull()
         self.initial_step = self.client.step

@@ -28,6 +28,7 @@ With `ps_restart_timeout` = 0 (the default) a lost ps ends the job as before:
 the chief fails, saves its checkpoint, and the job can be resumed from it.
 """
 
+import enum
 from typing import Callable, Optional, Sequence
 
 from absl import logging
@@ -175,6 +176,27 @@ def await_generation(state, info: cluster_lib.ClusterInfo, seen: int, timeout: f
 
     return _wait_for(written, timeout, f"Worker {info.task} waited for the chief {info.chief} to write "
                      f"the shared state `{state.prefix}` again", error, between)
+
+
+class Move(enum.Enum):
+    """What a worker waiting for a step does once it moved to a state the chief wrote again."""
+
+    PULL = "pull"  # return and pull that state's step into the model
+    PUSH_AGAIN = "push again"  # its gradient is for that state's step: push it into the new accumulators
+    WAIT = "wait"  # nothing was pushed in this wait: go on waiting
+
+
+def next_move(step: int, own_step: int, done: bool, pushed: bool) -> Move:
+    """A worker's move into a new generation whose step is `step`; its parameters are of `own_step`.
+
+    `done`: what the worker waits for already holds there. A step below its own
+    is a restarted chief's checkpoint: the gradient it computed is for a lost
+    step and must not be pushed (the new accumulators at `step` would take it,
+    tagged `own_step` >= `step`, as fresh).
+    """
+    if step < own_step or done:
+        return Move.PULL
+    return Move.PUSH_AGAIN if pushed else Move.WAIT
 
 
 def state_lost(ctl: Optional[ControlView], seen: int) -> bool:

@@ -262,11 +262,10 @@ class WorkerClient:
             except recovery.RECOVERABLE as e:  # a ps task is down, or back empty: wait for the chief
                 moved = self._recover(e)
             if moved is not None:
-                # Pull its step if it is behind this worker's (a restarted chief went back to its
-                # checkpoint) or what was waited for happened; else push again: the gradient is fresh.
-                if moved.step < self.step or done(moved):
+                move = recovery.next_move(moved.step, self.step, done(moved), pushing is not None)
+                if move is recovery.Move.PULL:
                     return Seen(moved, None)
-                push = pushing
+                push = pushing if move is recovery.Move.PUSH_AGAIN else None
                 continue
             if self.monitor.done:
                 return Seen(ctl, snapshot)
