@@ -481,7 +481,10 @@ class WorkerClient:
         """Waits until every worker has ended fit round `round_`; returns the tasks that did not in time.
 
         Workers that left the job or that the chief declared dead are not waited
-        for. Past `timeout` seconds, a warning names the late workers.
+        for, and nobody is once the chief has finished the job (DONE: a worker
+        waits here after its last fit, `wait_for_fit_end`, but only the chief
+        knows whom it declared dead, and the ps tasks exit soon after DONE).
+        Past `timeout` seconds, or at DONE, a warning names the late workers.
         """
         late: List[int] = []
 
@@ -491,15 +494,20 @@ class WorkerClient:
             if late:  # a worker that left the job (e.g. refused at build) or died never ends it
                 gone = set(self.monitor.left_workers()) | set(self._dead_workers())
                 late[:] = [w for w in late if w not in gone]
+            if late and not self.info.is_chief:
+                self.monitor.check()
+                return self.monitor.done
             return not late
 
         try:
             _checks.poll_until(all_ended, timeout=timeout, first=self.config.poll_min, longest=self.config.poll_max,
                                on_timeout=lambda waited: errors.StepTimeoutError(f"round {round_}"))
         except errors.StepTimeoutError:
-            names = [str(self.info.workers[w]) for w in late]
-            logging.warning(
-                "tf_backup: workers %s did not end fit round %d within %.0f s (%s); their counts "
-                "may be incomplete.", ", ".join(names), round_, timeout, setting)
-            return names
-        return []
+            pass
+        if not late:
+            return []
+        names = [str(self.info.workers[w]) for w in late]
+        logging.warning(
+            "tf_backup: workers %s did not end fit round %d (%s, %.0f s, or the job ended first); their counts "
+            "may be incomplete.", ", ".join(names), round_, setting, timeout)
+        return names
