@@ -17,6 +17,7 @@ from tf_backup import errors
 from tf_backup import launch
 from tf_backup import protocol
 from tf_backup import recovery
+from tf_backup import worker as worker_lib
 from tf_backup.layout import Layout
 from tf_backup.protocol import Control
 from tf_backup.shared_state import SharedState
@@ -134,6 +135,20 @@ def test_a_restarted_ps_is_written_again_in_a_new_generation():
         state.accs[0].apply_grad(grad, 6)  # stale for step 7: dropped
         state.accs[0].apply_grad(grad, 7)
         assert state.accs[0].num_accumulated() == 1
+
+        # A worker process that joins now (restarted after the ps restart) pushes into generation 1.
+        joiner = SharedState("t/recovery", layout, [ps], WORKERS, endpoint.Endpoints(timeout=10.0))
+        spec = tf.train.ClusterSpec({"worker": [f"h:{i + 1}" for i in range(WORKERS)], "ps": [address]})
+        info = cluster_lib.cluster_info_from_resolver(
+            tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=2))
+        client = worker_lib.WorkerClient(joiner, protocol.ProtocolConfig(2, WORKERS), info, monitor=None)
+        try:
+            client.resume()
+        finally:
+            client.close()
+        assert client.generation == joiner.generation == 1 and client.counts.pushed == 0  # worker 2 never pushed
+        joiner.accs[0].apply_grad(protocol.push_vector(np.ones(4, np.float32), 2, WORKERS), 7)
+        assert state.accs[0].num_accumulated() == 2  # where the chief takes
     finally:
         proc.kill()
         proc.wait()
