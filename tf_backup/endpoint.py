@@ -14,6 +14,7 @@ is no process-wide registry.
 
 import enum
 import threading
+import time
 from typing import Dict, Optional, Tuple
 
 from absl import logging
@@ -102,6 +103,11 @@ class Endpoint:
             if self._session is None:
                 config = tf.compat.v1.ConfigProto(
                     allow_soft_placement=False, operation_timeout_in_ms=int(self.timeout * 1000))
+                # By default every session of a process to one target shares one TCP connection:
+                # one that goes silent (no reset, no answer) stalls them all, and a new session
+                # too (tests/test_endpoint.py). With a connection of its own, the session made
+                # after a deadline (`_forget_session`) reaches the task again at once.
+                config.rpc_options.disable_session_connection_sharing = True
                 self._session = tf.compat.v1.Session(self.target, graph=self.graph, config=config)
             session = self._session
         options = self._options
@@ -118,18 +124,34 @@ class Endpoint:
         except tf.errors.DeadlineExceededError as e:
             if wait is not None:
                 return None  # nothing came within `wait`; the task cancelled the run
+            self._forget_session(session)
             raise self._unavailable(what, e) from e
         except tf.errors.UnavailableError as e:
+            self._forget_session(session)
             raise self._unavailable(what, e) from e
 
+    def _forget_session(self, session: tf.compat.v1.Session) -> None:
+        """Makes the next run use a new session (and connection), unless another thread already did.
+
+        `session` is closed in the background once every run still in it has
+        met its deadline (`timeout`): a close now would cancel those runs. Not
+        left to the garbage collector either: a close over a silent connection
+        blocks for `timeout`, in whichever thread collects it.
+        """
+        if self._forget(session):
+            _close_later(session, self.timeout, self.target)
+
     def _drop_session(self, session: tf.compat.v1.Session) -> None:
-        """Forgets `session`, which its task no longer knows (unless another thread did); the next run makes a new one."""
+        """Forgets `session`, which its task no longer knows (it restarted), and closes it in the background now."""
+        if self._forget(session):
+            _close_later(session, 0.0, self.target)
+
+    def _forget(self, session: tf.compat.v1.Session) -> bool:
         with self._lock:
             if self._session is not session:
-                return
+                return False
             self._session = None
-        threading.Thread(target=_close_quietly, args=(session,), name=f"tf_backup-close-{self.target}",
-                         daemon=True).start()
+            return True
 
     def close(self, wait: float = 5.0) -> None:
         """Closes the session, waiting at most `wait` seconds for the task.
@@ -157,11 +179,17 @@ class Endpoint:
         )
 
 
-def _close_quietly(session: tf.compat.v1.Session) -> None:
+def _close_quietly(session: tf.compat.v1.Session, after: float = 0.0) -> None:
+    time.sleep(after)
     try:
         session.close()
     except tf.errors.OpError:
         pass  # the task is gone: nothing to end there
+
+
+def _close_later(session: tf.compat.v1.Session, after: float, target: str) -> None:
+    threading.Thread(target=_close_quietly, args=(session, after), name=f"tf_backup-close-{target}",
+                     daemon=True).start()
 
 
 class Endpoints:

@@ -1,0 +1,143 @@
+"""An `Endpoint`'s connection to its task going silent or being reset, through a TCP relay on localhost."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_backup import accumulators
+from tf_backup import endpoint
+from tf_backup import errors
+
+DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
+
+
+class Relay:
+    """Forwards TCP connections to `port`; each can go silent (bytes dropped, no reset) or be reset."""
+
+    def __init__(self, port: int):
+        self._port = port
+        self._listener = socket.create_server(("localhost", 0))
+        self.target = f"grpc://localhost:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._links = []  # (client side, task side, {"silent": bool})
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._links)
+
+    def silence(self, index: int) -> None:
+        """Connection `index` drops every byte from now on: it looks open and never answers."""
+        with self._lock:
+            self._links[index][2]["silent"] = True
+
+    def reset_all(self) -> None:
+        with self._lock:
+            links = list(self._links)
+        for near, far, _ in links:
+            for s in (near, far):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("localhost", self._port))
+            state = {"silent": False}
+            with self._lock:
+                self._links.append((near, far, state))
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b, state), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b, state):
+        while True:
+            try:
+                data = a.recv(65536)
+                if not data:
+                    return
+                if not state["silent"]:
+                    b.sendall(data)
+            except OSError:
+                return
+
+
+@pytest.fixture(scope="module")
+def server():
+    return tf.distribute.Server.create_local_server()
+
+
+@pytest.fixture
+def relay(server):
+    r = Relay(int(server.target.rsplit(":", 1)[1]))
+    yield r
+    r.close()
+
+
+def test_a_silent_connection_costs_one_deadline_then_the_next_run_reconnects(relay):
+    where = endpoint.Endpoint(relay.target, DEVICE, timeout=2.0)
+    other = endpoint.Endpoint(relay.target, DEVICE, timeout=2.0)  # another session of this process
+    v = accumulators.SharedVariable("e/silent", tf.int64, [1], where)
+    v.assign([5])
+    np.testing.assert_array_equal(accumulators.SharedVariable("e/silent", tf.int64, [1], other).read(), [5])
+    assert relay.connections == 2  # one connection per session, not one per process
+    relay.silence(0)
+    start = time.monotonic()
+    with pytest.raises(errors.PsUnavailableError, match=r"read of `e/silent` .*did not complete within 2 s"):
+        v.read()
+    assert 1.9 < time.monotonic() - start < 10.0
+    np.testing.assert_array_equal(accumulators.SharedVariable("e/silent", tf.int64, [1], other).read(), [5])
+    start = time.monotonic()
+    np.testing.assert_array_equal(v.read(), [5])  # a new session, on a new connection
+    assert time.monotonic() - start < 1.5 and relay.connections == 3
+    v.assign([6])
+    np.testing.assert_array_equal(v.read(), [6])
+
+
+def test_a_connection_reset_under_a_blocking_run_is_a_delivery_twice_that_ran_once(relay):
+    # A worker's push-and-wait is one run: its push, then a dequeue that blocks until the chief wakes
+    # it. gRPC fails the run when the connection resets; TensorFlow's client sends it again, and the
+    # task refuses the copy ("received twice"). This is how a benchmark run met one.
+    where = endpoint.Endpoint(relay.target, DEVICE, timeout=20.0)
+    pushed = accumulators.SharedVariable("e/pushed", tf.int64, [1], where)
+    pushed.assign([0])
+
+    def build():
+        queue = tf.queue.FIFOQueue(4, [tf.int64], shared_name="e/wake")
+        push = tf.raw_ops.AssignAddVariableOp(resource=pushed.ops["handle"], value=tf.constant([1], tf.int64))
+        wake = queue.enqueue(tf.constant(7, tf.int64))
+        with tf.control_dependencies([push]):
+            return queue.dequeue(), wake
+
+    wait, wake = where.build(build)
+    got = {}
+
+    def push_and_wait():
+        start = time.monotonic()
+        got["value"] = where.run(wait, what="push and wait", on_duplicate=endpoint.OnDuplicate.DONE)
+        got["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=push_and_wait)
+    thread.start()
+    time.sleep(1.0)
+    relay.reset_all()
+    thread.join(15.0)
+    assert not thread.is_alive()
+    assert got["value"] is None and got["seconds"] < 10.0  # DONE: it ran once, its answer is lost
+    np.testing.assert_array_equal(pushed.read(), [1])  # pushed once, not twice
+    where.run(wake)
+    assert int(where.run(wait)) == 7
+    np.testing.assert_array_equal(pushed.read(), [2])
