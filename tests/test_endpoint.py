@@ -1,6 +1,5 @@
 """An `Endpoint`'s connection to its task going silent or being reset, through a TCP relay on localhost."""
 
-import socket
 import threading
 import time
 
@@ -12,67 +11,9 @@ from tf_backup import accumulators
 from tf_backup import endpoint
 from tf_backup import errors
 
+from tests.relay import Relay
+
 DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
-
-
-class Relay:
-    """Forwards TCP connections to `port`; each can go silent (bytes dropped, no reset) or be reset."""
-
-    def __init__(self, port: int):
-        self._port = port
-        self._listener = socket.create_server(("localhost", 0))
-        self.target = f"grpc://localhost:{self._listener.getsockname()[1]}"
-        self._lock = threading.Lock()
-        self._links = []  # (client side, task side, {"silent": bool})
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return len(self._links)
-
-    def silence(self, index: int) -> None:
-        """Connection `index` drops every byte from now on: it looks open and never answers."""
-        with self._lock:
-            self._links[index][2]["silent"] = True
-
-    def reset_all(self) -> None:
-        with self._lock:
-            links = list(self._links)
-        for near, far, _ in links:
-            for s in (near, far):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def _accept(self):
-        while True:
-            try:
-                near, _ = self._listener.accept()
-            except OSError:
-                return
-            far = socket.create_connection(("localhost", self._port))
-            state = {"silent": False}
-            with self._lock:
-                self._links.append((near, far, state))
-            for a, b in ((near, far), (far, near)):
-                threading.Thread(target=self._pump, args=(a, b, state), daemon=True).start()
-
-    @staticmethod
-    def _pump(a, b, state):
-        while True:
-            try:
-                data = a.recv(65536)
-                if not data:
-                    return
-                if not state["silent"]:
-                    b.sendall(data)
-            except OSError:
-                return
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from tf_backup.layout import Layout
 from tf_backup.protocol import Control
 from tf_backup.shared_state import SharedState
 
+from tests import workers
+
 WORKERS = 3
 
 SERVER = """
@@ -79,6 +81,33 @@ def test_a_worker_pushes_again_only_a_gradient_of_the_new_states_step():
     assert move(step=13, own_step=12, done=True, pushed=True) is recovery.Move.PULL  # the step passed meanwhile
     # A restarted chief went back to its checkpoint: the gradient of step 18 would count as fresh at 15.
     assert move(step=15, own_step=18, done=False, pushed=True) is recovery.Move.PULL
+
+
+def test_after_a_failed_connection_a_push_is_sent_again_only_if_it_was_not_counted():
+    ctl = Control(WORKERS)
+    values = np.zeros([ctl.size], np.int64)
+    values[ctl.pushed(1)], values[Control.GENERATION] = 7, 2
+    seen = ctl.view(values)
+    assert recovery.push_kept(seen, generation=2, w=1, pushed=7)  # the run reached the task: not again
+    assert not recovery.push_kept(seen, generation=2, w=1, pushed=8)  # it did not: push it again
+    assert not recovery.push_kept(seen, generation=1, w=1, pushed=7)  # new accumulators since: again
+
+
+def test_a_worker_whose_connection_to_ps0_goes_silent_carries_on_in_the_same_generation():
+    # Worker 1 reaches ps 0 through a relay whose connections go silent at its batch 10: its runs meet
+    # their 5 s deadline, the next ones go on new connections, and the state was never lost.
+    steps, silent_at = 150, 10
+    out = launch.launch_local(workers.train_through_a_silent_connection, num_workers=3, timeout=300,
+                              kwargs=dict(steps=steps, silent_worker=1, silent_at=silent_at, ps_restart_timeout=30.0))
+    chief, silent = out[0], out[1]
+    assert [r["error"] for r in out] == [None, None, None]
+    assert silent["connections"] >= 2  # it connected again
+    for r in out:
+        assert r["step"] == r["stats"]["global_step"] == steps
+        assert r["generation"] == 0 and r["state_rewrites"] == 0  # nothing was written again
+        np.testing.assert_array_equal(r["weights"][0], chief["weights"][0])
+    assert silent["stats"]["pushed"][1] > silent_at + 1  # it trained again after the silence
+    assert chief["events"] == []  # 5 s of silence is not a death (worker_timeout 30 s)
 
 
 def test_a_rejoining_chief_keeps_the_workers_slots_and_clears_its_step_marks():

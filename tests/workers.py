@@ -509,6 +509,61 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
 
 
 
+def train_through_a_silent_connection(steps: int, silent_worker: int, silent_at: int, ps_restart_timeout: float):
+    """`train_regression` (b = 1) in which one worker's connection to ps 0 goes silent at its batch `silent_at`.
+
+    That worker reaches ps 0 through a `tests.relay.Relay` (its TF_CONFIG names
+    the relay), whose connections open at that batch stop forwarding: its runs
+    meet their deadline (`ps_timeout`, 5 s) and new connections work.
+    """
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+    from tests.relay import Relay  # pylint: disable=g-import-not-at-top
+
+    config = json.loads(os.environ["TF_CONFIG"])
+    relay = None
+    if config["task"]["type"] == "worker" and config["task"]["index"] == silent_worker:
+        ps0 = config["cluster"]["ps"][0]
+        relay = Relay(int(ps0.rsplit(":", 1)[1]))
+        config["cluster"]["ps"][0] = relay.address
+        os.environ["TF_CONFIG"] = json.dumps(config)
+    strategy = tf_backup.BackupWorkerStrategy(
+        num_backup_workers=1, step_timeout=60.0, ps_timeout=5.0, max_steps=steps,
+        ps_restart_timeout=ps_restart_timeout)
+    x, y = regression_data(steps * strategy.num_workers)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+
+    class Silence(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            time.sleep(0.05)
+            if relay is not None and batch == silent_at:
+                relay.silence_all()
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    start = time.monotonic()
+    error = None
+    try:
+        model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
+                  callbacks=[Silence()])
+    except tf_backup.PsUnavailableError as e:
+        error = type(e).__name__
+    result = {"worker": strategy.worker_index, "error": error, "seconds": time.monotonic() - start,
+              "connections": None if relay is None else relay.connections}
+    if error is None:
+        counters = strategy.counters()
+        result.update(stats=strategy.stats(), weights=[v.numpy() for v in model.trainable_variables],
+                      generation=counters.state_generation, state_rewrites=counters.state_rewrites,
+                      step=counters.step)
+    if strategy.is_chief:
+        result["events"] = [(e.worker, e.event) for e in strategy.worker_events()]
+    return result
+
+
 def train_regression_on_local_devices(steps: int, local_devices: int, inner: str = "sgd",
                                       jit_compile: bool = False):
     """Each worker runs `local_devices` logical CPU replicas on host batches of BATCH * local_devices.

@@ -157,22 +157,29 @@ class ChiefRecovery:
 
 def await_generation(state, info: cluster_lib.ClusterInfo, seen: int, timeout: float, error: BaseException,
                      between: Optional[Callable[[], None]] = None) -> ControlView:
-    """(Worker.) Waits until the chief has written the state in a generation after `seen`; returns its control.
+    """(Worker.) Waits until the state can be used again after a failed run; returns its control vector.
 
+    That is a generation after `seen` (the chief wrote the state again), or
+    generation `seen` on tasks that all still hold it: the run failed on its
+    connection (it went silent past the deadline; the endpoint connects
+    again), not on a task that restarted. (A task that restarted and was
+    written before the control vector says so costs a push that nobody
+    takes: the new generation follows, and the wait that sees it pushes again.)
     `between` runs after each poll that finds none (a health check that raises
     when waiting is pointless). Raises `error` without `timeout`, and
     `errors.PsUnavailableError` past it.
     """
     if not timeout:
         raise error
-    logging.warning("tf_backup: worker %s lost the shared state (%s); waiting up to %.0f s for the chief %s to "
-                    "write it again (ps_restart_timeout).", info.task, error, timeout, info.chief)
+    logging.warning("tf_backup: worker %s: a run on the ps failed (%s); waiting up to %.0f s for the ps tasks to "
+                    "answer with the shared state, or for the chief %s to write it again (ps_restart_timeout).",
+                    info.task, error, timeout, info.chief)
 
     def written() -> Optional[ControlView]:
         if not reachable(info.ps) or not state.control.is_initialized():
             return None
         ctl = state.read_control()
-        return ctl if ctl.generation > seen else None
+        return ctl if ctl.generation > seen or (ctl.generation == seen and state.intact()) else None
 
     return _wait_for(written, timeout, f"Worker {info.task} waited for the chief {info.chief} to write "
                      f"the shared state `{state.prefix}` again", error, between)
@@ -197,6 +204,17 @@ def next_move(step: int, own_step: int, done: bool, pushed: bool) -> Move:
     if step < own_step or done:
         return Move.PULL
     return Move.PUSH_AGAIN if pushed else Move.WAIT
+
+
+def push_kept(ctl: ControlView, generation: int, w: int, pushed: int) -> bool:
+    """Whether worker `w`'s push number `pushed`, into generation `generation`, is where `ctl`'s step is taken from.
+
+    Never in a newer generation (its accumulators are new). In the same one
+    if the control vector counted it: the push's run counts it right after the
+    push, and a run that failed on its connection may or may not have reached
+    the task. Read before the worker writes its own slots again.
+    """
+    return ctl.generation == generation and int(ctl.block("pushed")[w]) >= pushed
 
 
 def state_lost(ctl: Optional[ControlView], seen: int) -> bool:

@@ -234,6 +234,7 @@ class WorkerClient:
             waited = time.monotonic() - start
             seconds = min(protocol.WAKE_WAIT, max(0.001, timeout - waited))
             moved = None  # the control vector of a state the chief wrote again, once this worker moved to it
+            kept = False  # (moved) the gradient pushed in this wait is where the step will be taken from
             try:
                 if push is not None:
                     got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
@@ -259,10 +260,13 @@ class WorkerClient:
                     if done(ctl):
                         return Seen(ctl, snapshot)
                     self._check_health()
-            except recovery.RECOVERABLE as e:  # a ps task is down, or back empty: wait for the chief
-                moved = self._recover(e)
+            except recovery.RECOVERABLE as e:  # a ps task is down, back empty, or the connection failed
+                generation = self.generation
+                found = self._await_state(e)
+                kept = pushing is not None and recovery.push_kept(found, generation, self.w, self.counts.pushed)
+                moved = self._adopt_generation(found)
             if moved is not None:
-                move = recovery.next_move(moved.step, self.step, done(moved), pushing is not None)
+                move = recovery.next_move(moved.step, self.step, done(moved), pushing is not None and not kept)
                 if move is recovery.Move.PULL:
                     return Seen(moved, None)
                 push = pushing if move is recovery.Move.PUSH_AGAIN else None
@@ -275,7 +279,11 @@ class WorkerClient:
                     f"Worker {self.w} {self.info.task} waited {waited:.0f} s for {what}. {self._diagnose(ctl)}")
 
     def _recover(self, error: BaseException) -> ControlView:
-        """Waits (`ps_restart_timeout`) for the chief to write the state again after a ps failure; moves to it.
+        """After a failed run: waits for the state (`_await_state`), moves to it; returns the control vector then."""
+        return self._adopt_generation(self._await_state(error))
+
+    def _await_state(self, error: BaseException) -> ControlView:
+        """Waits (`ps_restart_timeout`) until the state can be used again after a failed run (`await_generation`).
 
         Raises `error` without `ps_restart_timeout`, PsUnavailableError past it,
         AggregatorError if this chief's aggregator failed meanwhile.
@@ -287,9 +295,8 @@ class WorkerClient:
             except recovery.RECOVERABLE:
                 pass  # the job vector is on ps 0: down, or not written again yet
 
-        ctl = recovery.await_generation(self.state, self.info, self.generation, self.config.ps_restart_timeout,
-                                        error, between=still_worth_it)
-        return self._adopt_generation(ctl)
+        return recovery.await_generation(self.state, self.info, self.generation, self.config.ps_restart_timeout,
+                                         error, between=still_worth_it)
 
     def _adopt_generation(self, ctl: ControlView) -> ControlView:
         """Moves to the generation of `ctl`: writes this worker's own slots again; returns the control vector then."""
