@@ -8,6 +8,10 @@ that mode's runs (the same config, seed and stragglers) and writes, per run, eve
 return. One cluster at a time; about 3 minutes a run on 2 cores.
 
     python -m benchmarks.fit_end_timeline --runs=3 --backups=2 --out_dir=/tmp/fit_end
+
+`--silent_worker=k` makes the likely cause happen: worker k reaches ps 0 through a
+`tests.relay.Relay` whose connections go silent when its `end_round` begins (a connection that
+stops answering, as in the one run that stalled). `--ps_restart_timeout` is passed on.
 """
 
 import argparse
@@ -17,11 +21,12 @@ import os
 import time
 
 
-def timed_worker(cfg, log_path):
+def timed_worker(cfg, log_path, silent_worker=-1):
     """`workloads.accuracy_worker` with the end of the fit and the long sleeps written to `log_path`."""
     import tf_backup.worker as worker_lib  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
     task = os.environ["TF_BACKUP_TASK"]
+    relay = _relay_ps0() if task == f"worker-{silent_worker}" else None
 
     def note(what):
         with open(log_path, "a") as f:
@@ -33,6 +38,9 @@ def timed_worker(cfg, log_path):
         @functools.wraps(method)
         def wrapper(self, *args, **kwargs):
             note(f"{name} begin")
+            if relay is not None and name == "end_round":
+                relay.silence_all()
+                note("connection to ps 0 silent")
             try:
                 return method(self, *args, **kwargs)
             finally:
@@ -55,12 +63,25 @@ def timed_worker(cfg, log_path):
     return out
 
 
+def _relay_ps0():
+    """Points this task's TF_CONFIG at a relay to ps 0 (before the strategy reads it); returns the relay."""
+    from tests.relay import Relay  # pylint: disable=g-import-not-at-top
+    config = json.loads(os.environ["TF_CONFIG"])
+    relay = Relay(int(config["cluster"]["ps"][0].rsplit(":", 1)[1]))
+    config["cluster"]["ps"][0] = relay.address
+    os.environ["TF_CONFIG"] = json.dumps(config)
+    return relay
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--backups", type=int, default=2, help="b; N = 4, so 4 + b workers")
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--out_dir", default="/tmp/fit_end")
+    parser.add_argument("--silent_worker", type=int, default=-1,
+                        help="this worker's connection to ps 0 goes silent at the end of its fit (-1: none)")
+    parser.add_argument("--ps_restart_timeout", type=float, default=0.0)
     args = parser.parse_args()
     import tf_backup  # pylint: disable=g-import-not-at-top
 
@@ -71,9 +92,10 @@ def main():
         log_dir = os.path.join(args.out_dir, f"run{i}")
         os.makedirs(log_dir, exist_ok=True)
         cfg = dict(base, mode="sync_backup", num_backup_workers=args.backups, seconds=args.seconds, steps=100000,
-                   reps=1, every_seconds=4.0, straggler="pareto:1.5:0.02", seed=0)
+                   reps=1, every_seconds=4.0, straggler="pareto:1.5:0.02", seed=0,
+                   ps_restart_timeout=args.ps_restart_timeout)
         start = time.time()
-        out = tf_backup.launch_local(timed_worker, 4 + args.backups, args=(cfg, os.path.join(log_dir, "timeline.txt")),
+        out = tf_backup.launch_local(timed_worker, 4 + args.backups, args=(cfg, os.path.join(log_dir, "timeline.txt"), args.silent_worker),
                                      timeout=900, log_dir=log_dir)
         curve = out[0]["runs"][0]
         print(f"run {i}: wall {curve[-1][0]:.1f} s, steps {curve[-1][1]}, accuracy {curve[-1][2]:.3f}, "

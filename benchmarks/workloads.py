@@ -488,7 +488,8 @@ class _AccuracyRun(NamedTuple):
 def _tf_backup_accuracy_run(cfg, data, tf) -> _AccuracyRun:
     import tf_backup  # pylint: disable=g-import-not-at-top
     strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg.get("num_backup_workers", 0),
-                                              asynchronous=cfg["mode"] == "async", step_timeout=300.0)
+                                              asynchronous=cfg["mode"] == "async", step_timeout=300.0,
+                                              ps_restart_timeout=cfg.get("ps_restart_timeout", 0.0))
     w = strategy.worker_index
     ds, info = data.load("mnist1d", split="train", batch_size=cfg["batch_size"], num_shards=strategy.num_workers,
                          shard_index=w, shuffle_seed=cfg["seed"] + w, repeat=True)

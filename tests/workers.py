@@ -510,7 +510,8 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
 
 
 def train_through_a_silent_connection(steps: int, silent_worker: int, silent_at: int, ps_restart_timeout: float):
-    """`train_regression` (b = 1) in which one worker's connection to ps 0 goes silent at its batch `silent_at`.
+    """`train_regression` (b = 1) in which one worker's connection to ps 0 goes silent at its batch `silent_at`
+    (-1: after its last batch, so the first run to meet it is the end of the fit round's).
 
     That worker reaches ps 0 through a `tests.relay.Relay` (its TF_CONFIG names
     the relay), whose connections open at that batch stop forwarding: its runs
@@ -542,6 +543,10 @@ def train_through_a_silent_connection(steps: int, silent_worker: int, silent_at:
         def on_train_batch_begin(self, batch, logs=None):
             time.sleep(0.05)
             if relay is not None and batch == silent_at:
+                relay.silence_all()
+
+        def on_epoch_end(self, epoch, logs=None):  # before Keras ends the round (finalize_variable_values)
+            if relay is not None and silent_at < 0:
                 relay.silence_all()
 
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()

@@ -23,7 +23,7 @@ other workers' next wait returns at once and their fit stops.
 """
 
 import time
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -278,6 +278,14 @@ class WorkerClient:
                 raise errors.StepTimeoutError(
                     f"Worker {self.w} {self.info.task} waited {waited:.0f} s for {what}. {self._diagnose(ctl)}")
 
+    def _retrying(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` (runs that may be done twice); after a failed run, waits for the state (`_recover`), runs it again."""
+        try:
+            return fn()
+        except recovery.RECOVERABLE as e:  # a ps task is down, back empty, or the connection failed
+            self._recover(e)
+            return fn()
+
     def _recover(self, error: BaseException) -> ControlView:
         """After a failed run: waits for the state (`_await_state`), moves to it; returns the control vector then."""
         return self._adopt_generation(self._await_state(error))
@@ -345,7 +353,11 @@ class WorkerClient:
                 # is cancelled there); the last few ms are slept here, not woken.
                 time.sleep(remaining)
                 return False
-            got = self.state.wait(self.w, remaining - protocol.SLEEP_MARGIN)
+            try:
+                got = self.state.wait(self.w, remaining - protocol.SLEEP_MARGIN)
+            except recovery.RECOVERABLE as e:  # sleep on in the state as it is then; `sync` sees a new generation
+                self._recover(e)
+                continue
             if got is None:
                 continue
             if protocol.superseded(got.tokens, got.control, self.step, self.round.number, self.monitor.done):
@@ -453,10 +465,15 @@ class WorkerClient:
             does this; a worker that does not end in time is named in a warning.
         """
         c, number = self.state.ctl, self.round.number
-        self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w), c.cancelled(self.w), c.batches(self.w)],
-                                       [number, number, self.counts.cancelled, self.counts.batches])
-        self.state.wake_all()
-        self.state.poke_aggregator(protocol.WAKE)  # it closes the round once it sees nothing more to apply
+
+        def stop():  # a max and wake-up tokens: the same again after a failed run does no harm
+            self.state.control.scatter_max([Control.STOP_ROUND, c.ended(self.w), c.cancelled(self.w),
+                                            c.batches(self.w)], [number, number, self.counts.cancelled,
+                                                                 self.counts.batches])
+            self.state.wake_all()
+            self.state.poke_aggregator(protocol.WAKE)  # it closes the round once it sees nothing more to apply
+
+        self._retrying(stop)
         self.superseded = None
         if wait_for_others:
             self.wait_for_round_end(number, self.config.chief_timeout, "chief_timeout")
@@ -496,7 +513,7 @@ class WorkerClient:
         late: List[int] = []
 
         def all_ended() -> bool:
-            ended = self.state.read_control().block("ended")
+            ended = self._retrying(self.state.read_control).block("ended")
             late[:] = [w for w in range(self.info.num_workers) if ended[w] < round_]
             if late:  # a worker that left the job (e.g. refused at build) or died never ends it
                 gone = set(self.monitor.left_workers()) | set(self._dead_workers())
