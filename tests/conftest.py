@@ -2,7 +2,16 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="module")
+def server():
+    """An in-process `tf.distribute.Server` (job "localhost"), one per test module."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (after the log level is set)
+    return tf.distribute.Server.create_local_server()
 
 
 def pytest_configure(config):

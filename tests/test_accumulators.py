@@ -8,11 +8,6 @@ from tf_backup import accumulators
 from tf_backup import endpoint
 
 
-@pytest.fixture(scope="module")
-def server():
-    return tf.distribute.Server.create_local_server()
-
-
 @pytest.fixture
 def where(server):
     return endpoint.Endpoint(server.target, "/job:localhost/replica:0/task:0/device:CPU:0", timeout=10.0)

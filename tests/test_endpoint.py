@@ -16,11 +16,6 @@ from tests.relay import Relay
 DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
 
 
-@pytest.fixture(scope="module")
-def server():
-    return tf.distribute.Server.create_local_server()
-
-
 @pytest.fixture
 def relay(server):
     r = Relay(int(server.target.rsplit(":", 1)[1]))

@@ -22,11 +22,6 @@ from tf_backup.waker import Waker
 WORKERS = 3
 
 
-@pytest.fixture(scope="module")
-def server():
-    return tf.distribute.Server.create_local_server()
-
-
 _count = iter(range(1000))
 
 

@@ -11,11 +11,6 @@ from tf_backup.layout import largest_first
 DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
 
 
-@pytest.fixture(scope="module")
-def server():
-    return tf.distribute.Server.create_local_server()
-
-
 @pytest.fixture
 def where(server):
     return endpoint.Endpoint(server.target, DEVICE, timeout=10.0)
