@@ -181,8 +181,8 @@ def await_generation(state, info: cluster_lib.ClusterInfo, seen: int, timeout: f
         ctl = state.read_control()
         return ctl if ctl.generation > seen or (ctl.generation == seen and state.intact()) else None
 
-    return _wait_for(written, timeout, f"Worker {info.task} waited for the chief {info.chief} to write "
-                     f"the shared state `{state.prefix}` again", error, between)
+    return _wait_for(written, timeout, f"Worker {info.task} waited for the ps tasks to answer with the shared "
+                     f"state `{state.prefix}`, or for the chief {info.chief} to write it again", error, between)
 
 
 class Move(enum.Enum):
