@@ -104,7 +104,8 @@ def fault_cluster(tmp_path, num_workers=3, num_backup_workers=1, steps=STEPS, nu
         workers.train_through_faults, num_workers, num_ps=num_ps,
         args=(steps, num_backup_workers, str(progress)), kwargs=kwargs,
         log_dir=str(tmp_path / f"logs{len(list(tmp_path.glob('logs*')))}"),
-        serve_kwargs={"ps_restart_timeout": kwargs.get("ps_restart_timeout", 0.0)})
+        serve_kwargs={"ps_restart_timeout": kwargs.get("ps_restart_timeout", 0.0),
+                      "chief_rejoins": kwargs.get("chief_rejoins", False)})
     return cluster, str(progress)
 
 
@@ -364,6 +365,35 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     for r in results[1:]:  # every worker's last process took part in the job's last stretch
         assert (r["initial_step"] == 0 if rejoin else r["initial_step"] >= resumed_at), r["initial_step"]
         assert r["stats"]["global_step"] == steps
+        np.testing.assert_allclose(r["weights"][0], chief["weights"][0], rtol=0, atol=0)
+
+
+def test_a_chief_that_dies_after_the_last_step_rejoins_and_finishes_the_job(tmp_path):
+    """The chief exits after its fit returned (the job reached max_steps) but before the job was done.
+
+    Under the supervisor it alone restarts, finds the job finished on the ps (the workers have
+    left; the ps waits for a chief that may rejoin), takes the last published parameters and
+    finishes: nothing redone, the final checkpoint at the last step, every task exits 0.
+    """
+    checkpoints = str(tmp_path / "ckpt")
+    steps = 32  # its last checkpoint before the kill is at step 30 (every 5 steps)
+    cluster, progress = fault_cluster(tmp_path, steps=steps, checkpoint_dir=checkpoints, compute_seconds=0.05,
+                                      chief_rejoins=True, chief_timeout=60.0,
+                                      chief_dies_after_fit=str(tmp_path / "chief-died"))
+    with cluster:
+        cluster.start()
+        # Back after the ps's `silent_worker` (10 s): every task is gone or silent by then.
+        results = cluster.wait(timeout=300, max_restarts=3, restart_delay=12.0)
+        codes = assert_all_exited(cluster, 60)
+        restarts = cluster.restarts()
+    assert set(codes.values()) == {0}, codes
+    assert restarts == {"ps-0": 0, "worker-0": 1, "worker-1": 0, "worker-2": 0}, restarts
+    chief = results[0]
+    assert chief["initial_step"] == chief["stats"]["global_step"] == steps
+    assert chief["contributions"] == []  # no step redone
+    assert latest_checkpoint_step(checkpoints) == steps
+    for r in results[1:]:
+        assert r["initial_step"] == 0 and r["stats"]["global_step"] == steps and r["generation"] == 0
         np.testing.assert_allclose(r["weights"][0], chief["weights"][0], rtol=0, atol=0)
 
 

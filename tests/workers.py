@@ -436,7 +436,7 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
                          checkpoint_dir=None, checkpoint_every_steps: int = 5,
                          worker_timeout: float = 3.0, chief_timeout: float = 8.0,
                          compute_seconds: float = 0.05, ps_restart_timeout: float = 0.0,
-                         chief_rejoins: bool = False):
+                         chief_rejoins: bool = False, chief_dies_after_fit: str = ""):
     """The program of the fault-injection tests: trains to global step `steps`.
 
     A linear model with SGD + momentum (so the optimizer has state to
@@ -446,7 +446,9 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     batch trained on appends `<pid> <position> <step>` to
     `progress_dir/<task>.input` (its position in the worker's shard of
     batches, and the step of the parameters it was computed on), written by
-    the model's first layer as the step runs (`input_log`).
+    the model's first layer as the step runs (`input_log`). `chief_dies_after_fit`
+    (a marker file's path): the chief's first process exits 1 once its fit
+    returned (the last step done) and before the job is done.
     """
     import os  # pylint: disable=g-import-not-at-top
     import keras  # pylint: disable=g-import-not-at-top
@@ -494,6 +496,9 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     spare = checkpoint_every_steps if chief_rejoins else 0
     model.fit(strategy.distribute_dataset(dataset, resume_input=True), epochs=1, steps_per_epoch=steps + spare,
               verbose=0, callbacks=[Progress()])
+    if chief_dies_after_fit and strategy.is_chief and not os.path.exists(chief_dies_after_fit):
+        open(chief_dies_after_fit, "w").close()
+        os._exit(1)  # the job reached its last step (FINISHED); its shutdown would have marked it done
     result = {"worker": strategy.worker_index, "initial_step": initial_step, "stats": strategy.stats(),
               "weights": [v.numpy() for v in model.trainable_variables],
               "input_position": strategy.input_position,

@@ -127,6 +127,15 @@ class Binding:
                 if running is None:
                     self.state.create(flats, step=step, replicas=self.config.replicas_to_aggregate,
                                       input_positions=positions)
+                elif running.finished:
+                    # The job had reached max_steps; its chief died before it was done (the workers
+                    # may have left). Nothing is redone: the chief takes the last published
+                    # parameters (its optimizer's state stays the checkpoint's) and finishes.
+                    step = running.step
+                    for v, value in zip(self.master, self.layout.unpack(self.state.read_params())):
+                        v.assign(value)
+                    logging.warning("tf_backup: the chief rejoined job %d, which had reached its last step %d; "
+                                    "it finishes it.", ext.monitor.job_id, step)
                 else:  # a restarted chief: the same job, rewound to its checkpoint; the workers carry on
                     self.state.repopulate(flats, step, recovery.control_to_rejoin(
                         running, self.config.replicas_to_aggregate))

@@ -47,7 +47,7 @@ def _accepts_connections(task: cluster_lib.Task) -> bool:
 
 def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeout: float = 120.0,
           exit_grace: float = 60.0, poll_interval: float = 0.5, silent_worker: float = 10.0,
-          ps_restart_timeout: float = 0.0) -> dict:
+          ps_restart_timeout: float = 0.0, chief_rejoins: bool = False) -> dict:
     """Runs this process's `ps` task until the training job ends.
 
     Starts a `tf.distribute.Server` for the task and serves the shared state
@@ -73,6 +73,10 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         restarting, and the chief writes the job again (`tf_backup.recovery`;
         the workers' `BackupWorkerStrategy(ps_restart_timeout=...)`). 0: it
         exits with ps 0.
+      chief_rejoins: a chief that dies once every other task has left (the
+        end of the job) may be restarted and rejoin: it is waited for up to
+        `chief_timeout` of silence, not declared lost at once (the chief's
+        `BackupWorkerStrategy(chief_rejoins=True)`).
 
     Returns:
       A dict: `job_id`, `reason` ("done", or on a ps task other than ps 0,
@@ -105,7 +109,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
     endpoints = endpoint_lib.Endpoints()
     try:
         return _serve_job(info, endpoints, startup_timeout, chief_timeout, exit_grace, poll_interval, silent_worker,
-                          ps_restart_timeout)
+                          ps_restart_timeout, chief_rejoins)
     finally:
         # Its sessions go to ps 0: here, to itself (closed at once); on another ps task, to a ps 0 that
         # may have exited first, whose close would block until the session's deadline: 2 s at most.
@@ -114,7 +118,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
 
 def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints, startup_timeout: float,
                chief_timeout: float, exit_grace: float, poll_interval: float, silent_worker: float,
-               ps_restart_timeout: float) -> dict:
+               ps_restart_timeout: float, chief_rejoins: bool) -> dict:
     """`serve()`'s loop: reads the job vector until the job ends; returns `serve()`'s result."""
     ps0 = info.ps[0]
     job = job_lib.job_variable(endpoints.of(ps0), info.num_workers)
@@ -168,7 +172,7 @@ def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints,
             if end_time is None and values[Job.DONE]:
                 end_time, reason = now, "aborted" if values[Job.ABORT] else "done"
             if end_time is None and (beats.silent_seconds(info.num_workers) > chief_timeout
-                                     or gone and not left[chief]):
+                                     or gone and not left[chief] and not chief_rejoins):
                 end_time, reason = now, "chief lost"  # silent, or every task that used the ps is
             if end_time is not None and (gone or now - end_time > exit_grace):
                 if info.task == ps0 and len(info.ps) > 1:

@@ -430,7 +430,8 @@ def main(argv) -> int:
             train_task, config.num_workers, num_ps=config.num_ps,
             args=(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value)),
             log_dir=os.path.join(model_dir, "logs"),
-            serve_kwargs={"ps_restart_timeout": strategy_args["ps_restart_timeout"]})
+            serve_kwargs={"ps_restart_timeout": strategy_args["ps_restart_timeout"],
+                          "chief_rejoins": strategy_args["chief_rejoins"]})
         with cluster:
             cluster.start()
             results = cluster.wait(_TIMEOUT.value, echo="worker-0", max_failed_workers=config.tolerated_failures,
@@ -444,7 +445,8 @@ def main(argv) -> int:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         if resolver.task_type == "ps":
             tf_backup.serve(resolver, startup_timeout=_STARTUP_TIMEOUT.value,
-                            ps_restart_timeout=strategy_args["ps_restart_timeout"])
+                            ps_restart_timeout=strategy_args["ps_restart_timeout"],
+                            chief_rejoins=strategy_args["chief_rejoins"])
             # Skip the interpreter's teardown, as tf_backup._task does: a ps task whose ps 0 exited
             # first may still hold a session closing towards it, and TensorFlow aborts a process
             # torn down under such a call (exit -6: a cluster manager would restart the ps).
