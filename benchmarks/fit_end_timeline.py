@@ -26,7 +26,8 @@ def timed_worker(cfg, log_path, silent_worker=-1):
     import tf_backup.worker as worker_lib  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
     task = os.environ["TF_BACKUP_TASK"]
-    relay = _relay_ps0() if task == f"worker-{silent_worker}" else None
+    from tests.relay import relay_ps0_in_tf_config  # pylint: disable=g-import-not-at-top
+    relay = relay_ps0_in_tf_config() if task == f"worker-{silent_worker}" else None
 
     def note(what):
         with open(log_path, "a") as f:
@@ -63,16 +64,6 @@ def timed_worker(cfg, log_path, silent_worker=-1):
     return out
 
 
-def _relay_ps0():
-    """Points this task's TF_CONFIG at a relay to ps 0 (before the strategy reads it); returns the relay."""
-    from tests.relay import Relay  # pylint: disable=g-import-not-at-top
-    config = json.loads(os.environ["TF_CONFIG"])
-    relay = Relay(int(config["cluster"]["ps"][0].rsplit(":", 1)[1]))
-    config["cluster"]["ps"][0] = relay.address
-    os.environ["TF_CONFIG"] = json.dumps(config)
-    return relay
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -95,8 +86,8 @@ def main():
                    reps=1, every_seconds=4.0, straggler="pareto:1.5:0.02", seed=0,
                    ps_restart_timeout=args.ps_restart_timeout)
         start = time.time()
-        out = tf_backup.launch_local(timed_worker, 4 + args.backups, args=(cfg, os.path.join(log_dir, "timeline.txt"), args.silent_worker),
-                                     timeout=900, log_dir=log_dir)
+        out = tf_backup.launch_local(timed_worker, 4 + args.backups, timeout=900, log_dir=log_dir,
+                                     args=(cfg, os.path.join(log_dir, "timeline.txt"), args.silent_worker))
         curve = out[0]["runs"][0]
         print(f"run {i}: wall {curve[-1][0]:.1f} s, steps {curve[-1][1]}, accuracy {curve[-1][2]:.3f}, "
               f"cluster {time.time() - start:.0f} s; timeline in {log_dir}/timeline.txt", flush=True)

@@ -1,5 +1,7 @@
 """A TCP relay on localhost whose connections can go silent or be reset: a network fault for tests."""
 
+import json
+import os
 import socket
 import threading
 
@@ -73,3 +75,12 @@ class Relay:
                     b.sendall(data)
             except OSError:
                 return
+
+
+def relay_ps0_in_tf_config() -> Relay:
+    """Points this process's TF_CONFIG at a new relay to ps 0 (before a strategy reads it); returns the relay."""
+    config = json.loads(os.environ["TF_CONFIG"])
+    relay = Relay(int(config["cluster"]["ps"][0].rsplit(":", 1)[1]))
+    config["cluster"]["ps"][0] = relay.address
+    os.environ["TF_CONFIG"] = json.dumps(config)
+    return relay

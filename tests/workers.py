@@ -522,20 +522,13 @@ def train_through_a_silent_connection(steps: int, silent_worker: int, silent_at:
     the relay), whose connections open at that batch stop forwarding: its runs
     meet their deadline (`ps_timeout`, 5 s) and new connections work.
     """
-    import json  # pylint: disable=g-import-not-at-top
     import os  # pylint: disable=g-import-not-at-top
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from tests.relay import Relay  # pylint: disable=g-import-not-at-top
+    from tests.relay import relay_ps0_in_tf_config  # pylint: disable=g-import-not-at-top
 
-    config = json.loads(os.environ["TF_CONFIG"])
-    relay = None
-    if config["task"]["type"] == "worker" and config["task"]["index"] == silent_worker:
-        ps0 = config["cluster"]["ps"][0]
-        relay = Relay(int(ps0.rsplit(":", 1)[1]))
-        config["cluster"]["ps"][0] = relay.address
-        os.environ["TF_CONFIG"] = json.dumps(config)
+    relay = relay_ps0_in_tf_config() if os.environ["TF_BACKUP_TASK"] == f"worker-{silent_worker}" else None
     strategy = tf_backup.BackupWorkerStrategy(
         num_backup_workers=1, step_timeout=60.0, ps_timeout=5.0, max_steps=steps,
         ps_restart_timeout=ps_restart_timeout)

@@ -166,10 +166,7 @@ class Endpoint:
         with self._lock:
             session, self._session = self._session, None
         if session is not None:
-            closer = threading.Thread(target=_close_quietly, args=(session,), name=f"tf_backup-close-{self.target}",
-                                      daemon=True)
-            closer.start()
-            closer.join(wait)
+            _close_later(session, 0.0, self.target).join(wait)
 
     def _unavailable(self, what: str, e: tf.errors.OpError) -> errors.PsUnavailableError:
         cause = "DeadlineExceededError" if isinstance(e, tf.errors.DeadlineExceededError) else type(e).__name__
@@ -187,9 +184,12 @@ def _close_quietly(session: tf.compat.v1.Session, after: float = 0.0) -> None:
         pass  # the task is gone: nothing to end there
 
 
-def _close_later(session: tf.compat.v1.Session, after: float, target: str) -> None:
-    threading.Thread(target=_close_quietly, args=(session, after), name=f"tf_backup-close-{target}",
-                     daemon=True).start()
+def _close_later(session: tf.compat.v1.Session, after: float, target: str) -> threading.Thread:
+    """Closes `session` after `after` seconds in a daemon thread (started; returned to join)."""
+    closer = threading.Thread(target=_close_quietly, args=(session, after), name=f"tf_backup-close-{target}",
+                              daemon=True)
+    closer.start()
+    return closer
 
 
 class Endpoints:

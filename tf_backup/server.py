@@ -67,7 +67,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
       silent_worker: once the job is done, a worker that joined but whose
         heartbeat has not moved for this many seconds is not waited for (its
         process was killed). When every worker, the chief included, is
-        silent or gone before the job is done, the job is lost at once.
+        silent or gone before the job is done, the job is lost at once
+        (with `chief_rejoins`: once the chief has been silent `chief_timeout`).
       ps_restart_timeout: (a ps task other than ps 0) seconds it keeps
         serving while ps 0 is gone before the job is done: ps 0 may be
         restarting, and the chief writes the job again (`tf_backup.recovery`;
