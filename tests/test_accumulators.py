@@ -26,6 +26,22 @@ def test_take_sums_fresh_gradients_and_advances_the_step(where):
     np.testing.assert_array_equal(acc.take_grad(1), [0.5, 0.5])
 
 
+def test_a_narrow_wire_dtype_carries_the_body_and_keeps_the_tail_and_the_sums_exact(where):
+    acc = accumulators.ConditionalAccumulator("t/acc_wire", tf.float32, [4], where, tail=2,
+                                              wire_dtype=tf.bfloat16)
+    bf16 = tf.bfloat16.as_numpy_dtype
+    # 1 + 2**-7 is exact in bfloat16 (8 significand bits); 123456.789 in the tail is not.
+    acc.apply_grad((np.array([1 + 2**-7, 3.0], bf16), np.array([123456.789, 1.0], np.float32)), local_step=0)
+    acc.apply_grad(np.array([1 + 2**-7, 5.0, 0.25, 1.0], np.float32), local_step=0)  # a whole vector, cut here
+    body, tail = acc.take_grad(2)
+    assert body.dtype == bf16 and tail.dtype == np.float32
+    np.testing.assert_array_equal(body.astype(np.float32), [2 + 2**-6, 8.0])
+    np.testing.assert_array_equal(tail, np.array([123456.789 + 0.25, 2.0], np.float32))  # summed in float32
+    # The staleness check is the same.
+    acc.apply_grad(np.zeros([4], np.float32), local_step=0)
+    assert acc.num_accumulated() == 0
+
+
 def test_set_global_step_makes_older_tags_stale(where):
     acc = accumulators.ConditionalAccumulator("t/acc2", tf.float64, [1], where, reduction_type="MEAN")
     acc.set_global_step(5)

@@ -77,6 +77,8 @@ def test_3_workers_1_backup_drops_every_gradient_of_the_slow_worker():
     # The slow worker pushed, every push was dropped, and steps went on without it.
     assert 1 <= slow_pushed < steps
     assert stats["dropped"] == [0, 0, 0, slow_pushed]
+    # Each of its gradients was found late by one small read before its push, and never sent.
+    assert [r["unsent"] for r in results] == [0, 0, 0, slow_pushed]
     assert results[0]["contributions"] == [[1, 1, 1, 0]] * steps
     # Every worker logs the cluster-wide count of dropped gradients.
     assert results[3]["history"]["dropped_gradients"][-1] >= slow_pushed - 1

@@ -36,6 +36,8 @@ def resolver(num_workers=3, task=("worker", 0), ps_port=1):
     (dict(num_backup_workers="auto", adaptive_window=0), ValueError, "adaptive_window=0"),
     (dict(num_backup_workers="auto", asynchronous=True), ValueError, "no N to choose"),
     (dict(asynchronous="yes"), TypeError, "asynchronous='yes'"),
+    (dict(wire_dtype="int8"), ValueError, "`wire_dtype` must be one of float32, bfloat16, float16.*wire_dtype='int8'"),
+    (dict(wire_dtype=tf.bfloat16), ValueError, "wire_dtype=tf.bfloat16"),
     (dict(asynchronous=True, num_backup_workers=1), ValueError, "num_backup_workers=0"),
     (dict(step_timeout=0), ValueError, "step_timeout=0"),
     (dict(startup_timeout=-3), ValueError, "startup_timeout=-3"),

@@ -153,6 +153,8 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             "missed_wakeups": counters.missed_wakeups,
             # Steps whose parameters this worker took from its own aggregator instead of the ps.
             "local_pulls": counters.local_pulls,
+            # Gradients found late before their push and never sent.
+            "unsent": counters.unsent,
             "optimizer": name,
             "weights": [v.numpy() for v in model.trainable_variables],
             "history": history.history,
@@ -616,18 +618,28 @@ def mlp_regression_model(keras):
     ])
 
 
-def train_on_several_ps(steps: int):
+def make_inner_optimizer(keras, name: str):
+    """The inner optimizers the tests compare with single-process training: "sgd", "momentum", "nesterov", "adam"."""
+    return {"sgd": lambda: keras.optimizers.SGD(0.1),
+            "momentum": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+            "nesterov": lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+            "adam": lambda: keras.optimizers.Adam(0.01)}[name]()
+
+
+def train_on_several_ps(steps: int, wire_dtype: str = "float32", apply_on_ps: bool = False,
+                        optimizer: str = "sgd", checkpoint_dir=None):
     """Trains `mlp_regression_model`; reports what each ps task holds of the parameters."""
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
     from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
 
-    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0, wire_dtype=wire_dtype, apply_on_ps=apply_on_ps,
+                                              checkpoint_dir=checkpoint_dir, checkpoint_every_steps=1000)
     x, y = regression_data(steps * strategy.num_workers)
     with strategy.scope():
         model = mlp_regression_model(keras)
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(make_inner_optimizer(keras, optimizer)), loss="mse",
                       jit_compile=False)
     initial = [v.numpy() for v in model.trainable_variables]
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
@@ -638,7 +650,7 @@ def train_on_several_ps(steps: int):
     held = {}
     for s in range(len(state.params)):
         for t, task in enumerate(ps):
-            var = accumulators.SharedVariable(f"{state.prefix}/params/{s}", state.layout.dtype, [None],
+            var = accumulators.SharedVariable(f"{state.prefix}/params/{s}", state.wire, [None],
                                               strategy.extended.endpoints.of(task))
             if var.is_initialized():
                 held.setdefault(t, {})[s] = var.read()
@@ -651,6 +663,7 @@ def train_on_several_ps(steps: int):
         "shards": layout.shards,
         "held": held,
         "stats": strategy.stats(),
+        "local_pulls": strategy.extended.latest_binding().client.local_pulls,
     }
 
 

@@ -123,15 +123,24 @@ class ConditionalAccumulator:
     Kernels exist for the CPU only, and for half, float and double. The
     accumulator is created with this shape by the first op that uses it.
 
+    A gradient can come in two parts (`tail` > 0): a body of `shape[0] - tail`
+    elements, sent in `wire_dtype` (what crosses the network; cast to `dtype`
+    on the task, so sums stay in `dtype`), and a tail of `tail` exact values in
+    `dtype` (a push's squared norm and one-hot, `protocol.push_tail`). A take
+    then returns the body in `wire_dtype` and the tail in `dtype`.
+
     Args:
       shared_name: the name every process uses to reach this accumulator.
       dtype: tf.float16, tf.float32 or tf.float64.
       shape: the gradient shape.
       where: the `Endpoint` of the task (a CPU device) that holds it.
       reduction_type: "SUM" or "MEAN": what `take_grad` returns.
+      tail: the exact part's size (0: one part, in `dtype`; rank-1 shapes only otherwise).
+      wire_dtype: the body's dtype on the wire (default `dtype`).
     """
 
-    def __init__(self, shared_name: str, dtype, shape, where: Endpoint, reduction_type: str = "SUM"):
+    def __init__(self, shared_name: str, dtype, shape, where: Endpoint, reduction_type: str = "SUM",
+                 tail: int = 0, wire_dtype=None):
         dtype = tf.as_dtype(dtype)
         if dtype not in (tf.float16, tf.float32, tf.float64):
             raise TypeError(
@@ -147,21 +156,31 @@ class ConditionalAccumulator:
         self.shape = tf.TensorShape(shape)
         self.endpoint = where
         self._np_dtype = dtype.as_numpy_dtype
+        self.tail = int(tail)
+        self.wire_dtype = dtype if wire_dtype is None else tf.as_dtype(wire_dtype)
+        body_size = int(self.shape[0]) - self.tail if self.tail else None
 
         def ops():
             handle = tf.raw_ops.ResourceConditionalAccumulator(
                 dtype=dtype, shape=self.shape, shared_name=shared_name, container="",
                 reduction_type=reduction_type)
-            grad = tf.compat.v1.placeholder(dtype, self.shape)
             step = tf.compat.v1.placeholder(tf.int64, [])
             required = tf.compat.v1.placeholder(tf.int32, [])
+            if self.tail:
+                grad = tf.compat.v1.placeholder(self.wire_dtype, [body_size])
+                tail_in = tf.compat.v1.placeholder(dtype, [self.tail])
+                gradient = tf.concat([tf.cast(grad, dtype), tail_in], 0)
+                take = self.take_parts(required, handle)
+            else:
+                taken = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=handle, num_required=required, dtype=dtype)
+                grad = tail_in = tf.compat.v1.placeholder(dtype, self.shape)
+                gradient, take = grad, taken
             return dict(
-                handle=handle, grad=grad, step=step, required=required,
+                handle=handle, grad=grad, tail=tail_in, step=step, required=required,
                 apply=tf.raw_ops.ResourceAccumulatorApplyGradient(handle=handle, local_step=step,
-                                                                  gradient=grad),
+                                                                  gradient=gradient),
                 count=tf.raw_ops.ResourceAccumulatorNumAccumulated(handle=handle),
-                take=tf.raw_ops.ResourceAccumulatorTakeGradient(handle=handle, num_required=required,
-                                                                dtype=dtype),
+                take=take,
                 set_step=tf.raw_ops.ResourceAccumulatorSetGlobalStep(handle=handle, new_global_step=step),
             )
 
@@ -172,20 +191,38 @@ class ConditionalAccumulator:
         """The graph ops and placeholders of this accumulator in its endpoint's graph."""
         return self._ops
 
+    def take_parts(self, required, handle=None):
+        """(In its endpoint's graph, with a tail.) A take as (body in the wire dtype, tail): new ops each call."""
+        handle = self._ops["handle"] if handle is None else handle
+        taken = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=handle, num_required=required, dtype=self.dtype)
+        body_size = int(self.shape[0]) - self.tail
+        return tf.cast(taken[:body_size], self.wire_dtype), taken[body_size:]
+
     def _run(self, name, feed=None):
         return self.endpoint.run(self._ops[name], feed, what=f"{name} of accumulator `{self.shared_name}`",
                                  on_duplicate=_ON_DUPLICATE.get(name, OnDuplicate.RETRY))
 
+    def feed(self, grad) -> dict:
+        """The feed of a push of `grad`: a whole vector, or (with a tail) a `(body, tail)` pair."""
+        if not self.tail:
+            return {self._ops["grad"]: np.asarray(grad, self._np_dtype)}
+        if isinstance(grad, tuple):
+            body, tail = grad
+        else:  # a whole vector (tests, tools): cut here
+            grad = np.asarray(grad)
+            body, tail = grad[:-self.tail], grad[-self.tail:]
+        return {self._ops["grad"]: np.asarray(body, self.wire_dtype.as_numpy_dtype),
+                self._ops["tail"]: np.asarray(tail, self._np_dtype)}
+
     def apply_grad(self, grad, local_step: int) -> None:
-        """Adds `grad` unless `local_step` is below the accumulator's step."""
-        self._run("apply", {self._ops["grad"]: np.asarray(grad, self._np_dtype),
-                            self._ops["step"]: int(local_step)})
+        """Adds `grad` (see `feed`) unless `local_step` is below the accumulator's step."""
+        self._run("apply", {**self.feed(grad), self._ops["step"]: int(local_step)})
 
     def num_accumulated(self) -> int:
         return int(self._run("count"))
 
-    def take_grad(self, num_required: int) -> np.ndarray:
-        """Returns the aggregate and advances the accumulator's global step.
+    def take_grad(self, num_required: int):
+        """Returns the aggregate (with a tail: a `(body, tail)` pair) and advances the accumulator's global step.
 
         The op blocks until `num_required` gradients are in (at most the
         endpoint's timeout): call it once `num_accumulated() >= num_required`.

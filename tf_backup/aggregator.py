@@ -78,8 +78,8 @@ class Aggregator(threading.Thread):
       config: protocol settings.
       info: the cluster.
       apply_fn: a function from the averaged flat gradients (one per shard) to
-        the new flat parameters (one per shard); it runs the inner optimizer on
-        the chief's master copy.
+        the new flat parameters (one per shard, in the state's wire dtype); it
+        runs the inner optimizer on the chief's master copy.
       step: the global step to start from (a restored checkpoint's).
       max_steps: stop every round once the global step reaches this (None:
         the workers' fits decide).
@@ -96,6 +96,10 @@ class Aggregator(threading.Thread):
         ps task ends the loop.
       taken: per worker, its gradients already taken in this job (a chief
         that rejoined its job continues its predecessor's counts); default 0.
+      on_ps: with the update applied on the ps tasks (`apply_on_ps`), the
+        chief's side of it (`ps_update.ChiefSide`): the step's scalars, the
+        inner optimizer's step count, and the master copy read back before a
+        checkpoint. `apply_fn` is then unused.
     """
 
     def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
@@ -103,7 +107,7 @@ class Aggregator(threading.Thread):
                  liveness: Optional[job_lib.Liveness] = None,
                  checkpoint: Optional[checkpoint_lib.Checkpoint] = None,
                  master_flats: Optional[Callable[[], List[np.ndarray]]] = None,
-                 taken: Optional[Sequence[int]] = None):
+                 taken: Optional[Sequence[int]] = None, on_ps=None):
         super().__init__(name=f"tf_backup-aggregator-{state.prefix}", daemon=True)
         self.state = state
         self.config = config
@@ -117,6 +121,7 @@ class Aggregator(threading.Thread):
         self.liveness = liveness
         self.checkpoint = checkpoint
         self._master_flats = master_flats
+        self.on_ps = on_ps
         self.recovery = recovery.ChiefRecovery(state, info, config.ps_restart_timeout, liveness)
         self._last_control: Optional[protocol.ControlView] = None  # for a save off the step (`input_positions`)
         self.history: List[StepRecord] = []
@@ -198,7 +203,8 @@ class Aggregator(threading.Thread):
                 try:
                     got = self.state.wait_arrivals(
                         min(protocol.WAKE_WAIT, 0.5), self._waker, need=need, required=n if fused else 0,
-                        taken_for=self.step + 1, always=not self.config.staleness_check)
+                        taken_for=self.step + 1, always=not self.config.staleness_check,
+                        hyper=None if self.on_ps is None else self.on_ps.hyper())
                 except errors.DuplicateDeliveryError as e:  # did its take run?
                     count = 0
                     if self.state.read_control().taken_for == self.step + 1:
@@ -275,13 +281,14 @@ class Aggregator(threading.Thread):
         `ps_restart_timeout`, stopping, no master copy given, or Embedding
         tables (their rows live on the ps only).
         """
-        if self._stop_event.is_set() or self._master_flats is None or not self.config.ps_restart_timeout:
+        if (self._stop_event.is_set() or self._master_flats is None or not self.config.ps_restart_timeout
+                or self.on_ps is not None):
             raise error
         if self._step_hooks:
             raise errors.PsUnavailableError(
                 f"{error} The shared state cannot be written again after a ps restart: the Embedding tables of "
                 "`sparse_variables` are not supported by ps_restart_timeout yet.") from error
-        flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in self._master_flats()]
+        flats = [np.asarray(f, self.state.wire.as_numpy_dtype) for f in self._master_flats()]
         finished = self.max_steps is not None and self.master_step >= self.max_steps
         control = recovery.control_to_restore(self._last_control, self.config.num_workers, self.taken, self.n,
                                               finished)
@@ -301,7 +308,13 @@ class Aggregator(threading.Thread):
     def _take_apply_publish(self) -> None:
         start = time.monotonic()
         try:
-            sums = [acc.take_grad(self.n) for acc in self.state.accs]
+            if self.on_ps is not None:  # every shard takes and applies where it lives
+                hyper = self.on_ps.hyper()
+                self.state.mark_version(self.step + 1)
+                sums = self.state.each_shard(lambda s: self.state.take_apply(s, self.n, hyper))
+            else:
+                accs = self.state.accs
+                sums = self.state.each_shard(lambda s: accs[s].take_grad(self.n))
         except errors.DuplicateDeliveryError as e:
             self._lost_take(e)
             sums = None
@@ -315,24 +328,34 @@ class Aggregator(threading.Thread):
         replicas = self.n
         if sums is None:
             counts = np.zeros([workers], np.int64)
-            new_flats = self.state.read_params()
+            new_flats = None if self.on_ps is not None else self.state.read_params()
+            if self.on_ps is not None:  # a take delivered twice ran once: it applied, unseen
+                self.on_ps.applied()
         else:
-            takes = [protocol.split_take(s, workers) for s in sums]
+            if self.on_ps is not None:  # applied on the ps: (tail, squared norm of the sum) per shard
+                takes = [protocol.split_take((None, tail), workers) for tail, _ in sums]
+                sq_norm_of_sum = sum(float(sq) for _, sq in sums)
+                new_flats = None
+                self.on_ps.applied()
+            else:
+                takes = [protocol.split_take(s, workers) for s in sums]
+                sq_norm_of_sum = sum(float(np.dot(t.gradient, t.gradient)) for t in takes)
+                new_flats = self.apply_fn([t.mean for t in takes])
             counts = takes[0].counts
-            new_flats = self.apply_fn([t.mean for t in takes])
             for hook in self._step_hooks:
                 hook(new_step, int(counts.sum()))
             if self.rule is not None:
-                self._choose(takes)
+                self._choose(takes, sq_norm_of_sum)
         self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         c = self.state.ctl
         save = self.checkpoint is not None and self.checkpoint.due(new_step)
         self.taken += counts
-        new_flats = [np.asarray(f, self.state.layout.dtype.as_numpy_dtype) for f in new_flats]
-        with self._published_lock:  # before the ps says `new_step`: the chief's worker reads it here
-            self._published[new_step] = new_flats
-            while len(self._published) > protocol.KEEP_PUBLISHED:
-                self._published.popitem(last=False)
+        if new_flats is not None:
+            new_flats = [np.asarray(f, self.state.wire.as_numpy_dtype) for f in new_flats]
+            with self._published_lock:  # before the ps says `new_step`: the chief's worker reads it here
+                self._published[new_step] = new_flats
+                while len(self._published) > protocol.KEEP_PUBLISHED:
+                    self._published.popitem(last=False)
         try:
             if save:  # before the publish: no push for `new_step` can be counted yet
                 positions = protocol.input_positions(self.state.read_control(), new_step)
@@ -353,6 +376,8 @@ class Aggregator(threading.Thread):
         self._last_publish = end
         self.step = new_step
         if save:
+            if self.on_ps is not None:
+                self.on_ps.refresh()  # the master copy and the slots, from the ps tasks
             self.checkpoint.save(new_step, why="periodic", input_positions=positions)
 
     def input_positions(self, step: int) -> Optional[List[int]]:
@@ -370,7 +395,7 @@ class Aggregator(threading.Thread):
                 self.rule.observe_push(sample)
         self._pushes_seen = np.maximum(self._pushes_seen, ctl.block("pushed"))
 
-    def _choose(self, takes: List[protocol.Take]) -> None:
+    def _choose(self, takes: List[protocol.Take], sq_norm_of_sum: float) -> None:
         """After a take and its apply: feeds the rule what the take holds, then sets the next step's N.
 
         The step's period runs from the last publish to now (the wait, the take, the apply).
@@ -379,6 +404,6 @@ class Aggregator(threading.Thread):
         self.rule.observe_take(
             self.step, np.flatnonzero(takes[0].counts), period=time.monotonic() - self._last_publish,
             sum_sq_norms=sum(t.sum_sq_norms for t in takes),
-            sq_norm_of_sum=sum(float(np.dot(t.gradient, t.gradient)) for t in takes), n=n)
+            sq_norm_of_sum=sq_norm_of_sum, n=n)
         gone = frozenset() if self.liveness is None else self.liveness.gone
         self.n = self.rule.choose(self.step + 1, unavailable=gone).n

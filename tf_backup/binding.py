@@ -24,6 +24,7 @@ from tf_backup import errors
 from tf_backup import exchange as exchange_lib
 from tf_backup import local_devices
 from tf_backup import protocol
+from tf_backup import ps_update
 from tf_backup import recovery
 from tf_backup import shared_state
 from tf_backup import worker as worker_lib
@@ -103,10 +104,13 @@ class Binding:
                 "The inner optimizer was created outside `strategy.scope()` of this "
                 "BackupWorkerStrategy: create it (and the SyncReplicasOptimizer) inside the scope."
             )
+        rule = ps_update.rule_for(inner) if self.config.apply_on_ps else None  # a ValueError before joining
         job_id = ext.join_job()
         self.index = len(ext.bindings)
         self.state = shared_state.SharedState(
-            f"tf_backup/{job_id}/opt{self.index}", self.layout, info.ps, info.num_workers, ext.endpoints)
+            f"tf_backup/{job_id}/opt{self.index}", self.layout, info.ps, info.num_workers, ext.endpoints,
+            wire_dtype=self.config.wire_dtype, update=rule, nesterov=bool(getattr(inner, "nesterov", False)))
+        self.on_ps: Optional[ps_update.ChiefSide] = None
         self.master = None
         self.aggregator: Optional[aggregator_lib.Aggregator] = None
         self.checkpoint: Optional[checkpoint_lib.Checkpoint] = None
@@ -122,9 +126,13 @@ class Binding:
                         ext.checkpoint_every_steps)
                     step = self.checkpoint.restore()
                     positions = self._restored_positions()
-                flats = self.layout.pack([tf.convert_to_tensor(v) for v in self.master])
+                flats = self._master_flats()
                 running = self._running_state(has_tables) if ext.monitor.rejoined else None
+                if rule is not None:
+                    self.on_ps = ps_update.ChiefSide(inner, rule, self.state, self.master)
                 if running is None:
+                    if self.on_ps is not None:  # before the control vector says the state is ready
+                        self.state.write_update_state(*self.on_ps.flats())
                     self.state.create(flats, step=step, replicas=self.config.replicas_to_aggregate,
                                       input_positions=positions)
                 elif running.finished:
@@ -144,13 +152,14 @@ class Binding:
             self.aggregator = aggregator_lib.Aggregator(
                 self.state, self.config, info, self._make_apply_fn(inner), step=step,
                 max_steps=ext.max_steps, liveness=ext.liveness(), checkpoint=self.checkpoint,
-                master_flats=lambda: self.layout.pack([tf.convert_to_tensor(v) for v in self.master]),
-                taken=None if running is None else running.block("taken"),
+                master_flats=self._master_flats,
+                taken=None if running is None else running.block("taken"), on_ps=self.on_ps,
             )
         self.client = worker_lib.WorkerClient(
             self.state, self.config, info, ext.monitor, chief_failure=self.aggregator_failure,
             dead_workers=self._dead_workers,
-            local_params=None if self.aggregator is None else self.aggregator.published,
+            # The chief's worker takes what its aggregator published, unless the ps tasks applied it.
+            local_params=None if self.aggregator is None or self.on_ps is not None else self.aggregator.published,
         )
         if self.aggregator is None:
             inner.build(var_list)
@@ -173,13 +182,18 @@ class Binding:
         if self.aggregator is not None:
             self.aggregator.start()
 
+    def _master_flats(self) -> List[tf.Tensor]:
+        """(Chief.) The master copy packed into shards, in the wire dtype: what the ps tasks publish."""
+        wire = self.state.wire
+        return [tf.cast(f, wire) for f in self.layout.pack([tf.convert_to_tensor(v) for v in self.master])]
+
     def _make_apply_fn(self, inner):
-        layout, master = self.layout, self.master
+        layout, master, wire = self.layout, self.master, self.state.wire
 
         @tf.function(jit_compile=False, autograph=False)
         def apply_fn(flat_grads):
             inner.apply(layout.unpack(flat_grads), master)
-            return layout.pack([v.value for v in master])
+            return [tf.cast(f, wire) for f in layout.pack([v.value for v in master])]
 
         return apply_fn
 
@@ -225,11 +239,27 @@ class Binding:
         self.client.close()
         if self.aggregator is not None:
             self.aggregator.stop()
-            if self.checkpoint is not None and not self.aggregator.is_alive():
+            if self.checkpoint is not None and not self.aggregator.is_alive() and self._refreshed():
                 # The master's step: a ps that died between an apply and its publish leaves the
                 # master one step ahead of the last published step (and the inner optimizer's count).
                 self.checkpoint.save(self.aggregator.master_step, why="failed" if failed else "end",
                                      input_positions=self.aggregator.input_positions(self.aggregator.master_step))
+        self.state.close()  # last: the final checkpoint above may read from every ps task
+
+    def _refreshed(self) -> bool:
+        """(Chief, before its last checkpoint.) Whether its master copy holds the last step (read back from the ps).
+
+        False when the update is on the ps and a ps task cannot be read: the
+        checkpoint would label old values with the new step, so none is written.
+        """
+        if self.on_ps is None:
+            return True
+        try:
+            self.on_ps.refresh()
+            return True
+        except (errors.PsUnavailableError, tf.errors.OpError) as e:
+            logging.warning("tf_backup: no last checkpoint: the master copy on the ps tasks cannot be read (%s).", e)
+            return False
 
     def _assign(self, var_list: Sequence, flats: Sequence) -> List:
         return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]
@@ -255,8 +285,9 @@ class Binding:
         self._assign(self._var_list, flats)
         return None if self.client.round_stopped else self.client.step
 
-    def _sync(self, *flats):
-        new_flats, metrics = self.client.sync(flats)
+    def _sync(self, *parts):
+        """(py_function.) `parts`: per shard, the gradient's body (wire dtype) then its exact tail."""
+        new_flats, metrics = self.client.sync(list(zip(parts[0::2], parts[1::2])))
         if metrics.stopped and not self._ext.has_models():
             # Stopped, and no Keras model to stop: end a custom loop like an exhausted dataset.
             raise tf.errors.OutOfRangeError(None, None, "tf_backup: the training round has ended.")
@@ -337,11 +368,13 @@ class Binding:
         `pending`: the buffers' count, for a compiled step's exchange (`_sync_pending`). Returns
         the last assignment.
         """
-        layout = self.layout
+        layout, wire = self.layout, self.state.wire
         onehot = tf.one_hot(self.worker_index, self.num_workers, dtype=layout.dtype)
-        flats = [tf.concat([flat, tf.reshape(tf.reduce_sum(tf.square(flat)), [1]), onehot], 0) for flat in packed]
-        fn, inputs = (self._sync, flats) if pending is None else (self._sync_pending, [pending, *flats])
-        outs = tf.py_function(fn, inputs, Tout=[layout.dtype] * len(flats) + [tf.int64], name="tf_backup_sync")
+        parts = []  # per shard: the body in the wire dtype (cast here, in a TF kernel), the exact tail
+        for flat in packed:
+            parts += [tf.cast(flat, wire), tf.concat([tf.reshape(tf.reduce_sum(tf.square(flat)), [1]), onehot], 0)]
+        fn, inputs = (self._sync, parts) if pending is None else (self._sync_pending, [pending, *parts])
+        outs = tf.py_function(fn, inputs, Tout=[wire] * len(packed) + [tf.int64], name="tf_backup_sync")
         new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
         metrics = tf.ensure_shape(outs[-1], [len(worker_lib.StepMetrics._fields)])
         assigns = self._assign(variables, new_flats)
@@ -350,16 +383,16 @@ class Binding:
                 var.assign(metrics[worker_lib.StepMetrics._fields.index(name)])
             return self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
 
-    def _sync_pending(self, pending, *flats):
+    def _sync_pending(self, pending, *parts):
         if int(pending) > 1:
             raise errors.ExchangeError(
                 f"{int(pending)} compiled steps wrote their gradient before one exchange: "
                 f"{int(pending) - 1} were never pushed. Fetch each batch from the strategy's "
                 "distributed dataset (its iterator runs the exchange of the previous step).")
         if self.sparse is None:
-            return self._sync(*flats)
+            return self._sync(*parts)
         self.sparse.push_buffered()  # before the dense push, as in a step that is not compiled
-        out = self._sync(*flats)
+        out = self._sync(*parts)
         self.sparse.pull_into_tables()
         return out
 
@@ -372,6 +405,7 @@ class Binding:
         return Counters(
             missed_wakeups=self.client.missed_wakeups + (self.aggregator.missed_wakeups if self.aggregator else 0),
             local_pulls=self.client.local_pulls,
+            unsent=self.client.unsent,
             step=self.client.step,
             dense_elements=sum(self.layout.shard_sizes),
             sparse_tables=None if self.sparse is None else [t.shape for t in self.sparse.tables],
@@ -390,6 +424,8 @@ class Counters:
         chief's include its aggregator's.
       local_pulls: steps whose parameters the chief's worker took from its own
         aggregator instead of the ps.
+      unsent: gradients this worker found late just before their push, and did not send
+        (counted as pushed and dropped all the same).
       step: the global step of the parameters in the model.
       dense_elements: elements in the dense flat shards.
       sparse_tables: the shapes of the tables that go by rows (None: none).
@@ -401,6 +437,7 @@ class Counters:
 
     missed_wakeups: int
     local_pulls: int
+    unsent: int
     step: int
     dense_elements: int
     sparse_tables: Optional[List[List[int]]]

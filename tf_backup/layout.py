@@ -1,8 +1,12 @@
 """How a list of variables maps onto flat shards, one per ps task.
 
-Every variable of one optimizer is flattened into the shard of one ps task,
-cast to the shards' common float dtype, so a push, a take and a publish move
-one tensor per ps task instead of one per variable.
+Every variable of one optimizer is flattened and cast to the shards' common
+float dtype; the concatenation of all of them is cut into one contiguous shard
+per ps task, of equal sizes (within one element) whatever the variables'
+boundaries: one big matrix is spread over every ps task, so each task's link
+carries 1/P of every push, take, publish and pull (issue 31; before, whole
+variables went to one task each, and a model that is one big matrix used one).
+A push, a take and a publish move one tensor per ps task.
 """
 
 from typing import List, Sequence
@@ -29,11 +33,18 @@ def largest_first(sizes: Sequence[int], loads: Sequence[int]) -> List[int]:
     return out
 
 
+def even_sizes(total: int, num_shards: int) -> List[int]:
+    """`total` elements cut into `num_shards` contiguous parts, the first `total % num_shards` one larger."""
+    base, extra = divmod(total, num_shards)
+    return [base + (1 if s < extra else 0) for s in range(num_shards)]
+
+
 class Layout:
     """How a list of variables maps onto flat shards, one per ps task.
 
-    Variables go to shards largest first, each to the shard with the fewest
-    elements so far; inside a shard they keep their order.
+    The variables, flattened in their order, are concatenated and cut into
+    `num_shards` contiguous shards of equal size (`even_sizes`). `shards[s]`
+    lists the variables with elements in shard s (a large one can span several).
     """
 
     def __init__(self, variables: Sequence, num_shards: int):
@@ -49,9 +60,11 @@ class Layout:
                 )
         self.sizes = [int(np.prod(s)) if s else 1 for s in self.shapes]
         self.dtype = tf.float64 if tf.float64 in self.dtypes else tf.float32
-        where = largest_first(self.sizes, [0] * num_shards)
-        self.shards = [[i for i, s in enumerate(where) if s == shard] for shard in range(num_shards)]
-        self.shard_sizes = [sum(self.sizes[i] for i in members) for members in self.shards]
+        self.shard_sizes = even_sizes(sum(self.sizes), num_shards)
+        starts = np.cumsum([0] + self.sizes)  # where each variable begins in the concatenation
+        bounds = np.cumsum([0] + self.shard_sizes)
+        self.shards = [[i for i in range(len(self.sizes)) if self.sizes[i] and starts[i] < bounds[s + 1]
+                        and starts[i + 1] > bounds[s]] for s in range(num_shards)]
 
     @property
     def num_vars(self) -> int:
@@ -89,19 +102,16 @@ class Layout:
 
     def pack(self, tensors: Sequence) -> List[tf.Tensor]:
         """Flattens per-variable tensors into one tensor per shard (graph ops)."""
-        flats = []
-        for members in self.shards:
-            parts = [tf.reshape(tf.cast(tensors[i], self.dtype), [-1]) for i in members]
-            flats.append(tf.concat(parts, 0) if parts else tf.zeros([0], self.dtype))
-        return flats
+        parts = [tf.reshape(tf.cast(t, self.dtype), [-1]) for t in tensors]
+        whole = tf.concat(parts, 0) if parts else tf.zeros([0], self.dtype)
+        if len(self.shard_sizes) == 1:
+            return [whole]
+        return tf.split(whole, self.shard_sizes, 0)
 
     def unpack(self, flats: Sequence) -> List[tf.Tensor]:
         """The inverse of `pack`: per-variable tensors in the variables' dtypes."""
-        out = [None] * self.num_vars
-        for members, flat in zip(self.shards, flats):
-            offset = 0
-            for i in members:
-                piece = flat[offset:offset + self.sizes[i]]
-                out[i] = tf.cast(tf.reshape(piece, self.shapes[i]), self.dtypes[i])
-                offset += self.sizes[i]
-        return out
+        flats = [tf.convert_to_tensor(f) for f in flats]
+        whole = flats[0] if len(flats) == 1 else tf.concat(flats, 0)
+        pieces = tf.split(whole, self.sizes, 0) if self.num_vars > 1 else [whole]
+        return [tf.cast(tf.reshape(piece, shape), dtype)
+                for piece, shape, dtype in zip(pieces, self.shapes, self.dtypes)]

@@ -68,6 +68,11 @@ class ProtocolConfig:
         task that failed to answer again, seconds; the chief then writes the
         state again (`tf_backup.recovery`). 0: a lost ps ends the job.
       adaptive: the bounds and window of adaptive N (`num_backup_workers="auto"`), or None: N is fixed.
+      wire_dtype: what gradients and parameters cross the network in ("float32", "bfloat16" or
+        "float16"); sums, the applied parameters and the optimizer's state stay in the
+        variables' dtype, and a push's norm and one-hot are always exact.
+      apply_on_ps: each ps task applies the inner optimizer to its shard (`tf_backup.ps_update`);
+        False: the chief applies it to its master copy.
     """
 
     replicas_to_aggregate: int
@@ -80,6 +85,8 @@ class ProtocolConfig:
     poll_min: float = 0.0005
     poll_max: float = 0.01
     ps_restart_timeout: float = 0.0
+    wire_dtype: str = "float32"
+    apply_on_ps: bool = False
 
     @property
     def min_replicas(self) -> int:
@@ -266,6 +273,9 @@ class ControlView:
 # -- what a push holds ----------------------------------------------------------------
 
 
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def push_tail(num_workers: int) -> int:
     """Slots a push has after the gradient: its squared norm, then the one-hot of its worker."""
     return 1 + num_workers
@@ -282,7 +292,7 @@ def push_vector(gradient: np.ndarray, worker: int, num_workers: int) -> np.ndarr
 class Take(NamedTuple):
     """One shard's take, split: what the accumulator summed over the pushes it accepted."""
 
-    gradient: np.ndarray  # the sum of the gradients
+    gradient: Optional[np.ndarray]  # the sum of the gradients (None: applied on the ps, not fetched)
     sum_sq_norms: float  # the sum of their squared norms (this shard's part of each)
     counts: np.ndarray  # per worker, its gradients in the sum (int64)
 
@@ -291,11 +301,20 @@ class Take(NamedTuple):
         return self.gradient / max(int(self.counts.sum()), 1)
 
 
-def split_take(total: np.ndarray, num_workers: int) -> Take:
-    """`total` (a take of one shard's accumulator) as a `Take`."""
-    tail = push_tail(num_workers)
-    return Take(np.asarray(total[:-tail]), float(total[-tail]),
-                np.rint(total[-num_workers:]).astype(np.int64))
+def split_take(total, num_workers: int) -> Take:
+    """`total` (a take of one shard's accumulator: a whole vector, or a `(body, tail)` pair) as a `Take`.
+
+    A body in a narrower wire dtype (`ProtocolConfig.wire_dtype`) is widened to float32 here.
+    """
+    if isinstance(total, (tuple, list)):
+        body, tail_values = total  # body None: applied on the ps (`apply_on_ps`), only the tail came
+        body = None if body is None else np.asarray(body)
+        if body is not None and body.dtype.itemsize < 4:
+            body = body.astype(np.float32)
+    else:
+        tail = push_tail(num_workers)
+        body, tail_values = np.asarray(total[:-tail]), np.asarray(total[-tail:])
+    return Take(body, float(tail_values[0]), np.rint(tail_values[-num_workers:]).astype(np.int64))
 
 
 class PushSample(NamedTuple):
@@ -409,6 +428,26 @@ def consistent(before: ControlView, after: ControlView) -> bool:
 def step_passed(ctl: ControlView, tag: int) -> bool:
     """Whether the global step moved past `tag` (a gradient tagged `tag` was taken or is stale)."""
     return ctl.step > tag
+
+
+def already_taken(ctl: ControlView, tag: int) -> bool:
+    """Whether a gradient tagged `tag` would be dropped: its step was taken (TAKEN_FOR) or published (STEP).
+
+    TAKEN_FOR counts only while it is the step being published (`step + 1`): a
+    state the chief wrote again (a rejoin) clears it, and older values are moot.
+    """
+    return ctl.step > tag or (ctl.taken_for == ctl.step + 1 and ctl.taken_for > tag)
+
+
+def checks_before_push(config: "ProtocolConfig") -> bool:
+    """Whether a worker reads the control vector before each push, so as not to send a gradient already late.
+
+    Only where a step can be taken without this worker (b > 0, or an adaptive
+    N): with b = 0 every step waits for every worker, and the read would only
+    cost a round trip.
+    """
+    return config.staleness_check and (config.adaptive is not None
+                                       or config.replicas_to_aggregate < config.num_workers)
 
 
 @dataclasses.dataclass(frozen=True)

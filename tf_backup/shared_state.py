@@ -25,9 +25,10 @@ have no deadline of their own but the endpoint's, and a `tf_backup.waker.Waker`
 ends them with a `POKE` token instead.
 """
 
+from concurrent import futures
 import dataclasses
 import threading
-from typing import Collection, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +36,7 @@ import tensorflow as tf
 from tf_backup import accumulators
 from tf_backup import endpoint as endpoint_lib
 from tf_backup import protocol
+from tf_backup import ps_update
 from tf_backup.layout import Layout
 from tf_backup.protocol import Control
 from tf_backup.protocol import ControlView
@@ -72,13 +74,14 @@ class Arrivals(NamedTuple):
     Attributes:
       count: fresh gradients in shard 0's accumulator, read after the wait.
       control: the control vector, read after the wait.
-      sums: what the same run took (one shard only), else None.
+      sums: what the same run took (one shard only): (the body in the wire dtype, the exact
+        tail), else None.
       tokens: the tokens dequeued.
     """
 
     count: int
     control: ControlView
-    sums: Optional[np.ndarray]
+    sums: Optional[tuple]
     tokens: np.ndarray
 
 
@@ -104,6 +107,7 @@ class _Runs:
     commit: tf.Operation  # the commit, then wake every worker in `awake`
     awake: tf.Tensor  # bool per worker (default all): whose queue a publish feeds
     wake_sizes: List[tf.Tensor]  # tokens waiting in each worker's queue
+    hyper: Dict[str, tf.Tensor]  # (update on the ps) the scalars the fused take applies with
     version_idx: Optional[tf.Tensor] = None  # one task: version, parameters, commit in one run
     version: Optional[tf.Tensor] = None
     new_values: Optional[List[tf.Tensor]] = None
@@ -120,12 +124,21 @@ class SharedState:
       ps: the ps tasks (shard `s` lives on `ps[s]`).
       num_workers: N + b.
       endpoints: how this process reaches the ps tasks.
+      wire_dtype: what gradients and parameters cross the network in (`ProtocolConfig.wire_dtype`;
+        "float32" keeps the variables' dtype). The published parameters are held in it too:
+        they are what every worker pulls.
+      update: with `apply_on_ps`, the inner optimizer's rule that each ps task applies to its
+        shard (`tf_backup.ps_update`): the master copy and the optimizer's slots then live on
+        the ps tasks too, and nothing model-sized goes through the chief. None: the chief applies.
+      nesterov: (SGD with momentum on the ps) Nesterov momentum.
     """
 
     def __init__(self, prefix: str, layout: Layout, ps: Sequence, num_workers: int,
-                 endpoints: endpoint_lib.Endpoints):
+                 endpoints: endpoint_lib.Endpoints, wire_dtype: str = "float32",
+                 update: Optional[ps_update.UpdateRule] = None, nesterov: bool = False):
         self.prefix = prefix
         self.layout = layout
+        self.wire = layout.dtype if wire_dtype == "float32" else tf.as_dtype(wire_dtype)
         self.num_workers = num_workers
         self.ctl = Control(num_workers)
         where = [endpoints.of(task) for task in ps]
@@ -134,10 +147,24 @@ class SharedState:
         self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64, [len(sig)], where[0])
         self._where = where
         self.params = [
-            accumulators.SharedVariable(f"{prefix}/params/{s}", layout.dtype, [size], where[s])
+            accumulators.SharedVariable(f"{prefix}/params/{s}", self.wire, [size], where[s])
             for s, size in enumerate(layout.shard_sizes)
         ]
+        self.update, self._nesterov = update, nesterov
+        self.master: List[accumulators.SharedVariable] = []  # (update on the ps) the master copy per shard
+        self.slots: List[List[accumulators.SharedVariable]] = []  # per slot, per shard
+        if update is not None:
+            # The published parameters are the master copy itself, unless they are narrower on the wire.
+            self.master = self.params if self.wire == layout.dtype else [
+                accumulators.SharedVariable(f"{prefix}/master/{s}", layout.dtype, [size], where[s])
+                for s, size in enumerate(layout.shard_sizes)]
+            self.slots = [[accumulators.SharedVariable(f"{prefix}/slot{k}/{s}", layout.dtype, [size], where[s])
+                           for s, size in enumerate(layout.shard_sizes)] for k in range(update.num_slots)]
+        self._updates: Dict[tuple, dict] = {}  # (generation, shard): the take-and-apply run
         self.generation = 0  # the newest generation (`set_generation`)
+        # Transfers to several ps tasks run at once: the bytes of a push or a pull share this
+        # host's link instead of waiting for each other's round trips (one thread per other task).
+        self._pool = futures.ThreadPoolExecutor(max(1, len(where) - 1), thread_name_prefix=f"tf_backup-{prefix}")
         self._accs: Dict[int, List[accumulators.ConditionalAccumulator]] = {}  # per generation
         self._built: Dict[int, _Runs] = {}  # per generation
         self._lock = threading.Lock()
@@ -163,7 +190,8 @@ class SharedState:
                 self._accs[generation] = [
                     accumulators.ConditionalAccumulator(
                         f"{where}/acc/{s}", self.layout.dtype, [size + protocol.push_tail(self.num_workers)],
-                        self._where[s], reduction_type="SUM")
+                        self._where[s], reduction_type="SUM", tail=protocol.push_tail(self.num_workers),
+                        wire_dtype=self.wire)
                     for s, size in enumerate(self.layout.shard_sizes)
                 ]
             return self._accs[generation]
@@ -206,6 +234,72 @@ class SharedState:
         control[Control.GENERATION] = self.generation
         self.control.assign(control)
 
+    def write_update_state(self, master: Sequence, slots: Sequence[Sequence]) -> None:
+        """(Update on the ps; chief, before its aggregator starts.) The master copy and the slots, per shard."""
+        if self.master is not self.params:
+            self.each_shard(lambda s: self.master[s].assign(master[s]))
+        for k, per_shard in enumerate(slots):
+            self.each_shard(lambda s: self.slots[k][s].assign(per_shard[s]))
+
+    def read_update_state(self):
+        """(Update on the ps.) (master flats, [slot flats per shard] per slot), read from every task at once."""
+        master = self.each_shard(lambda s: self.master[s].read())
+        return master, [self.each_shard(lambda s: var[s].read()) for var in self.slots]
+
+    def mark_version(self, step: int) -> None:
+        """VERSION = step: the parameters are about to change (the seqlock's first half)."""
+        self.control.scatter_update([Control.VERSION], [step])
+
+    def take_apply(self, shard: int, required: int, hyper: Dict[str, float]):
+        """(Update on the ps.) Takes shard `shard`'s sum and applies its mean there; returns (tail, squared norm of the sum).
+
+        Call `mark_version` first: this changes the published parameters.
+        """
+        run = self._update_run(shard)
+        feed = {run["required"]: int(required), **ps_update.hyper_feed(run["hyper"], hyper)}
+        got = self._where[shard].run(run["fetch"], feed, what=f"take and apply of `{self.prefix}` shard {shard}",
+                                     on_duplicate=endpoint_lib.OnDuplicate.RAISE)
+        return got
+
+    def _update_run(self, shard: int, generation: Optional[int] = None) -> dict:
+        generation = self.generation if generation is None else generation
+        key = (generation, shard)
+        if key not in self._updates:
+            built = self._where[shard].build(lambda: self._build_take_apply(shard, generation))
+            with self._lock:
+                self._updates.setdefault(key, built)
+        return self._updates[key]
+
+    def _hyper_placeholders(self) -> Dict[str, tf.Tensor]:
+        return {k: tf.compat.v1.placeholder(tf.float32, [], name=k) for k in ps_update.hyper_names(self.update)}
+
+    def _build_take_apply(self, shard: int, generation: int, required=None, before=(), hyper=None) -> dict:
+        """(In shard `shard`'s endpoint graph.) Take, average, apply, then the wire copy; fetches (tail, sq norm).
+
+        `required` and `hyper`: placeholders made outside (a branch of a `tf.cond` cannot hold one).
+        """
+        acc = self.accs_of(generation)[shard]
+        required = tf.compat.v1.placeholder(tf.int32, []) if required is None else required
+        hyper = self._hyper_placeholders() if hyper is None else hyper
+        with tf.control_dependencies(list(before)):
+            taken = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=acc.ops["handle"], num_required=required,
+                                                               dtype=self.layout.dtype)
+        size = self.layout.shard_sizes[shard]
+        body, tail = taken[:size], taken[size:]
+        count = tf.maximum(tf.reduce_sum(tail[-self.num_workers:]), 1.0)
+        master = self.master[shard].ops
+        slots = [var[shard].ops["handle"] for var in self.slots]
+        applied = ps_update.build_apply(self.update, master["handle"], slots, body / count, hyper,
+                                        nesterov=self._nesterov)
+        if self.master is not self.params:  # the narrow copy every worker pulls
+            with tf.control_dependencies([applied]):
+                value = tf.raw_ops.ReadVariableOp(resource=master["handle"], dtype=self.layout.dtype)
+                applied = tf.raw_ops.AssignVariableOp(resource=self.params[shard].ops["handle"],
+                                                      value=tf.cast(value, self.wire))
+        with tf.control_dependencies([applied]):
+            fetch = (tf.identity(tail), tf.reduce_sum(tf.square(body)))
+        return {"required": required, "hyper": hyper, "fetch": fetch}
+
     def lost_elsewhere(self) -> List[str]:
         """The ps tasks other than the control vector's that no longer hold their shard (they restarted empty).
 
@@ -231,8 +325,8 @@ class SharedState:
         return self.ctl.view(self.control.read())
 
     def read_params(self) -> List[np.ndarray]:
-        """The published flat parameters, shard by shard (no consistency check)."""
-        return [p.read() for p in self.params]
+        """The published flat parameters, shard by shard, read from every task at once (no consistency check)."""
+        return self.each_shard(lambda s: self.params[s].read())
 
     @property
     def on_one_task(self) -> bool:
@@ -243,6 +337,25 @@ class SharedState:
     def takes_in_wait(self) -> bool:
         """Whether `wait_arrivals` can take (one shard: its accumulator is on the control vector's task)."""
         return len(self.layout.shard_sizes) == 1
+
+    def each_shard(self, fn: Callable[[int], Any], shards: Optional[Sequence[int]] = None) -> List[Any]:
+        """`fn(s)` for every shard s (or those in `shards`), at once; results in order.
+
+        Every call runs to its end; then the first failure, if any, is raised.
+        """
+        shards = list(range(len(self.params))) if shards is None else list(shards)
+        if len(shards) <= 1:
+            return [fn(s) for s in shards]
+        running = [self._pool.submit(fn, s) for s in shards[1:]]
+        first = None
+        try:
+            first = fn(shards[0])  # in this thread: one task's transfer needs no hand-over
+        finally:
+            futures.wait(running)
+        return [first] + [f.result() for f in running]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
     # -- the runs --------------------------------------------------------------------
 
@@ -263,15 +376,16 @@ class SharedState:
                 runs.token: int(step)}
         if dead:
             feed[runs.awake] = np.asarray([w not in dead for w in range(self.num_workers)], bool)
+        if flats is None:  # applied on the ps, VERSION already set (`mark_version`): the commit alone
+            self.control.endpoint.run(runs.commit, feed, what=f"commit of `{self.prefix}` step {step}")
+            return
         if not self.on_one_task:
             self.control.scatter_update([Control.VERSION], [step])
-            for var, flat in zip(self.params, flats):
-                var.assign(flat)
+            self.each_shard(lambda s: self.params[s].assign(flats[s]))
             self.control.endpoint.run(runs.commit, feed, what=f"commit of `{self.prefix}` step {step}")
             return
         feed.update({runs.version_idx: [Control.VERSION], runs.version: [step]})
-        feed.update({ph: np.asarray(flat, self.layout.dtype.as_numpy_dtype)
-                     for ph, flat in zip(runs.new_values, flats)})
+        feed.update({ph: np.asarray(flat, self.wire.as_numpy_dtype) for ph, flat in zip(runs.new_values, flats)})
         self.control.endpoint.run(runs.publish, feed, what=f"publish of `{self.prefix}` step {step}")
 
     def wake_queue_sizes(self) -> List[int]:
@@ -295,10 +409,12 @@ class SharedState:
         """
         generation = self.generation if generation is None else generation
         accs = self.accs_of(generation)
-        for acc, flat in zip(accs[1:], flats[1:]):
-            acc.apply_grad(flat, tag)
+        # The other shards first, all at once; shard 0's push, last, feeds `arrivals`, so the
+        # aggregator never sees a push that is not yet in every shard. This host's link is busy
+        # for the whole gradient either way.
+        self.each_shard(lambda s: accs[s].apply_grad(flats[s], tag), range(1, len(accs)))
         acc, control, runs = accs[0].ops, self.control.ops, self._runs(generation)
-        feed = {acc["grad"]: np.asarray(flats[0], self.layout.dtype.as_numpy_dtype), acc["step"]: int(tag),
+        feed = {**accs[0].feed(flats[0]), acc["step"]: int(tag),
                 control["indices"]: np.asarray(indices, np.int32), control["updates"]: np.asarray(values, np.int64)}
         fetches = (runs.push_waits if with_params else runs.push_waits_control)[w]
         with waker.armed(seconds):
@@ -317,7 +433,7 @@ class SharedState:
         return None if got is None else self._wake(got)
 
     def wait_arrivals(self, seconds: float, waker: Waker, need: int = 1, required: int = 0, taken_for: int = 0,
-                      always: bool = False) -> Arrivals:
+                      always: bool = False, hyper: Optional[Dict[str, float]] = None) -> Arrivals:
         """Waits for `need` pushes (`waker` ends the wait after `seconds`), then reads shard 0's count and control.
 
         With `required` > 0 (one shard only, `takes_in_wait`), the same run
@@ -325,6 +441,8 @@ class SharedState:
         `always`), and sets control[TAKEN_FOR] = `taken_for`. Such a run must
         not be cancelled at a deadline once it may have taken, so it has none
         of its own: `waker` ends it with `POKE` tokens (`poke_aggregator`).
+        With the update on the ps, the take applies it too (with `hyper`, the
+        step's scalars) and `sums` is (the exact tail, the sum's squared norm).
 
         Raises:
           errors.DuplicateDeliveryError: the run was delivered twice; it ran
@@ -336,6 +454,8 @@ class SharedState:
             if not self.takes_in_wait:
                 raise ValueError("wait_arrivals can take only with one shard (`takes_in_wait`).")
             feed.update({runs.required: int(required), runs.taken_for: int(taken_for), runs.always: bool(always)})
+            if self.update is not None:  # the take applies too, with the step's scalars
+                feed.update(ps_update.hyper_feed(runs.hyper, hyper))
         with waker.armed(seconds):
             got = self.control.endpoint.run(runs.arrivals_take if required else runs.arrivals, feed,
                                             what=f"wait for pushes to `{self.prefix}`",
@@ -449,16 +569,31 @@ class SharedState:
         running = tf.logical_or(always, before[Control.ROUND] > before[Control.STOP_ROUND])  # protocol.round_running
         due = tf.logical_and(tf.logical_and(required > 0, count >= required), running)
 
-        def take():
-            sums = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=acc["handle"], num_required=required,
-                                                              dtype=self.layout.dtype)
-            with tf.control_dependencies([sums]):
-                mark = tf.raw_ops.ResourceScatterUpdate(
-                    resource=control["handle"], indices=[Control.TAKEN_FOR], updates=tf.reshape(taken_for, [1]))
-            with tf.control_dependencies([mark]):
-                return tf.identity(sums)
+        mark_taken = lambda: tf.raw_ops.ResourceScatterUpdate(  # noqa: E731
+            resource=control["handle"], indices=[Control.TAKEN_FOR], updates=tf.reshape(taken_for, [1]))
 
-        took = tf.cond(due, take, lambda: tf.zeros(acc["grad"].shape, self.layout.dtype))
+        def take_apply():  # (update on the ps) VERSION, take, apply, TAKEN_FOR: (exact tail, squared norm of the sum)
+            version = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=[Control.VERSION],
+                                                       updates=tf.reshape(taken_for, [1]))
+            run = self._build_take_apply(0, generation, required, before=[version], hyper=hyper)
+            with tf.control_dependencies(list(run["fetch"])):
+                mark = mark_taken()
+            with tf.control_dependencies([mark]):
+                return tuple(tf.identity(t) for t in run["fetch"])
+
+        def take():  # (body in the wire dtype, exact tail): the accumulator's take
+            if self.update is not None:
+                return take_apply()
+            body, tail = self.accs_of(generation)[0].take_parts(required)
+            with tf.control_dependencies([body, tail]):
+                mark = mark_taken()
+            with tf.control_dependencies([mark]):
+                return tf.identity(body), tf.identity(tail)
+
+        hyper = {} if self.update is None else self._hyper_placeholders()  # (update on the ps) fed with every take
+        zero_tail = tf.zeros(acc["tail"].shape, self.layout.dtype)
+        took = tf.cond(due, take, lambda: ((zero_tail, tf.constant(0.0, self.layout.dtype)) if self.update is not None
+                                           else (tf.zeros(acc["grad"].shape, self.wire), zero_tail)))
         arrivals = {"tokens": arrived, "count": count, "control": before}
 
         step_idx, step = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
@@ -481,7 +616,7 @@ class SharedState:
             wake_all=enqueue_all(tf.no_op()),
             poke_arrivals=tf.raw_ops.QueueEnqueueManyV2(
                 handle=arrivals_queue, components=[tf.fill([self.num_workers], token)]),
-            arrivals=arrivals, arrivals_take={**arrivals, "due": due, "took": took},
+            arrivals=arrivals, arrivals_take={**arrivals, "due": due, "took": took}, hyper=hyper,
             need=need, required=required, taken_for=taken_for, always=always,
             step_idx=step_idx, step=step, commit=enqueue_all(commit, only_awake=True), awake=awake,
             wake_sizes=[tf.raw_ops.QueueSizeV2(handle=q) for q in wake],
@@ -489,7 +624,7 @@ class SharedState:
         if one_task:
             runs.version_idx = tf.compat.v1.placeholder(tf.int32, [None])
             runs.version = tf.compat.v1.placeholder(tf.int64, [None])
-            runs.new_values = [tf.compat.v1.placeholder(self.layout.dtype, p["value"].shape) for p in params]
+            runs.new_values = [tf.compat.v1.placeholder(self.wire, p["value"].shape) for p in params]
             mark = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=runs.version_idx,
                                                     updates=runs.version)
             with tf.control_dependencies([mark]):

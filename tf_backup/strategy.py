@@ -122,6 +122,20 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         `num_replicas_in_sync` is their number, the batch a worker's dataset
         yields is split over them, and the worker still makes one
         contribution per step (N and b count workers).
+      wire_dtype: what gradients and parameters cross the network in:
+        "float32" (the default: the variables' own dtype), "bfloat16" or
+        "float16" (half the bytes of every push, take, publish and pull). The
+        sums, the chief's master copy and the inner optimizer's state stay in
+        the variables' dtype, and a push's norm and one-hot stay exact; what
+        the workers train on (and the model holds after `fit`) is the master
+        copy rounded to `wire_dtype`. Give every task the same value.
+      apply_on_ps: each ps task applies the update to its shard, where the
+        gradients are summed, so no model-sized tensor goes through the chief
+        (`tf_backup.ps_update`): for `keras.optimizers.SGD` (with or without
+        momentum) and `Adam`, without clipping, weight decay or EMA. The master
+        copy and the optimizer's slots then live on the ps tasks; the chief
+        reads them back for each checkpoint. Not with `ps_restart_timeout` or
+        `chief_rejoins`. Give every task the same value.
 
     The strategy makes glibc malloc keep freed memory in this process
     (`tf_backup.tune_malloc`; `TF_BACKUP_TUNE_MALLOC=0` to leave glibc's
@@ -146,7 +160,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                  poll_interval: float = 0.01, worker_timeout: float = 30.0,
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every_steps: int = 100, ps_timeout: float = 60.0,
-                 ps_restart_timeout: float = 0.0, chief_rejoins: bool = False, devices=None):
+                 ps_restart_timeout: float = 0.0, chief_rejoins: bool = False, devices=None,
+                 wire_dtype: str = "float32", apply_on_ps: bool = False):
         auto = num_backup_workers == "auto"
         if not auto:
             num_backup_workers = _checks.check_int("num_backup_workers", num_backup_workers, 0,
@@ -167,6 +182,16 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         ps_timeout = _checks.check_seconds("ps_timeout", ps_timeout)
         ps_restart_timeout = _checks.check_seconds("ps_restart_timeout", ps_restart_timeout, allow_zero=True)
         _checks.check_bool("chief_rejoins", chief_rejoins)
+        if not isinstance(wire_dtype, str) or wire_dtype not in protocol.WIRE_DTYPES:
+            raise ValueError(f"`wire_dtype` must be one of {', '.join(protocol.WIRE_DTYPES)}. "
+                             f"Received wire_dtype={wire_dtype!r}")
+        _checks.check_bool("apply_on_ps", apply_on_ps)
+        if apply_on_ps and (ps_restart_timeout or chief_rejoins):
+            raise ValueError(
+                "apply_on_ps=True keeps the master copy on the ps tasks, so a restarted ps task cannot be "
+                "written again from the chief's, nor a rejoining chief's checkpoint be its state: set "
+                "ps_restart_timeout=0 and chief_rejoins=False (a lost task ends the job; restart from the "
+                f"checkpoint). Received ps_restart_timeout={ps_restart_timeout!r}, chief_rejoins={chief_rejoins!r}")
         max_steps = _checks.check_optional_int("max_steps", max_steps, 1)
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"`checkpoint_dir` must be a path or None. Received checkpoint_dir={checkpoint_dir!r}")
@@ -215,6 +240,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             poll_max=poll_interval,
             poll_min=min(0.0005, poll_interval),
             ps_restart_timeout=ps_restart_timeout,
+            wire_dtype=wire_dtype,
+            apply_on_ps=apply_on_ps,
         )
         cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
         memory.tune_malloc()  # every step feeds and fetches model-sized buffers (TF_BACKUP_TUNE_MALLOC=0: not)

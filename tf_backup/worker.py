@@ -106,6 +106,7 @@ class WorkerClient:
         self.generation = 0  # of the shared state this worker pushes to (`tf_backup.recovery`)
         self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
         self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
+        self.unsent = 0  # gradients found late before their push: counted as pushed and dropped, never sent
         self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
         self.on_stop: List[Callable[[], None]] = []
 
@@ -178,6 +179,10 @@ class WorkerClient:
                     [k.pushed, k.last_tag, k.dropped, k.cancelled, micros, k.batches])
             if self.config.staleness_check:
                 tag_step = self.step
+                if self._late(tag_step):  # one small read spares the network a model-sized push
+                    self.unsent += 1
+                    self._retrying(lambda: self.state.control.scatter_update(push[2], push[3]))
+                    push = None  # its counters written, it settles as dropped, as a push that came late
                 seen = self._wait(lambda ctl: protocol.step_passed(ctl, tag_step) or self._stopped(ctl),
                                   f"global step {tag_step + 1}", self.config.step_timeout, push=push)
             else:
@@ -191,6 +196,13 @@ class WorkerClient:
         if self._stopped(ctl):
             self._stop()
         return flats, self.metrics()
+
+    def _late(self, tag: int) -> bool:
+        """Whether the step `tag` was already taken (read just before a push that would only be dropped)."""
+        if not protocol.checks_before_push(self.config):
+            return False
+        ctl = self._retrying(self.state.read_control)
+        return protocol.already_taken(ctl, tag)
 
     def metrics(self) -> StepMetrics:
         ctl = self._last_control
