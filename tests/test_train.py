@@ -96,6 +96,8 @@ def test_bad_config_files(tmp_path):
                                     "num_backup_workers='some'"),
     (["--straggler=pareto:x"], "--straggler=pareto:x"),
     (["--config=regression", "--steps=1", "positional"], "Unexpected arguments ['positional']"),
+    (["--config=regression", "--optimizer=rmsprop", "--apply_on_ps"],
+     "--apply_on_ps supports --optimizer=sgd, momentum or adam. Received optimizer='rmsprop'"),
     (["--config=regression", "--local_cluster=false", "--restart_failed"], "--restart_failed supervises the tasks"),
     (["--max_restarts=0"], "flag --max_restarts=0"),
 ])
@@ -227,6 +229,26 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     assert "summary | adaptive N: min 3, median 3, max 3, last 3 | steps with N = 3: 5" in out.stdout
     lines = [l for l in out.stdout.splitlines() if l.startswith("train | step: ")]
     assert lines and all(" | N: 3 | " in l for l in lines), lines
+
+
+@pytest.mark.cluster
+def test_the_update_on_two_ps_tasks_in_bfloat16_trains_checkpoints_and_resumes(tmp_path):
+    model_dir = tmp_path / "model"
+    flags = ["--config=regression", "--optimizer=momentum", "--num_ps=2", "--apply_on_ps", "--wire_dtype=bfloat16",
+             f"--model_dir={model_dir}"]
+    out = run_binary(*flags, "--steps=12", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["test_loss"] < summary["history"]["loss"][0]
+    g = summary["gradients"]
+    assert [t + d for t, d in zip(g["taken"], g["dropped"])] == g["pushed"]
+    assert tf.train.latest_checkpoint(model_dir / "checkpoints" / "opt0").endswith("ckpt-12")
+    # The master copy and the momentum read back from the ps tasks resume the job.
+    out = run_binary(*flags, "--steps=16", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    resumed = json.loads((model_dir / "summary.json").read_text())
+    assert resumed["resumed_from_step"] == 12 and resumed["steps"] == 16
+    assert resumed["test_loss"] <= summary["test_loss"] * 1.5
 
 
 @pytest.mark.slow

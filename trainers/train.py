@@ -80,12 +80,22 @@ _PS_RESTART_TIMEOUT = flags.DEFINE_float(
     "ps_restart_timeout", None, "Seconds to wait for a ps task that failed to come back (restarted by "
     "--restart_failed or a cluster manager); the chief then writes the shared state again and "
     "training goes on, nothing redone. 0: a lost ps ends the job (resume it from the checkpoint). "
-    "Default: 60 with --restart_failed, else 0. Give every task the same value.", lower_bound=0.0)
+    "Default: 60 with --restart_failed (without --apply_on_ps), else 0. Give every task the same value.",
+    lower_bound=0.0)
 _CHIEF_REJOINS = flags.DEFINE_boolean(
     "chief_rejoins", None, "A restarted chief rejoins its running job from its latest checkpoint and the "
     "workers carry on (at most --checkpoint_every steps redone, no batch read twice); off: it starts a "
-    "new job and every worker restarts into it. Default: on with --restart_failed. Give every task "
+    "new job and every worker restarts into it. Default: on with --restart_failed (without --apply_on_ps). "
+    "Give every task "
     "the same value.")
+_WIRE_DTYPE = flags.DEFINE_enum(
+    "wire_dtype", "float32", ["float32", "bfloat16", "float16"],
+    "What gradients and parameters cross the network in; sums, the master copy and the optimizer's "
+    "state stay float32. Give every task the same value.")
+_APPLY_ON_PS = flags.DEFINE_boolean(
+    "apply_on_ps", False, "Each ps task applies the update to its shard (SGD, momentum, Adam only): no "
+    "model-sized transfer through the chief. Not with --ps_restart_timeout or --chief_rejoins (under "
+    "--restart_failed, a lost task resumes the job from its checkpoint). Give every task the same value.")
 _MAX_RESTARTS = flags.DEFINE_integer(
     "max_restarts", 5, "With --restart_failed: how many times each task may be restarted.", lower_bound=1)
 _MODEL_DIR = flags.DEFINE_string(
@@ -398,20 +408,25 @@ def ps_restart_timeout() -> float:
     """--ps_restart_timeout, or its default: 60 s under --restart_failed (a ps that dies comes back), else 0."""
     if _PS_RESTART_TIMEOUT.value is not None:
         return _PS_RESTART_TIMEOUT.value
-    return 60.0 if _RESTART_FAILED.value else 0.0
+    return 60.0 if _RESTART_FAILED.value and not _APPLY_ON_PS.value else 0.0
 
 
 def main(argv) -> int:
     if len(argv) > 1:
         raise config_lib.ConfigError(f"Unexpected arguments {argv[1:]}: every option is a --flag.")
     config = resolve_config()
+    if _APPLY_ON_PS.value and config.optimizer not in ("sgd", "momentum", "adam"):
+        raise config_lib.ConfigError(  # tf_backup.ps_update has kernels for these only
+            f"--apply_on_ps supports --optimizer=sgd, momentum or adam. Received optimizer={config.optimizer!r}")
     local = _LOCAL_CLUSTER.value if _LOCAL_CLUSTER.value is not None else not _in_tf_config_cluster()
     # BackupWorkerStrategy arguments from flags (every worker gets the same).
     strategy_args = {"startup_timeout": _STARTUP_TIMEOUT.value, "step_timeout": _STEP_TIMEOUT.value,
                      "worker_timeout": _WORKER_TIMEOUT.value, "chief_timeout": _CHIEF_TIMEOUT.value,
                      "checkpoint_every_steps": _CHECKPOINT_EVERY.value,
                      "ps_restart_timeout": ps_restart_timeout(),
-                     "chief_rejoins": _RESTART_FAILED.value if _CHIEF_REJOINS.value is None else _CHIEF_REJOINS.value}
+                     "chief_rejoins": (_RESTART_FAILED.value and not _APPLY_ON_PS.value if _CHIEF_REJOINS.value is None
+                                       else _CHIEF_REJOINS.value),
+                     "wire_dtype": _WIRE_DTYPE.value, "apply_on_ps": _APPLY_ON_PS.value}
     model_dir = _MODEL_DIR.value or os.path.join("/tmp/tf_backup", time.strftime("%Y%m%d-%H%M%S"))
     if _RESTART_FAILED.value and not local:
         raise config_lib.ConfigError(
