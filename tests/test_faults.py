@@ -299,6 +299,7 @@ def kill_when_reached(cluster, progress_dir, watched: str, step: int, victims, t
     pytest.param(["worker-0"], id="chief"),  # rejoining its job (`chief_rejoins`)
     pytest.param(["worker-0", "new job"], marks=pytest.mark.slow, id="chief-new-job"),  # starting a new job
     pytest.param(["ps-0"], id="ps"),
+    pytest.param(["ps-0", "apply on ps"], id="ps-apply-on-ps"),  # its master copy lost: a new job from the checkpoint
     pytest.param(["worker-1", "worker-2"], marks=pytest.mark.slow, id="b+1"),  # b + 1 workers
     pytest.param(["worker-2"], marks=pytest.mark.slow, id="worker"),  # a backup worker: it rejoins the running job
 ])
@@ -311,19 +312,24 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
     new job ("new job"): every worker sees it and restarts, the redone steps' batches are read again.
     The ps (`ps_restart_timeout`): it alone restarts;
     the chief writes the state again at the step it had reached and every worker carries on, nothing
-    redone, no batch read twice. b + 1 workers: the chief stops with a checkpoint, and everybody restarts.
+    redone, no batch read twice. The ps under `apply_on_ps` (it held the master copy): the chief fails,
+    everybody restarts, and the new job resumes from the last checkpoint. b + 1 workers: the chief
+    stops with a checkpoint, and everybody restarts.
     One worker: it alone restarts and rejoins the running job (120 steps of at least 0.3 s: time
     for the new process to start and join before the job ends), nothing is redone.
     Every worker's input goes on where the job's parameters are (`check_input_positions`).
     """
     checkpoints = str(tmp_path / "ckpt")
-    one_worker, ps, rejoin = victims == ["worker-2"], victims == ["ps-0"], victims == ["worker-0"]
+    apply_on_ps = "apply on ps" in victims
+    victims = [v for v in victims if v != "apply on ps"]
+    one_worker, ps, rejoin = victims == ["worker-2"], victims == ["ps-0"] and not apply_on_ps, victims == ["worker-0"]
     victims = [v for v in victims if v != "new job"]
     steps, compute_seconds = (120, 0.3) if one_worker else (60, 0.1)
     # A rejoining chief must be back (start TensorFlow, restore) before the workers give up on it.
     cluster, progress = fault_cluster(tmp_path, steps=steps, checkpoint_dir=checkpoints,
                                       compute_seconds=compute_seconds, ps_restart_timeout=60.0 if ps else 0.0,
-                                      chief_rejoins=rejoin, chief_timeout=60.0 if rejoin else 8.0)
+                                      chief_rejoins=rejoin, chief_timeout=60.0 if rejoin else 8.0,
+                                      apply_on_ps=apply_on_ps)
     with cluster:
         cluster.start()
         killer = kill_when_reached(cluster, progress, "worker-1", random.Random(seed).randint(6, 30), victims)

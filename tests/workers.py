@@ -438,7 +438,7 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
                          checkpoint_dir=None, checkpoint_every_steps: int = 5,
                          worker_timeout: float = 3.0, chief_timeout: float = 8.0,
                          compute_seconds: float = 0.05, ps_restart_timeout: float = 0.0,
-                         chief_rejoins: bool = False, chief_dies_after_fit: str = ""):
+                         chief_rejoins: bool = False, chief_dies_after_fit: str = "", apply_on_ps: bool = False):
     """The program of the fault-injection tests: trains to global step `steps`.
 
     A linear model with SGD + momentum (so the optimizer has state to
@@ -461,7 +461,7 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         num_backup_workers=num_backup_workers, step_timeout=60.0, startup_timeout=60.0,
         chief_timeout=chief_timeout, worker_timeout=worker_timeout, max_steps=steps,
         checkpoint_dir=checkpoint_dir, checkpoint_every_steps=checkpoint_every_steps, ps_timeout=10.0,
-        ps_restart_timeout=ps_restart_timeout, chief_rejoins=chief_rejoins)
+        ps_restart_timeout=ps_restart_timeout, chief_rejoins=chief_rejoins, apply_on_ps=apply_on_ps)
     task = os.environ["TF_BACKUP_TASK"]
     InputRecorder = _input_recorder_class()  # pylint: disable=invalid-name
     x, y = regression_data(64)
