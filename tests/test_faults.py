@@ -339,7 +339,7 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
         codes = assert_all_exited(cluster, 60)
         restarts = cluster.restarts()
     reread = check_input_positions(progress, results, redone_read_again=not rejoin)
-    # One line per run for the README's fault table (`pytest -s`).
+    # One line per run for the fault table in docs/faults.md (`pytest -s`).
     print(f"fault-run victims={victims} seed={seed} killed_at={killer['killed_at']} "
           f"resumed_at={results[0]['initial_step']} restarts={restarts} codes={codes} "
           f"batches_read_again={reread} input_positions={[r['input_position'] for r in results]}")
