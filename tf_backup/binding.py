@@ -286,8 +286,8 @@ class Binding:
         return None if self.client.round_stopped else self.client.step
 
     def _sync(self, *parts):
-        """(py_function.) `parts`: per shard, the gradient's body (wire dtype) then its exact tail."""
-        new_flats, metrics = self.client.sync(list(zip(parts[0::2], parts[1::2])))
+        """(py_function.) `parts`: per shard, the gradient's body (wire dtype) then its exact tail, or one tensor."""
+        new_flats, metrics = self.client.sync(list(zip(parts[0::2], parts[1::2])) if self.state.tail else list(parts))
         if metrics.stopped and not self._ext.has_models():
             # Stopped, and no Keras model to stop: end a custom loop like an exhausted dataset.
             raise tf.errors.OutOfRangeError(None, None, "tf_backup: the training round has ended.")
@@ -370,9 +370,10 @@ class Binding:
         """
         layout, wire = self.layout, self.state.wire
         onehot = tf.one_hot(self.worker_index, self.num_workers, dtype=layout.dtype)
-        parts = []  # per shard: the body in the wire dtype (cast here, in a TF kernel), the exact tail
+        parts = []  # per shard: the body in the wire dtype (cast here, in a TF kernel) and the exact tail, or one tensor
         for flat in packed:
-            parts += [tf.cast(flat, wire), tf.concat([tf.reshape(tf.reduce_sum(tf.square(flat)), [1]), onehot], 0)]
+            tail = tf.concat([tf.reshape(tf.reduce_sum(tf.square(flat)), [1]), onehot], 0)
+            parts += [tf.cast(flat, wire), tail] if self.state.tail else [tf.concat([flat, tail], 0)]
         fn, inputs = (self._sync, parts) if pending is None else (self._sync_pending, [pending, *parts])
         outs = tf.py_function(fn, inputs, Tout=[wire] * len(packed) + [tf.int64], name="tf_backup_sync")
         new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]

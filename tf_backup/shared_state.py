@@ -139,6 +139,9 @@ class SharedState:
         self.prefix = prefix
         self.layout = layout
         self.wire = layout.dtype if wire_dtype == "float32" else tf.as_dtype(wire_dtype)
+        # A push in a narrower wire dtype sends its tail (norm, one-hot) as a second, exact tensor;
+        # in the variables' dtype it is one tensor, concatenated on the worker (no copy on the ps).
+        self.tail = protocol.push_tail(num_workers) if self.wire != layout.dtype else 0
         self.num_workers = num_workers
         self.ctl = Control(num_workers)
         where = [endpoints.of(task) for task in ps]
@@ -190,8 +193,7 @@ class SharedState:
                 self._accs[generation] = [
                     accumulators.ConditionalAccumulator(
                         f"{where}/acc/{s}", self.layout.dtype, [size + protocol.push_tail(self.num_workers)],
-                        self._where[s], reduction_type="SUM", tail=protocol.push_tail(self.num_workers),
-                        wire_dtype=self.wire)
+                        self._where[s], reduction_type="SUM", tail=self.tail, wire_dtype=self.wire)
                     for s, size in enumerate(self.layout.shard_sizes)
                 ]
             return self._accs[generation]
@@ -581,9 +583,16 @@ class SharedState:
             with tf.control_dependencies([mark]):
                 return tuple(tf.identity(t) for t in run["fetch"])
 
-        def take():  # (body in the wire dtype, exact tail): the accumulator's take
+        def take():  # the accumulator's take: (body in the wire dtype, exact tail), or one tensor
             if self.update is not None:
                 return take_apply()
+            if not self.tail:
+                sums = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=acc["handle"], num_required=required,
+                                                                  dtype=self.layout.dtype)
+                with tf.control_dependencies([sums]):
+                    mark = mark_taken()
+                with tf.control_dependencies([mark]):
+                    return tf.identity(sums)
             body, tail = self.accs_of(generation)[0].take_parts(required)
             with tf.control_dependencies([body, tail]):
                 mark = mark_taken()
@@ -591,9 +600,16 @@ class SharedState:
                 return tf.identity(body), tf.identity(tail)
 
         hyper = {} if self.update is None else self._hyper_placeholders()  # (update on the ps) fed with every take
-        zero_tail = tf.zeros(acc["tail"].shape, self.layout.dtype)
-        took = tf.cond(due, take, lambda: ((zero_tail, tf.constant(0.0, self.layout.dtype)) if self.update is not None
-                                           else (tf.zeros(acc["grad"].shape, self.wire), zero_tail)))
+        zero_tail = tf.zeros([protocol.push_tail(self.num_workers)], self.layout.dtype)
+
+        def not_taken():  # zeros of the take's structure
+            if self.update is not None:
+                return zero_tail, tf.constant(0.0, self.layout.dtype)
+            if not self.tail:
+                return tf.zeros(acc["grad"].shape, self.layout.dtype)
+            return tf.zeros(acc["grad"].shape, self.wire), zero_tail
+
+        took = tf.cond(due, take, not_taken)
         arrivals = {"tokens": arrived, "count": count, "control": before}
 
         step_idx, step = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
