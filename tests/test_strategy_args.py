@@ -83,3 +83,18 @@ def test_worker_started_before_the_ps_gets_a_timeout_naming_the_ps():
 def test_serve_refuses_a_worker_task():
     with pytest.raises(ValueError, match="`tf_backup.serve\\(\\)` runs ps tasks"):
         tf_backup.serve(resolver(task=("worker", 1)))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(poll_interval=-1), ValueError, "`poll_interval` must be a positive number of seconds. Received poll_interval=-1"),
+    (dict(startup_timeout="60"), ValueError, "startup_timeout='60'"),
+    (dict(chief_timeout=0), ValueError, "chief_timeout=0"),
+    (dict(exit_grace=float("inf")), ValueError, "exit_grace=inf"),
+    (dict(silent_worker=None), ValueError, "silent_worker=None"),
+    (dict(ps_restart_timeout=-5), ValueError, "ps_restart_timeout=-5"),
+    (dict(chief_rejoins="yes"), TypeError, "`chief_rejoins` must be a bool. Received chief_rejoins='yes'"),
+])
+def test_serve_refuses_bad_arguments_before_it_starts(kwargs, error, message):
+    # A worker's resolver: were the arguments not checked first, serve() would refuse the task instead.
+    with pytest.raises(error, match=message):
+        tf_backup.serve(resolver(), **kwargs)

@@ -5,6 +5,7 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import endpoint as endpoint_lib
 from tf_backup import errors
@@ -87,12 +88,22 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
     waited for.
 
     Raises:
-      ValueError: this task is not a ps task, or its server cannot start.
+      ValueError: an argument is out of range, this task is not a ps task, or its server cannot start.
+      TypeError: `chief_rejoins` is not a bool.
       TimeoutError: no job started within `startup_timeout`.
       tf_backup.errors.ChiefUnavailableError: the chief went silent without
         finishing the job, or aborted it (a failed job ends its ps tasks
         non-zero too, so a cluster manager restarts them with the job).
     """
+    # Every argument is checked before anything starts: a bad one would otherwise surface as a
+    # sleep(-1) or a comparison error deep in the serving loop.
+    startup_timeout = _checks.check_seconds("startup_timeout", startup_timeout)
+    chief_timeout = _checks.check_seconds("chief_timeout", chief_timeout)
+    exit_grace = _checks.check_seconds("exit_grace", exit_grace, allow_zero=True)
+    poll_interval = _checks.check_seconds("poll_interval", poll_interval)
+    silent_worker = _checks.check_seconds("silent_worker", silent_worker)
+    ps_restart_timeout = _checks.check_seconds("ps_restart_timeout", ps_restart_timeout, allow_zero=True)
+    _checks.check_bool("chief_rejoins", chief_rejoins)
     if cluster_resolver is None:
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
