@@ -251,7 +251,7 @@ class WakingState(FakeState):
         self.ctl_now = control(step=step, version=step)
         self.params = [np.full(2, float(step), np.float32)]
 
-    def wait(self, w, seconds):
+    def wait(self, w, seconds, known_step=-1):
         assert w == 1
         self.waits.append(seconds)
         if not self.tokens:

@@ -88,6 +88,13 @@ def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
     before, flats, after = snapshot  # one ps task: the parameters come with the wake-up
     np.testing.assert_array_equal(flats[0], np.arange(4))
     assert state.accs[0].num_accumulated() == 1  # pushed once
+    # A worker that holds step 0 already reads no parameters when the step has not moved past it.
+    state.poke(1)
+    _, ctl, snapshot = state.wait(1, 1.0, known_step=0)
+    assert ctl[protocol.Control.STEP] == 0 and snapshot is None
+    state.poke(1)
+    _, _, snapshot = state.wait(1, 1.0, known_step=-1)
+    np.testing.assert_array_equal(snapshot.flats[0], np.arange(4))
     aggregator = Waker(state.poke_aggregator, "test-aggregator-waker")
     count, _, sums, tokens = state.wait_arrivals(5.0, aggregator)  # the push's token (tag 0) is in the queue
     assert count == 1 and sums is None and aggregator.pokes == 0

@@ -250,7 +250,8 @@ class WorkerClient:
             try:
                 if push is not None:
                     got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
-                                               with_params=self._local_params is None, generation=self.generation)
+                                               with_params=self._local_params is None, generation=self.generation,
+                                               known_step=self.step)
                     push = None
                     if got is None:  # delivered twice: it pushed, its result is lost
                         continue
@@ -258,7 +259,7 @@ class WorkerClient:
                         self.missed_wakeups += 1
                         return Seen(got.control, got.snapshot)
                 else:
-                    got = self.state.wait(self.w, seconds)
+                    got = self.state.wait(self.w, seconds, known_step=self.step)
                 if got is None:  # nothing happened: look anyway (a token may have been lost)
                     ctl, snapshot = self.state.read_control(), None
                     if done(ctl) and not recovery.state_lost(ctl, self.generation):
@@ -366,7 +367,7 @@ class WorkerClient:
                 time.sleep(remaining)
                 return False
             try:
-                got = self.state.wait(self.w, remaining - protocol.SLEEP_MARGIN)
+                got = self.state.wait(self.w, remaining - protocol.SLEEP_MARGIN, known_step=self.step)
             except recovery.RECOVERABLE as e:  # sleep on in the state as it is then; `sync` sees a new generation
                 self._recover(e)
                 continue
