@@ -280,8 +280,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
         + ", ".join(f"{hiddens[p]} for {workloads.mlp_params(hiddens[p], DEPTH):,}" for p in s["params"])
         + f" parameters), float32, SGD(0.01), b = 0, no stragglers. Simulated compute: a batch of {BATCH} rows "
         f"per worker (the forward/backward of every full-size variable, cheap on the CPU) plus a {COMPUTE * 1e3:.0f} ms "
-        "sleep before each batch (the accelerator's compute), so gradients are full-size dense tensors and the cores "
-        "are not what limits the shaped cells. Its four h x h kernels split evenly over 1, 2 or 4 ps tasks "
+        "sleep before each batch (the accelerator's compute): gradients are full-size dense tensors, the model's own "
+        "compute stays cheap. Moving those tensors (serialising, copying, applying) still takes the 2 shared cores: "
+        "the loopback rows show that cost. Its four h x h kernels split evenly over 1, 2 or 4 ps tasks "
         "(largest-first packing; the other benchmarks' 2-layer MLP would put 98% on one ps).")
     notes = [
         model_note,
