@@ -218,7 +218,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
                             chief, others, ps = n.get("worker-0"), role_bytes(
                                 {k: v for k, v in n.items() if k != "worker-0"}, "worker-"), role_bytes(n, "ps-")
                             csv_rows.append([rate or 0, workloads.mlp_params(hidden, DEPTH), w, system, variant or "",
-                                             num_ps, i + 1, len(r), statistics.mean(r), COMPUTE, m]
+                                             num_ps, i + 1, len(r), statistics.mean(r), COMPUTE, int(m)]
                                             + [x for pair in (chief, others, ps) for x in (pair or (float("nan"),) * 2)]
                                             + [json.dumps({k: [round(a), round(b)] for k, (a, b) in sorted(n.items())})])
                         print(f"{NAME}: {what}: {[round(t * 1e3, 1) for t in times]} ms/step", flush=True)

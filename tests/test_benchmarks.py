@@ -96,7 +96,7 @@ def check_bandwidth_smoke(out):
     assert (r["rate_bit"], r["parameters"], r["workers"], r["system"], r["num_ps"], r["steps"]) == (
         "1e+09", "999321", "2", "ours", "1", "5")
     assert float(r["compute_s"]) <= float(r["mean_step_s"]) < 5
-    m = float(r["model_bytes"])
+    m = int(r["model_bytes"])
     assert m == 4 * 999321
     # Bytes per step on each task's link (counts, not speeds): the chief pushes and publishes, takes
     # once; the other worker pushes and pulls; the ps receives 2 pushes and the publish, sends the
