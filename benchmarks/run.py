@@ -17,6 +17,10 @@ min–max; failed runs listed) and `<name>.png` when matplotlib is installed (`p
   scale_sim  a one-process simulator with real gradients: N up to 100, backups vs sync vs async
   vs_mwms_stragglers  tf_backup (b = 0, 1, 2) against MultiWorkerMirroredStrategy under stragglers
   ps_memory  the ps's resident memory over a long run, every worker alive vs one killed
+  bandwidth  step time and bytes per step on emulated 1 / 10 Gbit/s links per host (issue 31):
+             ours with 1, 2, 4 ps tasks vs MWMS vs the bounds; root for the emulation
+             (`benchmarks/netem.py`), else those cells are skipped. Only with --only=bandwidth
+             (its --quick takes up to 20 minutes, the full grid hours)
 
 No benchmark is a timed test; `tests/test_benchmarks.py` runs `--smoke` (the quick mode's
 smallest case).
@@ -40,19 +44,24 @@ BENCHMARKS = {
     "scale_sim": "benchmarks.scale_sim",
     "vs_mwms_stragglers": "benchmarks.vs_mwms_stragglers",
     "ps_memory": "benchmarks.ps_memory",
+    "bandwidth": "benchmarks.bandwidth",
 }
 
-SMOKE = ["tradeoff", "overhead"]  # the benchmarks whose smallest quick case the smoke test runs
+SMOKE = ["tradeoff", "overhead", "bandwidth"]  # the benchmarks whose smallest quick case the smoke test runs
+OPT_IN = ["bandwidth"]  # run only when --only names them
 
 _QUICK = flags.DEFINE_boolean("quick", False, "Reduced grid and runs: under 10 minutes on 2 cores.")
 _SMOKE = flags.DEFINE_boolean("smoke", False, "Only the quick mode's smallest case (the CI smoke test).")
-_ONLY = flags.DEFINE_list("only", [], f"Benchmarks to run, of {', '.join(BENCHMARKS)} (default all).")
+_ONLY = flags.DEFINE_list("only", [], f"Benchmarks to run, of {', '.join(BENCHMARKS)} (default all but {', '.join(OPT_IN)}).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where tables and plots go.")
+_BANDWIDTH_VARIANTS = flags.DEFINE_string(
+    "bandwidth_variants", "", "bandwidth: variants of ours, rows beside the default one: JSON "
+    '{"name": {BackupWorkerStrategy kwargs, optionally "optimizer_kwargs": {SyncReplicasOptimizer kwargs}}}.')
 
 
 def main(argv):
     del argv
-    names = _ONLY.value or (SMOKE if _SMOKE.value else list(BENCHMARKS))
+    names = _ONLY.value or (SMOKE if _SMOKE.value else [n for n in BENCHMARKS if n not in OPT_IN])
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise app.UsageError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
@@ -63,8 +72,12 @@ def main(argv):
         t = time.monotonic()
         print(f"== {name} ==", flush=True)
         module = importlib.import_module(BENCHMARKS[name])
+        extra = {}
+        if name == "bandwidth" and _BANDWIDTH_VARIANTS.value:
+            extra["variants"] = module.parse_variants(_BANDWIDTH_VARIANTS.value)
         try:
-            result = module.run(_OUT_DIR.value, _QUICK.value or _SMOKE.value, list(sys.argv), smoke=_SMOKE.value)
+            result = module.run(_OUT_DIR.value, _QUICK.value or _SMOKE.value, list(sys.argv), smoke=_SMOKE.value,
+                                **extra)
         except Exception as e:  # pylint: disable=broad-except
             # One broken benchmark does not hide the others' results; it is reported below.
             import traceback  # pylint: disable=g-import-not-at-top

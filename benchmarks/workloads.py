@@ -25,24 +25,34 @@ INPUT_DIM = 40
 CLASSES = 10
 
 
-def hidden_for_params(params: float) -> int:
-    """Width h of a 40-h-h-10 MLP with about `params` parameters."""
-    # params = (40 + 1) h + (h + 1) h + (h + 1) 10 = h^2 + 52 h + 10
-    return max(2, int(round((-52 + math.sqrt(52 ** 2 + 4 * (params - 10))) / 2)))
+def hidden_for_params(params: float, depth: int = 2) -> int:
+    """Width h of a 40-h-...-h-10 MLP (`depth` hidden layers) with about `params` parameters."""
+    # params = (40 + 1) h + (depth - 1) (h + 1) h + (h + 1) 10 = (depth - 1) h^2 + (50 + depth) h + 10
+    a, b = depth - 1, 50 + depth
+    if a == 0:
+        return max(2, int(round((params - 10) / b)))
+    return max(2, int(round((-b + math.sqrt(b ** 2 + 4 * a * (params - 10))) / (2 * a))))
 
 
-def mlp_params(hidden: int) -> int:
-    return hidden * hidden + 52 * hidden + 10
+def mlp_params(hidden: int, depth: int = 2) -> int:
+    return (depth - 1) * hidden * hidden + (50 + depth) * hidden + 10
 
 
-def build_mlp(keras, hidden: int, seed: int = 0):
+def mlp_variable_sizes(hidden: int, depth: int = 2) -> List[int]:
+    """The sizes of `build_mlp`'s trainable variables, in its order (kernel, bias per layer)."""
+    out = [INPUT_DIM * hidden, hidden]
+    for _ in range(depth - 1):
+        out += [hidden * hidden, hidden]
+    return out + [hidden * CLASSES, CLASSES]
+
+
+def build_mlp(keras, hidden: int, seed: int = 0, depth: int = 2):
+    """A 40-h-...-h-10 classifier with `depth` hidden ReLU layers of width h."""
     init = keras.initializers.GlorotUniform(seed=seed)
-    return keras.Sequential([
-        keras.Input((INPUT_DIM,)),
-        keras.layers.Dense(hidden, activation="relu", kernel_initializer=init),
-        keras.layers.Dense(hidden, activation="relu", kernel_initializer=init),
-        keras.layers.Dense(CLASSES, activation="softmax", kernel_initializer=init),
-    ])
+    return keras.Sequential(
+        [keras.Input((INPUT_DIM,))]
+        + [keras.layers.Dense(hidden, activation="relu", kernel_initializer=init) for _ in range(depth)]
+        + [keras.layers.Dense(CLASSES, activation="softmax", kernel_initializer=init)])
 
 
 def random_data(worker: int, rows: int = 1024):
@@ -253,8 +263,8 @@ def simulate_protocol(delay, n: int, workers: int, compute: float, start_step: i
     return {s.step: s.published for s in itertools.islice(steps, num_steps)}
 
 
-def cluster_cpu_seconds() -> Optional[Dict[str, float]]:
-    """CPU seconds (user + system) used so far by each task process of this process's local cluster.
+def cluster_task_pids() -> Optional[Dict[str, int]]:
+    """{task name: pid} of every task process of this process's local cluster.
 
     Tasks of a `tf_backup.LocalCluster` run `python -m tf_backup._task <log dir>/<task>.payload`:
     the processes whose command line names this process's log dir, by task name ("ps-0",
@@ -264,9 +274,8 @@ def cluster_cpu_seconds() -> Optional[Dict[str, float]]:
     try:
         with open("/proc/self/cmdline", "rb") as f:
             own = [a.decode() for a in f.read().split(b"\0") if a.endswith(b".payload")]
-        ticks = os.sysconf("SC_CLK_TCK")
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except (OSError, ValueError):
+    except OSError:
         return None
     if not own:
         return None
@@ -276,23 +285,66 @@ def cluster_cpu_seconds() -> Optional[Dict[str, float]]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-            payload = [a for a in args if a.endswith(".payload") and os.path.dirname(a) == log_dir]
-            if not payload:
-                continue
+        except OSError:
+            continue  # the process ended meanwhile
+        payload = [a for a in args if a.endswith(".payload") and os.path.dirname(a) == log_dir]
+        if payload:
+            out[os.path.basename(payload[0])[:-len(".payload")]] = int(pid)
+    return out
+
+
+def cluster_cpu_seconds(pids: Optional[Dict[str, int]] = None) -> Optional[Dict[str, float]]:
+    """CPU seconds (user + system) used so far by each task process of this process's local cluster.
+
+    None where there is no /proc or this process is not a task (`cluster_task_pids`).
+    """
+    import os  # pylint: disable=g-import-not-at-top
+    pids = cluster_task_pids() if pids is None else pids
+    if pids is None:
+        return None
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    out = {}
+    for task, pid in pids.items():
+        try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the process ended meanwhile
-        out[os.path.basename(payload[0])[:-len(".payload")]] = (int(fields[11]) + int(fields[12])) / ticks
+        out[task] = (int(fields[11]) + int(fields[12])) / ticks
     return out
 
 
-def make_step_timer(keras, cpu_window: Optional[int] = None):
+def cluster_net_bytes(pids: Optional[Dict[str, int]] = None) -> Optional[Dict[str, tuple]]:
+    """{task: (bytes sent, bytes received) so far} on each task's emulated link (`benchmarks.netem`).
+
+    The kernel's counters of `eth0` in each task process's network namespace, from
+    /proc/<pid>/net/dev; tasks without an eth0 are left out, None where this process is not a
+    task. Only for tasks placed by netem: a task in the root namespace would read this machine's
+    own eth0 (and on loopback every task shares `lo`).
+    """
+    from benchmarks import netem  # pylint: disable=g-import-not-at-top
+    pids = cluster_task_pids() if pids is None else pids
+    if pids is None:
+        return None
+    out = {}
+    for task, pid in pids.items():
+        c = netem.proc_net_dev(pid)
+        if c is not None:
+            out[task] = (c.tx_bytes, c.rx_bytes)
+    return out
+
+
+def make_step_timer(keras, cpu_window: Optional[int] = None, net: bool = False):
     """A callback recording `time.monotonic()` at the end of every batch.
 
     With `cpu_window` (the fit's batches), it also reads `cluster_cpu_seconds()` at the end of
     batch 1 and of batch `cpu_window - 2`, the span `steady_step_times` keeps: `cpu` is then
-    {task: CPU seconds per batch over that span} (None if unavailable).
+    {task: CPU seconds per batch over that span} (None if unavailable). With `net` too,
+    `cluster_net_bytes()` at the same two points: `net` is then {task: (bytes sent, bytes
+    received) per batch} on each task's emulated link (empty on loopback).
     """
 
     class StepTimer(keras.callbacks.Callback):
@@ -301,7 +353,16 @@ def make_step_timer(keras, cpu_window: Optional[int] = None):
             self.ends = []
             self.steps = []  # the global step after each batch (tf_backup's logs; else the batch count)
             self.cpu = None
+            self.net = None
             self._cpu_start = None
+            self._net_start = None
+            self._pids = None
+
+        def on_train_begin(self, logs=None):
+            # With `net`, the task processes are found once per fit (they do not change), so that
+            # each read of the links' counters comes within a millisecond of its batch end: at the
+            # same point of every step, whatever the other tasks are sending then.
+            self._pids = cluster_task_pids() if net and cpu_window else None
 
         def on_train_batch_end(self, batch, logs=None):
             self.ends.append(time.monotonic())
@@ -309,13 +370,50 @@ def make_step_timer(keras, cpu_window: Optional[int] = None):
             if cpu_window is None or cpu_window < 4:
                 return
             if batch == 1:
-                self._cpu_start = cluster_cpu_seconds()
+                pids = self._pids if self._pids is not None else cluster_task_pids()
+                self._net_start = cluster_net_bytes(pids) if net else None
+                self._cpu_start = cluster_cpu_seconds(pids)
             elif batch == cpu_window - 2 and self._cpu_start is not None:
-                end = cluster_cpu_seconds() or {}
+                pids = self._pids if self._pids is not None else cluster_task_pids()
                 n = cpu_window - 3
+                if self._net_start is not None:
+                    end = cluster_net_bytes(pids) or {}
+                    self.net = {k: ((end[k][0] - v[0]) / n, (end[k][1] - v[1]) / n)
+                                for k, v in self._net_start.items() if k in end}
+                end = cluster_cpu_seconds(pids) or {}
                 self.cpu = {k: (end[k] - v) / n for k, v in self._cpu_start.items() if k in end}
 
     return StepTimer()
+
+
+def make_link_reader(keras, window: int):
+    """A callback reading this process's own link counters (`benchmarks.netem`: eth0 of its namespace).
+
+    At the end of batch 1 and of batch `window - 2` (the span `make_step_timer` keeps): `net` is
+    then (bytes sent, bytes received) per batch; None without such a link. Read at this worker's
+    own batch ends, its push and pull of each step are inside the span whole.
+    """
+    import os  # pylint: disable=g-import-not-at-top
+
+    from benchmarks import netem  # pylint: disable=g-import-not-at-top
+
+    class LinkReader(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.net = None
+            self._start = None
+
+        def on_train_batch_end(self, batch, logs=None):
+            if window < 4:
+                return
+            if batch == 1:
+                self._start = netem.proc_net_dev(os.getpid())
+            elif batch == window - 2 and self._start is not None:
+                end = netem.proc_net_dev(os.getpid())
+                n = window - 3
+                self.net = ((end.tx_bytes - self._start.tx_bytes) / n, (end.rx_bytes - self._start.rx_bytes) / n)
+
+    return LinkReader()
 
 
 def steady_step_times(ends: List[float]) -> List[float]:
@@ -324,18 +422,23 @@ def steady_step_times(ends: List[float]) -> List[float]:
     return [float(x) for x in d[1:-1]] if len(d) > 2 else [float(x) for x in d]
 
 
-def _timed_fits(keras, model, dataset, cfg, extra_callbacks=(), cpu: Optional[List] = None):
+def _timed_fits(keras, model, dataset, cfg, extra_callbacks=(), cpu: Optional[List] = None,
+                net: Optional[List] = None, own_link: bool = False):
     """Step times of `reps` timed fits after a warm-up fit; with `cpu` (a list), also each fit's CPU per step.
 
     With cfg["per_global_step"], a fit's entry is one number: seconds per global step between its
     second and its last-but-one batch end (with backup workers this worker's batches skip steps).
+    With `net` (a list), each fit's bytes per step: with `cpu`, on each task's link
+    (`make_step_timer`); with `own_link`, on this process's own (`make_link_reader`).
     """
     model.fit(dataset, epochs=1, steps_per_epoch=cfg.get("warmup", 3), verbose=0, callbacks=list(extra_callbacks))
     reps = []
     for _ in range(cfg["reps"]):
-        timer = make_step_timer(keras, cpu_window=cfg["steps"] if cpu is not None else None)
+        timer = make_step_timer(keras, cpu_window=cfg["steps"] if cpu is not None else None,
+                                net=net is not None and not own_link)
+        reader = make_link_reader(keras, cfg["steps"]) if net is not None and own_link else None
         model.fit(dataset, epochs=1, steps_per_epoch=cfg["steps"], verbose=0,
-                  callbacks=[timer] + list(extra_callbacks))
+                  callbacks=[timer] + ([reader] if reader else []) + list(extra_callbacks))
         if cfg.get("per_global_step"):
             steps = timer.steps[-2] - timer.steps[1]
             reps.append([(timer.ends[-2] - timer.ends[1]) / max(steps, 1)])
@@ -343,6 +446,8 @@ def _timed_fits(keras, model, dataset, cfg, extra_callbacks=(), cpu: Optional[Li
             reps.append(steady_step_times(timer.ends))
         if cpu is not None:
             cpu.append(timer.cpu)
+        if net is not None:
+            net.append(reader.net if reader else timer.net)
     return reps
 
 
@@ -389,10 +494,15 @@ def build_for_multi_worker_mirrored(model, data_batch) -> None:
 def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """One worker of the overhead benchmark: cfg["system"] is "tf_backup" (b = 0) or "mwms".
 
-    For each width in cfg["hiddens"] a fresh model is built and timed over `reps` fits of `steps`
-    batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch, plus a `straggler`
-    delay keyed by worker and global step if given; tf_backup with `num_backup_workers`). Worker 0 returns
-    {hidden: [[step seconds, ...] per rep], ("cpu", hidden): [{task: CPU s per step} or None per rep]}.
+    For each width in cfg["hiddens"] a fresh model (`depth` hidden layers, default 2) is built and
+    timed over `reps` fits of `steps` batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch, plus a `straggler`
+    delay keyed by worker and global step if given; tf_backup with `num_backup_workers`, and
+    `strategy_kwargs` for `BackupWorkerStrategy` and `optimizer_kwargs` for `SyncReplicasOptimizer`
+    if given). Worker 0 returns {hidden: [[step seconds, ...] per rep], ("cpu", hidden): [{task: CPU
+    s per step} or None per rep]}; with cfg["net_counters"] also ("net", hidden): [{task: (bytes
+    sent, received) per step} or None per rep] (`benchmarks.netem` links, read at worker 0's batch
+    ends), and every other worker returns {("net", hidden): [(bytes sent, received) per step on its
+    own link, read at its own batch ends, or None per rep]}.
     """
     keep_garbage()
     import keras  # pylint: disable=g-import-not-at-top
@@ -409,10 +519,12 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         make_optimizer = lambda: keras.optimizers.SGD(0.01)  # noqa: E731
     else:
         import tf_backup  # pylint: disable=g-import-not-at-top
-        strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=cfg.get("num_backup_workers", 0),
-                                                  step_timeout=300.0)
+        strategy_kwargs = dict(dict(num_backup_workers=cfg.get("num_backup_workers", 0), step_timeout=300.0),
+                               **cfg.get("strategy_kwargs", {}))
+        strategy = tf_backup.BackupWorkerStrategy(**strategy_kwargs)
         worker = strategy.worker_index
-        make_optimizer = lambda: tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.01))  # noqa: E731
+        make_optimizer = lambda: tf_backup.SyncReplicasOptimizer(  # noqa: E731
+            keras.optimizers.SGD(0.01), **cfg.get("optimizer_kwargs", {}))
     x, y = random_data(worker)
     batch = cfg.get("batch", 32)
     if cfg["system"] == "mwms":
@@ -427,16 +539,23 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     out = {}
     for hidden in cfg["hiddens"]:
         with strategy.scope():
-            model = build_mlp(keras, hidden, seed=0)
+            model = build_mlp(keras, hidden, seed=0, depth=cfg.get("depth", 2))
             model.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy",
                           jit_compile=cfg.get("jit_compile", False))
             if cfg["system"] == "mwms":
                 build_for_multi_worker_mirrored(model, (x[:32], y[:32]))
         cpu = [] if worker == 0 else None
+        net = [] if cfg.get("net_counters") else None
         sleeps = cfg.get("compute") or cfg.get("straggler")
-        out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if sleeps else [], cpu=cpu)
+        out[hidden] = _timed_fits(keras, model, dataset, cfg, [sleeper] if sleeps else [], cpu=cpu, net=net,
+                                  own_link=worker != 0)
         out[("cpu", hidden)] = cpu
-    return out if worker == 0 else None
+        if net is not None:
+            out[("net", hidden)] = net
+    if worker == 0:
+        return out
+    # The other workers' own link counters, read at their own batch ends (`make_link_reader`).
+    return {key: value for key, value in out.items() if isinstance(key, tuple) and key[0] == "net"} or None
 
 
 def failure_reason(error: BaseException) -> str:
@@ -462,13 +581,19 @@ def attempt(name: str, label: str, failures: List[str], launch):
         return None
 
 
-def launch_overhead(system: str, workers: int, cfg: Dict[str, Any], timeout: float = 600):
-    """Runs `overhead_worker` on a localhost cluster: tf_backup (+ 1 ps) or MWMS (TF_CONFIG per process)."""
+def launch_overhead(system: str, workers: int, cfg: Dict[str, Any], timeout: float = 600, num_ps: int = 1,
+                    network=None):
+    """Runs `overhead_worker` on a local cluster: tf_backup (+ `num_ps` ps) or MWMS (TF_CONFIG per process).
+
+    `network`: a `benchmarks.netem` network whose `hosts` and `command_prefix` place every task
+    (default: localhost).
+    """
+    place = dict(hosts=network.hosts, command_prefix=network.command_prefix) if network is not None else {}
     if system == "mwms":
         from benchmarks import launcher  # pylint: disable=g-import-not-at-top
-        return launcher.launch(overhead_worker, {"worker": workers}, args=(cfg,), timeout=timeout)
+        return launcher.launch(overhead_worker, {"worker": workers}, args=(cfg,), timeout=timeout, **place)
     import tf_backup  # pylint: disable=g-import-not-at-top
-    return tf_backup.launch_local(overhead_worker, workers, args=(cfg,), timeout=timeout)
+    return tf_backup.launch_local(overhead_worker, workers, num_ps=num_ps, args=(cfg,), timeout=timeout, **place)
 
 
 class _AccuracyRun(NamedTuple):

@@ -79,6 +79,31 @@ def test_smoke_quick_mode_smallest_case(tmp_path):
     md = (out / "tradeoff.md").read_text()
     assert "- command: `python -m benchmarks.run --smoke" in md and "- machine: " in md and "- date: " in md
     assert "| 1 | 5 |" in md and "3/3" in md and "Failed runs: none." in md
+    check_bandwidth_smoke(out)
+
+
+def check_bandwidth_smoke(out):
+    """bandwidth's smallest cell: ours, 1 ps, 2 workers, 1e6 parameters, every host on an emulated 1 Gbit/s link."""
+    from benchmarks import netem  # pylint: disable=g-import-not-at-top
+    md = (out / "bandwidth.md").read_text()
+    reason = netem.unavailable_reason()
+    if reason is not None:  # said in the table, not skipped in silence
+        assert "1 Gbit/s: not emulated here" in md
+        return
+    assert "Failed runs: none." in md and "| 1 Gbit/s | 999,321 | 2 | ours (default), 1 ps |" in md
+    assert "Gbit/s on the wire" in md  # the self-check's measured figure (not asserted: no speed in tests)
+    (r,) = read_csv(out / "bandwidth.csv")
+    assert (r["rate_bit"], r["parameters"], r["workers"], r["system"], r["num_ps"], r["steps"]) == (
+        "1e+09", "999321", "2", "ours", "1", "5")
+    assert float(r["compute_s"]) <= float(r["mean_step_s"]) < 5
+    m = int(r["model_bytes"])
+    assert m == 4 * 999321
+    # Bytes per step on each task's link (counts, not speeds): the chief pushes and publishes, takes
+    # once; the other worker pushes and pulls; the ps receives 2 pushes and the publish, sends the
+    # take and one pull. Headers and control runs add a little.
+    expected = {"chief_tx": 2 * m, "chief_rx": m, "worker_tx": m, "worker_rx": m, "ps_tx": 2 * m, "ps_rx": 3 * m}
+    for key, value in expected.items():
+        assert 0.85 * value <= float(r[key + "_per_step"]) <= 1.15 * value, (key, r)
 
 
 @pytest.mark.slow

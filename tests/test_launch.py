@@ -93,6 +93,31 @@ def test_a_cluster_without_serve_runs_fn_in_ps_tasks_and_waits_for_chosen_tasks(
         tf_backup.LocalCluster(echo_task_name, num_workers=1, num_ps=-1)
 
 
+def prefix_and_address():
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    config = json.loads(os.environ["TF_CONFIG"])
+    task = config["task"]
+    return os.environ["PLACED_BY"], config["cluster"][task["type"]][task["index"]].rsplit(":", 1)[0]
+
+
+def test_hosts_and_command_prefix_place_each_task(tmp_path):
+    """The hook `benchmarks.netem` uses: each task's address in TF_CONFIG, and a command run before it."""
+    spec = launch.local_cluster_spec(2, 2, hosts={"worker-1": "198.18.0.11", "ps-0": "198.18.0.20"})
+    assert [a.rsplit(":", 1)[0] for a in spec["worker"] + spec["ps"]] == [
+        "localhost", "198.18.0.11", "198.18.0.20", "localhost"]
+    assert len({int(a.rsplit(":", 1)[1]) for a in spec["worker"] + spec["ps"]}) == 4
+    # `env` execs the task's command, as `ip netns exec` does; the addresses are only written down here.
+    cluster = tf_backup.LocalCluster(prefix_and_address, num_workers=2, num_ps=1, log_dir=str(tmp_path),
+                                     serve_ps=False, hosts={"worker-1": "198.18.0.11", "ps-0": "198.18.0.20"},
+                                     command_prefix=lambda name: ["env", f"PLACED_BY=prefix of {name}"])
+    with cluster:
+        cluster.start()
+        assert cluster.wait_for(["worker-0", "worker-1", "ps-0"], timeout=120) == [
+            ("prefix of worker-0", "localhost"), ("prefix of worker-1", "198.18.0.11"),
+            ("prefix of ps-0", "198.18.0.20")]
+
+
 def test_the_supervisor_restarts_a_failing_task_up_to_max_restarts(tmp_path):
     """`max_restarts`: each task that exits non-zero starts again with the same TF_CONFIG, a bounded number of times."""
     cluster = tf_backup.LocalCluster(workers.fail_until_started, num_workers=2, num_ps=0, args=(2, str(tmp_path)),

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 from tf_backup import _checks
 from tf_backup import memory
@@ -63,12 +63,17 @@ def restart_delay(restarts_done: int, first: float, longest: float = RESTART_DEL
     return min(first * 2.0 ** restarts_done, longest)
 
 
-def local_cluster_spec(num_workers: int, num_ps: int = 1) -> dict:
-    """A cluster dict of `num_workers` workers and `num_ps` ps tasks on free localhost ports."""
+def local_cluster_spec(num_workers: int, num_ps: int = 1, hosts: Optional[Mapping[str, str]] = None) -> dict:
+    """A cluster dict of `num_workers` workers and `num_ps` ps tasks on free localhost ports.
+
+    `hosts` maps a task name ("ps-0", "worker-1") to the address it listens on instead of
+    localhost (a task in its own network namespace, say); the port is the same free one.
+    """
+    hosts = hosts or {}
     ports = free_ports(num_workers + num_ps)
-    spec = {"worker": [f"localhost:{p}" for p in ports[:num_workers]]}
+    spec = {"worker": [f"{hosts.get(f'worker-{i}', 'localhost')}:{p}" for i, p in enumerate(ports[:num_workers])]}
     if num_ps:
-        spec["ps"] = [f"localhost:{p}" for p in ports[num_workers:]]
+        spec["ps"] = [f"{hosts.get(f'ps-{i}', 'localhost')}:{p}" for i, p in enumerate(ports[num_workers:])]
     return spec
 
 
@@ -164,11 +169,19 @@ class LocalCluster:
         (a TF1 graph job's ps, say).
       serve_kwargs: keyword arguments of the ps tasks' `tf_backup.serve()`
         (`ps_restart_timeout`, say).
+      hosts: task name -> the address it listens on and is reached at
+        (default localhost); see `local_cluster_spec`.
+      command_prefix: task name -> argv put before the task's command (e.g.
+        `["ip", "netns", "exec", "<ns>"]`: the task runs in that network
+        namespace; `benchmarks.netem`). It must exec the command, so that
+        the process started is the task's.
     """
 
     def __init__(self, fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence = (),
                  kwargs: Optional[dict] = None, log_dir: Optional[str] = None,
-                 env: Optional[dict] = None, serve_ps: bool = True, serve_kwargs: Optional[dict] = None):
+                 env: Optional[dict] = None, serve_ps: bool = True, serve_kwargs: Optional[dict] = None,
+                 hosts: Optional[Mapping[str, str]] = None,
+                 command_prefix: Optional[Callable[[str], Sequence[str]]] = None):
         kwargs = dict(kwargs or {})
         self._serve_kwargs = dict(serve_kwargs or {})
         _check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps=0)
@@ -176,7 +189,8 @@ class LocalCluster:
         self.num_workers, self.num_ps = num_workers, num_ps
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="tf_backup_local_")
         os.makedirs(self.log_dir, exist_ok=True)
-        self.spec = local_cluster_spec(num_workers, num_ps)
+        self.spec = local_cluster_spec(num_workers, num_ps, hosts)
+        self._command_prefix = command_prefix
         self.names = [f"ps-{i}" for i in range(num_ps)] + [f"worker-{i}" for i in range(num_workers)]
         self.procs: dict = {}
         self.logs = {n: os.path.join(self.log_dir, f"{n}.log") for n in self.names}
@@ -228,8 +242,9 @@ class LocalCluster:
         with open(self.logs[name], "ab") as log:
             if self.starts[name]:
                 log.write(f"\n---- {name} restarted ----\n".encode())
+            prefix = list(self._command_prefix(name)) if self._command_prefix else []
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "tf_backup._task", payload],
+                prefix + [sys.executable, "-m", "tf_backup._task", payload],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=child_env, start_new_session=True,
             )
@@ -375,7 +390,9 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
                  kwargs: Optional[dict] = None, timeout: float = 600.0,
                  log_dir: Optional[str] = None, env: Optional[dict] = None,
                  ps_exit_grace: float = 60.0, echo: Optional[str] = None,
-                 max_failed_workers: int = 0, max_restarts: int = 0, restart_delay: float = 1.0) -> List[Any]:
+                 max_failed_workers: int = 0, max_restarts: int = 0, restart_delay: float = 1.0,
+                 hosts: Optional[Mapping[str, str]] = None,
+                 command_prefix: Optional[Callable[[str], Sequence[str]]] = None) -> List[Any]:
     """Runs `fn(*args, **kwargs)` in every worker process of a localhost cluster.
 
     Starts `num_ps` ps tasks (each runs `tf_backup.serve()`) and
@@ -404,6 +421,8 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
         `checkpoint_dir`, a restarted chief resumes from its checkpoint.
       restart_delay: seconds before a task's first restart, doubled for each
         of its later ones (at most `RESTART_DELAY_MAX`); 0: at once.
+      hosts, command_prefix: where each task listens and what starts it
+        (`LocalCluster`); default localhost, started directly.
 
     Returns:
       The value `fn` returned in each worker, in worker order (None for a
@@ -425,7 +444,8 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
     names = [f"ps-{i}" for i in range(num_ps)] + [f"worker-{i}" for i in range(num_workers)]
     if echo is not None and echo not in names:
         raise ValueError(f"`echo` must name a task of the cluster ({', '.join(names)}). Received echo={echo!r}")
-    with LocalCluster(fn, num_workers, num_ps, args, kwargs, log_dir, env) as cluster:
+    with LocalCluster(fn, num_workers, num_ps, args, kwargs, log_dir, env, hosts=hosts,
+                      command_prefix=command_prefix) as cluster:
         cluster.start()
         out = cluster.wait(timeout, ps_exit_grace, echo, max_failed_workers, max_restarts, restart_delay)
     if log_dir is None:
