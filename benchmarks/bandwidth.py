@@ -59,26 +59,48 @@ def ring_allreduce(m: float, rate_bit: float, workers: int) -> float:
     return 8 * m / rate_bit * 2 * (workers - 1) / workers
 
 
-def today_step(m: float, rate_bit: float, workers: int, num_ps: int, largest_shard: Optional[float] = None) -> float:
-    """Today's exchange, phases in sequence (S = the largest ps shard, M/P when even):
+def wire_factor(kwargs: Optional[dict]) -> float:
+    """Bytes on the wire per float32 byte of the model for a variant (`wire_dtype`)."""
+    return 0.5 if (kwargs or {}).get("wire_dtype") in ("bfloat16", "float16") else 1.0
 
-    pushes into the ps tasks max((N+b) S, M)/B + the chief's take M/B + its publish M/B
-    + the pulls out of the ps tasks max((N+b-1) S, M)/B; with S = M/P and N+b >= P this is
-    (N+b) M/(P B) + M/B + M/B + max((N+b-1) M/(P B), M/B).
+
+def ours_step(m: float, rate_bit: float, workers: int, num_ps: int, largest_shard: Optional[float] = None,
+              kwargs: Optional[dict] = None) -> float:
+    """Our exchange, phases in sequence (S = the largest ps shard, M/P when even; M and S in wire bytes):
+
+    pushes into the ps tasks max((N+b) S, M)/B, then with the update on the chief its take M/B and
+    its publish M/B, then the pulls out of the ps tasks max(k S, M)/B, k = N+b-1 pulling workers (the
+    chief's worker takes its aggregator's copy) or N+b with `apply_on_ps` (nothing through the chief).
+    With S = M/P and N+b >= P: (N+b) M/(P B) + [2 M/B] + max(k M/(P B), M/B).
     """
-    s = m / num_ps if largest_shard is None else largest_shard
+    f = wire_factor(kwargs)
+    on_ps = bool((kwargs or {}).get("apply_on_ps"))
+    m_w = f * m
+    s = f * (m / num_ps if largest_shard is None else largest_shard)
     unit = 8 / rate_bit
-    return unit * (max(workers * s, m) + m + m + max((workers - 1) * s, m))
+    pullers = workers if on_ps else workers - 1
+    return unit * (max(workers * s, m_w) + (0 if on_ps else 2 * m_w) + max(pullers * s, m_w))
 
 
-def today_bytes(m: float, workers: int, shards: Sequence[float]) -> Dict[str, tuple]:
-    """(sent, received) per step by role in today's design: the chief pushes M, takes M, publishes M
-    (its own worker takes the new parameters from its aggregator, not from a ps); every other worker
-    pushes M and pulls M; ps task k (shard S_k) receives (N+b) pushes and the publish, sends the
-    take and N+b-1 pulls."""
-    out = {"chief": (2 * m, m), "worker": (m, m)}
+def today_step(m: float, rate_bit: float, workers: int, num_ps: int, largest_shard: Optional[float] = None) -> float:
+    """The design before issue 31's changes (and the default variant's): `ours_step` with no kwargs."""
+    return ours_step(m, rate_bit, workers, num_ps, largest_shard)
+
+
+def ours_bytes(m: float, workers: int, shards: Sequence[float], kwargs: Optional[dict] = None) -> Dict[str, tuple]:
+    """(sent, received) per step by role. The update on the chief: the chief pushes M, takes M, publishes
+    M (its worker takes the new parameters from its aggregator); every other worker pushes M and pulls M;
+    ps task k (shard S_k) receives N+b pushes and the publish, sends the take and N+b-1 pulls. With
+    `apply_on_ps`: every worker, the chief's too, pushes M and pulls M; ps k receives and sends (N+b) S_k.
+    All in wire bytes (`wire_dtype`)."""
+    f = wire_factor(kwargs)
+    if (kwargs or {}).get("apply_on_ps"):
+        out = {"chief": (f * m, f * m), "worker": (f * m, f * m)}
+        out.update({f"ps-{k}": (workers * f * s, workers * f * s) for k, s in enumerate(shards)})
+        return out
+    out = {"chief": (2 * f * m, f * m), "worker": (f * m, f * m)}
     for k, s in enumerate(shards):
-        out[f"ps-{k}"] = (workers * s, (workers + 1) * s)
+        out[f"ps-{k}"] = (workers * f * s, (workers + 1) * f * s)
     return out
 
 
@@ -88,12 +110,10 @@ def ring_bytes(m: float, workers: int) -> Dict[str, tuple]:
 
 
 def shard_sizes(hidden: int, num_ps: int, depth: int = DEPTH) -> List[int]:
-    """Elements per ps shard of the benchmark MLP, as `tf_backup.layout` packs them."""
+    """Elements per ps shard of the benchmark MLP, as `tf_backup.layout` cuts them (equal shards)."""
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
     from tf_backup import layout  # pylint: disable=g-import-not-at-top
-    sizes = workloads.mlp_variable_sizes(hidden, depth)
-    where = layout.largest_first(sizes, [0] * num_ps)
-    return [sum(s for s, w in zip(sizes, where) if w == k) for k in range(num_ps)]
+    return layout.even_sizes(sum(workloads.mlp_variable_sizes(hidden, depth)), num_ps)
 
 
 def parse_variants(text: str) -> Dict[str, dict]:
@@ -169,11 +189,13 @@ def _cell_timeout(m: float, workers: int, s: Dict) -> float:
 
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
-        variants: Optional[Dict[str, dict]] = None) -> Dict:
+        variants: Optional[Dict[str, dict]] = None, num_ps: Optional[Sequence[int]] = None) -> Dict:
     from benchmarks import netem  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
+    if num_ps:
+        s["ps"] = [int(p) for p in num_ps]
     variants = dict(DEFAULT_VARIANTS, **(variants or {}))
     systems = [("ours", v, p) for v in variants for p in s["ps"]] + ([("mwms", None, 0)] if s["mwms"] else [])
     hiddens = {p: workloads.hidden_for_params(p, DEPTH) for p in s["params"]}
@@ -241,8 +263,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
                     med = statistics.median(times) if times else None
                     if system == "ours":
                         shards = [4.0 * x for x in shard_sizes(hidden, num_ps)]
-                        model_s = today_step(m, rate, w, num_ps, max(shards)) if rate else None
-                        bytes_model = today_bytes(m, w, shards)
+                        model_s = ours_step(m, rate, w, num_ps, max(shards), variants[variant]) if rate else None
+                        bytes_model = ours_bytes(m, w, shards, variants[variant])
                         vs_mwms = (f"{med / statistics.median(mwms['times']):.2f}" if med and mwms and mwms["times"]
                                    else "–")
                         bound_txt = (f"{(COMPUTE + ps_bound(m, rate)) * 1e3:.0f}; "
@@ -282,8 +304,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
         f"per worker (the forward/backward of every full-size variable, cheap on the CPU) plus a {COMPUTE * 1e3:.0f} ms "
         "sleep before each batch (the accelerator's compute): gradients are full-size dense tensors, the model's own "
         "compute stays cheap. Moving those tensors (serialising, copying, applying) still takes the 2 shared cores: "
-        "the loopback rows show that cost. Its four h x h kernels split evenly over 1, 2 or 4 ps tasks "
-        "(largest-first packing; the other benchmarks' 2-layer MLP would put 98% on one ps).")
+        "the loopback rows show that cost. The flat model is cut into equal shards over 1, 2 or 4 ps tasks "
+        "(`tf_backup.layout`; before issue 31's change, whole variables went to one task each, and the other "
+        "benchmarks' 2-layer MLP would have put 98% on one ps).")
     notes = [
         model_note,
         "Networks: *loopback*: every task on localhost, unshaped (the 2 shared cores are the limit; no per-task "
@@ -305,10 +328,12 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
         "Models (B = bit/s per link and direction, M = model bytes, N+b workers, P ps tasks, S = the largest ps "
         "shard, M/P here). *bound* = compute + the physical PS bound M/B (each worker sends M and receives M over "
         "its own link, overlapped); after ';' the same with only P ps links: compute + max(M/B, (N+b)M/(PB)). "
-        "*model* for ours = compute + today's design, its phases in sequence: (N+b)M/(PB) pushes into the ps + M/B "
-        "the chief's take + M/B its publish + max((N+b-1)M/(PB), M/B) the pulls; for MWMS = compute + the ring "
-        "all-reduce 2(n-1)/n M/B. Bytes per step: ours: chief 2M / M, each other worker M / M, ps k (N+b)S_k / "
-        "(N+b+1)S_k; MWMS (ring): 2(n-1)/n M each way per worker.",
+        "*model* for ours = compute + its phases in sequence, M in wire bytes (half with bfloat16): (N+b)M/(PB) "
+        "pushes into the ps + (the update on the chief only) M/B its take + M/B its publish + max(k M/(PB), M/B) "
+        "the pulls, k = N+b-1 (the chief's worker takes its aggregator's copy) or N+b with apply_on_ps; for MWMS = "
+        "compute + the ring all-reduce 2(n-1)/n M/B. Bytes per step: ours on the chief: chief 2M / M, each other "
+        "worker M / M, ps k (N+b)S_k / (N+b+1)S_k; with apply_on_ps: every worker M / M, ps k (N+b)S_k each way; "
+        "MWMS (ring): 2(n-1)/n M each way per worker.",
         "Self-check of the emulation (a Python TCP transfer between two emulated hosts, before the cells):",
     ] + (check_lines or ["- none: no shaped network ran."])
     if variants.keys() != DEFAULT_VARIANTS.keys():

@@ -57,6 +57,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where tables an
 _BANDWIDTH_VARIANTS = flags.DEFINE_string(
     "bandwidth_variants", "", "bandwidth: variants of ours, rows beside the default one: JSON "
     '{"name": {BackupWorkerStrategy kwargs, optionally "optimizer_kwargs": {SyncReplicasOptimizer kwargs}}}.')
+_BANDWIDTH_PS = flags.DEFINE_list("bandwidth_ps", [], "bandwidth: the numbers of ps tasks of ours (default: the grid's).")
 
 
 def main(argv):
@@ -75,6 +76,8 @@ def main(argv):
         extra = {}
         if name == "bandwidth" and _BANDWIDTH_VARIANTS.value:
             extra["variants"] = module.parse_variants(_BANDWIDTH_VARIANTS.value)
+        if name == "bandwidth" and _BANDWIDTH_PS.value:
+            extra["num_ps"] = [int(p) for p in _BANDWIDTH_PS.value]
         try:
             result = module.run(_OUT_DIR.value, _QUICK.value or _SMOKE.value, list(sys.argv), smoke=_SMOKE.value,
                                 **extra)
