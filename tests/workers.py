@@ -290,6 +290,34 @@ def chief_waits_for_absent_worker(step_timeout: float, custom_loop: bool = False
     return {"worker": 0, "error": None}
 
 
+def chief_fails_and_exits_late(step_timeout: float, exit_after: float):
+    """2 workers, b = 0: worker 1 leaves at once, so the chief's fit fails with StepTimeoutError.
+
+    The chief then aborts the job, which ends its ps task at once, and exits
+    `exit_after` seconds later, as a chief whose teardown takes a while (a large
+    checkpoint): the ps task fails first, because of the chief's failure.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=step_timeout, startup_timeout=60.0)
+    if strategy.worker_index == 1:
+        return {"worker": 1}
+    x, y = regression_data(4)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
+                      loss="mse", jit_compile=False)
+    try:
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0, shuffle=False)
+    except tf_backup.errors.StepTimeoutError:
+        tf_backup.extended.shutdown_all(failed=True)  # aborts the job: the ps task exits now
+        time.sleep(exit_after)
+        raise
+    return {"worker": 0}
+
+
 def worker_waits_for_absent_chief(startup_timeout: float):
     """2 workers: the chief never builds its optimizer; worker 1's build must time out."""
     import keras  # pylint: disable=g-import-not-at-top
