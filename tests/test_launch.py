@@ -87,6 +87,16 @@ def test_echo_copies_complete_new_lines_without_tensorflow_chatter(tmp_path, cap
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("user_level, level", [(None, "2"), ("0", "0")])
+def test_tasks_default_tensorflows_log_level_unless_the_user_set_it(tmp_path, monkeypatch, user_level, level):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    if user_level is not None:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", user_level)
+    with tf_backup.LocalCluster(workers.environment_variable, num_workers=1, num_ps=0, args=("TF_CPP_MIN_LOG_LEVEL",),
+                                log_dir=str(tmp_path)) as cluster:
+        assert cluster.start().wait(timeout=60) == [level]
+
+
 def test_echo_must_name_a_task():
     with pytest.raises(ValueError, match="echo='worker-3'"):
         tf_backup.launch_local(workers.sleep_forever, num_workers=2, echo="worker-3")

@@ -435,6 +435,12 @@ def fail_after_the_chief_returned(seconds: float):
     return "chief"
 
 
+def environment_variable(name: str):
+    """The task process's value of environment variable `name` (None: unset)."""
+    import os  # pylint: disable=g-import-not-at-top
+    return os.environ.get(name)
+
+
 def sleep_forever():
     time.sleep(600)
 
