@@ -170,7 +170,8 @@ def test_a_dead_workers_wake_up_queue_stops_growing(tmp_path):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_more_than_b_dead_workers_stop_the_job_naming_them(tmp_path, seed):
-    """3 workers, b = 1: workers 1 and 2 die; the chief names both, checkpoints, exits 1."""
+    """3 workers, b = 1: workers 1 and 2 die; the chief's fit raises WorkersLostError naming both,
+    the chief checkpoints and exits 1."""
     kill_at = random.Random(seed).randint(3, STEPS - 10)
     checkpoints = str(tmp_path / "ckpt")
     cluster, progress = fault_cluster(tmp_path, checkpoint_dir=checkpoints, checkpoint_every_steps=1000)
@@ -188,9 +189,15 @@ def test_more_than_b_dead_workers_stop_the_job_naming_them(tmp_path, seed):
     assert codes["worker-0"] == 1 and codes["ps-0"] == 1, log[-3000:]
     assert "aborted the job" in cluster.log("ps-0")
     assert seconds < 60
-    assert "only 1 of 3 workers are alive" in log and "each step needs 2" in log, log[-3000:]
+    # The chief's `fit` raised the aggregator's WorkersLostError itself, caught by type
+    # (`train_through_faults`), naming both lost workers.
+    lost_path = os.path.join(progress, "worker-0.workers_lost")
+    assert os.path.exists(lost_path), f"fit did not raise WorkersLostError:\n{log[-3000:]}"
+    with open(lost_path) as f:
+        message = f.read()
+    assert "only 1 of 3 workers are alive" in message and "each step needs 2" in message, message
     for w in (1, 2):
-        assert f"/job:worker/task:{w} ({addresses[w]}): last gradient for step" in log
+        assert f"/job:worker/task:{w} ({addresses[w]}): last gradient for step" in message
     # The final checkpoint holds the step the chief stopped at (no periodic one was due).
     stopped = latest_checkpoint_step(checkpoints)
     assert kill_at <= stopped < STEPS

@@ -24,6 +24,24 @@ def test_failing_worker_raises_with_its_log_and_kills_the_rest(tmp_path):
     assert "Task worker-1 of the local cluster failed (exit code 1)" in message
     assert "RuntimeError: worker 1 broke on purpose" in message
     assert (info.value.task, info.value.exit_code) == ("worker-1", 1)
+    assert info.value.error == "builtins.RuntimeError: worker 1 broke on purpose"
+    assert processes_mentioning(log_dir) == []
+
+
+@pytest.mark.cluster
+def test_a_failed_chief_is_named_although_the_ps_task_it_aborted_exited_first(tmp_path):
+    """The chief's StepTimeoutError ends the job; its ps task exits (ChiefUnavailableError) 5 s before it."""
+    log_dir = str(tmp_path / "logs")
+    with pytest.raises(tf_backup.LocalClusterError) as info:
+        tf_backup.launch_local(workers.chief_fails_and_exits_late, num_workers=2, args=(3.0, 5.0), timeout=180,
+                               log_dir=log_dir)
+    assert (info.value.task, info.value.exit_code) == ("worker-0", 1), str(info.value)
+    assert info.value.error.startswith("tf_backup.errors.StepTimeoutError: Worker 0 /job:worker/task:0 (")
+    assert str(info.value).startswith("Task worker-0 of the local cluster failed (exit code 1): "
+                                      "tf_backup.errors.StepTimeoutError: Worker 0")
+    # The ps task had failed first, because of the chief.
+    with open(os.path.join(log_dir, "ps-0.log")) as f:
+        assert "ChiefUnavailableError: The chief /job:worker/task:0" in f.read()
     assert processes_mentioning(log_dir) == []
 
 
@@ -67,6 +85,16 @@ def test_echo_copies_complete_new_lines_without_tensorflow_chatter(tmp_path, cap
     assert capsys.readouterr().out == "partial line\nepoch 2\n"
     echo.poll(final=True)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("user_level, level", [(None, "2"), ("0", "0")])
+def test_tasks_default_tensorflows_log_level_unless_the_user_set_it(tmp_path, monkeypatch, user_level, level):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    if user_level is not None:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", user_level)
+    with tf_backup.LocalCluster(workers.environment_variable, num_workers=1, num_ps=0, args=("TF_CPP_MIN_LOG_LEVEL",),
+                                log_dir=str(tmp_path)) as cluster:
+        assert cluster.start().wait(timeout=60) == [level]
 
 
 def test_echo_must_name_a_task():

@@ -5,6 +5,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 from absl import flags
 from absl.testing import flagsaver
@@ -84,6 +86,30 @@ def test_bad_config_files(tmp_path):
     bad.write_text(json.dumps({"dataset": "mnist1d", "model": {"kind": "mlp"}, "epochs": 1, "colour": 1}))
     with pytest.raises(config_lib.ConfigError, match="Unknown config field.s. colour"):
         config_lib.TrainConfig.from_dict(config_lib.read(str(bad)))
+
+
+def test_the_default_model_dir_cannot_shadow_a_package():
+    """A run without --model_dir leaves a directory in /tmp that `import tf_backup` must not find there."""
+    path = train.default_model_dir(now=0.0)
+    parent = os.path.dirname(path)
+    assert parent == os.path.join(tempfile.gettempdir(), "tf_backup_runs")
+    assert os.path.basename(path) == time.strftime("%Y%m%d-%H%M%S", time.localtime(0.0))
+    packages = {name for name in os.listdir(ROOT) if os.path.exists(os.path.join(ROOT, name, "__init__.py"))}
+    assert {"tf_backup", "trainers"} <= packages
+    assert os.path.basename(parent) not in packages
+
+
+@pytest.mark.parametrize("user_level, level", [(None, "2"), ("0", "0")])
+def test_the_binary_defaults_tensorflows_log_level_before_importing_it(user_level, level):
+    """Quiet start-up (TF_CPP_MIN_LOG_LEVEL=2) unless the user set the level: set before TensorFlow loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if user_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = user_level
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, sys; import trainers.train; "
+                               "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), 'tensorflow' in sys.modules)"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == [level, "False"], out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -207,6 +233,10 @@ def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     assert os.listdir(model_dir / "tensorboard") and (model_dir / "model.keras").exists()
     assert json.loads((model_dir / "config.json").read_text())["steps"] == 12
     assert summary["jit_compile"] is False  # --jit_compile=auto: Keras turns XLA off under a strategy
+    # Nothing in the workers' logs that this binary could have avoided (the chief's is echoed in full).
+    for task in ("worker-0", "worker-1", "worker-2"):
+        log = (model_dir / "logs" / f"{task}.log").read_text()
+        assert "`shuffle=True` was passed" not in log, log[-2000:]
 
     # The same command again, with more steps, resumes from the final checkpoint; this time the
     # replica step is compiled with XLA.

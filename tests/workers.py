@@ -252,8 +252,12 @@ def train_with_wrong_model(steps: int):
             "stats": strategy.stats()}
 
 
-def chief_waits_for_absent_worker(step_timeout: float):
-    """2 workers, b = 0: worker 1 never trains, so the chief's first step must time out."""
+def chief_waits_for_absent_worker(step_timeout: float, custom_loop: bool = False):
+    """2 workers, b = 0: worker 1 never trains, so the chief's first step must time out.
+
+    The step is `fit`'s first (the one that traces), or with `custom_loop` an
+    eager `strategy.run` of a custom step; its StepTimeoutError is caught by type.
+    """
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
@@ -266,12 +270,54 @@ def chief_waits_for_absent_worker(step_timeout: float):
         model = _regression_model(keras)
         model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
                       loss="mse", jit_compile=False)
+        if custom_loop:
+            model.optimizer.build(model.trainable_variables)  # not inside the replica step
+
+    def custom_step(features, labels):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(features, training=True) - labels))
+        model.optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+
     start = time.monotonic()
     try:
-        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0)
-    except tf.errors.OpError as e:  # raised inside the train step: UnknownError carrying the message
-        return {"worker": 0, "error": e.message, "seconds": time.monotonic() - start}
+        if custom_loop:
+            strategy.run(custom_step, args=(x[:BATCH], y[:BATCH]))
+        else:
+            model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0, shuffle=False)
+    except tf_backup.errors.StepTimeoutError as e:
+        # TensorFlow's error that carried it out of the step: its context (Keras's traceback filtering
+        # clears the cause of every error out of fit).
+        return {"worker": 0, "error": e.message, "seconds": time.monotonic() - start,
+                "context": type(e.__context__).__name__, "cause": type(e.__cause__).__name__}
     return {"worker": 0, "error": None}
+
+
+def chief_fails_and_exits_late(step_timeout: float, exit_after: float):
+    """2 workers, b = 0: worker 1 leaves at once, so the chief's fit fails with StepTimeoutError.
+
+    The chief then aborts the job, which ends its ps task at once, and exits
+    `exit_after` seconds later, as a chief whose teardown takes a while (a large
+    checkpoint): the ps task fails first, because of the chief's failure.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=step_timeout, startup_timeout=60.0)
+    if strategy.worker_index == 1:
+        return {"worker": 1}
+    x, y = regression_data(4)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
+                      loss="mse", jit_compile=False)
+    try:
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0, shuffle=False)
+    except tf_backup.errors.StepTimeoutError:
+        tf_backup.extended.shutdown_all(failed=True)  # aborts the job: the ps task exits now
+        time.sleep(exit_after)
+        raise
+    return {"worker": 0}
 
 
 def worker_waits_for_absent_chief(startup_timeout: float):
@@ -391,6 +437,12 @@ def fail_after_the_chief_returned(seconds: float):
     return "chief"
 
 
+def environment_variable(name: str):
+    """The task process's value of environment variable `name` (None: unset)."""
+    import os  # pylint: disable=g-import-not-at-top
+    return os.environ.get(name)
+
+
 def sleep_forever():
     time.sleep(600)
 
@@ -448,7 +500,9 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     batch trained on appends `<pid> <position> <step>` to
     `progress_dir/<task>.input` (its position in the worker's shard of
     batches, and the step of the parameters it was computed on), written by
-    the model's first layer as the step runs (`input_log`). `chief_dies_after_fit`
+    the model's first layer as the step runs (`input_log`). A `fit` that raises
+    `WorkersLostError` writes its message to `progress_dir/<task>.workers_lost`
+    first. `chief_dies_after_fit`
     (a marker file's path): the chief's first process exits 1 once its fit
     returned (the last step done) and before the job is done.
     """
@@ -496,8 +550,12 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     # A worker that carries on through a chief's rejoin trains the redone steps too: up to
     # checkpoint_every_steps batches more than `steps` (max_steps ends every fit at step `steps`).
     spare = checkpoint_every_steps if chief_rejoins else 0
-    model.fit(strategy.distribute_dataset(dataset, resume_input=True), epochs=1, steps_per_epoch=steps + spare,
-              verbose=0, callbacks=[Progress()])
+    try:
+        model.fit(strategy.distribute_dataset(dataset, resume_input=True), epochs=1, steps_per_epoch=steps + spare,
+                  verbose=0, callbacks=[Progress()])
+    except tf_backup.errors.WorkersLostError as e:  # caught by type, as a user would: recorded, raised on
+        _write_atomic(os.path.join(progress_dir, f"{task}.workers_lost"), e.message)
+        raise
     if chief_dies_after_fit and strategy.is_chief and not os.path.exists(chief_dies_after_fit):
         open(chief_dies_after_fit, "w").close()
         os._exit(1)  # the job reached its last step (FINISHED); its shutdown would have marked it done

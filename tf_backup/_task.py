@@ -4,15 +4,30 @@ The process's stdout and stderr already go to the task's log file. The payload
 is a pickle written by `LocalCluster`: the multiprocessing "spawn" preparation
 data (sys.path, the parent's main module, so `fn` can be found), the task's
 role ("serve": a ps task running `tf_backup.serve()`, or "fn"), and `fn` with
-its arguments. The result is pickled next to the payload.
+its arguments. The result is pickled next to the payload; an error, as JSON
+beside it (`<result>.error`, `error_record`), for `LocalCluster` to say which
+task's failure caused the others'.
 """
 
 import faulthandler
+import json
 import multiprocessing.spawn
 import os
 import pickle
 import sys
 import traceback
+
+
+def error_record(error: BaseException) -> dict:
+    """What `LocalCluster` reads of a task's error: its type, message, and whether the chief ended it.
+
+    `chief_unavailable`: a `ChiefUnavailableError`, which a task raises when the
+    chief aborted the job or went silent: the chief's failure, if any, is the cause.
+    """
+    errors = sys.modules.get("tf_backup.errors")  # loaded if tf_backup ran; not imported for this
+    return {"type": f"{type(error).__module__}.{type(error).__qualname__}",
+            "message": str(error)[:2000],
+            "chief_unavailable": errors is not None and isinstance(error, errors.ChiefUnavailableError)}
 
 
 def main(payload_path: str) -> int:
@@ -31,9 +46,11 @@ def main(payload_path: str) -> int:
         with open(result_path + ".tmp", "wb") as f:
             pickle.dump(result, f)
         os.replace(result_path + ".tmp", result_path)
-    except BaseException:  # pylint: disable=broad-except
+    except BaseException as e:  # pylint: disable=broad-except
         traceback.print_exc()
         failed = True
+        with open(result_path + ".error", "w") as f:
+            json.dump(error_record(e), f)
     finally:
         if "tf_backup.extended" in sys.modules:
             try:

@@ -1,10 +1,13 @@
-"""Every private TensorFlow import tf_backup makes, in one place.
+"""Every private TensorFlow and Keras import tf_backup makes, in one place.
 
-A TensorFlow upgrade that moves one of these touches this file only. The
-supported TensorFlow versions are declared in `setup.py`.
+A TensorFlow or Keras upgrade that moves one of these touches this file only.
+The supported versions are declared in `setup.py`.
 """
 
 # pylint: disable=g-direct-tensorflow-import,unused-import
+import functools
+
+from keras.src.backend.tensorflow import trainer as keras_trainer
 from tensorflow.python.distribute import distribute_lib
 from tensorflow.python.distribute import mirrored_strategy
 from tensorflow.python.distribute import one_device_strategy
@@ -33,3 +36,32 @@ TPUExtended = tpu_strategy.TPUExtended
 def autograph_convert(fn):
     """`fn` converted as `TPUStrategy.run` converts it before `tpu_run`."""
     return autograph.tf_convert(fn, ag_ctx.control_status_ctx())
+
+
+KerasTrainer = keras_trainer.TensorFlowTrainer
+
+
+def wrap_keras_train_functions(wrap) -> None:
+    """Makes Keras's TensorFlow trainer pass each train function it makes through `wrap(model, fn)`.
+
+    Keras 3 offers no hook around the call of the train function in `fit`
+    (`logs = self.train_function(iterator)`), and the first call is the one
+    that traces the step, so a model is known to a strategy only once its first
+    step runs. `make_train_function` is where Keras makes the function (it keeps
+    it until the next `compile`), before any step; `wrap` returns it unchanged
+    for models of other strategies. Idempotent (docs/design.md, "How an error
+    reaches the user").
+    """
+    make = KerasTrainer.make_train_function
+    if getattr(make, "tf_backup_wrap", None) is wrap:
+        return
+
+    @functools.wraps(make)
+    def make_train_function(self, force=False):
+        made = make(self, force)
+        if self.train_function is not None:
+            self.train_function = wrap(self, self.train_function)
+        return None if made is None else self.train_function
+
+    make_train_function.tf_backup_wrap = wrap
+    KerasTrainer.make_train_function = make_train_function

@@ -5,7 +5,8 @@ for it), the chief's master copy, inner optimizer, checkpoint and `Aggregator`,
 and every worker's `WorkerClient`; and it builds the graph part of one step:
 the gradients packed into shards with their squared norms and the worker's
 one-hot (`protocol.push_tail`), a `tf.py_function`
-that runs `WorkerClient.sync`, and the new parameters assigned to the model. A
+that runs `WorkerClient.sync` (a tf_backup error it raises is kept on the
+strategy, `raise_if_failed`), and the new parameters assigned to the model. A
 compiled step (XLA, TPU) only writes the gradient into the binding's
 `exchange.StepBuffers`; `Binding.exchange` runs the rest outside the program.
 """
@@ -360,7 +361,11 @@ class Binding:
                 buffers.clear()
             return tf.constant(True)
 
-        return tf.cond(buffers.pending.read_value() > 0, run, lambda: tf.constant(False))
+        try:
+            return tf.cond(buffers.pending.read_value() > 0, run, lambda: tf.constant(False))
+        except tf.errors.OpError as e:  # run eagerly (the end of a fit, a batch fetched eagerly): by type
+            self._ext.raise_if_failed(e)
+            raise
 
     def _exchange(self, packed: List[tf.Tensor], variables: List, pending=None):
         """Push, wait, pull (one tf.py_function), then assign the parameters and the step metrics.
@@ -375,7 +380,8 @@ class Binding:
             tail = tf.concat([tf.reshape(tf.reduce_sum(tf.square(flat)), [1]), onehot], 0)
             parts += [tf.cast(flat, wire), tail] if self.state.tail else [tf.concat([flat, tail], 0)]
         fn, inputs = (self._sync, parts) if pending is None else (self._sync_pending, [pending, *parts])
-        outs = tf.py_function(fn, inputs, Tout=[wire] * len(packed) + [tf.int64], name="tf_backup_sync")
+        outs = tf.py_function(self.keeping_failures(fn), inputs, Tout=[wire] * len(packed) + [tf.int64],
+                              name="tf_backup_sync")
         new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
         metrics = tf.ensure_shape(outs[-1], [len(worker_lib.StepMetrics._fields)])
         assigns = self._assign(variables, new_flats)
@@ -383,6 +389,14 @@ class Binding:
             for name, var in self.metric_vars.items():  # the StepMetrics fields of the same names
                 var.assign(metrics[worker_lib.StepMetrics._fields.index(name)])
             return self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
+
+    def keeping_failures(self, fn):
+        """`fn`, a step's `tf.py_function` body, keeping the tf_backup error it raises on the strategy.
+
+        The train function (`fit`) or `run` raises it by type once TensorFlow's
+        `UnknownError` is out (`extended.raise_if_failed`).
+        """
+        return self._ext.keeping_failures(fn)
 
     def _sync_pending(self, pending, *parts):
         if int(pending) > 1:

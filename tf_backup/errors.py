@@ -1,11 +1,16 @@
 """Errors tf_backup raises: a distributed wait that cannot complete, a lost task, a lost delivery.
 
-They subclass TensorFlow's `OpError`s. Raised outside a traced function (for
-example while `fit` builds the optimizer) they reach the caller as they are.
-Raised inside the training step, which runs them in a `tf.py_function`,
-TensorFlow turns them into a `tf.errors.UnknownError` whose message holds the
-error's name and message (`StepTimeoutError: Worker 2 ... waited 600 s for
-global step 13 ...`): catch `tf.errors.OpError` around `model.fit`.
+They subclass TensorFlow's `OpError`s, so `except tf.errors.OpError` still
+catches them. `model.fit`, `train_on_batch` and `BackupWorkerStrategy.run`
+raise them by type (`except tf_backup.errors.WorkersLostError`): the training
+step runs the protocol in a `tf.py_function`, which turns any Python error
+into a `tf.errors.UnknownError`; the step keeps the first of ours on the
+strategy and the call raises it once TensorFlow's error is out
+(docs/design.md, "How an error reaches the user"). TensorFlow's error is its
+`__context__`, and its `__cause__` too except out of `fit` with Keras's
+traceback filtering on (the default), which clears every error's `__cause__`.
+A custom loop that runs `strategy.run` inside its own `tf.function` gets
+TensorFlow's `UnknownError`, whose message holds the error's name and message.
 """
 
 import tensorflow as tf
@@ -26,7 +31,12 @@ class ChiefUnavailableError(tf.errors.UnavailableError):
 
 
 class AggregatorError(tf.errors.InternalError):
-    """The chief's aggregator failed; the message holds its error."""
+    """The chief's aggregator failed; the message holds its error, its `__cause__`.
+
+    The chief's next wait raises it. An aggregator that stopped with one of
+    tf_backup's own errors (`WorkersLostError`, `PsUnavailableError`) has that
+    error raised as it is instead.
+    """
 
     def __init__(self, message: str):
         super().__init__(None, None, message)
@@ -52,8 +62,8 @@ class PsRestartedError(PsUnavailableError):
 class WorkersLostError(AggregatorError):
     """Fewer workers are alive than a step needs: the chief's aggregator stopped.
 
-    Kept by the aggregator as it was raised; the chief's next wait raises an
-    `AggregatorError` whose cause (`__cause__`) is this error.
+    Kept by the aggregator as it was raised; the chief's next wait raises it,
+    and so does the chief's `fit`.
     """
 
 
@@ -75,3 +85,8 @@ class ExchangeError(tf.errors.InternalError):
 
     def __init__(self, message: str):
         super().__init__(None, None, message)
+
+
+# Every tf_backup error type (with its subclasses): what a training step keeps for `fit` to raise.
+ALL = (StepTimeoutError, ChiefUnavailableError, AggregatorError, PsUnavailableError, DuplicateDeliveryError,
+       ExchangeError)

@@ -5,18 +5,21 @@
 devices, and `TPUBackupWorkerExtended` `TPUStrategy`'s, over its TPU cores,
 each with `_BackupWorkerMixin`: the strategy's endpoints to the ps
 tasks, its membership of the job (`job.JobMonitor`), the optimizers bound to
-the shared state (`binding.Binding`), the Keras models it stops, and input
-sharding by worker.
+the shared state (`binding.Binding`), the Keras models it stops, the failure
+a step kept for the caller to raise, and input sharding by worker.
 """
 
+import functools
+import threading
 import weakref
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import tensorflow as tf
 
 from tf_backup import _tf_internal
 from tf_backup import cluster as cluster_lib
 from tf_backup import endpoint as endpoint_lib
+from tf_backup import errors
 from tf_backup import exchange as exchange_lib
 from tf_backup import job as job_lib
 from tf_backup import protocol
@@ -73,6 +76,8 @@ class _BackupWorkerMixin:
         # compile it (several logical CPU devices share one XLA device).
         self.always_split = False
         self._shut_down = False
+        self._failure_lock = threading.Lock()  # guards `_failure`
+        self._failure: Optional[BaseException] = None  # the first tf_backup error of a step, not raised yet
         if info.is_chief:
             self.monitor.start(rejoin=chief_rejoins)
 
@@ -117,6 +122,41 @@ class _BackupWorkerMixin:
         if self.cluster.is_chief:
             chief_failed = failed or any(b.aggregator_failure() is not None for b in self.bindings)
         self.monitor.leave(chief_failed=chief_failed)
+
+    # -- failures ------------------------------------------------------------------
+
+    def keeping_failures(self, fn: Callable) -> Callable:
+        """`fn`, a step's `tf.py_function` body, keeping the tf_backup error it raises for `raise_if_failed`.
+
+        TensorFlow turns an error raised inside a `tf.py_function` into an
+        `UnknownError`; the error is kept here (the first one, until it is
+        raised) and raised again, by type, once TensorFlow's error is out.
+        """
+        @functools.wraps(fn)
+        def body(*args):
+            try:
+                return fn(*args)
+            except errors.ALL as e:
+                with self._failure_lock:
+                    if self._failure is None:
+                        self._failure = e
+                raise
+
+        return body
+
+    def raise_if_failed(self, cause: BaseException) -> None:
+        """Raises the failure a step kept, if any, from `cause` (TensorFlow's error that ended the step).
+
+        The one place a tf_backup error that crossed a `tf.py_function` reaches
+        the caller (as TensorFlow's `ClusterCoordinator._raise_if_error`): the
+        Keras train function (`raising_train_function`) and `run` call it when
+        a step fails. The failure is forgotten once raised: a later step that
+        fails keeps its own.
+        """
+        with self._failure_lock:
+            failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure from cause
 
     # -- Keras integration ---------------------------------------------------------
 
@@ -186,6 +226,28 @@ class _BackupWorkerMixin:
     @property
     def should_save_summary(self):
         return self.cluster.is_chief
+
+
+def raising_train_function(model, train_function: Callable) -> Callable:
+    """(Keras's `make_train_function`.) The train function of `model`, raising a failed step's tf_backup error.
+
+    A model of another strategy keeps its function as it is. Wrapped once:
+    Keras keeps the function it made until the next `compile`.
+    """
+    extended = model.distribute_strategy.extended
+    if not isinstance(extended, _BackupWorkerMixin) or getattr(train_function, "tf_backup_raising", False):
+        return train_function
+
+    @functools.wraps(train_function)
+    def raising(*args, **kwargs):
+        try:
+            return train_function(*args, **kwargs)
+        except tf.errors.OpError as e:
+            extended.raise_if_failed(e)
+            raise
+
+    raising.tf_backup_raising = True
+    return raising
 
 
 class BackupWorkerExtended(_BackupWorkerMixin, _tf_internal.OneDeviceExtended):

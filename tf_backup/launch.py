@@ -25,16 +25,24 @@ from tf_backup import memory
 class LocalClusterError(RuntimeError):
     """A task of a local cluster failed, or the cluster ran past its timeout.
 
+    When a failed job ends several tasks, the task named is the one whose
+    failure ended the others: the chief, when the ps tasks and the other
+    workers exited because it aborted the job (`ChiefUnavailableError`).
+
     Attributes:
       task: the task that failed ("worker-0", "ps-0", ...); None when the
         timeout passed.
       exit_code: its exit code (negative: killed by that signal); None when
         the timeout passed.
+      error: the error it raised, as "module.Type: message"
+        ("tf_backup.errors.WorkersLostError: ..."); None if it raised none
+        (killed, or the timeout passed).
     """
 
-    def __init__(self, message: str, task: Optional[str] = None, exit_code: Optional[int] = None):
+    def __init__(self, message: str, task: Optional[str] = None, exit_code: Optional[int] = None,
+                 error: Optional[str] = None):
         super().__init__(message)
-        self.task, self.exit_code = task, exit_code
+        self.task, self.exit_code, self.error = task, exit_code, error
 
 
 def free_ports(count: int) -> List[int]:
@@ -52,6 +60,10 @@ def free_ports(count: int) -> List[int]:
 
 
 RESTART_DELAY_MAX = 30.0
+CHIEF = "worker-0"
+# Seconds a task that the chief ended (it aborted the job) waits for the chief's own failure to be
+# reported instead: the chief saves a checkpoint and leaves the job before it exits.
+CHIEF_EXIT_GRACE = 30.0
 
 
 def restart_delay(restarts_done: int, first: float, longest: float = RESTART_DELAY_MAX) -> float:
@@ -94,6 +106,44 @@ def _tail(path: str, lines: int = 40) -> str:
         return "(no log)"
     kept = [line for line in text if not _is_noise(line)]
     return "".join(kept[-lines:]).rstrip() or "(empty log)"
+
+
+def _error_record(path: str) -> dict:
+    """The error a failed task wrote (`tf_backup._task.error_record`); {} if it wrote none."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _blame(name: str, procs: dict, error_paths: dict, grace: float = CHIEF_EXIT_GRACE) -> str:
+    """The task whose failure to report for task `name`'s: `name`, or the chief.
+
+    The chief, if `name` failed because the chief aborted the job or went
+    silent (`ChiefUnavailableError`) and the chief fails too, within `grace`
+    seconds: a failed job ends every task, and a ps task can exit before the
+    chief whose error ended it.
+    """
+    chief = procs.get(CHIEF)
+    if name == CHIEF or chief is None or not _error_record(error_paths[name]).get("chief_unavailable"):
+        return name
+    deadline = time.monotonic() + grace
+    while chief.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return CHIEF if chief.poll() not in (None, 0) else name
+
+
+def _task_failed(name: str, procs: dict, logs: dict, error_paths: dict) -> LocalClusterError:
+    """The error for a failed task (the chief instead, if it caused the failure: `_blame`)."""
+    name = _blame(name, procs, error_paths)
+    code = procs[name].returncode
+    record = _error_record(error_paths[name])
+    error = f"{record['type']}: {record['message']}" if record else None
+    first_line = (error or "").split("\n", 1)[0]
+    return LocalClusterError(
+        f"Task {name} of the local cluster failed (exit code {code})" + (f": {first_line}" if first_line else "")
+        + f". Last lines of {logs[name]}:\n{_tail(logs[name])}", name, code, error)
 
 
 class _Echo:
@@ -195,6 +245,7 @@ class LocalCluster:
         self.procs: dict = {}
         self.logs = {n: os.path.join(self.log_dir, f"{n}.log") for n in self.names}
         self.results = {n: os.path.join(self.log_dir, f"{n}.result") for n in self.names}
+        self.error_paths = {n: p + ".error" for n, p in self.results.items()}  # what a failed task raised
         self.starts = {n: 0 for n in self.names}
         self._restart_due: dict = {}  # task -> when the supervisor restarts it (time.monotonic())
         # The logs' sizes before this cluster: a log of the same directory's earlier run is kept
@@ -225,6 +276,8 @@ class LocalCluster:
 
     def _spawn(self, name: str) -> None:
         task_type, index = name.rsplit("-", 1)
+        if os.path.exists(self.error_paths[name]):
+            os.remove(self.error_paths[name])  # an earlier process's
         payload = os.path.join(self.log_dir, f"{name}.payload")
         with open(payload, "wb") as f:
             role = "serve" if task_type == "ps" and self._serve_ps else "fn"
@@ -324,9 +377,7 @@ class LocalCluster:
         while not all(self.procs[n].poll() == 0 for n in names):
             for name, proc in self.procs.items():
                 if proc.poll() not in (None, 0):
-                    raise LocalClusterError(
-                        f"Task {name} of the local cluster failed (exit code {proc.returncode}). "
-                        f"Last lines of {self.logs[name]}:\n{_tail(self.logs[name])}", name, proc.returncode)
+                    raise _task_failed(name, self.procs, self.logs, self.error_paths)
             if time.monotonic() > deadline:
                 running = [n for n in names if self.procs[n].poll() is None]
                 raise LocalClusterError(
@@ -377,7 +428,8 @@ class LocalCluster:
             self._check_name(echo)
         echoed = _Echo(self.logs[echo], self._log_starts[echo]) if echo is not None else _Echo(None)
         restart = (lambda name: self._restart_failed(name, max_restarts, restart_delay)) if max_restarts else None
-        failed = _supervise(self.procs, self.logs, timeout, ps_exit_grace, echoed, max_failed_workers, restart)
+        failed = _supervise(self.procs, self.logs, self.error_paths, timeout, ps_exit_grace, echoed, max_failed_workers,
+                            restart)
         return [None if f"worker-{i}" in failed else self.result(f"worker-{i}")
                 for i in range(self.num_workers)]
 
@@ -468,22 +520,23 @@ def _kill_all(procs: dict) -> None:
             pass
 
 
-def _supervise(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo,
+def _supervise(procs: dict, logs: dict, error_paths: dict, timeout: float, ps_exit_grace: float, echo: _Echo,
                max_failed_workers: int = 0, restart: Optional[Callable[[str], bool]] = None) -> set:
     """Waits for the workers, then the ps tasks; raises on the first failure not tolerated."""
     try:
-        return _wait_for_tasks(procs, logs, timeout, ps_exit_grace, echo, max_failed_workers, restart)
+        return _wait_for_tasks(procs, logs, error_paths, timeout, ps_exit_grace, echo, max_failed_workers, restart)
     finally:
         echo.poll(final=True)
 
 
-def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: float, echo: _Echo,
+def _wait_for_tasks(procs: dict, logs: dict, error_paths: dict, timeout: float, ps_exit_grace: float, echo: _Echo,
                     max_failed_workers: int, restart: Optional[Callable[[str], bool]]) -> set:
     """Returns the workers whose failure was tolerated.
 
     A task that exits non-zero is first offered to `restart` (which replaces its entry of `procs`
     and returns True, or declines); then it is tolerated (up to `max_failed_workers` workers other
-    than the chief) or fails the run.
+    than the chief) or fails the run, naming the chief instead if the chief's failure ended it
+    (`_blame`; `error_paths`: each task's error record).
     """
     deadline = time.monotonic() + timeout
     workers = [n for n in procs if n.startswith("worker")]
@@ -492,8 +545,8 @@ def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: floa
     failed = set()
     while True:
         echo.poll()
-        # Workers first: when the chief fails, its ps tasks fail after it (they end with the job),
-        # and the chief's log says why.
+        # Workers first: when the chief fails, its ps tasks fail after it (they end with the job).
+        # One that exits before the chief is blamed on the chief all the same (`_blame`).
         for name in workers + ps:
             proc = procs[name]
             if proc.poll() in (None, 0) or name in failed:
@@ -507,9 +560,7 @@ def _wait_for_tasks(procs: dict, logs: dict, timeout: float, ps_exit_grace: floa
                     f"without it ({len(failed)} of at most {max_failed_workers} workers lost). Its "
                     f"log: {logs[name]}\n")
                 continue
-            raise LocalClusterError(
-                f"Task {name} of the local cluster failed (exit code {proc.returncode}). "
-                f"Last lines of {logs[name]}:\n{_tail(logs[name])}", name, proc.returncode)
+            raise _task_failed(name, procs, logs, error_paths)
         if all(procs[n].poll() == 0 or n in failed for n in workers):
             if workers_done_at is None:
                 workers_done_at = time.monotonic()

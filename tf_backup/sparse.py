@@ -305,11 +305,12 @@ class SparseBinding:
                 buffer.assign(value)
             self.dense.apply(dense_grads, dense_vars)  # writes the dense buffers; its exchange calls ours
             return
-        token = tf.py_function(self._push, flat, Tout=tf.int64, name="tf_backup_sparse_push")
+        keeping = self.dense.keeping_failures
+        token = tf.py_function(keeping(self._push), flat, Tout=tf.int64, name="tf_backup_sparse_push")
         with tf.control_dependencies([token]):
             self.dense.apply(dense_grads, dense_vars)
         dense_done = tf.identity(self.dense.metric_vars["global_step"].read_value())
-        outs = tf.py_function(self._pull, [dense_done],
+        outs = tf.py_function(keeping(self._pull), [dense_done],
                               Tout=[t for var in self.variables for t in (tf.int64, var.dtype)],
                               name="tf_backup_sparse_pull")
         for k, var in enumerate(self.variables):

@@ -259,6 +259,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             extended = extended_lib.MultiDeviceBackupWorkerExtended(self, devices, info, config, **kwargs)
         super().__init__(extended)
         extended_lib.register(self.extended)
+        # A failed step's tf_backup error out of `fit` by type (extended.raise_if_failed).
+        _tf_internal.wrap_keras_train_functions(extended_lib.raising_train_function)
         atexit.register(self.extended.shutdown)
 
     # -- what the cluster is -------------------------------------------------------
@@ -354,6 +356,10 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         Raises:
           ValueError: called inside an XLA function by something other than a
             Keras model, or by Keras on a worker with several local devices.
+          tf_backup.errors.StepTimeoutError, WorkersLostError, ...: (run
+            eagerly) the step failed with that error (`tf_backup.errors`). Inside
+            a `tf.function`, the step's error is TensorFlow's `UnknownError`
+            when the function runs.
         """
         model = getattr(fn, "__self__", None)
         if model is not None and hasattr(model, "stop_training"):
@@ -362,12 +368,16 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             model = None
         self.extended.step_applied = False
         self.extended.compiled_steps = []
-        outputs = self.extended.run_replicas(super().run, fn, args, kwargs, options)
-        if self.extended.compiled_steps:  # the replica step was compiled: exchange outside it
-            if not exchange_lib.in_compiled_context():
-                for binding in self.extended.compiled_steps:
+        try:
+            outputs = self.extended.run_replicas(super().run, fn, args, kwargs, options)
+            if self.extended.compiled_steps and not exchange_lib.in_compiled_context():
+                for binding in self.extended.compiled_steps:  # the replica step was compiled: exchange outside it
                     binding.exchange()
-            elif model is None:
+        except tf.errors.OpError as e:  # run eagerly: a failed step's tf_backup error, by type
+            self.extended.raise_if_failed(e)
+            raise
+        if self.extended.compiled_steps and exchange_lib.in_compiled_context():
+            if model is None:
                 raise ValueError(
                     "BackupWorkerStrategy.run was called inside an XLA-compiled function: its step "
                     "exchanges gradients with the ps tasks, which XLA cannot compile. Compile the "

@@ -228,8 +228,15 @@ class WorkerClient:
         self.monitor.check()
 
     def _check_aggregator(self) -> None:
-        """(The chief.) Raises AggregatorError once this process's aggregator has failed."""
+        """(The chief.) Raises the failure of this process's aggregator, once it failed.
+
+        One of tf_backup's errors (`WorkersLostError`, `PsUnavailableError`) is
+        raised as the aggregator raised it, so that `fit` raises that type; any
+        other as the cause of an `AggregatorError`.
+        """
         failure = self._chief_failure() if self._chief_failure is not None else None
+        if isinstance(failure, errors.ALL):
+            raise failure
         if failure is not None:
             raise errors.AggregatorError(
                 f"The aggregator on this chief failed: {type(failure).__name__}: {failure}") from failure

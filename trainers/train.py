@@ -20,8 +20,9 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from absl import app
 from absl import flags
@@ -100,7 +101,7 @@ _MAX_RESTARTS = flags.DEFINE_integer(
     "max_restarts", 5, "With --restart_failed: how many times each task may be restarted.", lower_bound=1)
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", None, "Checkpoints, TensorBoard logs, task logs and the config (default: a new "
-    "directory under /tmp/tf_backup).")
+    "directory under /tmp/tf_backup_runs).")
 _SUMMARY_JSON = flags.DEFINE_string("summary_json", None, "Also write the end-of-run summary here.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", None, "Global steps between progress lines.", lower_bound=1)
 _TIMEOUT = flags.DEFINE_float("timeout", 3600.0, "Seconds the whole local run may take.", lower_bound=1.0)
@@ -135,6 +136,14 @@ _OVERRIDES = {
     "data_dir": _DATA_DIR, "log_every": _LOG_EVERY,
 }
 PROG = "tf-backup-train"
+# Where runs go without --model_dir: not /tmp/tf_backup, whose empty parent would shadow the package
+# (`import tf_backup` from /tmp would find a namespace package there).
+RUNS_DIR = "tf_backup_runs"
+
+
+def default_model_dir(now: Optional[float] = None) -> str:
+    """A new directory for a run without --model_dir: /tmp/tf_backup_runs/<date-time>."""
+    return os.path.join(tempfile.gettempdir(), RUNS_DIR, time.strftime("%Y%m%d-%H%M%S", time.localtime(now)))
 
 
 def resolve_config() -> config_lib.TrainConfig:
@@ -258,8 +267,10 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
     # A worker that carries on through a chief's rejoin also trains the redone steps: one spare epoch
     # (max_steps ends every fit at step `total` all the same).
     spare = int(strategy_args.get("chief_rejoins", False))
+    # shuffle=False: data.load shuffles (seeded); Keras warns that it ignores its default shuffle=True
+    # for a dataset.
     history = model.fit(strategy.distribute_dataset(train, resume_input=True), epochs=epochs + spare,
-                        initial_epoch=initial_epoch,
+                        initial_epoch=initial_epoch, shuffle=False,
                         steps_per_epoch=steps_per_epoch, verbose=2 if strategy.is_chief else 0,
                         callbacks=callbacks)
     wall = time.monotonic() - start
@@ -427,7 +438,7 @@ def main(argv) -> int:
                      "chief_rejoins": (_RESTART_FAILED.value and not _APPLY_ON_PS.value if _CHIEF_REJOINS.value is None
                                        else _CHIEF_REJOINS.value),
                      "wire_dtype": _WIRE_DTYPE.value, "apply_on_ps": _APPLY_ON_PS.value}
-    model_dir = _MODEL_DIR.value or os.path.join("/tmp/tf_backup", time.strftime("%Y%m%d-%H%M%S"))
+    model_dir = _MODEL_DIR.value or default_model_dir()
     if _RESTART_FAILED.value and not local:
         raise config_lib.ConfigError(
             "--restart_failed supervises the tasks of a --local_cluster; under a TF_CONFIG cluster, "
