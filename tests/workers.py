@@ -252,25 +252,33 @@ def train_with_wrong_model(steps: int):
             "stats": strategy.stats()}
 
 
+def _two_worker_regression(step_timeout: float):
+    """(strategy, compiled regression model, (x, y)) of the failure programs' 2-worker, b = 0 cluster."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=step_timeout, startup_timeout=60.0)
+    with strategy.scope():
+        model = _regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
+                      loss="mse", jit_compile=False)
+    return strategy, model, regression_data(4)
+
+
 def chief_waits_for_absent_worker(step_timeout: float, custom_loop: bool = False):
     """2 workers, b = 0: worker 1 never trains, so the chief's first step must time out.
 
     The step is `fit`'s first (the one that traces), or with `custom_loop` an
     eager `strategy.run` of a custom step; its StepTimeoutError is caught by type.
     """
-    import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
-    strategy = tf_backup.BackupWorkerStrategy(step_timeout=step_timeout, startup_timeout=60.0)
+    strategy, model, (x, y) = _two_worker_regression(step_timeout)
     if strategy.worker_index == 1:
         return {"worker": 1}
-    x, y = regression_data(4)
-    with strategy.scope():
-        model = _regression_model(keras)
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
-                      loss="mse", jit_compile=False)
-        if custom_loop:
+    if custom_loop:
+        with strategy.scope():
             model.optimizer.build(model.trainable_variables)  # not inside the replica step
 
     def custom_step(features, labels):
@@ -299,18 +307,12 @@ def chief_fails_and_exits_late(step_timeout: float, exit_after: float):
     `exit_after` seconds later, as a chief whose teardown takes a while (a large
     checkpoint): the ps task fails first, because of the chief's failure.
     """
-    import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
-    strategy = tf_backup.BackupWorkerStrategy(step_timeout=step_timeout, startup_timeout=60.0)
+    strategy, model, (x, y) = _two_worker_regression(step_timeout)
     if strategy.worker_index == 1:
         return {"worker": 1}
-    x, y = regression_data(4)
-    with strategy.scope():
-        model = _regression_model(keras)
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
-                      loss="mse", jit_compile=False)
     try:
         model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0, shuffle=False)
     except tf_backup.errors.StepTimeoutError:
