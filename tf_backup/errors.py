@@ -33,9 +33,8 @@ class ChiefUnavailableError(tf.errors.UnavailableError):
 class AggregatorError(tf.errors.InternalError):
     """The chief's aggregator failed; the message holds its error, its `__cause__`.
 
-    The chief's next wait raises it. An aggregator that stopped with one of
-    tf_backup's own errors (`WorkersLostError`, `PsUnavailableError`) has that
-    error raised as it is instead.
+    The chief's next wait raises it (an aggregator that stopped with
+    `WorkersLostError` has that raised as it is instead).
     """
 
     def __init__(self, message: str):

@@ -230,12 +230,13 @@ class WorkerClient:
     def _check_aggregator(self) -> None:
         """(The chief.) Raises the failure of this process's aggregator, once it failed.
 
-        One of tf_backup's errors (`WorkersLostError`, `PsUnavailableError`) is
-        raised as the aggregator raised it, so that `fit` raises that type; any
-        other as the cause of an `AggregatorError`.
+        A `WorkersLostError` is raised as the aggregator raised it, so that
+        `fit` raises that type; any other error as the cause of an
+        `AggregatorError` (a `PsUnavailableError` too: raised as it is, the
+        waits here would take it for their own run's and wait for the ps).
         """
         failure = self._chief_failure() if self._chief_failure is not None else None
-        if isinstance(failure, errors.ALL):
+        if isinstance(failure, errors.AggregatorError):
             raise failure
         if failure is not None:
             raise errors.AggregatorError(
