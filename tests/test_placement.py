@@ -99,10 +99,14 @@ def test_bfloat16_on_the_wire_trains_on_the_master_rounded_to_bfloat16():
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("optimizer, wire_dtype", [("momentum", "float32"), ("adam", "bfloat16")])
-def test_the_update_applied_on_the_ps_matches_single_process_training(optimizer, wire_dtype, tmp_path):
+@pytest.mark.parametrize("optimizer, wire_dtype, num_ps", [
+    ("momentum", "float32", 2),  # each shard takes and applies in its own run, all at once
+    ("adam", "bfloat16", 2),
+    ("nesterov", "float32", 1),  # one shard: the aggregator's wait takes and applies in the same run
+])
+def test_the_update_applied_on_the_ps_matches_single_process_training(optimizer, wire_dtype, num_ps, tmp_path):
     steps = 4
-    out = tf_backup.launch_local(workers.train_on_several_ps, num_workers=2, num_ps=2,
+    out = tf_backup.launch_local(workers.train_on_several_ps, num_workers=2, num_ps=num_ps,
                                  args=(steps, wire_dtype, True, optimizer, str(tmp_path)), timeout=240)
     chief = out[0]
     assert chief["stats"]["global_step"] == steps and chief["stats"]["taken"] == [steps, steps]

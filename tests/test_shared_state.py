@@ -195,3 +195,30 @@ def test_a_publish_feeds_no_token_to_the_queues_of_dead_workers(state):
     assert state.wake_queue_sizes() == [4, 1, 4]
     state.wake_all()  # stops and ends of rounds still reach everybody
     assert state.wake_queue_sizes() == [5, 2, 5]
+
+
+def test_transfers_to_several_ps_tasks_run_at_once_and_every_one_ends_before_a_failure_is_raised(server):
+    ps = cluster_lib.Task("localhost", 0, server.target[len("grpc://"):])
+    layout = Layout([tf.Variable(tf.zeros([9]), name="v")], num_shards=3)
+    state = SharedState(f"t/state{next(_count)}", layout, [ps, ps, ps], WORKERS, endpoint.Endpoints())
+    # Each call waits for all three to have started: run one after another, the first would time out.
+    started, ended = threading.Barrier(3, timeout=10), []
+
+    def fn(s):
+        started.wait()
+        ended.append(s)
+        return s * 10
+
+    assert state.each_shard(fn) == [0, 10, 20]
+
+    def failing(s):
+        if s == 1:
+            raise ValueError("shard 1")
+        time.sleep(0.2)
+        ended.append(s)
+
+    ended.clear()
+    with pytest.raises(ValueError, match="shard 1"):
+        state.each_shard(failing)
+    assert sorted(ended) == [0, 2]  # the others ran to their end first
+    state.close()

@@ -170,7 +170,7 @@ class ConditionalAccumulator:
                 grad = tf.compat.v1.placeholder(self.wire_dtype, [body_size])
                 tail_in = tf.compat.v1.placeholder(dtype, [self.tail])
                 gradient = tf.concat([tf.cast(grad, dtype), tail_in], 0)
-                take = self.take_parts(required, handle)
+                take = self.take_op(required, handle)
             else:
                 taken = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=handle, num_required=required, dtype=dtype)
                 grad = tail_in = tf.compat.v1.placeholder(dtype, self.shape)
@@ -191,10 +191,12 @@ class ConditionalAccumulator:
         """The graph ops and placeholders of this accumulator in its endpoint's graph."""
         return self._ops
 
-    def take_parts(self, required, handle=None):
-        """(In its endpoint's graph, with a tail.) A take as (body in the wire dtype, tail): new ops each call."""
+    def take_op(self, required, handle=None):
+        """(In its endpoint's graph.) A take: one tensor, or with a tail (body in the wire dtype, tail). New ops each call."""
         handle = self._ops["handle"] if handle is None else handle
         taken = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=handle, num_required=required, dtype=self.dtype)
+        if not self.tail:
+            return taken
         body_size = int(self.shape[0]) - self.tail
         return tf.cast(taken[:body_size], self.wire_dtype), taken[body_size:]
 

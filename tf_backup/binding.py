@@ -110,7 +110,7 @@ class Binding:
         self.index = len(ext.bindings)
         self.state = shared_state.SharedState(
             f"tf_backup/{job_id}/opt{self.index}", self.layout, info.ps, info.num_workers, ext.endpoints,
-            wire_dtype=self.config.wire_dtype, update=rule, nesterov=bool(getattr(inner, "nesterov", False)))
+            wire_dtype=self.config.wire_dtype, rule=rule, nesterov=bool(getattr(inner, "nesterov", False)))
         self.on_ps: Optional[ps_update.ChiefSide] = None
         self.master = None
         self.aggregator: Optional[aggregator_lib.Aggregator] = None
@@ -133,7 +133,7 @@ class Binding:
                     self.on_ps = ps_update.ChiefSide(inner, rule, self.state, self.master)
                 if running is None:
                     if self.on_ps is not None:  # before the control vector says the state is ready
-                        self.state.write_update_state(*self.on_ps.flats())
+                        self.state.update.write(*self.on_ps.flats())
                     self.state.create(flats, step=step, replicas=self.config.replicas_to_aggregate,
                                       input_positions=positions)
                 elif running.finished:

@@ -21,11 +21,15 @@ refused with a `ValueError` that names it: the chief applies it (the default).
 """
 
 import enum
-from typing import Dict, List, NamedTuple
+import threading
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tf_backup import accumulators
+from tf_backup import endpoint as endpoint_lib
 
 
 class Kind(enum.Enum):
@@ -113,6 +117,94 @@ def slot_variables(inner, rule: UpdateRule) -> List[List]:
     return [list(getattr(inner, attr)) for attr in rule.slot_attrs]
 
 
+class UpdateState:
+    """(The ps side.) One optimizer's master copy and slots on the ps tasks, and the run that takes and applies a shard.
+
+    Each shard's master copy is its published parameters (`params/<s>`), or,
+    when those are narrower on the wire, a float variable `master/<s>` beside
+    them; slot k of shard s is `slot<k>/<s>`, on the shard's task.
+
+    Args:
+      rule: the inner optimizer's rule (`rule_for`).
+      nesterov: (SGD with momentum) Nesterov momentum.
+      prefix: the resources' name prefix (`SharedState.prefix`).
+      params: the published parameters, one `SharedVariable` per shard.
+      dtype: the master copy's dtype (the variables').
+      each_shard: runs `fn(s)` for every shard at once (`SharedState.each_shard`).
+    """
+
+    def __init__(self, rule: UpdateRule, nesterov: bool, prefix: str, params: Sequence, dtype,
+                 each_shard: Callable):
+        self.rule, self._nesterov, self._prefix, self._dtype = rule, nesterov, prefix, tf.as_dtype(dtype)
+        self._params, self._each_shard = list(params), each_shard
+        narrow = self._params and self._params[0].dtype != self._dtype
+        self.master = [accumulators.SharedVariable(f"{prefix}/master/{s}", dtype, p.shape, p.endpoint)
+                       for s, p in enumerate(self._params)] if narrow else self._params
+        self.slots = [[accumulators.SharedVariable(f"{prefix}/slot{k}/{s}", dtype, p.shape, p.endpoint)
+                       for s, p in enumerate(self._params)] for k in range(rule.num_slots)]
+        self._runs: Dict[tuple, dict] = {}  # (generation, shard): the take-and-apply run
+        self._lock = threading.Lock()
+
+    def write(self, master: Sequence, slots: Sequence[Sequence]) -> None:
+        """(Chief, before its aggregator starts.) The master copy and the slots, per shard."""
+        if self.master is not self._params:
+            self._each_shard(lambda s: self.master[s].assign(master[s]))
+        for k, per_shard in enumerate(slots):
+            self._each_shard(lambda s: self.slots[k][s].assign(per_shard[s]))
+
+    def read(self):
+        """(master flats, [slot flats per shard] per slot), read from every task at once."""
+        master = self._each_shard(lambda s: self.master[s].read())
+        return master, [self._each_shard(lambda s: var[s].read()) for var in self.slots]
+
+    def placeholders(self) -> Dict[str, tf.Tensor]:
+        """(In a graph.) One float placeholder per scalar of the step (`hyper_names`)."""
+        return {k: tf.compat.v1.placeholder(tf.float32, [], name=k) for k in hyper_names(self.rule)}
+
+    def build_take_apply(self, shard: int, acc, num_workers: int, required=None, before=(), hyper=None) -> dict:
+        """(In shard `shard`'s endpoint graph.) Take, average, apply, then the wire copy; fetches (tail, sq norm).
+
+        `acc`: the shard's `ConditionalAccumulator`. `required` and `hyper`:
+        placeholders made outside (a branch of a `tf.cond` cannot hold one).
+        """
+        required = tf.compat.v1.placeholder(tf.int32, []) if required is None else required
+        hyper = self.placeholders() if hyper is None else hyper
+        with tf.control_dependencies(list(before)):
+            taken = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=acc.ops["handle"], num_required=required,
+                                                               dtype=self._dtype)
+        size = int(self._params[shard].shape[0])
+        body, tail = taken[:size], taken[size:]
+        count = tf.maximum(tf.reduce_sum(tail[-num_workers:]), 1.0)  # the one-hot's sum: gradients taken
+        master = self.master[shard].ops
+        slots = [var[shard].ops["handle"] for var in self.slots]
+        applied = build_apply(self.rule, master["handle"], slots, body / count, hyper, nesterov=self._nesterov)
+        if self.master is not self._params:  # the narrow copy every worker pulls
+            with tf.control_dependencies([applied]):
+                value = tf.raw_ops.ReadVariableOp(resource=master["handle"], dtype=self._dtype)
+                applied = tf.raw_ops.AssignVariableOp(resource=self._params[shard].ops["handle"],
+                                                      value=tf.cast(value, self._params[shard].dtype))
+        with tf.control_dependencies([applied]):
+            fetch = (tf.identity(tail), tf.reduce_sum(tf.square(body)))
+        return {"required": required, "hyper": hyper, "fetch": fetch}
+
+    def take_apply(self, shard: int, acc, num_workers: int, generation: int, required: int,
+                   hyper: Dict[str, float]):
+        """Takes shard `shard`'s sum from `acc` and applies its mean there; returns (tail, squared norm of the sum).
+
+        Set VERSION first (`SharedState.mark_version`): this changes the published parameters.
+        """
+        where = self._params[shard].endpoint
+        key = (generation, shard)
+        if key not in self._runs:
+            built = where.build(lambda: self.build_take_apply(shard, acc, num_workers))
+            with self._lock:
+                self._runs.setdefault(key, built)
+        run = self._runs[key]
+        return where.run(run["fetch"], {run["required"]: int(required), **hyper_feed(run["hyper"], hyper)},
+                         what=f"take and apply of `{self._prefix}` shard {shard}",
+                         on_duplicate=endpoint_lib.OnDuplicate.RAISE)
+
+
 class ChiefSide:
     """(Chief.) Its part of an update applied on the ps: the step's scalars, the step count, the checkpoint's copy.
 
@@ -140,7 +232,7 @@ class ChiefSide:
 
     def refresh(self) -> None:
         """The master copy and the slots read back from the ps tasks into the chief's Keras variables."""
-        master, slots = self.state.read_update_state()
+        master, slots = self.state.update.read()
         layout = self.state.layout
         for v, value in zip(self.master, layout.unpack(master)):
             v.assign(value)
@@ -149,5 +241,5 @@ class ChiefSide:
                 v.assign(value)
 
 
-def hyper_feed(placeholders: Dict[str, tf.Tensor], values: Dict[str, float]) -> Dict:
+def hyper_feed(placeholders: Dict[str, tf.Tensor], values: Optional[Dict[str, float]]) -> Dict:
     return {placeholders[k]: np.float32(v) for k, v in values.items()}

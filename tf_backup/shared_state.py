@@ -15,9 +15,9 @@ A token only says "look again": every decision is made on the control vector
 lost (a run delivered twice) costs at most one bounded wait.
 
 With one ps task (or every shard on ps 0), the seqlock read, the publish and
-the push each run as one graph on the ps, their order kept by control
-dependencies, where they would otherwise take 3, 3 and 2 round trips; a
-worker's wait then returns the parameters with the control vector.
+the push each run as one graph on the ps (`tf_backup.fused_runs`, built once
+per generation); with several, transfers to every task run at once
+(`each_shard`).
 
 A run that changes state is never cancelled at a deadline (a cancelled run may
 have run part of its graph): the push-and-wait and the aggregator's wait-and-take
@@ -26,7 +26,6 @@ ends them with a `POKE` token instead.
 """
 
 from concurrent import futures
-import dataclasses
 import threading
 from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, Sequence
 
@@ -35,6 +34,7 @@ import tensorflow as tf
 
 from tf_backup import accumulators
 from tf_backup import endpoint as endpoint_lib
+from tf_backup import fused_runs
 from tf_backup import protocol
 from tf_backup import ps_update
 from tf_backup.layout import Layout
@@ -74,46 +74,16 @@ class Arrivals(NamedTuple):
     Attributes:
       count: fresh gradients in shard 0's accumulator, read after the wait.
       control: the control vector, read after the wait.
-      sums: what the same run took (one shard only): (the body in the wire dtype, the exact
-        tail), else None.
+      sums: what the same run took (one shard only): the accumulator's take (one array, or the
+        body in the wire dtype and the exact tail; with the update on the ps, the tail and the
+        sum's squared norm), else None.
       tokens: the tokens dequeued.
     """
 
     count: int
     control: ControlView
-    sums: Optional[tuple]
+    sums: Any
     tokens: np.ndarray
-
-
-@dataclasses.dataclass
-class _Runs:
-    """The fused graphs on ps 0, built once (`SharedState._runs`), and their placeholders."""
-
-    token: tf.Tensor  # the token a wake-up or poke enqueues
-    waits: List[dict]  # per worker: drain its queue, then read
-    push_waits: List[dict]  # per worker: push, then its wait
-    push_waits_control: List[dict]  # the same, reading only the control vector
-    pokes: List[tf.Operation]
-    wake_all: tf.Operation
-    poke_arrivals: tf.Operation
-    arrivals: dict  # the aggregator's wait; `need`, `required`, `taken_for`, `always` feed it
-    arrivals_take: dict
-    need: tf.Tensor
-    required: tf.Tensor
-    taken_for: tf.Tensor
-    always: tf.Tensor
-    step_idx: tf.Tensor  # control[step_idx] = step: the commit of a publish
-    step: tf.Tensor
-    commit: tf.Operation  # the commit, then wake every worker in `awake`
-    awake: tf.Tensor  # bool per worker (default all): whose queue a publish feeds
-    wake_sizes: List[tf.Tensor]  # tokens waiting in each worker's queue
-    hyper: Dict[str, tf.Tensor]  # (update on the ps) the scalars the fused take applies with
-    known: tf.Tensor  # the step a waiting worker holds: its wait reads parameters only past it
-    version_idx: Optional[tf.Tensor] = None  # one task: version, parameters, commit in one run
-    version: Optional[tf.Tensor] = None
-    new_values: Optional[List[tf.Tensor]] = None
-    publish: Optional[tf.Operation] = None
-    read: Optional[dict] = None
 
 
 class SharedState:
@@ -128,15 +98,16 @@ class SharedState:
       wire_dtype: what gradients and parameters cross the network in (`ProtocolConfig.wire_dtype`;
         "float32" keeps the variables' dtype). The published parameters are held in it too:
         they are what every worker pulls.
-      update: with `apply_on_ps`, the inner optimizer's rule that each ps task applies to its
-        shard (`tf_backup.ps_update`): the master copy and the optimizer's slots then live on
-        the ps tasks too, and nothing model-sized goes through the chief. None: the chief applies.
+      rule: with `apply_on_ps`, the inner optimizer's rule that each ps task applies to its
+        shard: the master copy and the optimizer's slots then live on the ps tasks too
+        (`update`, a `ps_update.UpdateState`), and nothing model-sized goes through the chief.
+        None: the chief applies.
       nesterov: (SGD with momentum on the ps) Nesterov momentum.
     """
 
     def __init__(self, prefix: str, layout: Layout, ps: Sequence, num_workers: int,
                  endpoints: endpoint_lib.Endpoints, wire_dtype: str = "float32",
-                 update: Optional[ps_update.UpdateRule] = None, nesterov: bool = False):
+                 rule: Optional[ps_update.UpdateRule] = None, nesterov: bool = False):
         self.prefix = prefix
         self.layout = layout
         self.wire = layout.dtype if wire_dtype == "float32" else tf.as_dtype(wire_dtype)
@@ -154,23 +125,14 @@ class SharedState:
             accumulators.SharedVariable(f"{prefix}/params/{s}", self.wire, [size], where[s])
             for s, size in enumerate(layout.shard_sizes)
         ]
-        self.update, self._nesterov = update, nesterov
-        self.master: List[accumulators.SharedVariable] = []  # (update on the ps) the master copy per shard
-        self.slots: List[List[accumulators.SharedVariable]] = []  # per slot, per shard
-        if update is not None:
-            # The published parameters are the master copy itself, unless they are narrower on the wire.
-            self.master = self.params if self.wire == layout.dtype else [
-                accumulators.SharedVariable(f"{prefix}/master/{s}", layout.dtype, [size], where[s])
-                for s, size in enumerate(layout.shard_sizes)]
-            self.slots = [[accumulators.SharedVariable(f"{prefix}/slot{k}/{s}", layout.dtype, [size], where[s])
-                           for s, size in enumerate(layout.shard_sizes)] for k in range(update.num_slots)]
-        self._updates: Dict[tuple, dict] = {}  # (generation, shard): the take-and-apply run
+        self.update: Optional[ps_update.UpdateState] = None if rule is None else ps_update.UpdateState(
+            rule, nesterov, prefix, self.params, layout.dtype, self.each_shard)
         self.generation = 0  # the newest generation (`set_generation`)
         # Transfers to several ps tasks run at once: the bytes of a push or a pull share this
         # host's link instead of waiting for each other's round trips (one thread per other task).
         self._pool = futures.ThreadPoolExecutor(max(1, len(where) - 1), thread_name_prefix=f"tf_backup-{prefix}")
         self._accs: Dict[int, List[accumulators.ConditionalAccumulator]] = {}  # per generation
-        self._built: Dict[int, _Runs] = {}  # per generation
+        self._built: Dict[int, fused_runs.Runs] = {}  # per generation
         self._lock = threading.Lock()
 
     @property
@@ -237,71 +199,13 @@ class SharedState:
         control[Control.GENERATION] = self.generation
         self.control.assign(control)
 
-    def write_update_state(self, master: Sequence, slots: Sequence[Sequence]) -> None:
-        """(Update on the ps; chief, before its aggregator starts.) The master copy and the slots, per shard."""
-        if self.master is not self.params:
-            self.each_shard(lambda s: self.master[s].assign(master[s]))
-        for k, per_shard in enumerate(slots):
-            self.each_shard(lambda s: self.slots[k][s].assign(per_shard[s]))
-
-    def read_update_state(self):
-        """(Update on the ps.) (master flats, [slot flats per shard] per slot), read from every task at once."""
-        master = self.each_shard(lambda s: self.master[s].read())
-        return master, [self.each_shard(lambda s: var[s].read()) for var in self.slots]
-
     def mark_version(self, step: int) -> None:
         """VERSION = step: the parameters are about to change (the seqlock's first half)."""
         self.control.scatter_update([Control.VERSION], [step])
 
     def take_apply(self, shard: int, required: int, hyper: Dict[str, float]):
-        """(Update on the ps.) Takes shard `shard`'s sum and applies its mean there; returns (tail, squared norm of the sum).
-
-        Call `mark_version` first: this changes the published parameters.
-        """
-        run = self._update_run(shard)
-        feed = {run["required"]: int(required), **ps_update.hyper_feed(run["hyper"], hyper)}
-        got = self._where[shard].run(run["fetch"], feed, what=f"take and apply of `{self.prefix}` shard {shard}",
-                                     on_duplicate=endpoint_lib.OnDuplicate.RAISE)
-        return got
-
-    def _update_run(self, shard: int, generation: Optional[int] = None) -> dict:
-        generation = self.generation if generation is None else generation
-        key = (generation, shard)
-        if key not in self._updates:
-            built = self._where[shard].build(lambda: self._build_take_apply(shard, generation))
-            with self._lock:
-                self._updates.setdefault(key, built)
-        return self._updates[key]
-
-    def _hyper_placeholders(self) -> Dict[str, tf.Tensor]:
-        return {k: tf.compat.v1.placeholder(tf.float32, [], name=k) for k in ps_update.hyper_names(self.update)}
-
-    def _build_take_apply(self, shard: int, generation: int, required=None, before=(), hyper=None) -> dict:
-        """(In shard `shard`'s endpoint graph.) Take, average, apply, then the wire copy; fetches (tail, sq norm).
-
-        `required` and `hyper`: placeholders made outside (a branch of a `tf.cond` cannot hold one).
-        """
-        acc = self.accs_of(generation)[shard]
-        required = tf.compat.v1.placeholder(tf.int32, []) if required is None else required
-        hyper = self._hyper_placeholders() if hyper is None else hyper
-        with tf.control_dependencies(list(before)):
-            taken = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=acc.ops["handle"], num_required=required,
-                                                               dtype=self.layout.dtype)
-        size = self.layout.shard_sizes[shard]
-        body, tail = taken[:size], taken[size:]
-        count = tf.maximum(tf.reduce_sum(tail[-self.num_workers:]), 1.0)
-        master = self.master[shard].ops
-        slots = [var[shard].ops["handle"] for var in self.slots]
-        applied = ps_update.build_apply(self.update, master["handle"], slots, body / count, hyper,
-                                        nesterov=self._nesterov)
-        if self.master is not self.params:  # the narrow copy every worker pulls
-            with tf.control_dependencies([applied]):
-                value = tf.raw_ops.ReadVariableOp(resource=master["handle"], dtype=self.layout.dtype)
-                applied = tf.raw_ops.AssignVariableOp(resource=self.params[shard].ops["handle"],
-                                                      value=tf.cast(value, self.wire))
-        with tf.control_dependencies([applied]):
-            fetch = (tf.identity(tail), tf.reduce_sum(tf.square(body)))
-        return {"required": required, "hyper": hyper, "fetch": fetch}
+        """(Update on the ps.) Shard `shard` takes and applies (`UpdateState.take_apply`): (tail, sq norm of the sum)."""
+        return self.update.take_apply(shard, self.accs[shard], self.num_workers, self.generation, required, hyper)
 
     def lost_elsewhere(self) -> List[str]:
         """The ps tasks other than the control vector's that no longer hold their shard (they restarted empty).
@@ -502,169 +406,14 @@ class SharedState:
 
     # -- building the graphs -----------------------------------------------------------
 
-    def _runs(self, generation: Optional[int] = None) -> _Runs:
+    def _runs(self, generation: Optional[int] = None) -> fused_runs.Runs:
         """The fused runs on the accumulators of `generation` (default: the newest)."""
         generation = self.generation if generation is None else generation
         if generation not in self._built:
             acc = self.accs_of(generation)[0].ops
             if acc["apply"].graph is not self.control.ops["read"].graph:
                 raise AssertionError("shard 0's accumulator must be on the control vector's task")
-            built = self.control.endpoint.build(lambda: self._build(generation))
+            built = self.control.endpoint.build(lambda: fused_runs.build(self, generation))
             with self._lock:
                 self._built.setdefault(generation, built)
         return self._built[generation]
-
-    def _build(self, generation: int) -> _Runs:
-        """(In the control vector's endpoint graph.) Every fused run, ordered by control dependencies."""
-        control, acc = self.control.ops, self.accs_of(generation)[0].ops
-        params = [p.ops for p in self.params]
-        one_task = self.on_one_task
-
-        def read(var):
-            return tf.raw_ops.ReadVariableOp(resource=var["handle"], dtype=var["read"].dtype)
-
-        # A wait reads the parameters only once the step moved past the one its worker holds
-        # (`known`, default -1: always): a wait ended by its waker, or by a token of a step
-        # still being published, would otherwise move the whole model for nothing (measured:
-        # 14 model-sized reads a step out of one ps task on a 1 Gbit/s link).
-        known = tf.compat.v1.placeholder_with_default(tf.constant(-1, tf.int64), [])
-
-        def consistent_read(after_ops=(), with_params=True, only_if_moved=False) -> dict:
-            with tf.control_dependencies(list(after_ops)):
-                before = read(control)
-            if not (one_task and with_params):
-                return {"before": before}
-            with tf.control_dependencies([before]):
-                if only_if_moved:
-                    moved = before[Control.STEP] > known
-                    values = [tf.cond(moved, lambda p=p: read(p), lambda p=p: tf.zeros([0], p["read"].dtype))
-                              for p in params]
-                else:
-                    values = [read(p) for p in params]
-            with tf.control_dependencies(values):
-                after = read(control)
-            return {"before": before, "flats": values, "after": after}
-
-        wake = [accumulators.fifo_queue(f"{self.prefix}/wake/{w}") for w in range(self.num_workers)]
-        arrivals_queue = accumulators.fifo_queue(f"{self.prefix}/arrivals")
-        block = tf.constant(True)  # every wait here waits for one token (bounded by the run's deadline)
-        token = tf.compat.v1.placeholder(tf.int64, [])
-
-        # A publish skips the queues of workers the chief declared dead: nobody drains them, and
-        # one token a step would pile up for as long as the job runs. Other wake-ups go to all.
-        awake = tf.compat.v1.placeholder_with_default(tf.ones([self.num_workers], tf.bool), [self.num_workers])
-
-        def enqueue_all(after_op, only_awake=False):
-            def enqueue(q):
-                return tf.raw_ops.QueueEnqueueV2(handle=q, components=[token])
-
-            def maybe(w, q):
-                def put():
-                    with tf.control_dependencies([enqueue(q)]):
-                        return tf.constant(True)
-                return tf.cond(awake[w], put, lambda: tf.constant(False))
-
-            with tf.control_dependencies([after_op]):
-                if not only_awake:
-                    return tf.group(*[enqueue(q) for q in wake])
-                return tf.group(*[maybe(w, q) for w, q in enumerate(wake)])
-
-        def wait_on(q, after_ops=(), with_params=True) -> dict:
-            with tf.control_dependencies(list(after_ops)):
-                tokens = accumulators.drain(q, block)
-            return {"tokens": tokens, **consistent_read([tokens], with_params, only_if_moved=True)}
-
-        # The aggregator's wait: `need` tokens (1 + the fresh gradients still missing), then
-        # the count and the control vector; with one shard, the take too when it is due.
-        need = tf.compat.v1.placeholder_with_default(tf.constant(1, tf.int32), [])
-        arrived = accumulators.drain(arrivals_queue, block, at_least=need)
-        with tf.control_dependencies([arrived]):
-            count = tf.raw_ops.ResourceAccumulatorNumAccumulated(handle=acc["handle"])
-            before = read(control)
-        required = tf.compat.v1.placeholder_with_default(tf.constant(0, tf.int32), [])
-        taken_for = tf.compat.v1.placeholder_with_default(tf.constant(0, tf.int64), [])
-        always = tf.compat.v1.placeholder_with_default(False, [])  # also between fit rounds (async)
-        running = tf.logical_or(always, before[Control.ROUND] > before[Control.STOP_ROUND])  # protocol.round_running
-        due = tf.logical_and(tf.logical_and(required > 0, count >= required), running)
-
-        mark_taken = lambda: tf.raw_ops.ResourceScatterUpdate(  # noqa: E731
-            resource=control["handle"], indices=[Control.TAKEN_FOR], updates=tf.reshape(taken_for, [1]))
-
-        def take_apply():  # (update on the ps) VERSION, take, apply, TAKEN_FOR: (exact tail, squared norm of the sum)
-            version = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=[Control.VERSION],
-                                                       updates=tf.reshape(taken_for, [1]))
-            run = self._build_take_apply(0, generation, required, before=[version], hyper=hyper)
-            with tf.control_dependencies(list(run["fetch"])):
-                mark = mark_taken()
-            with tf.control_dependencies([mark]):
-                return tuple(tf.identity(t) for t in run["fetch"])
-
-        def take():  # the accumulator's take: (body in the wire dtype, exact tail), or one tensor
-            if self.update is not None:
-                return take_apply()
-            if not self.tail:
-                sums = tf.raw_ops.ResourceAccumulatorTakeGradient(handle=acc["handle"], num_required=required,
-                                                                  dtype=self.layout.dtype)
-                with tf.control_dependencies([sums]):
-                    mark = mark_taken()
-                with tf.control_dependencies([mark]):
-                    return tf.identity(sums)
-            body, tail = self.accs_of(generation)[0].take_parts(required)
-            with tf.control_dependencies([body, tail]):
-                mark = mark_taken()
-            with tf.control_dependencies([mark]):
-                return tf.identity(body), tf.identity(tail)
-
-        hyper = {} if self.update is None else self._hyper_placeholders()  # (update on the ps) fed with every take
-        zero_tail = tf.zeros([protocol.push_tail(self.num_workers)], self.layout.dtype)
-
-        def not_taken():  # zeros of the take's structure
-            if self.update is not None:
-                return zero_tail, tf.constant(0.0, self.layout.dtype)
-            if not self.tail:
-                return tf.zeros(acc["grad"].shape, self.layout.dtype)
-            return tf.zeros(acc["grad"].shape, self.wire), zero_tail
-
-        took = tf.cond(due, take, not_taken)
-        arrivals = {"tokens": arrived, "count": count, "control": before}
-
-        step_idx, step = tf.compat.v1.placeholder(tf.int32, [None]), tf.compat.v1.placeholder(tf.int64, [None])
-        commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx, updates=step)
-
-        # A push and the wait after it, in one run: the wait blocks on the worker's queue
-        # with no deadline of its own; `Waker` ends it with a token instead.
-        with tf.control_dependencies([acc["apply"]]):
-            pushed = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=control["indices"],
-                                                      updates=control["updates"])
-        with tf.control_dependencies([pushed]):
-            push = tf.raw_ops.QueueEnqueueV2(handle=arrivals_queue, components=[acc["step"]])
-
-        runs = _Runs(
-            token=token,
-            waits=[wait_on(q) for q in wake],
-            push_waits=[wait_on(q, [push]) for q in wake],
-            push_waits_control=[wait_on(q, [push], with_params=False) for q in wake],  # the chief has the params
-            pokes=[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake],
-            wake_all=enqueue_all(tf.no_op()),
-            poke_arrivals=tf.raw_ops.QueueEnqueueManyV2(
-                handle=arrivals_queue, components=[tf.fill([self.num_workers], token)]),
-            arrivals=arrivals, arrivals_take={**arrivals, "due": due, "took": took}, hyper=hyper, known=known,
-            need=need, required=required, taken_for=taken_for, always=always,
-            step_idx=step_idx, step=step, commit=enqueue_all(commit, only_awake=True), awake=awake,
-            wake_sizes=[tf.raw_ops.QueueSizeV2(handle=q) for q in wake],
-        )
-        if one_task:
-            runs.version_idx = tf.compat.v1.placeholder(tf.int32, [None])
-            runs.version = tf.compat.v1.placeholder(tf.int64, [None])
-            runs.new_values = [tf.compat.v1.placeholder(self.wire, p["value"].shape) for p in params]
-            mark = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=runs.version_idx,
-                                                    updates=runs.version)
-            with tf.control_dependencies([mark]):
-                assigns = [tf.raw_ops.AssignVariableOp(resource=p["handle"], value=v)
-                           for p, v in zip(params, runs.new_values)]
-            with tf.control_dependencies(assigns):
-                fused_commit = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=step_idx,
-                                                                updates=step)
-            runs.publish = enqueue_all(fused_commit, only_awake=True)
-            runs.read = consistent_read()
-        return runs

@@ -48,6 +48,15 @@ class Seen(NamedTuple):
     snapshot: Optional[Snapshot]
 
 
+class Push(NamedTuple):
+    """A push: `SharedState.push_wait`'s gradient, tag and the control slots it sets (`indices` = `values`)."""
+
+    flats: Sequence
+    tag: int
+    indices: List[int]
+    values: List[int]
+
+
 class StepMetrics(NamedTuple):
     """What one step reports to Keras's logs."""
 
@@ -173,15 +182,15 @@ class WorkerClient:
             self.counts = self.counts.push(self.step)
             k = self.counts
             micros = -1 if self._pulled_at is None else int(1e6 * (time.monotonic() - self._pulled_at))
-            push = (flats, tag,
-                    [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w), c.compute_us(self.w),
-                     c.batches(self.w)],
-                    [k.pushed, k.last_tag, k.dropped, k.cancelled, micros, k.batches])
+            push = Push(flats, tag,
+                        [c.pushed(self.w), c.last_tag(self.w), c.dropped(self.w), c.cancelled(self.w),
+                         c.compute_us(self.w), c.batches(self.w)],
+                        [k.pushed, k.last_tag, k.dropped, k.cancelled, micros, k.batches])
             if self.config.staleness_check:
                 tag_step = self.step
                 if self._late(tag_step):  # one small read spares the network a model-sized push
                     self.unsent += 1
-                    self._retrying(lambda: self.state.control.scatter_update(push[2], push[3]))
+                    self._retrying(lambda: self.state.control.scatter_update(push.indices, push.values))
                     push = None  # its counters written, it settles as dropped, as a push that came late
                 seen = self._wait(lambda ctl: protocol.step_passed(ctl, tag_step) or self._stopped(ctl),
                                   f"global step {tag_step + 1}", self.config.step_timeout, push=push)

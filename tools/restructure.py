@@ -54,6 +54,7 @@ MOVES: Dict[str, str] = {
     "accumulators": "ps.accumulators",
     "layout": "ps.layout",
     "shared_state": "ps.shared_state",
+    "fused_runs": "ps.fused_runs",
     "ps_update": "ps.ps_update",  # split: its chief's side (Keras) goes to chief/update_on_ps.py
     "waker": "ps.waker",
     "job": "ps.job",  # the job vector on ps 0: serve(), workers (join, leave) and the chief (liveness) read it
