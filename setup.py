@@ -14,7 +14,7 @@ setuptools.setup(
     package_data={"configs": ["*.json"]},
     entry_points={"console_scripts": ["tf-backup-train = trainers.train:run"]},
     python_requires=">=3.10",
-    # tf_backup uses TensorFlow internals (see tf_backup/_tf_internal.py):
+    # tf_backup uses TensorFlow internals (see tf_backup/frontend/_tf_internal.py):
     # the supported versions are declared here and nowhere else.
     install_requires=[
         "tensorflow>=2.21,<2.22",

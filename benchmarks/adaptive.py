@@ -15,7 +15,7 @@ from typing import Dict, List
 
 from benchmarks import common
 from benchmarks import time_to_accuracy
-from tf_backup import protocol
+from tf_backup.protocol import protocol
 
 NAME = "adaptive"
 TITLE = "Adaptive N against fixed b: time to accuracy on MNIST-1D, 6 workers, stragglers that change mid-run"

@@ -7,7 +7,7 @@ variables have the full size, so every gradient, push, take, publish, pull and a
 full-size dense tensors; its real compute is kept cheap (a batch of `BATCH` rows per worker) and
 `COMPUTE` seconds of sleep per batch stand for the accelerator's compute (`workloads.overhead_worker`
 with `compute`). The MLP has `DEPTH` hidden layers of equal width: its four h x h kernels hold
-almost all parameters, so the largest-first packing (`tf_backup.layout`) splits the model evenly
+almost all parameters, so the largest-first packing (`tf_backup.ps.layout`) splits the model evenly
 over 1, 2 or 4 ps tasks. (With the two-hidden-layer MLP of the other benchmarks one kernel holds
 98% of the parameters and one ps task would carry it whatever P is.)
 
@@ -110,9 +110,9 @@ def ring_bytes(m: float, workers: int) -> Dict[str, tuple]:
 
 
 def shard_sizes(hidden: int, num_ps: int, depth: int = DEPTH) -> List[int]:
-    """Elements per ps shard of the benchmark MLP, as `tf_backup.layout` cuts them (equal shards)."""
+    """Elements per ps shard of the benchmark MLP, as `tf_backup.ps.layout` cuts them (equal shards)."""
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
-    from tf_backup import layout  # pylint: disable=g-import-not-at-top
+    from tf_backup.ps import layout  # pylint: disable=g-import-not-at-top
     return layout.even_sizes(sum(workloads.mlp_variable_sizes(hidden, depth)), num_ps)
 
 
@@ -305,7 +305,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
         "sleep before each batch (the accelerator's compute): gradients are full-size dense tensors, the model's own "
         "compute stays cheap. Moving those tensors (serialising, copying, applying) still takes the 2 shared cores: "
         "the loopback rows show that cost. The flat model is cut into equal shards over 1, 2 or 4 ps tasks "
-        "(`tf_backup.layout`; before issue 31's change, whole variables went to one task each, and the other "
+        "(`tf_backup.ps.layout`; before issue 31's change, whole variables went to one task each, and the other "
         "benchmarks' 2-layer MLP would have put 98% on one ps).")
     notes = [
         model_note,

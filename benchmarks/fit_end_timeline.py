@@ -23,7 +23,7 @@ import time
 
 def timed_worker(cfg, log_path, silent_worker=-1):
     """`workloads.accuracy_worker` with the end of the fit and the long sleeps written to `log_path`."""
-    import tf_backup.worker as worker_lib  # pylint: disable=g-import-not-at-top
+    import tf_backup.worker.client as worker_lib  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
     task = os.environ["TF_BACKUP_TASK"]
     from tests.relay import relay_ps0_in_tf_config  # pylint: disable=g-import-not-at-top

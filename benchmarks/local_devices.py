@@ -31,7 +31,7 @@ WARMUP = 5
 
 def worker(local_devices: int, steps: int, host_batch: int):
     """One worker of one run; the chief returns its steady-state ms per step."""
-    from tf_backup import local_devices as local_devices_lib  # pylint: disable=g-import-not-at-top
+    from tf_backup.frontend import local_devices as local_devices_lib  # pylint: disable=g-import-not-at-top
     local_devices_lib.set_logical_cpus(local_devices)
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top

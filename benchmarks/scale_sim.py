@@ -228,7 +228,7 @@ def simulate(mode: str, n: int, b: int, seed: int, budget: float, straggler: str
 
     Test accuracy is measured at `evals` evenly spaced simulated times (and at the start).
     """
-    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
 
     start = time.monotonic()
     delay = stragglers.parse(straggler, seed=seed).delay

@@ -64,8 +64,8 @@ def worker(vocab: int, dim: int, steps: int, sparse_path: bool):
 
 def sparse_push_take_ms(vocab: int, dim: int, run: int, repeats: int = 20) -> float:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
-    from tf_backup import endpoint  # pylint: disable=g-import-not-at-top
+    from tf_backup.ps import accumulators  # pylint: disable=g-import-not-at-top
+    from tf_backup.ps import endpoint  # pylint: disable=g-import-not-at-top
 
     server = sparse_push_take_ms.server = getattr(sparse_push_take_ms, "server", None) or \
         tf.distribute.Server.create_local_server()

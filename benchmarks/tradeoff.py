@@ -3,7 +3,7 @@
 N = 4 gradients per step, b = 0..3 backup workers (N + b worker processes, 1 ps), every worker
 sleeping `compute + delay(worker, global step)` before each batch with a Pareto (Lomax) delay
 seeded identically for every b. The ideal step time of a step is the N-th smallest of the N + b
-workers' times (`tf_backup.stragglers.ideal_step_times`); achieved step time is the time between
+workers' times (`tf_backup.sim.stragglers.ideal_step_times`); achieved step time is the time between
 two consecutive global steps published by the chief.
 
 Each b runs under two straggler policies, in turn on the same cluster: "finish" (a late worker
@@ -36,7 +36,7 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)

@@ -3,7 +3,7 @@
 Every worker trains a Keras MLP on its own random data. Compute is simulated by a sleep in a
 Keras callback before each batch, on top of the (small) real step, so the figures do not depend
 on how the processes share this machine's cores. Straggler delays come from a seeded
-`tf_backup.stragglers` model keyed by (worker, global step of the parameters the batch is computed
+`tf_backup.sim.stragglers` model keyed by (worker, global step of the parameters the batch is computed
 on), so every b sees the same delays at the same global step.
 
 Every worker turns Python's garbage collector off (`keep_garbage`) before its first fit. Each
@@ -78,7 +78,7 @@ def make_sleep_callback(keras, worker: int, compute: float, straggler: Optional[
     pushed); with "restart" the worker pulls the new step (`restart_superseded`) and sleeps that
     step's delay before the batch, which is then computed and pushed for the new step.
     """
-    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
     model = stragglers.parse(straggler or "none", seed=seed)
 
     class SleepCallback(keras.callbacks.Callback):
@@ -143,7 +143,7 @@ class FitBarrier:
     """
 
     def __init__(self, strategy, timeout: float = 300.0):
-        from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
+        from tf_backup.ps import accumulators  # pylint: disable=g-import-not-at-top
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         ext = strategy.extended
         info = ext.cluster
@@ -266,7 +266,7 @@ def simulate_protocol(delay, n: int, workers: int, compute: float, start_step: i
 def cluster_task_pids() -> Optional[Dict[str, int]]:
     """{task name: pid} of every task process of this process's local cluster.
 
-    Tasks of a `tf_backup.LocalCluster` run `python -m tf_backup._task <log dir>/<task>.payload`:
+    Tasks of a `tf_backup.LocalCluster` run `python -m tf_backup.local._task <log dir>/<task>.payload`:
     the processes whose command line names this process's log dir, by task name ("ps-0",
     "worker-1", ...). None where there is no /proc or this process is not such a task.
     """

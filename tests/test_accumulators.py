@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_backup import accumulators
-from tf_backup import endpoint
+from tf_backup.ps import accumulators
+from tf_backup.ps import endpoint
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_closing_an_endpoint_of_a_task_that_is_gone_does_not_wait_for_it():
     import subprocess  # pylint: disable=g-import-not-at-top
     import sys  # pylint: disable=g-import-not-at-top
     import time  # pylint: disable=g-import-not-at-top
-    from tf_backup import launch  # pylint: disable=g-import-not-at-top
+    from tf_backup.local import launch  # pylint: disable=g-import-not-at-top
     port = launch.free_ports(1)[0]
     server = subprocess.Popen([sys.executable, "-c", (
         "import time, tensorflow as tf\n"

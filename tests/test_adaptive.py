@@ -1,12 +1,12 @@
-"""The adaptive-N rule (tf_backup.adaptive) on generated traces, against its closed form (no cluster)."""
+"""The adaptive-N rule (tf_backup.protocol.adaptive) on generated traces, against its closed form (no cluster)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from tf_backup import adaptive
-from tf_backup import protocol
+from tf_backup.protocol import adaptive
+from tf_backup.protocol import protocol
 
 
 def harmonic(k: int) -> float:

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_backup import aggregator as aggregator_lib
 from tf_backup import cluster as cluster_lib
-from tf_backup import endpoint
 from tf_backup import errors
-from tf_backup import launch
-from tf_backup import protocol
-from tf_backup.layout import Layout
-from tf_backup.shared_state import SharedState
+from tf_backup.chief import aggregator as aggregator_lib
+from tf_backup.local import launch
+from tf_backup.protocol import protocol
+from tf_backup.ps import endpoint
+from tf_backup.ps.layout import Layout
+from tf_backup.ps.shared_state import SharedState
 
 
 @pytest.fixture(scope="module")

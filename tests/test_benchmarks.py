@@ -24,7 +24,7 @@ def read_csv(path):
 
 def test_simulated_protocol_matches_order_statistic_without_backups_and_never_beats_it():
     from benchmarks import workloads  # pylint: disable=g-import-not-at-top
-    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
 
     model = stragglers.parse("pareto:1.5:0.05", seed=3)
     for b in (0, 1, 2):

@@ -5,7 +5,7 @@ import os
 import keras
 import numpy as np
 
-from tf_backup import checkpoint as checkpoint_lib
+from tf_backup.chief import checkpoint as checkpoint_lib
 
 
 def make(directory, every_steps=5):

@@ -1,4 +1,4 @@
-"""Compiled steps (XLA): the replica step compiled, the exchange on the host (tf_backup.exchange).
+"""Compiled steps (XLA): the replica step compiled, the exchange on the host (tf_backup.frontend.exchange).
 
 Cluster tests train with `jit_compile=True` and compare weights and counts with
 single-process references and with the same training not compiled. Unit tests
@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import tf_backup
-from tf_backup import exchange
+from tf_backup.frontend import exchange
 import workers
 
 

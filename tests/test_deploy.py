@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tf_backup import launch
+from tf_backup.local import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")

@@ -68,7 +68,7 @@ def test_a_gathered_variable_named_in_sparse_variables_goes_by_rows(sparse_varia
 
 def test_sparse_variables_must_name_variables_of_the_model():
     with pytest.raises(ValueError, match="`nope/table`.*not a trainable variable"):
-        tf_backup.sparse.split([keras.Variable(np.zeros([3, 2]), name="t")], ["nope/table"])
+        tf_backup.frontend.sparse.split([keras.Variable(np.zeros([3, 2]), name="t")], ["nope/table"])
     with pytest.raises(TypeError, match="sparse_variables='lookup/table'"):
         tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), sparse_variables="lookup/table")
 

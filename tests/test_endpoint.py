@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_backup import accumulators
-from tf_backup import endpoint
 from tf_backup import errors
+from tf_backup.ps import accumulators
+from tf_backup.ps import endpoint
 
 from tests.relay import Relay
 

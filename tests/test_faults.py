@@ -437,7 +437,7 @@ def test_under_a_supervisor_either_of_two_ps_tasks_is_written_again(tmp_path, vi
 
 SAVER = r"""
 import sys, numpy as np, tensorflow as tf, keras
-from tf_backup import checkpoint
+from tf_backup.chief import checkpoint
 master = [keras.Variable(np.zeros((200, 200), np.float32)), keras.Variable(np.zeros(7, np.float32))]
 inner = keras.optimizers.SGD(0.1, momentum=0.9)
 inner.build(master)

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 import tf_backup
-from tf_backup import launch
+from tf_backup.local import launch
 import workers
 
 
@@ -73,7 +73,7 @@ def test_a_task_process_cannot_launch_a_cluster(monkeypatch):
 
 
 def test_echo_copies_complete_new_lines_without_tensorflow_chatter(tmp_path, capsys):
-    from tf_backup import launch  # pylint: disable=g-import-not-at-top
+    from tf_backup.local import launch  # pylint: disable=g-import-not-at-top
     log = tmp_path / "worker-0.log"
     log.write_text("I0000 00:00:1 cpu_feature_guard.cc:227] chatter\nepoch 1\npartial")
     echo = launch._Echo(str(log))  # pylint: disable=protected-access

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tf_backup
-from tf_backup import local_devices
+from tf_backup.frontend import local_devices
 import workers
 
 

@@ -106,7 +106,7 @@ def test_serve_and_the_strategy_apply_the_settings_before_anything_else(monkeypa
     # Processes started without the variables (a real cluster's tasks) get them through mallopt.
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from tf_backup import cluster as cluster_lib  # pylint: disable=g-import-not-at-top
-    from tf_backup import server  # pylint: disable=g-import-not-at-top
+    from tf_backup.ps import server  # pylint: disable=g-import-not-at-top
     calls = []
     monkeypatch.setattr(memory, "tune_malloc", lambda: calls.append("tune_malloc"))
 

@@ -68,7 +68,7 @@ def test_the_benchmark_model_splits_evenly_over_1_2_4_ps_whatever_its_layers():
             assert max(shards) / (sum(shards) / p) < 1.06  # the 40 x h first kernel: 5% at 1e6 with 4 ps
     h2 = workloads.hidden_for_params(1e7)
     shards = bandwidth.shard_sizes(h2, 2, depth=2)
-    assert max(shards) - min(shards) <= 1  # one h x h kernel, cut in two (equal shards, tf_backup.layout)
+    assert max(shards) - min(shards) <= 1  # one h x h kernel, cut in two (equal shards, tf_backup.ps.layout)
 
 
 def test_variants_parse_into_strategy_and_optimizer_kwargs():

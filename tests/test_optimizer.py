@@ -87,7 +87,7 @@ def test_save_and_load_model_with_the_wrapper(tmp_path):
 
 def test_restart_superseded_refuses_an_optimizer_with_sparse_tables():
     # The Embedding rows are pulled inside each step: a restart between steps would leave them behind.
-    from tf_backup import binding as binding_lib  # pylint: disable=g-import-not-at-top
+    from tf_backup.frontend import binding as binding_lib  # pylint: disable=g-import-not-at-top
     binding = binding_lib.Binding.__new__(binding_lib.Binding)  # no cluster: only what the refusal reads
     binding.sparse = object()
     with pytest.raises(ValueError, match="sparse_variables"):
@@ -97,8 +97,8 @@ def test_restart_superseded_refuses_an_optimizer_with_sparse_tables():
 def test_an_optimizer_naming_n_under_an_adaptive_strategy_is_refused():
     import types  # pylint: disable=g-import-not-at-top
 
-    from tf_backup import binding  # pylint: disable=g-import-not-at-top
-    from tf_backup import protocol  # pylint: disable=g-import-not-at-top
+    from tf_backup.frontend import binding  # pylint: disable=g-import-not-at-top
+    from tf_backup.protocol import protocol  # pylint: disable=g-import-not-at-top
 
     config = protocol.ProtocolConfig(replicas_to_aggregate=4, num_workers=4,
                                      adaptive=protocol.AdaptiveSettings(n_min=2, n_max=4))

@@ -6,7 +6,7 @@ import tensorflow as tf
 import pytest
 
 import tf_backup
-from tf_backup.layout import Layout
+from tf_backup.ps.layout import Layout
 import workers
 
 

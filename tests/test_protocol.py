@@ -8,12 +8,12 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import cluster as cluster_lib
-from tf_backup import job as job_lib
-from tf_backup import protocol
-from tf_backup import shared_state
-from tf_backup import worker as worker_lib
-from tf_backup.layout import Layout
-from tf_backup.layout import largest_first
+from tf_backup.protocol import protocol
+from tf_backup.ps import job as job_lib
+from tf_backup.ps import shared_state
+from tf_backup.ps.layout import Layout
+from tf_backup.ps.layout import largest_first
+from tf_backup.worker import client as worker_lib
 
 
 def variables(*shapes, dtype=tf.float32):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_backup import ps_update
+from tf_backup.ps import ps_update
 
 
 @pytest.mark.parametrize("make, kind", [

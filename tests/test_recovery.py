@@ -1,4 +1,4 @@
-"""A ps task restarted empty (`tf_backup.recovery`): the chief writes the state again in a new generation.
+"""A ps task restarted empty (`tf_backup.ps.recovery`): the chief writes the state again in a new generation.
 
 The pure parts (what the chief and a worker write again) are checked on their
 own; the rest on a real ps server process, killed and started again on its port.
@@ -12,15 +12,15 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import cluster as cluster_lib
-from tf_backup import endpoint
 from tf_backup import errors
-from tf_backup import launch
-from tf_backup import protocol
-from tf_backup import recovery
-from tf_backup import worker as worker_lib
-from tf_backup.layout import Layout
-from tf_backup.protocol import Control
-from tf_backup.shared_state import SharedState
+from tf_backup.local import launch
+from tf_backup.protocol import protocol
+from tf_backup.protocol.protocol import Control
+from tf_backup.ps import endpoint
+from tf_backup.ps import recovery
+from tf_backup.ps.layout import Layout
+from tf_backup.ps.shared_state import SharedState
+from tf_backup.worker import client as worker_lib
 
 from tests import workers
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import scale_sim
-from tf_backup import stragglers
+from tf_backup.sim import stragglers
 
 
 def first(iterator, k):

@@ -13,11 +13,11 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import cluster as cluster_lib
-from tf_backup import endpoint
-from tf_backup import protocol
-from tf_backup.layout import Layout
-from tf_backup.shared_state import SharedState
-from tf_backup.waker import Waker
+from tf_backup.protocol import protocol
+from tf_backup.ps import endpoint
+from tf_backup.ps.layout import Layout
+from tf_backup.ps.shared_state import SharedState
+from tf_backup.ps.waker import Waker
 
 WORKERS = 3
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_backup import accumulators
-from tf_backup import endpoint
-from tf_backup.layout import largest_first
+from tf_backup.ps import accumulators
+from tf_backup.ps import endpoint
+from tf_backup.ps.layout import largest_first
 
 DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
 
@@ -54,7 +54,7 @@ def test_shared_by_name_across_endpoints_and_rejects_bad_rows(server, where):
 
 def test_embedding_tables_are_found_and_placed_by_size():
     import keras  # pylint: disable=g-import-not-at-top
-    from tf_backup import sparse  # pylint: disable=g-import-not-at-top
+    from tf_backup.frontend import sparse  # pylint: disable=g-import-not-at-top
 
     model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(1000, 8),
                               keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from tf_backup import stragglers
+from tf_backup.sim import stragglers
 
 
 class FakeTime:

@@ -316,7 +316,7 @@ def chief_fails_and_exits_late(step_timeout: float, exit_after: float):
     try:
         model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), epochs=1, verbose=0, shuffle=False)
     except tf_backup.errors.StepTimeoutError:
-        tf_backup.extended.shutdown_all(failed=True)  # aborts the job: the ps task exits now
+        tf_backup.frontend.extended.shutdown_all(failed=True)  # aborts the job: the ps task exits now
         time.sleep(exit_after)
         raise
     return {"worker": 0}
@@ -637,8 +637,8 @@ def train_regression_on_local_devices(steps: int, local_devices: int, inner: str
     rows [k * R, (k + 1) * R) with R = W * BATCH * local_devices, whatever W and local_devices
     are: 2 workers x 2 devices and 4 workers x 1 device see the same rows per step.
     """
-    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
-    tf_backup.local_devices.set_logical_cpus(local_devices)  # before TensorFlow initializes
+    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.frontend.local_devices.set_logical_cpus(local_devices)  # before TensorFlow initializes
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
@@ -692,7 +692,7 @@ def train_on_several_ps(steps: int, wire_dtype: str = "float32", apply_on_ps: bo
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from tf_backup import accumulators  # pylint: disable=g-import-not-at-top
+    from tf_backup.ps import accumulators  # pylint: disable=g-import-not-at-top
 
     strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0, wire_dtype=wire_dtype, apply_on_ps=apply_on_ps,
                                               checkpoint_dir=checkpoint_dir, checkpoint_every_steps=1000)
@@ -800,8 +800,8 @@ def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int 
 
     `gather`: the table is a custom layer's, read by `tf.gather` (`gather_model`).
     """
-    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
-    tf_backup.local_devices.set_logical_cpus(local_devices)
+    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.frontend.local_devices.set_logical_cpus(local_devices)
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
@@ -844,8 +844,8 @@ def train_regression_custom_loop(steps: int, local_devices: int = 1, jit_compile
     `tf.function(jit_compile=True)` replica step: the exchange runs in `run`,
     after the compiled step, on the host.
     """
-    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
-    tf_backup.local_devices.set_logical_cpus(local_devices)
+    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.frontend.local_devices.set_logical_cpus(local_devices)
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
@@ -955,8 +955,8 @@ def inspect_compiled_step():
 
 def compiled_step_errors(local_devices: int = 1):
     """The errors of compiled steps that cannot work; returns {case: (error type, message)}."""
-    import tf_backup.local_devices  # pylint: disable=g-import-not-at-top
-    tf_backup.local_devices.set_logical_cpus(local_devices)
+    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.frontend.local_devices.set_logical_cpus(local_devices)
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top

@@ -1,20 +1,20 @@
 """tf_backup: synchronous SGD with backup workers for TensorFlow 2 / Keras 3."""
 
-from tf_backup.accumulators import ConditionalAccumulator
-from tf_backup.accumulators import SharedVariable
-from tf_backup.aggregator import StepRecord
+from tf_backup.chief.aggregator import StepRecord
 from tf_backup.errors import AggregatorError
 from tf_backup.errors import ChiefUnavailableError
 from tf_backup.errors import PsUnavailableError
 from tf_backup.errors import StepTimeoutError
 from tf_backup.errors import WorkersLostError
-from tf_backup.launch import LocalCluster
-from tf_backup.launch import LocalClusterError
-from tf_backup.launch import launch_local
+from tf_backup.frontend.optimizer import SyncReplicasOptimizer
+from tf_backup.frontend.strategy import BackupWorkerStrategy
+from tf_backup.local.launch import LocalCluster
+from tf_backup.local.launch import LocalClusterError
+from tf_backup.local.launch import launch_local
 from tf_backup.memory import tune_malloc
-from tf_backup.optimizer import SyncReplicasOptimizer
-from tf_backup.server import serve
-from tf_backup.strategy import BackupWorkerStrategy
+from tf_backup.ps.accumulators import ConditionalAccumulator
+from tf_backup.ps.accumulators import SharedVariable
+from tf_backup.ps.server import serve
 
 __all__ = [
     "AggregatorError",

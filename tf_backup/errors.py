@@ -54,7 +54,7 @@ class PsRestartedError(PsUnavailableError):
     TensorFlow answers a session made before the restart with `AbortedError:
     Session ... is not found`; the endpoint then makes a new session for the
     next run. With `ps_restart_timeout`, the chief writes the state again
-    (`tf_backup.recovery`).
+    (`tf_backup.ps.recovery`).
     """
 
 
@@ -71,7 +71,7 @@ class DuplicateDeliveryError(tf.errors.AbortedError):
 
     TensorFlow fails such a run with `AbortedError: The same RunGraph (Worker)
     request was received twice` (seen on a loaded 2-core machine).
-    `tf_backup.endpoint.Endpoint.run` retries what is idempotent and raises
+    `tf_backup.ps.endpoint.Endpoint.run` retries what is idempotent and raises
     this for the rest (a take: did it run?).
     """
 

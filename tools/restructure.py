@@ -14,7 +14,7 @@ below): a module that a merge added is placed on purpose, not by default.
 
 What it does, in order:
 1. rewrites every tracked text file (code, docs, deploy, configs, results): dotted names
-   (`tf_backup.worker`, `"tf_backup.extended"`, `-m tf_backup._task`), paths (`tf_backup/layout.py`),
+   (`tf_backup.worker.client`, `"tf_backup.frontend.extended"`, `-m tf_backup.local._task`), paths (`tf_backup/ps/layout.py`),
    `from tf_backup import X [as Y]` (one name per statement first), and, in Markdown, bare file
    names of moved modules (`worker.py` -> `worker/client.py`);
 2. `git mv`s the modules into the subpackages, which get an `__init__.py` with a docstring only;
@@ -870,8 +870,8 @@ def test_no_circle_between_rooms():
 
 def test_the_rules_see_real_imports():
     """The rules are not vacuous: the parse finds the edges every reader knows."""
-    assert "tf_backup.ps.shared_state" in GRAPH["tf_backup.worker.client"]
-    assert "tf_backup.protocol.protocol" in GRAPH["tf_backup.chief.aggregator"]
+    assert "tf_backup.ps.shared_state" in GRAPH["tf_backup.worker.client.client"]
+    assert "tf_backup.protocol.protocol.protocol" in GRAPH["tf_backup.chief.aggregator"]
     assert "tensorflow" in IMPORTS["tf_backup.ps.shared_state"]
     assert _cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == ["a -> b -> c -> a"]
 '''

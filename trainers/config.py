@@ -69,7 +69,7 @@ class TrainConfig:
       batch_size: examples per worker per step.
       steps: global steps to train; exclusive with `epochs`.
       epochs: passes over the training set (N * batch_size examples per step).
-      straggler: a `tf_backup.stragglers` spec.
+      straggler: a `tf_backup.sim.stragglers` spec.
       cancel_stragglers: cut a straggler's delay short once its batch is
         superseded (the step moved on): the batch is cancelled, not pushed.
       restart_stragglers: cut it short the same way, then restart the batch

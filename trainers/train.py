@@ -165,7 +165,7 @@ def backup_workers_flag(value):
 
 def check_inputs(config: config_lib.TrainConfig) -> None:
     """Checks what can fail before any process starts: straggler spec, dataset."""
-    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
     from trainers import data  # pylint: disable=g-import-not-at-top
 
     try:
@@ -207,7 +207,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from tf_backup import stragglers  # pylint: disable=g-import-not-at-top
+    from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
     from trainers import data  # pylint: disable=g-import-not-at-top
     from trainers import models  # pylint: disable=g-import-not-at-top
     from trainers import progress  # pylint: disable=g-import-not-at-top
@@ -427,7 +427,7 @@ def main(argv) -> int:
         raise config_lib.ConfigError(f"Unexpected arguments {argv[1:]}: every option is a --flag.")
     config = resolve_config()
     if _APPLY_ON_PS.value and config.optimizer not in ("sgd", "momentum", "adam"):
-        raise config_lib.ConfigError(  # tf_backup.ps_update has kernels for these only
+        raise config_lib.ConfigError(  # tf_backup.ps.ps_update has kernels for these only
             f"--apply_on_ps supports --optimizer=sgd, momentum or adam. Received optimizer={config.optimizer!r}")
     local = _LOCAL_CLUSTER.value if _LOCAL_CLUSTER.value is not None else not _in_tf_config_cluster()
     # BackupWorkerStrategy arguments from flags (every worker gets the same).
@@ -473,7 +473,7 @@ def main(argv) -> int:
             tf_backup.serve(resolver, startup_timeout=_STARTUP_TIMEOUT.value,
                             ps_restart_timeout=strategy_args["ps_restart_timeout"],
                             chief_rejoins=strategy_args["chief_rejoins"])
-            # Skip the interpreter's teardown, as tf_backup._task does: a ps task whose ps 0 exited
+            # Skip the interpreter's teardown, as tf_backup.local._task does: a ps task whose ps 0 exited
             # first may still hold a session closing towards it, and TensorFlow aborts a process
             # torn down under such a call (exit -6: a cluster manager would restart the ps).
             sys.stdout.flush()
@@ -483,7 +483,7 @@ def main(argv) -> int:
         try:
             result = train_task(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value))
         except BaseException:
-            tf_backup.extended.shutdown_all(failed=True)  # the chief aborts the job for everyone
+            tf_backup.frontend.extended.shutdown_all(failed=True)  # the chief aborts the job for everyone
             raise
         if "summary" not in result:
             return 0

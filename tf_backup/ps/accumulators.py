@@ -6,7 +6,7 @@ names it reaches the same resource, and nothing is destroyed when a process
 exits (TensorFlow's eager `tf.Variable` and `ConditionalAccumulator` attach a
 deleter that would destroy it).
 
-Processes reach a ps task through an `Endpoint` (`tf_backup.endpoint`): a
+Processes reach a ps task through an `Endpoint` (`tf_backup.ps.endpoint`): a
 graph of raw ops and a session on the task's server.
 
 `ConditionalAccumulator` is TensorFlow's `ResourceConditionalAccumulator`: it
@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from tf_backup.endpoint import Endpoint
-from tf_backup.endpoint import OnDuplicate
+from tf_backup.ps.endpoint import Endpoint
+from tf_backup.ps.endpoint import OnDuplicate
 
 # A push delivered twice ran once (see Endpoint.run); a take delivered twice
 # lost its result, so it raises rather than take another N gradients.

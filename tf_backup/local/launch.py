@@ -1,6 +1,6 @@
 """`launch_local`: a real TensorFlow cluster of processes on this machine.
 
-Every task is a fresh Python process (`python -m tf_backup._task`) with its own
+Every task is a fresh Python process (`python -m tf_backup.local._task`) with its own
 `TF_CONFIG`, listening on a free localhost port, its output going to its own
 log file: the same code that runs on real hosts runs here unchanged.
 """
@@ -109,7 +109,7 @@ def _tail(path: str, lines: int = 40) -> str:
 
 
 def _error_record(path: str) -> dict:
-    """The error a failed task wrote (`tf_backup._task.error_record`); {} if it wrote none."""
+    """The error a failed task wrote (`tf_backup.local._task.error_record`); {} if it wrote none."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -297,7 +297,7 @@ class LocalCluster:
                 log.write(f"\n---- {name} restarted ----\n".encode())
             prefix = list(self._command_prefix(name)) if self._command_prefix else []
             self.procs[name] = subprocess.Popen(
-                prefix + [sys.executable, "-m", "tf_backup._task", payload],
+                prefix + [sys.executable, "-m", "tf_backup.local._task", payload],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=child_env, start_new_session=True,
             )

@@ -28,7 +28,7 @@ from typing import List, Sequence
 
 import tensorflow as tf
 
-from tf_backup import _tf_internal
+from tf_backup.frontend import _tf_internal
 
 
 def in_compiled_context() -> bool:

@@ -8,14 +8,14 @@ The chief's aggregator thread, each step:
      tagged `s` is dropped from that moment; with one shard, in the same run as
      the wait, which its own `Waker` ends), averages, and applies the average
      with the inner Keras optimizer to the chief's master copy; then runs the
-     step hooks (the Embedding tables of `tf_backup.sparse` take, apply and
+     step hooks (the Embedding tables of `tf_backup.frontend.sparse` take, apply and
      publish their rows there);
   3. publishes: `version = s+1`, the new parameters, then `step = s+1` and
      the next step's N (`Control.REPLICAS`). A worker that reads `step`, the
      parameters, then `version` and finds `version == step` has read
      parameters of exactly that step.
 With adaptive N (`ProtocolConfig.adaptive`) the N of each step is the rule's
-(`tf_backup.adaptive.AdaptiveN`), fed with the pushes' compute times it sees in
+(`tf_backup.protocol.adaptive.AdaptiveN`), fed with the pushes' compute times it sees in
 the control vector and the norms each take holds; otherwise it is fixed.
 Between steps it closes stopped fit rounds (`protocol.round_closable`) and
 reads the workers' heartbeats: with fewer live workers than a step needs, it
@@ -31,16 +31,16 @@ from typing import Callable, List, Optional, Sequence
 from absl import logging
 import numpy as np
 
-from tf_backup import adaptive as adaptive_lib
-from tf_backup import checkpoint as checkpoint_lib
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup import job as job_lib
-from tf_backup import protocol
-from tf_backup import recovery
-from tf_backup.protocol import Control
-from tf_backup.shared_state import SharedState
-from tf_backup.waker import Waker
+from tf_backup.chief import checkpoint as checkpoint_lib
+from tf_backup.protocol import adaptive as adaptive_lib
+from tf_backup.protocol import protocol
+from tf_backup.protocol.protocol import Control
+from tf_backup.ps import job as job_lib
+from tf_backup.ps import recovery
+from tf_backup.ps.shared_state import SharedState
+from tf_backup.ps.waker import Waker
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class StepRecord:
       contributions: per worker, how many of its gradients were averaged.
       replicas: N, the gradients the step waited for.
       noise_scale: (adaptive N) the rule's estimate of the simple noise scale after this step,
-        in worker batches (`tf_backup.adaptive.NoiseScale`); None with a fixed N.
+        in worker batches (`tf_backup.protocol.adaptive.NoiseScale`); None with a fixed N.
       wait_seconds: time from the previous step's publish to the take.
       apply_seconds: time to take, apply and publish.
       end_time: `time.time()` when the step was published.
@@ -92,7 +92,7 @@ class Aggregator(threading.Thread):
         was pushed for an earlier step (taken or dropped), none for this one.
       master_flats: the master copy as flat parameters (one per shard): what
         the chief writes again when a ps task comes back empty
-        (`tf_backup.recovery`, with `config.ps_restart_timeout`). None: a lost
+        (`tf_backup.ps.recovery`, with `config.ps_restart_timeout`). None: a lost
         ps task ends the loop.
       taken: per worker, its gradients already taken in this job (a chief
         that rejoined its job continues its predecessor's counts); default 0.
@@ -149,7 +149,7 @@ class Aggregator(threading.Thread):
 
         `taken`: the gradients the dense take averaged.
 
-        Register before `start()`. The Embedding tables of `tf_backup.sparse`
+        Register before `start()`. The Embedding tables of `tf_backup.frontend.sparse`
         take, apply and publish their rows here, so a worker that sees the new
         step finds their rows too.
         """

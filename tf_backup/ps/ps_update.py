@@ -28,8 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_backup import accumulators
-from tf_backup import endpoint as endpoint_lib
+from tf_backup.ps import accumulators
+from tf_backup.ps import endpoint as endpoint_lib
 
 
 class Kind(enum.Enum):

@@ -1,4 +1,4 @@
-"""Entry point of one task process of `launch_local` (`python -m tf_backup._task PAYLOAD`).
+"""Entry point of one task process of `launch_local` (`python -m tf_backup.local._task PAYLOAD`).
 
 The process's stdout and stderr already go to the task's log file. The payload
 is a pickle written by `LocalCluster`: the multiprocessing "spawn" preparation
@@ -39,7 +39,7 @@ def main(payload_path: str) -> int:
     failed = False
     try:
         if role == "serve":
-            from tf_backup import server  # pylint: disable=g-import-not-at-top
+            from tf_backup.ps import server  # pylint: disable=g-import-not-at-top
             result = server.serve(**kwargs)
         else:
             result = fn(*args, **kwargs)
@@ -52,9 +52,9 @@ def main(payload_path: str) -> int:
         with open(result_path + ".error", "w") as f:
             json.dump(error_record(e), f)
     finally:
-        if "tf_backup.extended" in sys.modules:
+        if "tf_backup.frontend.extended" in sys.modules:
             try:
-                sys.modules["tf_backup.extended"].shutdown_all(failed=failed)
+                sys.modules["tf_backup.frontend.extended"].shutdown_all(failed=failed)
             except BaseException:  # pylint: disable=broad-except
                 traceback.print_exc()
     return 1 if failed else 0

@@ -6,9 +6,9 @@ import keras
 import tensorflow as tf
 
 from tf_backup import _checks
-from tf_backup import binding as binding_lib
-from tf_backup import sparse
-from tf_backup import strategy as strategy_lib
+from tf_backup.frontend import binding as binding_lib
+from tf_backup.frontend import sparse
+from tf_backup.frontend import strategy as strategy_lib
 
 # Keywords of keras.optimizers.Optimizer that belong to the inner optimizer.
 _INNER_KEYWORDS = (
@@ -67,7 +67,7 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
       sparse_variables: the variables that go by rows (their gradients are
         `IndexedSlices`, e.g. read with `tf.gather`): each step pushes,
         applies, publishes and pulls only the rows it touched, through a
-        sparse conditional accumulator (`tf_backup.sparse`). None (default):
+        sparse conditional accumulator (`tf_backup.frontend.sparse`). None (default):
         the tables of `keras.layers.Embedding`. Else a list of variables or
         variable paths (`"my_layer/table"`, or the path's last components), or
         a callable from a variable to bool; `[]` sends every variable through the dense accumulators. An

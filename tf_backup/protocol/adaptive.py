@@ -1,7 +1,7 @@
 """Adaptive N: the rule that picks how many gradients a step waits for (`num_backup_workers="auto"`).
 
 Pure functions and small state, no I/O and no TensorFlow: the chief's aggregator
-(`tf_backup.aggregator`) feeds them the pushes' compute times and each take's gradient norms.
+(`tf_backup.chief.aggregator`) feeds them the pushes' compute times and each take's gradient norms.
 
 The rule. Choose N in `[n_min, n_max]` to maximise the expected progress per second,
 

@@ -38,9 +38,9 @@ import tensorflow as tf
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup import job as job_lib
-from tf_backup.protocol import Control
-from tf_backup.protocol import ControlView
+from tf_backup.protocol.protocol import Control
+from tf_backup.protocol.protocol import ControlView
+from tf_backup.ps import job as job_lib
 
 # What a run on a ps task that is down, or back without its resources, fails with (a read of a
 # resource a restarted task no longer has: FailedPrecondition).

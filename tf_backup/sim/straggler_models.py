@@ -40,7 +40,7 @@ SGD", arXiv:1604.00981). `ideal_step_times` computes it from a
 `[steps, workers]` matrix of times, so a benchmark can set measured step times
 beside the ideal ones.
 
-Usage (`tf_backup.stragglers` re-exports these names beside `StragglerCallback`,
+Usage (`tf_backup.sim.stragglers` re-exports these names beside `StragglerCallback`,
 which sleeps a model's delays in `fit`):
 
   model = stragglers.parse("pareto:1.5:0.02", seed=7)

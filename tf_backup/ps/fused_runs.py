@@ -6,7 +6,7 @@ dependencies, where they would otherwise take 3, 3 and 2 round trips; a
 worker's wait then returns the parameters with the control vector (only once
 the step moved past its own). The aggregator's wait takes in the same run when
 there is one shard, and with the update on the ps it applies there too.
-`tf_backup.shared_state.SharedState` builds them (`_runs`) and runs them.
+`tf_backup.ps.shared_state.SharedState` builds them (`_runs`) and runs them.
 """
 
 import dataclasses
@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from tf_backup import accumulators
-from tf_backup import protocol
-from tf_backup.protocol import Control
+from tf_backup.protocol import protocol
+from tf_backup.protocol.protocol import Control
+from tf_backup.ps import accumulators
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Straggler simulation: the seeded models and `StragglerCallback`, which sleeps their delays.
 
-The models, `parse` and `ideal_step_times` live in `tf_backup.straggler_models`
+The models, `parse` and `ideal_step_times` live in `tf_backup.sim.straggler_models`
 and are re-exported here, so `stragglers.parse(...)` and
 `stragglers.StragglerCallback(...)` are one import for users.
 
@@ -17,15 +17,15 @@ import time
 import keras
 
 from tf_backup import _checks
-from tf_backup.straggler_models import ExponentialDelay
-from tf_backup.straggler_models import NoStragglers
-from tf_backup.straggler_models import ParetoDelay
-from tf_backup.straggler_models import PhasedDelay
-from tf_backup.straggler_models import SlowWorkers
-from tf_backup.straggler_models import StragglerModel
-from tf_backup.straggler_models import TraceDelay
-from tf_backup.straggler_models import ideal_step_times
-from tf_backup.straggler_models import parse
+from tf_backup.sim.straggler_models import ExponentialDelay
+from tf_backup.sim.straggler_models import NoStragglers
+from tf_backup.sim.straggler_models import ParetoDelay
+from tf_backup.sim.straggler_models import PhasedDelay
+from tf_backup.sim.straggler_models import SlowWorkers
+from tf_backup.sim.straggler_models import StragglerModel
+from tf_backup.sim.straggler_models import TraceDelay
+from tf_backup.sim.straggler_models import ideal_step_times
+from tf_backup.sim.straggler_models import parse
 
 __all__ = ["ExponentialDelay", "NoStragglers", "ParetoDelay", "PhasedDelay", "SlowWorkers", "StragglerCallback", "StragglerModel",
            "TraceDelay", "ideal_step_times", "parse"]

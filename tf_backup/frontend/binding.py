@@ -19,17 +19,17 @@ from absl import logging
 import keras
 import tensorflow as tf
 
-from tf_backup import aggregator as aggregator_lib
-from tf_backup import checkpoint as checkpoint_lib
 from tf_backup import errors
-from tf_backup import exchange as exchange_lib
-from tf_backup import local_devices
-from tf_backup import protocol
-from tf_backup import ps_update
-from tf_backup import recovery
-from tf_backup import shared_state
-from tf_backup import worker as worker_lib
-from tf_backup.layout import Layout
+from tf_backup.chief import aggregator as aggregator_lib
+from tf_backup.chief import checkpoint as checkpoint_lib
+from tf_backup.frontend import exchange as exchange_lib
+from tf_backup.frontend import local_devices
+from tf_backup.protocol import protocol
+from tf_backup.ps import ps_update
+from tf_backup.ps import recovery
+from tf_backup.ps import shared_state
+from tf_backup.ps.layout import Layout
+from tf_backup.worker import client as worker_lib
 
 
 def make_master(variables: Sequence) -> List[keras.Variable]:
@@ -83,7 +83,7 @@ class Binding:
       layout, state: the dense variables' shards and shared state.
       client: this worker's `WorkerClient`.
       master, aggregator, checkpoint: the chief's (None elsewhere).
-      sparse: the `tf_backup.sparse.SparseBinding` of the tables, if any.
+      sparse: the `tf_backup.frontend.sparse.SparseBinding` of the tables, if any.
       initial_step: the global step of the first pull.
       initial_input_position: this worker's input position then (`WorkerClient.input_position`).
     """
@@ -174,7 +174,7 @@ class Binding:
         self._var_list = list(var_list)
         self._assign(var_list, flats)
         self.metric_vars = ext.ensure_metric_vars()
-        with strategy.scope():  # several local replicas: one buffer copy each (tf_backup.exchange)
+        with strategy.scope():  # several local replicas: one buffer copy each (tf_backup.frontend.exchange)
             self.buffers = exchange_lib.StepBuffers(self.layout.shard_sizes, self.layout.dtype, ext._device)  # pylint: disable=protected-access
         ext.bindings.append(self)
 
@@ -321,7 +321,7 @@ class Binding:
 
         Not compiled: push, wait, pull, assign, here. Inside an XLA or TPU
         program: write the gradient into the step buffers; the strategy runs
-        the exchange outside the program (`tf_backup.exchange`).
+        the exchange outside the program (`tf_backup.frontend.exchange`).
         """
         layout = self.layout
         compiled = self.split_step()
@@ -412,7 +412,7 @@ class Binding:
         return out
 
     def end_round(self, var_list: List) -> None:
-        self.exchange()  # a compiled fit's last step (tf_backup.exchange)
+        self.exchange()  # a compiled fit's last step (tf_backup.frontend.exchange)
         self._assign(var_list, self.client.end_round(wait_for_others=self.aggregator is not None))
 
     def counters(self) -> "Counters":
@@ -447,7 +447,7 @@ class Counters:
       state_generation: the generation of the shared state this worker is in
         (how many times the chief wrote it again after a ps restart).
       state_rewrites: (the chief) times its aggregator wrote the state again
-        (`tf_backup.recovery`); 0 elsewhere.
+        (`tf_backup.ps.recovery`); 0 elsewhere.
     """
 
     missed_wakeups: int

@@ -49,7 +49,7 @@ class Checkpoint:
         """Adds more state (lists of variables, by name) before the first save.
 
         Restores the latest checkpoint again, now with the added state, and
-        returns its global step (the Embedding tables of `tf_backup.sparse`).
+        returns its global step (the Embedding tables of `tf_backup.frontend.sparse`).
         """
         if self.saved_step not in (None, self.restored_step):  # a save since the restore
             raise ValueError("State can only be added to a checkpoint before its first save.")

@@ -7,12 +7,12 @@ import tensorflow as tf
 
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
-from tf_backup import endpoint as endpoint_lib
 from tf_backup import errors
-from tf_backup import job as job_lib
 from tf_backup import memory
 from tf_backup import topology
-from tf_backup.protocol import Job
+from tf_backup.protocol.protocol import Job
+from tf_backup.ps import endpoint as endpoint_lib
+from tf_backup.ps import job as job_lib
 
 
 def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
@@ -72,7 +72,7 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         (with `chief_rejoins`: once the chief has been silent `chief_timeout`).
       ps_restart_timeout: (a ps task other than ps 0) seconds it keeps
         serving while ps 0 is gone before the job is done: ps 0 may be
-        restarting, and the chief writes the job again (`tf_backup.recovery`;
+        restarting, and the chief writes the job again (`tf_backup.ps.recovery`;
         the workers' `BackupWorkerStrategy(ps_restart_timeout=...)`). 0: it
         exits with ps 0.
       chief_rejoins: a chief that dies once every other task has left (the

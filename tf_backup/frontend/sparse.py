@@ -5,7 +5,7 @@ A variable of a `keras.layers.Embedding` (its `embeddings`, rank 2) gets an
 variable read with `tf.gather`; name those in
 `SyncReplicasOptimizer(sparse_variables=[...])`). Densifying it
 makes every step cost O(vocabulary) in the push, the take, the publish and the
-pull. Here such a table is kept out of the flat shards of `tf_backup.layout.Layout`
+pull. Here such a table is kept out of the flat shards of `tf_backup.ps.layout.Layout`
 and has its own shared state on a ps task (`<prefix>/sparse/<k>/...`):
 
 * `table`: the published rows; `version`: per row, the global step that last
@@ -43,14 +43,14 @@ import numpy as np
 import tensorflow as tf
 
 from tf_backup import _checks
-from tf_backup import accumulators
-from tf_backup import binding as binding_lib
 from tf_backup import errors
-from tf_backup import exchange as exchange_lib
-from tf_backup import local_devices
-from tf_backup import protocol
-from tf_backup.endpoint import Endpoint
-from tf_backup.layout import largest_first
+from tf_backup.frontend import binding as binding_lib
+from tf_backup.frontend import exchange as exchange_lib
+from tf_backup.frontend import local_devices
+from tf_backup.protocol import protocol
+from tf_backup.ps import accumulators
+from tf_backup.ps.endpoint import Endpoint
+from tf_backup.ps.layout import largest_first
 
 
 def path(variable) -> str:
@@ -197,7 +197,7 @@ class SparseBinding:
         self._lock = threading.Lock()
         self.pulled_step = 0
         self.master = None
-        self._row_buffers: Optional[List[tf.Variable]] = None  # a compiled step's rows (tf_backup.exchange)
+        self._row_buffers: Optional[List[tf.Variable]] = None  # a compiled step's rows (tf_backup.frontend.exchange)
         if info.is_chief:
             inner = optimizer.inner_optimizer
             self.inner = type(inner).from_config(inner.get_config())  # its own slots, same settings
@@ -276,7 +276,7 @@ class SparseBinding:
     def apply(self, grads: List, variables: List) -> None:
         """The graph part of one step: push rows, the dense step, pull changed rows.
 
-        In a compiled step (`tf_backup.exchange`): write the rows into buffers;
+        In a compiled step (`tf_backup.frontend.exchange`): write the rows into buffers;
         the dense exchange pushes them and pulls the changed rows, on the host.
         """
         compiled = self.dense.split_step()

@@ -1,6 +1,6 @@
 """One optimizer's shared state on the ps tasks, and the runs that read and write it.
 
-The resources (see `tf_backup.protocol`): `control`, `signature`,
+The resources (see `tf_backup.protocol.protocol`): `control`, `signature`,
 `params/<s>` and `acc/<s>` per shard, and on ps 0 two kinds of int64 FIFO
 queues of wake-up tokens:
 
@@ -15,13 +15,13 @@ A token only says "look again": every decision is made on the control vector
 lost (a run delivered twice) costs at most one bounded wait.
 
 With one ps task (or every shard on ps 0), the seqlock read, the publish and
-the push each run as one graph on the ps (`tf_backup.fused_runs`, built once
+the push each run as one graph on the ps (`tf_backup.ps.fused_runs`, built once
 per generation); with several, transfers to every task run at once
 (`each_shard`).
 
 A run that changes state is never cancelled at a deadline (a cancelled run may
 have run part of its graph): the push-and-wait and the aggregator's wait-and-take
-have no deadline of their own but the endpoint's, and a `tf_backup.waker.Waker`
+have no deadline of their own but the endpoint's, and a `tf_backup.ps.waker.Waker`
 ends them with a `POKE` token instead.
 """
 
@@ -32,15 +32,15 @@ from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, 
 import numpy as np
 import tensorflow as tf
 
-from tf_backup import accumulators
-from tf_backup import endpoint as endpoint_lib
-from tf_backup import fused_runs
-from tf_backup import protocol
-from tf_backup import ps_update
-from tf_backup.layout import Layout
-from tf_backup.protocol import Control
-from tf_backup.protocol import ControlView
-from tf_backup.waker import Waker
+from tf_backup.protocol import protocol
+from tf_backup.protocol.protocol import Control
+from tf_backup.protocol.protocol import ControlView
+from tf_backup.ps import accumulators
+from tf_backup.ps import endpoint as endpoint_lib
+from tf_backup.ps import fused_runs
+from tf_backup.ps import ps_update
+from tf_backup.ps.layout import Layout
+from tf_backup.ps.waker import Waker
 
 
 class Snapshot(NamedTuple):
@@ -148,7 +148,7 @@ class SharedState:
         Each generation has accumulators of its own names, so a push from a
         worker that has not seen the new generation yet lands in the old ones,
         never taken (on a restarted ps task, one made with the old name would
-        start at step 0 and accept any tag: `tf_backup.recovery`).
+        start at step 0 and accept any tag: `tf_backup.ps.recovery`).
         """
         with self._lock:
             if generation not in self._accs:
@@ -212,7 +212,7 @@ class SharedState:
 
         (A restart of the control vector's task fails the chief's next run
         there; one of another task would go unnoticed by the chief while every
-        worker waits for it: `tf_backup.recovery`.)
+        worker waits for it: `tf_backup.ps.recovery`.)
 
         Raises:
           errors.PsUnavailableError: a task did not answer.

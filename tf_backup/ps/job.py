@@ -5,7 +5,7 @@ says which job runs (its id), whether it is done or aborted, and per worker
 whether it joined or left and its heartbeat. Every process that watches
 heartbeats reads them through a `BeatWatch`: the workers (`JobMonitor`, the
 chief's), the chief (`Liveness`, every other worker's) and the ps tasks
-(`tf_backup.server.serve`, everybody's).
+(`tf_backup.ps.server.serve`, everybody's).
 """
 
 import dataclasses
@@ -19,11 +19,11 @@ import numpy as np
 import tensorflow as tf
 
 from tf_backup import _checks
-from tf_backup import accumulators
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup.endpoint import Endpoint
-from tf_backup.protocol import Job
+from tf_backup.protocol.protocol import Job
+from tf_backup.ps import accumulators
+from tf_backup.ps.endpoint import Endpoint
 
 
 def job_variable(where: Endpoint, num_workers: int) -> accumulators.SharedVariable:
@@ -239,7 +239,7 @@ class JobMonitor:
 def restore(job_var: accumulators.SharedVariable, values: np.ndarray) -> None:
     """(Chief.) Writes the job vector `values` (as last read) again, every heartbeat set to now.
 
-    For a ps task 0 that restarted empty (`tf_backup.recovery`): the same job
+    For a ps task 0 that restarted empty (`tf_backup.ps.recovery`): the same job
     id, so the workers carry on, and fresh beats, so nobody counts the outage
     as silence.
     """

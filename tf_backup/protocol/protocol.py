@@ -3,8 +3,8 @@
 What lives on the ps tasks, the slots of its two int64 vectors, a typed view of
 the control vector, and the decisions every participant makes on what it read:
 pure functions, unit-tested without a cluster (`tests/test_protocol.py`). The
-runs that read and write this state are in `tf_backup.shared_state`; who runs
-them when is in `tf_backup.worker` (every worker) and `tf_backup.aggregator`
+runs that read and write this state are in `tf_backup.ps.shared_state`; who runs
+them when is in `tf_backup.worker.client` (every worker) and `tf_backup.chief.aggregator`
 (the chief). `docs/design.md` is the whole contract.
 
 Shared state of one job (`tf_backup/job`, on ps task 0; slots in `Job`): the
@@ -12,13 +12,13 @@ job id, DONE and ABORT flags, the chief's heartbeat, and per worker joined,
 left and a heartbeat. Shared state of one `SyncReplicasOptimizer`
 (`tf_backup/<job id>/opt<k>/...`):
 
-* `params/<s>`: the published parameters of shard `s`, flat (`tf_backup.layout`).
+* `params/<s>`: the published parameters of shard `s`, flat (`tf_backup.ps.layout`).
 * `acc/<s>`: a conditional accumulator per shard. A worker pushes the flat
   gradient of the shard's variables, its squared norm, and a one-hot of its
   worker index (`push_tail`), tagged with the global step of the parameters it
   computed on. The accumulator sums what it accepts, so a take (`split_take`)
   holds the sum of the gradients, the sum of their squared norms (the noise
-  scale of `tf_backup.adaptive`) and each worker's contributions; a stale push
+  scale of `tf_backup.protocol.adaptive`) and each worker's contributions; a stale push
   is dropped whole.
 * `control`: an int64 vector (slots in `Control`, typed view `ControlView`).
 * `wake/<w>` and `arrivals`: int64 FIFO queues of wake-up tokens, so waits
@@ -66,12 +66,12 @@ class ProtocolConfig:
       poll_min, poll_max: the first and the longest sleep between polls.
       ps_restart_timeout: how long the chief and the workers wait for a ps
         task that failed to answer again, seconds; the chief then writes the
-        state again (`tf_backup.recovery`). 0: a lost ps ends the job.
+        state again (`tf_backup.ps.recovery`). 0: a lost ps ends the job.
       adaptive: the bounds and window of adaptive N (`num_backup_workers="auto"`), or None: N is fixed.
       wire_dtype: what gradients and parameters cross the network in ("float32", "bfloat16" or
         "float16"); sums, the applied parameters and the optimizer's state stay in the
         variables' dtype, and a push's norm and one-hot are always exact.
-      apply_on_ps: each ps task applies the inner optimizer to its shard (`tf_backup.ps_update`);
+      apply_on_ps: each ps task applies the inner optimizer to its shard (`tf_backup.ps.ps_update`);
         False: the chief applies it to its master copy.
     """
 
@@ -96,7 +96,7 @@ class ProtocolConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveSettings:
-    """Adaptive N (`tf_backup.adaptive`): the chief picks each step's N in `[n_min, n_max]`.
+    """Adaptive N (`tf_backup.protocol.adaptive`): the chief picks each step's N in `[n_min, n_max]`.
 
     Attributes:
       n_min, n_max: the bounds (`min_replicas_to_aggregate`, `max_replicas_to_aggregate`).
@@ -125,7 +125,7 @@ class Control:
     TAKEN_FOR = 6  # s + 1 once the gradients of step s were taken (the accumulator's new step)
     CLOSED = 7  # the highest fit round the aggregator closed: nothing more is applied for it
     REPLICAS = 8  # N of the step being gathered: gradients the chief waits for (adaptive N changes it)
-    GENERATION = 9  # times the chief wrote the state again (a ps task restarted empty: `tf_backup.recovery`)
+    GENERATION = 9  # times the chief wrote the state again (a ps task restarted empty: `tf_backup.ps.recovery`)
     HEADER = 10
     # Per-worker blocks, in this order after the header.
     BLOCKS = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled", "compute_us", "batches")
@@ -170,7 +170,7 @@ class Control:
 
         Written with each push (a cancelled batch's count lands with the next
         push). A worker that rejoins the job resumes its input here; the chief
-        saves the block with each checkpoint (`tf_backup.checkpoint`).
+        saves the block with each checkpoint (`tf_backup.chief.checkpoint`).
         """
         return self._slot("batches", w)
 
@@ -186,7 +186,7 @@ class Job:
     and every worker that joined has left (or a grace period passed), so no
     worker's last op meets a vanished ps. `beat(w)` is worker `w`'s heartbeat
     (wall-clock milliseconds), bumped every second by a thread of its process:
-    the chief declares a worker dead when it stops (`tf_backup.job.Liveness`).
+    the chief declares a worker dead when it stops (`tf_backup.ps.job.Liveness`).
     """
 
     JOB_ID = 0

@@ -8,17 +8,17 @@ from typing import List, Optional, Union
 import tensorflow as tf
 
 from tf_backup import _checks
-from tf_backup import _tf_internal
-from tf_backup import adaptive as adaptive_lib
-from tf_backup import aggregator as aggregator_lib
 from tf_backup import cluster as cluster_lib
-from tf_backup import exchange as exchange_lib
-from tf_backup import extended as extended_lib
-from tf_backup import job as job_lib
-from tf_backup import local_devices
 from tf_backup import memory
-from tf_backup import protocol
 from tf_backup import topology
+from tf_backup.chief import aggregator as aggregator_lib
+from tf_backup.frontend import _tf_internal
+from tf_backup.frontend import exchange as exchange_lib
+from tf_backup.frontend import extended as extended_lib
+from tf_backup.frontend import local_devices
+from tf_backup.protocol import adaptive as adaptive_lib
+from tf_backup.protocol import protocol
+from tf_backup.ps import job as job_lib
 
 
 
@@ -62,7 +62,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         default `TFConfigClusterResolver()` (the `TF_CONFIG` variable).
       num_backup_workers: b, the workers whose gradients a step does not wait
         for. 0 is fully synchronous SGD. `"auto"`: the chief chooses every
-        step's N (adaptive N, `tf_backup.adaptive`), between
+        step's N (adaptive N, `tf_backup.protocol.adaptive`), between
         `min_replicas_to_aggregate` and `max_replicas_to_aggregate`, to
         maximise the expected progress per second from the workers' measured
         compute times and the gradients' noise scale (docs/design.md,
@@ -104,7 +104,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         answer again (a cluster manager restarts it). The chief then writes
         the shared state again from its master copy, at the step it had
         reached, and every worker carries on: no process restarts, no step is
-        redone (`tf_backup.recovery`). 0 (the default): a lost ps task ends the
+        redone (`tf_backup.ps.recovery`). 0 (the default): a lost ps task ends the
         job (the chief saves a checkpoint). Not with Embedding tables in
         `sparse_variables` yet.
       chief_rejoins: a chief that starts while its job still runs on the ps
@@ -131,7 +131,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         copy rounded to `wire_dtype`. Give every task the same value.
       apply_on_ps: each ps task applies the update to its shard, where the
         gradients are summed, so no model-sized tensor goes through the chief
-        (`tf_backup.ps_update`): for `keras.optimizers.SGD` (with or without
+        (`tf_backup.ps.ps_update`): for `keras.optimizers.SGD` (with or without
         momentum) and `Adam`, without clipping, weight decay or EMA. The master
         copy and the optimizer's slots then live on the ps tasks; the chief
         reads them back for each checkpoint. Not with `ps_restart_timeout` or
@@ -246,7 +246,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
         memory.tune_malloc()  # every step feeds and fetches model-sized buffers (TF_BACKUP_TUNE_MALLOC=0: not)
         # The model trains on this worker's own device; the shared state is reached
-        # through graph sessions on the ps tasks (tf_backup.accumulators).
+        # through graph sessions on the ps tasks (tf_backup.ps.accumulators).
         kwargs = dict(worker_timeout=worker_timeout, max_steps=max_steps,
                       checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
                       checkpoint_every_steps=checkpoint_every_steps, ps_timeout=ps_timeout,
@@ -351,7 +351,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         after it. Called inside an XLA function itself (Keras's
         `jit_compile=True`), the exchange runs at the next batch fetch from the
         strategy's distributed dataset, and the metrics are those of the step
-        before (`tf_backup.exchange`).
+        before (`tf_backup.frontend.exchange`).
 
         Raises:
           ValueError: called inside an XLA function by something other than a
@@ -391,7 +391,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                     "process one device (`devices=[...]`), or compile the replica function in a custom "
                     "loop (`strategy.run(tf.function(fn, jit_compile=True), ...)`). Received "
                     "jit_compile=True")
-            # else Keras's `jit_compile=True`: the next batch fetch runs the exchange (tf_backup.exchange).
+            # else Keras's `jit_compile=True`: the next batch fetch runs the exchange (tf_backup.frontend.exchange).
         if self.extended.step_applied and isinstance(outputs, dict):
             outputs = dict(outputs)
             for name, var in self.extended.ensure_metric_vars().items():
@@ -424,7 +424,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         }
 
     def counters(self):
-        """This worker's protocol counters for the latest optimizer (`tf_backup.binding.Counters`).
+        """This worker's protocol counters for the latest optimizer (`tf_backup.frontend.binding.Counters`).
 
         Raises:
           ValueError: no SyncReplicasOptimizer has been built yet.
@@ -457,7 +457,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
     def sleep_unless_superseded(self, seconds: float) -> bool:
         """Sleeps up to `seconds` unless this worker's current batch becomes useless first.
 
-        For simulated compute (the straggler models of `tf_backup.stragglers`):
+        For simulated compute (the straggler models of `tf_backup.sim.stragglers`):
         the batch is useless once the global step passes the step of this
         worker's parameters, or the fit round stops. The chief's publish wakes
         the worker at once; the batch is then *cancelled*: its gradient is not

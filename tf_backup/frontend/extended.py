@@ -16,15 +16,15 @@ from typing import Callable, List, Optional
 
 import tensorflow as tf
 
-from tf_backup import _tf_internal
 from tf_backup import cluster as cluster_lib
-from tf_backup import endpoint as endpoint_lib
 from tf_backup import errors
-from tf_backup import exchange as exchange_lib
-from tf_backup import job as job_lib
-from tf_backup import protocol
+from tf_backup.frontend import _tf_internal
+from tf_backup.frontend import exchange as exchange_lib
+from tf_backup.protocol import protocol
+from tf_backup.ps import endpoint as endpoint_lib
+from tf_backup.ps import job as job_lib
 
-# The one process-wide registry, kept on purpose: a task launcher (`tf_backup._task`, the
+# The one process-wide registry, kept on purpose: a task launcher (`tf_backup.local._task`, the
 # trainer) does not own the strategies the user's function made, and must shut them down
 # (aborting the job if it failed) before it ends the process with os._exit.
 _LIVE = weakref.WeakSet()
@@ -48,7 +48,7 @@ class _BackupWorkerMixin:
     Inside a worker it behaves as `OneDeviceStrategy` on the worker's device
     (`BackupWorkerExtended`), or as `MirroredStrategy` over its local devices
     (`MultiDeviceBackupWorkerExtended`); between workers, `SyncReplicasOptimizer`
-    runs the protocol of `tf_backup.protocol` against the shared state on the
+    runs the protocol of `tf_backup.protocol.protocol` against the shared state on the
     ps tasks, one contribution per worker (host) per step.
     """
 
@@ -67,7 +67,7 @@ class _BackupWorkerMixin:
         self.endpoints = endpoint_lib.Endpoints(ps_timeout)  # this strategy's sessions to the ps tasks
         self.job_var = job_lib.job_variable(self.endpoints.of(info.ps[0]), info.num_workers)
         self.monitor = job_lib.JobMonitor(self.job_var, info, config.startup_timeout, config.chief_timeout)
-        self.bindings: List = []  # tf_backup.binding.Binding, one per SyncReplicasOptimizer built
+        self.bindings: List = []  # tf_backup.frontend.binding.Binding, one per SyncReplicasOptimizer built
         self.metric_vars: Optional[dict] = None
         self._models = weakref.WeakSet()
         self.step_applied = False  # a SyncReplicasOptimizer step is in the function `run` traces
@@ -98,7 +98,7 @@ class _BackupWorkerMixin:
         return job_lib.Liveness(self.job_var, self.cluster, self.worker_timeout, self.config.startup_timeout)
 
     def latest_binding(self):
-        """The `tf_backup.binding.Binding` of the latest SyncReplicasOptimizer built under this strategy.
+        """The `tf_backup.frontend.binding.Binding` of the latest SyncReplicasOptimizer built under this strategy.
 
         Raises:
           ValueError: none has been built yet.
@@ -181,7 +181,7 @@ class _BackupWorkerMixin:
             self.compiled_steps.append(binding)
 
     def exchange_pending(self) -> None:
-        """Runs the exchange of every gradient a compiled step left in its buffers (`tf_backup.exchange`)."""
+        """Runs the exchange of every gradient a compiled step left in its buffers (`tf_backup.frontend.exchange`)."""
         for binding in self.bindings:
             binding.exchange()
 
@@ -203,7 +203,7 @@ class _BackupWorkerMixin:
         return dataset.shard(self.cluster.num_workers, self.cluster.worker_index)
 
     def _experimental_distribute_dataset(self, dataset, options):
-        # Its iterators run a compiled step's deferred exchange before each batch (tf_backup.exchange).
+        # Its iterators run a compiled step's deferred exchange before each batch (tf_backup.frontend.exchange).
         return exchange_lib.exchanging(super()._experimental_distribute_dataset(dataset, options))
 
     def _distribute_datasets_from_function(self, dataset_fn, options):
@@ -258,7 +258,7 @@ class MultiDeviceBackupWorkerExtended(_BackupWorkerMixin, _tf_internal.MirroredE
     """A worker with several local devices: `MirroredStrategy` inside the worker.
 
     One replica per device; Keras all-reduces the gradients inside the host and
-    `SyncReplicasOptimizer` pushes one contribution per step (`tf_backup.local_devices`).
+    `SyncReplicasOptimizer` pushes one contribution per step (`tf_backup.frontend.local_devices`).
     """
 
     def __init__(self, container_strategy, devices, info, config, **kwargs):
@@ -275,7 +275,7 @@ class TPUBackupWorkerExtended(_BackupWorkerMixin, _tf_internal.TPUExtended):
     `run_replicas` compiles the replica function into the TPU program (`tpu_run`, as
     `TPUStrategy.run`); its SyncReplicasOptimizer step writes the gradient buffers there, and
     `BackupWorkerStrategy.run` exchanges them on the host CPU after the program
-    (`tf_backup.exchange`). The buffers synchronize on read, so the host's read sums the cores'
+    (`tf_backup.frontend.exchange`). The buffers synchronize on read, so the host's read sums the cores'
     gradients. Written against TensorFlow's TPUExtended; it has not run on a TPU (README).
     """
 

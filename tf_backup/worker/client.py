@@ -1,7 +1,7 @@
 """`WorkerClient`: one worker's side of the step protocol for one optimizer.
 
 Every worker, each step (`sync`, run by the train step through a
-`tf.py_function`, see `tf_backup.binding`):
+`tf.py_function`, see `tf_backup.frontend.binding`):
   1. pushes its gradient tagged with step `s` of its parameters;
   2. waits until the global step passes `s` (blocked on its wake-up queue,
      which the chief feeds after each publish), or until the fit round is
@@ -31,14 +31,14 @@ import numpy as np
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup import job as job_lib
-from tf_backup import protocol
-from tf_backup import recovery
-from tf_backup.protocol import Control
-from tf_backup.protocol import ControlView
-from tf_backup.shared_state import SharedState
-from tf_backup.shared_state import Snapshot
-from tf_backup.waker import Waker
+from tf_backup.protocol import protocol
+from tf_backup.protocol.protocol import Control
+from tf_backup.protocol.protocol import ControlView
+from tf_backup.ps import job as job_lib
+from tf_backup.ps import recovery
+from tf_backup.ps.shared_state import SharedState
+from tf_backup.ps.shared_state import Snapshot
+from tf_backup.ps.waker import Waker
 
 
 class Seen(NamedTuple):
@@ -112,7 +112,7 @@ class WorkerClient:
         # When the parameters of `step` were read (None: not in this fit round yet, whose first
         # batch also traces): the push reports the time since as its compute time.
         self._pulled_at: Optional[float] = None
-        self.generation = 0  # of the shared state this worker pushes to (`tf_backup.recovery`)
+        self.generation = 0  # of the shared state this worker pushes to (`tf_backup.ps.recovery`)
         self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
         self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
         self.unsent = 0  # gradients found late before their push: counted as pushed and dropped, never sent

@@ -14,7 +14,7 @@ where -- in cross-replica context, once per step -- it pushes the first
 device's copy of the reduced gradients, waits, pulls, and assigns the new
 values to the mirrored variables (every device's copy). A compiled step has
 no merge_call: each replica writes its own gradient into the buffers, which
-sum on the host's read (`tf_backup.exchange.StepBuffers`).
+sum on the host's read (`tf_backup.frontend.exchange.StepBuffers`).
 """
 
 from typing import Callable, List, Optional, Sequence, Tuple

@@ -1,0 +1,1 @@
+"""Simulated stragglers: the seeded models and the Keras callback. Optional: the core never imports it."""
