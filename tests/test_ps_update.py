@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_backup.chief import update_on_ps
 from tf_backup.ps import ps_update
 
 
@@ -14,7 +15,7 @@ from tf_backup.ps import ps_update
     (lambda: keras.optimizers.Adam(1e-3), ps_update.Kind.ADAM),
 ])
 def test_elementwise_optimizers_have_a_kernel(make, kind):
-    assert ps_update.rule_for(make()).kind is kind
+    assert update_on_ps.rule_for(make()).kind is kind
 
 
 @pytest.mark.parametrize("make, message", [
@@ -25,7 +26,7 @@ def test_elementwise_optimizers_have_a_kernel(make, kind):
 ])
 def test_other_optimizers_are_refused_by_name(make, message):
     with pytest.raises(ValueError, match=message):
-        ps_update.rule_for(make())
+        update_on_ps.rule_for(make())
 
 
 @pytest.mark.parametrize("make", [
@@ -42,11 +43,11 @@ def test_the_kernels_compute_keras_update_step_over_three_steps(make):
     inner.build([reference])
     ours, shadow = tf.Variable(start), make()  # `shadow` gives the scalars at each step, as the chief's inner
     shadow.build([keras.Variable(start)])
-    rule = ps_update.rule_for(shadow)
+    rule = update_on_ps.rule_for(shadow)
     slots = [tf.Variable(np.zeros([6], np.float32)) for _ in range(rule.num_slots)]
     for g in grads:
         inner.apply([tf.constant(g)], [reference])
-        hyper = {k: tf.constant(v, tf.float32) for k, v in ps_update.hyper_values(shadow, rule).items()}
+        hyper = {k: tf.constant(v, tf.float32) for k, v in update_on_ps.hyper_values(shadow, rule).items()}
         ps_update.build_apply(rule, ours.handle, [s.handle for s in slots], tf.constant(g), hyper,
                               nesterov=bool(getattr(shadow, "nesterov", False)))
         shadow.iterations.assign_add(1)

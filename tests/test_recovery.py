@@ -15,6 +15,7 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.local import launch
 from tf_backup.protocol import protocol
+from tf_backup.protocol import restart
 from tf_backup.protocol.protocol import Control
 from tf_backup.ps import endpoint
 from tf_backup.ps import recovery
@@ -44,7 +45,7 @@ def start_ps(address: str) -> subprocess.Popen:
 def test_the_chief_writes_back_its_own_slots_over_its_last_read():
     ctl = Control(WORKERS)
     last = np.arange(ctl.size, dtype=np.int64)
-    values = recovery.control_to_restore(ctl.view(last), WORKERS, taken=[5, 6, 7], replicas=2, finished=False)
+    values = restart.control_to_restore(ctl.view(last), WORKERS, taken=[5, 6, 7], replicas=2, finished=False)
     assert [values[ctl.taken(w)] for w in range(WORKERS)] == [5, 6, 7]
     assert values[Control.REPLICAS] == 2
     assert values[Control.FINISHED] == last[Control.FINISHED]  # a FINISHED already read stays
@@ -52,7 +53,7 @@ def test_the_chief_writes_back_its_own_slots_over_its_last_read():
               if i not in {Control.REPLICAS, *(ctl.taken(w) for w in range(WORKERS))}]
     np.testing.assert_array_equal(values[others], last[others])  # the workers' slots, as read
 
-    fresh = recovery.control_to_restore(None, WORKERS, taken=[0, 1, 0], replicas=3, finished=True)
+    fresh = restart.control_to_restore(None, WORKERS, taken=[0, 1, 0], replicas=3, finished=True)
     assert fresh[Control.FINISHED] == 1 and fresh[Control.REPLICAS] == 3 and fresh[ctl.taken(1)] == 1
     assert fresh.sum() == 1 + 3 + 1
 
@@ -75,12 +76,12 @@ def test_a_worker_writes_back_its_counts_and_its_round():
 
 
 def test_a_worker_pushes_again_only_a_gradient_of_the_new_states_step():
-    move = recovery.next_move
-    assert move(step=12, own_step=12, done=False, pushed=True) is recovery.Move.PUSH_AGAIN  # a ps restart
-    assert move(step=12, own_step=12, done=False, pushed=False) is recovery.Move.WAIT
-    assert move(step=13, own_step=12, done=True, pushed=True) is recovery.Move.PULL  # the step passed meanwhile
+    move = restart.next_move
+    assert move(step=12, own_step=12, done=False, pushed=True) is restart.Move.PUSH_AGAIN  # a ps restart
+    assert move(step=12, own_step=12, done=False, pushed=False) is restart.Move.WAIT
+    assert move(step=13, own_step=12, done=True, pushed=True) is restart.Move.PULL  # the step passed meanwhile
     # A restarted chief went back to its checkpoint: the gradient of step 18 would count as fresh at 15.
-    assert move(step=15, own_step=18, done=False, pushed=True) is recovery.Move.PULL
+    assert move(step=15, own_step=18, done=False, pushed=True) is restart.Move.PULL
 
 
 def test_after_a_failed_connection_a_push_is_sent_again_only_if_it_was_not_counted():
@@ -88,9 +89,9 @@ def test_after_a_failed_connection_a_push_is_sent_again_only_if_it_was_not_count
     values = np.zeros([ctl.size], np.int64)
     values[ctl.pushed(1)], values[Control.GENERATION] = 7, 2
     seen = ctl.view(values)
-    assert recovery.push_kept(seen, generation=2, w=1, pushed=7)  # the run reached the task: not again
-    assert not recovery.push_kept(seen, generation=2, w=1, pushed=8)  # it did not: push it again
-    assert not recovery.push_kept(seen, generation=1, w=1, pushed=7)  # new accumulators since: again
+    assert restart.push_kept(seen, generation=2, w=1, pushed=7)  # the run reached the task: not again
+    assert not restart.push_kept(seen, generation=2, w=1, pushed=8)  # it did not: push it again
+    assert not restart.push_kept(seen, generation=1, w=1, pushed=7)  # new accumulators since: again
 
 
 @pytest.mark.parametrize("silent_at", [10, -1], ids=["mid-fit", "fit-end"])
@@ -116,7 +117,7 @@ def test_a_worker_whose_connection_to_ps0_goes_silent_carries_on_in_the_same_gen
 def test_a_rejoining_chief_keeps_the_workers_slots_and_clears_its_step_marks():
     ctl = Control(WORKERS)
     values = np.arange(ctl.size, dtype=np.int64) + 1
-    written = recovery.control_to_rejoin(ctl.view(values), replicas=2)
+    written = restart.control_to_rejoin(ctl.view(values), replicas=2)
     assert written[Control.FINISHED] == written[Control.TAKEN_FOR] == 0 and written[Control.REPLICAS] == 2
     kept = [i for i in range(ctl.size) if i not in (Control.FINISHED, Control.TAKEN_FOR, Control.REPLICAS)]
     np.testing.assert_array_equal(written[kept], values[kept])
@@ -147,14 +148,14 @@ def test_a_restarted_ps_is_written_again_in_a_new_generation():
         with pytest.raises(errors.PsRestartedError, match="restarted"):
             state.read_control()  # the session made before the restart is not known there
         assert not state.intact()  # the next run has a new session: the state is gone
-        assert not recovery.state_lost(state.ctl.view(np.zeros([state.ctl.size], np.int64)), 0)
+        assert not restart.state_lost(state.ctl.view(np.zeros([state.ctl.size], np.int64)), 0)
 
         control = np.zeros([state.ctl.size], np.int64)
         control[state.ctl.pushed(0)] = 1
         assert state.repopulate([np.arange(4, dtype=np.float32) + 1], 7, control) == 1
         ctl = state.read_control()
         assert (ctl.step, ctl.version, ctl.generation) == (7, 7, 1) and ctl.block("pushed")[0] == 1
-        assert recovery.state_lost(ctl, 0) and not recovery.state_lost(ctl, 1)
+        assert restart.state_lost(ctl, 0) and not restart.state_lost(ctl, 1)
         np.testing.assert_array_equal(state.read_params()[0], np.arange(4) + 1)
         assert state.intact()
 

@@ -21,7 +21,7 @@ What it does, in order:
 3. splits two modules by their top-level definitions, moved verbatim (no logic rewritten), where the
    import rules require it: the pure recovery moves out of `ps/recovery.py` into
    `protocol/restart.py`, and the Keras-reading chief's side of `ps/ps_update.py` into
-   `chief/update_on_ps.py`; references (`recovery.next_move`, `ps_update.rule_for`, in code and
+   `chief/update_on_ps.py`; references (`restart.next_move`, `update_on_ps.rule_for`, in code and
    docs) follow, and imports are added or dropped to match;
 4. sorts each run of module-level `from tf_backup...` lines; writes `tests/test_imports.py` (the import
    rules, by `ast`) and a section "Where the code lives" in docs/design.md;
@@ -369,7 +369,7 @@ def used_names(nodes) -> Set[str]:
 
 
 def rewrite_split_references(text: str, split: Split, python: bool, markdown: bool) -> str:
-    """`recovery.next_move` -> `restart.next_move` (and dotted, and `from ... import`); imports follow (Python).
+    """`restart.next_move` -> `restart.next_move` (and dotted, and `from ... import`); imports follow (Python).
 
     In Markdown a bare `ps/recovery.py` (a file list) names both halves.
     """

@@ -36,6 +36,7 @@ from tf_backup import errors
 from tf_backup.chief import checkpoint as checkpoint_lib
 from tf_backup.protocol import adaptive as adaptive_lib
 from tf_backup.protocol import protocol
+from tf_backup.protocol import restart
 from tf_backup.protocol.protocol import Control
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import recovery
@@ -97,7 +98,7 @@ class Aggregator(threading.Thread):
       taken: per worker, its gradients already taken in this job (a chief
         that rejoined its job continues its predecessor's counts); default 0.
       on_ps: with the update applied on the ps tasks (`apply_on_ps`), the
-        chief's side of it (`ps_update.ChiefSide`): the step's scalars, the
+        chief's side of it (`update_on_ps.ChiefSide`): the step's scalars, the
         inner optimizer's step count, and the master copy read back before a
         checkpoint. `apply_fn` is then unused.
     """
@@ -290,7 +291,7 @@ class Aggregator(threading.Thread):
                 "`sparse_variables` are not supported by ps_restart_timeout yet.") from error
         flats = [np.asarray(f, self.state.wire.as_numpy_dtype) for f in self._master_flats()]
         finished = self.max_steps is not None and self.master_step >= self.max_steps
-        control = recovery.control_to_restore(self._last_control, self.config.num_workers, self.taken, self.n,
+        control = restart.control_to_restore(self._last_control, self.config.num_workers, self.taken, self.n,
                                               finished)
         with self._published_lock:  # the chief's own worker reads this step here
             self._published[self.master_step] = flats

@@ -22,11 +22,11 @@ import tensorflow as tf
 from tf_backup import errors
 from tf_backup.chief import aggregator as aggregator_lib
 from tf_backup.chief import checkpoint as checkpoint_lib
+from tf_backup.chief import update_on_ps
 from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import local_devices
 from tf_backup.protocol import protocol
-from tf_backup.ps import ps_update
-from tf_backup.ps import recovery
+from tf_backup.protocol import restart
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
 from tf_backup.worker import client as worker_lib
@@ -105,13 +105,13 @@ class Binding:
                 "The inner optimizer was created outside `strategy.scope()` of this "
                 "BackupWorkerStrategy: create it (and the SyncReplicasOptimizer) inside the scope."
             )
-        rule = ps_update.rule_for(inner) if self.config.apply_on_ps else None  # a ValueError before joining
+        rule = update_on_ps.rule_for(inner) if self.config.apply_on_ps else None  # a ValueError before joining
         job_id = ext.join_job()
         self.index = len(ext.bindings)
         self.state = shared_state.SharedState(
             f"tf_backup/{job_id}/opt{self.index}", self.layout, info.ps, info.num_workers, ext.endpoints,
             wire_dtype=self.config.wire_dtype, rule=rule, nesterov=bool(getattr(inner, "nesterov", False)))
-        self.on_ps: Optional[ps_update.ChiefSide] = None
+        self.on_ps: Optional[update_on_ps.ChiefSide] = None
         self.master = None
         self.aggregator: Optional[aggregator_lib.Aggregator] = None
         self.checkpoint: Optional[checkpoint_lib.Checkpoint] = None
@@ -130,7 +130,7 @@ class Binding:
                 flats = self._master_flats()
                 running = self._running_state(has_tables) if ext.monitor.rejoined else None
                 if rule is not None:
-                    self.on_ps = ps_update.ChiefSide(inner, rule, self.state, self.master)
+                    self.on_ps = update_on_ps.ChiefSide(inner, rule, self.state, self.master)
                 if running is None:
                     if self.on_ps is not None:  # before the control vector says the state is ready
                         self.state.update.write(*self.on_ps.flats())
@@ -146,7 +146,7 @@ class Binding:
                     logging.warning("tf_backup: the chief rejoined job %d, which had reached its last step %d; "
                                     "it finishes it.", ext.monitor.job_id, step)
                 else:  # a restarted chief: the same job, rewound to its checkpoint; the workers carry on
-                    self.state.repopulate(flats, step, recovery.control_to_rejoin(
+                    self.state.repopulate(flats, step, restart.control_to_rejoin(
                         running, self.config.replicas_to_aggregate))
                     logging.warning("tf_backup: the chief rejoined job %d at global step %d (its checkpoint); "
                                     "the job had reached step %d.", ext.monitor.job_id, step, running.step)

@@ -24,7 +24,6 @@ import enum
 import threading
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -49,53 +48,10 @@ class UpdateRule(NamedTuple):
         return len(self.slot_attrs)
 
 
-def rule_for(inner) -> UpdateRule:
-    """The rule of `inner` on the ps.
-
-    Raises:
-      ValueError: `inner` has no elementwise kernel here (the message names it and what to do).
-    """
-    name = type(inner).__name__
-    unsupported = [attr for attr in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay",
-                                     "gradient_accumulation_steps", "loss_scale_factor")
-                   if getattr(inner, attr, None)]
-    if getattr(inner, "use_ema", False):
-        unsupported.append("use_ema")
-    if type(inner) is keras.optimizers.Adam and getattr(inner, "amsgrad", False):
-        unsupported.append("amsgrad")
-    if unsupported:
-        raise ValueError(
-            f"apply_on_ps=True applies the inner optimizer elementwise on flat shards, without "
-            f"{', '.join(unsupported)}: leave them unset or use apply_on_ps=False. Received {name} with "
-            + ", ".join(f"{a}={getattr(inner, a)!r}" for a in unsupported))
-    if type(inner) is keras.optimizers.SGD:
-        if float(inner.momentum) == 0.0:
-            return UpdateRule(Kind.SGD, ())
-        return UpdateRule(Kind.MOMENTUM, ("momentums",))
-    if type(inner) is keras.optimizers.Adam:
-        return UpdateRule(Kind.ADAM, ("_momentums", "_velocities"))
-    raise ValueError(
-        "apply_on_ps=True supports keras.optimizers.SGD (with or without momentum) and "
-        f"keras.optimizers.Adam: use apply_on_ps=False (the chief applies any optimizer). Received {name}")
-
-
 def hyper_names(rule: UpdateRule) -> List[str]:
     """The scalars the chief feeds each step, in `hyper_values`' order."""
     return {Kind.SGD: ["lr"], Kind.MOMENTUM: ["lr", "momentum"],
             Kind.ADAM: ["lr", "beta1_power", "beta2_power", "beta1", "beta2", "epsilon"]}[rule.kind]
-
-
-def hyper_values(inner, rule: UpdateRule) -> Dict[str, float]:
-    """(Chief, eager.) The scalars of the step `inner.iterations` is at, as Keras's `update_step` computes them."""
-    lr = float(keras.ops.convert_to_numpy(inner.learning_rate))  # a schedule is evaluated at `iterations`
-    if rule.kind is Kind.SGD:
-        return {"lr": lr}
-    if rule.kind is Kind.MOMENTUM:
-        return {"lr": lr, "momentum": float(inner.momentum)}
-    local_step = float(int(inner.iterations.numpy()) + 1)
-    b1, b2 = float(inner.beta_1), float(inner.beta_2)
-    return {"lr": lr, "beta1_power": b1 ** local_step, "beta2_power": b2 ** local_step, "beta1": b1, "beta2": b2,
-            "epsilon": float(inner.epsilon)}
 
 
 def build_apply(rule: UpdateRule, var, slots: List, grad: tf.Tensor, hyper: Dict[str, tf.Tensor],
@@ -110,11 +66,6 @@ def build_apply(rule: UpdateRule, var, slots: List, grad: tf.Tensor, hyper: Dict
     return tf.raw_ops.ResourceApplyAdam(var=var, m=slots[0], v=slots[1], beta1_power=h["beta1_power"],
                                         beta2_power=h["beta2_power"], lr=h["lr"], beta1=h["beta1"],
                                         beta2=h["beta2"], epsilon=h["epsilon"], grad=grad)
-
-
-def slot_variables(inner, rule: UpdateRule) -> List[List]:
-    """(Chief.) Per slot, the inner optimizer's Keras variables of it (one per model variable)."""
-    return [list(getattr(inner, attr)) for attr in rule.slot_attrs]
 
 
 class UpdateState:
@@ -203,42 +154,6 @@ class UpdateState:
         return where.run(run["fetch"], {run["required"]: int(required), **hyper_feed(run["hyper"], hyper)},
                          what=f"take and apply of `{self._prefix}` shard {shard}",
                          on_duplicate=endpoint_lib.OnDuplicate.RAISE)
-
-
-class ChiefSide:
-    """(Chief.) Its part of an update applied on the ps: the step's scalars, the step count, the checkpoint's copy.
-
-    The chief keeps the Keras master copy and the inner optimizer (with its
-    slots) for checkpoints only: `refresh` reads them back from the ps tasks
-    before each save, and a restored checkpoint is written to the ps tasks at
-    the start (`SharedState.write_update_state`).
-    """
-
-    def __init__(self, inner, rule: UpdateRule, state, master: List):
-        self.inner, self.rule, self.state, self.master = inner, rule, state, master
-
-    def hyper(self) -> Dict[str, float]:
-        return hyper_values(self.inner, self.rule)
-
-    def applied(self) -> None:
-        """One step applied on the ps: the inner optimizer's `iterations` moves on (schedules, Adam's powers)."""
-        self.inner.iterations.assign_add(1)
-
-    def flats(self):
-        """(The master copy, [slots per shard] per slot) packed from the chief's Keras variables, as float32 numpy."""
-        layout = self.state.layout
-        pack = lambda variables: [f.numpy() for f in layout.pack([tf.convert_to_tensor(v) for v in variables])]  # noqa: E731
-        return pack(self.master), [pack(slot) for slot in slot_variables(self.inner, self.rule)]
-
-    def refresh(self) -> None:
-        """The master copy and the slots read back from the ps tasks into the chief's Keras variables."""
-        master, slots = self.state.update.read()
-        layout = self.state.layout
-        for v, value in zip(self.master, layout.unpack(master)):
-            v.assign(value)
-        for variables, flats in zip(slot_variables(self.inner, self.rule), slots):
-            for v, value in zip(variables, layout.unpack(flats)):
-                v.assign(value)
 
 
 def hyper_feed(placeholders: Dict[str, tf.Tensor], values: Optional[Dict[str, float]]) -> Dict:

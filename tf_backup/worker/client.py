@@ -32,6 +32,7 @@ from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.protocol import protocol
+from tf_backup.protocol import restart
 from tf_backup.protocol.protocol import Control
 from tf_backup.protocol.protocol import ControlView
 from tf_backup.ps import job as job_lib
@@ -279,12 +280,12 @@ class WorkerClient:
                     got = self.state.wait(self.w, seconds, known_step=self.step)
                 if got is None:  # nothing happened: look anyway (a token may have been lost)
                     ctl, snapshot = self.state.read_control(), None
-                    if done(ctl) and not recovery.state_lost(ctl, self.generation):
+                    if done(ctl) and not restart.state_lost(ctl, self.generation):
                         self.missed_wakeups += 1
                         return Seen(ctl, snapshot)
                 else:
                     ctl, snapshot = got.control, got.snapshot
-                if recovery.state_lost(ctl, self.generation):  # the chief wrote the state again
+                if restart.state_lost(ctl, self.generation):  # the chief wrote the state again
                     moved = self._adopt_generation(ctl)
                 else:
                     if done(ctl):
@@ -293,13 +294,13 @@ class WorkerClient:
             except recovery.RECOVERABLE as e:  # a ps task is down, back empty, or the connection failed
                 generation = self.generation
                 found = self._await_state(e)
-                kept = pushing is not None and recovery.push_kept(found, generation, self.w, self.counts.pushed)
+                kept = pushing is not None and restart.push_kept(found, generation, self.w, self.counts.pushed)
                 moved = self._adopt_generation(found)
             if moved is not None:
-                move = recovery.next_move(moved.step, self.step, done(moved), pushing is not None and not kept)
-                if move is recovery.Move.PULL:
+                move = restart.next_move(moved.step, self.step, done(moved), pushing is not None and not kept)
+                if move is restart.Move.PULL:
                     return Seen(moved, None)
-                push = pushing if move is recovery.Move.PUSH_AGAIN else None
+                push = pushing if move is restart.Move.PUSH_AGAIN else None
                 continue
             if self.monitor.done:
                 return Seen(ctl, snapshot)
