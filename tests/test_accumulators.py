@@ -160,8 +160,8 @@ def test_closing_an_endpoint_of_a_task_that_is_gone_does_not_wait_for_it():
     import subprocess  # pylint: disable=g-import-not-at-top
     import sys  # pylint: disable=g-import-not-at-top
     import time  # pylint: disable=g-import-not-at-top
-    from tf_backup.local import launch  # pylint: disable=g-import-not-at-top
-    port = launch.free_ports(1)[0]
+    from tf_backup.local.spec import free_ports  # pylint: disable=g-import-not-at-top
+    port = free_ports(1)[0]
     server = subprocess.Popen([sys.executable, "-c", (
         "import time, tensorflow as tf\n"
         f"s = tf.distribute.Server(tf.train.ClusterSpec({{'ps': ['localhost:{port}']}}), job_name='ps', task_index=0)\n"

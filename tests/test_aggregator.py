@@ -10,7 +10,7 @@ import tensorflow as tf
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.chief import aggregator as aggregator_lib
-from tf_backup.local import launch
+from tf_backup.local.spec import free_ports
 from tf_backup.protocol import protocol
 from tf_backup.ps import endpoint
 from tf_backup.ps.layout import Layout
@@ -19,7 +19,7 @@ from tf_backup.ps.shared_state import SharedState
 
 @pytest.fixture(scope="module")
 def ps_info():
-    port = launch.free_ports(1)[0]
+    port = free_ports(1)[0]
     spec = {"ps": [f"localhost:{port}"], "worker": ["localhost:1", "localhost:2"]}
     server = tf.distribute.Server(tf.train.ClusterSpec({"ps": spec["ps"]}), job_name="ps", task_index=0)
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(

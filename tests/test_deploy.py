@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tf_backup.local import launch
+from tf_backup.local.spec import free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
@@ -27,7 +27,7 @@ def tfjob_tf_config(cluster, task_type, index):
 
 @pytest.mark.cluster
 def test_a_tfjob_tf_config_with_a_chief_job_trains_on_localhost(tmp_path):
-    ports = launch.free_ports(4)
+    ports = free_ports(4)
     cluster = {"chief": [f"localhost:{ports[0]}"], "ps": [f"localhost:{ports[1]}"],
                "worker": [f"localhost:{ports[2]}", f"localhost:{ports[3]}"]}
     summary = tmp_path / "summary.json"

@@ -6,7 +6,9 @@ import subprocess
 import pytest
 
 import tf_backup
-from tf_backup.local import launch
+from tf_backup.local import logs
+from tf_backup.local import supervisor
+from tf_backup.local.spec import local_cluster_spec
 import workers
 
 
@@ -73,10 +75,9 @@ def test_a_task_process_cannot_launch_a_cluster(monkeypatch):
 
 
 def test_echo_copies_complete_new_lines_without_tensorflow_chatter(tmp_path, capsys):
-    from tf_backup.local import launch  # pylint: disable=g-import-not-at-top
     log = tmp_path / "worker-0.log"
     log.write_text("I0000 00:00:1 cpu_feature_guard.cc:227] chatter\nepoch 1\npartial")
-    echo = launch._Echo(str(log))  # pylint: disable=protected-access
+    echo = logs.Echo(str(log))
     echo.poll()
     assert capsys.readouterr().out == "epoch 1\n"
     with open(log, "a") as f:
@@ -131,7 +132,7 @@ def prefix_and_address():
 
 def test_hosts_and_command_prefix_place_each_task(tmp_path):
     """The hook `benchmarks.netem` uses: each task's address in TF_CONFIG, and a command run before it."""
-    spec = launch.local_cluster_spec(2, 2, hosts={"worker-1": "198.18.0.11", "ps-0": "198.18.0.20"})
+    spec = local_cluster_spec(2, 2, hosts={"worker-1": "198.18.0.11", "ps-0": "198.18.0.20"})
     assert [a.rsplit(":", 1)[0] for a in spec["worker"] + spec["ps"]] == [
         "localhost", "198.18.0.11", "198.18.0.20", "localhost"]
     assert len({int(a.rsplit(":", 1)[1]) for a in spec["worker"] + spec["ps"]}) == 4
@@ -172,8 +173,8 @@ def test_the_supervisor_restarts_a_failing_task_up_to_max_restarts(tmp_path):
 
 
 def test_the_supervisor_backs_off_doubling_up_to_its_longest_delay():
-    assert [launch.restart_delay(k, first=1.0) for k in range(7)] == [1, 2, 4, 8, 16, 30, 30]
-    assert launch.restart_delay(3, first=0.0) == 0.0
+    assert [supervisor.restart_delay(k, first=1.0) for k in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert supervisor.restart_delay(3, first=0.0) == 0.0
 
 
 def test_the_supervisor_restarts_nothing_once_the_chief_has_returned(tmp_path):
@@ -186,3 +187,87 @@ def test_the_supervisor_restarts_nothing_once_the_chief_has_returned(tmp_path):
         assert cluster.returncodes()["worker-0"] == 0
         assert (failure.value.task, failure.value.exit_code, cluster.restarts()) == (
             "worker-1", 1, {"worker-0": 0, "worker-1": 0})
+
+
+# The supervisor's transitions, without processes: exit codes made up, the clock passed in.
+RUNNING = {"ps-0": None, "worker-0": None, "worker-1": None}
+NO_RESTARTS = {"ps-0": 0, "worker-0": 0, "worker-1": 0}
+
+
+def look(state, policy, now, restarts=None, **codes):
+    """One `advance` with RUNNING's tasks, `codes` (worker_1=1: "worker-1" exited 1) changed."""
+    seen = dict(RUNNING, **{name.replace("_", "-"): code for name, code in codes.items()})
+    return supervisor.advance(state, policy, seen, restarts or NO_RESTARTS, now)
+
+
+def test_the_supervision_waits_for_the_workers_then_the_ps_tasks():
+    policy = supervisor.Policy(timeout=100, ps_exit_grace=10)
+    state = supervisor.Supervision.start(policy, now=0.0)
+    state, actions = look(state, policy, 1.0, worker_0=0)
+    assert (state.phase, actions) == (supervisor.Phase.WORKERS, [])
+    state, actions = look(state, policy, 2.0, worker_0=0, worker_1=0)
+    assert (state.phase, state.workers_done_at, actions) == (supervisor.Phase.PS_EXIT, 2.0, [])
+    state, actions = look(state, policy, 5.0, worker_0=0, worker_1=0)
+    assert (state.phase, state.workers_done_at) == (supervisor.Phase.PS_EXIT, 2.0)
+    state, actions = look(state, policy, 6.0, ps_0=0, worker_0=0, worker_1=0)
+    assert (state.phase, state.lost, state.failure, actions) == (supervisor.Phase.DONE, frozenset(), None, [])
+    with pytest.raises(ValueError, match="The run is over"):
+        look(state, policy, 7.0)
+
+
+def test_the_supervision_fails_when_the_ps_tasks_outstay_their_grace_or_the_timeout_passes():
+    policy = supervisor.Policy(timeout=100, ps_exit_grace=10)
+    state, _ = look(supervisor.Supervision.start(policy, 0.0), policy, 2.0, worker_0=0, worker_1=0)
+    same, _ = look(state, policy, 12.0, worker_0=0, worker_1=0)
+    assert same.phase is supervisor.Phase.PS_EXIT
+    lingered, _ = look(state, policy, 12.5, worker_0=0, worker_1=0)
+    assert (lingered.phase, lingered.failure) == (supervisor.Phase.FAILED, supervisor.PsLingered(("ps-0",)))
+    running, _ = look(supervisor.Supervision.start(policy, 0.0), policy, 100.0, worker_1=0)
+    assert running.phase is supervisor.Phase.WORKERS
+    late, _ = look(running, policy, 100.5, worker_1=0)
+    assert late.failure == supervisor.TimedOut(("ps-0", "worker-0"))
+
+
+def test_the_supervision_loses_workers_up_to_max_failed_workers_but_never_the_chief():
+    policy = supervisor.Policy(timeout=100, max_failed_workers=1)
+    start = supervisor.Supervision.start(policy, 0.0)
+    state, actions = look(start, policy, 1.0, worker_1=3)
+    assert (state.phase, state.lost, actions) == (
+        supervisor.Phase.WORKERS, frozenset({"worker-1"}), [supervisor.LoseWorker("worker-1", 3, 1)])
+    state, actions = look(state, policy, 2.0, worker_0=0, worker_1=3)
+    assert (state.phase, actions) == (supervisor.Phase.PS_EXIT, [])
+    chief, actions = look(start, policy, 1.0, worker_0=1)
+    assert (chief.phase, chief.failure, actions) == (supervisor.Phase.FAILED, supervisor.TaskFailed("worker-0"), [])
+    # Workers first: a ps task that exits with the chief's failure does not hide it.
+    both, _ = look(start, policy, 1.0, ps_0=1, worker_0=1)
+    assert both.failure == supervisor.TaskFailed("worker-0")
+
+
+def test_the_supervision_restarts_a_task_after_its_back_off_until_its_restarts_are_spent():
+    policy = supervisor.Policy(timeout=100, max_restarts=2, restart_delay=0.5)
+    state, actions = look(supervisor.Supervision.start(policy, 0.0), policy, 1.0, worker_1=1)
+    assert (dict(state.restart_due), actions) == (
+        {"worker-1": 1.5}, [supervisor.ScheduleRestart("worker-1", 1, 0.5, 1)])
+    state, actions = look(state, policy, 1.4, worker_1=1)
+    assert (dict(state.restart_due), actions) == ({"worker-1": 1.5}, [])
+    state, actions = look(state, policy, 1.5, worker_1=1)
+    assert (dict(state.restart_due), actions) == ({}, [supervisor.Restart("worker-1")])
+    restarted = state
+    once = dict(NO_RESTARTS, **{"worker-1": 1})
+    state, actions = look(restarted, policy, 3.0, restarts=once, worker_1=1)
+    assert actions == [supervisor.ScheduleRestart("worker-1", 1, 1.0, 2)]
+    spent, actions = look(restarted, policy, 3.0, restarts=dict(once, **{"worker-1": 2}), worker_1=1)
+    assert (spent.failure, actions) == (supervisor.TaskFailed("worker-1"), [])
+    # A task restarted in the look that times out counts as running.
+    timed_out, actions = look(state, policy, 101.0, restarts=once, worker_1=1)
+    assert (actions, timed_out.failure) == (
+        [supervisor.Restart("worker-1")], supervisor.TimedOut(("ps-0", "worker-0", "worker-1")))
+
+
+def test_the_supervision_restarts_nothing_once_the_chief_has_returned():
+    policy = supervisor.Policy(timeout=100, max_restarts=3, restart_delay=0)
+    state, actions = look(supervisor.Supervision.start(policy, 0.0), policy, 1.0, worker_1=1)
+    assert actions == [supervisor.ScheduleRestart("worker-1", 1, 0.0, 1)]
+    state, actions = look(state, policy, 1.0, worker_0=0, worker_1=1)
+    assert (state.phase, state.failure, dict(state.restart_due), actions) == (
+        supervisor.Phase.FAILED, supervisor.TaskFailed("worker-1"), {}, [])

@@ -14,6 +14,7 @@ import tensorflow as tf
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.local import launch
+from tf_backup.local.spec import free_ports
 from tf_backup.protocol import protocol
 from tf_backup.protocol import restart
 from tf_backup.protocol.protocol import Control
@@ -132,7 +133,7 @@ def test_without_a_restart_timeout_the_error_is_raised_as_it_came():
 
 
 def test_a_restarted_ps_is_written_again_in_a_new_generation():
-    address = f"localhost:{launch.free_ports(1)[0]}"
+    address = f"localhost:{free_ports(1)[0]}"
     ps = cluster_lib.Task("ps", 0, address)
     proc = start_ps(address)
     try:

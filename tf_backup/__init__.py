@@ -8,8 +8,8 @@ from tf_backup.errors import StepTimeoutError
 from tf_backup.errors import WorkersLostError
 from tf_backup.frontend.optimizer import SyncReplicasOptimizer
 from tf_backup.frontend.strategy import BackupWorkerStrategy
-from tf_backup.local.launch import LocalCluster
-from tf_backup.local.launch import LocalClusterError
+from tf_backup.local.cluster import LocalCluster
+from tf_backup.local.failures import LocalClusterError
 from tf_backup.local.launch import launch_local
 from tf_backup.memory import tune_malloc
 from tf_backup.ps.accumulators import ConditionalAccumulator
