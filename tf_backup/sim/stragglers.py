@@ -1,8 +1,8 @@
 """Straggler simulation: the seeded models and `StragglerCallback`, which sleeps their delays.
 
-The models, `parse` and `ideal_step_times` live in `tf_backup.sim.straggler_models`
-and are re-exported here, so `stragglers.parse(...)` and
-`stragglers.StragglerCallback(...)` are one import for users.
+The models live in `tf_backup.sim.straggler_models`, `parse` in `tf_backup.sim.specs` and
+`ideal_step_times` in `tf_backup.sim.ideal`; they are re-exported here, so `stragglers.parse(...)`
+and `stragglers.StragglerCallback(...)` are one import for users.
 
 Usage:
 
@@ -17,6 +17,8 @@ import time
 import keras
 
 from tf_backup import _checks
+from tf_backup.sim.ideal import ideal_step_times
+from tf_backup.sim.specs import parse
 from tf_backup.sim.straggler_models import ExponentialDelay
 from tf_backup.sim.straggler_models import NoStragglers
 from tf_backup.sim.straggler_models import ParetoDelay
@@ -24,8 +26,6 @@ from tf_backup.sim.straggler_models import PhasedDelay
 from tf_backup.sim.straggler_models import SlowWorkers
 from tf_backup.sim.straggler_models import StragglerModel
 from tf_backup.sim.straggler_models import TraceDelay
-from tf_backup.sim.straggler_models import ideal_step_times
-from tf_backup.sim.straggler_models import parse
 
 __all__ = ["ExponentialDelay", "NoStragglers", "ParetoDelay", "PhasedDelay", "SlowWorkers", "StragglerCallback", "StragglerModel",
            "TraceDelay", "ideal_step_times", "parse"]
