@@ -1,8 +1,9 @@
-"""The front end's parts without a cluster: the strategy's checked arguments, its reports."""
+"""The front end's parts without a cluster: the strategy's checked arguments, its reports, the step trace."""
 
 import dataclasses
 import inspect
 import pathlib
+import types
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import tensorflow as tf
 import tf_backup
 from tf_backup import topology
 from tf_backup.frontend import arguments
+from tf_backup.frontend import extended as extended_lib
 from tf_backup.frontend import reports
 from tf_backup.protocol import protocol
 
@@ -82,3 +84,20 @@ def test_gradient_stats_from_a_control_vector():
     assert stats.as_dict() == {"global_step": 9, "pushed": [9, 8, 2], "taken": [9, 6, 0], "dropped": [0, 2, 2],
                                "cancelled": [0, 1, 5], "batches": [9, 9, 7]}
     assert all(type(x) is int for x in stats.as_dict()["pushed"])  # plain ints: the dict pickles and dumps as JSON
+
+
+def test_step_trace_records_only_the_step_run_traces_now():
+    mixin = extended_lib._BackupWorkerMixin  # pylint: disable=protected-access
+    ext = types.SimpleNamespace(_trace=None)
+    mixin.mark_step_applied(ext)  # an apply outside `run`: no trace to record into, nothing kept
+    first, second = object(), object()
+    with mixin.tracing_step(ext) as outer:
+        mixin.mark_compiled_step(ext, first)
+        with mixin.tracing_step(ext) as inner:
+            mixin.mark_step_applied(ext)
+            mixin.mark_compiled_step(ext, second)
+            mixin.mark_compiled_step(ext, second)
+        mixin.mark_compiled_step(ext, first)
+    assert inner == extended_lib.StepTrace(applied=True, compiled=[second])
+    assert outer == extended_lib.StepTrace(applied=False, compiled=[first])
+    assert ext._trace is None  # pylint: disable=protected-access

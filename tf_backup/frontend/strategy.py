@@ -262,17 +262,16 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
             self.extended.note_model(model)
         else:
             model = None
-        self.extended.step_applied = False
-        self.extended.compiled_steps = []
         try:
-            outputs = self.extended.run_replicas(super().run, fn, args, kwargs, options)
-            if self.extended.compiled_steps and not exchange_lib.in_compiled_context():
-                for binding in self.extended.compiled_steps:  # the replica step was compiled: exchange outside it
+            with self.extended.tracing_step() as trace:
+                outputs = self.extended.run_replicas(super().run, fn, args, kwargs, options)
+            if trace.compiled and not exchange_lib.in_compiled_context():
+                for binding in trace.compiled:  # the replica step was compiled: exchange outside it
                     binding.exchange()
         except tf.errors.OpError as e:  # run eagerly: a failed step's tf_backup error, by type
             self.extended.raise_if_failed(e)
             raise
-        if self.extended.compiled_steps and exchange_lib.in_compiled_context():
+        if trace.compiled and exchange_lib.in_compiled_context():
             if model is None:
                 raise ValueError(
                     "BackupWorkerStrategy.run was called inside an XLA-compiled function: its step "
@@ -288,7 +287,7 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
                     "loop (`strategy.run(tf.function(fn, jit_compile=True), ...)`). Received "
                     "jit_compile=True")
             # else Keras's `jit_compile=True`: the next batch fetch runs the exchange (tf_backup.frontend.exchange).
-        if self.extended.step_applied and isinstance(outputs, dict):
+        if trace.applied and isinstance(outputs, dict):
             outputs = dict(outputs)
             for name, var in self.extended.ensure_metric_vars().items():
                 outputs[name] = tf.cast(var.read_value(), tf.float32)
