@@ -6,13 +6,17 @@ devices, and `TPUBackupWorkerExtended` `TPUStrategy`'s, over its TPU cores,
 each with `_BackupWorkerMixin`: the strategy's endpoints to the ps
 tasks, its membership of the job (`job.JobMonitor`), the optimizers bound to
 the shared state (`binding.Binding`), the Keras models it stops, the failure
-a step kept for the caller to raise, and input sharding by worker.
+a step kept for the caller to raise, and input sharding by worker. What a
+step did while `BackupWorkerStrategy.run` traced it is a `StepTrace` that the
+`run` call owns (`tracing_step`).
 """
 
+import contextlib
+import dataclasses
 import functools
 import threading
 import weakref
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import tensorflow as tf
 
@@ -40,6 +44,28 @@ def shutdown_all(failed: bool = False) -> None:
     """Shuts down every BackupWorkerStrategy of this process (see `shutdown`)."""
     for extended in list(_LIVE):
         extended.shutdown(failed=failed)
+
+
+@dataclasses.dataclass
+class StepTrace:
+    """What the function of one `BackupWorkerStrategy.run` did, seen while it was traced (or ran eagerly).
+
+    `run` owns it (`_BackupWorkerMixin.tracing_step`) and reads it once the
+    replica function has run; a `SyncReplicasOptimizer` step records into it
+    through the extended, since the step's own return value goes to Keras's
+    `train_step`, not back to `run`.
+
+    Attributes:
+      applied: a SyncReplicasOptimizer step is part of the function: `run` adds the step metrics.
+      compiled: the bindings whose compiled step left a gradient in their buffers: `run` exchanges them.
+    """
+
+    applied: bool = False
+    compiled: List = dataclasses.field(default_factory=list)
+
+    def add_compiled(self, binding) -> None:
+        if binding not in self.compiled:
+            self.compiled.append(binding)
 
 
 class _BackupWorkerMixin:
@@ -70,10 +96,10 @@ class _BackupWorkerMixin:
         self.bindings: List = []  # tf_backup.frontend.binding.Binding, one per SyncReplicasOptimizer built
         self.metric_vars: Optional[dict] = None
         self._models = weakref.WeakSet()
-        self.step_applied = False  # a SyncReplicasOptimizer step is in the function `run` traces
-        self.compiled_steps: List = []  # bindings whose compiled step `run` traces left in their buffers
-        # Split every step as a compiled one is, compiled or not: tests of that path where XLA cannot
-        # compile it (several logical CPU devices share one XLA device).
+        self._trace: Optional[StepTrace] = None  # the step `run` traces now, if any (`tracing_step`)
+        # A test-only setting, not per-step state: split every step as a compiled one is, compiled or
+        # not, to test that path where XLA cannot compile it (several logical CPU devices share one XLA
+        # device). Read by `Binding.split_step`.
         self.always_split = False
         self._shut_down = False
         self._failure_lock = threading.Lock()  # guards `_failure`
@@ -171,14 +197,27 @@ class _BackupWorkerMixin:
         """Whether a Keras model runs its steps here (else a custom loop does)."""
         return bool(list(self._models))
 
+    @contextlib.contextmanager
+    def tracing_step(self) -> Iterator[StepTrace]:
+        """(`run`.) A new `StepTrace` that the steps traced inside the block record into."""
+        outer, self._trace = self._trace, StepTrace()
+        try:
+            yield self._trace
+        finally:
+            self._trace = outer
+
     def mark_step_applied(self) -> None:
         """(While tracing `run`'s function.) A SyncReplicasOptimizer step is part of it: `run` adds the metrics."""
-        self.step_applied = True
+        if self._trace is not None:  # else no `run` reads it (an apply outside `strategy.run`)
+            self._trace.applied = True
 
     def mark_compiled_step(self, binding) -> None:
-        """(While tracing `run`'s function.) A compiled step wrote `binding`'s buffers: `run` exchanges them."""
-        if binding not in self.compiled_steps:
-            self.compiled_steps.append(binding)
+        """(While tracing `run`'s function.) A compiled step wrote `binding`'s buffers: `run` exchanges them.
+
+        Outside `run`, the next batch fetch exchanges them (`exchange_pending`).
+        """
+        if self._trace is not None:
+            self._trace.add_compiled(binding)
 
     def exchange_pending(self) -> None:
         """Runs the exchange of every gradient a compiled step left in its buffers (`tf_backup.frontend.exchange`)."""

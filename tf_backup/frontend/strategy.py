@@ -1,7 +1,6 @@
 """`BackupWorkerStrategy`: synchronous SGD with backup workers as a tf.distribute strategy."""
 
 import atexit
-import os
 import time
 from typing import List, Optional, Union
 
@@ -11,18 +10,15 @@ from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import memory
 from tf_backup import topology
-from tf_backup.chief import aggregator as aggregator_lib
 from tf_backup.frontend import _tf_internal
+from tf_backup.frontend import arguments
 from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import extended as extended_lib
 from tf_backup.frontend import local_devices
-from tf_backup.protocol import adaptive as adaptive_lib
-from tf_backup.protocol import protocol
-from tf_backup.ps import job as job_lib
+from tf_backup.frontend import reports
 
 
-
-class BackupWorkerStrategy(_tf_internal.Strategy):
+class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
     """Synchronous data-parallel training with backup workers.
 
     The cluster has `N + b` workers and one or more `ps` tasks. Every worker
@@ -162,49 +158,14 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                  checkpoint_every_steps: int = 100, ps_timeout: float = 60.0,
                  ps_restart_timeout: float = 0.0, chief_rejoins: bool = False, devices=None,
                  wire_dtype: str = "float32", apply_on_ps: bool = False):
-        auto = num_backup_workers == "auto"
-        if not auto:
-            num_backup_workers = _checks.check_int("num_backup_workers", num_backup_workers, 0,
-                                                   kind='an integer >= 0 or "auto"')
-            if min_replicas_to_aggregate is not None or max_replicas_to_aggregate is not None:
-                raise ValueError(
-                    "`min_replicas_to_aggregate` and `max_replicas_to_aggregate` bound an adaptive N: "
-                    "they need num_backup_workers='auto'. Received "
-                    f"num_backup_workers={num_backup_workers!r}, min_replicas_to_aggregate="
-                    f"{min_replicas_to_aggregate!r}, max_replicas_to_aggregate={max_replicas_to_aggregate!r}")
-        adaptive_window = _checks.check_int("adaptive_window", adaptive_window, 1)
-        _checks.check_bool("asynchronous", asynchronous)
-        step_timeout = _checks.check_seconds("step_timeout", step_timeout)
-        startup_timeout = _checks.check_seconds("startup_timeout", startup_timeout)
-        chief_timeout = _checks.check_seconds("chief_timeout", chief_timeout)
-        poll_interval = _checks.check_seconds("poll_interval", poll_interval)
-        worker_timeout = _checks.check_seconds("worker_timeout", worker_timeout)
-        ps_timeout = _checks.check_seconds("ps_timeout", ps_timeout)
-        ps_restart_timeout = _checks.check_seconds("ps_restart_timeout", ps_restart_timeout, allow_zero=True)
-        _checks.check_bool("chief_rejoins", chief_rejoins)
-        if not isinstance(wire_dtype, str) or wire_dtype not in protocol.WIRE_DTYPES:
-            raise ValueError(f"`wire_dtype` must be one of {', '.join(protocol.WIRE_DTYPES)}. "
-                             f"Received wire_dtype={wire_dtype!r}")
-        _checks.check_bool("apply_on_ps", apply_on_ps)
-        if apply_on_ps and (ps_restart_timeout or chief_rejoins):
-            raise ValueError(
-                "apply_on_ps=True keeps the master copy on the ps tasks, so a restarted ps task cannot be "
-                "written again from the chief's, nor a rejoining chief's checkpoint be its state: set "
-                "ps_restart_timeout=0 and chief_rejoins=False (a lost task ends the job; restart from the "
-                f"checkpoint). Received ps_restart_timeout={ps_restart_timeout!r}, chief_rejoins={chief_rejoins!r}")
-        max_steps = _checks.check_optional_int("max_steps", max_steps, 1)
-        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"`checkpoint_dir` must be a path or None. Received checkpoint_dir={checkpoint_dir!r}")
-        checkpoint_every_steps = _checks.check_int("checkpoint_every_steps", checkpoint_every_steps, 1)
-        if asynchronous and auto:
-            raise ValueError(
-                "Asynchronous training applies every gradient, so it has no N to choose: "
-                "set num_backup_workers=0. Received num_backup_workers='auto'")
-        if asynchronous and num_backup_workers:
-            raise ValueError(
-                "Asynchronous training applies every gradient, so it has no backup workers: "
-                f"set num_backup_workers=0. Received num_backup_workers={num_backup_workers}"
-            )
+        args = arguments.StrategyArguments(
+            num_backup_workers=num_backup_workers, min_replicas_to_aggregate=min_replicas_to_aggregate,
+            max_replicas_to_aggregate=max_replicas_to_aggregate, adaptive_window=adaptive_window,
+            asynchronous=asynchronous, step_timeout=step_timeout, startup_timeout=startup_timeout,
+            chief_timeout=chief_timeout, poll_interval=poll_interval, worker_timeout=worker_timeout,
+            max_steps=max_steps, checkpoint_dir=checkpoint_dir, checkpoint_every_steps=checkpoint_every_steps,
+            ps_timeout=ps_timeout, ps_restart_timeout=ps_restart_timeout, chief_rejoins=chief_rejoins,
+            wire_dtype=wire_dtype, apply_on_ps=apply_on_ps)
         if cluster_resolver is None:
             cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
@@ -216,41 +177,13 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                 f"This process is the ps task {info.task}: ps tasks run `tf_backup.serve()`, "
                 "not a BackupWorkerStrategy."
             )
-        adaptive = None
-        if auto:
-            n_min, n_max = adaptive_lib.check_bounds(
-                info.num_workers, min_replicas_to_aggregate, max_replicas_to_aggregate)
-            adaptive = protocol.AdaptiveSettings(n_min, n_max, window=adaptive_window,
-                                                 warmup=min(protocol.AdaptiveSettings.warmup, adaptive_window))
-            num_backup_workers = info.num_workers - n_max  # the first steps' b
-        if num_backup_workers >= info.num_workers:
-            raise ValueError(
-                f"`num_backup_workers` must be below the number of workers ({info.num_workers}): "
-                f"at least one gradient makes a step. Received num_backup_workers={num_backup_workers}"
-            )
+        config = args.protocol_config(info)
         self._cluster_resolver = cluster_resolver
-        config = protocol.ProtocolConfig(
-            replicas_to_aggregate=1 if asynchronous else info.num_workers - num_backup_workers,
-            num_workers=info.num_workers,
-            adaptive=adaptive,
-            staleness_check=not asynchronous,
-            step_timeout=step_timeout,
-            chief_timeout=chief_timeout,
-            startup_timeout=startup_timeout,
-            poll_max=poll_interval,
-            poll_min=min(0.0005, poll_interval),
-            ps_restart_timeout=ps_restart_timeout,
-            wire_dtype=wire_dtype,
-            apply_on_ps=apply_on_ps,
-        )
-        cluster_lib.wait_for_tasks(info.ps, startup_timeout, waiter=f"Worker {info.task}")
+        cluster_lib.wait_for_tasks(info.ps, args.startup_timeout, waiter=f"Worker {info.task}")
         memory.tune_malloc()  # every step feeds and fetches model-sized buffers (TF_BACKUP_TUNE_MALLOC=0: not)
         # The model trains on this worker's own device; the shared state is reached
         # through graph sessions on the ps tasks (tf_backup.ps.accumulators).
-        kwargs = dict(worker_timeout=worker_timeout, max_steps=max_steps,
-                      checkpoint_dir=None if checkpoint_dir is None else os.fspath(checkpoint_dir),
-                      checkpoint_every_steps=checkpoint_every_steps, ps_timeout=ps_timeout,
-                      chief_rejoins=chief_rejoins)
+        kwargs = args.extended_kwargs()
         if tpu is not None:
             extended = extended_lib.TPUBackupWorkerExtended(self, tpu, info, config, **kwargs)
         elif len(devices) == 1:
@@ -268,43 +201,6 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
     @property
     def cluster_resolver(self):
         return self._cluster_resolver
-
-    @property
-    def num_workers(self) -> int:
-        """N + b: every worker of the cluster."""
-        return self.extended.cluster.num_workers
-
-    @property
-    def replicas_to_aggregate(self) -> int:
-        """N: the fresh gradients averaged into one step (adaptive N: the first steps', the upper bound)."""
-        return self.extended.config.replicas_to_aggregate
-
-    @property
-    def num_backup_workers(self) -> Union[int, str]:
-        """b: the workers a step does not wait for (0 in asynchronous mode; `"auto"`: adaptive N)."""
-        if self.asynchronous:
-            return 0
-        if self.adaptive is not None:
-            return "auto"
-        return self.num_workers - self.replicas_to_aggregate
-
-    @property
-    def adaptive(self) -> Optional[protocol.AdaptiveSettings]:
-        """The bounds and window of adaptive N, or None when N is fixed."""
-        return self.extended.config.adaptive
-
-    @property
-    def asynchronous(self) -> bool:
-        return not self.extended.config.staleness_check
-
-    @property
-    def worker_index(self) -> int:
-        """This process's worker index; 0 is the chief."""
-        return self.extended.cluster.worker_index
-
-    @property
-    def is_chief(self) -> bool:
-        return self.extended.cluster.is_chief
 
     # -- running -------------------------------------------------------------------
 
@@ -366,17 +262,16 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
             self.extended.note_model(model)
         else:
             model = None
-        self.extended.step_applied = False
-        self.extended.compiled_steps = []
         try:
-            outputs = self.extended.run_replicas(super().run, fn, args, kwargs, options)
-            if self.extended.compiled_steps and not exchange_lib.in_compiled_context():
-                for binding in self.extended.compiled_steps:  # the replica step was compiled: exchange outside it
+            with self.extended.tracing_step() as trace:
+                outputs = self.extended.run_replicas(super().run, fn, args, kwargs, options)
+            if trace.compiled and not exchange_lib.in_compiled_context():
+                for binding in trace.compiled:  # the replica step was compiled: exchange outside it
                     binding.exchange()
         except tf.errors.OpError as e:  # run eagerly: a failed step's tf_backup error, by type
             self.extended.raise_if_failed(e)
             raise
-        if self.extended.compiled_steps and exchange_lib.in_compiled_context():
+        if trace.compiled and exchange_lib.in_compiled_context():
             if model is None:
                 raise ValueError(
                     "BackupWorkerStrategy.run was called inside an XLA-compiled function: its step "
@@ -392,44 +287,13 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                     "loop (`strategy.run(tf.function(fn, jit_compile=True), ...)`). Received "
                     "jit_compile=True")
             # else Keras's `jit_compile=True`: the next batch fetch runs the exchange (tf_backup.frontend.exchange).
-        if self.extended.step_applied and isinstance(outputs, dict):
+        if trace.applied and isinstance(outputs, dict):
             outputs = dict(outputs)
             for name, var in self.extended.ensure_metric_vars().items():
                 outputs[name] = tf.cast(var.read_value(), tf.float32)
         return outputs
 
-    # -- what happened -------------------------------------------------------------
-
-    def stats(self) -> dict:
-        """Per-worker gradient counts of the latest optimizer, read from the ps.
-
-        Returns:
-          A dict with `global_step` and per-worker lists `pushed`, `taken`
-          and `dropped` (pushed and never applied: stale, or still pending when
-          training stopped), so `taken + dropped == pushed` for every worker;
-          and `cancelled`: batches never pushed because the step moved on
-          while they were computed (see `sleep_unless_superseded`); and
-          `batches`: each worker's input position (batches pushed or
-          cancelled, counting a restarted batch once; see `input_position`).
-        """
-        ctl = self.extended.latest_binding().state.read_control()
-        pushed, taken = ctl.block("pushed"), ctl.block("taken")
-        return {
-            "global_step": ctl.step,
-            "pushed": [int(x) for x in pushed],
-            "taken": [int(x) for x in taken],
-            "dropped": [int(x) for x in pushed - taken],
-            "cancelled": [int(x) for x in ctl.block("cancelled")],
-            "batches": [int(x) for x in ctl.block("batches")],
-        }
-
-    def counters(self):
-        """This worker's protocol counters for the latest optimizer (`tf_backup.frontend.binding.Counters`).
-
-        Raises:
-          ValueError: no SyncReplicasOptimizer has been built yet.
-        """
-        return self.extended.latest_binding().counters()
+    # -- the fit round -------------------------------------------------------------
 
     def wait_for_fit_end(self, timeout: Optional[float] = None) -> List[str]:
         """After `fit` returns: waits until every worker's last `fit` has ended too.
@@ -506,57 +370,6 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         if not self.extended.bindings:
             return None
         return self.extended.latest_binding().restart_superseded()
-
-    def step_history(self) -> List[aggregator_lib.StepRecord]:
-        """The chief's record of every step of the latest optimizer (chief only)."""
-        if not self.is_chief:
-            raise ValueError(
-                f"Only the chief keeps the step history; this is worker {self.worker_index}."
-            )
-        if not self.extended.bindings:
-            return []
-        return list(self.extended.latest_binding().aggregator.history)
-
-    def worker_events(self) -> List[job_lib.WorkerEvent]:
-        """The workers the chief declared dead, or saw rejoin, in order (chief only)."""
-        if not self.is_chief:
-            raise ValueError(
-                f"Only the chief watches the workers' heartbeats; this is worker {self.worker_index}."
-            )
-        events = []
-        for binding in self.extended.bindings:
-            if binding.aggregator is not None and binding.aggregator.liveness is not None:
-                events += binding.aggregator.liveness.events
-        return events
-
-    @property
-    def initial_step(self) -> int:
-        """The global step the latest optimizer started from.
-
-        On the chief, the step of the checkpoint it restored (0: none); on the
-        other workers, the step of their first pull (a worker restarted into a
-        running job starts where the job is).
-        """
-        return self.extended.latest_binding().initial_step
-
-    @property
-    def input_position(self) -> int:
-        """Batches of this worker's input the job has finished with (latest optimizer), when it joined.
-
-        0 for a new job. A worker restarted into a running job: the batches its
-        predecessors pushed or cancelled. A job resumed from a checkpoint: the
-        batches each worker had pushed for the steps before the checkpoint's
-        (saved with it), so the redone steps read their batches again. Skip
-        them before `fit` makes its iterator, so that no batch is trained on
-        twice and none is skipped: `distribute_dataset(dataset, resume_input=True)`
-        does (after sharding), or `dataset.skip(strategy.input_position)` on a
-        dataset that is this worker's shard already.
-        It holds only for a dataset that yields the same batches in the same
-        order in every process (see docs/design.md, "Input position").
-        Known after the optimizer is built (`optimizer.build(model.trainable_variables)`
-        under the scope, as for `initial_step`).
-        """
-        return self.extended.latest_binding().initial_input_position
 
     def shutdown(self) -> None:
         """Ends this worker's part in the job (idempotent; also runs at exit).
