@@ -40,6 +40,7 @@ from tf_backup.ps import recovery
 from tf_backup.ps.shared_state import SharedState
 from tf_backup.ps.shared_state import Snapshot
 from tf_backup.ps.waker import Waker
+from tf_backup.worker.metrics import StepMetrics
 
 
 class Seen(NamedTuple):
@@ -56,20 +57,6 @@ class Push(NamedTuple):
     tag: int
     indices: List[int]
     values: List[int]
-
-
-class StepMetrics(NamedTuple):
-    """What one step reports to Keras's logs."""
-
-    global_step: int
-    fresh_gradients: int  # averaged into the latest step
-    dropped_gradients: int  # stale gradients dropped so far, all workers
-    replicas_to_aggregate: int  # N of the step being gathered (adaptive N: the chief's latest choice)
-    stopped: bool  # the fit round stopped: the fit ends after this batch
-
-    def as_array(self) -> np.ndarray:
-        return np.asarray([self.global_step, self.fresh_gradients, self.dropped_gradients,
-                           self.replicas_to_aggregate, int(self.stopped)], np.int64)
 
 
 class WorkerClient:
