@@ -29,6 +29,7 @@ from tf_backup.protocol import protocol
 from tf_backup.protocol import restart
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
+from tf_backup.worker import chief_link
 from tf_backup.worker import client as worker_lib
 from tf_backup.worker import metrics as metrics_lib
 
@@ -158,17 +159,17 @@ class Binding:
                 taken=None if running is None else running.block("taken"), on_ps=self.on_ps,
             )
         self.client = worker_lib.WorkerClient(
-            self.state, self.config, info, ext.monitor, chief_failure=self.aggregator_failure,
-            dead_workers=self._dead_workers,
-            # The chief's worker takes what its aggregator published, unless the ps tasks applied it.
-            local_params=None if self.aggregator is None or self.on_ps is not None else self.aggregator.published,
+            self.state, self.config, info, ext.monitor, on_stop=ext.stop_models,
+            chief=chief_link.NONE if self.aggregator is None else chief_link.ChiefLink(
+                failure=self.aggregator_failure, dead_workers=self._dead_workers,
+                # The chief's worker takes what its aggregator published, unless the ps tasks applied it.
+                published=None if self.on_ps is not None else self.aggregator.published),
         )
         if self.aggregator is None:
             inner.build(var_list)
             self.client.wait_until_ready()
         else:
             self.client.resume()  # its input position, from the checkpoint
-        self.client.on_stop.append(ext.stop_models)
         flats, _ = self.client.pull()
         self.initial_step = self.client.step
         self.initial_input_position = self.client.input_position

@@ -40,6 +40,7 @@ from tf_backup.ps import recovery
 from tf_backup.ps.shared_state import SharedState
 from tf_backup.ps.shared_state import Snapshot
 from tf_backup.ps.waker import Waker
+from tf_backup.worker import chief_link
 from tf_backup.worker.metrics import StepMetrics
 
 
@@ -67,11 +68,10 @@ class WorkerClient:
       config: protocol settings.
       info: the cluster.
       monitor: this worker's membership of the job (health checks).
-      chief_failure: the chief's aggregator's failure, if any (the chief only).
-      dead_workers: the workers the chief declared dead (the chief only).
-      local_params: (the chief's: `Aggregator.published`) the flat parameters
-        this process published for a step, or None: the chief's steps then read
-        only the control vector from the ps, not the parameters it sent there.
+      chief: the chief's aggregator in this process (the chief's worker only;
+        `chief_link.NONE` elsewhere).
+      on_stop: called when this worker sees its fit round stop (the front end
+        stops its Keras models).
 
     State: `step` (of the parameters in the model), `round` (a
     `protocol.WorkerRound`), `counts` (a `protocol.PushCounts`) and
@@ -80,18 +80,15 @@ class WorkerClient:
     """
 
     def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
-                 monitor: Optional[job_lib.JobMonitor],
-                 chief_failure: Optional[Callable[[], Optional[BaseException]]] = None,
-                 dead_workers: Optional[Callable[[], Sequence[int]]] = None,
-                 local_params: Optional[Callable[[int], Optional[List[np.ndarray]]]] = None):
+                 monitor: Optional[job_lib.JobMonitor], *, chief: chief_link.ChiefLink = chief_link.NONE,
+                 on_stop: Callable[[], None] = lambda: None):
         self.state = state
         self.config = config
         self.info = info
         self.w = info.worker_index
         self.monitor = monitor
-        self._chief_failure = chief_failure
-        self._dead_workers = dead_workers or (lambda: ())
-        self._local_params = local_params
+        self.chief = chief
+        self._on_stop = on_stop
         self.step = 0
         self.round = protocol.WorkerRound()
         self.counts = protocol.PushCounts()
@@ -102,10 +99,9 @@ class WorkerClient:
         self._pulled_at: Optional[float] = None
         self.generation = 0  # of the shared state this worker pushes to (`tf_backup.ps.recovery`)
         self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
-        self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
+        self.local_pulls = 0  # steps whose parameters came from `chief.published`, not the ps
         self.unsent = 0  # gradients found late before their push: counted as pushed and dropped, never sent
         self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
-        self.on_stop: List[Callable[[], None]] = []
 
     @property
     def round_stopped(self) -> bool:
@@ -215,29 +211,9 @@ class WorkerClient:
 
     def _stop(self) -> None:
         self.round = self.round.stopped()
-        for callback in self.on_stop:
-            callback()
+        self._on_stop()
 
     # -- waiting -------------------------------------------------------------------
-
-    def _check_health(self) -> None:
-        self._check_aggregator()
-        self.monitor.check()
-
-    def _check_aggregator(self) -> None:
-        """(The chief.) Raises the failure of this process's aggregator, once it failed.
-
-        A `WorkersLostError` is raised as the aggregator raised it, so that
-        `fit` raises that type; any other error as the cause of an
-        `AggregatorError` (a `PsUnavailableError` too: raised as it is, the
-        waits here would take it for their own run's and wait for the ps).
-        """
-        failure = self._chief_failure() if self._chief_failure is not None else None
-        if isinstance(failure, errors.AggregatorError):
-            raise failure
-        if failure is not None:
-            raise errors.AggregatorError(
-                f"The aggregator on this chief failed: {type(failure).__name__}: {failure}") from failure
 
     def _wait(self, done: Callable[[ControlView], bool], what: str, timeout: float, push=None) -> Seen:
         """Blocks on this worker's wake-up queue until `done(control)`.
@@ -255,7 +231,7 @@ class WorkerClient:
             try:
                 if push is not None:
                     got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
-                                               with_params=self._local_params is None, generation=self.generation,
+                                               with_params=not self.chief.reads_params_here, generation=self.generation,
                                                known_step=self.step)
                     push = None
                     if got is None:  # delivered twice: it pushed, its result is lost
@@ -277,7 +253,8 @@ class WorkerClient:
                 else:
                     if done(ctl):
                         return Seen(ctl, snapshot)
-                    self._check_health()
+                    self.chief.raise_if_failed()
+                    self.monitor.check()
             except recovery.RECOVERABLE as e:  # a ps task is down, back empty, or the connection failed
                 generation = self.generation
                 found = self._await_state(e)
@@ -315,7 +292,7 @@ class WorkerClient:
         AggregatorError if this chief's aggregator failed meanwhile.
         """
         def still_worth_it():  # the chief's aggregator failed, or a new chief started another job: stop waiting
-            self._check_aggregator()
+            self.chief.raise_if_failed()
             try:
                 self.monitor.check()
             except recovery.RECOVERABLE:
@@ -420,10 +397,10 @@ class WorkerClient:
         """
         ctl, snapshot = seen
         latest = snapshot.before if snapshot is not None else ctl
-        if latest is not None and self._local_params is not None:
+        if latest is not None and self.chief.reads_params_here:
             # The chief: published here before STEP said so (also when a wait that ran past
             # WAKE_WAIT read the parameters from the ps all the same).
-            flats = self._local_params(latest.step)
+            flats = self.chief.published(latest.step)
             if flats is not None:
                 self.local_pulls += 1
                 self._observe(latest)
@@ -534,7 +511,7 @@ class WorkerClient:
             ended = self._retrying(self.state.read_control).block("ended")
             late[:] = [w for w in range(self.info.num_workers) if ended[w] < round_]
             if late:  # a worker that left the job (e.g. refused at build) or died never ends it
-                gone = set(self.monitor.left_workers()) | set(self._dead_workers())
+                gone = set(self.monitor.left_workers()) | set(self.chief.dead_workers())
                 late[:] = [w for w in late if w not in gone]
             if late and not self.info.is_chief:
                 self.monitor.check()
