@@ -13,6 +13,7 @@ from tf_backup.ps import job as job_lib
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
 from tf_backup.ps.layout import largest_first
+from tf_backup.worker import chief_link
 from tf_backup.worker import client as worker_lib
 
 
@@ -227,7 +228,7 @@ def test_the_chief_pulls_what_its_aggregator_published_even_given_a_snapshot_fro
     state = FakeState(2)
     published = {3: [np.full(2, 3.0, np.float32)]}
     client = worker_lib.WorkerClient(state, protocol.ProtocolConfig(1, 2), two_workers(0), monitor=None,
-                                     local_params=published.get)
+                                     chief=chief_link.ChiefLink(published=published.get))
     ctl = control(step=3, version=3)
     # A wait past WAKE_WAIT read them from the ps too.
     snapshot = shared_state.Snapshot(ctl, [np.full(2, -1.0, np.float32)], ctl)

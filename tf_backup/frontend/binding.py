@@ -29,7 +29,9 @@ from tf_backup.protocol import protocol
 from tf_backup.protocol import restart
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
+from tf_backup.worker import chief_link
 from tf_backup.worker import client as worker_lib
+from tf_backup.worker import metrics as metrics_lib
 
 
 def make_master(variables: Sequence) -> List[keras.Variable]:
@@ -157,17 +159,17 @@ class Binding:
                 taken=None if running is None else running.block("taken"), on_ps=self.on_ps,
             )
         self.client = worker_lib.WorkerClient(
-            self.state, self.config, info, ext.monitor, chief_failure=self.aggregator_failure,
-            dead_workers=self._dead_workers,
-            # The chief's worker takes what its aggregator published, unless the ps tasks applied it.
-            local_params=None if self.aggregator is None or self.on_ps is not None else self.aggregator.published,
+            self.state, self.config, info, ext.monitor, on_stop=ext.stop_models,
+            chief=chief_link.NONE if self.aggregator is None else chief_link.ChiefLink(
+                failure=self.aggregator_failure, dead_workers=self._dead_workers,
+                # The chief's worker takes what its aggregator published, unless the ps tasks applied it.
+                published=None if self.on_ps is not None else self.aggregator.published),
         )
         if self.aggregator is None:
             inner.build(var_list)
             self.client.wait_until_ready()
         else:
             self.client.resume()  # its input position, from the checkpoint
-        self.client.on_stop.append(ext.stop_models)
         flats, _ = self.client.pull()
         self.initial_step = self.client.step
         self.initial_input_position = self.client.input_position
@@ -380,15 +382,16 @@ class Binding:
             tail = tf.concat([tf.reshape(tf.reduce_sum(tf.square(flat)), [1]), onehot], 0)
             parts += [tf.cast(flat, wire), tail] if self.state.tail else [tf.concat([flat, tail], 0)]
         fn, inputs = (self._sync, parts) if pending is None else (self._sync_pending, [pending, *parts])
-        outs = tf.py_function(self.keeping_failures(fn), inputs, Tout=[wire] * len(packed) + [tf.int64],
+        outs = tf.py_function(self.keeping_failures(fn), inputs, Tout=[wire] * len(packed) + [metrics_lib.DTYPE],
                               name="tf_backup_sync")
         new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
-        metrics = tf.ensure_shape(outs[-1], [len(worker_lib.StepMetrics._fields)])
+        metrics = tf.ensure_shape(outs[-1], [metrics_lib.SIZE])
         assigns = self._assign(variables, new_flats)
         with tf.control_dependencies(assigns):
             for name, var in self.metric_vars.items():  # the StepMetrics fields of the same names
-                var.assign(metrics[worker_lib.StepMetrics._fields.index(name)])
-            return self._optimizer.iterations.assign(tf.cast(metrics[0], self._optimizer.iterations.dtype))
+                var.assign(metrics[metrics_lib.StepMetrics.index(name)])
+            step = metrics[metrics_lib.StepMetrics.index("global_step")]
+            return self._optimizer.iterations.assign(tf.cast(step, self._optimizer.iterations.dtype))
 
     def keeping_failures(self, fn):
         """`fn`, a step's `tf.py_function` body, keeping the tf_backup error it raises on the strategy.

@@ -27,12 +27,12 @@ from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.protocol import protocol
 from tf_backup.ps import endpoint as endpoint_lib
 from tf_backup.ps import job as job_lib
+from tf_backup.worker import metrics as metrics_lib
 
 # The one process-wide registry, kept on purpose: a task launcher (`tf_backup.local._task`, the
 # trainer) does not own the strategies the user's function made, and must shut them down
 # (aborting the job if it failed) before it ends the process with os._exit.
 _LIVE = weakref.WeakSet()
-METRIC_NAMES = ("global_step", "fresh_gradients", "dropped_gradients", "replicas_to_aggregate")
 
 
 def register(extended) -> None:
@@ -228,8 +228,8 @@ class _BackupWorkerMixin:
         if self.metric_vars is None:
             with tf.init_scope(), tf.device(self._device):
                 self.metric_vars = {
-                    name: tf.Variable(0, dtype=tf.int64, trainable=False, name=f"tf_backup_{name}")
-                    for name in METRIC_NAMES
+                    name: tf.Variable(0, dtype=metrics_lib.DTYPE, trainable=False, name=f"tf_backup_{name}")
+                    for name in metrics_lib.LOGGED
                 }
         return self.metric_vars
 

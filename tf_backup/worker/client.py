@@ -20,10 +20,13 @@ parameters, so neither needs another round trip.
 
 A fit on any worker that ends (`end_round`) stops the round for everybody: the
 other workers' next wait returns at once and their fit stops.
+
+The waits are `tf_backup.worker.wait`'s; what follows a failed run on the ps
+tasks, `tf_backup.worker.recovery`'s.
 """
 
 import time
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -32,59 +35,31 @@ from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.protocol import protocol
-from tf_backup.protocol import restart
 from tf_backup.protocol.protocol import Control
 from tf_backup.protocol.protocol import ControlView
 from tf_backup.ps import job as job_lib
-from tf_backup.ps import recovery
 from tf_backup.ps.shared_state import SharedState
 from tf_backup.ps.shared_state import Snapshot
-from tf_backup.ps.waker import Waker
-
-
-class Seen(NamedTuple):
-    """What a wait read after its wake-up: the control vector and, maybe, the parameters with it."""
-
-    control: Optional[ControlView]
-    snapshot: Optional[Snapshot]
-
-
-class Push(NamedTuple):
-    """A push: `SharedState.push_wait`'s gradient, tag and the control slots it sets (`indices` = `values`)."""
-
-    flats: Sequence
-    tag: int
-    indices: List[int]
-    values: List[int]
-
-
-class StepMetrics(NamedTuple):
-    """What one step reports to Keras's logs."""
-
-    global_step: int
-    fresh_gradients: int  # averaged into the latest step
-    dropped_gradients: int  # stale gradients dropped so far, all workers
-    replicas_to_aggregate: int  # N of the step being gathered (adaptive N: the chief's latest choice)
-    stopped: bool  # the fit round stopped: the fit ends after this batch
-
-    def as_array(self) -> np.ndarray:
-        return np.asarray([self.global_step, self.fresh_gradients, self.dropped_gradients,
-                           self.replicas_to_aggregate, int(self.stopped)], np.int64)
+from tf_backup.worker import chief_link
+from tf_backup.worker.context import WorkerContext
+from tf_backup.worker.metrics import StepMetrics
+from tf_backup.worker.recovery import RECOVERABLE
+from tf_backup.worker.recovery import WorkerRecovery
+from tf_backup.worker.wait import Push
+from tf_backup.worker.wait import Seen
+from tf_backup.worker.wait import Waiter
 
 
 class WorkerClient:
     """One worker's side of the protocol for one optimizer (eager Python).
 
     Args:
-      state: the optimizer's shared state.
-      config: protocol settings.
-      info: the cluster.
-      monitor: this worker's membership of the job (health checks).
-      chief_failure: the chief's aggregator's failure, if any (the chief only).
-      dead_workers: the workers the chief declared dead (the chief only).
-      local_params: (the chief's: `Aggregator.published`) the flat parameters
-        this process published for a step, or None: the chief's steps then read
-        only the control vector from the ps, not the parameters it sent there.
+      state, config, info, monitor, chief: what the client's parts share
+        (`WorkerContext`): the shared state, the protocol settings, the
+        cluster, this worker's membership of the job, the chief's aggregator
+        in this process (`chief_link.NONE` but on the chief).
+      on_stop: called when this worker sees its fit round stop (the front end
+        stops its Keras models).
 
     State: `step` (of the parameters in the model), `round` (a
     `protocol.WorkerRound`), `counts` (a `protocol.PushCounts`) and
@@ -93,18 +68,15 @@ class WorkerClient:
     """
 
     def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
-                 monitor: Optional[job_lib.JobMonitor],
-                 chief_failure: Optional[Callable[[], Optional[BaseException]]] = None,
-                 dead_workers: Optional[Callable[[], Sequence[int]]] = None,
-                 local_params: Optional[Callable[[int], Optional[List[np.ndarray]]]] = None):
+                 monitor: Optional[job_lib.JobMonitor], *, chief: chief_link.ChiefLink = chief_link.NONE,
+                 on_stop: Callable[[], None] = lambda: None):
         self.state = state
         self.config = config
         self.info = info
         self.w = info.worker_index
         self.monitor = monitor
-        self._chief_failure = chief_failure
-        self._dead_workers = dead_workers or (lambda: ())
-        self._local_params = local_params
+        self.chief = chief
+        self._on_stop = on_stop
         self.step = 0
         self.round = protocol.WorkerRound()
         self.counts = protocol.PushCounts()
@@ -113,12 +85,22 @@ class WorkerClient:
         # When the parameters of `step` were read (None: not in this fit round yet, whose first
         # batch also traces): the push reports the time since as its compute time.
         self._pulled_at: Optional[float] = None
-        self.generation = 0  # of the shared state this worker pushes to (`tf_backup.ps.recovery`)
-        self.missed_wakeups = 0  # waits that ran to their deadline although their condition held
-        self.local_pulls = 0  # steps whose parameters came from `local_params`, not the ps
+        self.local_pulls = 0  # steps whose parameters came from `chief.published`, not the ps
         self.unsent = 0  # gradients found late before their push: counted as pushed and dropped, never sent
-        self._waker = Waker(lambda: state.poke(self.w), f"tf_backup-waker-{state.prefix}")
-        self.on_stop: List[Callable[[], None]] = []
+        ctx = WorkerContext(state, config, info, monitor, chief)
+        self.recovery = WorkerRecovery(
+            ctx, own_slots=lambda: protocol.own_slots(state.ctl, self.w, self.counts, self.round))
+        self.waiter = Waiter(ctx, self.recovery)
+
+    @property
+    def generation(self) -> int:
+        """The generation of the shared state this worker pushes to (`tf_backup.worker.recovery`)."""
+        return self.recovery.generation
+
+    @property
+    def missed_wakeups(self) -> int:
+        """Waits that ran to their deadline although their condition held."""
+        return self.waiter.missed_wakeups
 
     @property
     def round_stopped(self) -> bool:
@@ -127,7 +109,7 @@ class WorkerClient:
 
     def close(self) -> None:
         """Ends the waker thread."""
-        self._waker.close()
+        self.waiter.close()
 
     # -- joining -------------------------------------------------------------------
 
@@ -153,8 +135,7 @@ class WorkerClient:
         ctl = self.state.read_control()
         self.counts = protocol.PushCounts.resumed(ctl, self.w)
         self.round = protocol.resumed_round(ctl, self.w)
-        self.generation = ctl.generation  # a state the chief wrote again: push to its accumulators
-        self.state.set_generation(ctl.generation)
+        self.recovery.resume(ctl)
 
     @property
     def input_position(self) -> int:
@@ -191,7 +172,7 @@ class WorkerClient:
                 tag_step = self.step
                 if self._late(tag_step):  # one small read spares the network a model-sized push
                     self.unsent += 1
-                    self._retrying(lambda: self.state.control.scatter_update(push.indices, push.values))
+                    self.recovery.retrying(lambda: self.state.control.scatter_update(push.indices, push.values))
                     push = None  # its counters written, it settles as dropped, as a push that came late
                 seen = self._wait(lambda ctl: protocol.step_passed(ctl, tag_step) or self._stopped(ctl),
                                   f"global step {tag_step + 1}", self.config.step_timeout, push=push)
@@ -211,7 +192,7 @@ class WorkerClient:
         """Whether the step `tag` was already taken (read just before a push that would only be dropped)."""
         if not protocol.checks_before_push(self.config):
             return False
-        ctl = self._retrying(self.state.read_control)
+        ctl = self.recovery.retrying(self.state.read_control)
         return protocol.already_taken(ctl, tag)
 
     def metrics(self) -> StepMetrics:
@@ -228,136 +209,12 @@ class WorkerClient:
 
     def _stop(self) -> None:
         self.round = self.round.stopped()
-        for callback in self.on_stop:
-            callback()
+        self._on_stop()
 
-    # -- waiting -------------------------------------------------------------------
-
-    def _check_health(self) -> None:
-        self._check_aggregator()
-        self.monitor.check()
-
-    def _check_aggregator(self) -> None:
-        """(The chief.) Raises the failure of this process's aggregator, once it failed.
-
-        A `WorkersLostError` is raised as the aggregator raised it, so that
-        `fit` raises that type; any other error as the cause of an
-        `AggregatorError` (a `PsUnavailableError` too: raised as it is, the
-        waits here would take it for their own run's and wait for the ps).
-        """
-        failure = self._chief_failure() if self._chief_failure is not None else None
-        if isinstance(failure, errors.AggregatorError):
-            raise failure
-        if failure is not None:
-            raise errors.AggregatorError(
-                f"The aggregator on this chief failed: {type(failure).__name__}: {failure}") from failure
-
-    def _wait(self, done: Callable[[ControlView], bool], what: str, timeout: float, push=None) -> Seen:
-        """Blocks on this worker's wake-up queue until `done(control)`.
-
-        `push`: the arguments of a `SharedState.push_wait` whose run is the
-        first wait.
-        """
-        start = time.monotonic()
-        pushing = push  # pushed again if the state is written again before its step passed
-        while True:
-            waited = time.monotonic() - start
-            seconds = min(protocol.WAKE_WAIT, max(0.001, timeout - waited))
-            moved = None  # the control vector of a state the chief wrote again, once this worker moved to it
-            kept = False  # (moved) the gradient pushed in this wait is where the step will be taken from
-            try:
-                if push is not None:
-                    got = self.state.push_wait(self.w, *push, waker=self._waker, seconds=seconds,
-                                               with_params=self._local_params is None, generation=self.generation,
-                                               known_step=self.step)
-                    push = None
-                    if got is None:  # delivered twice: it pushed, its result is lost
-                        continue
-                    if (got.tokens == protocol.POKE).all() and done(got.control):  # ended by the waker, yet done
-                        self.missed_wakeups += 1
-                        return Seen(got.control, got.snapshot)
-                else:
-                    got = self.state.wait(self.w, seconds, known_step=self.step)
-                if got is None:  # nothing happened: look anyway (a token may have been lost)
-                    ctl, snapshot = self.state.read_control(), None
-                    if done(ctl) and not restart.state_lost(ctl, self.generation):
-                        self.missed_wakeups += 1
-                        return Seen(ctl, snapshot)
-                else:
-                    ctl, snapshot = got.control, got.snapshot
-                if restart.state_lost(ctl, self.generation):  # the chief wrote the state again
-                    moved = self._adopt_generation(ctl)
-                else:
-                    if done(ctl):
-                        return Seen(ctl, snapshot)
-                    self._check_health()
-            except recovery.RECOVERABLE as e:  # a ps task is down, back empty, or the connection failed
-                generation = self.generation
-                found = self._await_state(e)
-                kept = pushing is not None and restart.push_kept(found, generation, self.w, self.counts.pushed)
-                moved = self._adopt_generation(found)
-            if moved is not None:
-                move = restart.next_move(moved.step, self.step, done(moved), pushing is not None and not kept)
-                if move is restart.Move.PULL:
-                    return Seen(moved, None)
-                push = pushing if move is restart.Move.PUSH_AGAIN else None
-                continue
-            if self.monitor.done:
-                return Seen(ctl, snapshot)
-            waited = time.monotonic() - start
-            if waited > timeout:
-                raise errors.StepTimeoutError(
-                    f"Worker {self.w} {self.info.task} waited {waited:.0f} s for {what}. {self._diagnose(ctl)}")
-
-    def _retrying(self, fn: Callable[[], Any]) -> Any:
-        """Runs `fn` (runs that may be done twice); after a failed run, waits for the state (`_recover`), runs it again."""
-        try:
-            return fn()
-        except recovery.RECOVERABLE as e:  # a ps task is down, back empty, or the connection failed
-            self._recover(e)
-            return fn()
-
-    def _recover(self, error: BaseException) -> ControlView:
-        """After a failed run: waits for the state (`_await_state`), moves to it; returns the control vector then."""
-        return self._adopt_generation(self._await_state(error))
-
-    def _await_state(self, error: BaseException) -> ControlView:
-        """Waits (`ps_restart_timeout`) until the state can be used again after a failed run (`await_generation`).
-
-        Raises `error` without `ps_restart_timeout`, PsUnavailableError past it,
-        AggregatorError if this chief's aggregator failed meanwhile.
-        """
-        def still_worth_it():  # the chief's aggregator failed, or a new chief started another job: stop waiting
-            self._check_aggregator()
-            try:
-                self.monitor.check()
-            except recovery.RECOVERABLE:
-                pass  # the job vector is on ps 0: down, or not written again yet
-
-        return recovery.await_generation(self.state, self.info, self.generation, self.config.ps_restart_timeout,
-                                         error, between=still_worth_it)
-
-    def _adopt_generation(self, ctl: ControlView) -> ControlView:
-        """Moves to the generation of `ctl`: writes this worker's own slots again; returns the control vector then."""
-        self.generation = ctl.generation
-        indices, values = protocol.own_slots(self.state.ctl, self.w, self.counts, self.round)
-        self.state.control.scatter_max(indices, values)
-        logging.info("tf_backup: worker %d goes on at global step %d in generation %d of `%s`.",
-                     self.w, ctl.step, ctl.generation, self.state.prefix)
-        return self.state.read_control()
-
-    def _diagnose(self, ctl: ControlView) -> str:
-        tags, pushed = ctl.block("last_tag"), ctl.block("pushed")
-        fresh = protocol.fresh_workers(ctl)
-        lagging = [
-            f"worker {w} {self.info.workers[w]} (last pushed for step {tags[w] if pushed[w] else 'none'})"
-            for w in range(self.info.num_workers) if w not in fresh
-        ]
-        return (
-            f"Global step {ctl.step}; {ctl.replicas} fresh gradients are needed "
-            f"for it and workers {fresh} pushed for this step. Not pushed: "
-            f"{', '.join(lagging) or 'none'}. Chief: {self.info.chief}."
-        )
+    def _wait(self, done: Callable[[ControlView], bool], what: str, timeout: float,
+              push: Optional[Push] = None) -> Seen:
+        """`Waiter.wait` from the step of this worker's parameters, with its count of pushes."""
+        return self.waiter.wait(done, what, timeout, step=self.step, pushed=self.counts.pushed, push=push)
 
     # -- stragglers ------------------------------------------------------------------
 
@@ -371,31 +228,13 @@ class WorkerClient:
         """
         if self.superseded is not None:
             return True  # already cancelled: nothing to wait for
-        deadline = time.monotonic() + seconds
         if not self.config.staleness_check or self.round.is_stopped:
             time.sleep(max(0.0, seconds))
             return False
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            if remaining <= protocol.SLEEP_MARGIN:
-                # A wait on the ps that ends at its deadline returns ~2-3 ms late (the run
-                # is cancelled there); the last few ms are slept here, not woken.
-                time.sleep(remaining)
-                return False
-            try:
-                got = self.state.wait(self.w, remaining - protocol.SLEEP_MARGIN, known_step=self.step)
-            except recovery.RECOVERABLE as e:  # sleep on in the state as it is then; `sync` sees a new generation
-                self._recover(e)
-                continue
-            if got is None:
-                continue
-            if protocol.superseded(got.tokens, got.control, self.step, self.round.number, self.monitor.done):
-                # The same run read the parameters after the token (one ps task): the
-                # batch's `sync` or `restart_superseded` uses them instead of a pull.
-                self.superseded = Seen(got.control, got.snapshot)
-                return True
+        # The run that saw the token also read the parameters after it (one ps task): the
+        # batch's `sync` or `restart_superseded` uses them instead of a pull.
+        self.superseded = self.waiter.sleep(seconds, self.step, self.round.number)
+        return self.superseded is not None
 
     def restart_superseded(self) -> Optional[List[np.ndarray]]:
         """After `sleep_unless_superseded` returned True: moves to the current step now.
@@ -433,10 +272,10 @@ class WorkerClient:
         """
         ctl, snapshot = seen
         latest = snapshot.before if snapshot is not None else ctl
-        if latest is not None and self._local_params is not None:
+        if latest is not None and self.chief.reads_params_here:
             # The chief: published here before STEP said so (also when a wait that ran past
             # WAKE_WAIT read the parameters from the ps all the same).
-            flats = self._local_params(latest.step)
+            flats = self.chief.published(latest.step)
             if flats is not None:
                 self.local_pulls += 1
                 self._observe(latest)
@@ -449,8 +288,8 @@ class WorkerClient:
         def read_once() -> Optional[Snapshot]:
             try:
                 got = self._read_snapshot(last_read[0])
-            except recovery.RECOVERABLE as e:  # a ps task is down, or back empty: read the state written again
-                last_read[0] = self._recover(e)
+            except RECOVERABLE as e:  # a ps task is down, or back empty: read the state written again
+                last_read[0] = self.recovery.recover(e)
                 return None
             last_read[0] = got.after
             return got if got.consistent else None
@@ -504,7 +343,7 @@ class WorkerClient:
             self.state.wake_all()
             self.state.poke_aggregator(protocol.WAKE)  # it closes the round once it sees nothing more to apply
 
-        self._retrying(stop)
+        self.recovery.retrying(stop)
         self.superseded = None
         if wait_for_others:
             self.wait_for_round_end(number, self.config.chief_timeout, "chief_timeout")
@@ -533,36 +372,5 @@ class WorkerClient:
         return protocol.round_closed(ctl, round_)
 
     def wait_for_round_end(self, round_: int, timeout: float, setting: str = "timeout") -> List[str]:
-        """Waits until every worker has ended fit round `round_`; returns the tasks that did not in time.
-
-        Workers that left the job or that the chief declared dead are not waited
-        for, and nobody is once the chief has finished the job (DONE: a worker
-        waits here after its last fit, `wait_for_fit_end`, but only the chief
-        knows whom it declared dead, and the ps tasks exit soon after DONE).
-        Past `timeout` seconds, or at DONE, a warning names the late workers.
-        """
-        late: List[int] = []
-
-        def all_ended() -> bool:
-            ended = self._retrying(self.state.read_control).block("ended")
-            late[:] = [w for w in range(self.info.num_workers) if ended[w] < round_]
-            if late:  # a worker that left the job (e.g. refused at build) or died never ends it
-                gone = set(self.monitor.left_workers()) | set(self._dead_workers())
-                late[:] = [w for w in late if w not in gone]
-            if late and not self.info.is_chief:
-                self.monitor.check()
-                return self.monitor.done
-            return not late
-
-        try:
-            _checks.poll_until(all_ended, timeout=timeout, first=self.config.poll_min, longest=self.config.poll_max,
-                               on_timeout=lambda waited: errors.StepTimeoutError(f"round {round_}"))
-        except errors.StepTimeoutError:
-            pass
-        if not late:
-            return []
-        names = [str(self.info.workers[w]) for w in late]
-        logging.warning(
-            "tf_backup: workers %s did not end fit round %d (%s, %.0f s, or the job ended first); their counts "
-            "may be incomplete.", ", ".join(names), round_, setting, timeout)
-        return names
+        """Waits until every worker has ended fit round `round_`; returns the tasks that did not in time (`Waiter`)."""
+        return self.waiter.wait_for_round_end(round_, timeout, setting)
