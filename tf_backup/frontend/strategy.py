@@ -17,7 +17,7 @@ from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import extended as extended_lib
 from tf_backup.frontend import local_devices
 from tf_backup.protocol import adaptive as adaptive_lib
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
 from tf_backup.ps import job as job_lib
 
 
@@ -182,8 +182,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         ps_timeout = _checks.check_seconds("ps_timeout", ps_timeout)
         ps_restart_timeout = _checks.check_seconds("ps_restart_timeout", ps_restart_timeout, allow_zero=True)
         _checks.check_bool("chief_rejoins", chief_rejoins)
-        if not isinstance(wire_dtype, str) or wire_dtype not in protocol.WIRE_DTYPES:
-            raise ValueError(f"`wire_dtype` must be one of {', '.join(protocol.WIRE_DTYPES)}. "
+        if not isinstance(wire_dtype, str) or wire_dtype not in config_lib.WIRE_DTYPES:
+            raise ValueError(f"`wire_dtype` must be one of {', '.join(config_lib.WIRE_DTYPES)}. "
                              f"Received wire_dtype={wire_dtype!r}")
         _checks.check_bool("apply_on_ps", apply_on_ps)
         if apply_on_ps and (ps_restart_timeout or chief_rejoins):
@@ -220,8 +220,8 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         if auto:
             n_min, n_max = adaptive_lib.check_bounds(
                 info.num_workers, min_replicas_to_aggregate, max_replicas_to_aggregate)
-            adaptive = protocol.AdaptiveSettings(n_min, n_max, window=adaptive_window,
-                                                 warmup=min(protocol.AdaptiveSettings.warmup, adaptive_window))
+            adaptive = config_lib.AdaptiveSettings(n_min, n_max, window=adaptive_window,
+                                                   warmup=min(config_lib.AdaptiveSettings.warmup, adaptive_window))
             num_backup_workers = info.num_workers - n_max  # the first steps' b
         if num_backup_workers >= info.num_workers:
             raise ValueError(
@@ -229,7 +229,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
                 f"at least one gradient makes a step. Received num_backup_workers={num_backup_workers}"
             )
         self._cluster_resolver = cluster_resolver
-        config = protocol.ProtocolConfig(
+        config = config_lib.ProtocolConfig(
             replicas_to_aggregate=1 if asynchronous else info.num_workers - num_backup_workers,
             num_workers=info.num_workers,
             adaptive=adaptive,
@@ -289,7 +289,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         return self.num_workers - self.replicas_to_aggregate
 
     @property
-    def adaptive(self) -> Optional[protocol.AdaptiveSettings]:
+    def adaptive(self) -> Optional[config_lib.AdaptiveSettings]:
         """The bounds and window of adaptive N, or None when N is fixed."""
         return self.extended.config.adaptive
 
@@ -467,7 +467,7 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
         order-statistic ideal of `stragglers.ideal_step_times`; without it a
         late worker finishes its stale batch first (as in TF1). Cancelled
         batches are counted in `stats()["cancelled"]`. The last 3 ms of a
-        sleep are slept locally, not on the ps (`protocol.SLEEP_MARGIN`: a
+        sleep are slept locally, not on the ps (`wakeups.SLEEP_MARGIN`: a
         wait there that runs to its deadline returns 2-3 ms late): a publish
         in them does not cut the sleep short.
 

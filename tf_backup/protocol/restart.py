@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tf_backup.protocol.protocol import Control
-from tf_backup.protocol.protocol import ControlView
+from tf_backup.protocol.slots import Control
+from tf_backup.protocol.slots import ControlView
 
 
 def control_to_restore(last: Optional[ControlView], num_workers: int, taken: Sequence[int], replicas: int,
@@ -22,7 +22,7 @@ def control_to_restore(last: Optional[ControlView], num_workers: int, taken: Seq
     """The control vector the chief writes again: its last read, with the chief's own slots as it knows them.
 
     The workers' slots are as last read; each worker writes its own again
-    when it sees the new generation (`protocol.own_slots`). STEP, VERSION and
+    when it sees the new generation (`pushes.own_slots`). STEP, VERSION and
     GENERATION are set by `SharedState.repopulate`.
     """
     ctl = Control(num_workers)

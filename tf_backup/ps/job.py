@@ -1,6 +1,6 @@
 """The job on the ps tasks: start, join, leave, abort, heartbeats and who is alive.
 
-One int64 vector, `tf_backup/job` on ps task 0 (slots in `protocol.Job`),
+One int64 vector, `tf_backup/job` on ps task 0 (slots in `slots.Job`),
 says which job runs (its id), whether it is done or aborted, and per worker
 whether it joined or left and its heartbeat. Every process that watches
 heartbeats reads them through a `BeatWatch`: the workers (`JobMonitor`, the
@@ -21,7 +21,7 @@ import tensorflow as tf
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup.protocol.protocol import Job
+from tf_backup.protocol.slots import Job
 from tf_backup.ps import accumulators
 from tf_backup.ps.endpoint import Endpoint
 

@@ -31,10 +31,14 @@ import numpy as np
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import pushes
 from tf_backup.protocol import restart
-from tf_backup.protocol.protocol import Control
-from tf_backup.protocol.protocol import ControlView
+from tf_backup.protocol import rounds
+from tf_backup.protocol import staleness
+from tf_backup.protocol import wakeups
+from tf_backup.protocol.slots import Control
+from tf_backup.protocol.slots import ControlView
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import recovery
 from tf_backup.ps.shared_state import SharedState
@@ -87,12 +91,12 @@ class WorkerClient:
         only the control vector from the ps, not the parameters it sent there.
 
     State: `step` (of the parameters in the model), `round` (a
-    `protocol.WorkerRound`), `counts` (a `protocol.PushCounts`) and
+    `rounds.WorkerRound`), `counts` (a `pushes.PushCounts`) and
     `superseded` (what the wait that superseded the current batch read; None:
     not superseded).
     """
 
-    def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
+    def __init__(self, state: SharedState, config: config_lib.ProtocolConfig, info: cluster_lib.ClusterInfo,
                  monitor: Optional[job_lib.JobMonitor],
                  chief_failure: Optional[Callable[[], Optional[BaseException]]] = None,
                  dead_workers: Optional[Callable[[], Sequence[int]]] = None,
@@ -106,8 +110,8 @@ class WorkerClient:
         self._dead_workers = dead_workers or (lambda: ())
         self._local_params = local_params
         self.step = 0
-        self.round = protocol.WorkerRound()
-        self.counts = protocol.PushCounts()
+        self.round = rounds.WorkerRound()
+        self.counts = pushes.PushCounts()
         self.superseded: Optional[Seen] = None
         self._last_control: Optional[ControlView] = None
         # When the parameters of `step` were read (None: not in this fit round yet, whose first
@@ -151,8 +155,8 @@ class WorkerClient:
         checkpoint, the input position is the one saved with it.
         """
         ctl = self.state.read_control()
-        self.counts = protocol.PushCounts.resumed(ctl, self.w)
-        self.round = protocol.resumed_round(ctl, self.w)
+        self.counts = pushes.PushCounts.resumed(ctl, self.w)
+        self.round = rounds.resumed_round(ctl, self.w)
         self.generation = ctl.generation  # a state the chief wrote again: push to its accumulators
         self.state.set_generation(ctl.generation)
 
@@ -172,14 +176,14 @@ class WorkerClient:
         c = self.state.ctl
         if self.round.is_stopped:
             return self.state.read_params(), self.metrics()
-        if self.round.state is protocol.RoundState.NOT_ANNOUNCED:
+        if self.round.state is rounds.RoundState.NOT_ANNOUNCED:
             self.state.control.scatter_max([Control.ROUND], [self.round.number])
             self.round = self.round.announced()
         if self.superseded is not None:
             seen, self.superseded = self.superseded, None
             self.counts = self.counts.cancel()
         else:
-            tag = self.step if self.config.staleness_check else protocol.INT64_MAX
+            tag = self.step if self.config.staleness_check else pushes.INT64_MAX
             self.counts = self.counts.push(self.step)
             k = self.counts
             micros = -1 if self._pulled_at is None else int(1e6 * (time.monotonic() - self._pulled_at))
@@ -193,8 +197,8 @@ class WorkerClient:
                     self.unsent += 1
                     self._retrying(lambda: self.state.control.scatter_update(push.indices, push.values))
                     push = None  # its counters written, it settles as dropped, as a push that came late
-                seen = self._wait(lambda ctl: protocol.step_passed(ctl, tag_step) or self._stopped(ctl),
-                                  f"global step {tag_step + 1}", self.config.step_timeout, push=push)
+                seen = self._wait(lambda ctl: staleness.step_passed(ctl, tag_step) or self._stopped(ctl),
+                                   f"global step {tag_step + 1}", self.config.step_timeout, push=push)
             else:
                 # Asynchronous: wait for this worker's own gradients only, as TF1's
                 # asynchronous training, whose pushes were the updates themselves.
@@ -209,10 +213,10 @@ class WorkerClient:
 
     def _late(self, tag: int) -> bool:
         """Whether the step `tag` was already taken (read just before a push that would only be dropped)."""
-        if not protocol.checks_before_push(self.config):
+        if not staleness.checks_before_push(self.config):
             return False
         ctl = self._retrying(self.state.read_control)
-        return protocol.already_taken(ctl, tag)
+        return staleness.already_taken(ctl, tag)
 
     def metrics(self) -> StepMetrics:
         ctl = self._last_control
@@ -224,7 +228,7 @@ class WorkerClient:
         return StepMetrics(self.step, ctl.last_taken, int(others.sum()), ctl.replicas, self.round.is_stopped)
 
     def _stopped(self, ctl: ControlView) -> bool:
-        return protocol.round_stopped(ctl, self.round.number, self.monitor.done)
+        return rounds.round_stopped(ctl, self.round.number, self.monitor.done)
 
     def _stop(self) -> None:
         self.round = self.round.stopped()
@@ -262,7 +266,7 @@ class WorkerClient:
         pushing = push  # pushed again if the state is written again before its step passed
         while True:
             waited = time.monotonic() - start
-            seconds = min(protocol.WAKE_WAIT, max(0.001, timeout - waited))
+            seconds = min(wakeups.WAKE_WAIT, max(0.001, timeout - waited))
             moved = None  # the control vector of a state the chief wrote again, once this worker moved to it
             kept = False  # (moved) the gradient pushed in this wait is where the step will be taken from
             try:
@@ -273,7 +277,7 @@ class WorkerClient:
                     push = None
                     if got is None:  # delivered twice: it pushed, its result is lost
                         continue
-                    if (got.tokens == protocol.POKE).all() and done(got.control):  # ended by the waker, yet done
+                    if (got.tokens == wakeups.POKE).all() and done(got.control):  # ended by the waker, yet done
                         self.missed_wakeups += 1
                         return Seen(got.control, got.snapshot)
                 else:
@@ -340,7 +344,7 @@ class WorkerClient:
     def _adopt_generation(self, ctl: ControlView) -> ControlView:
         """Moves to the generation of `ctl`: writes this worker's own slots again; returns the control vector then."""
         self.generation = ctl.generation
-        indices, values = protocol.own_slots(self.state.ctl, self.w, self.counts, self.round)
+        indices, values = pushes.own_slots(self.state.ctl, self.w, self.counts, self.round)
         self.state.control.scatter_max(indices, values)
         logging.info("tf_backup: worker %d goes on at global step %d in generation %d of `%s`.",
                      self.w, ctl.step, ctl.generation, self.state.prefix)
@@ -348,7 +352,7 @@ class WorkerClient:
 
     def _diagnose(self, ctl: ControlView) -> str:
         tags, pushed = ctl.block("last_tag"), ctl.block("pushed")
-        fresh = protocol.fresh_workers(ctl)
+        fresh = pushes.fresh_workers(ctl)
         lagging = [
             f"worker {w} {self.info.workers[w]} (last pushed for step {tags[w] if pushed[w] else 'none'})"
             for w in range(self.info.num_workers) if w not in fresh
@@ -379,19 +383,19 @@ class WorkerClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if remaining <= protocol.SLEEP_MARGIN:
+            if remaining <= wakeups.SLEEP_MARGIN:
                 # A wait on the ps that ends at its deadline returns ~2-3 ms late (the run
                 # is cancelled there); the last few ms are slept here, not woken.
                 time.sleep(remaining)
                 return False
             try:
-                got = self.state.wait(self.w, remaining - protocol.SLEEP_MARGIN, known_step=self.step)
+                got = self.state.wait(self.w, remaining - wakeups.SLEEP_MARGIN, known_step=self.step)
             except recovery.RECOVERABLE as e:  # sleep on in the state as it is then; `sync` sees a new generation
                 self._recover(e)
                 continue
             if got is None:
                 continue
-            if protocol.superseded(got.tokens, got.control, self.step, self.round.number, self.monitor.done):
+            if wakeups.superseded(got.tokens, got.control, self.step, self.round.number, self.monitor.done):
                 # The same run read the parameters after the token (one ps task): the
                 # batch's `sync` or `restart_superseded` uses them instead of a pull.
                 self.superseded = Seen(got.control, got.snapshot)
@@ -502,7 +506,7 @@ class WorkerClient:
                                             c.batches(self.w)], [number, number, self.counts.cancelled,
                                                                  self.counts.batches])
             self.state.wake_all()
-            self.state.poke_aggregator(protocol.WAKE)  # it closes the round once it sees nothing more to apply
+            self.state.poke_aggregator(wakeups.WAKE)  # it closes the round once it sees nothing more to apply
 
         self._retrying(stop)
         self.superseded = None
@@ -525,12 +529,12 @@ class WorkerClient:
         """
         what = f"the chief {self.info.chief} to close fit round {round_}"
         try:
-            ctl, _ = self._wait(lambda ctl: protocol.round_closed(ctl, round_), what, timeout)
+            ctl, _ = self._wait(lambda ctl: rounds.round_closed(ctl, round_), what, timeout)
         except errors.StepTimeoutError as e:
             logging.warning("tf_backup: %s; this worker's final parameters may miss the round's last steps "
                             "(chief_timeout).", e)
             return False
-        return protocol.round_closed(ctl, round_)
+        return rounds.round_closed(ctl, round_)
 
     def wait_for_round_end(self, round_: int, timeout: float, setting: str = "timeout") -> List[str]:
         """Waits until every worker has ended fit round `round_`; returns the tasks that did not in time.
