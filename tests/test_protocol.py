@@ -15,6 +15,7 @@ from tf_backup.protocol import rounds
 from tf_backup.protocol import slots
 from tf_backup.protocol import staleness
 from tf_backup.protocol import wakeups
+from tf_backup.protocol.slots import Block
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
@@ -92,8 +93,25 @@ def test_the_control_view_reads_slots_by_name():
     values[c.pushed(1)], values[c.last_tag(1)], values[c.dropped(2)] = 4, 5, 7
     ctl = c.view(values)
     assert (ctl.step, ctl.version, ctl.closed, ctl.finished) == (5, 6, 2, False)
-    assert ctl.block("pushed").tolist() == [0, 4, 0] and ctl.block("dropped").tolist() == [0, 0, 7]
+    assert ctl.block(Block.PUSHED).tolist() == [0, 4, 0] and ctl.block(Block.DROPPED).tolist() == [0, 0, 7]
     assert ctl.last_steps() == [-1, 5, -1] and pushes.fresh_workers(ctl) == [1]
+
+
+# The blocks' order on the ps before they were an enum (`Control.BLOCKS`, names as strings).
+BLOCKS_BY_NAME = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled", "compute_us", "batches")
+
+
+def test_every_block_maps_to_the_slots_it_had_by_name():
+    c = slots.Control(num_workers=3)
+    assert [b.name.lower() for b in Block] == list(BLOCKS_BY_NAME)
+    assert sorted(b.value for b in Block) == list(range(len(BLOCKS_BY_NAME))) and c.size == 10 + 8 * 3
+    ctl = c.view(np.arange(c.size, dtype=np.int64) * 10)
+    for place, name in enumerate(BLOCKS_BY_NAME):
+        block = Block[name.upper()]
+        expected = [slots.Control.HEADER + place * 3 + w for w in range(3)]
+        assert [c.slot(block, w) for w in range(3)] == expected
+        assert [getattr(c, name)(w) for w in range(3)] == expected  # the named accessor agrees
+        assert ctl.block(block).tolist() == [10 * slot for slot in expected]
 
 
 def control(num_workers=2, **named):
@@ -101,7 +119,7 @@ def control(num_workers=2, **named):
     c = slots.Control(num_workers)
     values = np.zeros([c.size], np.int64)
     for name, value in named.items():
-        if name in slots.Control.BLOCKS:
+        if name.upper() in Block.__members__:
             for w, v in enumerate(value):
                 values[getattr(c, name)(w)] = v
         else:

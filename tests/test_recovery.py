@@ -18,6 +18,7 @@ from tf_backup.protocol import config as config_lib
 from tf_backup.protocol import pushes
 from tf_backup.protocol import restart
 from tf_backup.protocol import rounds
+from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import Control
 from tf_backup.ps import endpoint
 from tf_backup.ps import recovery
@@ -156,7 +157,7 @@ def test_a_restarted_ps_is_written_again_in_a_new_generation():
         control[state.ctl.pushed(0)] = 1
         assert state.repopulate([np.arange(4, dtype=np.float32) + 1], 7, control) == 1
         ctl = state.read_control()
-        assert (ctl.step, ctl.version, ctl.generation) == (7, 7, 1) and ctl.block("pushed")[0] == 1
+        assert (ctl.step, ctl.version, ctl.generation) == (7, 7, 1) and ctl.block(Block.PUSHED)[0] == 1
         assert restart.state_lost(ctl, 0) and not restart.state_lost(ctl, 1)
         np.testing.assert_array_equal(state.read_params()[0], np.arange(4) + 1)
         assert state.intact()

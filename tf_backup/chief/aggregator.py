@@ -42,6 +42,7 @@ from tf_backup.protocol import restart
 from tf_backup.protocol import rounds
 from tf_backup.protocol import slots
 from tf_backup.protocol import wakeups
+from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import Control
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import recovery
@@ -399,7 +400,7 @@ class Aggregator(threading.Thread):
         for sample in pushes.new_pushes(self._pushes_seen, ctl):
             if sample.seconds >= 0:  # < 0: the first push of a fit (it traced), no time measured
                 self.rule.observe_push(sample)
-        self._pushes_seen = np.maximum(self._pushes_seen, ctl.block("pushed"))
+        self._pushes_seen = np.maximum(self._pushes_seen, ctl.block(Block.PUSHED))
 
     def _choose(self, takes: List[pushes.Take], sq_norm_of_sum: float) -> None:
         """After a take and its apply: feeds the rule what the take holds, then sets the next step's N.

@@ -28,6 +28,7 @@ from tf_backup.frontend import local_devices
 from tf_backup.protocol import config as config_lib
 from tf_backup.protocol import restart
 from tf_backup.protocol import slots
+from tf_backup.protocol.slots import Block
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
 from tf_backup.worker import client as worker_lib
@@ -155,7 +156,7 @@ class Binding:
                 self.state, self.config, info, self._make_apply_fn(inner), step=step,
                 max_steps=ext.max_steps, liveness=ext.liveness(), checkpoint=self.checkpoint,
                 master_flats=self._master_flats,
-                taken=None if running is None else running.block("taken"), on_ps=self.on_ps,
+                taken=None if running is None else running.block(Block.TAKEN), on_ps=self.on_ps,
             )
         self.client = worker_lib.WorkerClient(
             self.state, self.config, info, ext.monitor, chief_failure=self.aggregator_failure,

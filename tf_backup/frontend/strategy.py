@@ -18,6 +18,7 @@ from tf_backup.frontend import extended as extended_lib
 from tf_backup.frontend import local_devices
 from tf_backup.protocol import adaptive as adaptive_lib
 from tf_backup.protocol import config as config_lib
+from tf_backup.protocol.slots import Block
 from tf_backup.ps import job as job_lib
 
 
@@ -413,14 +414,14 @@ class BackupWorkerStrategy(_tf_internal.Strategy):
           cancelled, counting a restarted batch once; see `input_position`).
         """
         ctl = self.extended.latest_binding().state.read_control()
-        pushed, taken = ctl.block("pushed"), ctl.block("taken")
+        pushed, taken = ctl.block(Block.PUSHED), ctl.block(Block.TAKEN)
         return {
             "global_step": ctl.step,
             "pushed": [int(x) for x in pushed],
             "taken": [int(x) for x in taken],
             "dropped": [int(x) for x in pushed - taken],
-            "cancelled": [int(x) for x in ctl.block("cancelled")],
-            "batches": [int(x) for x in ctl.block("batches")],
+            "cancelled": [int(x) for x in ctl.block(Block.CANCELLED)],
+            "batches": [int(x) for x in ctl.block(Block.BATCHES)],
         }
 
     def counters(self):

@@ -17,6 +17,7 @@ import numpy as np
 
 from tf_backup.protocol.rounds import RoundState
 from tf_backup.protocol.rounds import WorkerRound
+from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import Control
 from tf_backup.protocol.slots import ControlView
 
@@ -82,13 +83,13 @@ def new_pushes(seen: np.ndarray, ctl: ControlView) -> List[PushSample]:
 
     A worker that pushed twice between two looks shows its last push only.
     """
-    pushed, tags, micros = ctl.block("pushed"), ctl.block("last_tag"), ctl.block("compute_us")
+    pushed, tags, micros = ctl.block(Block.PUSHED), ctl.block(Block.LAST_TAG), ctl.block(Block.COMPUTE_US)
     return [PushSample(w, int(tags[w]), int(micros[w]) / 1e6) for w in range(ctl.num_workers) if pushed[w] > seen[w]]
 
 
 def fresh_workers(ctl: ControlView) -> list:
     """The workers that pushed a gradient for the current step."""
-    tags, pushed = ctl.block("last_tag"), ctl.block("pushed")
+    tags, pushed = ctl.block(Block.LAST_TAG), ctl.block(Block.PUSHED)
     return [w for w in range(ctl.num_workers) if pushed[w] and tags[w] >= ctl.step]
 
 
@@ -123,12 +124,12 @@ class PushCounts:
         The predecessor's unsettled pushes are settled as usual, so `taken +
         dropped == pushed` stays true.
         """
-        pushed, dropped = int(ctl.block("pushed")[w]), int(ctl.block("dropped")[w])
-        taken = int(ctl.block("taken")[w])
-        return cls(pushed=pushed, dropped=dropped, cancelled=int(ctl.block("cancelled")[w]), taken_seen=taken,
+        pushed, dropped = int(ctl.block(Block.PUSHED)[w]), int(ctl.block(Block.DROPPED)[w])
+        taken = int(ctl.block(Block.TAKEN)[w])
+        return cls(pushed=pushed, dropped=dropped, cancelled=int(ctl.block(Block.CANCELLED)[w]), taken_seen=taken,
                    unresolved=max(0, pushed - dropped - taken),
-                   last_tag=int(ctl.block("last_tag")[w]) if pushed else -1,
-                   batches=int(ctl.block("batches")[w]))
+                   last_tag=int(ctl.block(Block.LAST_TAG)[w]) if pushed else -1,
+                   batches=int(ctl.block(Block.BATCHES)[w]))
 
     def push(self, step: int) -> "PushCounts":
         """A batch's gradient pushed for `step`: the batch is finished with."""
@@ -180,5 +181,5 @@ def input_positions(ctl: ControlView, step: int) -> List[int]:
     worker pushes once per step and tags go no higher than the step read, so
     there is at most one such push per worker.
     """
-    later = (ctl.block("pushed") > 0) & (ctl.block("last_tag") >= step)
-    return [int(b) - int(x) for b, x in zip(ctl.block("batches"), later)]
+    later = (ctl.block(Block.PUSHED) > 0) & (ctl.block(Block.LAST_TAG) >= step)
+    return [int(b) - int(x) for b, x in zip(ctl.block(Block.BATCHES), later)]

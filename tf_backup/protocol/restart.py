@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import Control
 from tf_backup.protocol.slots import ControlView
 
@@ -76,7 +77,7 @@ def push_kept(ctl: ControlView, generation: int, w: int, pushed: int) -> bool:
     push, and a run that failed on its connection may or may not have reached
     the task. Read before the worker writes its own slots again.
     """
-    return ctl.generation == generation and int(ctl.block("pushed")[w]) >= pushed
+    return ctl.generation == generation and int(ctl.block(Block.PUSHED)[w]) >= pushed
 
 
 def state_lost(ctl: Optional[ControlView], seen: int) -> bool:

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 from typing import FrozenSet
 
+from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import ControlView
 
 
@@ -45,7 +46,7 @@ def round_closable(ctl: ControlView, *, staleness_check: bool, pending: int, gon
         return True
     if pending:
         return False
-    return all(e >= ctl.stop_round or w in gone for w, e in enumerate(ctl.block("ended")))
+    return all(e >= ctl.stop_round or w in gone for w, e in enumerate(ctl.block(Block.ENDED)))
 
 
 class RoundState(enum.Enum):
@@ -87,5 +88,5 @@ def resumed_round(ctl: ControlView, w: int) -> WorkerRound:
     step with them after. Restarted: its predecessor's round being trained, or
     the next one between rounds.
     """
-    new = not (ctl.block("pushed")[w] or ctl.block("cancelled")[w] or ctl.block("ended")[w])
+    new = not (ctl.block(Block.PUSHED)[w] or ctl.block(Block.CANCELLED)[w] or ctl.block(Block.ENDED)[w])
     return WorkerRound(1 if new else max(1, ctl.round, ctl.stop_round + 1))

@@ -25,14 +25,33 @@ left and a heartbeat. Shared state of one `SyncReplicasOptimizer`
 """
 
 import dataclasses
+import enum
 
 import numpy as np
+
+
+class Block(enum.Enum):
+    """The per-worker counters of the control vector: each a block of `num_workers` slots after the header.
+
+    The value is the block's place after the header, so it is the layout on the
+    ps: a new block goes last. What each counts: `Control`'s method of the same
+    name (`Control.pushed` for `PUSHED`).
+    """
+
+    TAKEN = 0
+    PUSHED = 1
+    DROPPED = 2
+    LAST_TAG = 3
+    ENDED = 4
+    CANCELLED = 5
+    COMPUTE_US = 6
+    BATCHES = 7
 
 
 class Control:
     """Slots of the int64 control vector of one optimizer's shared state.
 
-    A header of scalars, then one block of `num_workers` slots per counter.
+    A header of scalars, then one block of `num_workers` slots per counter (`Block`).
     """
 
     STEP = 0  # committed global step: params hold this step's values
@@ -46,43 +65,42 @@ class Control:
     REPLICAS = 8  # N of the step being gathered: gradients the chief waits for (adaptive N changes it)
     GENERATION = 9  # times the chief wrote the state again (a ps task restarted empty: `tf_backup.ps.recovery`)
     HEADER = 10
-    # Per-worker blocks, in this order after the header.
-    BLOCKS = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled", "compute_us", "batches")
 
     def __init__(self, num_workers: int):
         self.num_workers = num_workers
-        self.size = self.HEADER + len(self.BLOCKS) * num_workers
+        self.size = self.HEADER + len(Block) * num_workers
 
-    def _slot(self, block: str, w: int) -> int:
-        return self.HEADER + self.BLOCKS.index(block) * self.num_workers + w
+    def slot(self, block: Block, w: int) -> int:
+        """Worker `w`'s slot of counter `block`."""
+        return self.HEADER + block.value * self.num_workers + w
 
     def taken(self, w: int) -> int:
         """Gradients of worker `w` averaged into a step (written by the chief)."""
-        return self._slot("taken", w)
+        return self.slot(Block.TAKEN, w)
 
     def pushed(self, w: int) -> int:
         """Gradients worker `w` pushed."""
-        return self._slot("pushed", w)
+        return self.slot(Block.PUSHED, w)
 
     def dropped(self, w: int) -> int:
         """Pushes of worker `w` it knows were never applied (stale)."""
-        return self._slot("dropped", w)
+        return self.slot(Block.DROPPED, w)
 
     def last_tag(self, w: int) -> int:
         """The step worker `w`'s last push was tagged with."""
-        return self._slot("last_tag", w)
+        return self.slot(Block.LAST_TAG, w)
 
     def ended(self, w: int) -> int:
         """The last fit round worker `w` has ended."""
-        return self._slot("ended", w)
+        return self.slot(Block.ENDED, w)
 
     def cancelled(self, w: int) -> int:
         """Batches worker `w` cancelled (the step moved on while it computed; never pushed)."""
-        return self._slot("cancelled", w)
+        return self.slot(Block.CANCELLED, w)
 
     def compute_us(self, w: int) -> int:
         """Microseconds worker `w` took from reading its last push's step to pushing (`PushSample`)."""
-        return self._slot("compute_us", w)
+        return self.slot(Block.COMPUTE_US, w)
 
     def batches(self, w: int) -> int:
         """Batches of its input worker `w` has finished with, pushed or cancelled (its input position).
@@ -91,7 +109,7 @@ class Control:
         push). A worker that rejoins the job resumes its input here; the chief
         saves the block with each checkpoint (`tf_backup.chief.checkpoint`).
         """
-        return self._slot("batches", w)
+        return self.slot(Block.BATCHES, w)
 
     def view(self, values) -> "ControlView":
         return ControlView(np.asarray(values), self.num_workers)
@@ -179,11 +197,11 @@ class ControlView:
     def generation(self) -> int:
         return int(self.values[Control.GENERATION])
 
-    def block(self, name: str) -> np.ndarray:
-        """One per-worker counter (`Control.BLOCKS`) as an int64 array."""
-        start = Control.HEADER + Control.BLOCKS.index(name) * self.num_workers
+    def block(self, block: Block) -> np.ndarray:
+        """One per-worker counter as an int64 array, worker `w`'s value at `w`."""
+        start = Control.HEADER + block.value * self.num_workers
         return np.asarray(self.values[start:start + self.num_workers])
 
     def last_steps(self) -> list:
         """Per worker, the step of its last pushed gradient (-1: none)."""
-        return [int(t) if p else -1 for t, p in zip(self.block("last_tag"), self.block("pushed"))]
+        return [int(t) if p else -1 for t, p in zip(self.block(Block.LAST_TAG), self.block(Block.PUSHED))]

@@ -37,6 +37,7 @@ from tf_backup.protocol import restart
 from tf_backup.protocol import rounds
 from tf_backup.protocol import staleness
 from tf_backup.protocol import wakeups
+from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import Control
 from tf_backup.protocol.slots import ControlView
 from tf_backup.ps import job as job_lib
@@ -204,7 +205,7 @@ class WorkerClient:
                 # asynchronous training, whose pushes were the updates themselves.
                 before, pending = k.taken_seen, k.unresolved
                 seen = self._wait(
-                    lambda ctl: ctl.block("taken")[self.w] - before >= pending or self.monitor.done,
+                    lambda ctl: ctl.block(Block.TAKEN)[self.w] - before >= pending or self.monitor.done,
                     "the chief to apply this worker's gradient", self.config.step_timeout, push=push)
         flats, ctl = self.pull(seen)
         if self._stopped(ctl):
@@ -223,7 +224,7 @@ class WorkerClient:
         if ctl is None:
             return StepMetrics(self.step, 0, self.counts.dropped, self.config.replicas_to_aggregate,
                                self.round.is_stopped)
-        others = ctl.block("dropped").copy()
+        others = ctl.block(Block.DROPPED).copy()
         others[self.w] = self.counts.dropped
         return StepMetrics(self.step, ctl.last_taken, int(others.sum()), ctl.replicas, self.round.is_stopped)
 
@@ -351,7 +352,7 @@ class WorkerClient:
         return self.state.read_control()
 
     def _diagnose(self, ctl: ControlView) -> str:
-        tags, pushed = ctl.block("last_tag"), ctl.block("pushed")
+        tags, pushed = ctl.block(Block.LAST_TAG), ctl.block(Block.PUSHED)
         fresh = pushes.fresh_workers(ctl)
         lagging = [
             f"worker {w} {self.info.workers[w]} (last pushed for step {tags[w] if pushed[w] else 'none'})"
@@ -487,7 +488,7 @@ class WorkerClient:
         self.step = ctl.step
         self._last_control = ctl
         self._pulled_at = time.monotonic()
-        self.counts = self.counts.settle(ctl.step, int(ctl.block("taken")[self.w]), self.config.staleness_check)
+        self.counts = self.counts.settle(ctl.step, int(ctl.block(Block.TAKEN)[self.w]), self.config.staleness_check)
 
     # -- the end of a fit round ----------------------------------------------------------
 
@@ -548,7 +549,7 @@ class WorkerClient:
         late: List[int] = []
 
         def all_ended() -> bool:
-            ended = self._retrying(self.state.read_control).block("ended")
+            ended = self._retrying(self.state.read_control).block(Block.ENDED)
             late[:] = [w for w in range(self.info.num_workers) if ended[w] < round_]
             if late:  # a worker that left the job (e.g. refused at build) or died never ends it
                 gone = set(self.monitor.left_workers()) | set(self._dead_workers())
