@@ -1,6 +1,8 @@
 """Pieces of the step protocol that need no cluster: layout, signature, slots, transitions, sleeps."""
 
 import dataclasses
+import json
+import pickle
 import time
 
 import numpy as np
@@ -15,6 +17,7 @@ from tf_backup.protocol import rounds
 from tf_backup.protocol import slots
 from tf_backup.protocol import staleness
 from tf_backup.protocol import wakeups
+from tf_backup.protocol.membership import WorkerEventKind
 from tf_backup.protocol.slots import Block
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import shared_state
@@ -355,6 +358,17 @@ def test_liveness_declares_silent_workers_dead_and_sees_them_come_back():
     assert [(e.worker, e.event) for e in liveness.update(12, [11, 3, -1])] == [(1, "rejoined")]
     assert liveness.dead == {2} and liveness.left == {2}
     assert [e.event for e in liveness.events] == ["died", "died", "rejoined"]
+    assert [e.event for e in liveness.events] == [WorkerEventKind.DIED, WorkerEventKind.DIED, WorkerEventKind.REJOINED]
+    # The trainer's summary (`dataclasses.asdict`, then JSON) reads as before.
+    assert json.loads(json.dumps(dataclasses.asdict(events[0])))["event"] == "died"
+
+
+def test_a_worker_event_kind_reads_prints_and_serialises_as_the_string_it_was():
+    died = WorkerEventKind.DIED
+    assert died == "died" and WorkerEventKind.REJOINED == "rejoined" and WorkerEventKind("died") is died
+    assert str(died) == f"{died}" == "%s" % died == "died"  # logs and user f-strings print the word
+    assert json.dumps({"event": died}) == '{"event": "died"}'
+    assert pickle.loads(pickle.dumps(died)) is died  # a local cluster's results come back pickled
 
 
 def test_a_beat_watch_counts_a_first_zero_as_never_beaten():
