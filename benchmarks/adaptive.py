@@ -15,7 +15,7 @@ from typing import Dict, List
 
 from benchmarks import common
 from benchmarks import time_to_accuracy
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
 
 NAME = "adaptive"
 TITLE = "Adaptive N against fixed b: time to accuracy on MNIST-1D, 6 workers, stragglers that change mid-run"
@@ -111,7 +111,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         f"Task: the default job's (`configs/mnist1d.json`: MNIST-1D, CNN filters {base['model'].get('filters')}, "
         f"{base['optimizer']} lr {base['learning_rate']}, batch {base['batch_size']} per worker), {WORKERS} workers; "
         "`auto`: `num_backup_workers=\"auto\"` (N in [1, 6], window 50 steps, warmup "
-        f"{protocol.AdaptiveSettings.warmup}); `b = k`: N = 6 - k.",
+        f"{config_lib.AdaptiveSettings.warmup}); `b = k`: N = 6 - k.",
         f"Stragglers: every worker sleeps {s['compute']:g} s before each batch plus its delay from "
         f"`{straggler(s)}` (seed 0, keyed by worker and global step): phase 1 (steps 0-{s['phase_steps'] - 1}) "
         f"Pareto delays on every worker, phase 2 (steps {s['phase_steps']}-{stop - 1}) workers 4 and 5 sleep "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tf_backup.protocol import adaptive
-from tf_backup.protocol import protocol
+from tf_backup.protocol import pushes
 
 
 def harmonic(k: int) -> float:
@@ -180,7 +180,7 @@ def test_the_step_overhead_is_the_period_minus_the_last_taken_compute_time():
     rule = adaptive.AdaptiveN(3, n_min=1, n_max=3, window=10, warmup=0)
     for step in range(10):
         for w, seconds in enumerate([0.1, 0.2, 0.9]):
-            rule.observe_push(protocol.PushSample(w, step, seconds))
+            rule.observe_push(pushes.PushSample(w, step, seconds))
         # Steps taken with workers 0 and 1: the period is 0.25 s, of which 0.2 s the second's compute.
         rule.observe_take(step, [0, 1], period=0.25, sum_sq_norms=2.0, sq_norm_of_sum=3.9, n=2)
     assert rule.overhead == pytest.approx(0.05)

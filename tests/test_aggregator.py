@@ -11,7 +11,10 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.chief import aggregator as aggregator_lib
 from tf_backup.local.spec import free_ports
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import pushes
+from tf_backup.protocol import slots
+from tf_backup.protocol import wakeups
 from tf_backup.ps import endpoint
 from tf_backup.ps.layout import Layout
 from tf_backup.ps.shared_state import SharedState
@@ -40,8 +43,8 @@ def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatc
     layout = Layout([var], 1)
     state = SharedState("test/lost", layout, ps_info.ps, num_workers=2, endpoints=endpoint.Endpoints())
     state.create(layout.pack([var]))
-    state.control.scatter_max([protocol.Control.ROUND], [1])  # a fit round is running
-    config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
+    state.control.scatter_max([slots.Control.ROUND], [1])  # a fit round is running
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
     applied = []
 
     def apply_fn(grads):
@@ -64,21 +67,21 @@ def test_a_take_delivered_twice_publishes_the_step_unchanged(ps_info, monkeypatc
     aggregator.start()
     try:
         for w in range(2):  # step 0: both gradients are taken, then lost
-            acc.apply_grad(protocol.push_vector(np.array([1.0, 1.0], np.float32), w, 2), 0)
-        wait_for(lambda: state.read_control()[protocol.Control.STEP] == 1, "step 1")
+            acc.apply_grad(pushes.push_vector(np.array([1.0, 1.0], np.float32), w, 2), 0)
+        wait_for(lambda: state.read_control()[slots.Control.STEP] == 1, "step 1")
         assert aggregator.lost_steps == 1 and applied == [] and len(lost) == 1
         np.testing.assert_array_equal(state.params[0].read(), [1.0, 2.0])  # published unchanged
-        acc.apply_grad(protocol.push_vector(np.array([9.0, 9.0], np.float32), 0, 2), 0)  # stale: step 0 is over
+        acc.apply_grad(pushes.push_vector(np.array([9.0, 9.0], np.float32), 0, 2), 0)  # stale: step 0 is over
         for w in range(2):  # step 1 applies normally: the mean gradient is [0.5, 1.5]
-            acc.apply_grad(protocol.push_vector(np.array([w, w + 1.0], np.float32), w, 2), 1)
-        wait_for(lambda: state.read_control()[protocol.Control.STEP] == 2, "step 2")
+            acc.apply_grad(pushes.push_vector(np.array([w, w + 1.0], np.float32), w, 2), 1)
+        wait_for(lambda: state.read_control()[slots.Control.STEP] == 2, "step 2")
         np.testing.assert_allclose(applied[0][0], [0.5, 1.5])
         np.testing.assert_allclose(state.params[0].read(), [0.5, 0.5])
         assert [r.taken for r in aggregator.history] == [0, 2]
         # What it published, kept for the chief's own worker: the last KEEP_PUBLISHED steps.
         np.testing.assert_allclose(aggregator.published(2)[0], [0.5, 0.5])
         np.testing.assert_allclose(aggregator.published(1)[0], [1.0, 2.0])
-        assert aggregator.published(0) is None and protocol.KEEP_PUBLISHED == 2
+        assert aggregator.published(0) is None and config_lib.KEEP_PUBLISHED == 2
     finally:
         aggregator.stop()
 
@@ -90,7 +93,7 @@ def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(p
     layout = Layout([var], 1)
     state = SharedState("test/unpublished", layout, ps_info.ps, num_workers=2, endpoints=endpoint.Endpoints())
     state.create(layout.pack([var]))
-    config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2)
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=2, num_workers=2)
     aggregator = aggregator_lib.Aggregator(state, config, ps_info, lambda grads: [np.array([0.5, 0.5], np.float32)])
 
     def ps_gone(self, *args, **kwargs):
@@ -99,7 +102,7 @@ def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(p
     monkeypatch.setattr(SharedState, "publish", ps_gone)
     assert aggregator.master_step == aggregator.step == 0
     with pytest.raises(errors.PsUnavailableError):
-        aggregator._apply_publish([protocol.push_vector(np.array([1.0, 1.0], np.float32), 0, 2)])  # pylint: disable=protected-access
+        aggregator._apply_publish([pushes.push_vector(np.array([1.0, 1.0], np.float32), 0, 2)])  # pylint: disable=protected-access
     assert aggregator.step == 0 and aggregator.master_step == 1
 
 
@@ -109,7 +112,7 @@ def running_state(ps_info, prefix):
     layout = Layout([var], 1)
     state = SharedState(prefix, layout, ps_info.ps, num_workers=2, endpoints=endpoint.Endpoints())
     state.create(layout.pack([var]))
-    state.control.scatter_max([protocol.Control.ROUND], [1])
+    state.control.scatter_max([slots.Control.ROUND], [1])
     return state
 
 
@@ -120,7 +123,7 @@ def test_a_round_closes_only_after_the_apply_in_flight_when_it_stopped(ps_info):
     import threading  # pylint: disable=g-import-not-at-top
 
     state = running_state(ps_info, "test/close_sync")
-    config = protocol.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
     in_apply, release = threading.Event(), threading.Event()
 
     def apply_fn(grads):
@@ -130,14 +133,14 @@ def test_a_round_closes_only_after_the_apply_in_flight_when_it_stopped(ps_info):
 
     aggregator = aggregator_lib.Aggregator(state, config, ps_info, apply_fn)
     aggregator.start()
-    C = protocol.Control
+    C = slots.Control
     try:
         for w in range(2):
-            state.accs[0].apply_grad(protocol.push_vector(np.array([1.0, 1.0], np.float32), w, 2), 0)
+            state.accs[0].apply_grad(pushes.push_vector(np.array([1.0, 1.0], np.float32), w, 2), 0)
         assert in_apply.wait(20.0), "the aggregator never took step 0"
         # A worker ends round 1 while step 0's apply is in flight.
         state.control.scatter_max([C.STOP_ROUND, state.ctl.ended(1)], [1, 1])
-        state.poke_aggregator(protocol.WAKE)
+        state.poke_aggregator(wakeups.WAKE)
         time.sleep(0.3)
         ctl = state.read_control()
         assert ctl[C.STEP] == 0 and ctl[C.CLOSED] == 0
@@ -154,22 +157,22 @@ def test_an_asynchronous_round_closes_once_every_worker_ended_it(ps_info):
     # Asynchronous training applies every gradient, also after the round stopped: the round
     # closes when every worker has ended it (each waited for its last gradient to be applied).
     state = running_state(ps_info, "test/close_async")
-    config = protocol.ProtocolConfig(replicas_to_aggregate=1, num_workers=2, staleness_check=False,
-                                     poll_max=0.01, poll_min=0.001)
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=1, num_workers=2, staleness_check=False,
+                                       poll_max=0.01, poll_min=0.001)
     aggregator = aggregator_lib.Aggregator(state, config, ps_info, lambda grads: [np.asarray(state.params[0].read()) - grads[0]])
     aggregator.start()
-    C, c = protocol.Control, state.ctl
+    C, c = slots.Control, state.ctl
     try:
         state.control.scatter_max([C.STOP_ROUND, c.ended(0)], [1, 1])  # worker 0 ended round 1
-        state.poke_aggregator(protocol.WAKE)
+        state.poke_aggregator(wakeups.WAKE)
         # Worker 1 had not: its gradient, pushed after the stop, is still applied.
-        state.accs[0].apply_grad(protocol.push_vector(np.array([1.0, 1.0], np.float32), 1, 2), protocol.INT64_MAX)
-        state.poke_aggregator(protocol.WAKE)
+        state.accs[0].apply_grad(pushes.push_vector(np.array([1.0, 1.0], np.float32), 1, 2), pushes.INT64_MAX)
+        state.poke_aggregator(wakeups.WAKE)
         wait_for(lambda: state.read_control()[C.STEP] == 1, "step 1")
         time.sleep(0.3)
         assert state.read_control()[C.CLOSED] == 0
         state.control.scatter_max([c.ended(1)], [1])  # worker 1 ends the round
-        state.poke_aggregator(protocol.WAKE)
+        state.poke_aggregator(wakeups.WAKE)
         wait_for(lambda: state.read_control()[C.CLOSED] == 1, "round 1 closed")
         np.testing.assert_allclose(state.params[0].read(), [0.0, 1.0])
     finally:

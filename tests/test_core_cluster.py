@@ -104,7 +104,7 @@ def test_a_superseded_straggler_restarts_its_batch_on_the_new_step_and_pushes_it
     assert sorted(checked) == sorted(new for _, new, _ in moved if new in published) and len(checked) >= 2
     # Each cut counts as cancelled; each restarted batch was pushed once, for the step it restarted
     # on. (Counts of the timed fit: the warm-up fit before it pushed too.)
-    c = tf_backup.protocol.protocol.Control(4)
+    c = tf_backup.protocol.slots.Control(4)
     control, stats, before = slow["control"], slow["stats"], slow["stats_before"]
     assert before["cancelled"][3] == 0
     assert stats["cancelled"][3] == control[c.cancelled(3)] == len(restarts)

@@ -14,7 +14,8 @@ from tf_backup import topology
 from tf_backup.frontend import arguments
 from tf_backup.frontend import extended as extended_lib
 from tf_backup.frontend import reports
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import slots
 
 
 def info(num_workers=4):
@@ -59,10 +60,10 @@ def test_protocol_config_n_is_workers_less_backups(kwargs, n, staleness_check):
 
 def test_protocol_config_adaptive_starts_at_the_upper_bound():
     config = args(num_backup_workers="auto", min_replicas_to_aggregate=2, adaptive_window=3).protocol_config(info(4))
-    assert config.adaptive == protocol.AdaptiveSettings(2, 4, window=3, warmup=3)
+    assert config.adaptive == config_lib.AdaptiveSettings(2, 4, window=3, warmup=3)
     assert config.replicas_to_aggregate == 4
     config = args(num_backup_workers="auto", max_replicas_to_aggregate=3).protocol_config(info(4))
-    assert config.adaptive == protocol.AdaptiveSettings(1, 3, window=50, warmup=5)
+    assert config.adaptive == config_lib.AdaptiveSettings(1, 3, window=50, warmup=5)
     assert config.replicas_to_aggregate == 3
 
 
@@ -73,9 +74,9 @@ def test_protocol_config_refuses_as_many_backups_as_workers():
 
 
 def test_gradient_stats_from_a_control_vector():
-    control = protocol.Control(3)
+    control = slots.Control(3)
     values = np.zeros(control.size, np.int64)
-    values[protocol.Control.STEP] = 9
+    values[slots.Control.STEP] = 9
     for w, (pushed, taken, cancelled, batches) in enumerate([(9, 9, 0, 9), (8, 6, 1, 9), (2, 0, 5, 7)]):
         values[control.pushed(w)], values[control.taken(w)] = pushed, taken
         values[control.cancelled(w)], values[control.batches(w)] = cancelled, batches

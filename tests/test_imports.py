@@ -193,6 +193,6 @@ def test_no_circle_between_rooms():
 def test_the_rules_see_real_imports():
     """The rules are not vacuous: the parse finds the edges every reader knows."""
     assert "tf_backup.ps.shared_state" in GRAPH["tf_backup.worker.client"]
-    assert "tf_backup.protocol.protocol" in GRAPH["tf_backup.chief.aggregator"]
+    assert "tf_backup.protocol.rounds" in GRAPH["tf_backup.chief.aggregator"]
     assert "tensorflow" in IMPORTS["tf_backup.ps.shared_state"]
     assert _cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == ["a -> b -> c -> a"]

@@ -98,10 +98,10 @@ def test_an_optimizer_naming_n_under_an_adaptive_strategy_is_refused():
     import types  # pylint: disable=g-import-not-at-top
 
     from tf_backup.frontend import binding  # pylint: disable=g-import-not-at-top
-    from tf_backup.protocol import protocol  # pylint: disable=g-import-not-at-top
+    from tf_backup.protocol import config as config_lib  # pylint: disable=g-import-not-at-top
 
-    config = protocol.ProtocolConfig(replicas_to_aggregate=4, num_workers=4,
-                                     adaptive=protocol.AdaptiveSettings(n_min=2, n_max=4))
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=4, num_workers=4,
+                                       adaptive=config_lib.AdaptiveSettings(n_min=2, n_max=4))
     strategy = types.SimpleNamespace(extended=types.SimpleNamespace(config=config), num_workers=4,
                                      asynchronous=False)
     assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD()), strategy) is config

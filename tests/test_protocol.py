@@ -1,6 +1,11 @@
-"""Pieces of the step protocol that need no cluster: layout, signature, slots, transitions, sleeps."""
+"""Pieces of the step that need TensorFlow but no cluster: layout, signature, a worker's pulls and sleeps, liveness.
+
+The protocol's pure rules are tested next to their modules: `test_slots`, `test_rounds`, `test_pushes`,
+`test_staleness`, `test_wakeups`, `test_membership`.
+"""
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -8,13 +13,18 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import cluster as cluster_lib
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import slots
+from tf_backup.protocol import wakeups
+from tf_backup.protocol.membership import WorkerEventKind
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
 from tf_backup.ps.layout import largest_first
 from tf_backup.worker import chief_link
 from tf_backup.worker import client as worker_lib
+
+from tests.controls import control
 
 
 def variables(*shapes, dtype=tf.float32):
@@ -67,132 +77,6 @@ def test_signature_check_counts_variables():
         worker.check_signature(chief.signature())
 
 
-def test_control_slots_do_not_overlap():
-    c = protocol.Control(num_workers=3)
-    slots = [protocol.Control.STEP, protocol.Control.VERSION, protocol.Control.ROUND,
-             protocol.Control.STOP_ROUND, protocol.Control.LAST_TAKEN, protocol.Control.FINISHED]
-    for block in (c.taken, c.pushed, c.dropped, c.last_tag, c.ended, c.cancelled):
-        slots += [block(w) for w in range(3)]
-    assert len(set(slots)) == len(slots) and max(slots) < c.size
-    job_slots = protocol.Job(3)
-    job = [protocol.Job.JOB_ID, protocol.Job.DONE, protocol.Job.ABORT, protocol.Job.HEARTBEAT]
-    job += [f(w) for f in (job_slots.joined, job_slots.left, job_slots.beat) for w in range(3)]
-    assert len(set(job)) == len(job) and max(job) < job_slots.size
-
-
-def test_the_control_view_reads_slots_by_name():
-    c = protocol.Control(num_workers=3)
-    values = np.zeros([c.size], np.int64)
-    values[protocol.Control.STEP], values[protocol.Control.VERSION], values[protocol.Control.CLOSED] = 5, 6, 2
-    values[c.pushed(1)], values[c.last_tag(1)], values[c.dropped(2)] = 4, 5, 7
-    ctl = c.view(values)
-    assert (ctl.step, ctl.version, ctl.closed, ctl.finished) == (5, 6, 2, False)
-    assert ctl.block("pushed").tolist() == [0, 4, 0] and ctl.block("dropped").tolist() == [0, 0, 7]
-    assert ctl.last_steps() == [-1, 5, -1] and protocol.fresh_workers(ctl) == [1]
-
-
-def control(num_workers=2, **slots):
-    """A control view with the named header slots set (`step=3, round=2, ...`)."""
-    c = protocol.Control(num_workers)
-    values = np.zeros([c.size], np.int64)
-    for name, value in slots.items():
-        if name in protocol.Control.BLOCKS:
-            for w, v in enumerate(value):
-                values[getattr(c, name)(w)] = v
-        else:
-            values[getattr(protocol.Control, name.upper())] = value
-    return c.view(values)
-
-
-def test_a_round_runs_from_its_announcement_to_its_stop():
-    assert not protocol.round_running(control(round=0, stop_round=0))
-    assert protocol.round_running(control(round=2, stop_round=1))
-    assert not protocol.round_running(control(round=2, stop_round=2))
-    assert protocol.round_stopped(control(stop_round=2), 2) and not protocol.round_stopped(control(stop_round=1), 2)
-    assert protocol.round_stopped(control(finished=1), 5) and protocol.round_stopped(control(), 1, job_done=True)
-    assert protocol.round_closed(control(closed=2), 2) and not protocol.round_closed(control(closed=1), 2)
-    assert protocol.round_closed(control(finished=1), 9)
-
-
-@pytest.mark.parametrize("slots, staleness_check, pending, gone, closable", [
-    (dict(round=2, stop_round=2, closed=1), True, 3, frozenset(), True),  # sync: nothing starts after a stop
-    (dict(round=2, stop_round=1, closed=1), True, 0, frozenset(), False),  # round 2 runs
-    (dict(round=2, stop_round=2, closed=2), True, 0, frozenset(), False),  # closed already
-    (dict(round=1, stop_round=1, ended=[1, 0]), False, 0, frozenset(), False),  # async: worker 1 still in it
-    (dict(round=1, stop_round=1, ended=[1, 0]), False, 0, frozenset({1}), True),  # ... unless it is gone
-    (dict(round=1, stop_round=1, ended=[1, 1]), False, 1, frozenset(), False),  # a gradient to apply
-    (dict(round=1, stop_round=1, ended=[1, 1]), False, 0, frozenset(), True),
-])
-def test_a_stopped_round_closes_once_nothing_more_is_applied_for_it(slots, staleness_check, pending, gone, closable):
-    ctl = control(**slots)
-    assert protocol.round_closable(ctl, staleness_check=staleness_check, pending=pending, gone=gone) == closable
-
-
-def test_a_worker_round_moves_through_its_named_states():
-    r = protocol.WorkerRound()
-    assert (r.number, r.state) == (1, protocol.RoundState.NOT_ANNOUNCED)
-    r = r.announced()
-    assert r.state is protocol.RoundState.RUNNING and not r.is_stopped
-    r = r.stopped()
-    assert r.is_stopped and r.number == 1
-    assert r.next() == protocol.WorkerRound(2, protocol.RoundState.NOT_ANNOUNCED)
-
-
-def test_the_seqlock_accepts_only_an_unchanged_version():
-    assert protocol.consistent(control(step=3, version=3), control(step=3, version=3))
-    assert not protocol.consistent(control(step=3, version=4), control(step=4, version=4))  # a publish ran
-    assert not protocol.consistent(control(step=3, version=3), control(step=3, version=4))  # one began after
-
-
-def test_pushes_settle_as_taken_or_dropped_once_the_step_passes_their_tag():
-    counts = protocol.PushCounts().push(0).push(1)  # two pushes, tagged 0 and 1
-    assert (counts.pushed, counts.unresolved, counts.last_tag) == (2, 2, 1)
-    assert counts.settle(step=1, taken=1, staleness_check=True) == counts  # the push for step 1 is pending
-    settled = counts.settle(step=2, taken=1, staleness_check=True)  # one taken: the other was stale
-    assert (settled.dropped, settled.unresolved, settled.taken_seen) == (1, 0, 1)
-    assert settled.pushed == settled.dropped + settled.taken_seen
-    # Asynchronous: every push is applied in the end; nothing is dropped.
-    counts = protocol.PushCounts().push(0).push(0)
-    assert counts.settle(step=5, taken=1, staleness_check=False).unresolved == 2
-    assert counts.settle(step=6, taken=2, staleness_check=False) == protocol.PushCounts(
-        pushed=2, taken_seen=2, last_tag=0, batches=2)
-
-
-def test_the_input_position_counts_each_batch_once_whatever_becomes_of_it():
-    counts = protocol.PushCounts().push(0)  # pushed
-    counts = counts.cancel()  # cancelled: dropped with its batch
-    counts = counts.cancel(batch_done=False).push(2)  # cancelled, computed again on the new step, pushed
-    assert (counts.batches, counts.pushed, counts.cancelled) == (3, 2, 2)
-    assert counts.settle(step=3, taken=1, staleness_check=True).batches == 3  # settling reads no batch
-    # A worker that rejoins (or a resumed job's, from the checkpoint) continues the position in the control.
-    ctl = control(batches=[7, 11], pushed=[5, 9])
-    assert [protocol.PushCounts.resumed(ctl, w).batches for w in (0, 1)] == [7, 11]
-
-
-def test_a_checkpoint_counts_no_batch_pushed_for_its_own_step_or_later():
-    # Read after the publish of step 5: worker 1 already pushed for it, worker 0 not; worker 2 never pushed.
-    ctl = control(num_workers=3, batches=[5, 6, 2], pushed=[5, 6, 0], last_tag=[4, 5, 0])
-    assert protocol.input_positions(ctl, step=5) == [5, 5, 2]
-    assert protocol.input_positions(ctl, step=6) == [5, 6, 2]  # read before the publish of 6: all count
-
-
-def test_tokens_supersede_a_batch_only_for_a_later_step_or_a_stopped_round():
-    running = control(round=1, stop_round=0)
-    assert protocol.superseded(np.array([4]), running, step=3, round_=1, job_done=False)
-    assert not protocol.superseded(np.array([3]), running, step=3, round_=1, job_done=False)
-    assert not protocol.superseded(np.array([protocol.WAKE]), running, step=3, round_=1, job_done=False)
-    assert protocol.superseded(np.array([protocol.WAKE]), control(round=1, stop_round=1), 3, 1, False)
-    assert not protocol.superseded(np.array([protocol.POKE]), control(round=1, stop_round=1), 3, 1, False)
-    assert protocol.missed_wakeup(np.array([protocol.POKE]), need=1)
-    assert not protocol.missed_wakeup(np.array([0, protocol.POKE]), need=1)
-
-
-def test_too_few_workers_needs_a_dead_one_not_only_workers_that_left():
-    assert protocol.lost_workers(num_workers=3, needed=2, gone={1, 2}, dead={2})  # 1 of 3 left, 2 needed
-    assert not protocol.lost_workers(num_workers=3, needed=2, gone={2}, dead={2})  # 2 alive: enough
-    assert not protocol.lost_workers(num_workers=3, needed=2, gone={1, 2}, dead=set())  # they left: the fit ended
-
-
 def test_largest_first_placement_fills_the_least_loaded_bin():
     assert largest_first([100, 90, 10, 5], [0, 0]) == [0, 1, 1, 0]
     assert largest_first([3], [10, 2]) == [1]
@@ -204,30 +88,18 @@ def two_workers(task_id):
         tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=task_id))
 
 
-@pytest.mark.parametrize("pushed,ended,round_,stop_round,expected", [
-    (0, 0, 3, 2, 1),  # new, the others in their 3rd fit: its first fit is round 1 (over: it ends at once)
-    (0, 0, 0, 0, 1),  # new, nobody started
-    (5, 2, 3, 2, 3),  # restarted during round 3: it trains round 3
-    (5, 3, 3, 3, 4),  # restarted between rounds: the next one
-])
-def test_a_worker_joining_a_running_job_picks_its_fit_round(pushed, ended, round_, stop_round, expected):
-    ctl = control(round=round_, stop_round=stop_round, pushed=[0, pushed], taken=[0, pushed], ended=[0, ended])
-    assert protocol.resumed_round(ctl, 1) == protocol.WorkerRound(expected)
-    assert protocol.PushCounts.resumed(ctl, 1).pushed == pushed
-
-
 class FakeState:
     prefix = "fake"
     on_one_task = True
 
     def __init__(self, num_workers):
-        self.ctl = protocol.Control(num_workers)
+        self.ctl = slots.Control(num_workers)
 
 
 def test_the_chief_pulls_what_its_aggregator_published_even_given_a_snapshot_from_the_ps():
     state = FakeState(2)
     published = {3: [np.full(2, 3.0, np.float32)]}
-    client = worker_lib.WorkerClient(state, protocol.ProtocolConfig(1, 2), two_workers(0), monitor=None,
+    client = worker_lib.WorkerClient(state, config_lib.ProtocolConfig(1, 2), two_workers(0), monitor=None,
                                      chief=chief_link.ChiefLink(published=published.get))
     ctl = control(step=3, version=3)
     # A wait past WAKE_WAIT read them from the ps too.
@@ -264,7 +136,7 @@ class WakingState(FakeState):
 
 def worker_1(state):
     monitor = type("Monitor", (), {"done": False})()
-    return worker_lib.WorkerClient(state, protocol.ProtocolConfig(1, 2), two_workers(1), monitor=monitor)
+    return worker_lib.WorkerClient(state, config_lib.ProtocolConfig(1, 2), two_workers(1), monitor=monitor)
 
 
 def test_a_superseded_sleep_restarts_on_the_parameters_read_with_the_token():
@@ -294,9 +166,9 @@ def test_the_sleep_waits_on_the_ps_until_its_last_milliseconds_then_sleeps_them_
     start = time.monotonic()
     assert not client.sleep_unless_superseded(0.05)
     assert time.monotonic() - start >= 0.05
-    assert len(state.waits) == 1 and state.waits[0] <= 0.05 - protocol.SLEEP_MARGIN
+    assert len(state.waits) == 1 and state.waits[0] <= 0.05 - wakeups.SLEEP_MARGIN
     state.waits.clear()
-    assert not client.sleep_unless_superseded(protocol.SLEEP_MARGIN / 2)  # all of it here
+    assert not client.sleep_unless_superseded(wakeups.SLEEP_MARGIN / 2)  # all of it here
     assert state.waits == []
 
 
@@ -304,7 +176,7 @@ class FakeJobVariable:
     """The job vector in memory, for `Liveness`."""
 
     def __init__(self, num_workers):
-        self.values = np.zeros([protocol.Job(num_workers).size], np.int64)
+        self.values = np.zeros([slots.Job(num_workers).size], np.int64)
 
     def read(self):
         return self.values.copy()
@@ -316,9 +188,9 @@ def test_liveness_declares_silent_workers_dead_and_sees_them_come_back():
         tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=0))
     job, now = FakeJobVariable(3), [100.0]
     liveness = job_lib.Liveness(job, info, worker_timeout=5.0, startup_timeout=20.0, clock=lambda: now[0])
-    slots = protocol.Job(3)
-    job.values[slots.joined(1)] = 1
-    job.values[slots.beat(1)] = 7
+    job_slots = slots.Job(3)
+    job.values[job_slots.joined(1)] = 1
+    job.values[job_slots.beat(1)] = 7
     assert liveness.update(step=0, last_steps=[0, -1, -1]) == []
     now[0] += 5.5  # worker 1 silent for 5.5 s; worker 2 never joined (its limit is startup_timeout)
     events = liveness.update(step=4, last_steps=[3, 3, -1])
@@ -327,11 +199,14 @@ def test_liveness_declares_silent_workers_dead_and_sees_them_come_back():
     assert liveness.dead == {1} and liveness.silent_seconds(1) == pytest.approx(5.5)
     now[0] += 15.0
     assert [(e.worker, e.event) for e in liveness.update(9, [8, 3, -1])] == [(2, "died")]
-    job.values[slots.beat(1)] = 8  # restarted: its heartbeat moves again
-    job.values[slots.left(2)] = 1  # worker 2 left the job cleanly: not dead
+    job.values[job_slots.beat(1)] = 8  # restarted: its heartbeat moves again
+    job.values[job_slots.left(2)] = 1  # worker 2 left the job cleanly: not dead
     assert [(e.worker, e.event) for e in liveness.update(12, [11, 3, -1])] == [(1, "rejoined")]
     assert liveness.dead == {2} and liveness.left == {2}
     assert [e.event for e in liveness.events] == ["died", "died", "rejoined"]
+    assert [e.event for e in liveness.events] == [WorkerEventKind.DIED, WorkerEventKind.DIED, WorkerEventKind.REJOINED]
+    # The trainer's summary (`dataclasses.asdict`, then JSON) reads as before.
+    assert json.loads(json.dumps(dataclasses.asdict(events[0])))["event"] == "died"
 
 
 def test_a_beat_watch_counts_a_first_zero_as_never_beaten():
@@ -343,42 +218,3 @@ def test_a_beat_watch_counts_a_first_zero_as_never_beaten():
     assert watch.silent_seconds(1) == 0.0
     now[0] = 15.0
     assert watch.observe(np.array([0, 5])) == [] and watch.silent_seconds(1) == pytest.approx(3.0)
-
-
-def test_a_take_of_summed_pushes_splits_into_gradient_norms_and_counts():
-    grads = [np.array([1.0, 2.0], np.float32), np.array([3.0, -1.0], np.float32)]
-    total = protocol.push_vector(grads[0], 2, 3) + protocol.push_vector(grads[1], 0, 3)
-    assert len(total) == 2 + protocol.push_tail(3)
-    take = protocol.split_take(total, 3)
-    np.testing.assert_allclose(take.gradient, [4.0, 1.0])
-    assert take.sum_sq_norms == pytest.approx(5.0 + 10.0)
-    assert take.counts.tolist() == [1, 0, 1]
-    np.testing.assert_allclose(take.mean, [2.0, 0.5])
-
-
-def test_new_pushes_are_those_whose_count_moved_with_their_step_and_compute_time():
-    c = protocol.Control(3)
-    values = np.zeros([c.size], np.int64)
-    for w, (pushed, tag, micros) in enumerate([(2, 7, 40_000), (1, 5, 250_000), (0, 0, 0)]):
-        values[[c.pushed(w), c.last_tag(w), c.compute_us(w)]] = [pushed, tag, micros]
-    ctl = c.view(values)
-    assert protocol.new_pushes(np.array([1, 1, 0]), ctl) == [protocol.PushSample(0, 7, 0.04)]
-    assert protocol.new_pushes(np.zeros(3), ctl) == [protocol.PushSample(0, 7, 0.04), protocol.PushSample(1, 5, 0.25)]
-
-
-def test_a_gradient_is_already_taken_once_its_step_is_taken_or_published():
-    assert not protocol.already_taken(control(step=3), 3)  # step 3 is being gathered
-    assert protocol.already_taken(control(step=3, taken_for=4), 3)  # taken, not yet published
-    assert protocol.already_taken(control(step=4, taken_for=4), 3)  # published
-    assert not protocol.already_taken(control(step=4, taken_for=4), 4)
-    # A TAKEN_FOR that is not the step being published (left by an earlier state, or cleared) says nothing.
-    assert not protocol.already_taken(control(step=2, taken_for=7), 3)
-
-
-def test_only_clusters_that_take_steps_without_every_worker_read_before_a_push():
-    sync = protocol.ProtocolConfig(replicas_to_aggregate=4, num_workers=4)
-    assert not protocol.checks_before_push(sync)  # b = 0: never late, the read would only cost
-    assert protocol.checks_before_push(dataclasses.replace(sync, replicas_to_aggregate=3))
-    assert protocol.checks_before_push(
-        dataclasses.replace(sync, adaptive=protocol.AdaptiveSettings(n_min=2, n_max=4)))
-    assert not protocol.checks_before_push(dataclasses.replace(sync, replicas_to_aggregate=1, staleness_check=False))

@@ -15,9 +15,12 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.local import launch
 from tf_backup.local.spec import free_ports
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import pushes
 from tf_backup.protocol import restart
-from tf_backup.protocol.protocol import Control
+from tf_backup.protocol import rounds
+from tf_backup.protocol.slots import Block
+from tf_backup.protocol.slots import Control
 from tf_backup.ps import endpoint
 from tf_backup.ps import recovery
 from tf_backup.ps.layout import Layout
@@ -61,18 +64,18 @@ def test_the_chief_writes_back_its_own_slots_over_its_last_read():
 
 def test_a_worker_writes_back_its_counts_and_its_round():
     ctl = Control(WORKERS)
-    counts = protocol.PushCounts(pushed=9, dropped=2, cancelled=1, last_tag=8, batches=10)
-    running = protocol.WorkerRound(2).announced()
-    indices, values = protocol.own_slots(ctl, 1, counts, running)
+    counts = pushes.PushCounts(pushed=9, dropped=2, cancelled=1, last_tag=8, batches=10)
+    running = rounds.WorkerRound(2).announced()
+    indices, values = pushes.own_slots(ctl, 1, counts, running)
     got = dict(zip(indices, values))
     assert got[ctl.pushed(1)] == 9 and got[ctl.dropped(1)] == 2 and got[ctl.cancelled(1)] == 1
     assert got[ctl.last_tag(1)] == 8 and got[ctl.batches(1)] == 10
     assert got[ctl.ended(1)] == 1  # round 1 is over
     assert got[Control.ROUND] == 2 and got[Control.STOP_ROUND] == 0  # scatter_max: 0 leaves it
 
-    _, values = protocol.own_slots(ctl, 1, counts, running.stopped())
+    _, values = pushes.own_slots(ctl, 1, counts, running.stopped())
     assert dict(zip(indices, values))[Control.STOP_ROUND] == 2
-    _, values = protocol.own_slots(ctl, 1, counts, protocol.WorkerRound(3))
+    _, values = pushes.own_slots(ctl, 1, counts, rounds.WorkerRound(3))
     assert dict(zip(indices, values))[Control.ROUND] == 0  # not announced yet: nothing to say
 
 
@@ -140,7 +143,7 @@ def test_a_restarted_ps_is_written_again_in_a_new_generation():
         layout = Layout([tf.Variable(tf.zeros([4]), name="v")], num_shards=1)
         state = SharedState("t/recovery", layout, [ps], WORKERS, endpoint.Endpoints(timeout=10.0))
         state.create([np.arange(4, dtype=np.float32)], step=7)
-        state.accs[0].apply_grad(protocol.push_vector(np.ones(4, np.float32), 0, WORKERS), 7)
+        state.accs[0].apply_grad(pushes.push_vector(np.ones(4, np.float32), 0, WORKERS), 7)
         assert state.accs[0].num_accumulated() == 1 and state.intact()
 
         proc.kill()
@@ -155,14 +158,14 @@ def test_a_restarted_ps_is_written_again_in_a_new_generation():
         control[state.ctl.pushed(0)] = 1
         assert state.repopulate([np.arange(4, dtype=np.float32) + 1], 7, control) == 1
         ctl = state.read_control()
-        assert (ctl.step, ctl.version, ctl.generation) == (7, 7, 1) and ctl.block("pushed")[0] == 1
+        assert (ctl.step, ctl.version, ctl.generation) == (7, 7, 1) and ctl.block(Block.PUSHED)[0] == 1
         assert restart.state_lost(ctl, 0) and not restart.state_lost(ctl, 1)
         np.testing.assert_array_equal(state.read_params()[0], np.arange(4) + 1)
         assert state.intact()
 
         # A worker that has not seen generation 1 pushes into generation 0's accumulator, which the
         # restart made anew at step 0 (it accepts any tag): nobody takes it.
-        grad = protocol.push_vector(np.ones(4, np.float32), 1, WORKERS)
+        grad = pushes.push_vector(np.ones(4, np.float32), 1, WORKERS)
         state.accs_of(0)[0].apply_grad(grad, 3)
         assert state.accs_of(0)[0].num_accumulated() == 1
         assert state.accs[0].num_accumulated() == 0
@@ -175,13 +178,13 @@ def test_a_restarted_ps_is_written_again_in_a_new_generation():
         spec = tf.train.ClusterSpec({"worker": [f"h:{i + 1}" for i in range(WORKERS)], "ps": [address]})
         info = cluster_lib.cluster_info_from_resolver(
             tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=2))
-        client = worker_lib.WorkerClient(joiner, protocol.ProtocolConfig(2, WORKERS), info, monitor=None)
+        client = worker_lib.WorkerClient(joiner, config_lib.ProtocolConfig(2, WORKERS), info, monitor=None)
         try:
             client.resume()
         finally:
             client.close()
         assert client.generation == joiner.generation == 1 and client.counts.pushed == 0  # worker 2 never pushed
-        joiner.accs[0].apply_grad(protocol.push_vector(np.ones(4, np.float32), 2, WORKERS), 7)
+        joiner.accs[0].apply_grad(pushes.push_vector(np.ones(4, np.float32), 2, WORKERS), 7)
         assert state.accs[0].num_accumulated() == 2  # where the chief takes
     finally:
         proc.kill()

@@ -13,7 +13,9 @@ import pytest
 import tensorflow as tf
 
 from tf_backup import cluster as cluster_lib
-from tf_backup.protocol import protocol
+from tf_backup.protocol import pushes
+from tf_backup.protocol import slots
+from tf_backup.protocol import wakeups
 from tf_backup.ps import endpoint
 from tf_backup.ps.layout import Layout
 from tf_backup.ps.shared_state import SharedState
@@ -37,7 +39,7 @@ def state(server):
 
 def push_args(state, w, tag, pushed=1):
     c = state.ctl
-    grad = protocol.push_vector(np.full(4, w + 1.0, np.float32), w, WORKERS)
+    grad = pushes.push_vector(np.full(4, w + 1.0, np.float32), w, WORKERS)
     return [grad], tag, [c.pushed(w), c.last_tag(w)], [pushed, tag]
 
 
@@ -83,15 +85,15 @@ def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
     start = time.monotonic()
     tokens, ctl, snapshot = state.push_wait(1, *push_args(state, 1, tag=0), waker=waker, seconds=0.3)
     assert time.monotonic() - start >= 0.3 and pokes.count == 1
-    np.testing.assert_array_equal(tokens, [protocol.POKE])  # the waker's token, nothing published
-    assert ctl[state.ctl.pushed(1)] == 1 and ctl[protocol.Control.STEP] == 0
+    np.testing.assert_array_equal(tokens, [wakeups.POKE])  # the waker's token, nothing published
+    assert ctl[state.ctl.pushed(1)] == 1 and ctl[slots.Control.STEP] == 0
     before, flats, after = snapshot  # one ps task: the parameters come with the wake-up
     np.testing.assert_array_equal(flats[0], np.arange(4))
     assert state.accs[0].num_accumulated() == 1  # pushed once
     # A worker that holds step 0 already reads no parameters when the step has not moved past it.
     state.poke(1)
     _, ctl, snapshot = state.wait(1, 1.0, known_step=0)
-    assert ctl[protocol.Control.STEP] == 0 and snapshot is None
+    assert ctl[slots.Control.STEP] == 0 and snapshot is None
     state.poke(1)
     _, _, snapshot = state.wait(1, 1.0, known_step=-1)
     np.testing.assert_array_equal(snapshot.flats[0], np.arange(4))
@@ -114,11 +116,11 @@ def test_push_wait_returns_at_the_publish_with_its_parameters(state):
     while state.accs[0].num_accumulated() < 1:
         time.sleep(0.01)
     new = np.full(4, 7.0, np.float32)
-    state.publish(1, [new], [protocol.Control.STEP], [1])
+    state.publish(1, [new], [slots.Control.STEP], [1])
     t.join(30)
     tokens, ctl, (before, flats, after) = got[0]
     np.testing.assert_array_equal(tokens, [1])
-    assert ctl[protocol.Control.STEP] == 1 and waker.pokes == 0
+    assert ctl[slots.Control.STEP] == 1 and waker.pokes == 0
     np.testing.assert_array_equal(flats[0], new)
     waker.close()
 
@@ -132,17 +134,17 @@ def test_push_wait_without_parameters_returns_the_control_vector_only(state):
     t.start()
     while state.accs[0].num_accumulated() < 1:
         time.sleep(0.01)
-    state.publish(1, [np.full(4, 7.0, np.float32)], [protocol.Control.STEP], [1])
+    state.publish(1, [np.full(4, 7.0, np.float32)], [slots.Control.STEP], [1])
     t.join(30)
     tokens, ctl, snapshot = got[0]
     np.testing.assert_array_equal(tokens, [1])
-    assert ctl[protocol.Control.STEP] == 1 and snapshot is None and waker.pokes == 0
+    assert ctl[slots.Control.STEP] == 1 and snapshot is None and waker.pokes == 0
     assert ctl[state.ctl.pushed(1)] == 1  # it pushed, in the same run
     waker.close()
 
 
 def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_in(state):
-    c = protocol.Control
+    c = slots.Control
     state.control.scatter_max([c.ROUND], [1])  # a fit round runs
     waker = Waker(state.poke_aggregator, "test-aggregator-waker")
     for w in range(2):  # two fresh pushes for step 0
@@ -150,10 +152,10 @@ def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_i
     # Asks for one push more than came: the waker ends the wait (its tokens: one per worker); 2 < 3, no take.
     count, _, sums, tokens = state.wait_arrivals(0.3, waker, need=3, required=3, taken_for=1)
     assert count == 2 and sums is None and waker.pokes == 1
-    np.testing.assert_array_equal(tokens, [0, 0, protocol.POKE])
+    np.testing.assert_array_equal(tokens, [0, 0, wakeups.POKE])
     push(state, 2)
     count, ctl, sums, tokens = state.wait_arrivals(5.0, waker, need=1, required=3, taken_for=1)
-    np.testing.assert_array_equal(tokens, [protocol.POKE, protocol.POKE, 0])  # the poke's spare tokens first
+    np.testing.assert_array_equal(tokens, [wakeups.POKE, wakeups.POKE, 0])  # the poke's spare tokens first
     assert count == 3 and sums is not None and waker.pokes == 1
     # (1 + 2 + 3) per element; the squared norms 4 * (1 + 4 + 9); one gradient per worker
     np.testing.assert_allclose(sums, [6, 6, 6, 6, 56, 1, 1, 1])
@@ -166,7 +168,7 @@ def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_i
 
 
 def test_aggregator_wait_does_not_take_between_fit_rounds_unless_asynchronous(state):
-    c = protocol.Control
+    c = slots.Control
     state.control.scatter_max([c.ROUND, c.STOP_ROUND], [1, 1])  # round 1 ended, no other started
     waker = Waker(state.poke_aggregator, "test-aggregator-waker")
     for w in range(WORKERS):
@@ -189,9 +191,9 @@ def test_aggregator_wait_refuses_to_take_with_several_shards(server):
 def test_a_publish_feeds_no_token_to_the_queues_of_dead_workers(state):
     # Nobody drains a dead worker's queue: a token per step would pile up for the rest of the job.
     for step in (1, 2, 3):
-        state.publish(step, [np.full(4, float(step), np.float32)], [protocol.Control.STEP], [step], dead={1})
+        state.publish(step, [np.full(4, float(step), np.float32)], [slots.Control.STEP], [step], dead={1})
     assert state.wake_queue_sizes() == [3, 0, 3]
-    state.publish(4, [np.full(4, 4.0, np.float32)], [protocol.Control.STEP], [4])  # it came back
+    state.publish(4, [np.full(4, 4.0, np.float32)], [slots.Control.STEP], [4])  # it came back
     assert state.wake_queue_sizes() == [4, 1, 4]
     state.wake_all()  # stops and ends of rounds still reach everybody
     assert state.wake_queue_sizes() == [5, 2, 5]

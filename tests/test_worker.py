@@ -10,7 +10,9 @@ from tests.test_imports import _under
 from tests.test_protocol import control
 from tests.test_protocol import two_workers
 from tf_backup import errors
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import slots
+from tf_backup.protocol import staleness
 from tf_backup.ps import shared_state
 from tf_backup.worker import chief_link
 from tf_backup.worker import client as worker_lib
@@ -35,7 +37,7 @@ class FakeState:
     on_one_task = True
 
     def __init__(self, now):
-        self.ctl = protocol.Control(2)
+        self.ctl = slots.Control(2)
         self.control = FakeControl()
         self.now = now
         self.waits = 0
@@ -53,7 +55,7 @@ class FakeState:
 
 def worker(state, task_id=1, monitor=None, chief=chief_link.NONE, ps_restart_timeout=0.0, own_slots=((), ())):
     """The context, recovery and waiter of worker `task_id` of two."""
-    config = protocol.ProtocolConfig(1, 2, ps_restart_timeout=ps_restart_timeout)
+    config = config_lib.ProtocolConfig(1, 2, ps_restart_timeout=ps_restart_timeout)
     ctx = context_lib.WorkerContext(state, config, two_workers(task_id), monitor, chief)
     recovery = recovery_lib.WorkerRecovery(ctx, own_slots=lambda: own_slots)
     return ctx, recovery, wait_lib.Waiter(ctx, recovery)
@@ -118,7 +120,7 @@ def test_a_restart_that_sees_the_round_stopped_stops_the_worker_once():
     ctl = control(step=4, version=4, stop_round=1)
     state = FakeState(ctl)
     monitor = type("Monitor", (), {"done": False})()
-    client = worker_lib.WorkerClient(state, protocol.ProtocolConfig(1, 2), two_workers(1), monitor=monitor,
+    client = worker_lib.WorkerClient(state, config_lib.ProtocolConfig(1, 2), two_workers(1), monitor=monitor,
                                      on_stop=lambda: stops.append(client.step))
     client.superseded = wait_lib.Seen(ctl, shared_state.Snapshot(ctl, [np.full(2, 4.0, np.float32)], ctl))
     try:
@@ -136,7 +138,7 @@ def test_a_wait_whose_token_never_came_counts_a_missed_wakeup_and_returns_what_i
     state = FakeState(control(step=4, version=4))
     _, _, waiter = worker(state)
     try:
-        seen = waiter.wait(lambda ctl: protocol.step_passed(ctl, 3), "global step 4", 5.0, step=3, pushed=1)
+        seen = waiter.wait(lambda ctl: staleness.step_passed(ctl, 3), "global step 4", 5.0, step=3, pushed=1)
     finally:
         waiter.close()
     assert seen == wait_lib.Seen(state.now, None)

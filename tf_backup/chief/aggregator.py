@@ -17,7 +17,7 @@ The chief's aggregator thread, each step:
 With adaptive N (`ProtocolConfig.adaptive`) the N of each step is the rule's
 (`tf_backup.protocol.adaptive.AdaptiveN`), fed with the pushes' compute times it sees in
 the control vector and the norms each take holds; otherwise it is fixed.
-Between steps it closes stopped fit rounds (`protocol.round_closable`) and
+Between steps it closes stopped fit rounds (`rounds.round_closable`) and
 reads the workers' heartbeats: with fewer live workers than a step needs, it
 stops with a `WorkersLostError`, kept in `failure`.
 """
@@ -35,9 +35,15 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.chief import checkpoint as checkpoint_lib
 from tf_backup.protocol import adaptive as adaptive_lib
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import membership
+from tf_backup.protocol import pushes
 from tf_backup.protocol import restart
-from tf_backup.protocol.protocol import Control
+from tf_backup.protocol import rounds
+from tf_backup.protocol import slots
+from tf_backup.protocol import wakeups
+from tf_backup.protocol.slots import Block
+from tf_backup.protocol.slots import Control
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import recovery
 from tf_backup.ps.shared_state import SharedState
@@ -103,7 +109,7 @@ class Aggregator(threading.Thread):
         checkpoint. `apply_fn` is then unused.
     """
 
-    def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
+    def __init__(self, state: SharedState, config: config_lib.ProtocolConfig, info: cluster_lib.ClusterInfo,
                  apply_fn: Callable, step: int = 0, max_steps: Optional[int] = None,
                  liveness: Optional[job_lib.Liveness] = None,
                  checkpoint: Optional[checkpoint_lib.Checkpoint] = None,
@@ -124,7 +130,7 @@ class Aggregator(threading.Thread):
         self._master_flats = master_flats
         self.on_ps = on_ps
         self.recovery = recovery.ChiefRecovery(state, info, config.ps_restart_timeout, liveness)
-        self._last_control: Optional[protocol.ControlView] = None  # for a save off the step (`input_positions`)
+        self._last_control: Optional[slots.ControlView] = None  # for a save off the step (`input_positions`)
         self.history: List[StepRecord] = []
         self.failure: Optional[BaseException] = None  # why the loop stopped, if it failed
         # Per worker, its gradients taken in this job (a chief that rejoined it: its predecessor's too).
@@ -203,7 +209,7 @@ class Aggregator(threading.Thread):
                 need = max(1, n - count)
                 try:
                     got = self.state.wait_arrivals(
-                        min(protocol.WAKE_WAIT, 0.5), self._waker, need=need, required=n if fused else 0,
+                        min(wakeups.WAKE_WAIT, 0.5), self._waker, need=need, required=n if fused else 0,
                         taken_for=self.step + 1, always=not self.config.staleness_check,
                         hyper=None if self.on_ps is None else self.on_ps.hyper())
                 except errors.DuplicateDeliveryError as e:  # did its take run?
@@ -217,7 +223,7 @@ class Aggregator(threading.Thread):
                 self._observe_pushes(ctl)
                 # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
                 # are in all the same, their tokens went missing.
-                timed_out = protocol.missed_wakeup(got.tokens, need)
+                timed_out = wakeups.missed_wakeup(got.tokens, need)
                 if got.sums is not None:  # taken (also when stopping: the accumulators have moved on)
                     self.missed_wakeups += int(timed_out)
                     self._apply_publish([got.sums], start=time.monotonic())
@@ -226,9 +232,9 @@ class Aggregator(threading.Thread):
                 if self._stop_event.is_set():
                     break
                 gone = self.liveness.gone if self.liveness is not None else frozenset()
-                if protocol.round_closable(ctl, staleness_check=self.config.staleness_check, pending=count, gone=gone):
+                if rounds.round_closable(ctl, staleness_check=self.config.staleness_check, pending=count, gone=gone):
                     self._close_round(ctl.stop_round)
-                if not protocol.round_running(ctl) and self.config.staleness_check:
+                if not rounds.round_running(ctl) and self.config.staleness_check:
                     continue  # between fit rounds (asynchronous training applies every gradient)
                 if count >= n and all(acc.num_accumulated() >= n for acc in self.state.accs[1:]):
                     self.missed_wakeups += int(timed_out)
@@ -261,10 +267,10 @@ class Aggregator(threading.Thread):
             logging.warning("tf_backup: worker %s %s at global step %d (its last gradient was for step %d).",
                             e.task, e.event, e.step, e.last_step)
         ctl = self.state.read_control()  # after the job vector: a worker ends its round before it leaves
-        if not protocol.round_running(ctl) or ctl.finished:
+        if not rounds.round_running(ctl) or ctl.finished:
             return  # no round is being trained: nothing waits for gradients
         needed = self.config.min_replicas
-        if not protocol.lost_workers(self.config.num_workers, needed, self.liveness.gone, self.liveness.dead):
+        if not membership.lost_workers(self.config.num_workers, needed, self.liveness.gone, self.liveness.dead):
             return
         alive = self.config.num_workers - len(self.liveness.gone)
         tags = ctl.last_steps()
@@ -334,12 +340,12 @@ class Aggregator(threading.Thread):
                 self.on_ps.applied()
         else:
             if self.on_ps is not None:  # applied on the ps: (tail, squared norm of the sum) per shard
-                takes = [protocol.split_take((None, tail), workers) for tail, _ in sums]
+                takes = [pushes.split_take((None, tail), workers) for tail, _ in sums]
                 sq_norm_of_sum = sum(float(sq) for _, sq in sums)
                 new_flats = None
                 self.on_ps.applied()
             else:
-                takes = [protocol.split_take(s, workers) for s in sums]
+                takes = [pushes.split_take(s, workers) for s in sums]
                 sq_norm_of_sum = sum(float(np.dot(t.gradient, t.gradient)) for t in takes)
                 new_flats = self.apply_fn([t.mean for t in takes])
             counts = takes[0].counts
@@ -355,11 +361,11 @@ class Aggregator(threading.Thread):
             new_flats = [np.asarray(f, self.state.wire.as_numpy_dtype) for f in new_flats]
             with self._published_lock:  # before the ps says `new_step`: the chief's worker reads it here
                 self._published[new_step] = new_flats
-                while len(self._published) > protocol.KEEP_PUBLISHED:
+                while len(self._published) > config_lib.KEEP_PUBLISHED:
                     self._published.popitem(last=False)
         try:
             if save:  # before the publish: no push for `new_step` can be counted yet
-                positions = protocol.input_positions(self.state.read_control(), new_step)
+                positions = pushes.input_positions(self.state.read_control(), new_step)
             self.state.publish(
                 new_step, new_flats,
                 [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)],
@@ -383,20 +389,20 @@ class Aggregator(threading.Thread):
 
     def input_positions(self, step: int) -> Optional[List[int]]:
         """The workers' input positions for a checkpoint of `step`, from the last control vector read (None: none)."""
-        return None if self._last_control is None else protocol.input_positions(self._last_control, step)
+        return None if self._last_control is None else pushes.input_positions(self._last_control, step)
 
     # -- adaptive N ------------------------------------------------------------------
 
-    def _observe_pushes(self, ctl: protocol.ControlView) -> None:
+    def _observe_pushes(self, ctl: slots.ControlView) -> None:
         """Feeds the rule the compute times of the pushes new in `ctl` (late ones included)."""
         if self.rule is None:
             return
-        for sample in protocol.new_pushes(self._pushes_seen, ctl):
+        for sample in pushes.new_pushes(self._pushes_seen, ctl):
             if sample.seconds >= 0:  # < 0: the first push of a fit (it traced), no time measured
                 self.rule.observe_push(sample)
-        self._pushes_seen = np.maximum(self._pushes_seen, ctl.block("pushed"))
+        self._pushes_seen = np.maximum(self._pushes_seen, ctl.block(Block.PUSHED))
 
-    def _choose(self, takes: List[protocol.Take], sq_norm_of_sum: float) -> None:
+    def _choose(self, takes: List[pushes.Take], sq_norm_of_sum: float) -> None:
         """After a take and its apply: feeds the rule what the take holds, then sets the next step's N.
 
         The step's period runs from the last publish to now (the wait, the take, the apply).

@@ -14,7 +14,7 @@ from typing import Optional, Union
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup.protocol import adaptive as adaptive_lib
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
 
 AUTO = "auto"  # num_backup_workers: the chief chooses every step's N (adaptive N)
 
@@ -75,8 +75,8 @@ class StrategyArguments:
         keep("ps_restart_timeout", _checks.check_seconds("ps_restart_timeout", self.ps_restart_timeout,
                                                          allow_zero=True))
         _checks.check_bool("chief_rejoins", self.chief_rejoins)
-        if not isinstance(self.wire_dtype, str) or self.wire_dtype not in protocol.WIRE_DTYPES:
-            raise ValueError(f"`wire_dtype` must be one of {', '.join(protocol.WIRE_DTYPES)}. "
+        if not isinstance(self.wire_dtype, str) or self.wire_dtype not in config_lib.WIRE_DTYPES:
+            raise ValueError(f"`wire_dtype` must be one of {', '.join(config_lib.WIRE_DTYPES)}. "
                              f"Received wire_dtype={self.wire_dtype!r}")
         _checks.check_bool("apply_on_ps", self.apply_on_ps)
         if self.apply_on_ps and (self.ps_restart_timeout or self.chief_rejoins):
@@ -107,7 +107,7 @@ class StrategyArguments:
         """Adaptive N: `num_backup_workers="auto"`."""
         return self.num_backup_workers == AUTO
 
-    def protocol_config(self, info: cluster_lib.ClusterInfo) -> protocol.ProtocolConfig:
+    def protocol_config(self, info: cluster_lib.ClusterInfo) -> config_lib.ProtocolConfig:
         """The protocol's configuration for the cluster `info`, checking what depends on it.
 
         Raises:
@@ -118,14 +118,14 @@ class StrategyArguments:
         if self.auto:
             n_min, n_max = adaptive_lib.check_bounds(
                 info.num_workers, self.min_replicas_to_aggregate, self.max_replicas_to_aggregate)
-            adaptive = protocol.AdaptiveSettings(n_min, n_max, window=self.adaptive_window,
-                                                 warmup=min(protocol.AdaptiveSettings.warmup, self.adaptive_window))
+            adaptive = config_lib.AdaptiveSettings(n_min, n_max, window=self.adaptive_window,
+                                                 warmup=min(config_lib.AdaptiveSettings.warmup, self.adaptive_window))
             num_backup_workers = info.num_workers - n_max  # the first steps' b
         if num_backup_workers >= info.num_workers:
             raise ValueError(
                 f"`num_backup_workers` must be below the number of workers ({info.num_workers}): "
                 f"at least one gradient makes a step. Received num_backup_workers={num_backup_workers}")
-        return protocol.ProtocolConfig(
+        return config_lib.ProtocolConfig(
             replicas_to_aggregate=1 if self.asynchronous else info.num_workers - num_backup_workers,
             num_workers=info.num_workers,
             adaptive=adaptive,

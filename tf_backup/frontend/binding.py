@@ -4,7 +4,7 @@ It makes the optimizer's shared state (the chief creates it, the others wait
 for it), the chief's master copy, inner optimizer, checkpoint and `Aggregator`,
 and every worker's `WorkerClient`; and it builds the graph part of one step:
 the gradients packed into shards with their squared norms and the worker's
-one-hot (`protocol.push_tail`), a `tf.py_function`
+one-hot (`pushes.push_tail`), a `tf.py_function`
 that runs `WorkerClient.sync` (a tf_backup error it raises is kept on the
 strategy, `raise_if_failed`), and the new parameters assigned to the model. A
 compiled step (XLA, TPU) only writes the gradient into the binding's
@@ -25,8 +25,10 @@ from tf_backup.chief import checkpoint as checkpoint_lib
 from tf_backup.chief import update_on_ps
 from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import local_devices
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
 from tf_backup.protocol import restart
+from tf_backup.protocol import slots
+from tf_backup.protocol.slots import Block
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
 from tf_backup.worker import chief_link
@@ -41,7 +43,7 @@ def make_master(variables: Sequence) -> List[keras.Variable]:
                 for v in variables]
 
 
-def resolve_config(optimizer, strategy) -> protocol.ProtocolConfig:
+def resolve_config(optimizer, strategy) -> config_lib.ProtocolConfig:
     """The strategy's protocol settings, with the optimizer's own N if it names one.
 
     Raises:
@@ -156,7 +158,7 @@ class Binding:
                 self.state, self.config, info, self._make_apply_fn(inner), step=step,
                 max_steps=ext.max_steps, liveness=ext.liveness(), checkpoint=self.checkpoint,
                 master_flats=self._master_flats,
-                taken=None if running is None else running.block("taken"), on_ps=self.on_ps,
+                taken=None if running is None else running.block(Block.TAKEN), on_ps=self.on_ps,
             )
         self.client = worker_lib.WorkerClient(
             self.state, self.config, info, ext.monitor, on_stop=ext.stop_models,
@@ -200,7 +202,7 @@ class Binding:
 
         return apply_fn
 
-    def _running_state(self, has_tables: bool) -> Optional[protocol.ControlView]:
+    def _running_state(self, has_tables: bool) -> Optional[slots.ControlView]:
         """(A chief that rejoined its job.) The control vector of this optimizer's state if it is on the ps.
 
         Raises:

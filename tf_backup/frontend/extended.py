@@ -24,7 +24,7 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.frontend import _tf_internal
 from tf_backup.frontend import exchange as exchange_lib
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
 from tf_backup.ps import endpoint as endpoint_lib
 from tf_backup.ps import job as job_lib
 from tf_backup.worker import metrics as metrics_lib
@@ -74,12 +74,12 @@ class _BackupWorkerMixin:
     Inside a worker it behaves as `OneDeviceStrategy` on the worker's device
     (`BackupWorkerExtended`), or as `MirroredStrategy` over its local devices
     (`MultiDeviceBackupWorkerExtended`); between workers, `SyncReplicasOptimizer`
-    runs the protocol of `tf_backup.protocol.protocol` against the shared state on the
+    runs the protocol of `tf_backup.protocol` against the shared state on the
     ps tasks, one contribution per worker (host) per step.
     """
 
     def __init__(self, container_strategy, base_args: tuple, info: cluster_lib.ClusterInfo,
-                 config: protocol.ProtocolConfig, worker_timeout: float = 30.0,
+                 config: config_lib.ProtocolConfig, worker_timeout: float = 30.0,
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every_steps: int = 100, ps_timeout: float = endpoint_lib.DEFAULT_TIMEOUT,
                  chief_rejoins: bool = False):

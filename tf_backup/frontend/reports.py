@@ -10,7 +10,8 @@ import dataclasses
 from typing import List, Optional, Tuple, Union
 
 from tf_backup.chief import aggregator as aggregator_lib
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import slots
 from tf_backup.ps import job as job_lib
 
 
@@ -35,12 +36,12 @@ class GradientStats:
     batches: Tuple[int, ...]
 
     @classmethod
-    def read(cls, ctl: protocol.ControlView) -> "GradientStats":
-        def ints(name):
-            return tuple(int(x) for x in ctl.block(name))
+    def read(cls, ctl: slots.ControlView) -> "GradientStats":
+        def ints(block: slots.Block):
+            return tuple(int(x) for x in ctl.block(block))
 
-        return cls(global_step=ctl.step, pushed=ints("pushed"), taken=ints("taken"),
-                   cancelled=ints("cancelled"), batches=ints("batches"))
+        return cls(global_step=ctl.step, pushed=ints(slots.Block.PUSHED), taken=ints(slots.Block.TAKEN),
+                   cancelled=ints(slots.Block.CANCELLED), batches=ints(slots.Block.BATCHES))
 
     @property
     def dropped(self) -> Tuple[int, ...]:
@@ -78,7 +79,7 @@ class JobReports:
         return self.num_workers - self.replicas_to_aggregate
 
     @property
-    def adaptive(self) -> Optional[protocol.AdaptiveSettings]:
+    def adaptive(self) -> Optional[config_lib.AdaptiveSettings]:
         """The bounds and window of adaptive N, or None when N is fixed."""
         return self.extended.config.adaptive
 

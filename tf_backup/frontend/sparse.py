@@ -47,7 +47,7 @@ from tf_backup import errors
 from tf_backup.frontend import binding as binding_lib
 from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import local_devices
-from tf_backup.protocol import protocol
+from tf_backup.protocol import pushes
 from tf_backup.ps import accumulators
 from tf_backup.ps.endpoint import Endpoint
 from tf_backup.ps.layout import largest_first
@@ -258,7 +258,7 @@ class SparseBinding:
     def _push(self, *flat):
         client = self.dense.client
         if not client.round_stopped:
-            tag = client.step if client.config.staleness_check else protocol.INT64_MAX
+            tag = client.step if client.config.staleness_check else pushes.INT64_MAX
             for k, table in enumerate(self.tables):
                 table.acc.apply_grad(flat[2 * k].numpy(), flat[2 * k + 1].numpy(), tag, self.worker_index)
         return np.int64(0)

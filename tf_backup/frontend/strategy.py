@@ -331,7 +331,7 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
         order-statistic ideal of `stragglers.ideal_step_times`; without it a
         late worker finishes its stale batch first (as in TF1). Cancelled
         batches are counted in `stats()["cancelled"]`. The last 3 ms of a
-        sleep are slept locally, not on the ps (`protocol.SLEEP_MARGIN`: a
+        sleep are slept locally, not on the ps (`wakeups.SLEEP_MARGIN`: a
         wait there that runs to its deadline returns 2-3 ms late): a publish
         in them does not cut the sleep short.
 

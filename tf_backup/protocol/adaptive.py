@@ -100,7 +100,7 @@ class ArrivalWindow:
     """Each worker's recent compute times, and the expected order statistics of the arrivals.
 
     A sample is one push: the worker, the step it was for, and the seconds from the worker's
-    read of that step to its push (`protocol.PushSample`), late pushes the step was taken
+    read of that step to its push (`pushes.PushSample`), late pushes the step was taken
     without included. A worker keeps its samples of the last `size` steps (at least its newest
     one). The arrivals of a step are modelled as one draw per worker from its own samples, so a
     worker that is slow, and therefore pushes less often, counts as much as a fast one.
@@ -251,7 +251,7 @@ class AdaptiveN:
         return sum(self._overheads) / len(self._overheads) if self._overheads else 0.0
 
     def observe_push(self, sample) -> None:
-        """One push (a `protocol.PushSample`: worker, step, seconds)."""
+        """One push (a `pushes.PushSample`: worker, step, seconds)."""
         self.arrivals.add_sample(sample.worker, sample.step, sample.seconds)
 
     def observe_take(self, step: int, workers: Sequence[int], period: float, sum_sq_norms: float,

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tf_backup.protocol.protocol import Control
-from tf_backup.protocol.protocol import ControlView
+from tf_backup.protocol.slots import Block
+from tf_backup.protocol.slots import Control
+from tf_backup.protocol.slots import ControlView
 
 
 def control_to_restore(last: Optional[ControlView], num_workers: int, taken: Sequence[int], replicas: int,
@@ -22,7 +23,7 @@ def control_to_restore(last: Optional[ControlView], num_workers: int, taken: Seq
     """The control vector the chief writes again: its last read, with the chief's own slots as it knows them.
 
     The workers' slots are as last read; each worker writes its own again
-    when it sees the new generation (`protocol.own_slots`). STEP, VERSION and
+    when it sees the new generation (`pushes.own_slots`). STEP, VERSION and
     GENERATION are set by `SharedState.repopulate`.
     """
     ctl = Control(num_workers)
@@ -76,7 +77,7 @@ def push_kept(ctl: ControlView, generation: int, w: int, pushed: int) -> bool:
     push, and a run that failed on its connection may or may not have reached
     the task. Read before the worker writes its own slots again.
     """
-    return ctl.generation == generation and int(ctl.block("pushed")[w]) >= pushed
+    return ctl.generation == generation and int(ctl.block(Block.PUSHED)[w]) >= pushed
 
 
 def state_lost(ctl: Optional[ControlView], seen: int) -> bool:

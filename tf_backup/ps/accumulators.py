@@ -126,7 +126,7 @@ class ConditionalAccumulator:
     A gradient can come in two parts (`tail` > 0): a body of `shape[0] - tail`
     elements, sent in `wire_dtype` (what crosses the network; cast to `dtype`
     on the task, so sums stay in `dtype`), and a tail of `tail` exact values in
-    `dtype` (a push's squared norm and one-hot, `protocol.push_tail`). A take
+    `dtype` (a push's squared norm and one-hot, `pushes.push_tail`). A take
     then returns the body in `wire_dtype` and the tail in `dtype`.
 
     Args:

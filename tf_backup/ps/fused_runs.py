@@ -14,8 +14,8 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from tf_backup.protocol import protocol
-from tf_backup.protocol.protocol import Control
+from tf_backup.protocol import pushes
+from tf_backup.protocol.slots import Control
 from tf_backup.ps import accumulators
 
 
@@ -120,7 +120,7 @@ def build(state, generation: int) -> Runs:
     required = tf.compat.v1.placeholder_with_default(tf.constant(0, tf.int32), [])
     taken_for = tf.compat.v1.placeholder_with_default(tf.constant(0, tf.int64), [])
     always = tf.compat.v1.placeholder_with_default(False, [])  # also between fit rounds (async)
-    running = tf.logical_or(always, before[Control.ROUND] > before[Control.STOP_ROUND])  # protocol.round_running
+    running = tf.logical_or(always, before[Control.ROUND] > before[Control.STOP_ROUND])  # rounds.round_running
     due = tf.logical_and(tf.logical_and(required > 0, count >= required), running)
 
     mark_taken = lambda: tf.raw_ops.ResourceScatterUpdate(  # noqa: E731
@@ -141,7 +141,7 @@ def build(state, generation: int) -> Runs:
             return tf.nest.map_structure(tf.identity, taken)
 
     hyper = {} if state.update is None else state.update.placeholders()  # (update on the ps) fed with every take
-    zero_tail = tf.zeros([protocol.push_tail(state.num_workers)], state.layout.dtype)
+    zero_tail = tf.zeros([pushes.push_tail(state.num_workers)], state.layout.dtype)
 
     def not_taken():  # zeros of the take's structure
         if state.update is not None:

@@ -1,6 +1,6 @@
 """The job on the ps tasks: start, join, leave, abort, heartbeats and who is alive.
 
-One int64 vector, `tf_backup/job` on ps task 0 (slots in `protocol.Job`),
+One int64 vector, `tf_backup/job` on ps task 0 (slots in `slots.Job`),
 says which job runs (its id), whether it is done or aborted, and per worker
 whether it joined or left and its heartbeat. Every process that watches
 heartbeats reads them through a `BeatWatch`: the workers (`JobMonitor`, the
@@ -21,7 +21,8 @@ import tensorflow as tf
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup.protocol.protocol import Job
+from tf_backup.protocol.membership import WorkerEventKind
+from tf_backup.protocol.slots import Job
 from tf_backup.ps import accumulators
 from tf_backup.ps.endpoint import Endpoint
 
@@ -257,7 +258,8 @@ class WorkerEvent:
     Attributes:
       worker: the worker index.
       task: the worker's task (`/job:worker/task:2 (host:port)`).
-      event: "died" (no heartbeat for `worker_timeout`) or "rejoined".
+      event: `WorkerEventKind.DIED` (no heartbeat for `worker_timeout`) or `.REJOINED`
+        (a `str` enum: `event == "died"` holds).
       step: the global step when the chief noticed.
       last_step: the step the worker last pushed a gradient for (-1: none).
       time: `time.time()` when the chief noticed.
@@ -265,7 +267,7 @@ class WorkerEvent:
 
     worker: int
     task: str
-    event: str
+    event: WorkerEventKind
     step: int
     last_step: int
     time: float
@@ -322,16 +324,16 @@ class Liveness:
             if w in moved:
                 if w in self.dead:
                     self.dead.discard(w)
-                    new.append(self._event(w, "rejoined", step, last_steps))
+                    new.append(self._event(w, WorkerEventKind.REJOINED, step, last_steps))
                 continue
             timeout = self._worker_timeout if values[self._job.joined(w)] else self._startup_timeout
             if w not in self.dead and self._watch.silent_seconds(w) > timeout:
                 self.dead.add(w)
-                new.append(self._event(w, "died", step, last_steps))
+                new.append(self._event(w, WorkerEventKind.DIED, step, last_steps))
         self.events.extend(new)
         return new
 
-    def _event(self, w: int, event: str, step: int, last_steps: Sequence[int]) -> WorkerEvent:
+    def _event(self, w: int, event: WorkerEventKind, step: int, last_steps: Sequence[int]) -> WorkerEvent:
         return WorkerEvent(worker=w, task=str(self._info.workers[w]), event=event, step=int(step),
                            last_step=int(last_steps[w]), time=time.time())
 

@@ -15,7 +15,7 @@ its own slots. So with `ps_restart_timeout` > 0:
   is redone;
 * every worker, on a failed run or on seeing a newer generation in the control
   vector, waits (up to the same timeout) for that generation, moves to its
-  accumulators, writes its own counters again (`protocol.own_slots`), and
+  accumulators, writes its own counters again (`pushes.own_slots`), and
   pushes its gradient again if it was for the current step.
 
 Each generation has accumulators of its own names (`<prefix>/g<k>/acc/<s>`): a
@@ -37,7 +37,7 @@ import tensorflow as tf
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup.protocol.protocol import ControlView
+from tf_backup.protocol.slots import ControlView
 from tf_backup.ps import job as job_lib
 
 # What a run on a ps task that is down, or back without its resources, fails with (a read of a

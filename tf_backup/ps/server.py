@@ -10,7 +10,7 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup import memory
 from tf_backup import topology
-from tf_backup.protocol.protocol import Job
+from tf_backup.protocol.slots import Job
 from tf_backup.ps import endpoint as endpoint_lib
 from tf_backup.ps import job as job_lib
 

@@ -1,6 +1,6 @@
 """One optimizer's shared state on the ps tasks, and the runs that read and write it.
 
-The resources (see `tf_backup.protocol.protocol`): `control`, `signature`,
+The resources (see `tf_backup.protocol.slots`): `control`, `signature`,
 `params/<s>` and `acc/<s>` per shard, and on ps 0 two kinds of int64 FIFO
 queues of wake-up tokens:
 
@@ -32,9 +32,11 @@ from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, 
 import numpy as np
 import tensorflow as tf
 
-from tf_backup.protocol import protocol
-from tf_backup.protocol.protocol import Control
-from tf_backup.protocol.protocol import ControlView
+from tf_backup.protocol import pushes
+from tf_backup.protocol import staleness
+from tf_backup.protocol import wakeups
+from tf_backup.protocol.slots import Control
+from tf_backup.protocol.slots import ControlView
 from tf_backup.ps import accumulators
 from tf_backup.ps import endpoint as endpoint_lib
 from tf_backup.ps import fused_runs
@@ -53,7 +55,7 @@ class Snapshot(NamedTuple):
     @property
     def consistent(self) -> bool:
         """Whether `flats` are exactly the parameters of step `before.step`."""
-        return protocol.consistent(self.before, self.after)
+        return staleness.consistent(self.before, self.after)
 
 
 class Wake(NamedTuple):
@@ -113,7 +115,7 @@ class SharedState:
         self.wire = layout.dtype if wire_dtype == "float32" else tf.as_dtype(wire_dtype)
         # A push in a narrower wire dtype sends its tail (norm, one-hot) as a second, exact tensor;
         # in the variables' dtype it is one tensor, concatenated on the worker (no copy on the ps).
-        self.tail = protocol.push_tail(num_workers) if self.wire != layout.dtype else 0
+        self.tail = pushes.push_tail(num_workers) if self.wire != layout.dtype else 0
         self.num_workers = num_workers
         self.ctl = Control(num_workers)
         where = [endpoints.of(task) for task in ps]
@@ -155,7 +157,7 @@ class SharedState:
                 where = self.prefix if not generation else f"{self.prefix}/g{generation}"
                 self._accs[generation] = [
                     accumulators.ConditionalAccumulator(
-                        f"{where}/acc/{s}", self.layout.dtype, [size + protocol.push_tail(self.num_workers)],
+                        f"{where}/acc/{s}", self.layout.dtype, [size + pushes.push_tail(self.num_workers)],
                         self._where[s], reduction_type="SUM", tail=self.tail, wire_dtype=self.wire)
                     for s, size in enumerate(self.layout.shard_sizes)
                 ]
@@ -378,14 +380,14 @@ class SharedState:
     def poke(self, w: int) -> None:
         """Puts a `POKE` token in worker `w`'s queue: its blocked wait returns (see `Waker`)."""
         runs = self._runs()
-        self.control.endpoint.run(runs.pokes[w], {runs.token: protocol.POKE}, what=f"wake-up of worker {w}")
+        self.control.endpoint.run(runs.pokes[w], {runs.token: wakeups.POKE}, what=f"wake-up of worker {w}")
 
     def wake_all(self) -> None:
         """Wakes every worker's wait with the token `WAKE` (a round stopped, the job finished)."""
         runs = self._runs()
-        self.control.endpoint.run(runs.wake_all, {runs.token: protocol.WAKE}, what=f"wake-up of `{self.prefix}`")
+        self.control.endpoint.run(runs.wake_all, {runs.token: wakeups.WAKE}, what=f"wake-up of `{self.prefix}`")
 
-    def poke_aggregator(self, token: int = protocol.POKE) -> None:
+    def poke_aggregator(self, token: int = wakeups.POKE) -> None:
         """Ends the aggregator's wait with `token`s, one per worker.
 
         `POKE`: its waker's deadline, or a stop. `WAKE`: a worker ended its fit

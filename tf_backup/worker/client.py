@@ -34,9 +34,14 @@ import numpy as np
 from tf_backup import _checks
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
-from tf_backup.protocol import protocol
-from tf_backup.protocol.protocol import Control
-from tf_backup.protocol.protocol import ControlView
+from tf_backup.protocol import config as config_lib
+from tf_backup.protocol import pushes
+from tf_backup.protocol import rounds
+from tf_backup.protocol import staleness
+from tf_backup.protocol import wakeups
+from tf_backup.protocol.slots import Block
+from tf_backup.protocol.slots import Control
+from tf_backup.protocol.slots import ControlView
 from tf_backup.ps import job as job_lib
 from tf_backup.ps.shared_state import SharedState
 from tf_backup.ps.shared_state import Snapshot
@@ -62,12 +67,12 @@ class WorkerClient:
         stops its Keras models).
 
     State: `step` (of the parameters in the model), `round` (a
-    `protocol.WorkerRound`), `counts` (a `protocol.PushCounts`) and
+    `rounds.WorkerRound`), `counts` (a `pushes.PushCounts`) and
     `superseded` (what the wait that superseded the current batch read; None:
     not superseded).
     """
 
-    def __init__(self, state: SharedState, config: protocol.ProtocolConfig, info: cluster_lib.ClusterInfo,
+    def __init__(self, state: SharedState, config: config_lib.ProtocolConfig, info: cluster_lib.ClusterInfo,
                  monitor: Optional[job_lib.JobMonitor], *, chief: chief_link.ChiefLink = chief_link.NONE,
                  on_stop: Callable[[], None] = lambda: None):
         self.state = state
@@ -78,8 +83,8 @@ class WorkerClient:
         self.chief = chief
         self._on_stop = on_stop
         self.step = 0
-        self.round = protocol.WorkerRound()
-        self.counts = protocol.PushCounts()
+        self.round = rounds.WorkerRound()
+        self.counts = pushes.PushCounts()
         self.superseded: Optional[Seen] = None
         self._last_control: Optional[ControlView] = None
         # When the parameters of `step` were read (None: not in this fit round yet, whose first
@@ -89,7 +94,7 @@ class WorkerClient:
         self.unsent = 0  # gradients found late before their push: counted as pushed and dropped, never sent
         ctx = WorkerContext(state, config, info, monitor, chief)
         self.recovery = WorkerRecovery(
-            ctx, own_slots=lambda: protocol.own_slots(state.ctl, self.w, self.counts, self.round))
+            ctx, own_slots=lambda: pushes.own_slots(state.ctl, self.w, self.counts, self.round))
         self.waiter = Waiter(ctx, self.recovery)
 
     @property
@@ -133,8 +138,8 @@ class WorkerClient:
         checkpoint, the input position is the one saved with it.
         """
         ctl = self.state.read_control()
-        self.counts = protocol.PushCounts.resumed(ctl, self.w)
-        self.round = protocol.resumed_round(ctl, self.w)
+        self.counts = pushes.PushCounts.resumed(ctl, self.w)
+        self.round = rounds.resumed_round(ctl, self.w)
         self.recovery.resume(ctl)
 
     @property
@@ -153,14 +158,14 @@ class WorkerClient:
         c = self.state.ctl
         if self.round.is_stopped:
             return self.state.read_params(), self.metrics()
-        if self.round.state is protocol.RoundState.NOT_ANNOUNCED:
+        if self.round.state is rounds.RoundState.NOT_ANNOUNCED:
             self.state.control.scatter_max([Control.ROUND], [self.round.number])
             self.round = self.round.announced()
         if self.superseded is not None:
             seen, self.superseded = self.superseded, None
             self.counts = self.counts.cancel()
         else:
-            tag = self.step if self.config.staleness_check else protocol.INT64_MAX
+            tag = self.step if self.config.staleness_check else pushes.INT64_MAX
             self.counts = self.counts.push(self.step)
             k = self.counts
             micros = -1 if self._pulled_at is None else int(1e6 * (time.monotonic() - self._pulled_at))
@@ -174,14 +179,14 @@ class WorkerClient:
                     self.unsent += 1
                     self.recovery.retrying(lambda: self.state.control.scatter_update(push.indices, push.values))
                     push = None  # its counters written, it settles as dropped, as a push that came late
-                seen = self._wait(lambda ctl: protocol.step_passed(ctl, tag_step) or self._stopped(ctl),
-                                  f"global step {tag_step + 1}", self.config.step_timeout, push=push)
+                seen = self._wait(lambda ctl: staleness.step_passed(ctl, tag_step) or self._stopped(ctl),
+                                   f"global step {tag_step + 1}", self.config.step_timeout, push=push)
             else:
                 # Asynchronous: wait for this worker's own gradients only, as TF1's
                 # asynchronous training, whose pushes were the updates themselves.
                 before, pending = k.taken_seen, k.unresolved
                 seen = self._wait(
-                    lambda ctl: ctl.block("taken")[self.w] - before >= pending or self.monitor.done,
+                    lambda ctl: ctl.block(Block.TAKEN)[self.w] - before >= pending or self.monitor.done,
                     "the chief to apply this worker's gradient", self.config.step_timeout, push=push)
         flats, ctl = self.pull(seen)
         if self._stopped(ctl):
@@ -190,22 +195,22 @@ class WorkerClient:
 
     def _late(self, tag: int) -> bool:
         """Whether the step `tag` was already taken (read just before a push that would only be dropped)."""
-        if not protocol.checks_before_push(self.config):
+        if not staleness.checks_before_push(self.config):
             return False
         ctl = self.recovery.retrying(self.state.read_control)
-        return protocol.already_taken(ctl, tag)
+        return staleness.already_taken(ctl, tag)
 
     def metrics(self) -> StepMetrics:
         ctl = self._last_control
         if ctl is None:
             return StepMetrics(self.step, 0, self.counts.dropped, self.config.replicas_to_aggregate,
                                self.round.is_stopped)
-        others = ctl.block("dropped").copy()
+        others = ctl.block(Block.DROPPED).copy()
         others[self.w] = self.counts.dropped
         return StepMetrics(self.step, ctl.last_taken, int(others.sum()), ctl.replicas, self.round.is_stopped)
 
     def _stopped(self, ctl: ControlView) -> bool:
-        return protocol.round_stopped(ctl, self.round.number, self.monitor.done)
+        return rounds.round_stopped(ctl, self.round.number, self.monitor.done)
 
     def _stop(self) -> None:
         self.round = self.round.stopped()
@@ -322,7 +327,7 @@ class WorkerClient:
         self.step = ctl.step
         self._last_control = ctl
         self._pulled_at = time.monotonic()
-        self.counts = self.counts.settle(ctl.step, int(ctl.block("taken")[self.w]), self.config.staleness_check)
+        self.counts = self.counts.settle(ctl.step, int(ctl.block(Block.TAKEN)[self.w]), self.config.staleness_check)
 
     # -- the end of a fit round ----------------------------------------------------------
 
@@ -341,7 +346,7 @@ class WorkerClient:
                                             c.batches(self.w)], [number, number, self.counts.cancelled,
                                                                  self.counts.batches])
             self.state.wake_all()
-            self.state.poke_aggregator(protocol.WAKE)  # it closes the round once it sees nothing more to apply
+            self.state.poke_aggregator(wakeups.WAKE)  # it closes the round once it sees nothing more to apply
 
         self.recovery.retrying(stop)
         self.superseded = None
@@ -364,12 +369,12 @@ class WorkerClient:
         """
         what = f"the chief {self.info.chief} to close fit round {round_}"
         try:
-            ctl, _ = self._wait(lambda ctl: protocol.round_closed(ctl, round_), what, timeout)
+            ctl, _ = self._wait(lambda ctl: rounds.round_closed(ctl, round_), what, timeout)
         except errors.StepTimeoutError as e:
             logging.warning("tf_backup: %s; this worker's final parameters may miss the round's last steps "
                             "(chief_timeout).", e)
             return False
-        return protocol.round_closed(ctl, round_)
+        return rounds.round_closed(ctl, round_)
 
     def wait_for_round_end(self, round_: int, timeout: float, setting: str = "timeout") -> List[str]:
         """Waits until every worker has ended fit round `round_`; returns the tasks that did not in time (`Waiter`)."""

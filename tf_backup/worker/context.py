@@ -4,7 +4,7 @@ import dataclasses
 from typing import Optional
 
 from tf_backup import cluster as cluster_lib
-from tf_backup.protocol import protocol
+from tf_backup.protocol import config as config_lib
 from tf_backup.ps import job as job_lib
 from tf_backup.ps.shared_state import SharedState
 from tf_backup.worker import chief_link
@@ -23,7 +23,7 @@ class WorkerContext:
     """
 
     state: SharedState
-    config: protocol.ProtocolConfig
+    config: config_lib.ProtocolConfig
     info: cluster_lib.ClusterInfo
     monitor: Optional[job_lib.JobMonitor]
     chief: chief_link.ChiefLink = chief_link.NONE

@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Tuple
 
 from absl import logging
 
-from tf_backup.protocol.protocol import ControlView
+from tf_backup.protocol.slots import ControlView
 from tf_backup.ps import recovery as ps_recovery
 from tf_backup.worker.context import WorkerContext
 

@@ -17,9 +17,11 @@ from absl import logging
 
 from tf_backup import _checks
 from tf_backup import errors
-from tf_backup.protocol import protocol
+from tf_backup.protocol import pushes
 from tf_backup.protocol import restart
-from tf_backup.protocol.protocol import ControlView
+from tf_backup.protocol import wakeups
+from tf_backup.protocol.slots import Block
+from tf_backup.protocol.slots import ControlView
 from tf_backup.ps.shared_state import Snapshot
 from tf_backup.ps.waker import Waker
 from tf_backup.worker.context import WorkerContext
@@ -82,7 +84,7 @@ class Waiter:
         pushing = push  # pushed again if the state is written again before its step passed
         while True:
             waited = time.monotonic() - start
-            seconds = min(protocol.WAKE_WAIT, max(0.001, timeout - waited))
+            seconds = min(wakeups.WAKE_WAIT, max(0.001, timeout - waited))
             moved = None  # the control vector of a state the chief wrote again, once this worker moved to it
             kept = False  # (moved) the gradient pushed in this wait is where the step will be taken from
             try:
@@ -93,7 +95,7 @@ class Waiter:
                     push = None
                     if got is None:  # delivered twice: it pushed, its result is lost
                         continue
-                    if (got.tokens == protocol.POKE).all() and done(got.control):  # ended by the waker, yet done
+                    if (got.tokens == wakeups.POKE).all() and done(got.control):  # ended by the waker, yet done
                         self.missed_wakeups += 1
                         return Seen(got.control, got.snapshot)
                 else:
@@ -141,19 +143,19 @@ class Waiter:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            if remaining <= protocol.SLEEP_MARGIN:
+            if remaining <= wakeups.SLEEP_MARGIN:
                 # A wait on the ps that ends at its deadline returns ~2-3 ms late (the run
                 # is cancelled there); the last few ms are slept here, not woken.
                 time.sleep(remaining)
                 return None
             try:
-                got = self.ctx.state.wait(self.ctx.w, remaining - protocol.SLEEP_MARGIN, known_step=step)
+                got = self.ctx.state.wait(self.ctx.w, remaining - wakeups.SLEEP_MARGIN, known_step=step)
             except RECOVERABLE as e:  # sleep on in the state as it is then; `sync` sees a new generation
                 self.recovery.recover(e)
                 continue
             if got is None:
                 continue
-            if protocol.superseded(got.tokens, got.control, step, round_number, self.ctx.monitor.done):
+            if wakeups.superseded(got.tokens, got.control, step, round_number, self.ctx.monitor.done):
                 return Seen(got.control, got.snapshot)
 
     def wait_for_round_end(self, round_: int, timeout: float, setting: str = "timeout") -> List[str]:
@@ -169,7 +171,7 @@ class Waiter:
         late: List[int] = []
 
         def all_ended() -> bool:
-            ended = self.recovery.retrying(ctx.state.read_control).block("ended")
+            ended = self.recovery.retrying(ctx.state.read_control).block(Block.ENDED)
             late[:] = [w for w in range(ctx.info.num_workers) if ended[w] < round_]
             if late:  # a worker that left the job (e.g. refused at build) or died never ends it
                 gone = set(ctx.monitor.left_workers()) | set(ctx.chief.dead_workers())
@@ -194,8 +196,8 @@ class Waiter:
 
     def _diagnose(self, ctl: ControlView) -> str:
         info = self.ctx.info
-        tags, pushed = ctl.block("last_tag"), ctl.block("pushed")
-        fresh = protocol.fresh_workers(ctl)
+        tags, pushed = ctl.block(Block.LAST_TAG), ctl.block(Block.PUSHED)
+        fresh = pushes.fresh_workers(ctl)
         lagging = [
             f"worker {w} {info.workers[w]} (last pushed for step {tags[w] if pushed[w] else 'none'})"
             for w in range(info.num_workers) if w not in fresh
