@@ -1,9 +1,7 @@
 """A ps task's lifecycle in `serve()`, pure (`tf_backup.ps.lifecycle.transition`): every transition, no cluster."""
 
-import ast
-import os
-
 import pytest
+import test_imports  # tests/, on sys.path under pytest
 
 from tf_backup.ps import lifecycle
 from tf_backup.ps.lifecycle import EndReason
@@ -219,10 +217,5 @@ def test_serve_raises_for_the_failed_ends():
 
 
 def test_the_lifecycle_imports_no_tensorflow():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tf_backup", "ps",
-                        "lifecycle.py")
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported == {"dataclasses", "enum", "typing"}
+    # Nor through a module it imports (the import rules' own walk, `tests/test_imports.py`).
+    assert test_imports._third_party_through("tf_backup.ps.lifecycle", {"tensorflow", "keras"}) == []

@@ -1,9 +1,7 @@
 """The chief's start, pure (`tf_backup.chief.startup.decide`): one row per case, no cluster."""
 
-import ast
-import os
-
 import pytest
+import test_imports  # tests/, on sys.path under pytest
 
 from tf_backup.chief import startup
 from tf_backup.chief.startup import RunningJob
@@ -47,10 +45,5 @@ def test_a_new_job_cannot_find_its_state_running():
 
 
 def test_the_decision_imports_no_tensorflow():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tf_backup", "chief",
-                        "startup.py")
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported == {"enum", "typing"}
+    # Nor through a module it imports (the import rules' own walk, `tests/test_imports.py`).
+    assert test_imports._third_party_through("tf_backup.chief.startup", {"tensorflow", "keras"}) == []
