@@ -1,8 +1,9 @@
 """`Binding`: one `SyncReplicasOptimizer` attached to the shared state of its strategy.
 
 It makes the optimizer's shared state (the chief creates it, the others wait
-for it), the chief's master copy, inner optimizer, checkpoint and `Aggregator`,
-and every worker's `WorkerClient`; and it builds the graph part of one step:
+for it), every worker's `WorkerClient` and, on the chief, the chief's part
+(`tf_backup.chief.chief.ChiefState`: master copy, checkpoint, `Aggregator`);
+and it builds the graph part of one step:
 the gradients packed into shards with their squared norms and the worker's
 one-hot (`pushes.push_tail`), a `tf.py_function`
 that runs `WorkerClient.sync` (a tf_backup error it raises is kept on the
@@ -12,35 +13,22 @@ compiled step (XLA, TPU) only writes the gradient into the binding's
 """
 
 import dataclasses
-import os
 from typing import List, Optional, Sequence
 
 from absl import logging
-import keras
 import tensorflow as tf
 
 from tf_backup import errors
-from tf_backup.chief import aggregator as aggregator_lib
-from tf_backup.chief import checkpoint as checkpoint_lib
+from tf_backup.chief import chief as chief_lib
 from tf_backup.chief import update_on_ps
 from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import local_devices
 from tf_backup.protocol import config as config_lib
-from tf_backup.protocol import restart
-from tf_backup.protocol import slots
-from tf_backup.protocol.slots import Block
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
 from tf_backup.worker import chief_link
 from tf_backup.worker import client as worker_lib
 from tf_backup.worker import metrics as metrics_lib
-
-
-def make_master(variables: Sequence) -> List[keras.Variable]:
-    """(Chief.) A chief-local copy of `variables`, which the inner optimizer updates."""
-    with tf.init_scope():
-        return [keras.Variable(tf.convert_to_tensor(v), dtype=v.dtype, trainable=True, name=f"master_{v.name}")
-                for v in variables]
 
 
 def resolve_config(optimizer, strategy) -> config_lib.ProtocolConfig:
@@ -86,7 +74,8 @@ class Binding:
     Attributes:
       layout, state: the dense variables' shards and shared state.
       client: this worker's `WorkerClient`.
-      master, aggregator, checkpoint: the chief's (None elsewhere).
+      chief: the chief's part (`tf_backup.chief.chief.ChiefState`; None elsewhere).
+      master, aggregator, checkpoint, on_ps: the chief's part's (None elsewhere).
       sparse: the `tf_backup.frontend.sparse.SparseBinding` of the tables, if any.
       initial_step: the global step of the first pull.
       initial_input_position: this worker's input position then (`WorkerClient.input_position`).
@@ -115,51 +104,17 @@ class Binding:
         self.state = shared_state.SharedState(
             f"tf_backup/{job_id}/opt{self.index}", self.layout, info.ps, info.num_workers, ext.endpoints,
             wire_dtype=self.config.wire_dtype, rule=rule, nesterov=bool(getattr(inner, "nesterov", False)))
-        self.on_ps: Optional[update_on_ps.ChiefSide] = None
-        self.master = None
-        self.aggregator: Optional[aggregator_lib.Aggregator] = None
-        self.checkpoint: Optional[checkpoint_lib.Checkpoint] = None
         self.sparse = None
-        step, positions, running = 0, None, None
+        self.chief: Optional[chief_lib.ChiefState] = None
         if info.is_chief:
-            self.master = make_master(var_list)
-            with tf.init_scope():
-                inner.build(self.master)
-                if ext.checkpoint_dir is not None:
-                    self.checkpoint = checkpoint_lib.Checkpoint(
-                        os.path.join(ext.checkpoint_dir, f"opt{self.index}"), self.master, inner,
-                        ext.checkpoint_every_steps)
-                    step = self.checkpoint.restore()
-                    positions = self._restored_positions()
-                flats = self._master_flats()
-                running = self._running_state(has_tables) if ext.monitor.rejoined else None
-                if rule is not None:
-                    self.on_ps = update_on_ps.ChiefSide(inner, rule, self.state, self.master)
-                if running is None:
-                    if self.on_ps is not None:  # before the control vector says the state is ready
-                        self.state.update.write(*self.on_ps.flats())
-                    self.state.create(flats, step=step, replicas=self.config.replicas_to_aggregate,
-                                      input_positions=positions)
-                elif running.finished:
-                    # The job had reached max_steps; its chief died before it was done (the workers
-                    # may have left). Nothing is redone: the chief takes the last published
-                    # parameters (its optimizer's state stays the checkpoint's) and finishes.
-                    step = running.step
-                    for v, value in zip(self.master, self.layout.unpack(self.state.read_params())):
-                        v.assign(value)
-                    logging.warning("tf_backup: the chief rejoined job %d, which had reached its last step %d; "
-                                    "it finishes it.", ext.monitor.job_id, step)
-                else:  # a restarted chief: the same job, rewound to its checkpoint; the workers carry on
-                    self.state.repopulate(flats, step, restart.control_to_rejoin(
-                        running, self.config.replicas_to_aggregate))
-                    logging.warning("tf_backup: the chief rejoined job %d at global step %d (its checkpoint); "
-                                    "the job had reached step %d.", ext.monitor.job_id, step, running.step)
-            self.aggregator = aggregator_lib.Aggregator(
-                self.state, self.config, info, self._make_apply_fn(inner), step=step,
-                max_steps=ext.max_steps, liveness=ext.liveness(), checkpoint=self.checkpoint,
-                master_flats=self._master_flats,
-                taken=None if running is None else running.block(Block.TAKEN), on_ps=self.on_ps,
-            )
+            self.chief = chief_lib.ChiefState(
+                inner=inner, rule=rule, state=self.state, layout=self.layout, config=self.config, info=info,
+                var_list=var_list, index=self.index, checkpoint_dir=ext.checkpoint_dir,
+                checkpoint_every_steps=ext.checkpoint_every_steps, monitor=ext.monitor, max_steps=ext.max_steps,
+                make_liveness=ext.liveness, has_tables=has_tables)
+        chief = self.chief
+        self.master, self.checkpoint, self.on_ps, self.aggregator = (
+            (None,) * 4 if chief is None else (chief.master, chief.checkpoint, chief.on_ps, chief.aggregator))
         self.client = worker_lib.WorkerClient(
             self.state, self.config, info, ext.monitor, on_stop=ext.stop_models,
             chief=chief_link.NONE if self.aggregator is None else chief_link.ChiefLink(
@@ -184,56 +139,11 @@ class Binding:
 
     def start(self) -> None:
         """Starts the chief's aggregator (nothing elsewhere)."""
-        if self.aggregator is not None:
-            self.aggregator.start()
-
-    def _master_flats(self) -> List[tf.Tensor]:
-        """(Chief.) The master copy packed into shards, in the wire dtype: what the ps tasks publish."""
-        wire = self.state.wire
-        return [tf.cast(f, wire) for f in self.layout.pack([tf.convert_to_tensor(v) for v in self.master])]
-
-    def _make_apply_fn(self, inner):
-        layout, master, wire = self.layout, self.master, self.state.wire
-
-        @tf.function(jit_compile=False, autograph=False)
-        def apply_fn(flat_grads):
-            inner.apply(layout.unpack(flat_grads), master)
-            return [tf.cast(f, wire) for f in layout.pack([v.value for v in master])]
-
-        return apply_fn
-
-    def _running_state(self, has_tables: bool) -> Optional[slots.ControlView]:
-        """(A chief that rejoined its job.) The control vector of this optimizer's state if it is on the ps.
-
-        Raises:
-          ValueError: the state belongs to another model (its signature differs), or the
-            optimizer has Embedding tables (their rows cannot go back to the checkpoint yet).
-        """
-        if not self.state.control.is_initialized():
-            return None
-        if has_tables:
-            raise ValueError(
-                "chief_rejoins=True does not support a SyncReplicasOptimizer with Embedding tables in "
-                "`sparse_variables` yet: their rows on the ps cannot go back to the checkpoint. Use "
-                "chief_rejoins=False (a restarted chief starts a new job).")
-        self.layout.check_signature(self.state.signature.read())
-        ctl = self.state.read_control()
-        self.state.set_generation(ctl.generation)
-        return ctl
-
-    def _restored_positions(self) -> Optional[List[int]]:
-        """The restored checkpoint's input positions, if they fit this job's workers."""
-        positions = self.checkpoint.restored_positions
-        if positions is not None and len(positions) != self.num_workers:
-            logging.warning(
-                "tf_backup: the checkpoint in %s was saved by a job of %d workers, this one has %d: "
-                "every worker reads its input from the start.", self.checkpoint.directory, len(positions),
-                self.num_workers)
-            return None
-        return positions
+        if self.chief is not None:
+            self.chief.start()
 
     def _dead_workers(self):
-        return () if self.aggregator is None or self.aggregator.liveness is None else self.aggregator.liveness.dead
+        return () if self.chief is None else self.chief.dead_workers()
 
     def aggregator_failure(self) -> Optional[BaseException]:
         """Why the chief's aggregator stopped, if it failed (None elsewhere)."""
@@ -242,29 +152,9 @@ class Binding:
     def close(self, failed: bool = False) -> None:
         """Stops the aggregator; the chief saves a last checkpoint (also after a failure)."""
         self.client.close()
-        if self.aggregator is not None:
-            self.aggregator.stop()
-            if self.checkpoint is not None and not self.aggregator.is_alive() and self._refreshed():
-                # The master's step: a ps that died between an apply and its publish leaves the
-                # master one step ahead of the last published step (and the inner optimizer's count).
-                self.checkpoint.save(self.aggregator.master_step, why="failed" if failed else "end",
-                                     input_positions=self.aggregator.input_positions(self.aggregator.master_step))
+        if self.chief is not None:
+            self.chief.close(failed)
         self.state.close()  # last: the final checkpoint above may read from every ps task
-
-    def _refreshed(self) -> bool:
-        """(Chief, before its last checkpoint.) Whether its master copy holds the last step (read back from the ps).
-
-        False when the update is on the ps and a ps task cannot be read: the
-        checkpoint would label old values with the new step, so none is written.
-        """
-        if self.on_ps is None:
-            return True
-        try:
-            self.on_ps.refresh()
-            return True
-        except (errors.PsUnavailableError, tf.errors.OpError) as e:
-            logging.warning("tf_backup: no last checkpoint: the master copy on the ps tasks cannot be read (%s).", e)
-            return False
 
     def _assign(self, var_list: Sequence, flats: Sequence) -> List:
         return [v.assign(x) for v, x in zip(var_list, self.layout.unpack(flats))]

@@ -44,7 +44,7 @@ import tensorflow as tf
 
 from tf_backup import _checks
 from tf_backup import errors
-from tf_backup.frontend import binding as binding_lib
+from tf_backup.chief import chief as chief_lib
 from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import local_devices
 from tf_backup.protocol import pushes
@@ -201,7 +201,7 @@ class SparseBinding:
         if info.is_chief:
             inner = optimizer.inner_optimizer
             self.inner = type(inner).from_config(inner.get_config())  # its own slots, same settings
-            self.master = binding_lib.make_master(self.variables)
+            self.master = chief_lib.make_master(self.variables)
             with tf.init_scope():
                 self.inner.build(self.master)
                 checkpoint = dense.checkpoint

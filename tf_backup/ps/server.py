@@ -13,6 +13,7 @@ from tf_backup import topology
 from tf_backup.protocol.slots import Job
 from tf_backup.ps import endpoint as endpoint_lib
 from tf_backup.ps import job as job_lib
+from tf_backup.ps import lifecycle
 
 
 def _start_server(info: cluster_lib.ClusterInfo) -> tf.distribute.Server:
@@ -48,7 +49,7 @@ def _accepts_connections(task: cluster_lib.Task) -> bool:
 
 def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeout: float = 120.0,
           exit_grace: float = 60.0, poll_interval: float = 0.5, silent_worker: float = 10.0,
-          ps_restart_timeout: float = 0.0, chief_rejoins: bool = False) -> dict:
+          ps_restart_timeout: float = 0.0, chief_rejoins: bool = False) -> lifecycle.ServeResult:
     """Runs this process's `ps` task until the training job ends.
 
     Starts a `tf.distribute.Server` for the task and serves the shared state
@@ -81,8 +82,9 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         `BackupWorkerStrategy(chief_rejoins=True)`).
 
     Returns:
-      A dict: `job_id`, `reason` ("done", or on a ps task other than ps 0,
-      "ps 0 exited") and `left`, the workers that left cleanly.
+      A `tf_backup.ps.lifecycle.ServeResult`: `job_id`, `reason` (an
+      `EndReason`, a str: "done", or on a ps task other than ps 0 "ps 0
+      exited") and `left`, the workers that left cleanly.
 
     A worker that never joined the job (it exited, or is not started) is not
     waited for.
@@ -104,6 +106,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
     silent_worker = _checks.check_seconds("silent_worker", silent_worker)
     ps_restart_timeout = _checks.check_seconds("ps_restart_timeout", ps_restart_timeout, allow_zero=True)
     _checks.check_bool("chief_rejoins", chief_rejoins)
+    settings = lifecycle.Settings(startup_timeout, chief_timeout, exit_grace, silent_worker, ps_restart_timeout,
+                                  chief_rejoins)
     if cluster_resolver is None:
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     info = topology.cluster_info(cluster_resolver)  # a TPU pod: one worker per host group
@@ -120,90 +124,96 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         cluster_lib.wait_for_tasks([ps0], startup_timeout, waiter=f"ps task {info.task}")
     endpoints = endpoint_lib.Endpoints()
     try:
-        return _serve_job(info, endpoints, startup_timeout, chief_timeout, exit_grace, poll_interval, silent_worker,
-                          ps_restart_timeout, chief_rejoins)
+        return _serve_job(info, endpoints, settings, poll_interval)
     finally:
         # Its sessions go to ps 0: here, to itself (closed at once); on another ps task, to a ps 0 that
         # may have exited first, whose close would block until the session's deadline: 2 s at most.
         endpoints.close(wait=2.0)
 
 
-def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints, startup_timeout: float,
-               chief_timeout: float, exit_grace: float, poll_interval: float, silent_worker: float,
-               ps_restart_timeout: float, chief_rejoins: bool) -> dict:
-    """`serve()`'s loop: reads the job vector until the job ends; returns `serve()`'s result."""
+def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints, settings: lifecycle.Settings,
+               poll_interval: float) -> lifecycle.ServeResult:
+    """`serve()`'s loop: reads the job vector until the job ends (`tf_backup.ps.lifecycle`); returns `serve()`'s result."""
     ps0 = info.ps[0]
     job = job_lib.job_variable(endpoints.of(ps0), info.num_workers)
-    slots = Job(info.num_workers)
+    beats = _Beats(info.num_workers)
     done_job = None  # once the job runs, another ps task reads it with a short deadline
-    unanswered_since = None  # when ps 0 stopped answering those reads
-    start = time.monotonic()
-    job_id, beats, end_time, reason = None, None, None, None
-    chief = 0  # the chief is worker 0 in tf_backup order
+    state = lifecycle.waiting(time.monotonic())
     while True:
         now = time.monotonic()
-        if job_id is not None and info.task != ps0:
+        if state.job_id is not None and info.task != ps0:
             done_job = done_job or _job_variable_of_other_ps(endpoints, ps0, info.num_workers)
             try:
-                values = done_job.read()
-                unanswered_since = None
+                read = beats.read(done_job.read())
             except errors.PsUnavailableError:  # (a restarted ps 0: PsRestartedError; the next read is answered)
-                unanswered_since = unanswered_since or now
-                down = now - unanswered_since
-                restarting = end_time is None and down < ps_restart_timeout  # the job is not over: ps 0 died
-                if down < chief_timeout and (restarting or _accepts_connections(ps0)):
-                    time.sleep(poll_interval)
-                    continue  # ps 0 is slow or restarting, not gone: keep serving (up to chief_timeout)
-                # ps 0 exits once the job is done and every worker has left (a later
-                # poll here may never see DONE); without ps 0 nothing can go on anyway.
-                logging.warning("tf_backup: ps task %s exits: ps task 0 %s has exited", info.task, ps0)
-                reason = reason or "ps 0 exited"
-                break
+                read = lifecycle.NoAnswer(listening=lambda: _accepts_connections(ps0))
         else:
-            values = job.read() if job.is_initialized() else None
-        if values is None or not values[Job.JOB_ID] or (job_id is None and values[Job.DONE]):
-            # No job yet (or a previous job's finished state): wait for the chief.
-            if now - start > startup_timeout:
-                raise TimeoutError(
-                    f"The ps task {info.task} waited {startup_timeout:.0f} s for the chief "
-                    f"{info.chief} to start a job (startup_timeout)."
-                )
-        else:
-            if values[Job.JOB_ID] != job_id:
-                # A new job (a restarted chief's) is served from the start, even if the previous one
-                # ended meanwhile.
-                job_id, end_time, reason = int(values[Job.JOB_ID]), None, None
-                # Every worker's beat, then the chief's heartbeat (the last slot).
-                beats = job_lib.BeatWatch([slots.beat(w) for w in range(info.num_workers)] + [Job.HEARTBEAT])
-                logging.info("tf_backup: ps task %s serves job %d", info.task, job_id)
-            joined = [bool(values[slots.joined(w)]) for w in range(info.num_workers)]
-            left = [bool(values[slots.left(w)]) for w in range(info.num_workers)]
-            beats.observe(values)
-            silent = [beats.silent_seconds(w) > silent_worker for w in range(info.num_workers)]
-            gone = all(l or not j or q for j, l, q in zip(joined, left, silent))
-            if end_time is None and values[Job.DONE]:
-                end_time, reason = now, "aborted" if values[Job.ABORT] else "done"
-            if end_time is None and (beats.silent_seconds(info.num_workers) > chief_timeout
-                                     or gone and not left[chief] and not chief_rejoins):
-                end_time, reason = now, "chief lost"  # silent, or every task that used the ps is
-            if end_time is not None and (gone or now - end_time > exit_grace):
-                if info.task == ps0 and len(info.ps) > 1:
-                    time.sleep(2 * poll_interval)  # the other ps tasks see DONE before ps 0 is gone
-                break
+            read = beats.read(job.read() if job.is_initialized() else None)
+        served = state.job_id
+        state = lifecycle.transition(state, read, now, settings)
+        if state.job_id != served:
+            logging.info("tf_backup: ps task %s serves job %d", info.task, state.job_id)
+        if state.phase is lifecycle.Phase.ENDED:
+            break
         time.sleep(poll_interval)
-    missing = [str(info.workers[w]) for w in range(info.num_workers) if joined[w] and not left[w]]
-    if missing and reason != "ps 0 exited":  # this task did not see the last state then
+    if isinstance(read, lifecycle.NoAnswer):
+        logging.warning("tf_backup: ps task %s exits: ps task 0 %s has exited", info.task, ps0)
+    elif isinstance(read, lifecycle.JobRead) and info.task == ps0 and len(info.ps) > 1:
+        time.sleep(2 * poll_interval)  # the other ps tasks see DONE before ps 0 is gone
+    return _ended(info, state, settings)
+
+
+class _Beats:
+    """The job vector's reads as `lifecycle` reads, with each worker's heartbeat silence.
+
+    Its `BeatWatch` is the job's: a new one for each job id read.
+    """
+
+    def __init__(self, num_workers: int):
+        self._slots = Job(num_workers)
+        self._num_workers = num_workers
+        self._job_id = None
+        self._watch = None
+
+    def read(self, values) -> lifecycle.Read:
+        if values is None or not values[Job.JOB_ID]:
+            return lifecycle.NoJob()
+        n, slots = self._num_workers, self._slots
+        if int(values[Job.JOB_ID]) != self._job_id:
+            self._job_id = int(values[Job.JOB_ID])
+            # Every worker's beat, then the chief's heartbeat (the last slot).
+            self._watch = job_lib.BeatWatch([slots.beat(w) for w in range(n)] + [Job.HEARTBEAT])
+        self._watch.observe(values)
+        return lifecycle.JobRead(
+            self._job_id, done=bool(values[Job.DONE]), aborted=bool(values[Job.ABORT]),
+            joined=tuple(bool(values[slots.joined(w)]) for w in range(n)),
+            left=tuple(bool(values[slots.left(w)]) for w in range(n)),
+            silence=tuple(self._watch.silent_seconds(w) for w in range(n)),
+            chief_silence=self._watch.silent_seconds(n))
+
+
+def _ended(info: cluster_lib.ClusterInfo, state: lifecycle.Lifecycle,
+           settings: lifecycle.Settings) -> lifecycle.ServeResult:
+    """`serve()`'s result, or its error, once `state` has ENDED."""
+    reason = state.reason
+    if reason is lifecycle.EndReason.NO_JOB:
+        raise TimeoutError(
+            f"The ps task {info.task} waited {settings.startup_timeout:.0f} s for the chief "
+            f"{info.chief} to start a job (startup_timeout)."
+        )
+    missing = [str(info.workers[w]) for w in state.never_left()]
+    if missing and reason is not lifecycle.EndReason.PS0_EXITED:  # this task did not see the last state then
         logging.warning("tf_backup: ps task %s exits; workers that never left: %s",
                         info.task, ", ".join(missing))
-    if reason == "aborted":
+    if reason is lifecycle.EndReason.ABORTED:
         # Non-zero, so that a cluster manager (restartPolicy: OnFailure) or `LocalCluster`'s supervisor
         # starts this task again for the next attempt: an exit 0 would leave the job without its ps.
         raise errors.ChiefUnavailableError(
-            f"The chief {info.chief} aborted the job {job_id} (its log says why); the ps task {info.task} "
+            f"The chief {info.chief} aborted the job {state.job_id} (its log says why); the ps task {info.task} "
             "exits with it.")
-    if reason == "chief lost":
+    if reason is lifecycle.EndReason.CHIEF_LOST:
         raise errors.ChiefUnavailableError(
             f"The ps task {info.task} heard no heartbeat from the chief {info.chief} for "
-            f"{chief_timeout:.0f} s and the job {job_id} was not done."
+            f"{settings.chief_timeout:.0f} s and the job {state.job_id} was not done."
         )
-    return {"job_id": job_id, "reason": reason, "left": [w for w in range(info.num_workers) if left[w]]}
+    return state.result()
