@@ -48,6 +48,25 @@ def reference_fit(optimizer, batches_per_step, steps, num_workers):
     return [v.numpy() for v in model.trainable_variables]
 
 
+def fit_sgd_regression(strategy, steps: int, jit_compile: bool = False):
+    """`regression_model` with SyncReplicasOptimizer(SGD(0.1)), fit for `steps` batches; returns the model.
+
+    Worker w reads batches w, w + W, w + 2W, ... of `regression_data`, as `reference_fit` assumes.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    x, y = regression_data(steps * strategy.num_workers)
+    with strategy.scope():
+        model = regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                      jit_compile=jit_compile)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
+    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    return model
+
+
 class WaitUntilStale:
     """Keras callback: makes this worker a straggler that is always late.
 

@@ -64,18 +64,11 @@ def train_mixed_precision(steps: int, jit_compile: bool):
     """`train_regression` under the `mixed_float16` policy: Keras wraps SyncReplicasOptimizer in a
     LossScaleOptimizer, which unscales the gradients before our apply."""
     import keras  # pylint: disable=g-import-not-at-top
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
-    x, y = common.regression_data(steps * strategy.num_workers)
-    with strategy.scope():
-        model = common.regression_model(keras)
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
-                      jit_compile=jit_compile)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(common.BATCH).repeat()
-    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    model = common.fit_sgd_regression(strategy, steps, jit_compile)
     return {"worker": strategy.worker_index, "optimizer": type(model.optimizer).__name__,
             "weights": [v.numpy() for v in model.trainable_variables], "stats": strategy.stats(),
             "loss_scale": float(model.optimizer.dynamic_scale.numpy())}

@@ -109,7 +109,6 @@ def train_regression_tpu_resolver(steps: int):
     """Builds the strategy from a TPU-like resolver (TPU hosts = this cluster's workers) + ps."""
     import json  # pylint: disable=g-import-not-at-top
     import os  # pylint: disable=g-import-not-at-top
-    import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
     from tf_backup import topology  # pylint: disable=g-import-not-at-top
@@ -120,12 +119,6 @@ def train_regression_tpu_resolver(steps: int):
         task_id=config["task"]["index"], num_accelerators={"TPU": 8})
     resolver = topology.with_ps(tpu_like, ps=config["cluster"]["ps"])
     strategy = tf_backup.BackupWorkerStrategy(cluster_resolver=resolver, step_timeout=120.0)
-    x, y = common.regression_data(steps * strategy.num_workers)
-    with strategy.scope():
-        model = common.regression_model(keras)
-        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
-                      jit_compile=False)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(common.BATCH).repeat()
-    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)
+    model = common.fit_sgd_regression(strategy, steps)
     return {"worker": strategy.worker_index, "weights": [v.numpy() for v in model.trainable_variables],
             "stats": strategy.stats(), "tpu_cores": topology.tpu_topology(resolver).replicas_per_worker}
