@@ -41,7 +41,7 @@ def straggler(s: Dict) -> str:
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import accuracy_workload  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +57,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         cfg = dict(base, mode="sync_backup", num_backup_workers=b, seconds=3600.0, steps=100000, reps=s["reps"],
                    every_seconds=s["every_seconds"], straggler=straggler(s), seed=0, compute=s["compute"],
                    stop_step=stop, mark_steps=[SETTLED, s["phase_steps"], stop])
-        out = workloads.attempt(NAME, f"{label} ({s['reps']} run(s))", failures, lambda: tf_backup.launch_local(
-            workloads.accuracy_worker, WORKERS, args=(cfg,), timeout=1800))
+        out = common.attempt(NAME, f"{label} ({s['reps']} run(s))", failures, lambda: tf_backup.launch_local(
+            accuracy_workload.accuracy_worker, WORKERS, args=(cfg,), timeout=1800))
         if out is None:
             continue
         chief = out[0]

@@ -5,7 +5,7 @@ Every task of a cluster (each ps, each worker) sits behind its own link of B bit
 loopback, unshaped (then the 2 shared cores are the limit). The model is a dense MLP whose
 variables have the full size, so every gradient, push, take, publish, pull and all-reduce moves
 full-size dense tensors; its real compute is kept cheap (a batch of `BATCH` rows per worker) and
-`COMPUTE` seconds of sleep per batch stand for the accelerator's compute (`workloads.overhead_worker`
+`COMPUTE` seconds of sleep per batch stand for the accelerator's compute (`overhead_workload.overhead_worker`
 with `compute`). The MLP has `DEPTH` hidden layers of equal width: its four h x h kernels hold
 almost all parameters, so the largest-first packing (`tf_backup.ps.layout`) splits the model evenly
 over 1, 2 or 4 ps tasks. (With the two-hidden-layer MLP of the other benchmarks one kernel holds
@@ -111,9 +111,9 @@ def ring_bytes(m: float, workers: int) -> Dict[str, tuple]:
 
 def shard_sizes(hidden: int, num_ps: int, depth: int = DEPTH) -> List[int]:
     """Elements per ps shard of the benchmark MLP, as `tf_backup.ps.layout` cuts them (equal shards)."""
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
     from tf_backup.ps import layout  # pylint: disable=g-import-not-at-top
-    return layout.even_sizes(sum(workloads.mlp_variable_sizes(hidden, depth)), num_ps)
+    return layout.even_sizes(sum(mlp_task.mlp_variable_sizes(hidden, depth)), num_ps)
 
 
 def parse_variants(text: str) -> Dict[str, dict]:
@@ -191,14 +191,15 @@ def _cell_timeout(m: float, workers: int, s: Dict) -> float:
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
         variants: Optional[Dict[str, dict]] = None, num_ps: Optional[Sequence[int]] = None) -> Dict:
     from benchmarks import netem  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
+    from benchmarks import overhead_workload  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
     if num_ps:
         s["ps"] = [int(p) for p in num_ps]
     variants = dict(DEFAULT_VARIANTS, **(variants or {}))
     systems = [("ours", v, p) for v in variants for p in s["ps"]] + ([("mwms", None, 0)] if s["mwms"] else [])
-    hiddens = {p: workloads.hidden_for_params(p, DEPTH) for p in s["params"]}
+    hiddens = {p: mlp_task.hidden_for_params(p, DEPTH) for p in s["params"]}
     tasks = [f"ps-{i}" for i in range(max(s["ps"]))] + [f"worker-{i}" for i in range(max(s["workers"]))]
     failures, csv_rows, checks = [], [], []
     cells = {}  # (rate, params, workers, system) -> {"times": [...], "net": {...}}
@@ -216,7 +217,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
                       f"{check['goodput_bit'] / 1e9:.3f} Gbit/s TCP payload", flush=True)
             for params in s["params"]:
                 hidden = hiddens[params]
-                m = 4.0 * workloads.mlp_params(hidden, DEPTH)
+                m = 4.0 * mlp_task.mlp_params(hidden, DEPTH)
                 for w in s["workers"]:
                     for system, variant, num_ps in systems:
                         name = f"ours ({variant}), {num_ps} ps" if system == "ours" else "MWMS"
@@ -225,8 +226,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
                                    warmup=s["warmup"], net_counters=net is not None)
                         if system == "ours":
                             cfg.update(variant_cfg(variants[variant]))
-                        what = f"{label}, {workloads.mlp_params(hidden, DEPTH):,} params, {w} workers, {name}"
-                        out = workloads.attempt(NAME, what, failures, lambda: workloads.launch_overhead(
+                        what = f"{label}, {mlp_task.mlp_params(hidden, DEPTH):,} params, {w} workers, {name}"
+                        out = common.attempt(NAME, what, failures, lambda: overhead_workload.launch_overhead(
                             cfg["system"], w, cfg, timeout=_cell_timeout(m, w, s), num_ps=max(num_ps, 1),
                             network=net))
                         if out is None:
@@ -239,7 +240,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
                             n = n or {}
                             chief, others, ps = n.get("worker-0"), role_bytes(
                                 {k: v for k, v in n.items() if k != "worker-0"}, "worker-"), role_bytes(n, "ps-")
-                            csv_rows.append([rate or 0, workloads.mlp_params(hidden, DEPTH), w, system, variant or "",
+                            csv_rows.append([rate or 0, mlp_task.mlp_params(hidden, DEPTH), w, system, variant or "",
                                              num_ps, i + 1, len(r), statistics.mean(r), COMPUTE, int(m)]
                                             + [x for pair in (chief, others, ps) for x in (pair or (float("nan"),) * 2)]
                                             + [json.dumps({k: [round(a), round(b)] for k, (a, b) in sorted(n.items())})])
@@ -253,7 +254,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
         label = netem.format_rate(rate) if rate else "loopback"
         for params in s["params"]:
             hidden = hiddens[params]
-            m = 4.0 * workloads.mlp_params(hidden, DEPTH)
+            m = 4.0 * mlp_task.mlp_params(hidden, DEPTH)
             for w in s["workers"]:
                 mwms = cells.get((rate, params, w, ("mwms", None, 0)))
                 for key in systems:
@@ -283,7 +284,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
                     if system == "ours" and n:
                         ps_cols = "; ".join(_mb(n.get(f"ps-{k}"), bytes_model[f"ps-{k}"]) for k in range(num_ps))
                     name = f"ours ({variant}), {num_ps} ps" if system == "ours" else "MWMS"
-                    rows.append([label, f"{workloads.mlp_params(hidden, DEPTH):,}", w, name,
+                    rows.append([label, f"{mlp_task.mlp_params(hidden, DEPTH):,}", w, name,
                                  common.median_range([t * 1e3 for t in times], "{:.0f}"), vs_mwms, vs_bound,
                                  model_txt, bound_txt,
                                  _mb(chief, bytes_model["chief"]) if n else "–",
@@ -299,7 +300,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
             + ("within 10%." if c["ok"] else "**not within 10%**."))
     model_note = (
         f"Model: a 40-h-h-h-h-h-10 MLP ({DEPTH} hidden ReLU layers of width h; h = "
-        + ", ".join(f"{hiddens[p]} for {workloads.mlp_params(hiddens[p], DEPTH):,}" for p in s["params"])
+        + ", ".join(f"{hiddens[p]} for {mlp_task.mlp_params(hiddens[p], DEPTH):,}" for p in s["params"])
         + f" parameters), float32, SGD(0.01), b = 0, no stragglers. Simulated compute: a batch of {BATCH} rows "
         f"per worker (the forward/backward of every full-size variable, cheap on the CPU) plus a {COMPUTE * 1e3:.0f} ms "
         "sleep before each batch (the accelerator's compute): gradients are full-size dense tensors, the model's own "

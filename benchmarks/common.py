@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: environment description, medians, tables."""
+"""Shared pieces of the benchmarks: environment description, medians, tables, failed runs."""
 
 import datetime
 import os
@@ -193,3 +193,26 @@ def plot(path: str, panels: Sequence[dict], title: str) -> bool:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line saying why a cluster run failed: TensorFlow's own words where the task log has them."""
+    import re  # pylint: disable=g-import-not-at-top
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    named = [l for l in lines if "not yet implemented" in l] or [
+        l for l in lines if re.match(r"^[\w.]*(Error|Exception): ", l)]
+    return (named[-1] if named else lines[0] if lines else type(error).__name__)[:300]
+
+
+def attempt(name: str, label: str, failures: List[str], launch):
+    """`launch()`, or None when it fails: then "<label>: <reason>" goes to `failures` and is printed.
+
+    One failed cluster does not end a benchmark; its table lists the failure instead.
+    """
+    try:
+        return launch()
+    except Exception as e:  # pylint: disable=broad-except
+        msg = failure_reason(e)
+        failures.append(f"{label}: {msg}")
+        print(f"{name}: {label} FAILED: {msg}", flush=True)
+        return None

@@ -31,7 +31,7 @@ def main(argv):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import common  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
     from benchmarks import xla  # pylint: disable=g-import-not-at-top
 
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
@@ -42,7 +42,7 @@ def main(argv):
         try:
             runs[jit] = tf_backup.launch_local(xla.cnn_worker, 2, args=(cfg,), timeout=240)[0]
         except Exception as e:  # pylint: disable=broad-except
-            failures.append(f"CNN jit_compile={jit}: {workloads.failure_reason(e)}")
+            failures.append(f"CNN jit_compile={jit}: {common.failure_reason(e)}")
             continue
         for rep, steps in enumerate(runs[jit]["reps"]):
             csv_rows.append(["cnn", "tf_backup", jit, rep + 1, float(np.mean(steps))])
@@ -55,13 +55,13 @@ def main(argv):
         rows.append(["MNIST-1D CNN, 2 workers b = 0, Adam", f"XLA {ms(a['reps'])}", f"no XLA {ms(b['reps'])}",
                      f"{med(a['reps']) / med(b['reps']):.2f}",
                      f"steps {a['step']} / {b['step']}; largest weight difference {diff:.2e} (largest weight {scale:.2f})"])
-    hidden = workloads.hidden_for_params(1e5)
+    hidden = mlp_task.hidden_for_params(1e5)
     over, mwms_jit = xla.overhead_with_xla(2, hidden, _STEPS.value, 2, failures, timeout=240)
     for (system, jit), means in over.items():
         csv_rows += [["mlp", system, jit, rep + 1, mean] for rep, mean in enumerate(means)]
     ours, ref = over.get(("tf_backup", True)), over.get(("mwms", mwms_jit))
     if ours and ref:
-        rows.append([f"MLP {workloads.mlp_params(hidden):,} params, 2 workers, SGD",
+        rows.append([f"MLP {mlp_task.mlp_params(hidden):,} params, 2 workers, SGD",
                      f"ours, XLA {common.median_range([1e3 * x for x in ours], '{:.2f}')}",
                      f"MWMS, {'XLA' if mwms_jit else 'no XLA'} {common.median_range([1e3 * x for x in ref], '{:.2f}')}",
                      f"{common.med(ours) / common.med(ref):.2f}", ""])

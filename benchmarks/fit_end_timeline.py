@@ -22,9 +22,10 @@ import time
 
 
 def timed_worker(cfg, log_path, silent_worker=-1):
-    """`workloads.accuracy_worker` with the end of the fit and the long sleeps written to `log_path`."""
+    """`accuracy_workload.accuracy_worker` with the end of the fit and the long sleeps written to
+    `log_path`."""
     import tf_backup.worker.client as worker_lib  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import accuracy_workload  # pylint: disable=g-import-not-at-top
     task = os.environ["TF_BACKUP_TASK"]
     from tests.relay import relay_ps0_in_tf_config  # pylint: disable=g-import-not-at-top
     relay = relay_ps0_in_tf_config() if task == f"worker-{silent_worker}" else None
@@ -59,7 +60,7 @@ def timed_worker(cfg, log_path, silent_worker=-1):
 
     time.sleep = noted_sleep  # this task process only
     note("start")
-    out = workloads.accuracy_worker(cfg)
+    out = accuracy_workload.accuracy_worker(cfg)
     note("return")
     return out
 

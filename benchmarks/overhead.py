@@ -29,11 +29,12 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
 
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
+    from benchmarks import overhead_workload  # pylint: disable=g-import-not-at-top
     from tf_backup import memory  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
-    hiddens = [workloads.hidden_for_params(p) for p in s["params"]]
+    hiddens = [mlp_task.hidden_for_params(p) for p in s["params"]]
     systems = ["tf_backup", "mwms"]
     times = {(sys_, w, h): [] for sys_ in systems for w in s["workers"] for h in hiddens}
     cpus = {key: [] for key in times}  # CPU ms per step, all the cluster's processes
@@ -42,9 +43,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         for w in s["workers"]:
             for system in systems:
                 cfg = dict(system=system, hiddens=hiddens, steps=s["steps"], reps=s["reps"])
-                out = workloads.attempt(
+                out = common.attempt(
                     NAME, f"{system}, {w} workers, cluster {cluster + 1} ({s['reps']} run(s) of each size)",
-                    failures, lambda: workloads.launch_overhead(system, w, cfg))
+                    failures, lambda: overhead_workload.launch_overhead(system, w, cfg))
                 if out is None:
                     continue
                 for h in hiddens:
@@ -55,9 +56,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                         cpu_ms = 1e3 * sum(cpu.values()) if cpu else float("nan")
                         if cpu:
                             cpus[(system, w, h)].append(cpu_ms)
-                        csv_rows.append([system, w, workloads.mlp_params(h), cluster + 1, rep + 1, len(steps), mean,
+                        csv_rows.append([system, w, mlp_task.mlp_params(h), cluster + 1, rep + 1, len(steps), mean,
                                          float(np.quantile(steps, 0.9)), cpu_ms])
-                    print(f"{NAME}: {system} {w} workers {workloads.mlp_params(h)} params: "
+                    print(f"{NAME}: {system} {w} workers {mlp_task.mlp_params(h)} params: "
                           f"{[round(x * 1e3, 1) for x in times[(system, w, h)]]} ms", flush=True)
     runs = s["clusters"] * s["reps"]
     rows, ratios = [], {}
@@ -75,10 +76,10 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             cpu_ours, cpu_ref = cpus[("tf_backup", w, h)], cpus[("mwms", w, h)]
             cpu_txt = (f"{statistics.median(cpu_ours):.1f} / {statistics.median(cpu_ref):.1f}"
                        if cpu_ours and cpu_ref else "n/a")
-            rows.append([w, f"{workloads.mlp_params(h):,}", ms(ours), ms(ref), rtxt, cpu_txt, dtxt,
+            rows.append([w, f"{mlp_task.mlp_params(h):,}", ms(ours), ms(ref), rtxt, cpu_txt, dtxt,
                          f"{len(ours)}/{runs}, {len(ref)}/{runs}"])
     notes = [
-        f"A {workloads.INPUT_DIM}-h-h-10 MLP (h = {', '.join(str(h) for h in hiddens)}), batch 32 per worker, "
+        f"A {mlp_task.INPUT_DIM}-h-h-10 MLP (h = {', '.join(str(h) for h in hiddens)}), batch 32 per worker, "
         "SGD(0.01), no stragglers, **no simulated compute**: step time = the framework's cost + a small real "
         "step. tf_backup: `BackupWorkerStrategy(num_backup_workers=0)` + `SyncReplicasOptimizer`, 1 ps task; "
         "MWMS: `tf.distribute.MultiWorkerMirroredStrategy` (collective all-reduce), one process per worker, "
@@ -97,7 +98,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         f"{COMPUTE_FOR_DERIVED:g} s), the ratio if each step also had {COMPUTE_FOR_DERIVED * 1e3:.0f} ms of "
         "compute (the per-step overheads added to it unchanged).",
         "Keras 3.15's `fit` fails on a multi-worker MWMS twice (its symbolic build reduces a PerReplica "
-        "batch; its train step reduces scalar logs with axis=0): `benchmarks.workloads` builds the model "
+        "batch; its train step reduces scalar logs with axis=0): `benchmarks.mwms_patches` builds the model "
         "itself and reduces logs with \"first\" (one scalar all-reduce less per step for MWMS).",
         "Target: at most 1.25x at 4 workers.",
     ]
@@ -111,7 +112,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         series = []
         for h in hiddens:
             ws = [w for w in s["workers"] if (w, h) in ratios]
-            series.append((f"{workloads.mlp_params(h):,} params", ws, [ratios[(w, h)] for w in ws]))
+            series.append((f"{mlp_task.mlp_params(h):,} params", ws, [ratios[(w, h)] for w in ws]))
         if common.plot(path, [{"xlabel": "workers", "ylabel": "step time ratio tf_backup / MWMS",
                                "hline": 1.25, "series": series}], TITLE):
             image = path

@@ -54,12 +54,13 @@ def _step(progress_dir: str) -> int:
 def _one_run(s: Dict, kill: bool, timeout: float = 1800.0):
     """(samples [(seconds, global step, ps RSS KiB)], the chief's result) of one cluster."""
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import memory_workload  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
 
     work = tempfile.mkdtemp(prefix="tf_backup_ps_memory_")
-    cfg = dict(steps=s["steps"], num_backup_workers=1, hidden=workloads.hidden_for_params(1e4), progress_dir=work,
+    cfg = dict(steps=s["steps"], num_backup_workers=1, hidden=mlp_task.hidden_for_params(1e4), progress_dir=work,
                compute=s["compute"], worker_timeout=s["worker_timeout"])
-    cluster = tf_backup.LocalCluster(workloads.memory_worker, 3, args=(cfg,), log_dir=os.path.join(work, "logs"))
+    cluster = tf_backup.LocalCluster(memory_workload.memory_worker, 3, args=(cfg,), log_dir=os.path.join(work, "logs"))
     samples: List[tuple] = []
     try:
         with cluster:
@@ -92,13 +93,12 @@ def growth_per_1000_steps(samples, from_step: int) -> float:
 
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
     failures, rows, csv_rows, curves = [], [], [], {}
     settle = 2 * s["kill_at"] + 600  # the dead worker is declared dead `worker_timeout` after the kill
     for label, kill in (("every worker alive", False), ("worker 2 killed", True)):
-        out = workloads.attempt(NAME, label, failures, lambda kill=kill: _one_run(s, kill))
+        out = common.attempt(NAME, label, failures, lambda kill=kill: _one_run(s, kill))
         if out is None:
             rows.append([label, "failed", "-", "-", "-", "-"])
             continue

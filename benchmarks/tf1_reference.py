@@ -35,7 +35,6 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import launcher  # pylint: disable=g-import-not-at-top
     from benchmarks import tf1_workload as job  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
     failures, csv_rows, rows, result = [], [], [], {}
@@ -50,12 +49,12 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                                       timeout=300)
                 tf1.append(out[0])
             except Exception as e:  # pylint: disable=broad-except
-                msg = workloads.failure_reason(e)
+                msg = common.failure_reason(e)
                 failures.append(f"TF1, {w} workers, run {i + 1}: {msg}")
         try:
             ours = tf_backup.launch_local(job.tf_backup_worker, w, args=(cfg,), timeout=300)[0]
         except Exception as e:  # pylint: disable=broad-except
-            msg = workloads.failure_reason(e)
+            msg = common.failure_reason(e)
             failures.append(f"tf_backup, {w} workers ({s['runs']} runs in one cluster): {msg}")
         step = lambda r: float(np.median(np.diff(r["ends"])[SKIP:]))  # noqa: E731
         t_tf1, t_ours = [step(r) for r in tf1], [step(r) for r in ours]

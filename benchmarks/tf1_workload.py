@@ -129,7 +129,7 @@ def tf_backup_worker(cfg: Dict[str, Any]):
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
 
     strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=0, step_timeout=300.0)
     w, workers, steps = strategy.worker_index, cfg["workers"], cfg["steps"]
@@ -145,7 +145,7 @@ def tf_backup_worker(cfg: Dict[str, Any]):
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
         # This worker's own batches, in order, not sharded again.
         dataset = tf.data.Dataset.from_tensor_slices((x[rows], y[rows])).batch(BATCH)
-        timer = workloads.make_step_timer(keras)
+        timer = step_timing.make_step_timer(keras)
         model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[timer])
         out.append({"weights": [v.copy() for v in model.get_weights()], "ends": timer.ends})
     return out if strategy.is_chief else None

@@ -73,7 +73,7 @@ def _claims(curves, target) -> List[str]:
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import accuracy_workload  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,9 +85,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         for label, mode, workers, b in s["modes"]:
             cfg = dict(base, mode=mode, num_backup_workers=b, seconds=s["seconds"], steps=s["steps"], reps=s["reps"],
                        every_seconds=s["every_seconds"], straggler=s["straggler"], seed=0)
-            out = workloads.attempt(
+            out = common.attempt(
                 NAME, f"{label}, cluster {cluster + 1} ({s['reps']} run(s))", failures,
-                lambda: tf_backup.launch_local(workloads.accuracy_worker, workers, args=(cfg,), timeout=900))
+                lambda: tf_backup.launch_local(accuracy_workload.accuracy_worker, workers, args=(cfg,), timeout=900))
             if out is None:
                 continue
             for curve in out[0]["runs"]:

@@ -13,12 +13,14 @@ worker starts the batch afresh on the new step, `restart_superseded`: the model 
 order-statistic ideal).
 """
 
+import itertools
 import statistics
 from typing import Dict, List
 
 import numpy as np
 
 from benchmarks import common
+from benchmarks import scale_sim
 
 NAME = "tradeoff"
 TITLE = "Trade-off of b: step time with N = 4 and b backup workers, achieved vs ideal"
@@ -34,13 +36,28 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
                 straggler="pareto:1.5:0.1")
 
 
+def simulate_protocol(delay, n: int, workers: int, compute: float, start_step: int, num_steps: int):
+    """Publish times of a zero-overhead replay of the protocol, with stragglers that finish.
+
+    The order-statistic ideal assumes every worker starts every step afresh. In tf_backup (as in
+    TF1) a late worker is not cancelled: it finishes its stale batch, pushes a gradient that is
+    dropped, and only then starts on the current step, so a long stall keeps it out of the next
+    steps too. This replays exactly that (`benchmarks.scale_sim.sync_steps`) with no communication
+    cost. Returns {step: publish time}, time 0 = all workers start `start_step`.
+    """
+    steps = scale_sim.sync_steps(delay, workers, n, compute, comm=0.0, start_step=start_step)
+    return {s.step: s.published for s in itertools.islice(steps, num_steps)}
+
+
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
     import tf_backup  # pylint: disable=g-import-not-at-top
     from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
+    from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
+    from benchmarks import tradeoff_workload  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
-    n, seed, hidden = s["n"], 0, workloads.hidden_for_params(1e4)
+    n, seed, hidden = s["n"], 0, mlp_task.hidden_for_params(1e4)
     model = stragglers.parse(s["straggler"], seed=seed)
     policies = ["finish", "restart"]
     per_b = {(b, p): {"mean": [], "p90": [], "ideal_mean": [], "ideal_p90": [], "ratio": [], "ratio_p90": [],
@@ -53,15 +70,15 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             cfg = dict(num_backup_workers=b, hidden=hidden, compute=s["compute"],
                        straggler=s["straggler"], seed=seed, steps=s["steps"], reps=s["reps"],
                        policies=policies)
-            out = workloads.attempt(
+            out = common.attempt(
                 NAME, f"b = {b}, cluster {cluster + 1} ({s['reps']} run(s) per policy)", failures,
-                lambda: tf_backup.launch_local(workloads.tf_backup_worker, n + b, args=(cfg,), timeout=600))
+                lambda: tf_backup.launch_local(tradeoff_workload.tf_backup_worker, n + b, args=(cfg,), timeout=600))
             if out is None:
                 continue
             chief = out[0]
             for rep_index, rep in enumerate(chief["reps"]):
                 all_in = max(o["reps"][rep_index]["first_batch"] or 0.0 for o in out)
-                durations = workloads.step_durations(chief["history"], rep["start_step"], s["steps"], all_in)
+                durations = step_timing.step_durations(chief["history"], rep["start_step"], s["steps"], all_in)
                 steps = sorted(durations)
                 if not steps:
                     failures.append(f"b = {b}, {rep['policy']}, cluster {cluster + 1}, rep {rep_index + 1}: "
@@ -70,7 +87,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
                 delays = model.delays(n + b, max(steps) + 1)[steps]
                 ideal = stragglers.ideal_step_times(s["compute"] + delays, n)
                 achieved = np.array([durations[k] for k in steps])
-                pub = workloads.simulate_protocol(model.delay, n, n + b, s["compute"], rep["start_step"],
+                pub = simulate_protocol(model.delay, n, n + b, s["compute"], rep["start_step"],
                                                   max(steps) - rep["start_step"] + 1)
                 replay = np.array([pub[k] - pub[k - 1] for k in steps])
                 reference = ideal if rep["policy"] == "restart" else replay
@@ -112,14 +129,14 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     dropped = sum(sum(per_b[b, "finish"]["dropped"]) for b in s["bs"])
     notes = [
         f"N = {n} gradients per step, b backup workers (N + b worker processes + 1 ps), a "
-        f"{workloads.INPUT_DIM}-{hidden}-{hidden}-10 MLP ({workloads.mlp_params(hidden)} parameters), batch 32, SGD.",
+        f"{mlp_task.INPUT_DIM}-{hidden}-{hidden}-10 MLP ({mlp_task.mlp_params(hidden)} parameters), batch 32, SGD.",
         f"Each worker **sleeps** {s['compute']:g} s of simulated compute plus a straggler delay before each "
         f"batch (`{s['straggler']}`, {model.describe()}); the delay is a pure function of (seed, worker, "
         "global step), so every b sees the same delays. Sleeping instead of computing keeps the figures "
         "independent of how the processes share the cores.",
         "Achieved: time between consecutive global steps published by the chief (the first step of each "
         "timed fit, the steps that began before every worker had begun its fit's first batch, and the last "
-        "step are left out; workers collect garbage between fits, see `benchmarks.workloads`). Ideal: per "
+        "step are left out; workers collect garbage between fits, see `benchmarks.pacing`). Ideal: per "
         "step, the N-th smallest of the N + b "
         f"workers' times ({s['compute']:g} s + delay), i.e. no communication, no real compute, no overhead.",
         f"A run is one timed fit of {s['steps']} batches per worker; {s['clusters']} fresh cluster(s) per b with "
@@ -132,7 +149,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         "every step starts afresh, the model the ideal assumes. Both policies run in turn on the same "
         "cluster with the same delays.",
         "Reference: for **restart**, the ideal; for **finish**, a zero-overhead replay of the protocol with "
-        "the same delays and stragglers that finish (`benchmarks.workloads.simulate_protocol`; ideal <= "
+        "the same delays and stragglers that finish (`benchmarks.tradeoff.simulate_protocol`; ideal <= "
         "replay: replay/ideal is what not restarting costs). achieved/reference is tf_backup's own "
         "overhead: communication, the real Keras step, 2 shared cores.",
         f"Target: achieved/ideal (mean) within 1.15 for every b. Worst median here: {worst:.3f} with "

@@ -10,7 +10,7 @@ waits for all of them every step; tf_backup runs N = 4 with b = 0, 1, 2 (4 + b w
 2. Time to accuracy, with the default job's task (MNIST-1D, the CNN and Adam of
    configs/mnist1d.json, batch 32 per worker): every run trains a fresh model for the same number of
    global steps; the chief's snapshots are evaluated on the test split after training
-   (`workloads.accuracy_worker`).
+   (`accuracy_workload.accuracy_worker`).
 """
 
 import json
@@ -39,16 +39,17 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
 
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
+    from benchmarks import overhead_workload  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
-    hidden = workloads.hidden_for_params(1e4)
+    hidden = mlp_task.hidden_for_params(1e4)
     base = dict(hiddens=[hidden], steps=s["steps"], reps=s["reps"], compute=s["compute"], straggler=s["straggler"],
                 per_global_step=True)
     cells = [("MWMS", "mwms", 4, 0)] + [(f"tf_backup b = {b}", "tf_backup", 4 + b, b) for b in s["backups"]]
     times, failures, csv_rows = {}, [], []
     for label, system, workers, b in cells:
-        out = workloads.attempt(NAME, f"{label} ({s['reps']} fits)", failures, lambda: workloads.launch_overhead(
+        out = common.attempt(NAME, f"{label} ({s['reps']} fits)", failures, lambda: overhead_workload.launch_overhead(
             system, workers, dict(base, system=system, num_backup_workers=b)))
         if out is None:
             continue
@@ -67,7 +68,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
     notes = [
         "## Step time",
         "",
-        f"Model: a 40-{hidden}-{hidden}-10 MLP ({workloads.mlp_params(hidden):,} parameters), batch 32 per worker, "
+        f"Model: a 40-{hidden}-{hidden}-10 MLP ({mlp_task.mlp_params(hidden):,} parameters), batch 32 per worker, "
         "SGD(0.01), random data (each worker its own).",
         f"Stragglers: every worker sleeps {s['compute']:g} s (its compute) plus a `{s['straggler']}` delay (seed 0, "
         "keyed by worker and global step) before each batch. MWMS: 4 workers, every step waits for all; "
@@ -92,7 +93,7 @@ def _time_to_accuracy(out_dir: str, s: Dict, cells, failures: List[str], argv: L
     """
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import launcher  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import accuracy_workload  # pylint: disable=g-import-not-at-top
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "configs", "mnist1d.json")) as f:
@@ -104,13 +105,13 @@ def _time_to_accuracy(out_dir: str, s: Dict, cells, failures: List[str], argv: L
                    steps=100000, stop_step=steps, reps=reps, every_seconds=0.5, straggler=s["straggler"],
                    compute=s["compute"], seed=0)
         if system == "mwms":
-            launch = lambda cfg=cfg: launcher.launch(workloads.accuracy_worker, {"worker": workers},  # noqa: E731
-                                                     args=(cfg,), timeout=1200)
+            launch = lambda cfg=cfg: launcher.launch(  # noqa: E731
+                accuracy_workload.accuracy_worker, {"worker": workers}, args=(cfg,), timeout=1200)
         else:
             cfg["seconds"] = math.inf
             launch = lambda cfg=cfg, workers=workers: tf_backup.launch_local(  # noqa: E731
-                workloads.accuracy_worker, workers, args=(cfg,), timeout=1200)
-        out = workloads.attempt(NAME, f"{label}, time to accuracy ({reps} runs)", failures, launch)
+                accuracy_workload.accuracy_worker, workers, args=(cfg,), timeout=1200)
+        out = common.attempt(NAME, f"{label}, time to accuracy ({reps} runs)", failures, launch)
         if out is None:
             continue
         curves[label] = out[0]["runs"]

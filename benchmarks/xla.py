@@ -34,8 +34,9 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
 
 def cnn_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """One worker: the MNIST-1D CNN; worker 0 returns its step times per timed fit."""
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
-    workloads.keep_garbage()
+    from benchmarks import pacing  # pylint: disable=g-import-not-at-top
+    from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
+    pacing.keep_garbage()
     import keras  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
     from trainers import data  # pylint: disable=g-import-not-at-top
@@ -49,7 +50,7 @@ def cnn_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         model = models.build("cnn", info.input_shape, info.num_classes, filters=(25, 25, 25), seed=0)
         model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.Adam(0.003)),
                       loss="sparse_categorical_crossentropy", jit_compile=cfg["jit_compile"])
-    reps = workloads._timed_fits(keras, model, train, cfg)  # pylint: disable=protected-access
+    reps = step_timing.timed_fits(keras, model, train, cfg)
     if w != 0:
         return None
     return {"reps": reps, "jit_compile": bool(model.jit_compile), "step": strategy.stats()["global_step"],
@@ -59,7 +60,7 @@ def cnn_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 def keras_alone(jit_compile: bool, cfg: Dict[str, Any]) -> List[List[float]]:
     """The same CNN fit by Keras alone in this process (no strategy): XLA's own cost on this machine."""
     import keras  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import step_timing  # pylint: disable=g-import-not-at-top
     from trainers import data  # pylint: disable=g-import-not-at-top
     from trainers import models  # pylint: disable=g-import-not-at-top
 
@@ -67,7 +68,7 @@ def keras_alone(jit_compile: bool, cfg: Dict[str, Any]) -> List[List[float]]:
     model = models.build("cnn", info.input_shape, info.num_classes, filters=(25, 25, 25), seed=0)
     model.compile(optimizer=keras.optimizers.Adam(0.003), loss="sparse_categorical_crossentropy",
                   jit_compile=jit_compile)
-    return workloads._timed_fits(keras, model, train, cfg)  # pylint: disable=protected-access
+    return step_timing.timed_fits(keras, model, train, cfg)
 
 
 def overhead_with_xla(workers: int, hidden: int, steps: int, reps: int, failures: List[str],
@@ -81,7 +82,7 @@ def overhead_with_xla(workers: int, hidden: int, steps: int, reps: int, failures
       ({(system, jit_compile): [mean step seconds per timed fit]}, the jit_compile MWMS ran with
       (None: it failed both ways)).
     """
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import overhead_workload  # pylint: disable=g-import-not-at-top
 
     runs = [("tf_backup", True)] + ([("tf_backup", False)] if also_plain else []) + [("mwms", True), ("mwms", False)]
     out, mwms_jit = {}, None
@@ -90,9 +91,9 @@ def overhead_with_xla(workers: int, hidden: int, steps: int, reps: int, failures
             continue
         cfg = dict(system=system, hiddens=[hidden], steps=steps, reps=reps, jit_compile=jit)
         try:
-            got = workloads.launch_overhead(system, workers, cfg, timeout=timeout)
+            got = overhead_workload.launch_overhead(system, workers, cfg, timeout=timeout)
         except Exception as e:  # pylint: disable=broad-except
-            failures.append(f"overhead, {system}, jit_compile={jit}, {workers} workers: {workloads.failure_reason(e)}")
+            failures.append(f"overhead, {system}, jit_compile={jit}, {workers} workers: {common.failure_reason(e)}")
             continue
         if system == "mwms":
             mwms_jit = jit
@@ -104,7 +105,7 @@ def overhead_with_xla(workers: int, hidden: int, steps: int, reps: int, failures
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
     import tf_backup  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
     failures, csv_rows = [], []
@@ -129,7 +130,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
             alone[jit] += [float(np.mean(steps)) for steps in reps]
             csv_rows += [["cnn", "keras alone", 1, jit, 1, rep + 1, float(np.mean(steps))]
                          for rep, steps in enumerate(reps)]
-    hidden = workloads.hidden_for_params(1e4)
+    hidden = mlp_task.hidden_for_params(1e4)
     over, mwms_jit = {}, {}
     for w in s["overhead_workers"]:
         got, mwms_jit[w] = overhead_with_xla(w, hidden, s["steps"], s["reps"], failures, also_plain=True)
@@ -146,7 +147,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict
         ours, plain = over.get(("tf_backup", w, True), []), over.get(("tf_backup", w, False), [])
         ref = over.get(("mwms", w), [])
         which = {True: "XLA", False: "XLA off (XLA failed)"}.get(mwms_jit.get(w), "-")
-        mlp = f"MLP {workloads.mlp_params(hidden):,} params, SGD, batch 32"
+        mlp = f"MLP {mlp_task.mlp_params(hidden):,} params, SGD, batch 32"
         rows.append([mlp, f"tf_backup, {w} workers", f"XLA: {ms(ours)}", f"no XLA: {ms(plain)}", ratio(ours, plain)])
         rows.append([mlp, f"{w} workers", f"ours, XLA: {ms(ours)}", f"MWMS, {which}: {ms(ref)}", ratio(ours, ref)])
     notes = [

@@ -126,9 +126,9 @@ def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
     # 4 workers, pure-noise regression (a high noise scale), every worker sleeps 50 ms a batch;
     # worker 3 sleeps 10x as long until global step 60. Window 20, warmup 5.
     import tf_backup  # pylint: disable=g-import-not-at-top
-    import workers  # pylint: disable=g-import-not-at-top
+    import programs.adaptive  # pylint: disable=g-import-not-at-top
 
-    out = tf_backup.launch_local(workers.train_adaptive, num_workers=4,
+    out = tf_backup.launch_local(programs.adaptive.train_adaptive, num_workers=4,
                                  kwargs=dict(slow_steps=60, fast_steps=50), timeout=300)
     chief = out[0]
     replicas, taken = chief["replicas"], chief["taken"]

@@ -23,12 +23,12 @@ def read_csv(path):
 
 
 def test_simulated_protocol_matches_order_statistic_without_backups_and_never_beats_it():
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import tradeoff  # pylint: disable=g-import-not-at-top
     from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
 
     model = stragglers.parse("pareto:1.5:0.05", seed=3)
     for b in (0, 1, 2):
-        pub = workloads.simulate_protocol(model.delay, 4, 4 + b, 0.1, 5, 60)
+        pub = tradeoff.simulate_protocol(model.delay, 4, 4 + b, 0.1, 5, 60)
         replay = np.array([pub[s] - pub[s - 1] for s in range(6, 65)])
         ideal = stragglers.ideal_step_times(0.1 + model.delays(4 + b, 65)[6:65], 4)
         if b == 0:  # everyone waits for everyone: the replay is the order statistic
@@ -38,9 +38,9 @@ def test_simulated_protocol_matches_order_statistic_without_backups_and_never_be
 
 
 def test_mlp_sizes():
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
     for target in (1e4, 1e5, 1e6):
-        assert abs(workloads.mlp_params(workloads.hidden_for_params(target)) / target - 1) < 0.02
+        assert abs(mlp_task.mlp_params(mlp_task.hidden_for_params(target)) / target - 1) < 0.02
 
 
 @pytest.mark.cluster
@@ -117,14 +117,16 @@ def test_mwms_and_tf_backup_train_the_same_task_alike():
 
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import launcher  # pylint: disable=g-import-not-at-top
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import accuracy_workload  # pylint: disable=g-import-not-at-top
 
     with open(os.path.join(ROOT, "configs", "mnist1d.json")) as f:
         base = json.load(f)
     cfg = dict(base, mode="sync", num_backup_workers=0, steps=100000, stop_step=6, reps=1, every_seconds=100.0,
                straggler="none", seed=0)
-    mwms = launcher.launch(workloads.accuracy_worker, {"worker": 2}, args=(dict(cfg, system="mwms"),), timeout=300)
-    ours = tf_backup.launch_local(workloads.accuracy_worker, 2, args=(dict(cfg, seconds=math.inf),), timeout=300)
+    mwms = launcher.launch(accuracy_workload.accuracy_worker, {"worker": 2}, args=(dict(cfg, system="mwms"),),
+                           timeout=300)
+    ours = tf_backup.launch_local(accuracy_workload.accuracy_worker, 2, args=(dict(cfg, seconds=math.inf),),
+                                  timeout=300)
     (mwms_run,), (our_run,) = mwms[0]["runs"], ours[0]["runs"]
     assert mwms_run[-1][1] == our_run[-1][1] == 6  # global steps
     assert mwms_run[0][2] == our_run[0][2]  # the same fresh model: the same test accuracy

@@ -16,7 +16,10 @@ import tensorflow as tf
 
 import tf_backup
 from tf_backup.frontend import exchange
-import workers
+import programs.common
+import programs.compiled
+import programs.core
+import programs.embedding
 
 
 def test_in_compiled_context_is_true_only_while_tracing_an_xla_function():
@@ -96,7 +99,7 @@ def test_the_iterator_of_datasets_from_a_function_exchanges_too():
 
 @pytest.mark.cluster
 def test_the_compiled_function_has_no_py_function_and_no_ps_op_and_the_host_exchanges():
-    (out,) = tf_backup.launch_local(workers.inspect_compiled_step, num_workers=1, timeout=180)
+    (out,) = tf_backup.launch_local(programs.compiled.inspect_compiled_step, num_workers=1, timeout=180)
     assert len(out["compiled"]) == 1
     compiled, host = out["compiled"][0], out["host"]
     assert "AssignVariableOp" in compiled["ops"]  # it writes the gradient buffers
@@ -110,11 +113,11 @@ def test_the_compiled_function_has_no_py_function_and_no_ps_op_and_the_host_exch
 def test_xla_3_workers_0_backup_equal_large_batch_sgd_and_adam_also_several_steps_per_execution():
     steps = 6
     out = tf_backup.launch_local(
-        workers.train_regression, num_workers=3,
+        programs.core.train_regression, num_workers=3,
         kwargs=dict(steps=steps, optimizers=("sgd", "adam"), jit_compile=True, steps_per_execution=2),
         timeout=240)
     for i, inner in enumerate([keras.optimizers.SGD(0.1), keras.optimizers.Adam(0.05)]):
-        expected = workers.reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
+        expected = programs.common.reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
         for worker in out:
             result = worker["results"][i]
             for got, want in zip(result["weights"], expected):
@@ -131,11 +134,11 @@ def test_xla_3_workers_0_backup_equal_large_batch_sgd_and_adam_also_several_step
 def test_xla_4_workers_1_backup_never_apply_the_slow_workers_gradients():
     steps = 12
     out = tf_backup.launch_local(
-        workers.train_regression, num_workers=4,
+        programs.core.train_regression, num_workers=4,
         kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, slow_seconds=0.3, barrier=True,
                     jit_compile=True),
         timeout=240, ps_exit_grace=20)
-    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2],
+    expected = programs.common.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2],
                                      steps, 4)
     results = [worker["results"][0] for worker in out]
     stats = results[0]["stats"]
@@ -151,9 +154,9 @@ def test_xla_4_workers_1_backup_never_apply_the_slow_workers_gradients():
 @pytest.mark.cluster
 def test_a_custom_loop_with_an_xla_replica_function_equals_large_batch_sgd():
     steps = 5
-    out = tf_backup.launch_local(workers.train_regression_custom_loop, num_workers=2,
+    out = tf_backup.launch_local(programs.compiled.train_regression_custom_loop, num_workers=2,
                                  kwargs=dict(steps=steps, jit_compile=True), timeout=240)
-    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [2 * k, 2 * k + 1], steps, 2)
+    expected = programs.common.reference_fit(keras.optimizers.SGD(0.1), lambda k: [2 * k, 2 * k + 1], steps, 2)
     for worker in out:
         for got, want in zip(worker["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
@@ -167,10 +170,11 @@ def test_split_steps_of_2_workers_x_2_devices_equal_4_single_device_workers():
     # fails the same way), so this runs the compiled path's split (per-replica buffers summed on
     # the host, exchange after `run`) without XLA itself.
     steps = 5
-    multi = tf_backup.launch_local(workers.train_regression_custom_loop, num_workers=2,
+    multi = tf_backup.launch_local(programs.compiled.train_regression_custom_loop, num_workers=2,
                                    kwargs=dict(steps=steps, local_devices=2, jit_compile=False,
                                                always_split=True), timeout=240)
-    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k + i for i in range(4)], steps, 4)
+    expected = programs.common.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k + i for i in range(4)],
+                                             steps, 4)
     for worker in multi:
         for got, want in zip(worker["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
@@ -182,21 +186,21 @@ def test_split_steps_of_2_workers_x_2_devices_equal_4_single_device_workers():
 @pytest.mark.cluster
 def test_xla_embedding_model_trains_by_rows_as_without_xla():
     steps = 6
-    runs = {jit: tf_backup.launch_local(workers.train_embedding, num_workers=2,
+    runs = {jit: tf_backup.launch_local(programs.embedding.train_embedding, num_workers=2,
                                         kwargs=dict(steps=steps, jit_compile=jit), timeout=240)
             for jit in (True, False)}
     for compiled, plain in zip(runs[True], runs[False]):
-        assert compiled["sparse_tables"] == [[workers.VOCAB, 3]] and compiled["dense_elements"] == 3 + 1
+        assert compiled["sparse_tables"] == [[programs.embedding.VOCAB, 3]] and compiled["dense_elements"] == 3 + 1
         assert compiled["stats"] == plain["stats"] and compiled["stats"]["taken"] == [steps, steps]
         for got, want in zip(compiled["weights"], plain["weights"]):
             np.testing.assert_allclose(got, want, atol=1e-6)
     table, initial = runs[True][0]["weights"][0], runs[True][0]["initial"][0]
-    assert 0 < int((np.abs(table - initial).max(axis=1) > 0).sum()) < workers.VOCAB  # some rows moved
+    assert 0 < int((np.abs(table - initial).max(axis=1) > 0).sum()) < programs.embedding.VOCAB  # some rows moved
 
 
 @pytest.mark.cluster
 def test_xla_mixed_precision_through_keras_loss_scale_optimizer_as_without_xla():
-    runs = {jit: tf_backup.launch_local(workers.train_mixed_precision, num_workers=2,
+    runs = {jit: tf_backup.launch_local(programs.compiled.train_mixed_precision, num_workers=2,
                                         kwargs=dict(steps=6, jit_compile=jit), timeout=240)
             for jit in (True, False)}
     for compiled, plain in zip(runs[True], runs[False]):
@@ -218,12 +222,12 @@ def test_xla_mixed_precision_through_keras_loss_scale_optimizer_as_without_xla()
 
 @pytest.mark.cluster
 def test_compiled_steps_that_cannot_work_raise_errors_that_say_what_to_do():
-    (out,) = tf_backup.launch_local(workers.compiled_step_errors, num_workers=1, timeout=180)
+    (out,) = tf_backup.launch_local(programs.compiled.compiled_step_errors, num_workers=1, timeout=180)
     kind, message = out["custom_loop_run_inside_xla"]
     assert kind == "ValueError" and "strategy.run(tf.function(fn, jit_compile=True)" in message
     kind, message = out["two_steps_one_exchange"]  # raised in the exchange's py_function
     assert "ExchangeError" in kind + message and "1 were never pushed" in message
-    (out,) = tf_backup.launch_local(workers.compiled_step_errors, num_workers=1,
+    (out,) = tf_backup.launch_local(programs.compiled.compiled_step_errors, num_workers=1,
                                     kwargs=dict(local_devices=2), timeout=180)
     kind, message = out["keras_jit_several_devices"]
     assert kind == "ValueError" and "one XLA program" in message and "jit_compile=True" in message

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import tf_backup
-import workers
+import programs.common
+import programs.core
 
 pytestmark = pytest.mark.cluster
 
@@ -18,11 +19,11 @@ pytestmark = pytest.mark.cluster
 def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
     steps = 6
     out = tf_backup.launch_local(
-        workers.train_regression, num_workers=3,
+        programs.core.train_regression, num_workers=3,
         kwargs=dict(steps=steps, num_backup_workers=0, optimizers=("sgd", "adam")), timeout=240)
     for i, (name, inner) in enumerate([("sgd", keras.optimizers.SGD(0.1)),
                                        ("adam", keras.optimizers.Adam(0.05))]):
-        expected = workers.reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
+        expected = programs.common.reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
         for worker in out:
             result = worker["results"][i]
             assert result["optimizer"] == name
@@ -52,10 +53,11 @@ def train_with_slow_worker_3(steps, **kwargs):
     """4 workers, b = 1, worker 3 slow (`kwargs` say how); checks every worker's weights against
     large-batch SGD on the three fast workers' batches. Returns every worker's first result."""
     out = tf_backup.launch_local(
-        workers.train_regression, num_workers=4,
+        programs.core.train_regression, num_workers=4,
         kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=3, **kwargs),
         timeout=240, ps_exit_grace=20)
-    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2], steps, 4)
+    expected = programs.common.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k, 4 * k + 1, 4 * k + 2],
+                                             steps, 4)
     results = [worker["results"][0] for worker in out]
     for result in results:
         for got, want in zip(result["weights"], expected):
@@ -88,7 +90,7 @@ def test_a_superseded_straggler_restarts_its_batch_on_the_new_step_and_pushes_it
     # Worker 3's first sleep of every batch (60 s) is cut short by the next publish; it then pulls
     # that step into its model (`restart_superseded`) and pushes the same batch for it at once.
     steps = 12
-    out = tf_backup.launch_local(workers.train_with_restarting_straggler, num_workers=4,
+    out = tf_backup.launch_local(programs.core.train_with_restarting_straggler, num_workers=4,
                                  args=(steps, str(tmp_path)), timeout=240, ps_exit_grace=20)
     slow = out[3]
     restarts = slow["restarts"]
@@ -140,7 +142,7 @@ def test_asynchronous_mode_applies_every_gradient(slow_worker):
     # still pushes: the chief applies that gradient, and worker 1's final pull must come after.
     steps = 6
     out = tf_backup.launch_local(
-        workers.train_regression, num_workers=2,
+        programs.core.train_regression, num_workers=2,
         kwargs=dict(steps=steps, asynchronous=True, slow_worker=slow_worker, slow_seconds=0.3), timeout=240)
     stats = out[0]["results"][0]["stats"]
     assert stats["dropped"] == [0, 0]
@@ -158,12 +160,12 @@ def test_asynchronous_mode_applies_every_gradient(slow_worker):
 
 def test_worker_with_another_model_is_refused_and_the_others_train_on():
     steps = 4
-    out = tf_backup.launch_local(workers.train_with_wrong_model, num_workers=3, args=(steps,),
+    out = tf_backup.launch_local(programs.core.train_with_wrong_model, num_workers=3, args=(steps,),
                                  timeout=240)
     assert "every worker must build the same model" in out[2]["error"]
     assert "kernel" in out[2]["error"] and "(3, 2)" in out[2]["error"] and "(3, 1)" in out[2]["error"]
     # Workers 0 and 1 (N = 2) trained as if worker 2 never existed: chief not corrupted.
-    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [3 * k, 3 * k + 1], steps, 3)
+    expected = programs.common.reference_fit(keras.optimizers.SGD(0.1), lambda k: [3 * k, 3 * k + 1], steps, 3)
     for worker in out[:2]:
         for got, want in zip(worker["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
@@ -172,7 +174,7 @@ def test_worker_with_another_model_is_refused_and_the_others_train_on():
 
 @pytest.mark.parametrize("custom_loop", [False, True], ids=["fit", "eager_run"])
 def test_chief_step_wait_times_out_naming_the_missing_worker(custom_loop):
-    out = tf_backup.launch_local(workers.chief_waits_for_absent_worker, num_workers=2, args=(3.0, custom_loop),
+    out = tf_backup.launch_local(programs.core.chief_waits_for_absent_worker, num_workers=2, args=(3.0, custom_loop),
                                  timeout=180)
     chief = out[0]
     # `fit` (in its first step, the one that traces) or `strategy.run` raised tf_backup's
@@ -188,7 +190,7 @@ def test_chief_step_wait_times_out_naming_the_missing_worker(custom_loop):
 
 
 def test_worker_startup_wait_times_out_naming_the_chief():
-    out = tf_backup.launch_local(workers.worker_waits_for_absent_chief, num_workers=2, args=(4.0,),
+    out = tf_backup.launch_local(programs.core.worker_waits_for_absent_chief, num_workers=2, args=(4.0,),
                                  timeout=180)
     message = out[1]["error"]
     assert message is not None
@@ -198,7 +200,7 @@ def test_worker_startup_wait_times_out_naming_the_chief():
 def test_keras_classifier_matches_the_inner_optimizer_alone_and_saves(tmp_path):
     steps = (80, 70)
     path = str(tmp_path / "classifier.keras")
-    out = tf_backup.launch_local(workers.train_classifier, num_workers=3, args=(steps, path),
+    out = tf_backup.launch_local(programs.core.train_classifier, num_workers=3, args=(steps, path),
                                  timeout=300)
     chief = out[0]
     # Unset arguments come from the strategy; set ones are checked against it.
@@ -220,9 +222,9 @@ def test_keras_classifier_matches_the_inner_optimizer_alone_and_saves(tmp_path):
         for a, b in zip(worker["weights"], chief["weights"]):
             np.testing.assert_array_equal(a, b)
     # Same data, the inner optimizer alone, the same number of updates with the batch of N workers.
-    (x, y), (x_test, y_test) = workers.classification_data()
+    (x, y), (x_test, y_test) = programs.core.classification_data()
     keras.utils.set_random_seed(0)
-    alone = workers.classifier(keras)
+    alone = programs.core.classifier(keras)
     alone.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     alone.fit(tf.data.Dataset.from_tensor_slices((x, y)).shuffle(4000, seed=1).batch(64).repeat(),

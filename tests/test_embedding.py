@@ -8,17 +8,18 @@ import pytest
 import tensorflow as tf
 
 import tf_backup
-import workers
+import programs.common
+import programs.embedding
 
 pytestmark = pytest.mark.cluster
 
 
 def reference(initial, steps, rows_per_step, rows=None, gather=False):
-    x, y = workers.embedding_data(steps * rows_per_step)
+    x, y = programs.embedding.embedding_data(steps * rows_per_step)
     if rows is not None:
         x, y = x[rows], y[rows]
         rows_per_step = len(rows) // steps
-    model = workers.gather_model(keras) if gather else workers.embedding_model(keras)
+    model = programs.embedding.gather_model(keras) if gather else programs.embedding.embedding_model(keras)
     model.set_weights(initial)
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
     model.fit(x, y, batch_size=rows_per_step, epochs=1, shuffle=False, verbose=0)
@@ -28,23 +29,23 @@ def reference(initial, steps, rows_per_step, rows=None, gather=False):
 @pytest.mark.parametrize("local_devices", [1, 2])
 def test_embedding_model_trains_through_fit_like_large_batch_sgd(local_devices):
     steps = 6
-    out = tf_backup.launch_local(workers.train_embedding, num_workers=2,
+    out = tf_backup.launch_local(programs.embedding.train_embedding, num_workers=2,
                                  kwargs=dict(steps=steps, local_devices=local_devices), timeout=240)
-    expected = reference(out[0]["initial"], steps, 2 * workers.BATCH * local_devices)
+    expected = reference(out[0]["initial"], steps, 2 * programs.common.BATCH * local_devices)
     for worker in out:
         assert worker["stats"] == {"global_step": steps, "pushed": [steps] * 2, "taken": [steps] * 2,
                                    "dropped": [0, 0], "cancelled": [0, 0], "batches": [steps] * 2}
         for got, want in zip(worker["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
         # The table goes by rows (its own sparse accumulator), the Dense layer by the flat shards.
-        assert worker["sparse_tables"] == [[workers.VOCAB, 3]]
+        assert worker["sparse_tables"] == [[programs.embedding.VOCAB, 3]]
         assert worker["dense_elements"] == 3 + 1
     for master, final in zip(out[0]["master"], out[0]["weights"]):
         np.testing.assert_array_equal(master, final)
     table, initial_table = out[0]["weights"][0], out[0]["initial"][0]
-    x, _ = workers.embedding_data(steps * 2 * workers.BATCH * local_devices)
+    x, _ = programs.embedding.embedding_data(steps * 2 * programs.common.BATCH * local_devices)
     used = np.unique(x)
-    unused = np.setdiff1d(np.arange(workers.VOCAB), used)
+    unused = np.setdiff1d(np.arange(programs.embedding.VOCAB), used)
     assert len(used) > 20 and len(unused) > 100
     # Rows of tokens in the data moved; rows of tokens never seen did not.
     assert np.all(np.abs(table[used] - initial_table[used]).max(axis=1) > 0)
@@ -55,15 +56,15 @@ def test_embedding_model_trains_through_fit_like_large_batch_sgd(local_devices):
 def test_a_gathered_variable_named_in_sparse_variables_goes_by_rows(sparse_variables, by_rows):
     """Any IndexedSlices gradient, not only an Embedding's: named, by rows; else densified, same result."""
     steps = 5
-    out = tf_backup.launch_local(workers.train_embedding, num_workers=2, timeout=240,
+    out = tf_backup.launch_local(programs.embedding.train_embedding, num_workers=2, timeout=240,
                                  kwargs=dict(steps=steps, gather=True, sparse_variables=sparse_variables))
-    expected = reference(out[0]["initial"], steps, 2 * workers.BATCH, gather=True)
+    expected = reference(out[0]["initial"], steps, 2 * programs.common.BATCH, gather=True)
     for worker in out:
         assert worker["stats"]["global_step"] == steps and worker["stats"]["taken"] == [steps] * 2
         for got, want in zip(worker["weights"], expected):
             np.testing.assert_allclose(got, want, atol=1e-5)
-        assert worker["sparse_tables"] == ([[workers.VOCAB, 3]] if by_rows else None)
-        assert worker["dense_elements"] == 3 + 1 + (0 if by_rows else workers.VOCAB * 3)
+        assert worker["sparse_tables"] == ([[programs.embedding.VOCAB, 3]] if by_rows else None)
+        assert worker["dense_elements"] == 3 + 1 + (0 if by_rows else programs.embedding.VOCAB * 3)
 
 
 def test_sparse_variables_must_name_variables_of_the_model():
@@ -76,13 +77,13 @@ def test_sparse_variables_must_name_variables_of_the_model():
 def test_embedding_rows_of_a_slow_backup_worker_are_dropped():
     """3 workers, b = 1: worker 2 is always late; its table rows never reach the model."""
     steps = 8
-    out = tf_backup.launch_local(workers.train_embedding, num_workers=3,
+    out = tf_backup.launch_local(programs.embedding.train_embedding, num_workers=3,
                                  kwargs=dict(steps=steps, num_backup_workers=1, slow_worker=2), timeout=240,
                                  ps_exit_grace=20)
-    b = workers.BATCH
+    b = programs.common.BATCH
     # Step k used batches 3k and 3k + 1 (workers 0 and 1) of the 3 workers' data.
     rows = [r for k in range(steps) for j in (3 * k, 3 * k + 1) for r in range(j * b, (j + 1) * b)]
-    x, _ = workers.embedding_data(steps * 3 * b)
+    x, _ = programs.embedding.embedding_data(steps * 3 * b)
     expected = reference(out[0]["initial"], steps, 3 * b, rows=rows)
     for worker in out:
         for got, want in zip(worker["weights"], expected):
@@ -99,13 +100,13 @@ def test_embedding_rows_of_a_slow_backup_worker_are_dropped():
 def test_embedding_tables_and_their_slots_are_checkpointed_and_restored(tmp_path):
     """A second job with the same checkpoint_dir starts from the first one's tables (momentum too)."""
     checkpoints = str(tmp_path / "ckpt")
-    first = tf_backup.launch_local(workers.train_embedding, num_workers=2, timeout=240,
+    first = tf_backup.launch_local(programs.embedding.train_embedding, num_workers=2, timeout=240,
                                    kwargs=dict(steps=5, checkpoint_dir=checkpoints))
     path = tf.train.latest_checkpoint(os.path.join(checkpoints, "opt0"))
     assert path.endswith("ckpt-5")
     saved_momentum = tf.train.load_variable(path, "tables_optimizer/2/.ATTRIBUTES/VARIABLE_VALUE")
-    assert saved_momentum.shape == (workers.VOCAB, 3) and np.abs(saved_momentum).sum() > 0
-    second = tf_backup.launch_local(workers.train_embedding, num_workers=2, timeout=240,
+    assert saved_momentum.shape == (programs.embedding.VOCAB, 3) and np.abs(saved_momentum).sum() > 0
+    second = tf_backup.launch_local(programs.embedding.train_embedding, num_workers=2, timeout=240,
                                     kwargs=dict(steps=3, checkpoint_dir=checkpoints))
     for worker in second:
         assert worker["initial_step"] == 5

@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 import tf_backup
-import workers
+import programs.faults
 
 pytestmark = pytest.mark.cluster
 STEPS = 40
@@ -63,7 +63,7 @@ def assert_all_exited(cluster, timeout: float) -> dict:
 
 
 def check_input_positions(progress_dir, results, redone_read_again: bool = True) -> int:
-    """Each worker's batches across its processes (`workers.input_log`); returns how many were read again.
+    """Each worker's batches across its processes (`programs.faults.input_log`); returns how many were read again.
 
     Within a process the positions run on by one from where it started (the
     last process's start is its `input_position`). Across a restart nothing is
@@ -75,10 +75,10 @@ def check_input_positions(progress_dir, results, redone_read_again: bool = True)
     `redone_read_again=False` (a chief that rejoined its job: the workers carry
     on, and every batch is read once).
     """
-    resumes = [run[0][1] for run in workers.input_log(progress_dir, "worker-0")[1:]]
+    resumes = [run[0][1] for run in programs.faults.input_log(progress_dir, "worker-0")[1:]]
     reread = 0
     for w, result in enumerate(results):
-        runs = workers.input_log(progress_dir, f"worker-{w}")
+        runs = programs.faults.input_log(progress_dir, f"worker-{w}")
         assert runs[0][0][0] == 0, runs[0][:3]
         for run in runs:
             positions = [p for p, _ in run]
@@ -101,7 +101,7 @@ def fault_cluster(tmp_path, num_workers=3, num_backup_workers=1, steps=STEPS, nu
     progress = tmp_path / "progress"
     progress.mkdir(exist_ok=True)
     cluster = tf_backup.LocalCluster(
-        workers.train_through_faults, num_workers, num_ps=num_ps,
+        programs.faults.train_through_faults, num_workers, num_ps=num_ps,
         args=(steps, num_backup_workers, str(progress)), kwargs=kwargs,
         log_dir=str(tmp_path / f"logs{len(list(tmp_path.glob('logs*')))}"),
         serve_kwargs={"ps_restart_timeout": kwargs.get("ps_restart_timeout", 0.0),
@@ -231,7 +231,7 @@ def test_a_restarted_worker_rejoins_and_contributes(tmp_path, seed):
     assert stats["pushed"][2] >= kill_at and stats["taken"][2] + stats["dropped"][2] == stats["pushed"][2]
     np.testing.assert_allclose(chief["weights"][0], restarted["weights"][0], rtol=0, atol=0)
     # Its input went on where its predecessor's stopped: only the batch in flight at the kill is read again.
-    first, second = workers.input_log(progress, "worker-2")
+    first, second = programs.faults.input_log(progress, "worker-2")
     assert len(first) - 1 <= restarted["input_position"] <= len(first), (len(first), restarted["input_position"])
     check_input_positions(progress, [chief, other, restarted])
 

@@ -9,7 +9,7 @@ import tf_backup
 from tf_backup.local import logs
 from tf_backup.local import supervisor
 from tf_backup.local.spec import local_cluster_spec
-import workers
+import programs.launch
 
 
 def processes_mentioning(text):
@@ -21,7 +21,7 @@ def processes_mentioning(text):
 def test_failing_worker_raises_with_its_log_and_kills_the_rest(tmp_path):
     log_dir = str(tmp_path / "logs")
     with pytest.raises(tf_backup.LocalClusterError) as info:
-        tf_backup.launch_local(workers.fail_on_worker_1, num_workers=2, timeout=120, log_dir=log_dir)
+        tf_backup.launch_local(programs.launch.fail_on_worker_1, num_workers=2, timeout=120, log_dir=log_dir)
     message = str(info.value)
     assert "Task worker-1 of the local cluster failed (exit code 1)" in message
     assert "RuntimeError: worker 1 broke on purpose" in message
@@ -35,7 +35,7 @@ def test_a_failed_chief_is_named_although_the_ps_task_it_aborted_exited_first(tm
     """The chief's StepTimeoutError ends the job; its ps task exits (ChiefUnavailableError) 5 s before it."""
     log_dir = str(tmp_path / "logs")
     with pytest.raises(tf_backup.LocalClusterError) as info:
-        tf_backup.launch_local(workers.chief_fails_and_exits_late, num_workers=2, args=(3.0, 5.0), timeout=180,
+        tf_backup.launch_local(programs.launch.chief_fails_and_exits_late, num_workers=2, args=(3.0, 5.0), timeout=180,
                                log_dir=log_dir)
     assert (info.value.task, info.value.exit_code) == ("worker-0", 1), str(info.value)
     assert info.value.error.startswith("tf_backup.errors.StepTimeoutError: Worker 0 /job:worker/task:0 (")
@@ -52,7 +52,7 @@ def test_timeout_names_the_running_tasks_and_kills_them(tmp_path):
     log_dir = str(tmp_path / "logs")
     with pytest.raises(tf_backup.LocalClusterError, match=r"past its timeout of 3 s; still running: "
                                                           r"\['ps-0', 'worker-0'\]"):
-        tf_backup.launch_local(workers.sleep_forever, num_workers=1, timeout=3, log_dir=log_dir)
+        tf_backup.launch_local(programs.launch.sleep_forever, num_workers=1, timeout=3, log_dir=log_dir)
     assert processes_mentioning(log_dir) == []
 
 
@@ -60,17 +60,17 @@ def test_bad_arguments_fail_before_any_process_starts():
     with pytest.raises(TypeError, match="picklable"):
         tf_backup.launch_local(lambda: 1, num_workers=1)
     with pytest.raises(ValueError, match="num_workers=0"):
-        tf_backup.launch_local(workers.sleep_forever, num_workers=0)
+        tf_backup.launch_local(programs.launch.sleep_forever, num_workers=0)
     with pytest.raises(TypeError, match="num_ps=1.0"):
-        tf_backup.launch_local(workers.sleep_forever, num_workers=1, num_ps=1.0)
+        tf_backup.launch_local(programs.launch.sleep_forever, num_workers=1, num_ps=1.0)
     with pytest.raises(ValueError, match="timeout=0"):
-        tf_backup.launch_local(workers.sleep_forever, num_workers=1, timeout=0)
+        tf_backup.launch_local(programs.launch.sleep_forever, num_workers=1, timeout=0)
 
 
 def test_a_task_process_cannot_launch_a_cluster(monkeypatch):
     monkeypatch.setenv("TF_BACKUP_TASK", "worker-0")
     with pytest.raises(RuntimeError, match="if __name__ == \"__main__\""):
-        tf_backup.launch_local(workers.sleep_forever, num_workers=1)
+        tf_backup.launch_local(programs.launch.sleep_forever, num_workers=1)
     assert os.environ["TF_BACKUP_TASK"] == "worker-0"
 
 
@@ -93,14 +93,14 @@ def test_tasks_default_tensorflows_log_level_unless_the_user_set_it(tmp_path, mo
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     if user_level is not None:
         monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", user_level)
-    with tf_backup.LocalCluster(workers.environment_variable, num_workers=1, num_ps=0, args=("TF_CPP_MIN_LOG_LEVEL",),
-                                log_dir=str(tmp_path)) as cluster:
+    with tf_backup.LocalCluster(programs.launch.environment_variable, num_workers=1, num_ps=0,
+                                args=("TF_CPP_MIN_LOG_LEVEL",), log_dir=str(tmp_path)) as cluster:
         assert cluster.start().wait(timeout=60) == [level]
 
 
 def test_echo_must_name_a_task():
     with pytest.raises(ValueError, match="echo='worker-3'"):
-        tf_backup.launch_local(workers.sleep_forever, num_workers=2, echo="worker-3")
+        tf_backup.launch_local(programs.launch.sleep_forever, num_workers=2, echo="worker-3")
 
 
 def echo_task_name(suffix):
@@ -149,8 +149,8 @@ def test_hosts_and_command_prefix_place_each_task(tmp_path):
 
 def test_the_supervisor_restarts_a_failing_task_up_to_max_restarts(tmp_path):
     """`max_restarts`: each task that exits non-zero starts again with the same TF_CONFIG, a bounded number of times."""
-    cluster = tf_backup.LocalCluster(workers.fail_until_started, num_workers=2, num_ps=0, args=(2, str(tmp_path)),
-                                     log_dir=str(tmp_path / "logs"))
+    cluster = tf_backup.LocalCluster(programs.launch.fail_until_started, num_workers=2, num_ps=0,
+                                     args=(2, str(tmp_path)), log_dir=str(tmp_path / "logs"))
     with cluster:
         assert cluster.start().wait(timeout=120, max_restarts=2, restart_delay=0.5) == [
             ("worker-0", 3), ("worker-1", 3)]
@@ -159,7 +159,7 @@ def test_the_supervisor_restarts_a_failing_task_up_to_max_restarts(tmp_path):
         times = [float(t) for t in (tmp_path / f"{task}.starts.times").read_text().split()]
         assert len(times) == 3 and times[1] - times[0] >= 0.5 and times[2] - times[1] >= 1.0, times
     # One restart fewer than needed: the run fails, naming the task, once its restarts are spent.
-    cluster = tf_backup.LocalCluster(workers.fail_until_started, num_workers=1, num_ps=0,
+    cluster = tf_backup.LocalCluster(programs.launch.fail_until_started, num_workers=1, num_ps=0,
                                      args=(2, str(tmp_path / "again")), log_dir=str(tmp_path / "logs2"))
     os.makedirs(tmp_path / "again")
     with cluster:
@@ -167,9 +167,9 @@ def test_the_supervisor_restarts_a_failing_task_up_to_max_restarts(tmp_path):
             cluster.start().wait(timeout=120, max_restarts=1)
         assert (failure.value.task, failure.value.exit_code, cluster.restarts()) == ("worker-0", 1, {"worker-0": 1})
     with pytest.raises(ValueError, match="max_restarts=-1"):
-        tf_backup.launch_local(workers.sleep_forever, num_workers=1, max_restarts=-1)
+        tf_backup.launch_local(programs.launch.sleep_forever, num_workers=1, max_restarts=-1)
     with pytest.raises(ValueError, match="restart_delay=-1"):
-        tf_backup.launch_local(workers.sleep_forever, num_workers=1, max_restarts=1, restart_delay=-1)
+        tf_backup.launch_local(programs.launch.sleep_forever, num_workers=1, max_restarts=1, restart_delay=-1)
 
 
 def test_the_supervisor_backs_off_doubling_up_to_its_longest_delay():
@@ -179,8 +179,8 @@ def test_the_supervisor_backs_off_doubling_up_to_its_longest_delay():
 
 def test_the_supervisor_restarts_nothing_once_the_chief_has_returned(tmp_path):
     """A task that fails after the chief returned has no job to rejoin: the run fails, naming it."""
-    cluster = tf_backup.LocalCluster(workers.fail_after_the_chief_returned, num_workers=2, num_ps=0, args=(3.0,),
-                                     log_dir=str(tmp_path / "logs"))
+    cluster = tf_backup.LocalCluster(programs.launch.fail_after_the_chief_returned, num_workers=2, num_ps=0,
+                                     args=(3.0,), log_dir=str(tmp_path / "logs"))
     with cluster:
         with pytest.raises(tf_backup.LocalClusterError) as failure:
             cluster.start().wait(timeout=120, max_restarts=3, restart_delay=0)

@@ -6,7 +6,8 @@ import pytest
 
 import tf_backup
 from tf_backup.frontend import local_devices
-import workers
+import programs.common
+import programs.placement
 
 
 def test_resolve_devices_defaults_to_the_local_devices():
@@ -32,12 +33,13 @@ def test_resolve_devices_rejects_bad_lists(devices, error, words):
 def test_2_workers_x_2_devices_equal_4_single_device_workers():
     """b = 0: the same 16 rows per step, averaged as 2 hosts x 2 replicas or as 4 workers."""
     steps = 5
-    multi = tf_backup.launch_local(workers.train_regression_on_local_devices, num_workers=2,
+    multi = tf_backup.launch_local(programs.placement.train_regression_on_local_devices, num_workers=2,
                                    kwargs=dict(steps=steps, local_devices=2), timeout=240)
-    single = tf_backup.launch_local(workers.train_regression_on_local_devices, num_workers=4,
+    single = tf_backup.launch_local(programs.placement.train_regression_on_local_devices, num_workers=4,
                                     kwargs=dict(steps=steps, local_devices=1), timeout=240)
     # Large-batch SGD on batches 4k..4k+3 (rows 16k..16k+15) at step k.
-    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k + i for i in range(4)], steps, 4)
+    expected = programs.common.reference_fit(keras.optimizers.SGD(0.1), lambda k: [4 * k + i for i in range(4)],
+                                             steps, 4)
     for worker in multi + single:
         for got, want, single_got in zip(worker["weights"], expected, single[0]["weights"]):
             np.testing.assert_allclose(got, want, atol=1e-5)

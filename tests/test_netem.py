@@ -57,16 +57,16 @@ def test_bytes_per_step_by_role():
 
 
 def test_the_benchmark_model_splits_evenly_over_1_2_4_ps_whatever_its_layers():
-    from benchmarks import workloads  # pylint: disable=g-import-not-at-top
+    from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
     for params in (1e6, 1e7, 2.5e7):
-        h = workloads.hidden_for_params(params, bandwidth.DEPTH)
-        assert abs(workloads.mlp_params(h, bandwidth.DEPTH) / params - 1) < 0.01
-        assert sum(workloads.mlp_variable_sizes(h, bandwidth.DEPTH)) == workloads.mlp_params(h, bandwidth.DEPTH)
+        h = mlp_task.hidden_for_params(params, bandwidth.DEPTH)
+        assert abs(mlp_task.mlp_params(h, bandwidth.DEPTH) / params - 1) < 0.01
+        assert sum(mlp_task.mlp_variable_sizes(h, bandwidth.DEPTH)) == mlp_task.mlp_params(h, bandwidth.DEPTH)
         for p in (1, 2, 4):
             shards = bandwidth.shard_sizes(h, p)
-            assert sum(shards) == workloads.mlp_params(h, bandwidth.DEPTH)
+            assert sum(shards) == mlp_task.mlp_params(h, bandwidth.DEPTH)
             assert max(shards) / (sum(shards) / p) < 1.06  # the 40 x h first kernel: 5% at 1e6 with 4 ps
-    h2 = workloads.hidden_for_params(1e7)
+    h2 = mlp_task.hidden_for_params(1e7)
     shards = bandwidth.shard_sizes(h2, 2, depth=2)
     assert max(shards) - min(shards) <= 1  # one h x h kernel, cut in two (equal shards, tf_backup.ps.layout)
 

@@ -7,7 +7,8 @@ import pytest
 
 import tf_backup
 from tf_backup.ps.layout import Layout
-import workers
+import programs.common
+import programs.placement
 
 
 class _Var:
@@ -45,7 +46,7 @@ def test_layout_with_more_shards_than_elements_leaves_shards_empty():
 @pytest.mark.cluster
 def test_two_ps_tasks_each_hold_their_share_and_training_matches_one_process():
     steps = 4
-    out = tf_backup.launch_local(workers.train_on_several_ps, num_workers=2, num_ps=2, args=(steps,),
+    out = tf_backup.launch_local(programs.placement.train_on_several_ps, num_workers=2, num_ps=2, args=(steps,),
                                  timeout=240)
     chief = out[0]
     assert chief["shards"] == [[0, 1, 2], [2, 3, 4, 5]]  # the 64x8 kernel spans both
@@ -61,11 +62,11 @@ def test_two_ps_tasks_each_hold_their_share_and_training_matches_one_process():
         np.testing.assert_array_equal(held[1][1], whole[393:])
     assert chief["stats"]["global_step"] == steps and chief["stats"]["taken"] == [steps, steps]
     # Same as single-process large-batch SGD from the same initial weights.
-    x, y = workers.regression_data(steps * 2)
-    model = workers.mlp_regression_model(keras)
+    x, y = programs.common.regression_data(steps * 2)
+    model = programs.placement.mlp_regression_model(keras)
     model.set_weights(chief["initial"])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    model.fit(x, y, batch_size=2 * workers.BATCH, epochs=1, shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=2 * programs.common.BATCH, epochs=1, shuffle=False, verbose=0)
     for worker in out:
         for got, want in zip(worker["weights"], model.get_weights()):
             np.testing.assert_allclose(got, want, atol=1e-5)
@@ -75,8 +76,8 @@ def test_two_ps_tasks_each_hold_their_share_and_training_matches_one_process():
 @pytest.mark.cluster
 def test_bfloat16_on_the_wire_trains_on_the_master_rounded_to_bfloat16():
     steps = 4
-    out = tf_backup.launch_local(workers.train_on_several_ps, num_workers=2, num_ps=2, args=(steps, "bfloat16"),
-                                 timeout=240)
+    out = tf_backup.launch_local(programs.placement.train_on_several_ps, num_workers=2, num_ps=2,
+                                 args=(steps, "bfloat16"), timeout=240)
     chief = out[0]
     assert chief["stats"]["global_step"] == steps and chief["stats"]["taken"] == [steps, steps]
     bf16 = tf.bfloat16.as_numpy_dtype
@@ -88,11 +89,11 @@ def test_bfloat16_on_the_wire_trains_on_the_master_rounded_to_bfloat16():
         np.testing.assert_array_equal(whole, np.concatenate([held[0][0], held[1][1]]).astype(np.float32))
         np.testing.assert_array_equal(whole, whole.astype(bf16).astype(np.float32))
     # Within bfloat16's precision of single-process large-batch SGD from the same weights, and trained.
-    x, y = workers.regression_data(steps * 2)
-    model = workers.mlp_regression_model(keras)
+    x, y = programs.common.regression_data(steps * 2)
+    model = programs.placement.mlp_regression_model(keras)
     model.set_weights(chief["initial"])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    model.fit(x, y, batch_size=2 * workers.BATCH, epochs=1, shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=2 * programs.common.BATCH, epochs=1, shuffle=False, verbose=0)
     for got, want, initial in zip(chief["weights"], model.get_weights(), chief["initial"]):
         np.testing.assert_allclose(got, want, rtol=2**-6, atol=2e-3)
     assert not np.allclose(chief["weights"][0], chief["initial"][0])
@@ -106,24 +107,24 @@ def test_bfloat16_on_the_wire_trains_on_the_master_rounded_to_bfloat16():
 ])
 def test_the_update_applied_on_the_ps_matches_single_process_training(optimizer, wire_dtype, num_ps, tmp_path):
     steps = 4
-    out = tf_backup.launch_local(workers.train_on_several_ps, num_workers=2, num_ps=num_ps,
+    out = tf_backup.launch_local(programs.placement.train_on_several_ps, num_workers=2, num_ps=num_ps,
                                  args=(steps, wire_dtype, True, optimizer, str(tmp_path)), timeout=240)
     chief = out[0]
     assert chief["stats"]["global_step"] == steps and chief["stats"]["taken"] == [steps, steps]
     assert chief["local_pulls"] == 0  # the chief's worker pulled from the ps: its aggregator held no parameters
-    x, y = workers.regression_data(steps * 2)
-    model = workers.mlp_regression_model(keras)
+    x, y = programs.common.regression_data(steps * 2)
+    model = programs.placement.mlp_regression_model(keras)
     model.set_weights(chief["initial"])
-    model.compile(optimizer=workers.make_inner_optimizer(keras, optimizer), loss="mse")
-    model.fit(x, y, batch_size=2 * workers.BATCH, epochs=1, shuffle=False, verbose=0)
+    model.compile(optimizer=programs.placement.make_inner_optimizer(keras, optimizer), loss="mse")
+    model.fit(x, y, batch_size=2 * programs.common.BATCH, epochs=1, shuffle=False, verbose=0)
     rtol, atol = (1e-5, 1e-6) if wire_dtype == "float32" else (2**-6, 2e-3)
     for worker in out:
         for got, want in zip(worker["weights"], model.get_weights()):
             np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
     # The chief's last checkpoint holds the master copy read back from the ps tasks: float32, the
     # reference's weights, and the optimizer's step count.
-    restored = workers.mlp_regression_model(keras)
-    inner = workers.make_inner_optimizer(keras, optimizer)
+    restored = programs.placement.mlp_regression_model(keras)
+    inner = programs.placement.make_inner_optimizer(keras, optimizer)
     inner.build(restored.trainable_variables)
     master = [tf.Variable(w) for w in chief["initial"]]
     ckpt = tf.train.Checkpoint(master=master, optimizer=list(inner.variables))

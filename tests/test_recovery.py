@@ -27,7 +27,7 @@ from tf_backup.ps.layout import Layout
 from tf_backup.ps.shared_state import SharedState
 from tf_backup.worker import client as worker_lib
 
-from tests import workers
+import programs.faults
 
 WORKERS = 3
 
@@ -104,7 +104,7 @@ def test_a_worker_whose_connection_to_ps0_goes_silent_carries_on_in_the_same_gen
     # last batch is done (the end of the round meets it): its runs meet their 5 s deadline, the next
     # ones go on new connections, and the state was never lost.
     steps = 150
-    out = launch.launch_local(workers.train_through_a_silent_connection, num_workers=3, timeout=300,
+    out = launch.launch_local(programs.faults.train_through_a_silent_connection, num_workers=3, timeout=300,
                               kwargs=dict(steps=steps, silent_worker=1, silent_at=silent_at, ps_restart_timeout=30.0))
     chief, silent = out[0], out[1]
     assert [r["error"] for r in out] == [None, None, None]

@@ -7,7 +7,8 @@ import tensorflow as tf
 
 import tf_backup
 from tf_backup import topology
-import workers
+import programs.common
+import programs.placement
 
 
 HOSTS = [f"10.0.0.{i}:8470" for i in range(8)]  # a pod of 8 TPU hosts, 4 cores each
@@ -83,9 +84,9 @@ def test_strategy_refuses_a_host_that_is_not_its_groups_first():
 def test_strategy_trains_on_a_tpu_like_resolver_one_worker_per_host():
     """The TPU hosts are this machine's worker processes (CPU replicas): the mapping end to end."""
     steps = 4
-    out = tf_backup.launch_local(workers.train_regression_tpu_resolver, num_workers=2, args=(steps,),
+    out = tf_backup.launch_local(programs.placement.train_regression_tpu_resolver, num_workers=2, args=(steps,),
                                  timeout=240)
-    expected = workers.reference_fit(keras.optimizers.SGD(0.1), lambda k: [2 * k, 2 * k + 1], steps, 2)
+    expected = programs.common.reference_fit(keras.optimizers.SGD(0.1), lambda k: [2 * k, 2 * k + 1], steps, 2)
     for worker in out:
         assert worker["tpu_cores"] == 8
         assert worker["stats"] == {"global_step": steps, "pushed": [steps] * 2, "taken": [steps] * 2,

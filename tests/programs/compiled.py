@@ -1,0 +1,173 @@
+"""Programs of the compiled-step tests (test_compiled.py): XLA replica steps, custom loops, mixed precision."""
+
+import numpy as np
+
+from programs import common
+
+
+def train_regression_custom_loop(steps: int, local_devices: int = 1, jit_compile: bool = True,
+                                 always_split: bool = False):
+    """`train_regression_on_local_devices` in a custom loop whose replica function is compiled.
+
+    The loop is a `tf.function` without jit_compile around `strategy.run` of a
+    `tf.function(jit_compile=True)` replica step: the exchange runs in `run`,
+    after the compiled step, on the host.
+    """
+    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.frontend.local_devices.set_logical_cpus(local_devices)
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    strategy.extended.always_split = always_split
+    host_batch = common.BATCH * local_devices
+    x, y = common.regression_data(steps * strategy.num_workers * local_devices)
+    with strategy.scope():
+        model = common.regression_model(keras)
+        optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1))
+        optimizer.build(model.trainable_variables)
+
+    def replica_step(features, labels):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(features, training=True) - labels))
+            loss = loss / strategy.num_replicas_in_sync  # the replicas' gradients are summed in the host
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    replica = tf.function(replica_step, jit_compile=jit_compile)
+
+    @tf.function
+    def train_step(iterator):
+        features, labels = next(iterator)
+        return strategy.run(replica, args=(features, labels))
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch).repeat()
+    iterator = iter(strategy.distribute_dataset(dataset))
+    done = 0
+    try:
+        for _ in range(steps):
+            train_step(iterator)
+            done += 1
+    except tf.errors.OutOfRangeError:  # another worker ended the round first
+        pass
+    optimizer.finalize_variable_values(model.trainable_variables)  # ends the round, pulls the last step
+    return {"worker": strategy.worker_index, "steps_run": done,
+            "weights": [v.numpy() for v in model.trainable_variables], "stats": strategy.stats(),
+            "per_device": [[np.asarray(c) for c in strategy.experimental_local_results(v.value)]
+                           for v in model.trainable_variables],
+            "optimizer_iterations": int(optimizer.iterations.numpy())}
+
+
+def train_mixed_precision(steps: int, jit_compile: bool):
+    """`train_regression` under the `mixed_float16` policy: Keras wraps SyncReplicasOptimizer in a
+    LossScaleOptimizer, which unscales the gradients before our apply."""
+    import keras  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    model = common.fit_sgd_regression(strategy, steps, jit_compile)
+    return {"worker": strategy.worker_index, "optimizer": type(model.optimizer).__name__,
+            "weights": [v.numpy() for v in model.trainable_variables], "stats": strategy.stats(),
+            "loss_scale": float(model.optimizer.dynamic_scale.numpy())}
+
+
+def inspect_compiled_step():
+    """Traces one compiled replica step (the SyncReplicasOptimizer step inside XLA) and reports the ops.
+
+    Returns, for the XLA function and for the host function around it, the op
+    types and the devices their ops name; the step is also run once, so the
+    exchange outside the compiled function is checked to work.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=60.0)
+    x, y = common.regression_data(2)
+    with strategy.scope():
+        model = common.regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse")
+        model.optimizer.build(model.trainable_variables)
+    replica = tf.function(model.train_step, jit_compile=True)
+
+    @tf.function
+    def step(features, labels):
+        return strategy.run(replica, args=((features, labels),))
+
+    concrete = step.get_concrete_function(tf.TensorSpec([common.BATCH, common.FEATURES], tf.float32),
+                                          tf.TensorSpec([common.BATCH, 1], tf.float32))
+    graph = concrete.graph.as_graph_def()
+
+    def describe(nodes):
+        return {"ops": sorted({n.op for n in nodes}), "devices": sorted({n.device for n in nodes if n.device})}
+
+    library = {f.signature.name: f for f in graph.library.function}
+    compiled = [f for f in library.values() if f.attr["_XlaMustCompile"].b]
+    logs = step(tf.constant(x[:common.BATCH]), tf.constant(y[:common.BATCH]))
+    return {
+        "compiled": [describe(f.node_def) for f in compiled],
+        "host": describe(list(graph.node) + [n for name, f in library.items() if f not in compiled
+                                             for n in f.node_def]),
+        "global_step": int(logs["global_step"]), "stats": strategy.stats(),
+    }
+
+
+def compiled_step_errors(local_devices: int = 1):
+    """The errors of compiled steps that cannot work; returns {case: (error type, message)}."""
+    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.frontend.local_devices.set_logical_cpus(local_devices)
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=60.0)
+    x, y = common.regression_data(4)
+    with strategy.scope():
+        model = common.regression_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                      jit_compile=True)
+        model.optimizer.build(model.trainable_variables)
+    out = {}
+
+    def record(case, fn):
+        try:
+            fn()
+            out[case] = None
+        except Exception as e:  # pylint: disable=broad-except
+            out[case] = (type(e).__name__, str(e))
+
+    if local_devices > 1:
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(common.BATCH * local_devices).repeat()
+        record("keras_jit_several_devices", lambda: model.fit(
+            strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=1, verbose=0))
+        return out
+
+    def replica_step(features, labels):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(features) - labels))
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function(jit_compile=True)
+    def run_inside_xla(features, labels):
+        return strategy.run(replica_step, args=(features, labels))
+
+    record("custom_loop_run_inside_xla", lambda: run_inside_xla(x[:common.BATCH], y[:common.BATCH]))
+
+    # Keras's train step inside XLA, fed twice without the strategy's iterator: the first
+    # gradient is never exchanged.
+    @tf.function(jit_compile=True)
+    def keras_step_without_iterator(features, labels):
+        return strategy.run(model.train_step, args=((features, labels),))
+
+    def twice():
+        keras_step_without_iterator(x[:common.BATCH], y[:common.BATCH])
+        keras_step_without_iterator(x[common.BATCH:2 * common.BATCH], y[common.BATCH:2 * common.BATCH])
+        strategy.extended.exchange_pending()
+
+    record("two_steps_one_exchange", twice)
+    return out
