@@ -165,7 +165,9 @@ def test_a_dead_workers_wake_up_queue_stops_growing(tmp_path):
     # The publishes between its last pull and the chief's declaration, and the few WAKE tokens of the
     # end (finished, round stopped and closed) -- not one token a step to the end (steps - last).
     assert sizes[2] <= died_at - last + 4, (sizes, last, died_at)
-    assert sizes[0] <= 2 and sizes[1] <= 2  # the live workers drain theirs
+    # The live workers drain theirs during the run; at most the end's few tokens can be left when a
+    # loaded worker exits before reading them (3 was seen on a loaded machine), never one a step.
+    assert sizes[0] <= 4 and sizes[1] <= 4, sizes
 
 
 @pytest.mark.parametrize("seed", SEEDS)
