@@ -124,8 +124,8 @@ class WakingState(FakeState):
         self.ctl_now = control(step=step, version=step)
         self.params = [np.full(2, float(step), np.float32)]
 
-    def wait(self, w, seconds, known_step=-1):
-        assert w == 1
+    def wait(self, w, seconds, known_step=-1, waker=None):
+        assert w == 1 and waker is None  # a sleep's wait ends at its deadline
         self.waits.append(seconds)
         if not self.tokens:
             time.sleep(seconds)

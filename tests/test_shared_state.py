@@ -97,6 +97,14 @@ def test_push_wait_pushes_once_and_is_ended_by_the_waker(state):
     state.poke(1)
     _, _, snapshot = state.wait(1, 1.0, known_step=-1)
     np.testing.assert_array_equal(snapshot.flats[0], np.arange(4))
+    # With a waker, a wait has no deadline of its own: nothing came, so the waker's token ends it
+    # (not a cancelled run, None), and what the run read after it comes back, the parameters too.
+    start = time.monotonic()
+    tokens, ctl, snapshot = state.wait(1, 0.3, known_step=-1, waker=waker)
+    assert time.monotonic() - start >= 0.3 and pokes.count == 2
+    np.testing.assert_array_equal(tokens, [wakeups.POKE])
+    np.testing.assert_array_equal(snapshot.flats[0], np.arange(4))
+    assert state.wait(1, 0.3, known_step=-1) is None  # without one, the run is cancelled at its deadline
     aggregator = Waker(state.poke_aggregator, "test-aggregator-waker")
     count, _, sums, tokens = state.wait_arrivals(5.0, aggregator)  # the push's token (tag 0) is in the queue
     assert count == 1 and sums is None and aggregator.pokes == 0
@@ -149,9 +157,13 @@ def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_i
     waker = Waker(state.poke_aggregator, "test-aggregator-waker")
     for w in range(2):  # two fresh pushes for step 0
         push(state, w)
+    fetched = []  # what each run brought back from the ps
+    run = state.control.endpoint.run
+    state.control.endpoint.run = lambda *a, **k: fetched.append(run(*a, **k)) or fetched[-1]
     # Asks for one push more than came: the waker ends the wait (its tokens: one per worker); 2 < 3, no take.
     count, _, sums, tokens = state.wait_arrivals(0.3, waker, need=3, required=3, taken_for=1)
     assert count == 2 and sums is None and waker.pokes == 1
+    assert fetched[-1]["took"].size == 0  # a wait that took nothing sends nothing model-sized back
     np.testing.assert_array_equal(tokens, [0, 0, wakeups.POKE])
     push(state, 2)
     count, ctl, sums, tokens = state.wait_arrivals(5.0, waker, need=1, required=3, taken_for=1)

@@ -13,6 +13,7 @@ from tf_backup import errors
 from tf_backup.protocol import config as config_lib
 from tf_backup.protocol import slots
 from tf_backup.protocol import staleness
+from tf_backup.protocol import wakeups
 from tf_backup.ps import shared_state
 from tf_backup.worker import chief_link
 from tf_backup.worker import client as worker_lib
@@ -45,9 +46,10 @@ class FakeState:
     def read_control(self):
         return self.now
 
-    def wait(self, w, seconds, known_step=-1):
+    def wait(self, w, seconds, known_step=-1, waker=None):
+        """Nothing comes: without a waker the run is cancelled (None); with one, its token ends it."""
         self.waits += 1
-        return None
+        return None if waker is None else shared_state.Wake(np.asarray([wakeups.POKE]), self.now, None)
 
     def poke(self, w):
         pass

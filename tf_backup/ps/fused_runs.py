@@ -143,12 +143,12 @@ def build(state, generation: int) -> Runs:
     hyper = {} if state.update is None else state.update.placeholders()  # (update on the ps) fed with every take
     zero_tail = tf.zeros([pushes.push_tail(state.num_workers)], state.layout.dtype)
 
-    def not_taken():  # zeros of the take's structure
+    def not_taken():  # the take's structure, empty: a wait that took nothing sends nothing model-sized
         if state.update is not None:
             return zero_tail, tf.constant(0.0, state.layout.dtype)
         if not state.tail:
-            return tf.zeros(acc["grad"].shape, state.layout.dtype)
-        return tf.zeros(acc["grad"].shape, state.wire), zero_tail
+            return tf.zeros([0], state.layout.dtype)
+        return tf.zeros([0], state.wire), tf.zeros([0], state.layout.dtype)
 
     took = tf.cond(due, take, not_taken)
     arrivals = {"tokens": arrived, "count": count, "control": before}

@@ -333,16 +333,24 @@ class SharedState:
                                             on_duplicate=endpoint_lib.OnDuplicate.DONE)
         return None if got is None else self._wake(got)
 
-    def wait(self, w: int, seconds: float, known_step: int = -1) -> Optional[Wake]:
+    def wait(self, w: int, seconds: float, known_step: int = -1, waker: Optional[Waker] = None) -> Optional[Wake]:
         """Drains worker `w`'s wake-up queue, waiting up to `seconds` for a token if it is empty.
 
-        Returns None if nothing came in time, else what the run read after the
-        dequeue (with one ps task, a seqlock read of the parameters too, if the
-        step is past `known_step`).
+        Returns what the run read after the dequeue (with one ps task, a seqlock
+        read of the parameters too, if the step is past `known_step`). Without
+        `waker`, the run is cancelled at `seconds` and None means nothing came.
+        With it, the run has no deadline of its own: `waker` ends the wait with
+        a `POKE` token, so a read of the parameters that began in time is never
+        cut off (and sent again) at the deadline, which on a slow link it
+        would be.
         """
         runs = self._runs()
-        got = self.control.endpoint.run(runs.waits[w], {runs.known: int(known_step)}, wait=seconds,
-                                        what=f"wait of worker {w} on `{self.prefix}`")
+        feed, what = {runs.known: int(known_step)}, f"wait of worker {w} on `{self.prefix}`"
+        if waker is None:
+            got = self.control.endpoint.run(runs.waits[w], feed, wait=seconds, what=what)
+        else:
+            with waker.armed(seconds):
+                got = self.control.endpoint.run(runs.waits[w], feed, what=what)
         return None if got is None else self._wake(got)
 
     def wait_arrivals(self, seconds: float, waker: Waker, need: int = 1, required: int = 0, taken_for: int = 0,

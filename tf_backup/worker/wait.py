@@ -99,7 +99,13 @@ class Waiter:
                         self.missed_wakeups += 1
                         return Seen(got.control, got.snapshot)
                 else:
-                    got = state.wait(w, seconds, known_step=step)
+                    # The chief's worker takes its parameters from its aggregator: none from the ps.
+                    got = state.wait(w, seconds, waker=self._waker,
+                                     known_step=pushes.INT64_MAX if chief.reads_params_here else step)
+                    poked = got is not None and (got.tokens == wakeups.POKE).all()  # ended by the waker
+                    if poked and done(got.control) and not restart.state_lost(got.control, self.recovery.generation):
+                        self.missed_wakeups += 1
+                        return Seen(got.control, got.snapshot)
                 if got is None:  # nothing happened: look anyway (a token may have been lost)
                     ctl, snapshot = state.read_control(), None
                     if done(ctl) and not restart.state_lost(ctl, self.recovery.generation):
