@@ -95,28 +95,17 @@ class Waiter:
                     push = None
                     if got is None:  # delivered twice: it pushed, its result is lost
                         continue
-                    if (got.tokens == wakeups.POKE).all() and done(got.control):  # ended by the waker, yet done
-                        self.missed_wakeups += 1
-                        return Seen(got.control, got.snapshot)
                 else:
                     # The chief's worker takes its parameters from its aggregator: none from the ps.
                     got = state.wait(w, seconds, waker=self._waker,
                                      known_step=pushes.INT64_MAX if chief.reads_params_here else step)
-                    poked = got is not None and (got.tokens == wakeups.POKE).all()  # ended by the waker
-                    if poked and done(got.control) and not restart.state_lost(got.control, self.recovery.generation):
-                        self.missed_wakeups += 1
-                        return Seen(got.control, got.snapshot)
-                if got is None:  # nothing happened: look anyway (a token may have been lost)
-                    ctl, snapshot = state.read_control(), None
-                    if done(ctl) and not restart.state_lost(ctl, self.recovery.generation):
-                        self.missed_wakeups += 1
-                        return Seen(ctl, snapshot)
-                else:
-                    ctl, snapshot = got.control, got.snapshot
+                ctl, snapshot = got.control, got.snapshot  # both runs end by a token, never at a deadline
                 if restart.state_lost(ctl, self.recovery.generation):  # the chief wrote the state again
                     moved = self.recovery.adopt(ctl)
                 else:
                     if done(ctl):
+                        if (got.tokens == wakeups.POKE).all():  # only the waker ended it: a missed wake-up
+                            self.missed_wakeups += 1
                         return Seen(ctl, snapshot)
                     chief.raise_if_failed()
                     monitor.check()
