@@ -1,9 +1,9 @@
 """One cell of the bandwidth benchmark, for a quick before/after: ms/step and MB/step of every task.
 
     sudo python -m benchmarks.bandwidth_cell --ps=1 [--variant='{"wire_dtype": "bfloat16"}'] [--rate=1e9]
-    sudo python -m benchmarks.bandwidth_cell --system=mwms
+    sudo python -m benchmarks.bandwidth_cell --system=mwms [--workers=8]
 
-1e7 parameters, 4 workers, b = 0, the bandwidth benchmark's model, compute and emulated network
+1e7 parameters, 4 workers (or --workers), b = 0, the bandwidth benchmark's model, compute and emulated network
 (`benchmarks/netem.py`, so root), 2 timed fits of 8 steps after a warm-up fit of 2. Prints each
 fit's ms/step, and each task's MB sent / received per step (the model's: `benchmarks.bandwidth`).
 """
@@ -25,18 +25,20 @@ def main() -> None:
     parser.add_argument("--ps", type=int, default=1, help="ps tasks")
     parser.add_argument("--variant", default="{}", help="BackupWorkerStrategy kwargs, JSON")
     parser.add_argument("--rate", type=float, default=bandwidth.GBIT, help="bit/s per link and direction")
+    parser.add_argument("--workers", type=int, default=4, help="workers (b = 0)")
+    parser.add_argument("--fits", type=int, default=2, help="timed fits (a profile wants more)")
     args = parser.parse_args()
-    tasks = [f"ps-{i}" for i in range(args.ps)] + [f"worker-{i}" for i in range(4)]
+    tasks = [f"ps-{i}" for i in range(args.ps)] + [f"worker-{i}" for i in range(args.workers)]
     hidden = mlp_task.hidden_for_params(1e7, bandwidth.DEPTH)
     cfg = dict(system=args.system, hiddens=[hidden], depth=bandwidth.DEPTH, batch=bandwidth.BATCH,
-               compute=bandwidth.COMPUTE, steps=8, reps=2, warmup=2, net_counters=True)
+               compute=bandwidth.COMPUTE, steps=8, reps=args.fits, warmup=2, net_counters=True)
     if args.system == "tf_backup":
         cfg.update(bandwidth.variant_cfg(json.loads(args.variant)))
     net = netem.emulated(tasks, args.rate)
     if not net.shaped:
         raise SystemExit(f"bandwidth_cell: no emulated network here ({net.reason})")
     try:
-        out = overhead_workload.launch_overhead(args.system, 4, cfg, timeout=900, num_ps=args.ps, network=net)
+        out = overhead_workload.launch_overhead(args.system, args.workers, cfg, timeout=900, num_ps=args.ps, network=net)
     finally:
         net.close()
     reps = out[0][hidden]

@@ -17,7 +17,7 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     timed over `reps` fits of `steps` batches (batch 32 per worker, SGD, `compute` seconds of sleep per batch, plus a `straggler`
     delay keyed by worker and global step if given; tf_backup with `num_backup_workers`, and
     `strategy_kwargs` for `BackupWorkerStrategy` and `optimizer_kwargs` for `SyncReplicasOptimizer`
-    if given). Worker 0 returns {hidden: [[step seconds, ...] per rep], ("cpu", hidden): [{task: CPU
+    if given; `cancel` for the sleep callback, `pacing.make_sleep_callback`). Worker 0 returns {hidden: [[step seconds, ...] per rep], ("cpu", hidden): [{task: CPU
     s per step} or None per rep]}; with cfg["net_counters"] also ("net", hidden): [{task: (bytes
     sent, received) per step} or None per rep] (`benchmarks.netem` links, read at worker 0's batch
     ends), and every other worker returns {("net", hidden): [(bytes sent, received) per step on its
@@ -54,7 +54,9 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     dataset = dataset.with_options(options)
-    sleeper = pacing.make_sleep_callback(keras, worker, cfg.get("compute", 0.0), cfg.get("straggler"), 0, lambda: None)
+    sleeper = pacing.make_sleep_callback(keras, worker, cfg.get("compute", 0.0), cfg.get("straggler"), 0, lambda: None,
+                                         strategy=strategy if cfg["system"] == "tf_backup" else None)
+    sleeper.cancel = cfg.get("cancel", False)  # "restart": a superseded sleep is cut and the new step pulled
     out = {}
     for hidden in cfg["hiddens"]:
         with strategy.scope():
