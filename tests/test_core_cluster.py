@@ -4,6 +4,8 @@ Each test starts a ps process and N + b worker processes with `launch_local`
 and asserts numbers against a single-process computation.
 """
 
+import collections
+
 import keras
 import numpy as np
 import pytest
@@ -120,20 +122,63 @@ def test_a_superseded_straggler_restarts_its_batch_on_the_new_step_and_pushes_it
     assert 3 * steps <= taken <= 4 * steps  # at least N = 3 per step
 
 
-def test_a_superseded_straggler_cancels_its_batches_instead_of_pushing_them():
+def test_a_superseded_straggler_cancels_its_batches_instead_of_pushing_them(tmp_path):
     # Worker 3 "computes" 60 s per batch; each sleep is cut short by the next
     # publish (or the end of the round), so it never pushes and never holds up the end.
+    # The fast workers start once worker 3 has started its fit: its sleeps overlap their steps.
     steps = 20
-    results = train_with_slow_worker_3(steps, slow_seconds=60.0, cancel=True)
+    results = train_with_slow_worker_3(steps, slow_seconds=60.0, cancel=True, gate_dir=str(tmp_path))
     stats = results[0]["stats"]
     assert stats["global_step"] == steps
     assert stats["taken"] == [steps, steps, steps, 0]
     assert stats["pushed"] == [steps, steps, steps, 0]
     cut = results[3]["sleeps_cut"]
     assert len(cut) >= 1 and all(cut)  # no 60 s sleep ran to its end
+    # Each sleep was cut by what its wake-up read: every one but the last by a new step while the
+    # round still ran (its batch cancelled, the next batch on that step); the last by a new step or
+    # the round's end. A worker woken only at the round's end has one sleep, cut by the end.
+    sleeps = [programs.common.Sleep(*s) for s in results[3]["sleeps"]]
+    for sleep in sleeps[:-1]:
+        assert sleep.seen_step > sleep.step and not sleep.round_stopped, sleeps
+    assert sleeps[0].step == 0, sleeps  # the gate: its first sleep began before the first step
+    assert [s.step for s in sleeps[1:]] == [s.seen_step for s in sleeps[:-1]], sleeps  # on the step that cut it
+    assert sleeps[-1].round_stopped or sleeps[-1].seen_step > sleeps[-1].step, sleeps
+    early = [s for s in sleeps if not s.round_stopped]
+    assert len(early) >= 1, sleeps
     assert stats["cancelled"] == [0, 0, 0, len(cut)]
     assert stats["batches"] == [steps, steps, steps, len(cut)]  # a cancelled batch is dropped with its input
     assert results[3]["fit_seconds"] < 60
+
+
+def replay_asynchronous(results, contributions, steps: int, learning_rate: float = 0.1):
+    """The weights of asynchronous SGD replayed in one process from what the cluster recorded.
+
+    Worker w's i-th batch (batch w + i W of `regression_data`) was computed on the parameters it
+    recorded before it (`params`), and its gradients are taken in order: a step applies SGD to the
+    mean of the gradients its contributions name, the next of each worker's.
+    """
+    num_workers = len(results)
+    x, y = programs.common.regression_data(steps * num_workers)
+    x, y = x.astype(np.float64), y.astype(np.float64)[:, 0]
+    b = programs.common.BATCH
+    gradients = []
+    for w, result in enumerate(results):
+        own = []
+        for i, params in enumerate(result["params"]):
+            rows = slice((w + i * num_workers) * b, (w + i * num_workers + 1) * b)
+            params = np.array(params, np.float64)
+            error = x[rows] @ params[:-1] + params[-1] - y[rows]  # d(mse)/d(prediction) = 2 error / b
+            own.append(np.concatenate([2 / b * x[rows].T @ error, [2 / b * error.sum()]]))
+        gradients.append(own)
+    weights = np.zeros(programs.common.FEATURES + 1)
+    used = [0] * num_workers
+    for counts in contributions:
+        taken = []
+        for w, c in enumerate(counts):
+            taken += gradients[w][used[w]:used[w] + c]
+            used[w] += c
+        weights -= learning_rate * np.mean(taken, axis=0)
+    return weights, used
 
 
 @pytest.mark.parametrize("slow_worker", [-1, 0])
@@ -148,10 +193,20 @@ def test_asynchronous_mode_applies_every_gradient(slow_worker):
     assert stats["dropped"] == [0, 0]
     assert stats["pushed"] == stats["taken"]
     assert steps in stats["pushed"]  # the first worker to finish ran all its steps
-    # A step averages the gradients that arrived together: at most one step per gradient.
-    assert 1 <= stats["global_step"] <= sum(stats["pushed"])
+    # A step averages the gradients that arrived together: one step per take, each of at least one gradient,
+    # and every worker's gradients each in one step.
     chief = out[0]["results"][0]
-    assert sum(len(c) and sum(c) for c in chief["contributions"]) == sum(stats["pushed"])
+    assert stats["global_step"] == len(chief["contributions"])
+    assert all(sum(c) >= 1 for c in chief["contributions"]), chief["contributions"]
+    assert [sum(c[w] for c in chief["contributions"]) for w in range(2)] == stats["taken"]
+    # Replayed in one process from the parameters each gradient was computed on, in the order
+    # taken, the steps give the chief's weights.
+    results = [worker["results"][0] for worker in out]
+    assert [len(r["params"]) for r in results] == stats["pushed"]  # one push per batch
+    replayed, used = replay_asynchronous(results, chief["contributions"], steps)
+    assert used == stats["pushed"]
+    master = np.concatenate([m.ravel() for m in chief["master"]])
+    np.testing.assert_allclose(master, replayed, rtol=0, atol=1e-5)
     for worker in out:
         assert worker["results"][0]["stats"]["global_step"] == stats["global_step"]
         for got, want in zip(worker["results"][0]["weights"], chief["master"]):
@@ -207,14 +262,28 @@ def test_keras_classifier_matches_the_inner_optimizer_alone_and_saves(tmp_path):
     assert "`total_num_replicas` must equal the number of workers" in chief["config_errors"][0]
     assert "total_num_replicas=5" in chief["config_errors"][0]
     assert "`replicas_to_aggregate` must not exceed the number of workers (3)" in chief["config_errors"][1]
-    # Two fit rounds of 80 and 70 steps. With b = 1 the other two workers may run round 2
-    # while the chief is still between its fit calls, so the chief's reading between the
-    # rounds can be anywhere in round 2; the total is what the rounds add up to. A worker
-    # whose last pull of round 1 preceded the chief's last apply starts round 2 with one
-    # stale (dropped) gradient, so the total can be one short.
+    # Two fit rounds of 80 and 70 batches per worker. A round's global steps are not its batches: with
+    # b = 1 a worker that falls a step behind pulls past a step it did not compute on (and has a batch
+    # left at the round's end, for another step with a worker in the same case), and one that starts
+    # round 2 on round 1's last step but one pushes a stale gradient first. (So the old range: 149-154.)
+    # What is exact: each round ends on one step for every worker (its final parameters); a worker's
+    # batches are on distinct steps of its round (the last may be on the round's last parameters, if
+    # it began before the worker saw the stop: dropped); and the round's steps are exactly those at
+    # least N = 2 of its batches were computed on (each step takes N gradients of its parameters).
     final_step = chief["stats"]["global_step"]
+    ends = [r["end_steps"] for r in out]
+    assert ends == [ends[0]] * 3, ends
+    assert ends[0][1] == final_step
+    start = 0
+    for r, (batches, end) in enumerate(zip(steps, ends[0])):
+        per_worker = [o["batch_steps"][r] for o in out]
+        for own in per_worker:
+            assert own == sorted(set(own)) and start - 1 <= own[0] and own[-1] <= end, (r, own, start, end)
+        assert max(len(own) for own in per_worker) == batches  # the worker that ended the round ran them all
+        computed = collections.Counter(t for own in per_worker for t in own if start <= t < end)
+        assert sorted(t for t, n in computed.items() if n >= 2) == list(range(start, end)), (r, computed)
+        start = end
     assert steps[0] <= chief["step_after_first"] <= final_step
-    assert steps[0] + steps[1] - 1 <= final_step <= steps[0] + steps[1] + 4
     assert chief["inner_iterations"] == final_step  # one inner update per global step
     stats = chief["stats"]
     assert [t + d for t, d in zip(stats["taken"], stats["dropped"])] == stats["pushed"]

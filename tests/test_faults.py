@@ -238,13 +238,40 @@ def test_a_restarted_worker_rejoins_and_contributes(tmp_path, seed):
     check_input_positions(progress, [chief, other, restarted])
 
 
-def run_to_the_end(tmp_path, checkpoints) -> dict:
-    cluster, _ = fault_cluster(tmp_path, checkpoint_dir=checkpoints)
+def run_to_the_end(tmp_path, checkpoints) -> list:
+    """A new job from the checkpoints to step STEPS; every worker's result. Its input goes on where the checkpoint
+    says (`check_input_positions` over both jobs' processes)."""
+    cluster, progress = fault_cluster(tmp_path, checkpoint_dir=checkpoints)
     with cluster:
         cluster.start()
         codes = assert_all_exited(cluster, 180)
         assert set(codes.values()) == {0}, cluster.log("worker-0")[-3000:]
-        return cluster.result("worker-0")
+        results = [cluster.result(f"worker-{w}") for w in range(3)]
+    check_input_positions(progress, results)
+    return results
+
+
+def published_before(progress_dir, num_workers: int) -> dict:
+    """{step: flat weights} that the first job's workers pulled (`programs.faults.weights_log`), each step once."""
+    published = {}
+    for w in range(num_workers):
+        for step, flat in programs.faults.weights_log(progress_dir, f"worker-{w}")[0]:
+            assert published.setdefault(step, flat) == flat, (w, step)  # every worker pulled the same
+    return published
+
+
+def check_restored(chief, saved: int, progress_dir, published: dict) -> None:
+    """The resumed chief holds exactly what the killed one held when it saved step `saved`: its master copy
+    (what the workers pulled at that step, where they pulled it) and every variable of the inner optimizer."""
+    master, inner = programs.faults.chief_state(progress_dir, saved)
+    flat = np.concatenate([m.ravel() for m in master])
+    if saved in published:
+        np.testing.assert_array_equal(flat, np.array(published[saved], np.float32))
+    for restored, held in zip(chief["restored_master"], master, strict=True):
+        np.testing.assert_array_equal(restored, held)
+    for restored, held in zip(chief["restored_optimizer"], inner, strict=True):
+        np.testing.assert_array_equal(restored, held)
+    assert 0 < int(inner[0]) <= saved  # one apply of the inner optimizer per step (a lost take: none)
 
 
 @pytest.mark.parametrize("victim", ["worker-0", pytest.param("ps-0", marks=pytest.mark.slow)])
@@ -261,20 +288,27 @@ def test_a_killed_chief_or_ps_job_resumes_from_its_checkpoint(tmp_path, seed, vi
         codes = assert_all_exited(cluster, 60)  # chief_timeout = 8 s; a ps failure is at once
     assert all(c != 0 for c in codes.values())
     saved = latest_checkpoint_step(checkpoints)
-    # Periodic checkpoints every 5 steps; when the ps dies the chief writes its step on the way out.
-    assert 5 <= saved <= STEPS
-    path = tf.train.latest_checkpoint(os.path.join(checkpoints, "opt0"))
-    saved_optimizer = [tf.train.load_variable(path, f"optimizer/{i}/.ATTRIBUTES/VARIABLE_VALUE")
-                       for i in range(4)]
+    published = published_before(progress, 3)
+    last = max(published)  # the last step published: a gradient for it came from a worker still alive, which pulled it
+    assert last >= kill_at
+    if victim == "worker-0":
+        # Periodic checkpoints every 5 steps, each saved before the next step is taken: the latest
+        # one is the last multiple of 5 published, or the one before if the kill landed in its save.
+        due = 5 * (last // 5)
+        assert saved == due or (saved == due - 5 and last == due), (saved, last)
+        assert saved in published
+    else:
+        # When the ps dies the chief saves its master copy's step on the way out: the last step
+        # published, or one more applied whose publish failed with the ps.
+        assert last <= saved <= last + 1, (saved, last)
 
-    chief = run_to_the_end(tmp_path, checkpoints)
+    results = run_to_the_end(tmp_path, checkpoints)
+    chief = results[0]
     assert chief["initial_step"] == saved
     assert chief["stats"]["global_step"] == STEPS
     assert [s for s, _ in chief["contributions"]] == list(range(saved, STEPS))
-    # The inner optimizer came back with its state: iterations, learning rate, momentum.
-    assert 0 < int(chief["restored_optimizer"][0]) <= saved  # one apply per step (a lost take: none)
-    for restored, expected in zip(chief["restored_optimizer"], saved_optimizer):
-        np.testing.assert_array_equal(restored, expected)
+    # The master copy and the inner optimizer (iterations, learning rate, momentum) came back exactly.
+    check_restored(chief, saved, progress, published)
     assert np.abs(chief["restored_optimizer"][2]).sum() > 0
     assert latest_checkpoint_step(checkpoints) == STEPS
 
@@ -375,6 +409,18 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
         # The step at the kill is killed_at or one more (the chief may have moved on meanwhile), and
         # gradients the victims had already pushed may make one more step (b + 1 workers: seen, 9 -> 11).
         assert killed_at - 5 <= resumed_at <= killed_at + 2, (killed_at, resumed_at)
+        # Everybody restarted: the workers' first processes pulled the old job's steps.
+        published = published_before(progress, 3)
+        if victims != ["worker-1", "worker-2"]:
+            # The last periodic checkpoint: of the last multiple of 5 published, or the one before
+            # (the kill in its save); under `apply_on_ps` a ps that died right after a publish may have
+            # left that step's parameters unpulled.
+            last = max(published)
+            due = {5 * (last // 5)} | ({last - 5} if last % 5 == 0 else set())
+            due |= {last + 1} if apply_on_ps and (last + 1) % 5 == 0 else set()
+            assert resumed_at in due, (resumed_at, last)
+        # The new chief holds exactly what the old one held at its checkpoint: master copy and slots.
+        check_restored(chief, resumed_at, progress, published)
     assert [s for s, _ in chief["contributions"]] == list(range(resumed_at, steps))
     assert latest_checkpoint_step(checkpoints) == steps
     for r in results[1:]:  # every worker's last process took part in the job's last stretch

@@ -5,6 +5,7 @@ reference, straggler callbacks, atomic file writes.
 """
 
 import time
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -106,19 +107,43 @@ class WaitUntilStale:
 
 
 class CancelledSleeper:
-    """Keras callback: sleeps `seconds` before each batch, cut short when the batch is superseded."""
+    """Keras callback: sleeps `seconds` before each batch, cut short when the batch is superseded.
+
+    `cut`: per sleep, whether it was cut short. `sleeps`: per sleep, a `Sleep`
+    with what the wait that cut it read after its wake-up (the same run), so a
+    test tells a cut by a new step from one by the round's end.
+    """
 
     def __init__(self, strategy, seconds: float):
         import keras  # pylint: disable=g-import-not-at-top
+        from tf_backup.protocol import rounds  # pylint: disable=g-import-not-at-top
 
         outer = self
 
         class _Callback(keras.callbacks.Callback):
             def on_train_batch_begin(self, batch, logs=None):
-                outer.cut.append(strategy.sleep_unless_superseded(seconds))
+                client = strategy.extended.latest_binding().client
+                step = client.step
+                cut = strategy.sleep_unless_superseded(seconds)
+                outer.cut.append(cut)
+                ctl = client.superseded.control if cut and client.superseded is not None else None
+                outer.sleeps.append(Sleep(
+                    step=step, cut=cut, seen_step=None if ctl is None else ctl.step,
+                    round_stopped=None if ctl is None else rounds.round_stopped(ctl, client.round.number)))
 
         self.callback = _Callback()
         self.cut = []
+        self.sleeps = []
+
+
+class Sleep(NamedTuple):
+    """One sleep of `CancelledSleeper`: the step of the worker's parameters; whether it was cut short; if so, the
+    global step and whether the round had stopped, as the wait that cut it read them (None: not read)."""
+
+    step: int
+    cut: bool
+    seen_step: Optional[int]
+    round_stopped: Optional[bool]
 
 
 def two_worker_regression(step_timeout: float):

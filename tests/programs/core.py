@@ -13,13 +13,17 @@ from programs import common
 def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",),
                      slow_worker: int = -1, slow_seconds: float = 0.0, asynchronous: bool = False,
                      cancel: bool = False, barrier: bool = False, jit_compile: bool = False,
-                     steps_per_execution: int = 1):
+                     steps_per_execution: int = 1, gate_dir: str = ""):
     """Trains a linear model with each optimizer in turn; returns weights and counts.
 
     Worker w reads batches w, w + W, w + 2W, ... of `common.regression_data`. The slow
     worker is always late (`common.WaitUntilStale`), or with `cancel` sleeps
     `slow_seconds` per batch unless superseded (`common.CancelledSleeper`). With
     `barrier`, each worker calls `wait_for_fit_end` before reading the counts.
+    With `gate_dir`, the other workers start their first fit once the slow one
+    has started its own (a file there), so its batches overlap their steps
+    however late its process started. Each worker records the parameters each
+    of its batches is computed on (`params`: flat, in order).
     """
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -28,6 +32,7 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
     strategy = tf_backup.BackupWorkerStrategy(
         num_backup_workers=num_backup_workers, asynchronous=asynchronous, step_timeout=120.0)
     x, y = common.regression_data(steps * strategy.num_workers)
+    gate = os.path.join(gate_dir, "slow-worker-started") if gate_dir else None
     results = []
     for name in optimizers:
         inner = {"sgd": lambda: keras.optimizers.SGD(0.1),
@@ -37,7 +42,17 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             optimizer = tf_backup.SyncReplicasOptimizer(inner())
             model.compile(optimizer=optimizer, loss="mse", jit_compile=jit_compile,
                           steps_per_execution=steps_per_execution)
-        callbacks, sleeper = [], None
+        params = []
+
+        class Record(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                if gate is not None:
+                    _gate(gate, opens=strategy.worker_index == slow_worker)
+
+            def on_train_batch_begin(self, batch, logs=None):
+                params.append([float(v) for m in model.trainable_variables for v in m.numpy().ravel()])
+
+        callbacks, sleeper = [Record()], None
         if strategy.worker_index == slow_worker and cancel:
             sleeper = common.CancelledSleeper(strategy, slow_seconds)
             callbacks.append(sleeper.callback)
@@ -69,6 +84,8 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             "stats": strategy.stats(),
             "fit_seconds": time.monotonic() - start,
             "sleeps_cut": None if sleeper is None else sleeper.cut,
+            "sleeps": None if sleeper is None else [tuple(s) for s in sleeper.sleeps],
+            "params": params,
             "early_resume_input": early_resume,
         }
         if strategy.is_chief:
@@ -76,6 +93,18 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             result["master"] = [v.numpy() for v in optimizer.master_variables]
         results.append(result)
     return {"worker": strategy.worker_index, "results": results}
+
+
+def _gate(path: str, opens: bool, timeout: float = 120.0) -> None:
+    """Opens the gate at `path` (a file), or waits until it is open."""
+    if opens:
+        common.write_atomic(path, "started")
+        return
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the slow worker did not start its fit within {timeout:.0f} s ({path})")
+        time.sleep(0.01)
 
 
 def train_with_restarting_straggler(steps: int, gate_dir: str):
@@ -264,11 +293,24 @@ def train_classifier(steps: tuple, save_path: str):
         model = classifier(keras)
         model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.Adam(0.01)),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
+    # Per fit: the step of the parameters each batch was computed on, and the step of the round's final parameters.
+    batch_steps, end_steps = [], []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            batch_steps.append([])
+
+        def on_train_batch_begin(self, batch, logs=None):
+            batch_steps[-1].append(strategy.counters().step)
+
+        def on_train_end(self, logs=None):  # after `finalize_variable_values`: the final pull
+            end_steps.append(strategy.counters().step)
+
     first = model.fit(strategy.distribute_dataset(dataset), epochs=2, steps_per_epoch=steps[0] // 2,
-                      verbose=0)
+                      verbose=0, callbacks=[Record()])
     step_after_first = strategy.stats()["global_step"]
     second = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps[1],
-                       verbose=0)
+                       verbose=0, callbacks=[Record()])
     loss, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
     result = {
         "worker": strategy.worker_index,
@@ -277,6 +319,8 @@ def train_classifier(steps: tuple, save_path: str):
         "step_after_first": step_after_first,
         "stats": strategy.stats(),
         "history_steps": first.history["global_step"] + second.history["global_step"],
+        "batch_steps": batch_steps,
+        "end_steps": end_steps,
         "weights": [w for w in model.get_weights()],
     }
     if strategy.is_chief:

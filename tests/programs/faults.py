@@ -6,6 +6,8 @@
 import os
 import time
 
+import numpy as np
+
 from programs import common
 
 
@@ -29,6 +31,51 @@ def _input_recorder_class():
             return input_shape[:-1] + (input_shape[-1] - 1,)
 
     return InputRecorder
+
+
+def weights_log(progress_dir: str, task: str):
+    """What `train_through_faults` recorded for `task`: per process in order, its (step, flat weights) pairs."""
+    runs = {}
+    with open(os.path.join(progress_dir, f"{task}.weights")) as f:
+        for line in f:
+            pid, step, *values = line.split()
+            runs.setdefault(int(pid), []).append((int(step), [float(v) for v in values]))
+    return list(runs.values())
+
+
+def chief_state(progress_dir: str, step: int):
+    """What the chief held when it saved its checkpoint of `step`: (master variables, inner optimizer variables)."""
+    with np.load(os.path.join(progress_dir, f"chief-state-{step}.npz")) as f:
+        master = [f[f"master_{i}"] for i in range(int(f["num_master"]))]
+        inner = [f[f"optimizer_{i}"] for i in range(len(f.files) - 1 - len(master))]
+    return master, inner
+
+
+def _record_chief_saves(progress_dir: str, optimizer) -> None:
+    """Makes every checkpoint save of this process record what the chief holds in `chief_state`'s file.
+
+    Read from the optimizer's own handles (not the checkpoint's list), in the aggregator's thread at
+    the save, when the master copy and the slots are those of the step saved. Written before the
+    save and renamed into place once it is done (a save skipped, of the step restored, writes
+    nothing): the file of a step is that of its checkpoint on disk, the latest process's.
+    """
+    from tf_backup.chief import checkpoint  # pylint: disable=g-import-not-at-top
+
+    original = checkpoint.Checkpoint.save
+
+    def save(self, step, why, input_positions=None):
+        saved_before = self.saved_step
+        arrays = {f"master_{i}": v.numpy() for i, v in enumerate(optimizer.master_variables)}
+        arrays.update({f"optimizer_{i}": v.numpy() for i, v in enumerate(optimizer.inner_optimizer.variables)})
+        path = os.path.join(progress_dir, f"chief-state-{step}")
+        np.savez(path + f".{os.getpid()}.npz", num_master=len(optimizer.master_variables), **arrays)
+        original(self, step, why, input_positions=input_positions)
+        if step != saved_before:
+            os.replace(path + f".{os.getpid()}.npz", path + ".npz")
+        else:
+            os.remove(path + f".{os.getpid()}.npz")
+
+    checkpoint.Checkpoint.save = save
 
 
 def input_log(progress_dir: str, task: str):
@@ -55,7 +102,10 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
     batch trained on appends `<pid> <position> <step>` to
     `progress_dir/<task>.input` (its position in the worker's shard of
     batches, and the step of the parameters it was computed on), written by
-    the model's first layer as the step runs (`input_log`). A `fit` that raises
+    the model's first layer as the step runs (`input_log`). After every batch
+    it appends `<pid> <step> <weights...>` to `progress_dir/<task>.weights`
+    (the parameters it pulled, flat: `weights_log`), and the chief records what
+    it holds at each checkpoint save (`chief_state`). A `fit` that raises
     `WorkersLostError` writes its message to `progress_dir/<task>.workers_lost`
     first. `chief_dies_after_fit`
     (a marker file's path): the chief's first process exits 1 once its fit
@@ -86,15 +136,22 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
                                   common.regression_model(keras)])
         optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.05, momentum=0.9))
         model.compile(optimizer=optimizer, loss="mse", jit_compile=False)
+        if strategy.is_chief and checkpoint_dir:
+            _record_chief_saves(progress_dir, optimizer)
         optimizer.build(model.trainable_variables)  # restores the checkpoint, joins the job
     initial_step = strategy.initial_step
     restored_optimizer = [v.numpy() for v in optimizer.inner_optimizer.variables]
+    restored_master = [v.numpy() for v in optimizer.master_variables] if strategy.is_chief else None
+    weights_path = os.path.join(progress_dir, f"{task}.weights")
 
     class Progress(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
             time.sleep(compute_seconds)
 
         def on_train_batch_end(self, batch, logs=None):
+            flat = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+            with open(weights_path, "a") as f:  # repr: a float32 read back exactly
+                f.write(f"{os.getpid()} {strategy.counters().step} {' '.join(repr(float(v)) for v in flat)}\n")
             common.write_atomic(os.path.join(progress_dir, f"{task}.step"), str(int(logs["global_step"])))
 
     def with_position(position, batch):  # the position as the features' last column
@@ -124,6 +181,7 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         result["events"] = [(e.worker, e.event, e.step, e.last_step) for e in strategy.worker_events()]
         result["contributions"] = [(r.step, r.contributions) for r in strategy.step_history()]
         result["restored_optimizer"] = restored_optimizer
+        result["restored_master"] = restored_master
         result["master"] = [v.numpy() for v in optimizer.master_variables]
         result["wake_queue_sizes"] = strategy.extended.latest_binding().state.wake_queue_sizes()
     return result
