@@ -25,7 +25,9 @@ setuptools.setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "pyflakes>=3"],  # CI lints with pyflakes, then runs pytest
+        # CI lints with pyflakes, then runs pytest; kubernetes-validate bundles the Kubernetes API schemas
+        # (1.37 and older) that tests/test_deploy.py checks deploy/kubernetes/ against, offline.
+        "test": ["pytest>=8", "pyflakes>=3", "kubernetes-validate>=1.37", "jsonschema>=4.18", "pyyaml>=6"],
         "bench": ["matplotlib>=3.8"],  # plots of `python -m benchmarks.run`; skipped with a notice without it
     },
 )

@@ -106,7 +106,7 @@ def check_bandwidth_smoke(out):
         assert 0.85 * value <= float(r[key + "_per_step"]) <= 1.15 * value, (key, r)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_mwms_and_tf_backup_train_the_same_task_alike():
     """The time-to-accuracy comparison with MWMS is fair: same data, model and optimizer step for step.
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -279,6 +280,40 @@ def test_the_update_on_two_ps_tasks_in_bfloat16_trains_checkpoints_and_resumes(t
     resumed = json.loads((model_dir / "summary.json").read_text())
     assert resumed["resumed_from_step"] == 12 and resumed["steps"] == 16
     assert resumed["test_loss"] <= summary["test_loss"] * 1.5
+
+
+def readme_main_output_patterns():
+    """The main job's output as the README shows it, each line a regular expression (its numbers any)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    [block] = re.findall(r"The main job starts .*?\n```\n(.*?)```", readme, re.S)
+    patterns = []
+    for line in block.splitlines():
+        line = line.rstrip()
+        open_end = line.endswith("...")
+        pattern = re.sub(r"\\\.\\\.\\\.$", "", re.escape(line))
+        pattern = re.sub(r"\d+(\\\.\d+)?", r"[0-9.]+", pattern)
+        patterns.append("^" + pattern + ("" if open_end else "$"))
+    assert len(patterns) == 3, block
+    return patterns
+
+
+@pytest.mark.cluster
+def test_the_main_command_with_fewer_epochs_prints_the_readmes_summary(tmp_path):
+    """`tf-backup-train` as the README runs it (the CNN on MNIST-1D, 4 + 1 workers, exponential stragglers),
+    with 3 epochs instead of 30: the summary the README shows, backups that mattered, a model that learnt."""
+    out = run_binary(f"--model_dir={tmp_path}", "--epochs=3", timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["dataset"] == "mnist1d" and summary["config"]["model"]["kind"] == "cnn"
+    assert (summary["num_workers"], summary["replicas_to_aggregate"]) == (5, 4)
+    assert summary["steps"] == 3 * 32
+    assert sum(summary["gradients"]["dropped"]) > 0  # the exponential stragglers made backups useful
+    # Chance is 0.1; this job had 0.54 after 117 steps in benchmarks/results/full/time_to_accuracy.csv.
+    assert summary["test_accuracy"] >= 0.3, summary["test_accuracy"]
+    lines = out.stdout.splitlines()
+    for pattern in readme_main_output_patterns():
+        assert any(re.match(pattern, line) for line in lines), (pattern, out.stdout[-3000:])
 
 
 @pytest.mark.slow
