@@ -17,10 +17,10 @@ setuptools.setup(
     # tf_backup uses TensorFlow internals (see tf_backup/frontend/_tf_internal.py):
     # the supported versions are declared here and nowhere else.
     install_requires=[
-        "tensorflow>=2.21,<2.22",
+        "tensorflow>=2.16,<2.22",
         "keras>=3.15,<4",
         "tensorflow-datasets>=4.9",
-        "tensorboard>=2.21",  # the trainers write TensorBoard scalars; TF 2.21 no longer pulls it in
+        "tensorboard>=2.16",  # the trainers write TensorBoard scalars; TF 2.21 no longer pulls it in
         "absl-py>=2.0",
         "numpy>=1.26",
     ],
