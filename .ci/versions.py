@@ -209,7 +209,7 @@ def commit() -> str:
                                                                                        "setup.py") else "")
 
 
-def table(results: List[Result], argv: List[str], started: datetime.datetime) -> str:
+def table(results: List[Result], argv: List[str], started: datetime.datetime, tested: str) -> str:
     lines = [
         "# TensorFlow releases tf_backup was checked on",
         "",
@@ -223,7 +223,7 @@ def table(results: List[Result], argv: List[str], started: datetime.datetime) ->
         f"- command: `python .ci/versions.py {' '.join(argv)}`",
         f"- machine: {machine()}",
         f"- date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- commit: {commit()}",
+        f"- commit: {tested}",
         "",
         "| TensorFlow | Keras | Python | required | passed | failed | tests' time | install time |",
         "|---|---|---|---|---|---|---|---|",
@@ -257,7 +257,7 @@ def main(argv: List[str]) -> int:
         if not sep or not keras:
             parser.error(f"--keras takes RELEASE=KERAS. Received: {item!r}")
         pins[release] = keras
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started, tested = datetime.datetime.now(datetime.timezone.utc), commit()  # the code as the tests found it
     results = [Result(r, False) for r in args.releases] + [Result(r, True) for r in args.watched if r]
     os.makedirs(args.venvs, exist_ok=True)
     for result in results:  # every install first: pip needs no CPU lock, and a failed one shows at once
@@ -266,7 +266,7 @@ def main(argv: List[str]) -> int:
         check(result, args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        f.write(table(results, argv, started))
+        f.write(table(results, argv, started, tested))
     print(f"versions: table written to {args.out}")
     return 0 if all(r.ok for r in results if not r.watched) else 1
 

@@ -1,7 +1,10 @@
 """Every private TensorFlow and Keras import tf_backup makes, in one place.
 
 A TensorFlow or Keras upgrade that moves one of these touches this file only.
-The supported versions are declared in `setup.py`.
+The supported versions are declared in `setup.py`; `.ci/versions.py` checks each
+(docs/versions.md). TensorFlow 2.16 to 2.21 have every name below where 2.21 has
+it, so nothing here depends on the version yet: a check of `tf.__version__`,
+when one is needed, goes in this file and nowhere else.
 """
 
 # pylint: disable=g-direct-tensorflow-import,unused-import
