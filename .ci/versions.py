@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASES = ["2.16.2", "2.17.1", "2.18.1", "2.19.1", "2.20.0", "2.21.0"]
@@ -151,6 +151,11 @@ def test(venv: str, result: Result, junit: str, log, timeout: float, lock: Optio
         except subprocess.TimeoutExpired:
             result.error = f"pytest timed out after {timeout:.0f} s"
         result.seconds = time.monotonic() - start
+    read_report(junit, result)
+
+
+def read_report(junit: str, result: Result) -> None:
+    """The passed and failed tests of a pytest junit file, into `result`."""
     if not os.path.exists(junit):
         result.error = result.error or "pytest wrote no report (see the log)"
         return
@@ -209,7 +214,8 @@ def commit() -> str:
                                                                                        "setup.py") else "")
 
 
-def table(results: List[Result], argv: List[str], started: datetime.datetime, tested: str) -> str:
+def table(results: List[Result], argv: List[str], started: datetime.datetime, tested: str,
+          not_run: Sequence[str] = ()) -> str:
     lines = [
         "# TensorFlow releases tf_backup was checked on",
         "",
@@ -234,6 +240,8 @@ def table(results: List[Result], argv: List[str], started: datetime.datetime, te
         total = len(r.passed) + len(r.failed)
         lines.append(f"| {shown} | {r.keras or '-'} | {r.python or '-'} | {'watched' if r.watched else 'yes'} | "
                      f"{len(r.passed)}/{total} | {failed} | {r.seconds / 60:.1f} min | {r.install_seconds / 60:.1f} min |")
+    if not_run:
+        lines += ["", f"Not run yet (the run was stopped, or is still going): {', '.join(not_run)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -262,11 +270,11 @@ def main(argv: List[str]) -> int:
     os.makedirs(args.venvs, exist_ok=True)
     for result in results:  # every install first: pip needs no CPU lock, and a failed one shows at once
         prepare(result, args, pins.get(result.release, ""))
-    for result in results:
-        check(result, args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(table(results, argv, started, tested))
+    for i, result in enumerate(results):
+        check(result, args)
+        with open(args.out, "w") as f:  # after each release: a run stopped early keeps what it found
+            f.write(table(results[:i + 1], argv, started, tested, not_run=[r.release for r in results[i + 1:]]))
     print(f"versions: table written to {args.out}")
     return 0 if all(r.ok for r in results if not r.watched) else 1
 
