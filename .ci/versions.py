@@ -96,12 +96,14 @@ def locked(path: Optional[str]):
 
 
 def tensorflow_range() -> Tuple[str, str]:
-    """setup.py's TensorFlow requirement, `tensorflow>=LOW,<HIGH`: (LOW, HIGH)."""
+    """setup.py's TensorFlow requirement, `tensorflow>=LOW,<HIGH` (with any `!=` exclusions): (LOW, HIGH)."""
     (req,) = [r for r in requirements() if name_of(r) == "tensorflow"]
-    found = re.fullmatch(r"tensorflow>=([\d.]+),<([\d.]+)", req.replace(" ", ""))
-    if not found:
+    parts = req.replace(" ", "")[len("tensorflow"):].split(",")
+    low = [p[2:] for p in parts if p.startswith(">=")]
+    high = [p[1:] for p in parts if p.startswith("<") and not p.startswith("<=")]
+    if len(low) != 1 or len(high) != 1:
         raise RuntimeError(f"setup.py: expected tensorflow>=LOW,<HIGH. Found: {req!r}")
-    return found.group(1), found.group(2)
+    return low[0], high[0]
 
 
 def tensorflow_requirement(release: str) -> List[str]:
@@ -238,8 +240,9 @@ def table(results: List[Result], argv: List[str], started: datetime.datetime, te
         shown = r.release if r.tensorflow in ("", r.release) else f"{r.release} ({r.tensorflow})"
         failed = r.error or ("; ".join(f"`{t}`: {why}" for t, why in sorted(r.failed.items())) or "none")
         total = len(r.passed) + len(r.failed)
+        install = f"{r.install_seconds / 60:.1f} min" if r.install_seconds else "-"  # "-": not measured
         lines.append(f"| {shown} | {r.keras or '-'} | {r.python or '-'} | {'watched' if r.watched else 'yes'} | "
-                     f"{len(r.passed)}/{total} | {failed} | {r.seconds / 60:.1f} min | {r.install_seconds / 60:.1f} min |")
+                     f"{len(r.passed)}/{total} | {failed} | {r.seconds / 60:.1f} min | {install} |")
     if not_run:
         lines += ["", f"Not run yet (the run was stopped, or is still going): {', '.join(not_run)}."]
     return "\n".join(lines) + "\n"

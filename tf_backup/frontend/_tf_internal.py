@@ -2,9 +2,10 @@
 
 A TensorFlow or Keras upgrade that moves one of these touches this file only.
 The supported versions are declared in `setup.py`; `.ci/versions.py` checks each
-(docs/versions.md). TensorFlow 2.16 to 2.21 have every name below where 2.21 has
-it, so nothing here depends on the version yet: a check of `tf.__version__`,
-when one is needed, goes in this file and nowhere else.
+(docs/versions.md). The TensorFlow modules below differ between 2.16.2 and 2.21.0
+in comments and one TPU method tf_backup does not call, so nothing here depends
+on the version yet: a check of `tf.__version__`, when one is needed, goes in
+this file and nowhere else.
 """
 
 # pylint: disable=g-direct-tensorflow-import,unused-import
