@@ -14,13 +14,14 @@ setuptools.setup(
     package_data={"configs": ["*.json"]},
     entry_points={"console_scripts": ["tf-backup-train = trainers.train:run"]},
     python_requires=">=3.10",
-    # tf_backup uses TensorFlow internals (see tf_backup/frontend/_tf_internal.py):
-    # the supported versions are declared here and nowhere else.
+    # tf_backup uses TensorFlow internals (see tf_backup/frontend/_tf_internal.py): the supported
+    # versions are declared here and nowhere else, exactly those `.ci/versions.py` passed
+    # (docs/versions.md; tests/test_versions.py holds the two together).
     install_requires=[
-        "tensorflow>=2.21,<2.22",
+        "tensorflow>=2.16,<2.22,!=2.19.*",  # docs/versions.md: what passed (2.19: not run yet)
         "keras>=3.15,<4",
         "tensorflow-datasets>=4.9",
-        "tensorboard>=2.21",  # the trainers write TensorBoard scalars; TF 2.21 no longer pulls it in
+        "tensorboard>=2.16",  # the trainers write TensorBoard scalars; TF 2.21 no longer pulls it in
         "absl-py>=2.0",
         "numpy>=1.26",
     ],

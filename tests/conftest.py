@@ -19,3 +19,5 @@ def pytest_configure(config):
         "markers", "cluster: starts a real localhost cluster of TensorFlow processes (~20-40 s)")
     config.addinivalue_line(
         "markers", "slow: long-running; not in the default run (select with -m slow)")
+    config.addinivalue_line(
+        "markers", "compat: the compatibility subset run on every TensorFlow release (.ci/versions.py)")

@@ -22,6 +22,7 @@ import programs.core
 import programs.embedding
 
 
+@pytest.mark.compat
 def test_in_compiled_context_is_true_only_while_tracing_an_xla_function():
     seen = {}
 
@@ -59,6 +60,7 @@ def _exchanging_iterator(strategy, counter, elements=10):
     return iterator
 
 
+@pytest.mark.compat
 def test_the_iterator_runs_the_exchange_before_each_batch_inside_tf_functions():
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     counter = _CountingExtended()
@@ -109,6 +111,7 @@ def test_the_compiled_function_has_no_py_function_and_no_ps_op_and_the_host_exch
     assert out["global_step"] == 1 and out["stats"]["pushed"] == [1] and out["stats"]["taken"] == [1]
 
 
+@pytest.mark.compat
 @pytest.mark.cluster
 def test_xla_3_workers_0_backup_equal_large_batch_sgd_and_adam_also_several_steps_per_execution():
     steps = 6

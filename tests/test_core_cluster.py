@@ -18,6 +18,7 @@ import programs.core
 pytestmark = pytest.mark.cluster
 
 
+@pytest.mark.compat
 def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
     steps = 6
     out = tf_backup.launch_local(
@@ -67,6 +68,7 @@ def train_with_slow_worker_3(steps, **kwargs):
     return results
 
 
+@pytest.mark.compat
 def test_3_workers_1_backup_drops_every_gradient_of_the_slow_worker():
     steps = 20
     results = train_with_slow_worker_3(steps, slow_seconds=0.3, barrier=True)

@@ -115,6 +115,7 @@ def latest_checkpoint_step(directory) -> int:
     return int(tf.train.load_variable(path, "global_step/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_killed_backup_worker_loses_no_step(tmp_path, seed):
     """3 workers, b = 1: worker 2 is killed mid-training; the others finish all steps."""

@@ -58,6 +58,7 @@ def check_counts(stats: dict, steps: int, num_workers: int) -> None:
     assert (num_workers - 1) * steps <= sum(stats["taken"]) <= num_workers * steps
 
 
+@pytest.mark.compat
 @pytest.mark.cluster
 def test_the_readme_example_trains_with_its_ps_code_on_a_local_cluster():
     import tf_backup  # pylint: disable=g-import-not-at-top

@@ -206,6 +206,7 @@ def test_cancel_and_restart_stragglers_are_exclusive(tmp_path):
     assert "at most one of --cancel_stragglers" in out.stderr and "--restart_stragglers" in out.stderr
 
 
+@pytest.mark.compat
 @pytest.mark.cluster
 def test_short_run_on_a_local_cluster_writes_a_consistent_summary(tmp_path):
     summary_path = tmp_path / "summary.json"

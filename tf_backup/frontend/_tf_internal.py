@@ -1,7 +1,11 @@
 """Every private TensorFlow and Keras import tf_backup makes, in one place.
 
 A TensorFlow or Keras upgrade that moves one of these touches this file only.
-The supported versions are declared in `setup.py`.
+The supported versions are declared in `setup.py`; `.ci/versions.py` checks each
+(docs/versions.md). The TensorFlow modules below differ between 2.16.2 and 2.21.0
+in comments and one TPU method tf_backup does not call, so nothing here depends
+on the version yet: a check of `tf.__version__`, when one is needed, goes in
+this file and nowhere else.
 """
 
 # pylint: disable=g-direct-tensorflow-import,unused-import
