@@ -170,4 +170,16 @@ def compiled_step_errors(local_devices: int = 1):
         strategy.extended.exchange_pending()
 
     record("two_steps_one_exchange", twice)
+
+    # An Embedding model compiled with XLA, fed batches of no fixed size: its rows cannot go through
+    # buffers of a fixed size (refused when the step is first traced, before anything is pushed).
+    from programs import embedding  # pylint: disable=g-import-not-at-top
+    tokens, targets = embedding.embedding_data(4 * common.BATCH)
+    with strategy.scope():
+        tables = embedding.embedding_model(keras)
+        tables.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                       jit_compile=True)
+    ragged = tf.data.Dataset.from_tensor_slices((tokens, targets)).batch(common.BATCH).repeat()  # no drop_remainder
+    record("embedding_without_drop_remainder", lambda: tables.fit(
+        strategy.distribute_dataset(ragged), epochs=1, steps_per_epoch=2, verbose=0))
     return out
