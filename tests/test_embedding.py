@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tf_backup
+from tf_backup.local import failures
 import programs.common
 import programs.embedding
 
@@ -148,16 +149,22 @@ def test_a_restarted_ps_or_chief_with_embedding_tables_makes_the_chief_fail_sayi
     with cluster:
         cluster.start()
         wait_for_step(cluster, str(progress), "worker-0", 12)  # past two checkpoints (every 5 steps)
-        cluster.kill(victim)
-        cluster.restart(victim)
+        cluster.restart(victim)  # killed (SIGKILL), then started again with the same TF_CONFIG
+        if victim == "ps-0":
+            # Worker 1's next push of rows meets the empty ps (PsRestartedError) and it fails: the chief's
+            # own error is the one that must say why, so it is read from its record, not the first failure.
+            deadline = time.monotonic() + 120
+            while cluster.returncodes()["worker-0"] is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert cluster.returncodes()["worker-0"] == 1, cluster.log("worker-0")[-3000:]
+            record = failures.read_error_record(cluster.error_paths["worker-0"])
+            assert record["type"] == "tf_backup.errors.PsUnavailableError", record
+            assert ("cannot be written again after a ps restart: the Embedding tables of `sparse_variables` are "
+                    "not supported by ps_restart_timeout yet") in record["message"], record
+            return
         with pytest.raises(tf_backup.LocalClusterError) as failure:
             cluster.wait(timeout=180)
     assert failure.value.task == "worker-0", str(failure.value)
-    if victim == "ps-0":
-        assert failure.value.error.startswith("tf_backup.errors.PsUnavailableError: "), failure.value.error
-        assert ("cannot be written again after a ps restart: the Embedding tables of `sparse_variables` are not "
-                "supported by ps_restart_timeout yet") in failure.value.error
-    else:
-        assert failure.value.error.startswith(
-            "builtins.ValueError: chief_rejoins=True does not support a SyncReplicasOptimizer with Embedding "
-            "tables in `sparse_variables` yet"), failure.value.error
+    assert failure.value.error.startswith(
+        "builtins.ValueError: chief_rejoins=True does not support a SyncReplicasOptimizer with Embedding "
+        "tables in `sparse_variables` yet"), failure.value.error
