@@ -1,6 +1,7 @@
 """Reading clusters from TensorFlow cluster resolvers (no processes started)."""
 
 import json
+import re
 import sys
 import subprocess
 import os
@@ -59,6 +60,45 @@ def test_bad_clusters_are_refused_with_the_reason(jobs, task, message):
     with pytest.raises(ValueError) as info:
         cluster_lib.cluster_info_from_resolver(resolver(jobs, *task))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("jobs, task, message", [
+    ({"worker": {0: "h0:1000", 2: "h2:1002"}, "ps": ["p0:2000"]}, ("worker", 0),
+     "Job `worker` must have tasks 0..1 without gaps. Received task indices [0, 2]"),
+    ({"worker": ["h0:1000"], "ps": {1: "p1:2001"}}, ("worker", 0), "Received task indices [1]"),
+    ({"worker": ["h0:1000", "h0:1000"], "ps": ["p0:2000"]}, ("worker", 0),
+     "Tasks /job:worker/task:0 and /job:worker/task:1 have the same address: each task needs its own "
+     "'host:port'. Received address='h0:1000'"),
+    ({"chief": ["h0:1000"], "worker": ["h1:1001"], "ps": ["h0:1000"]}, ("worker", 0),
+     "Tasks /job:chief/task:0 and /job:ps/task:0 have the same address"),
+])
+def test_gaps_in_task_indices_and_shared_addresses_are_refused_naming_them(jobs, task, message):
+    with pytest.raises(ValueError) as info:
+        cluster_lib.cluster_info_from_resolver(resolver(jobs, *task))
+    assert message in str(info.value)
+
+
+def test_a_tf_config_with_gaps_in_task_indices_is_refused_naming_them(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": {"0": "h0:1000", "2": "h2:1002"},
+                                                            "ps": ["p0:2000"]}, "task": {"type": "worker", "index": 0}}))
+    with pytest.raises(ValueError, match=re.escape("Job `worker` must have tasks 0..1 without gaps. Received task "
+                                                   "indices [0, 2]")):
+        cluster_lib.cluster_info_from_resolver(tf.distribute.cluster_resolver.TFConfigClusterResolver())
+
+
+@pytest.mark.parametrize("index", ["1", 1.5, 1.0, True, None, "one"])
+def test_a_tf_config_task_index_that_is_not_an_integer_is_refused_naming_it(monkeypatch, index):
+    # TensorFlow's resolver would read 1.5 as task 1, and fail on "one" without naming TF_CONFIG.
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": JOBS, "task": {"type": "worker", "index": index}}))
+    with pytest.raises(TypeError, match=re.escape(f"TF_CONFIG's task index must be an integer. Received "
+                                                  f"index={index!r} in TF_CONFIG's task=")):
+        cluster_lib.cluster_info_from_resolver(tf.distribute.cluster_resolver.TFConfigClusterResolver())
+
+
+@pytest.mark.parametrize("task_id", ["1", 1.5])
+def test_a_resolvers_task_id_that_is_not_an_integer_is_refused_naming_it(task_id):
+    with pytest.raises(TypeError, match=re.escape(f"`task_id` must be an integer. Received task_id={task_id!r}")):
+        cluster_lib.cluster_info_from_resolver(resolver(JOBS, "worker", task_id))
 
 
 def test_a_resolver_is_required():

@@ -231,6 +231,11 @@ def test_compiled_steps_that_cannot_work_raise_errors_that_say_what_to_do():
     kind, message = out["two_steps_one_exchange"]  # raised in the exchange's py_function
     assert "ExchangeError" in kind + message and "1 were never pushed" in message
     (out,) = tf_backup.launch_local(programs.compiled.compiled_step_errors, num_workers=1,
+                                    kwargs=dict(embedding=True), timeout=180)
+    kind, message = out["embedding_without_drop_remainder"]  # refused as the step is traced, naming the fix
+    assert kind == "ValueError", (kind, message)
+    assert "this step's row counts are not static ([(None,)" in message and "drop_remainder=True" in message
+    (out,) = tf_backup.launch_local(programs.compiled.compiled_step_errors, num_workers=1,
                                     kwargs=dict(local_devices=2), timeout=180)
     kind, message = out["keras_jit_several_devices"]
     assert kind == "ValueError" and "one XLA program" in message and "jit_compile=True" in message

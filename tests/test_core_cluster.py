@@ -50,6 +50,27 @@ def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
             np.testing.assert_array_equal(master, final)
     # The weights moved: the test would catch an engine that applied nothing.
     assert abs(float(out[0]["results"][0]["weights"][0][0, 0])) > 0.1
+    # A running strategy's public calls refuse a bad value at once, naming the argument and the value.
+    refused = {
+        "distribute_dataset(resume_input='yes')": ("TypeError", "`resume_input` must be a bool. Received resume_input='yes'"),
+        "distribute_dataset(resume_input=1)": ("TypeError", "`resume_input` must be a bool. Received resume_input=1"),
+        "distribute_dataset(options=tf.data.Options())": (
+            "TypeError", "`options` must be a tf.distribute.InputOptions or None. Received options=<"),
+        "distribute_dataset(list)": ("TypeError", "`dataset` must be a tf.data.Dataset. Received dataset=[1, 2]"),
+        "sleep_unless_superseded(-1)": ("ValueError", "`seconds` must be a finite number of seconds >= 0. "
+                                                      "Received seconds=-1"),
+        "sleep_unless_superseded(nan)": ("ValueError", "Received seconds=nan"),
+        "sleep_unless_superseded(inf)": ("ValueError", "Received seconds=inf"),
+        "sleep_unless_superseded('0.1')": ("ValueError", "Received seconds='0.1'"),
+        "sleep_unless_superseded(None)": ("ValueError", "Received seconds=None"),
+        "wait_for_fit_end(timeout=-1)": ("ValueError", "Received timeout=-1"),
+    }
+    assert set(programs.core.REFUSED_CALLS) == set(refused)
+    for worker in out:
+        for case, (kind, message) in refused.items():
+            assert worker["refusals"][case] is not None, case
+            assert worker["refusals"][case][0] == kind and message in worker["refusals"][case][1], (
+                case, worker["refusals"][case])
 
 
 def train_with_slow_worker_3(steps, **kwargs):

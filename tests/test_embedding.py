@@ -1,6 +1,7 @@
 """Embedding models (IndexedSlices gradients) train through model.fit on a cluster."""
 
 import os
+import time
 
 import keras
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tf_backup
+from tf_backup.local import failures
 import programs.common
 import programs.embedding
 
@@ -114,3 +116,55 @@ def test_embedding_tables_and_their_slots_are_checkpointed_and_restored(tmp_path
             np.testing.assert_array_equal(restored, final)
         assert worker["stats"]["global_step"] == 8
     assert tf.train.latest_checkpoint(os.path.join(checkpoints, "opt0")).endswith("ckpt-8")
+
+
+def wait_for_step(cluster, progress_dir, task: str, step: int, timeout: float = 120.0) -> None:
+    """Polls `task`'s `<task>.step` until it reports `step` (fails if a task fails or after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    path = os.path.join(progress_dir, f"{task}.step")
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                if int(f.read() or -1) >= step:
+                    return
+        except FileNotFoundError:
+            pass
+        failed = {n: c for n, c in cluster.returncodes().items() if c not in (None, 0)}
+        assert not failed, f"tasks failed before step {step}: {failed}\n{cluster.log('worker-0')[-3000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"{task} did not reach step {step} in {timeout} s:\n{cluster.log(task)[-3000:]}")
+
+
+@pytest.mark.parametrize("victim", ["ps-0", "worker-0"])
+def test_a_restarted_ps_or_chief_with_embedding_tables_makes_the_chief_fail_saying_so(tmp_path, victim):
+    """Not yet supported (docs/faults.md): a ps written again under ps_restart_timeout, a chief rejoining
+    its job under chief_rejoins. The chief fails with the tf_backup error that says so, naming the setting."""
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    setting = dict(ps_restart_timeout=10.0) if victim == "ps-0" else dict(chief_rejoins=True)
+    cluster = tf_backup.LocalCluster(
+        programs.embedding.train_embedding_through_a_fault, num_workers=2, args=(400, str(progress)),
+        kwargs=dict(setting, checkpoint_dir=str(tmp_path / "checkpoints")), log_dir=str(tmp_path / "logs"),
+        serve_kwargs=dict(setting))
+    with cluster:
+        cluster.start()
+        wait_for_step(cluster, str(progress), "worker-0", 12)  # past two checkpoints (every 5 steps)
+        cluster.restart(victim)  # killed (SIGKILL), then started again with the same TF_CONFIG
+        if victim == "ps-0":
+            # Worker 1's next push of rows meets the empty ps (PsRestartedError) and it fails: the chief's
+            # own error is the one that must say why, so it is read from its record, not the first failure.
+            deadline = time.monotonic() + 120
+            while cluster.returncodes()["worker-0"] is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert cluster.returncodes()["worker-0"] == 1, cluster.log("worker-0")[-3000:]
+            record = failures.read_error_record(cluster.error_paths["worker-0"])
+            assert record["type"] == "tf_backup.errors.PsUnavailableError", record
+            assert ("cannot be written again after a ps restart: the Embedding tables of `sparse_variables` are "
+                    "not supported by ps_restart_timeout yet") in record["message"], record
+            return
+        with pytest.raises(tf_backup.LocalClusterError) as failure:
+            cluster.wait(timeout=180)
+    assert failure.value.task == "worker-0", str(failure.value)
+    assert failure.value.error.startswith(
+        "builtins.ValueError: chief_rejoins=True does not support a SyncReplicasOptimizer with Embedding "
+        "tables in `sparse_variables` yet"), failure.value.error

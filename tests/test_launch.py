@@ -67,6 +67,63 @@ def test_bad_arguments_fail_before_any_process_starts():
         tf_backup.launch_local(programs.launch.sleep_forever, num_workers=1, timeout=0)
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(num_workers=0), ValueError, "num_workers=0"),
+    (dict(num_workers=True), TypeError, "num_workers=True"),
+    (dict(num_ps=1.0), TypeError, "num_ps=1.0"),
+    (dict(num_ps=0), ValueError, "num_ps=0"),
+    (dict(args=3), TypeError, "`args` must be a tuple or a list. Received args=3"),
+    (dict(kwargs=[1]), TypeError, "kwargs=\\[1\\]"),
+    (dict(timeout=0), ValueError, "timeout=0"),
+    (dict(timeout="60"), ValueError, "timeout='60'"),
+    (dict(timeout=float("nan")), ValueError, "timeout=nan"),
+    (dict(ps_exit_grace=-1), ValueError, "`ps_exit_grace` must be a finite number of seconds >= 0. "
+                                         "Received ps_exit_grace=-1"),
+    (dict(ps_exit_grace=float("inf")), ValueError, "ps_exit_grace=inf"),
+    (dict(ps_exit_grace="10"), ValueError, "ps_exit_grace='10'"),
+    (dict(max_failed_workers=2), ValueError, "max_failed_workers=2"),
+    (dict(max_failed_workers=-1), ValueError, "max_failed_workers=-1"),
+    (dict(max_failed_workers=1.0), TypeError, "max_failed_workers=1.0"),
+    (dict(max_failed_workers=True), TypeError, "max_failed_workers=True"),
+    (dict(max_restarts=-1), ValueError, "max_restarts=-1"),
+    (dict(max_restarts="2"), TypeError, "max_restarts='2'"),
+    (dict(restart_delay=-1), ValueError, "restart_delay=-1"),
+    (dict(restart_delay=float("nan")), ValueError, "restart_delay=nan"),
+    (dict(echo="worker-3"), ValueError, "echo='worker-3'"),
+])
+def test_launch_local_refuses_bad_arguments_before_any_process_starts(tmp_path, kwargs, error, message):
+    log_dir = tmp_path / "logs"
+    with pytest.raises(error, match=message):
+        tf_backup.launch_local(programs.launch.sleep_forever, **dict(dict(num_workers=2, log_dir=str(log_dir)), **kwargs))
+    assert not log_dir.exists()  # nothing started
+
+
+def test_local_cluster_wait_refuses_bad_arguments_before_it_supervises(tmp_path):
+    cluster = tf_backup.LocalCluster(programs.launch.sleep_forever, num_workers=2, num_ps=0, log_dir=str(tmp_path))
+    for kwargs, message in [(dict(ps_exit_grace=float("nan")), "ps_exit_grace=nan"),
+                            (dict(max_failed_workers=2), "max_failed_workers=2")]:
+        with pytest.raises(ValueError, match=message):
+            cluster.wait(**kwargs)  # never started: a wait that supervised would find no process
+
+
+def test_max_failed_workers_lets_that_many_workers_fail_and_no_more(tmp_path):
+    """3 workers: with max_failed_workers=1 the run goes on without worker 1; with 2 failing, it fails naming one.
+
+    (With the default 0, one failed worker fails the run: test_failing_worker_raises_with_its_log_and_kills_the_rest.)
+    """
+    with tf_backup.LocalCluster(programs.launch.fail_on_workers, num_workers=3, num_ps=0, args=((1,),),
+                                log_dir=str(tmp_path / "one")) as cluster:
+        assert cluster.start().wait(timeout=120, max_failed_workers=1) == ["worker-0", None, "worker-2"]
+        assert cluster.returncodes() == {"worker-0": 0, "worker-1": 1, "worker-2": 0}
+    with tf_backup.LocalCluster(programs.launch.fail_on_workers, num_workers=3, num_ps=0, args=((1, 2),),
+                                log_dir=str(tmp_path / "two")) as cluster:
+        with pytest.raises(tf_backup.LocalClusterError) as failure:
+            cluster.start().wait(timeout=120, max_failed_workers=1)
+        assert failure.value.task in ("worker-1", "worker-2") and failure.value.exit_code == 1
+        assert failure.value.error == f"builtins.RuntimeError: {failure.value.task} broke on purpose"
+        assert f"Task {failure.value.task} of the local cluster failed (exit code 1)" in str(failure.value)
+
+
 def test_a_task_process_cannot_launch_a_cluster(monkeypatch):
     monkeypatch.setenv("TF_BACKUP_TASK", "worker-0")
     with pytest.raises(RuntimeError, match="if __name__ == \"__main__\""):

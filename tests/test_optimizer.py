@@ -26,6 +26,12 @@ def test_bad_inner_optimizer_is_a_type_error():
     (dict(clipnorm=1.0), ValueError, "set `clipnorm` on the inner `optimizer`"),
     (dict(learning_rate=0.1), ValueError, "set `learning_rate` on the inner `optimizer`"),
     (dict(momentum=0.9), TypeError, "unexpected arguments: \\['momentum'\\]"),
+    (dict(replicas_to_aggregate=float("nan")), TypeError, "replicas_to_aggregate=nan"),
+    (dict(total_num_replicas=True), TypeError, "total_num_replicas=True"),
+    (dict(total_num_replicas=-1), ValueError, "total_num_replicas=-1"),
+    (dict(sparse_variables=3), TypeError, "sparse_variables=3"),
+    (dict(sparse_variables="table"), TypeError, "sparse_variables='table'"),
+    (dict(name=3), TypeError, "`name` must be a string or None. Received name=3"),
 ])
 def test_bad_arguments_name_the_argument_and_value(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -94,18 +100,39 @@ def test_restart_superseded_refuses_an_optimizer_with_sparse_tables():
         binding.restart_superseded()
 
 
-def test_an_optimizer_naming_n_under_an_adaptive_strategy_is_refused():
-    import types  # pylint: disable=g-import-not-at-top
-
+@pytest.mark.parametrize("config, kwargs, message", [
+    (dict(replicas_to_aggregate=4, num_workers=4, adaptive=(2, 4)), dict(replicas_to_aggregate=3),
+     "chooses N every step.*replicas_to_aggregate=3"),
+    (dict(replicas_to_aggregate=1, num_workers=3, staleness_check=False), dict(replicas_to_aggregate=2),
+     "An asynchronous BackupWorkerStrategy applies every gradient: `replicas_to_aggregate` must be 1 or None. "
+     "Received replicas_to_aggregate=2"),
+    (dict(replicas_to_aggregate=3, num_workers=3), dict(replicas_to_aggregate=4),
+     "must not exceed the number of workers \\(3\\). Received replicas_to_aggregate=4"),
+    (dict(replicas_to_aggregate=3, num_workers=3), dict(total_num_replicas=4),
+     "must equal the number of workers of the BackupWorkerStrategy \\(3\\). Received total_num_replicas=4"),
+])
+def test_an_optimizer_whose_counts_do_not_fit_the_strategy_is_refused_at_build(config, kwargs, message):
     from tf_backup.frontend import binding  # pylint: disable=g-import-not-at-top
     from tf_backup.protocol import config as config_lib  # pylint: disable=g-import-not-at-top
 
-    config = config_lib.ProtocolConfig(replicas_to_aggregate=4, num_workers=4,
-                                       adaptive=config_lib.AdaptiveSettings(n_min=2, n_max=4))
-    strategy = types.SimpleNamespace(extended=types.SimpleNamespace(config=config), num_workers=4,
-                                     asynchronous=False)
-    assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD()), strategy) is config
-    assert config.min_replicas == 2
-    with pytest.raises(ValueError, match="chooses N every step.*replicas_to_aggregate=3"):
-        binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), replicas_to_aggregate=3),
-                               strategy)
+    if "adaptive" in config:
+        config["adaptive"] = config_lib.AdaptiveSettings(*config["adaptive"])
+    config = config_lib.ProtocolConfig(**config)
+    assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD()), config) is config
+    with pytest.raises(ValueError, match=message):
+        binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), **kwargs), config)
+
+
+def test_an_optimizer_may_name_its_own_n_and_asynchronous_mode_its_1():
+    from tf_backup.frontend import binding  # pylint: disable=g-import-not-at-top
+    from tf_backup.protocol import config as config_lib  # pylint: disable=g-import-not-at-top
+
+    fixed = config_lib.ProtocolConfig(replicas_to_aggregate=4, num_workers=4)
+    assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), replicas_to_aggregate=3,
+                                                                  total_num_replicas=4), fixed).replicas_to_aggregate == 3
+    asynchronous = config_lib.ProtocolConfig(replicas_to_aggregate=1, num_workers=4, staleness_check=False)
+    assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), replicas_to_aggregate=1),
+                                  asynchronous) == asynchronous
+    adaptive = config_lib.ProtocolConfig(replicas_to_aggregate=4, num_workers=4,
+                                         adaptive=config_lib.AdaptiveSettings(n_min=2, n_max=4))
+    assert adaptive.min_replicas == 2

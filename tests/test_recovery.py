@@ -118,6 +118,23 @@ def test_a_worker_whose_connection_to_ps0_goes_silent_carries_on_in_the_same_gen
     assert chief["events"] == []  # 5 s of silence is not a death (worker_timeout 30 s)
 
 
+def test_without_ps_restart_timeout_a_worker_whose_connection_goes_silent_fails_saying_so():
+    # As above, without ps_restart_timeout: the silent worker's run meets its 5 s deadline and its fit
+    # raises PsUnavailableError naming ps 0 and the deadline; b = 1, so the others train to the end.
+    steps = 40
+    out = launch.launch_local(programs.faults.train_through_a_silent_connection, num_workers=3, timeout=300,
+                              kwargs=dict(steps=steps, silent_worker=1, silent_at=10, ps_restart_timeout=0.0))
+    chief, silent = out[0], out[1]
+    assert silent["error"] == "PsUnavailableError", silent  # not a restarted ps: nothing was lost
+    assert "on /job:ps/replica:0/task:0/device:CPU:0 (grpc://" in silent["message"], silent["message"]
+    assert "did not complete within 5 s (DeadlineExceededError" in silent["message"], silent["message"]
+    assert silent["connections"] >= 1
+    for r in (chief, out[2]):
+        assert r["error"] is None and r["step"] == r["stats"]["global_step"] == steps
+        np.testing.assert_array_equal(r["weights"][0], chief["weights"][0])
+    assert chief["stats"]["pushed"][1] <= 11  # worker 1 trained no more after its silence
+
+
 def test_a_rejoining_chief_keeps_the_workers_slots_and_clears_its_step_marks():
     ctl = Control(WORKERS)
     values = np.arange(ctl.size, dtype=np.int64) + 1

@@ -4,6 +4,7 @@ Every case here fails before the process connects to a cluster, so the test
 process's TensorFlow context stays local.
 """
 
+import re
 import socket
 
 import pytest
@@ -54,10 +55,48 @@ def resolver(num_workers=3, task=("worker", 0), ps_port=1):
     (dict(checkpoint_every_steps=0), ValueError, "checkpoint_every_steps=0"),
     (dict(devices="/device:CPU:0"), TypeError, "devices='/device:CPU:0'"),
     (dict(devices=["/device:GPU:3"]), ValueError, "which this process does not have"),
+    # Every argument refuses a value of the wrong type and one out of its range (bools must be bools,
+    # numbers finite), naming itself and the value.
+    (dict(num_backup_workers="auto", min_replicas_to_aggregate=1.5), TypeError, "min_replicas_to_aggregate=1.5"),
+    (dict(num_backup_workers="auto", max_replicas_to_aggregate="3"), TypeError, "max_replicas_to_aggregate='3'"),
+    (dict(num_backup_workers="auto", max_replicas_to_aggregate=0), ValueError, "max_replicas_to_aggregate=0"),
+    (dict(adaptive_window=True), TypeError, "adaptive_window=True"),
+    (dict(adaptive_window=-5), ValueError, "adaptive_window=-5"),
+    (dict(asynchronous=1), TypeError, "`asynchronous` must be a bool. Received asynchronous=1"),
+    (dict(step_timeout="600"), ValueError, "step_timeout='600'"),
+    (dict(step_timeout=float("nan")), ValueError, "step_timeout=nan"),
+    (dict(startup_timeout=float("inf")), ValueError, "startup_timeout=inf"),
+    (dict(chief_timeout=-1.0), ValueError, "chief_timeout=-1.0"),
+    (dict(poll_interval=0), ValueError, "poll_interval=0"),
+    (dict(poll_interval=True), ValueError, "poll_interval=True"),
+    (dict(worker_timeout=[30]), ValueError, "worker_timeout=\\[30\\]"),
+    (dict(worker_timeout=float("-inf")), ValueError, "worker_timeout=-inf"),
+    (dict(ps_timeout=float("nan")), ValueError, "ps_timeout=nan"),
+    (dict(ps_restart_timeout=float("inf")), ValueError, "ps_restart_timeout=inf"),
+    (dict(chief_rejoins=1), TypeError, "chief_rejoins=1"),
+    (dict(max_steps="10"), TypeError, "max_steps='10'"),
+    (dict(max_steps=-1), ValueError, "max_steps=-1"),
+    (dict(checkpoint_dir=b"/tmp/x"), TypeError, "checkpoint_dir=b'/tmp/x'"),
+    (dict(checkpoint_every_steps=10.0), TypeError, "checkpoint_every_steps=10.0"),
+    (dict(checkpoint_every_steps=-3), ValueError, "checkpoint_every_steps=-3"),
+    (dict(wire_dtype=None), ValueError, "wire_dtype=None"),
+    (dict(wire_dtype="float64"), ValueError, "wire_dtype='float64'"),
+    (dict(apply_on_ps="yes"), TypeError, "`apply_on_ps` must be a bool. Received apply_on_ps='yes'"),
+    (dict(apply_on_ps=True, ps_restart_timeout=60.0), ValueError,
+     "set ps_restart_timeout=0 and chief_rejoins=False.*Received ps_restart_timeout=60.0, chief_rejoins=False"),
+    (dict(apply_on_ps=True, chief_rejoins=True), ValueError, "Received ps_restart_timeout=0.0, chief_rejoins=True"),
+    (dict(devices=[3]), TypeError, "devices=\\[3\\]"),
+    (dict(devices=[]), ValueError, "devices=\\[\\]"),
 ])
 def test_bad_arguments_name_the_argument_and_value(kwargs, error, message):
     with pytest.raises(error, match=message):
         tf_backup.BackupWorkerStrategy(resolver(), **kwargs)
+
+
+@pytest.mark.parametrize("value", ["localhost:1000", {"worker": ["localhost:1000"]}, 3])
+def test_a_cluster_resolver_of_another_type_is_refused_naming_it(value):
+    with pytest.raises(TypeError, match=re.escape(f"Received cluster_resolver={value!r}")):
+        tf_backup.BackupWorkerStrategy(value)
 
 
 def test_ps_task_is_told_to_run_serve():

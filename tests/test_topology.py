@@ -66,6 +66,9 @@ def test_a_non_tpu_resolver_keeps_the_usual_mapping():
     (lambda: topology.with_ps(tpu_resolver(cores=0), PS), ValueError, "tpu_resolver="),
     (lambda: topology.cluster_info(tpu_resolver()), ValueError, "no `ps` job"),
     (lambda: topology.with_ps(tpu_resolver(task_id=8), PS), ValueError, "/job:worker/task:8 is not in"),
+    (lambda: topology.with_ps(tpu_resolver(), [PS[0], HOSTS[2]]), ValueError,
+     "Tasks /job:worker/task:2 and /job:ps/task:1 have the same address: each task needs its own 'host:port'. "
+     "Received address='10.0.0.2:8470'"),
 ])
 def test_bad_tpu_clusters_are_refused_naming_the_argument(make, error, words):
     with pytest.raises(error) as info:

@@ -113,7 +113,27 @@ def test_the_binary_defaults_tensorflows_log_level_before_importing_it(user_leve
     assert out.stdout.split() == [level, "False"], out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("arg", [
+    "--num_workers=0", "--num_workers=1.5", "--min_replicas_to_aggregate=0", "--max_replicas_to_aggregate=-1",
+    "--num_ps=0", "--steps=0", "--epochs=-1", "--batch_size=0", "--batch_size=many", "--learning_rate=nan",
+    "--learning_rate=inf", "--optimizer=lamb", "--mode=fast", "--cancel_stragglers=yes", "--restart_stragglers=2",
+    "--seed=-1", "--local_cluster=yes", "--restart_failed=no", "--ps_restart_timeout=-1",
+    "--ps_restart_timeout=inf", "--ps_restart_timeout=nan", "--chief_rejoins=yes", "--wire_dtype=int8",
+    "--apply_on_ps=on", "--max_restarts=0", "--log_every=0", "--timeout=0.5", "--timeout=nan",
+    "--startup_timeout=inf", "--step_timeout=nan", "--worker_timeout=0", "--chief_timeout=inf",
+    "--checkpoint_every=0", "--jit_compile=yes",
+])
+def test_every_flag_refuses_a_bad_value_when_parsed_naming_it(arg):
+    """Bools must be bools, numbers finite and in range: refused by the parser, before anything starts."""
+    with flagsaver.flagsaver():
+        with pytest.raises(flags.IllegalFlagValueError) as info:
+            flags.FLAGS([train.PROG, arg])
+    assert str(info.value).startswith(f"flag {arg}: "), str(info.value)
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--step_timeout=nan"], "flag --step_timeout=nan: must be a finite number"),
+    (["--chief_rejoins=yes"], "flag --chief_rejoins=yes"),
     (["--num_workers=3", "--num_backup_workers=3"], "--num_backup_workers must be below --num_workers (3)"),
     (["--config=nope"], "--config=nope: no such config"),
     (["--mode=fast"], "flag --mode=fast"),
@@ -133,6 +153,29 @@ def test_usage_errors_exit_2_with_one_line(args, message):
     assert out.returncode == 2, out.stderr
     lines = [l for l in out.stderr.splitlines() if l.startswith("tf-backup-train: error:")]
     assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_num_workers_that_disagrees_with_tf_config_is_a_usage_error_before_anything_starts():
+    """The chief's schedule and N come from --num_workers: a cluster of another size is refused at once."""
+    tf_config = {"cluster": {"worker": ["localhost:1", "localhost:2"], "ps": ["localhost:3"]},
+                 "task": {"type": "worker", "index": 1}}  # nothing listens there: nothing is reached
+    out = run_binary("--config=regression", "--num_workers=3", "--mode=sync", "--startup_timeout=600",
+                     env={"TF_CONFIG": json.dumps(tf_config)}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.startswith("tf-backup-train: error:")]
+    assert lines == ["tf-backup-train: error: --num_workers=3 but TF_CONFIG's cluster has 2 workers (worker/0, "
+                     "worker/1): set --num_workers to the number of its chief and worker tasks. Received "
+                     "num_workers=3"], out.stderr
+
+
+def test_check_cluster_refuses_a_cluster_of_another_size_by_type():
+    config = config_lib.TrainConfig.from_dict(config_lib.read("regression")).replace(num_workers=3, mode="sync")
+    spec = tf.train.ClusterSpec({"chief": ["h:1"], "worker": ["h:2"], "ps": ["h:3"]})
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="worker", task_id=0)
+    with pytest.raises(config_lib.ConfigError, match="--num_workers=3 but TF_CONFIG's cluster has 2 workers "
+                                                     "\\(chief/0, worker/0\\)"):
+        train.check_cluster(config, resolver)
+    train.check_cluster(config.replace(num_workers=2), resolver)  # the same size: no error
 
 
 def test_malformed_tf_config_is_a_usage_error():

@@ -103,6 +103,35 @@ def _tasks(spec: tf.train.ClusterSpec, job: str) -> list:
     return [Task(job, i, _check_address(job, i, spec.task_address(job, i))) for i in indices]
 
 
+def _check_distinct_addresses(tasks: Sequence[Task]) -> None:
+    """Raises ValueError when two tasks share an address: one of them could not start its server."""
+    seen = {}
+    for task in tasks:
+        if task.address in seen:
+            raise ValueError(
+                f"Tasks /job:{seen[task.address].job}/task:{seen[task.address].index} and "
+                f"/job:{task.job}/task:{task.index} have the same address: each task needs its own "
+                f"'host:port'. Received address={task.address!r}")
+        seen[task.address] = task
+
+
+def _check_tf_config_task_index(resolver) -> None:
+    """Raises TypeError unless TF_CONFIG's task index (if any) is an integer.
+
+    TensorFlow's `TFConfigClusterResolver` reads it with `int()`: 1.5 would be
+    task 1, and "one" a ValueError that does not say where it came from.
+    """
+    if not isinstance(resolver, tf.distribute.cluster_resolver.TFConfigClusterResolver):
+        return
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task") if isinstance(config, dict) else None
+    if isinstance(task, dict) and "index" in task:
+        index = task["index"]
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"TF_CONFIG's task index must be an integer. Received index={index!r} in "
+                            f"TF_CONFIG's task={task!r}")
+
+
 def cluster_info_from_resolver(resolver, *, require_ps: bool = True) -> ClusterInfo:
     """Reads a cluster resolver into a `ClusterInfo`, validating it.
 
@@ -111,9 +140,11 @@ def cluster_info_from_resolver(resolver, *, require_ps: bool = True) -> ClusterI
       require_ps: whether the cluster must have a `ps` job.
 
     Raises:
-      TypeError: `resolver` is not a cluster resolver.
+      TypeError: `resolver` is not a cluster resolver, or the task index is
+        not an integer.
       ValueError: the cluster has no worker job, more than one chief, no ps
-        job, malformed addresses, or does not name this process's task.
+        job, gaps in a job's task indices, malformed or shared addresses, or
+        does not name this process's task.
     """
     if not isinstance(resolver, tf.distribute.cluster_resolver.ClusterResolver):
         raise TypeError(
@@ -122,6 +153,7 @@ def cluster_info_from_resolver(resolver, *, require_ps: bool = True) -> ClusterI
         )
     try:
         spec = resolver.cluster_spec()
+        _check_tf_config_task_index(resolver)
         task_type, task_id = resolver.task_type, resolver.task_id
     except json.JSONDecodeError as e:  # TFConfigClusterResolver parses TF_CONFIG on each access
         raise ValueError(
@@ -152,6 +184,7 @@ def cluster_info_from_resolver(resolver, *, require_ps: bool = True) -> ClusterI
             f"tf_backup knows the jobs `chief`, `worker` and `ps`. Received jobs {unknown} "
             f"in cluster_spec={described}"
         )
+    _check_distinct_addresses(workers + ps)
     if task_type is None or task_id is None:
         raise ValueError(
             "The cluster resolver does not name this process's task "

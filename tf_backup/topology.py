@@ -154,6 +154,7 @@ def tpu_topology(resolver) -> Optional[TPUTopology]:
             f"{unknown} in cluster_spec={described}")
     hosts = cluster_lib._tasks(spec, "worker")  # pylint: disable=protected-access
     ps = cluster_lib._tasks(spec, cluster_lib.PS_JOB)  # pylint: disable=protected-access
+    cluster_lib._check_distinct_addresses(hosts + ps)  # pylint: disable=protected-access
     if not hosts:
         raise ValueError(f"The TPU cluster has no `worker` job (TPU hosts). Received cluster_spec={described}")
     if len(hosts) % k:

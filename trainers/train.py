@@ -18,6 +18,7 @@ Every flag overrides the config's value. Usage errors exit with status 2.
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -126,6 +127,17 @@ _JIT_COMPILE = flags.DEFINE_enum(
     "XLA for the replica step (Keras's compile(jit_compile=...)); the exchange with the ps runs on the "
     "host either way. auto: Keras's choice (off under a distribution strategy).")
 
+
+def _finite(value) -> bool:
+    return value is None or math.isfinite(value)
+
+
+# absl's bounds let NaN through (no comparison with it is true) and infinity past a lower bound: such a
+# value would reach the tasks and fail there, after the cluster started.
+for _holder in (_LEARNING_RATE, _PS_RESTART_TIMEOUT, _TIMEOUT, _STARTUP_TIMEOUT, _STEP_TIMEOUT, _WORKER_TIMEOUT,
+                _CHIEF_TIMEOUT):
+    flags.register_validator(_holder, _finite, message="must be a finite number")
+
 _OVERRIDES = {
     "num_workers": _NUM_WORKERS, "num_ps": _NUM_PS,
     "min_replicas_to_aggregate": _MIN_REPLICAS, "max_replicas_to_aggregate": _MAX_REPLICAS,
@@ -219,10 +231,6 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
     strategy = tf_backup.BackupWorkerStrategy(
         **config.strategy_args(), max_steps=total, checkpoint_dir=os.path.join(model_dir, "checkpoints"),
         **strategy_args)
-    if strategy.num_workers != config.num_workers:
-        raise ValueError(
-            f"--num_workers={config.num_workers} but the cluster has {strategy.num_workers} workers: "
-            "set --num_workers to the number of worker tasks of TF_CONFIG.")
     w, num_workers = strategy.worker_index, strategy.num_workers
     keras.utils.set_random_seed(config.seed)
     train, _ = data.load(config.dataset, split="train", batch_size=config.batch_size,
@@ -403,6 +411,23 @@ def write_summary(summary: Dict[str, Any], paths) -> None:
         os.replace(path + ".tmp", path)
 
 
+def check_cluster(config: config_lib.TrainConfig, resolver) -> None:
+    """Checks a TF_CONFIG cluster against the config before anything starts: --num_workers must be its workers.
+
+    Raises:
+      ConfigError: --num_workers differs from the cluster's workers (the schedule and N would be wrong).
+      ValueError: the cluster itself is not valid (`tf_backup.topology.cluster_info`).
+    """
+    from tf_backup import topology  # pylint: disable=g-import-not-at-top
+
+    info = topology.cluster_info(resolver)
+    if info.num_workers != config.num_workers:
+        raise config_lib.ConfigError(
+            f"--num_workers={config.num_workers} but TF_CONFIG's cluster has {info.num_workers} workers "
+            f"({', '.join(t.job + '/' + str(t.index) for t in info.workers)}): set --num_workers to the number "
+            f"of its chief and worker tasks. Received num_workers={config.num_workers}")
+
+
 def _in_tf_config_cluster() -> bool:
     value = os.environ.get("TF_CONFIG") or "{}"
     try:
@@ -479,6 +504,7 @@ def main(argv) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+        check_cluster(config, resolver)
         check_inputs(config)
         try:
             result = train_task(config.to_dict(), model_dir, strategy_args, keras_jit_compile(_JIT_COMPILE.value))

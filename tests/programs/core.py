@@ -33,6 +33,7 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
         num_backup_workers=num_backup_workers, asynchronous=asynchronous, step_timeout=120.0)
     x, y = common.regression_data(steps * strategy.num_workers)
     gate = os.path.join(gate_dir, "slow-worker-started") if gate_dir else None
+    refusals = public_refusals(strategy)
     results = []
     for name in optimizers:
         inner = {"sgd": lambda: keras.optimizers.SGD(0.1),
@@ -92,7 +93,38 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             result["contributions"] = [r.contributions for r in strategy.step_history()]
             result["master"] = [v.numpy() for v in optimizer.master_variables]
         results.append(result)
-    return {"worker": strategy.worker_index, "results": results}
+    return {"worker": strategy.worker_index, "results": results, "refusals": refusals}
+
+
+# The public calls of a running strategy with a bad value, each refused at once (test_core_cluster.py).
+REFUSED_CALLS = {
+    "distribute_dataset(resume_input='yes')": lambda s, tf: s.distribute_dataset(tf.data.Dataset.range(4),
+                                                                                 resume_input="yes"),
+    "distribute_dataset(resume_input=1)": lambda s, tf: s.distribute_dataset(tf.data.Dataset.range(4), resume_input=1),
+    "distribute_dataset(options=tf.data.Options())": lambda s, tf: s.distribute_dataset(tf.data.Dataset.range(4),
+                                                                                        options=tf.data.Options()),
+    "distribute_dataset(list)": lambda s, tf: s.distribute_dataset([1, 2]),
+    "sleep_unless_superseded(-1)": lambda s, tf: s.sleep_unless_superseded(-1),
+    "sleep_unless_superseded(nan)": lambda s, tf: s.sleep_unless_superseded(float("nan")),
+    "sleep_unless_superseded(inf)": lambda s, tf: s.sleep_unless_superseded(float("inf")),
+    "sleep_unless_superseded('0.1')": lambda s, tf: s.sleep_unless_superseded("0.1"),
+    "sleep_unless_superseded(None)": lambda s, tf: s.sleep_unless_superseded(None),
+    "wait_for_fit_end(timeout=-1)": lambda s, tf: s.wait_for_fit_end(timeout=-1),
+}
+
+
+def public_refusals(strategy):
+    """Each of `REFUSED_CALLS` on `strategy`: {call: (error type, message)}, or None where nothing was raised."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    out = {}
+    for case, call in REFUSED_CALLS.items():
+        try:
+            call(strategy, tf)
+            out[case] = None
+        except (TypeError, ValueError) as e:
+            out[case] = (type(e).__name__, str(e))
+    return out
 
 
 def _gate(path: str, opens: bool, timeout: float = 120.0) -> None:

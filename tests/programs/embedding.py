@@ -88,3 +88,39 @@ def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int 
             "sparse_tables": counters.sparse_tables,
             "master": None if not strategy.is_chief else [v.numpy() for v in model.optimizer.master_variables],
             "initial_step": strategy.initial_step}
+
+
+def train_embedding_through_a_fault(steps: int, progress_dir: str, ps_restart_timeout: float = 0.0,
+                                    chief_rejoins: bool = False, checkpoint_dir=None):
+    """`embedding_model` on 2 workers (b = 0) for a killed task: writes `<task>.step` after every batch.
+
+    With `ps_restart_timeout` or `chief_rejoins`, which Embedding tables do not support yet: a ps task
+    killed and restarted, or a chief killed and restarted, makes the chief fail, saying so (test_embedding.py).
+    """
+    import os  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(
+        step_timeout=60.0, ps_timeout=5.0, chief_timeout=30.0, max_steps=steps, checkpoint_dir=checkpoint_dir,
+        checkpoint_every_steps=5, ps_restart_timeout=ps_restart_timeout, chief_rejoins=chief_rejoins)
+    task = os.environ["TF_BACKUP_TASK"]
+    x, y = embedding_data(steps * strategy.num_workers * common.BATCH)
+    with strategy.scope():
+        model = embedding_model(keras)
+        model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.5)), loss="mse")
+        model.optimizer.build(model.trainable_variables)  # restores the checkpoint, joins (or rejoins) the job
+
+    class Progress(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            time.sleep(0.05)
+
+        def on_train_batch_end(self, batch, logs=None):
+            common.write_atomic(os.path.join(progress_dir, f"{task}.step"), str(int(logs["global_step"])))
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(common.BATCH).repeat()
+    model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
+              callbacks=[Progress()])
+    return {"worker": strategy.worker_index, "step": strategy.counters().step}

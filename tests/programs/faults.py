@@ -222,13 +222,14 @@ def train_through_a_silent_connection(steps: int, silent_worker: int, silent_at:
 
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(common.BATCH).repeat()
     start = time.monotonic()
-    error = None
+    error = message = None
     try:
         model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
                   callbacks=[Silence()])
     except tf_backup.PsUnavailableError as e:
-        error = type(e).__name__
-    result = {"worker": strategy.worker_index, "error": error, "seconds": time.monotonic() - start,
+        error, message = type(e).__name__, e.message
+    result = {"worker": strategy.worker_index, "error": error, "message": message,
+              "seconds": time.monotonic() - start,
               "connections": None if relay is None else relay.connections}
     if error is None:
         counters = strategy.counters()

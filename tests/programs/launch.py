@@ -66,3 +66,12 @@ def chief_fails_and_exits_late(step_timeout: float, exit_after: float):
         time.sleep(exit_after)
         raise
     return {"worker": 0}
+
+
+def fail_on_workers(failing):
+    """Workers whose index is in `failing` raise at once; the others return their task name."""
+    import os  # pylint: disable=g-import-not-at-top
+    task = os.environ["TF_BACKUP_TASK"]
+    if int(task.rsplit("-", 1)[1]) in failing:
+        raise RuntimeError(f"{task} broke on purpose")
+    return task

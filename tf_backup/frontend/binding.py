@@ -31,14 +31,15 @@ from tf_backup.worker import client as worker_lib
 from tf_backup.worker import metrics as metrics_lib
 
 
-def resolve_config(optimizer, strategy) -> config_lib.ProtocolConfig:
-    """The strategy's protocol settings, with the optimizer's own N if it names one.
+def resolve_config(optimizer, config: config_lib.ProtocolConfig) -> config_lib.ProtocolConfig:
+    """The strategy's protocol settings `config`, with the optimizer's own N if it names one.
 
     Raises:
-      ValueError: the optimizer's counts do not fit the strategy.
+      ValueError: the optimizer's counts do not fit the strategy: `total_num_replicas`
+        is not its number of workers, or `replicas_to_aggregate` is set under adaptive
+        N, exceeds the workers, or is not 1 in asynchronous mode.
     """
-    config = strategy.extended.config
-    workers = strategy.num_workers
+    workers = config.num_workers
     total = optimizer.total_num_replicas
     if total is not None and total != workers:
         raise ValueError(
@@ -57,7 +58,7 @@ def resolve_config(optimizer, strategy) -> config_lib.ProtocolConfig:
             f"`replicas_to_aggregate` must not exceed the number of workers ({workers}). "
             f"Received replicas_to_aggregate={n}"
         )
-    if strategy.asynchronous and n != 1:
+    if not config.staleness_check and n != 1:  # asynchronous
         raise ValueError(
             "An asynchronous BackupWorkerStrategy applies every gradient: "
             f"`replicas_to_aggregate` must be 1 or None. Received replicas_to_aggregate={n}"
@@ -84,7 +85,7 @@ class Binding:
     def __init__(self, optimizer, strategy, var_list: List, has_tables: bool = False):
         ext = strategy.extended
         info = ext.cluster
-        self.config = resolve_config(optimizer, strategy)
+        self.config = resolve_config(optimizer, ext.config)
         self.layout = Layout(var_list, len(info.ps))
         self.worker_index, self.num_workers = info.worker_index, info.num_workers
         self._keys = [optimizer._var_key(v) for v in var_list]  # pylint: disable=protected-access

@@ -76,7 +76,8 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
 
     Raises:
       TypeError: `optimizer` is not a Keras optimizer, a count is not an
-        integer, or `sparse_variables` is not a list or a callable.
+        integer, `sparse_variables` is not a list or a callable, or `name` is
+        not a string.
       ValueError: a count is below 1, `replicas_to_aggregate >
         total_num_replicas`, the inner optimizer uses EMA, or a keyword that
         belongs to the inner optimizer is passed here.
@@ -120,6 +121,8 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
                 raise TypeError("`sparse_variables` must be None, a list of variables or variable paths, "
                                 f"or a callable. Received sparse_variables={sparse_variables!r}")
             sparse_variables = list(sparse_variables)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"`name` must be a string or None. Received name={name!r}")
         super().__init__(learning_rate=0.0, name=name)
         self.sparse_variables = sparse_variables
         self.inner_optimizer = optimizer

@@ -219,11 +219,15 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
         the scope), so that the position is known.
 
         Raises:
-          TypeError: `dataset` is not a `tf.data.Dataset`.
+          TypeError: `dataset` is not a `tf.data.Dataset`, `options` not a
+            `tf.distribute.InputOptions` or None, or `resume_input` not a bool.
           ValueError: `resume_input` before any optimizer was built.
         """
         if not isinstance(dataset, tf.data.Dataset):
             raise TypeError(f"`dataset` must be a tf.data.Dataset. Received dataset={dataset!r}")
+        if options is not None and not isinstance(options, tf.distribute.InputOptions):
+            raise TypeError(f"`options` must be a tf.distribute.InputOptions or None. Received options={options!r}")
+        _checks.check_bool("resume_input", resume_input)
         dataset = self.extended.shard(dataset)
         if resume_input:
             if not self.extended.bindings:
@@ -312,10 +316,11 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
           The tasks that had not ended the round in time (a warning names them);
           [] when every worker had. Workers that left or died are not waited for.
         """
+        if timeout is not None:  # checked first: a bad value is refused before anything is read
+            timeout = _checks.check_seconds("timeout", timeout, allow_zero=True)
         client = self.extended.latest_binding().client
         if timeout is None:
             timeout = client.config.chief_timeout
-        timeout = _checks.check_seconds("timeout", timeout, allow_zero=True)
         return client.wait_for_round_end(client.round.number - 1, timeout)
 
     def sleep_unless_superseded(self, seconds: float) -> bool:

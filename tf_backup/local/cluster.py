@@ -38,6 +38,10 @@ def check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps: int = 1) -> N
         raise TypeError(f"`fn` must be callable. Received fn={fn!r}")
     _checks.check_int("num_workers", num_workers, 1)
     _checks.check_int("num_ps", num_ps, min_ps)
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise TypeError(f"`args` must be a tuple or a list. Received args={args!r}")
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"`kwargs` must be a dict or None. Received kwargs={kwargs!r}")
     try:
         pickle.dumps((fn, tuple(args), kwargs))
     except Exception as e:
@@ -45,6 +49,25 @@ def check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps: int = 1) -> N
             "`fn`, `args` and `kwargs` must be picklable (fn a module-level function): each "
             f"worker is a separate process. Pickling failed with: {e}"
         ) from e
+
+
+def check_wait_arguments(num_workers: int, timeout, ps_exit_grace, max_failed_workers, max_restarts,
+                         restart_delay) -> None:
+    """Checks `LocalCluster.wait`'s arguments (`launch_local`'s too, before any process starts).
+
+    Raises:
+      TypeError: `max_failed_workers` or `max_restarts` is not an integer (bools are not).
+      ValueError: a number of seconds that is not finite and positive (`ps_exit_grace`,
+        `restart_delay`: >= 0), or `max_failed_workers` outside [0, num_workers).
+    """
+    _checks.check_seconds("timeout", timeout)
+    _checks.check_seconds("ps_exit_grace", ps_exit_grace, allow_zero=True)
+    kind = f"an integer in [0, num_workers) = [0, {num_workers})"
+    if _checks.check_int("max_failed_workers", max_failed_workers, 0, kind=kind) >= num_workers:
+        raise ValueError(f"`max_failed_workers` must be {kind}: the chief may not fail. "
+                         f"Received max_failed_workers={max_failed_workers!r}")
+    _checks.check_int("max_restarts", max_restarts, 0)
+    _checks.check_seconds("restart_delay", restart_delay, allow_zero=True)
 
 
 class LocalCluster:
@@ -86,9 +109,9 @@ class LocalCluster:
                  env: Optional[dict] = None, serve_ps: bool = True, serve_kwargs: Optional[dict] = None,
                  hosts: Optional[Mapping[str, str]] = None,
                  command_prefix: Optional[Callable[[str], Sequence[str]]] = None):
+        check_arguments(fn, num_workers, num_ps, args, {} if kwargs is None else kwargs, min_ps=0)
         kwargs = dict(kwargs or {})
         self._serve_kwargs = dict(serve_kwargs or {})
-        check_arguments(fn, num_workers, num_ps, args, kwargs, min_ps=0)
         self._serve_ps = bool(serve_ps)
         self.num_workers, self.num_ps = num_workers, num_ps
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="tf_backup_local_")
@@ -246,9 +269,8 @@ class LocalCluster:
           LocalClusterError: a task failed (past its restarts), or the timeout
             passed (with the failing task's log tail).
         """
-        _checks.check_seconds("timeout", timeout)
-        _checks.check_int("max_restarts", max_restarts, 0)
-        _checks.check_seconds("restart_delay", restart_delay, allow_zero=True)
+        check_wait_arguments(self.num_workers, timeout, ps_exit_grace, max_failed_workers, max_restarts,
+                             restart_delay)
         if echo is not None:
             self._check_name(echo)
         echoed = Echo(self.logs[echo], self._log_starts[echo]) if echo is not None else Echo(None)

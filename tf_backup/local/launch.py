@@ -6,9 +6,9 @@ A `LocalCluster` (`tf_backup.local.cluster`) started, waited for and torn down i
 import shutil
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
-from tf_backup import _checks
 from tf_backup.local.cluster import LocalCluster
 from tf_backup.local.cluster import check_arguments
+from tf_backup.local.cluster import check_wait_arguments
 from tf_backup.local.spec import task_names
 
 
@@ -59,14 +59,8 @@ def launch_local(fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence
       LocalClusterError: a task failed or the timeout passed; the message
         holds the failing task's log tail. No process is left running.
     """
-    check_arguments(fn, num_workers, num_ps, args, dict(kwargs or {}))
-    _checks.check_seconds("timeout", timeout)
-    _checks.check_int("max_restarts", max_restarts, 0)
-    _checks.check_seconds("restart_delay", restart_delay, allow_zero=True)
-    if isinstance(max_failed_workers, bool) or not isinstance(max_failed_workers, int) or not (
-            0 <= max_failed_workers < num_workers):
-        raise ValueError("`max_failed_workers` must be an integer in [0, num_workers). Received "
-                         f"max_failed_workers={max_failed_workers!r}")
+    check_arguments(fn, num_workers, num_ps, args, {} if kwargs is None else kwargs)
+    check_wait_arguments(num_workers, timeout, ps_exit_grace, max_failed_workers, max_restarts, restart_delay)
     names = task_names(num_workers, num_ps)
     if echo is not None and echo not in names:
         raise ValueError(f"`echo` must name a task of the cluster ({', '.join(names)}). Received echo={echo!r}")
