@@ -221,6 +221,35 @@ def test_xla_mixed_precision_through_keras_loss_scale_optimizer_as_without_xla()
 
 
 @pytest.mark.cluster
+def test_mixed_precision_on_one_worker_follows_keras_loss_scale_optimizer_alone_step_for_step():
+    # The test above compares the job with itself: a bug in the loss-scaling path shared by both runs
+    # (an unscaled or a non-finite gradient pushed, a skipped step counted) would pass it. Here one
+    # worker (N = 1, b = 0) must follow Keras's LossScaleOptimizer in one process, batch for batch.
+    steps = 8
+    reference = programs.compiled.mixed_precision_reference(steps)
+    assert reference["optimizer"] == "LossScaleOptimizer"
+    # The scale starts at 2**15: the first scaled gradients overflow float16, and each such step is
+    # skipped (the scale halves, nothing applied) until the scale fits.
+    skipped = steps - reference["applied"]
+    assert skipped >= 1 and reference["scales"][0] == 2 ** 14
+    assert reference["scales"][-1] == 2 ** 15 / 2 ** skipped
+    (runs,) = tf_backup.launch_local(programs.compiled.mixed_precision_trajectories, num_workers=1,
+                                     kwargs=dict(steps=steps), timeout=240)
+    for run in runs:
+        assert run["optimizer"] == "LossScaleOptimizer"
+        assert run["scales"] == reference["scales"]  # the same steps skipped, in the same order
+        assert run["stats"]["global_step"] == reference["applied"]  # a skipped step is no global step
+        assert run["stats"]["pushed"] == [reference["applied"]] == run["stats"]["taken"]  # nor a push
+        # Without XLA the same float16 ops run in the same order: equal to float32 rounding. XLA
+        # fuses the casts (see the test above): float16's eps, 2**-10.
+        rtol = 2 ** -10 if run["jit_compile"] else 1e-6
+        np.testing.assert_allclose(run["losses"], reference["losses"], rtol=rtol)
+        for got, want in zip(run["weights"], reference["weights"]):
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6)
+    assert abs(float(reference["weights"][0][0, 0])) > 0.01  # the applied steps moved the weights
+
+
+@pytest.mark.cluster
 def test_compiled_steps_that_cannot_work_raise_errors_that_say_what_to_do():
     (out,) = tf_backup.launch_local(programs.compiled.compiled_step_errors, num_workers=1, timeout=180)
     kind, message = out["custom_loop_run_inside_xla"]

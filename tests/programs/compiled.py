@@ -74,6 +74,75 @@ def train_mixed_precision(steps: int, jit_compile: bool):
             "loss_scale": float(model.optimizer.dynamic_scale.numpy())}
 
 
+class BatchTrajectory:
+    """Keras callback: after each batch, the logged loss and the loss scale of the model's optimizer."""
+
+    def __init__(self):
+        import keras  # pylint: disable=g-import-not-at-top
+        self.losses, self.scales = [], []
+        outer = self
+
+        class _Callback(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                outer.losses.append(float(logs["loss"]))
+                outer.scales.append(float(self.model.optimizer.dynamic_scale.numpy()))
+
+        self.callback = _Callback()
+
+
+def mixed_precision_trajectories(steps: int, jit_values=(False, True)):
+    """One worker (N = 1, b = 0), `mixed_float16`: `fit_sgd_regression`'s model trained once per
+    `jit_compile` value (a fresh model and shared state each), with each batch's loss and loss scale.
+
+    Worker 0 of 1 reads batches 0, 1, 2, ... of `regression_data`: what a single-process Keras
+    `fit` of the same model reads, so the two follow the same trajectory.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    x, y = common.regression_data(steps)
+    runs = []
+    for jit_compile in jit_values:
+        with strategy.scope():
+            model = common.regression_model(keras)
+            model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)), loss="mse",
+                          jit_compile=jit_compile)
+        trajectory = BatchTrajectory()
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(common.BATCH).repeat()
+        model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
+                  callbacks=[trajectory.callback])
+        runs.append({"jit_compile": jit_compile, "optimizer": type(model.optimizer).__name__,
+                     "weights": [v.numpy() for v in model.trainable_variables], "stats": strategy.stats(),
+                     "losses": trajectory.losses, "scales": trajectory.scales})
+    return runs
+
+
+def mixed_precision_reference(steps: int):
+    """`mixed_precision_trajectories`'s model in plain Keras, one process, no strategy: Keras's own
+    LossScaleOptimizer around SGD(0.1), on the same batches from the same (zero) initial weights.
+
+    Sets the `mixed_float16` policy for the build and restores the caller's afterwards.
+    """
+    import keras  # pylint: disable=g-import-not-at-top
+
+    x, y = common.regression_data(steps)
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = common.regression_model(keras)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+    trajectory = BatchTrajectory()
+    model.fit(x, y, batch_size=common.BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[trajectory.callback])
+    return {"optimizer": type(model.optimizer).__name__, "weights": [v.numpy() for v in model.trainable_variables],
+            "applied": int(model.optimizer.inner_optimizer.iterations.numpy()),
+            "losses": trajectory.losses, "scales": trajectory.scales}
+
+
 def inspect_compiled_step():
     """Traces one compiled replica step (the SyncReplicasOptimizer step inside XLA) and reports the ops.
 
