@@ -184,6 +184,60 @@ def inspect_compiled_step():
     }
 
 
+def inspect_multi_device_custom_loop():
+    """The multi-device custom loop of docs/compiled_steps.md as a user writes it, on 2 logical CPU devices:
+    `strategy.run(tf.function(step_fn, jit_compile=True), args=...)`, nothing set but `jit_compile`.
+
+    Traces one step and reports, as `inspect_compiled_step` does, the ops and devices of the XLA
+    functions and of the host function around them. Then runs the step once: XLA cannot run it on logical CPU devices (they share one XLA
+    device; WORKSPACE_NOTES.md), so the error is returned as (type, message), or None if it ran.
+    """
+    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.frontend.local_devices.set_logical_cpus(2)
+    import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=60.0)
+    x, y = common.regression_data(2)
+    with strategy.scope():
+        model = common.regression_model(keras)
+        optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1))
+        optimizer.build(model.trainable_variables)
+
+    def replica_step(features, labels):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(features, training=True) - labels))
+            loss = loss / strategy.num_replicas_in_sync
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    replica = tf.function(replica_step, jit_compile=True)
+
+    @tf.function
+    def step(features, labels):
+        return strategy.run(replica, args=(features, labels))
+
+    concrete = step.get_concrete_function(tf.TensorSpec([common.BATCH, common.FEATURES], tf.float32),
+                                          tf.TensorSpec([common.BATCH, 1], tf.float32))
+    graph = concrete.graph.as_graph_def()
+    library = {f.signature.name: f for f in graph.library.function}
+    compiled = {name for name, f in library.items() if f.attr["_XlaMustCompile"].b}
+    host_nodes = list(graph.node) + [n for name, f in library.items() if name not in compiled for n in f.node_def]
+
+    def describe(nodes):
+        return {"ops": sorted({n.op for n in nodes}), "devices": sorted({n.device for n in nodes if n.device})}
+
+    try:
+        step(tf.constant(x[:common.BATCH]), tf.constant(y[:common.BATCH]))
+        error = None
+    except Exception as e:  # pylint: disable=broad-except
+        error = (type(e).__name__, str(e))
+    return {"replicas": strategy.num_replicas_in_sync, "compiled": [describe(library[n].node_def) for n in compiled],
+            "host": describe(host_nodes), "error": error}
+
+
 def compiled_step_errors(local_devices: int = 1):
     """The errors of compiled steps that cannot work; returns {case: (error type, message)}."""
     import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
