@@ -93,17 +93,33 @@ def test_a_publish_that_fails_after_the_apply_leaves_the_master_one_step_ahead(p
     layout = Layout([var], 1)
     state = SharedState("test/unpublished", layout, ps_info.ps, num_workers=2, endpoints=endpoint.Endpoints())
     state.create(layout.pack([var]))
-    config = config_lib.ProtocolConfig(replicas_to_aggregate=2, num_workers=2)
-    aggregator = aggregator_lib.Aggregator(state, config, ps_info, lambda grads: [np.array([0.5, 0.5], np.float32)])
+    state.control.scatter_max([slots.Control.ROUND], [1])  # a fit round is running
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
+    applied = []
+
+    def apply_fn(grads):
+        applied.append([np.asarray(g) for g in grads])
+        return [np.array([0.5, 0.5], np.float32)]
 
     def ps_gone(self, *args, **kwargs):
         raise errors.PsUnavailableError("the ps is gone")
 
     monkeypatch.setattr(SharedState, "publish", ps_gone)
+    aggregator = aggregator_lib.Aggregator(state, config, ps_info, apply_fn)
     assert aggregator.master_step == aggregator.step == 0
-    with pytest.raises(errors.PsUnavailableError):
-        aggregator._apply_publish([pushes.push_vector(np.array([1.0, 1.0], np.float32), 0, 2)])  # pylint: disable=protected-access
+    aggregator.start()  # the public path: the loop takes both gradients, applies, then fails to publish
+    try:
+        for w in range(2):
+            state.accs[0].apply_grad(pushes.push_vector(np.array([1.0, 1.0], np.float32), w, 2), 0)
+        aggregator.join(30)
+        assert not aggregator.is_alive()  # the failed publish ended the loop
+    finally:
+        aggregator.stop()
+    assert isinstance(aggregator.failure, errors.PsUnavailableError)
+    assert len(applied) == 1  # step 0 was applied once
+    np.testing.assert_allclose(applied[0][0], [1.0, 1.0])
     assert aggregator.step == 0 and aggregator.master_step == 1
+    np.testing.assert_array_equal(state.params[0].read(), [1.0, 2.0])  # nothing published
 
 
 def running_state(ps_info, prefix):

@@ -57,17 +57,19 @@ def test_smoke_quick_mode_smallest_case(tmp_path):
         ratio, replay_ratio = float(r["ratio_mean"]), float(r["ratio_reference_mean"])
         assert math.isfinite(ratio) and ratio > 0
         assert math.isfinite(replay_ratio) and replay_ratio > 0
-        # The ideal ignores all overhead; a step can be neither faster than it nor absurdly slower.
+        # The replay and the ideal are computed from the same delays (no clock): the ideal ignores
+        # all overhead and includes the 0.1 s of compute. The measured step is not asserted.
         assert float(r["ideal_mean_s"]) <= float(r["replay_mean_s"]) + 1e-9
-        assert 0.1 <= float(r["ideal_mean_s"]) < float(r["mean_s"]) * 1.05
-        assert float(r["mean_s"]) < 20 * float(r["ideal_mean_s"])
+        assert 0.1 <= float(r["ideal_mean_s"])
+        assert math.isfinite(float(r["mean_s"])) and float(r["mean_s"]) > 0
         # 10 batches less the first and last step, less any step begun before every worker's first batch.
         assert 1 <= int(r["steps"]) <= 8
     rows = read_csv(out / "overhead.csv")
     assert sorted((r["system"], r["workers"], r["parameters"], r["rep"]) for r in rows) == sorted(
         (system, "2", "9943", str(rep)) for system in ("mwms", "tf_backup") for rep in (1, 2, 3))
     for r in rows:
-        assert 0 < float(r["mean_step_s"]) < 5 and int(r["steps"]) == 12  # 15 batches: 14 gaps less the first and last
+        assert math.isfinite(float(r["mean_step_s"])) and float(r["mean_step_s"]) > 0
+        assert int(r["steps"]) == 12  # 15 batches: 14 gaps less the first and last
         # Every process of the cluster, from /proc: at least worker 0's own step, at most all cores all the time.
         assert 0 < float(r["cpu_ms_per_step"]) <= 1e3 * float(r["mean_step_s"]) * (os.cpu_count() or 1) * 1.5
     md = (out / "overhead.md").read_text()
@@ -95,7 +97,7 @@ def check_bandwidth_smoke(out):
     (r,) = read_csv(out / "bandwidth.csv")
     assert (r["rate_bit"], r["parameters"], r["workers"], r["system"], r["num_ps"], r["steps"]) == (
         "1e+09", "999321", "2", "ours", "1", "5")
-    assert float(r["compute_s"]) <= float(r["mean_step_s"]) < 5
+    assert float(r["compute_s"]) <= float(r["mean_step_s"]) and math.isfinite(float(r["mean_step_s"]))
     m = int(r["model_bytes"])
     assert m == 4 * 999321
     # Bytes per step on each task's link (counts, not speeds): the chief pushes and publishes, takes

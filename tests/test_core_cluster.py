@@ -5,6 +5,7 @@ and asserts numbers against a single-process computation.
 """
 
 import collections
+import math
 
 import keras
 import numpy as np
@@ -307,23 +308,37 @@ def test_keras_classifier_matches_the_inner_optimizer_alone_and_saves(tmp_path):
         assert sorted(t for t, n in computed.items() if n >= 2) == list(range(start, end)), (r, computed)
         start = end
     assert steps[0] <= chief["step_after_first"] <= final_step
+    assert final_step >= steps[0] + steps[1] - 1
     assert chief["inner_iterations"] == final_step  # one inner update per global step
     stats = chief["stats"]
     assert [t + d for t, d in zip(stats["taken"], stats["dropped"])] == stats["pushed"]
+    contributions = np.array(chief["contributions"])
+    assert contributions.shape == (final_step, 3)  # one record per global step, none lost or doubled
+    assert contributions.sum(axis=0).tolist() == stats["taken"]
+    assert contributions.sum(axis=1).min() >= 2  # each step averaged at least N fresh gradients
+    assert max(stats["pushed"]) <= steps[0] + steps[1]  # a push per batch, at most the fits' batches
     for worker in out[1:]:
         for a, b in zip(worker["weights"], chief["weights"]):
             np.testing.assert_array_equal(a, b)
-    # Same data, the inner optimizer alone, the same number of updates with the batch of N workers.
+    # Same data, the inner optimizer alone, the same number of updates. Which gradients won each
+    # step decided its examples and their number (2 or 3 batches of 32): a single process spans
+    # those choices with other data orders and initial weights, at batch 64 and 96. The job must
+    # do as well as the worst of them, less their spread (at least 3 standard errors of a
+    # 2000-example test accuracy): the noise of the comparison itself.
     (x, y), (x_test, y_test) = programs.core.classification_data()
-    keras.utils.set_random_seed(0)
-    alone = programs.core.classifier(keras)
-    alone.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    alone.fit(tf.data.Dataset.from_tensor_slices((x, y)).shuffle(4000, seed=1).batch(64).repeat(),
-              steps_per_epoch=final_step, verbose=0)
-    _, alone_accuracy = alone.evaluate(x_test, y_test, verbose=0)
-    assert alone_accuracy > 0.8
-    assert abs(chief["accuracy"] - alone_accuracy) < 0.03
+    alone_accuracies = []
+    for seed, batch in ((0, 64), (1, 64), (0, 96), (1, 96)):
+        keras.utils.set_random_seed(seed)
+        alone = programs.core.classifier(keras)
+        alone.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        alone.fit(tf.data.Dataset.from_tensor_slices((x, y)).shuffle(4000, seed=1 + seed).batch(batch).repeat(),
+                  steps_per_epoch=final_step, verbose=0)
+        alone_accuracies.append(alone.evaluate(x_test, y_test, verbose=0)[1])
+    assert min(alone_accuracies) > 0.8
+    mean = float(np.mean(alone_accuracies))
+    margin = max(max(alone_accuracies) - min(alone_accuracies), 3 * math.sqrt(mean * (1 - mean) / len(y_test)))
+    assert chief["accuracy"] >= min(alone_accuracies) - margin, (chief["accuracy"], alone_accuracies, margin)
     # The chief's saved model loads anywhere, with its optimizer state.
     loaded = keras.models.load_model(path)
     assert isinstance(loaded.optimizer, tf_backup.SyncReplicasOptimizer)

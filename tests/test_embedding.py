@@ -42,6 +42,10 @@ def test_embedding_model_trains_through_fit_like_large_batch_sgd(local_devices):
         # The table goes by rows (its own sparse accumulator), the Dense layer by the flat shards.
         assert worker["sparse_tables"] == [[programs.embedding.VOCAB, 3]]
         assert worker["dense_elements"] == 3 + 1
+        # `restart_superseded()` refuses a model with tables by rows (their rows are pulled inside
+        # each step: a restart would move the dense variables alone), and the fit goes on unharmed.
+        kind, message = worker["restart_superseded"]
+        assert kind == "ValueError" and "`sparse_variables`" in message and "cancel the batch" in message
     for master, final in zip(out[0]["master"], out[0]["weights"]):
         np.testing.assert_array_equal(master, final)
     table, initial_table = out[0]["weights"][0], out[0]["initial"][0]

@@ -42,7 +42,7 @@ def test_a_silent_connection_costs_one_deadline_then_the_next_run_reconnects(rel
     np.testing.assert_array_equal(v.read(), [6])
 
 
-def test_a_connection_reset_under_a_blocking_run_is_a_delivery_twice_that_ran_once(relay):
+def test_a_connection_reset_under_a_blocking_run_is_a_delivery_twice_that_ran_once(relay, server):
     # A worker's push-and-wait is one run: its push, then a dequeue that blocks until the chief wakes
     # it. gRPC fails the run when the connection resets; TensorFlow's client sends it again, and the
     # task refuses the copy ("received twice"). This is how a benchmark run met one.
@@ -67,7 +67,15 @@ def test_a_connection_reset_under_a_blocking_run_is_a_delivery_twice_that_ran_on
 
     thread = threading.Thread(target=push_and_wait)
     thread.start()
-    time.sleep(1.0)
+    # The reset must come while the run blocks in its dequeue: once its push shows, read by a
+    # session that does not go through the relay, the run is on the task and the dequeue follows.
+    direct_endpoint = endpoint.Endpoint(server.target, DEVICE, timeout=20.0)
+    direct = accumulators.SharedVariable("e/pushed", tf.int64, [1], direct_endpoint)
+    deadline = time.monotonic() + 30.0
+    while int(direct.read()[0]) == 0:
+        assert time.monotonic() < deadline, "the push never reached the task"
+        time.sleep(0.01)
+    direct_endpoint.close()
     relay.reset_all()
     thread.join(15.0)
     assert not thread.is_alive()

@@ -91,15 +91,6 @@ def test_save_and_load_model_with_the_wrapper(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_restart_superseded_refuses_an_optimizer_with_sparse_tables():
-    # The Embedding rows are pulled inside each step: a restart between steps would leave them behind.
-    from tf_backup.frontend import binding as binding_lib  # pylint: disable=g-import-not-at-top
-    binding = binding_lib.Binding.__new__(binding_lib.Binding)  # no cluster: only what the refusal reads
-    binding.sparse = object()
-    with pytest.raises(ValueError, match="sparse_variables"):
-        binding.restart_superseded()
-
-
 @pytest.mark.parametrize("config, kwargs, message", [
     (dict(replicas_to_aggregate=4, num_workers=4, adaptive=(2, 4)), dict(replicas_to_aggregate=3),
      "chooses N every step.*replicas_to_aggregate=3"),

@@ -358,4 +358,5 @@ def train_classifier(steps: tuple, save_path: str):
     if strategy.is_chief:
         model.save(save_path)
         result["inner_iterations"] = int(model.optimizer.inner_optimizer.iterations.numpy())
+        result["contributions"] = [r.contributions for r in strategy.step_history()]
     return result

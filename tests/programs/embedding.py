@@ -48,6 +48,28 @@ def gather_model(keras):
     ])
 
 
+class RestartProbe:
+    """Keras callback: calls `strategy.restart_superseded()` before the second batch, as a straggler
+    callback with `restart=True` does after a cut sleep; `outcome` is what it returned, or
+    (error type, message)."""
+
+    def __init__(self, strategy):
+        import keras  # pylint: disable=g-import-not-at-top
+        self.outcome = "not called"
+        outer = self
+
+        class _Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                if batch != 1:
+                    return
+                try:
+                    outer.outcome = strategy.restart_superseded()
+                except Exception as e:  # pylint: disable=broad-except
+                    outer.outcome = (type(e).__name__, str(e))
+
+        self.callback = _Callback()
+
+
 def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int = 0, slow_worker: int = -1,
                     checkpoint_dir=None, gather: bool = False, sparse_variables=None, jit_compile: bool = False):
     """An Embedding model (IndexedSlices gradients) through model.fit; host batch common.BATCH * local_devices.
@@ -74,7 +96,8 @@ def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int 
     initial = [v.numpy() for v in model.trainable_variables]
     # A compiled step's row buffers have a fixed size: static batches.
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(host_batch, drop_remainder=jit_compile).repeat()
-    callbacks = []
+    restart = RestartProbe(strategy)  # where a straggler callback with `restart=True` calls it
+    callbacks = [restart.callback]
     if strategy.worker_index == slow_worker:
         callbacks.append(common.WaitUntilStale(strategy, 0.2, last_step=steps).callback)
     history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0,
@@ -87,7 +110,7 @@ def train_embedding(steps: int, local_devices: int = 1, num_backup_workers: int 
             "dense_elements": counters.dense_elements,
             "sparse_tables": counters.sparse_tables,
             "master": None if not strategy.is_chief else [v.numpy() for v in model.optimizer.master_variables],
-            "initial_step": strategy.initial_step}
+            "initial_step": strategy.initial_step, "restart_superseded": restart.outcome}
 
 
 def train_embedding_through_a_fault(steps: int, progress_dir: str, ps_restart_timeout: float = 0.0,
