@@ -292,9 +292,7 @@ class Aggregator(threading.Thread):
                 or self.on_ps is not None):
             raise error
         if self._step_hooks:
-            raise errors.PsUnavailableError(
-                f"{error} The shared state cannot be written again after a ps restart: the Embedding tables of "
-                "`sparse_variables` are not supported by ps_restart_timeout yet.") from error
+            raise errors.PsUnavailableError(f"{error} {recovery.SPARSE_NOT_RESTARTABLE}") from error
         flats = [np.asarray(f, self.state.wire.as_numpy_dtype) for f in self._master_flats()]
         finished = self.max_steps is not None and self.master_step >= self.max_steps
         control = restart.control_to_restore(self._last_control, self.config.num_workers, self.taken, self.n,

@@ -35,6 +35,7 @@ sparse) or Adagrad-like optimizers for large tables. The inner optimizer's
 copy for the tables (its slots) is not part of the saved optimizer state.
 """
 
+import contextlib
 import threading
 from typing import List, Optional, Sequence, Tuple
 
@@ -49,6 +50,7 @@ from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import local_devices
 from tf_backup.protocol import pushes
 from tf_backup.ps import accumulators
+from tf_backup.ps import recovery as ps_recovery
 from tf_backup.ps.endpoint import Endpoint
 from tf_backup.ps.layout import largest_first
 
@@ -259,19 +261,30 @@ class SparseBinding:
         client = self.dense.client
         if not client.round_stopped:
             tag = client.step if client.config.staleness_check else pushes.INT64_MAX
-            for k, table in enumerate(self.tables):
-                table.acc.apply_grad(flat[2 * k].numpy(), flat[2 * k + 1].numpy(), tag, self.worker_index)
+            with self._no_restart():
+                for k, table in enumerate(self.tables):
+                    table.acc.apply_grad(flat[2 * k].numpy(), flat[2 * k + 1].numpy(), tag, self.worker_index)
         return np.int64(0)
 
     def _pull(self, token):
         del token
-        with self._lock:
+        with self._lock, self._no_restart():
             since = self.pulled_step
             out = []
             for table in self.tables:
                 out.extend(table.changed_since(since))
             self.pulled_step = self.dense.client.step
         return out
+
+    @contextlib.contextmanager
+    def _no_restart(self):
+        """A failed run of rows under `ps_restart_timeout` says why the job cannot wait for the ps (as the aggregator does)."""
+        try:
+            yield
+        except ps_recovery.RECOVERABLE as e:
+            if not self.dense.client.config.ps_restart_timeout:
+                raise
+            raise errors.PsUnavailableError(f"{e} {ps_recovery.SPARSE_NOT_RESTARTABLE}") from e
 
     def apply(self, grads: List, variables: List) -> None:
         """The graph part of one step: push rows, the dense step, pull changed rows.

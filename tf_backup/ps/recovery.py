@@ -44,6 +44,12 @@ from tf_backup.ps import job as job_lib
 # resource a restarted task no longer has: FailedPrecondition).
 RECOVERABLE = (errors.PsUnavailableError, tf.errors.FailedPreconditionError)
 
+# Why a ps restart ends a job with Embedding tables even under `ps_restart_timeout`: their rows live
+# on the ps only. Said by whichever part of the chief meets the restart first (its aggregator, or its
+# own worker's push or pull of rows), so the chief fails saying so either way.
+SPARSE_NOT_RESTARTABLE = ("The shared state cannot be written again after a ps restart: the Embedding tables "
+                          "of `sparse_variables` are not supported by ps_restart_timeout yet.")
+
 
 def reachable(tasks: Sequence[cluster_lib.Task]) -> bool:
     """Whether every task accepts connections now (a TCP connect, no run)."""
