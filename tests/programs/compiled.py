@@ -5,24 +5,13 @@ import numpy as np
 from programs import common
 
 
-def train_regression_custom_loop(steps: int, local_devices: int = 1, jit_compile: bool = True,
-                                 always_split: bool = False):
-    """`train_regression_on_local_devices` in a custom loop whose replica function is compiled.
-
-    The loop is a `tf.function` without jit_compile around `strategy.run` of a
-    `tf.function(jit_compile=True)` replica step: the exchange runs in `run`,
-    after the compiled step, on the host.
-    """
-    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
-    tf_backup.frontend.local_devices.set_logical_cpus(local_devices)
+def _regression_replica_step(strategy, jit_compile: bool):
+    """The regression model, its optimizer and the replica step of a custom loop, as docs/compiled_steps.md
+    writes them: `tf.function(replica_step, jit_compile=...)`, for `strategy.run`."""
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
-    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
-    strategy.extended.always_split = always_split
-    host_batch = common.BATCH * local_devices
-    x, y = common.regression_data(steps * strategy.num_workers * local_devices)
     with strategy.scope():
         model = common.regression_model(keras)
         optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1))
@@ -36,7 +25,27 @@ def train_regression_custom_loop(steps: int, local_devices: int = 1, jit_compile
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
-    replica = tf.function(replica_step, jit_compile=jit_compile)
+    return model, optimizer, tf.function(replica_step, jit_compile=jit_compile)
+
+
+def train_regression_custom_loop(steps: int, local_devices: int = 1, jit_compile: bool = True,
+                                 always_split: bool = False):
+    """`train_regression_on_local_devices` in a custom loop whose replica function is compiled.
+
+    The loop is a `tf.function` without jit_compile around `strategy.run` of a
+    `tf.function(jit_compile=True)` replica step: the exchange runs in `run`,
+    after the compiled step, on the host.
+    """
+    import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
+    tf_backup.frontend.local_devices.set_logical_cpus(local_devices)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_backup  # pylint: disable=g-import-not-at-top
+
+    strategy = tf_backup.BackupWorkerStrategy(step_timeout=120.0)
+    strategy.extended.always_split = always_split
+    host_batch = common.BATCH * local_devices
+    x, y = common.regression_data(steps * strategy.num_workers * local_devices)
+    model, optimizer, replica = _regression_replica_step(strategy, jit_compile)
 
     @tf.function
     def train_step(iterator):
@@ -194,26 +203,12 @@ def inspect_multi_device_custom_loop():
     """
     import tf_backup.frontend.local_devices  # pylint: disable=g-import-not-at-top
     tf_backup.frontend.local_devices.set_logical_cpus(2)
-    import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
     strategy = tf_backup.BackupWorkerStrategy(step_timeout=60.0)
     x, y = common.regression_data(2)
-    with strategy.scope():
-        model = common.regression_model(keras)
-        optimizer = tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1))
-        optimizer.build(model.trainable_variables)
-
-    def replica_step(features, labels):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(features, training=True) - labels))
-            loss = loss / strategy.num_replicas_in_sync
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    replica = tf.function(replica_step, jit_compile=True)
+    _, _, replica = _regression_replica_step(strategy, jit_compile=True)
 
     @tf.function
     def step(features, labels):
