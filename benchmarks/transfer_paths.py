@@ -35,6 +35,7 @@ import numpy as np
 
 PS_DEVICE = "/job:ps/replica:0/task:0/device:CPU:0"
 CLIENT_DEVICE = "/job:client/replica:0/task:0/device:CPU:0"
+RUN_TIMEOUT_MS = 60_000
 
 
 def _serve(spec) -> None:
@@ -94,8 +95,11 @@ def main() -> None:
         with tf.device(CLIENT_DEVICE):
             recv_pull = tf.identity(value)
     data = np.random.default_rng(0).random(n, dtype=np.float32)
-    master = tf.compat.v1.Session("grpc://" + spec["ps"][0], graph=graph)
-    recv = tf.compat.v1.Session(server.target, graph=graph)
+    # Every run has a deadline: a ps that died (it did once, under load) fails the run, naming the op,
+    # instead of blocking for ever.
+    config = tf.compat.v1.ConfigProto(operation_timeout_in_ms=RUN_TIMEOUT_MS)
+    master = tf.compat.v1.Session("grpc://" + spec["ps"][0], graph=graph, config=config)
+    recv = tf.compat.v1.Session(server.target, graph=graph, config=config)
     master.run(var.initializer)
     cases = {("master", "push"): (master, master_push, {master_in: data}),
              ("recv", "push"): (recv, recv_push, {recv_in: data}),
@@ -104,6 +108,8 @@ def main() -> None:
     samples = {key: [] for key in cases}
     for _ in range(args.rounds):
         for key, (session, op, feed) in cases.items():
+            if not ps.is_alive():
+                raise SystemExit(f"transfer_paths: the ps process exited (code {ps.exitcode}) before {key}")
             session.run(op, feed)  # warm: the first run of a path registers its graph
             c0, p0, t0 = _own_cpu(), _process_cpu(ps.pid), time.perf_counter()
             for _ in range(args.reps):
