@@ -162,8 +162,8 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                                              global_step)
         snaps = Snapshots()
         sleeper.gate = lambda snaps=snaps: start_together(snaps)
-        model.fit(run.dataset, epochs=1, steps_per_epoch=steps, verbose=0,
-                  callbacks=[sleeper, snaps] if run.is_chief else [sleeper])
+        callbacks = ([sleeper, snaps] if run.is_chief else [sleeper]) + ([mwms_patches.malloc_keeper(keras)] if mwms else [])
+        model.fit(run.dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=callbacks)
         run.fit_end()  # the next run starts together (a late worker may still be asleep)
         if run.is_chief:
             end_step = snaps.step if mwms else strategy.stats()["global_step"] - snaps.base

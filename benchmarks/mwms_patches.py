@@ -55,3 +55,19 @@ def build_for_multi_worker_mirrored(model, data_batch) -> None:
             break
 
     model._maybe_symbolic_build = read_one_batch  # pylint: disable=protected-access
+
+
+def malloc_keeper(keras):
+    """A callback that applies our malloc settings again before every batch, as our exchange does each step.
+
+    tf.data's iterators reset glibc's mmap threshold to 128 KiB on Python 3.11+ (`tf_backup.memory`),
+    for MWMS as for us: without this MWMS would run with glibc's allocator as TensorFlow left it,
+    and we with ours.
+    """
+    from tf_backup import memory  # pylint: disable=g-import-not-at-top
+
+    class MallocKeeper(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            memory.reapply()
+
+    return MallocKeeper()

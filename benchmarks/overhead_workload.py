@@ -68,8 +68,8 @@ def overhead_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         cpu = [] if worker == 0 else None
         net = [] if cfg.get("net_counters") else None
         sleeps = cfg.get("compute") or cfg.get("straggler")
-        out[hidden] = step_timing.timed_fits(keras, model, dataset, cfg, [sleeper] if sleeps else [], cpu=cpu, net=net,
-                                  own_link=worker != 0)
+        extra = ([sleeper] if sleeps else []) + ([mwms_patches.malloc_keeper(keras)] if cfg["system"] == "mwms" else [])
+        out[hidden] = step_timing.timed_fits(keras, model, dataset, cfg, extra, cpu=cpu, net=net, own_link=worker != 0)
         out[("cpu", hidden)] = cpu
         if net is not None:
             out[("net", hidden)] = net

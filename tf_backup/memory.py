@@ -22,12 +22,23 @@ measured here). Two ways in:
   gain but a Keras worker only part of it (measured, cause not found: see
   WORKSPACE_NOTES.md).
 
+TensorFlow undoes them: on Python 3.11 and later, the constructor of tf.data's
+`GeneratorDatasetOp` calls `mallopt(M_MMAP_THRESHOLD, 128 KiB)`
+(`tensorflow::data::ApplyPython311MemoryPatch`, TF 2.21; found with a
+breakpoint on `mallopt` in a worker), and every distributed dataset's
+iterator makes one (`MultiDeviceIterator`), for MultiWorkerMirroredStrategy
+too. From the first `fit` on, every buffer past 128 KiB was mapped, faulted
+in and unmapped again: at 1e7 parameters a worker spent a third of its CPU in
+page faults. So `reapply()` applies the settings again, and the exchange
+calls it every step (about 8 us).
+
 `TF_BACKUP_TUNE_MALLOC=0` turns both off (glibc's defaults, e.g. to measure
 the difference).
 """
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -112,7 +123,20 @@ def tune_malloc(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_threshold: int = 
     return True
 
 
+def reapply() -> bool:
+    """The settings `tune_malloc` last applied, applied again (after tf.data reset them; module doc).
+
+    Returns False, and does nothing, where `tune_malloc` applied none.
+    """
+    if _applied is None:
+        return False
+    libc = _glibc()
+    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in _applied)
+
+
+@functools.lru_cache(maxsize=None)
 def _glibc():
+    """The C library with `mallopt` (None: not glibc). Once: `find_library` may run `ldconfig`."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:

@@ -344,7 +344,9 @@ class Aggregator(threading.Thread):
                 self.on_ps.applied()
             else:
                 takes = [pushes.split_take(s, workers) for s in sums]
-                sq_norm_of_sum = sum(float(np.dot(t.gradient, t.gradient)) for t in takes)
+                # (adaptive N's noise scale only: a read of the whole sum)
+                sq_norm_of_sum = (sum(float(np.dot(t.gradient, t.gradient)) for t in takes)
+                                  if self.rule is not None else 0.0)
                 new_flats = self.apply_fn([t.mean for t in takes])
             counts = takes[0].counts
             for hook in self._step_hooks:

@@ -19,6 +19,7 @@ from absl import logging
 import tensorflow as tf
 
 from tf_backup import errors
+from tf_backup import memory
 from tf_backup.chief import chief as chief_lib
 from tf_backup.chief import update_on_ps
 from tf_backup.frontend import exchange as exchange_lib
@@ -183,6 +184,7 @@ class Binding:
 
     def _sync(self, *parts):
         """(py_function.) `parts`: per shard, the gradient's body (wire dtype) then its exact tail, or one tensor."""
+        memory.reapply()  # tf.data's iterators reset glibc's mmap threshold (tf_backup.memory)
         new_flats, metrics = self.client.sync(list(zip(parts[0::2], parts[1::2])) if self.state.tail else list(parts))
         if metrics.stopped and not self._ext.has_models():
             # Stopped, and no Keras model to stop: end a custom loop like an exhausted dataset.
@@ -231,12 +233,12 @@ class Binding:
                 f"{layout.num_vars} it was built with: apply to the same trainable variables "
                 "every step."
             )
-        packed = layout.pack(self.dense_gradients(grads))
+        dense = self.dense_gradients(grads)
         if compiled:  # each local replica writes its own copy; the exchange's read sums them
-            self.buffers.write(packed)
+            self.buffers.write(layout.pack(dense))
             self._ext.mark_compiled_step(self)
         else:
-            self._exchange(packed, variables)
+            self._exchange(self._wire_parts(dense=dense), variables)
         self._ext.mark_step_applied()
 
     def split_step(self) -> bool:
@@ -251,7 +253,8 @@ class Binding:
         buffers = self.buffers
 
         def run():
-            done = self._exchange(buffers.read(), self._var_list, pending=buffers.pending.read_value())
+            done = self._exchange(self._wire_parts(packed=buffers.read()), self._var_list,
+                                  pending=buffers.pending.read_value())
             with tf.control_dependencies([done]):
                 buffers.clear()
             return tf.constant(True)
@@ -262,20 +265,41 @@ class Binding:
             self._ext.raise_if_failed(e)
             raise
 
-    def _exchange(self, packed: List[tf.Tensor], variables: List, pending=None):
-        """Push, wait, pull (one tf.py_function), then assign the parameters and the step metrics.
+    def _wire_parts(self, dense: Optional[List[tf.Tensor]] = None, packed: Optional[List[tf.Tensor]] = None):
+        """What a push feeds, per shard, from the `dense` gradients or their `packed` shards.
 
-        `pending`: the buffers' count, for a compiled step's exchange (`_sync_pending`). Returns
-        the last assignment.
+        The tail is the gradient's squared norm (read by adaptive N's noise scale only: otherwise 0,
+        which spares a read of the whole gradient) and the one-hot of this worker. With a narrower
+        wire dtype: the body cast to it, then the exact tail. In float32: one tensor, body and tail,
+        made from `dense` by the shard's one concatenation (`Layout.pack`), not by a second copy.
         """
         layout, wire = self.layout, self.state.wire
         onehot = tf.one_hot(self.worker_index, self.num_workers, dtype=layout.dtype)
-        parts = []  # per shard: the body in the wire dtype (cast here, in a TF kernel) and the exact tail, or one tensor
-        for flat in packed:
-            tail = tf.concat([tf.reshape(tf.reduce_sum(tf.square(flat)), [1]), onehot], 0)
-            parts += [tf.cast(flat, wire), tail] if self.state.tail else [tf.concat([flat, tail], 0)]
+
+        def tail(parts):
+            if self.config.adaptive is None:
+                sq = tf.zeros([1], layout.dtype)
+            else:
+                sq = tf.reshape(tf.add_n([tf.reduce_sum(tf.square(p)) for p in parts]), [1])
+            return tf.concat([sq, onehot], 0)
+
+        if not self.state.tail and dense is not None:
+            return layout.pack(dense, tail=tail)
+        packed = layout.pack(dense) if packed is None else packed
+        if not self.state.tail:
+            return [tf.concat([flat, tail([flat])], 0) for flat in packed]
+        return [x for flat in packed for x in (tf.cast(flat, wire), tail([flat]))]
+
+    def _exchange(self, parts: List[tf.Tensor], variables: List, pending=None):
+        """Push, wait, pull (one tf.py_function), then assign the parameters and the step metrics.
+
+        `parts`: what the push feeds (`_wire_parts`). `pending`: the buffers' count, for a compiled
+        step's exchange (`_sync_pending`). Returns the last assignment.
+        """
+        layout, wire = self.layout, self.state.wire
+        num_shards = len(layout.shard_sizes)
         fn, inputs = (self._sync, parts) if pending is None else (self._sync_pending, [pending, *parts])
-        outs = tf.py_function(self.keeping_failures(fn), inputs, Tout=[wire] * len(packed) + [metrics_lib.DTYPE],
+        outs = tf.py_function(self.keeping_failures(fn), inputs, Tout=[wire] * num_shards + [metrics_lib.DTYPE],
                               name="tf_backup_sync")
         new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
         metrics = tf.ensure_shape(outs[-1], [metrics_lib.SIZE])

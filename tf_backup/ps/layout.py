@@ -9,7 +9,7 @@ variables went to one task each, and a model that is one big matrix used one).
 A push, a take and a publish move one tensor per ps task.
 """
 
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -65,6 +65,10 @@ class Layout:
         bounds = np.cumsum([0] + self.shard_sizes)
         self.shards = [[i for i in range(len(self.sizes)) if self.sizes[i] and starts[i] < bounds[s + 1]
                         and starts[i + 1] > bounds[s]] for s in range(num_shards)]
+        # Per shard, its variables' pieces in order: (variable, first element in it, elements).
+        self.pieces = [[(i, int(max(starts[i], bounds[s]) - starts[i]),
+                         int(min(starts[i + 1], bounds[s + 1]) - max(starts[i], bounds[s])))
+                        for i in self.shards[s]] for s in range(num_shards)]
 
     @property
     def num_vars(self) -> int:
@@ -100,18 +104,45 @@ class Layout:
                 f"chief's has {len(chief_vars)}: every worker must build the same model."
             )
 
-    def pack(self, tensors: Sequence) -> List[tf.Tensor]:
-        """Flattens per-variable tensors into one tensor per shard (graph ops)."""
-        parts = [tf.reshape(tf.cast(t, self.dtype), [-1]) for t in tensors]
-        whole = tf.concat(parts, 0) if parts else tf.zeros([0], self.dtype)
-        if len(self.shard_sizes) == 1:
-            return [whole]
-        return tf.split(whole, self.shard_sizes, 0)
+    def pack(self, tensors: Sequence, tail: Optional[Callable[[List[tf.Tensor]], tf.Tensor]] = None) -> List[tf.Tensor]:
+        """Flattens per-variable tensors into one tensor per shard (graph ops).
+
+        `tail(parts)`, if given, makes a tensor from a shard's parts that goes at
+        its end, in the same concatenation (a push's norm and one-hot).
+
+        Each shard is one concatenation of its variables' pieces: no tensor of
+        the whole model is made. At 1e7 parameters one would be 40 MB, past
+        glibc's mmap threshold (32 MiB at most), so every step would map it
+        fresh, fault it in page by page and unmap it: a profile of a worker
+        at 1e7 parameters and 4 ps tasks spent 41% of its CPU in page faults,
+        most of them in the whole-model concatenation and its split
+        (docs/performance.md, "Where a worker's CPU went").
+        """
+        flat = [tf.reshape(tf.cast(t, self.dtype), [-1]) for t in tensors]
+        out = []
+        for pieces in self.pieces:
+            parts = [flat[i] if n == self.sizes[i] else tf.slice(flat[i], [begin], [n]) for i, begin, n in pieces]
+            if tail is not None:
+                parts = parts + [tail(parts or [tf.zeros([0], self.dtype)])]
+            out.append(_concat(parts, self.dtype))
+        return out
 
     def unpack(self, flats: Sequence) -> List[tf.Tensor]:
-        """The inverse of `pack`: per-variable tensors in the variables' dtypes."""
+        """The inverse of `pack`: per-variable tensors in the variables' dtypes (no whole-model tensor either)."""
         flats = [tf.convert_to_tensor(f) for f in flats]
-        whole = flats[0] if len(flats) == 1 else tf.concat(flats, 0)
-        pieces = tf.split(whole, self.sizes, 0) if self.num_vars > 1 else [whole]
-        return [tf.cast(tf.reshape(piece, shape), dtype)
-                for piece, shape, dtype in zip(pieces, self.shapes, self.dtypes)]
+        parts = [[] for _ in self.sizes]
+        for s, pieces in enumerate(self.pieces):
+            at = 0  # where the next piece begins in shard s
+            for i, _, n in pieces:
+                whole_shard = at == 0 and n == self.shard_sizes[s]
+                parts[i].append(flats[s] if whole_shard else tf.slice(flats[s], [at], [n]))
+                at += n
+        return [tf.cast(tf.reshape(_concat(p, flats[0].dtype if flats else self.dtype), shape), dtype)
+                for p, shape, dtype in zip(parts, self.shapes, self.dtypes)]
+
+
+def _concat(parts: List[tf.Tensor], dtype) -> tf.Tensor:
+    """One tensor of `parts` in order: the part itself if there is one (no copy)."""
+    if not parts:
+        return tf.zeros([0], dtype)
+    return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
