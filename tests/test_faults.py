@@ -253,10 +253,18 @@ def run_to_the_end(tmp_path, checkpoints) -> list:
 
 
 def published_before(progress_dir, num_workers: int) -> dict:
-    """{step: flat weights} that the first job's workers pulled (`programs.faults.weights_log`), each step once."""
+    """{step: flat weights} that the first job's workers pulled (`programs.faults.weights_log`), each step once.
+
+    Each worker's first process up to a step lower than one it pulled before: a chief that rejoined its
+    job took it back to its checkpoint, and the redone steps' parameters differ from the first ones.
+    """
     published = {}
     for w in range(num_workers):
+        highest = -1
         for step, flat in programs.faults.weights_log(progress_dir, f"worker-{w}")[0]:
+            if step < highest:
+                break
+            highest = step
             assert published.setdefault(step, flat) == flat, (w, step)  # every worker pulled the same
     return published
 
@@ -405,6 +413,8 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
         assert killed_at - 5 <= resumed_at <= killed_at + 2, (killed_at, resumed_at)
         assert [r["generation"] for r in results] == [1, 1, 1]  # all in the state's generation 1
         assert reread <= 1  # the chief's batch in flight at the kill, at most
+        # The rejoined chief holds exactly what the killed one held at its checkpoint: master copy and slots.
+        check_restored(chief, resumed_at, progress, published_before(progress, 3))
     elif ps:  # the chief wrote the state again, once; every worker moved to it and carried on
         assert resumed_at == 0 and restarts == {"ps-0": 1, "worker-0": 0, "worker-1": 0, "worker-2": 0}, restarts
         assert chief["state_rewrites"] == 1 and [r["generation"] for r in results] == [1, 1, 1]
