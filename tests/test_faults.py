@@ -351,9 +351,13 @@ def kill_when_reached(cluster, progress_dir, watched: str, step: int, victims, t
     pytest.param(["worker-0"], id="chief"),  # rejoining its job (`chief_rejoins`)
     # Slow (28 s each; the default suite's budget): their claims run by default as the chief killed then the
     # same command again (a new job from the checkpoint), b + 1 dead workers stopping the job with a
-    # checkpoint, and "ps-apply-on-ps" (everybody restarted into a new job from the checkpoint).
+    # checkpoint, and "ps-apply-on-ps" (everybody restarted into a new job from the checkpoint). "ps" (30 s):
+    # a restarted ps written again, nobody else restarting, nothing redone, no batch read twice, runs by
+    # default as ps 1 of two (`test_under_a_supervisor_either_of_two_ps_tasks_is_written_again[ps-1]`, the same
+    # checks) and as ps 0 of one under the binary's --restart_failed
+    # (`test_the_training_binary_with_restart_failed_goes_on_when_the_ps_is_killed`).
     pytest.param(["worker-0", "new job"], marks=pytest.mark.slow, id="chief-new-job"),  # starting a new job
-    pytest.param(["ps-0"], id="ps"),
+    pytest.param(["ps-0"], marks=pytest.mark.slow, id="ps"),
     pytest.param(["ps-0", "apply on ps"], id="ps-apply-on-ps"),  # its master copy lost: a new job from the checkpoint
     pytest.param(["worker-1", "worker-2"], marks=pytest.mark.slow, id="b+1"),  # b + 1 workers
     pytest.param(["worker-2"], marks=pytest.mark.slow, id="worker"),  # a backup worker: it rejoins the running job
