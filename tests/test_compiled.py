@@ -209,10 +209,10 @@ def test_the_multi_device_custom_loop_as_a_user_writes_it_compiles_each_replica_
 
 
 @pytest.mark.cluster
-def test_xla_embedding_model_trains_by_rows_as_without_xla():
-    steps = 6
-    runs = {jit: tf_backup.launch_local(programs.embedding.train_embedding, num_workers=2,
-                                        kwargs=dict(steps=steps, jit_compile=jit), timeout=240)
+def test_xla_embedding_model_trains_by_rows_as_without_xla(shared_launch):
+    steps = 6  # without XLA: test_embedding.py's run of 1 device (`shared_launch`)
+    runs = {jit: shared_launch(programs.embedding.train_embedding, num_workers=2,
+                               kwargs=dict(steps=steps, jit_compile=jit), timeout=240)
             for jit in (True, False)}
     for compiled, plain in zip(runs[True], runs[False]):
         assert compiled["sparse_tables"] == [[programs.embedding.VOCAB, 3]] and compiled["dense_elements"] == 3 + 1

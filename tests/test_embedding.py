@@ -29,10 +29,10 @@ def reference(initial, steps, rows_per_step, rows=None, gather=False):
 
 
 @pytest.mark.parametrize("local_devices", [1, 2])
-def test_embedding_model_trains_through_fit_like_large_batch_sgd(local_devices):
-    steps = 6
-    out = tf_backup.launch_local(programs.embedding.train_embedding, num_workers=2,
-                                 kwargs=dict(steps=steps, local_devices=local_devices), timeout=240)
+def test_embedding_model_trains_through_fit_like_large_batch_sgd(local_devices, shared_launch):
+    steps = 6  # the run of 1 device is also test_compiled.py's run without XLA (`shared_launch`)
+    out = shared_launch(programs.embedding.train_embedding, num_workers=2,
+                        kwargs=dict(steps=steps, local_devices=local_devices), timeout=240)
     expected = reference(out[0]["initial"], steps, 2 * programs.common.BATCH * local_devices)
     for worker in out:
         assert worker["stats"] == {"global_step": steps, "pushed": [steps] * 2, "taken": [steps] * 2,

@@ -253,10 +253,18 @@ def run_to_the_end(tmp_path, checkpoints) -> list:
 
 
 def published_before(progress_dir, num_workers: int) -> dict:
-    """{step: flat weights} that the first job's workers pulled (`programs.faults.weights_log`), each step once."""
+    """{step: flat weights} that the first job's workers pulled (`programs.faults.weights_log`), each step once.
+
+    Each worker's first process up to a step lower than one it pulled before: a chief that rejoined its
+    job took it back to its checkpoint, and the redone steps' parameters differ from the first ones.
+    """
     published = {}
     for w in range(num_workers):
+        highest = -1
         for step, flat in programs.faults.weights_log(progress_dir, f"worker-{w}")[0]:
+            if step < highest:
+                break
+            highest = step
             assert published.setdefault(step, flat) == flat, (w, step)  # every worker pulled the same
     return published
 
@@ -343,9 +351,13 @@ def kill_when_reached(cluster, progress_dir, watched: str, step: int, victims, t
     pytest.param(["worker-0"], id="chief"),  # rejoining its job (`chief_rejoins`)
     # Slow (28 s each; the default suite's budget): their claims run by default as the chief killed then the
     # same command again (a new job from the checkpoint), b + 1 dead workers stopping the job with a
-    # checkpoint, and "ps-apply-on-ps" (everybody restarted into a new job from the checkpoint).
+    # checkpoint, and "ps-apply-on-ps" (everybody restarted into a new job from the checkpoint). "ps" (30 s):
+    # a restarted ps written again, nobody else restarting, nothing redone, no batch read twice, runs by
+    # default as ps 1 of two (`test_under_a_supervisor_either_of_two_ps_tasks_is_written_again[ps-1]`, the same
+    # checks) and as ps 0 of one under the binary's --restart_failed
+    # (`test_the_training_binary_with_restart_failed_goes_on_when_the_ps_is_killed`).
     pytest.param(["worker-0", "new job"], marks=pytest.mark.slow, id="chief-new-job"),  # starting a new job
-    pytest.param(["ps-0"], id="ps"),
+    pytest.param(["ps-0"], marks=pytest.mark.slow, id="ps"),
     pytest.param(["ps-0", "apply on ps"], id="ps-apply-on-ps"),  # its master copy lost: a new job from the checkpoint
     pytest.param(["worker-1", "worker-2"], marks=pytest.mark.slow, id="b+1"),  # b + 1 workers
     pytest.param(["worker-2"], marks=pytest.mark.slow, id="worker"),  # a backup worker: it rejoins the running job
@@ -405,6 +417,8 @@ def test_under_a_supervisor_the_job_finishes_after_any_kill(tmp_path, victims, s
         assert killed_at - 5 <= resumed_at <= killed_at + 2, (killed_at, resumed_at)
         assert [r["generation"] for r in results] == [1, 1, 1]  # all in the state's generation 1
         assert reread <= 1  # the chief's batch in flight at the kill, at most
+        # The rejoined chief holds exactly what the killed one held at its checkpoint: master copy and slots.
+        check_restored(chief, resumed_at, progress, published_before(progress, 3))
     elif ps:  # the chief wrote the state again, once; every worker moved to it and carried on
         assert resumed_at == 0 and restarts == {"ps-0": 1, "worker-0": 0, "worker-1": 0, "worker-2": 0}, restarts
         assert chief["state_rewrites"] == 1 and [r["generation"] for r in results] == [1, 1, 1]
