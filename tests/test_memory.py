@@ -124,3 +124,12 @@ def test_serve_and_the_strategy_apply_the_settings_before_anything_else(monkeypa
     with pytest.raises(Stop):
         tf_backup.BackupWorkerStrategy(resolver("worker"))
     assert calls == ["tune_malloc", "strategy"]
+
+
+def test_reapply_repeats_the_last_settings_and_nothing_before_them(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    assert memory.reapply() is False and libc.calls == []  # tune_malloc applied nothing yet
+    tf_backup.tune_malloc()
+    assert memory.reapply() is True
+    assert libc.calls[3:] == libc.calls[:3]  # the same three settings again, not cached away
