@@ -34,6 +34,16 @@ import numpy as np
 from tf_backup import _checks
 
 MARGIN = 0.05  # another N replaces the current one only if its rate is 5% higher
+CHANGE = 1.2  # a worker's newest RECENT samples all this many times slower (or faster): a change point
+RECENT = 4
+
+# What one more gradient is worth to the inner optimizer at the learning rate it was given (kept
+# whatever N is), as a factor on the measured simple noise scale: the effective noise scale that
+# fits the measured loss decrease per step of N = 1 .. 6, over the B_simple measured on the same
+# runs (`benchmarks/progress_model.py`, the default job's MNIST-1D CNN; benchmarks/results/
+# adaptive.md). The paper's B_simple assumes the best learning rate for every batch size; at a
+# fixed one a step's gain from more gradients is smaller. Other optimizers: 1 (the paper's model).
+OPTIMIZER_NOISE = {"sgd": 0.1, "momentum": 0.08, "adam": 0.74}
 
 
 def check_bounds(num_workers: int, n_min: Optional[int], n_max: Optional[int]) -> Tuple[int, int]:
@@ -96,6 +106,20 @@ def choose(expected_times: Sequence[float], b_simple: float, batch: int, n_min: 
     return Choice(n=n_min + best, b_simple=b_simple, expected_times=tuple(expected_times), rates=tuple(rates))
 
 
+def changed(samples: Sequence[float], recent: int, ratio: float) -> bool:
+    """A change point: the newest `recent` of `samples` (oldest first) are all more than `ratio` times
+    slower, or all `ratio` times faster, than the median of the ones before (at least `recent` of them).
+
+    All of them, not their mean: one Pareto stall is no change, a worker that became slow is; with
+    `recent` = 3 and i.i.d. samples the test fires with probability P(X > ratio * median)^3 per push.
+    """
+    if recent < 1 or len(samples) < 2 * recent:
+        return False
+    before = float(np.median(samples[:-recent]))
+    new = samples[-recent:]
+    return min(new) > ratio * before or max(new) * ratio < before
+
+
 class ArrivalWindow:
     """Each worker's recent compute times, and the expected order statistics of the arrivals.
 
@@ -113,15 +137,32 @@ class ArrivalWindow:
     arrives never (inf).
     """
 
-    def __init__(self, num_workers: int, size: int):
+    def __init__(self, num_workers: int, size: int, skip: int = 0, recent: int = 0, change: float = CHANGE):
         self.num_workers = _checks.check_int("num_workers", num_workers, 1)
         self.size = _checks.check_int("window", size, 1)
+        self.skip = _checks.check_int("skip", skip, 0)
+        self.recent_size = _checks.check_int("recent", recent, 0)
+        self.change = change
         self._samples = [collections.deque(maxlen=self.size) for _ in range(self.num_workers)]
+        self._skipped = [0] * self.num_workers
         self._steps = 0  # the steps `add` recorded
+        self.changes: List[Tuple[int, int]] = []  # (worker, step) of each change point found
 
     def add_sample(self, worker: int, step: int, seconds: float) -> None:
-        """One push of `worker`, for `step`, `seconds` after it read that step."""
-        self._samples[worker].append((int(step), float(seconds)))
+        """One push of `worker`, for `step`, `seconds` after it read that step.
+
+        A worker's first `skip` samples are dropped (they include tracing and cold caches). With
+        `recent` > 0, a change point (`changed`) drops the worker's samples before its newest `recent`.
+        """
+        if self._skipped[worker] < self.skip:
+            self._skipped[worker] += 1
+            return
+        samples = self._samples[worker]
+        samples.append((int(step), float(seconds)))
+        if self.recent_size and changed([x for _, x in samples], self.recent_size, self.change):
+            self.changes.append((worker, int(step)))
+            for _ in range(len(samples) - self.recent_size):
+                samples.popleft()
 
     def add(self, arrivals: Sequence[float]) -> None:
         """A whole step: per worker its arrival (inf: none), as the step after the last `add`."""
@@ -150,10 +191,18 @@ class ArrivalWindow:
         kept = [seconds for s, seconds in samples if s > step - self.size]
         return kept or [seconds for _, seconds in list(samples)[-1:]]
 
-    def expected_order_statistics(self, step: Optional[int] = None,
-                                  unavailable: Collection[int] = ()) -> np.ndarray:
-        """E[T_(n)] for n = 1 .. num_workers (inf where fewer than n workers have samples)."""
+    def expected_order_statistics(self, step: Optional[int] = None, unavailable: Collection[int] = (),
+                                  pending: Optional[Sequence[float]] = None) -> np.ndarray:
+        """E[T_(n)] for n = 1 .. num_workers (inf where fewer than n workers have samples).
+
+        `pending`: per worker, seconds it has been computing a gradient not pushed yet (0: none).
+        Its next arrival is at least that late (a censored sample): each of its samples counts as
+        `max(sample, pending)`, so a worker that stopped pushing (dead, or asleep) is left out
+        as fast as its silence grows, without waiting for its next sample or a heartbeat.
+        """
         samples = [[] if w in unavailable else self.recent(w, step) for w in range(self.num_workers)]
+        if pending is not None:
+            samples = [[max(x, float(p)) for x in xs] for xs, p in zip(samples, pending)]
         rows = max((len(x) for x in samples), default=0)
         if rows == 0:
             return np.full([self.num_workers], np.inf)
@@ -232,14 +281,23 @@ class AdaptiveN:
       window: steps the arrival times, the overhead and the noise estimates are averaged over.
       warmup: takes observed before the rule answers anything but `n_max`.
       margin: how much higher (a fraction) another N's rate must be to replace the last choice.
+      noise_factor: what one more gradient is worth to the inner optimizer, as a factor on the
+        measured noise scale (`OPTIMIZER_NOISE`; 1: the model's SGD with the best learning rate).
+      skip: each worker's first timed samples dropped (`ArrivalWindow`).
+      recent: samples of a change-point test (`changed`; 0: none): a worker's older samples are
+        dropped once its `recent` newest all differ from them by more than `CHANGE`.
     """
 
     def __init__(self, num_workers: int, batch: int = 1, n_min: Optional[int] = None,
-                 n_max: Optional[int] = None, window: int = 50, warmup: int = 5, margin: float = MARGIN):
+                 n_max: Optional[int] = None, window: int = 50, warmup: int = 5, margin: float = MARGIN,
+                 noise_factor: float = 1.0, skip: int = 1, recent: int = RECENT, change: float = CHANGE):
         self.n_min, self.n_max = check_bounds(num_workers, n_min, n_max)
         self.batch = _checks.check_int("batch", batch, 1)
         self.warmup = _checks.check_int("warmup", warmup, 0)
-        self.arrivals = ArrivalWindow(num_workers, window)
+        if not (isinstance(noise_factor, (int, float)) and math.isfinite(noise_factor) and noise_factor > 0):
+            raise ValueError(f"`noise_factor` must be a finite number > 0. Received noise_factor={noise_factor!r}")
+        self.noise_factor = float(noise_factor)
+        self.arrivals = ArrivalWindow(num_workers, window, skip=skip, recent=recent, change=change)
         self.noise = NoiseScale(batch, window)
         self._overheads = collections.deque(maxlen=window)
         self.takes = 0
@@ -248,7 +306,8 @@ class AdaptiveN:
 
     @property
     def overhead(self) -> float:
-        return sum(self._overheads) / len(self._overheads) if self._overheads else 0.0
+        """The window's median step overhead (a median: a step stalled by a pull or a save is not overhead)."""
+        return float(np.median(self._overheads)) if self._overheads else 0.0
 
     def observe_push(self, sample) -> None:
         """One push (a `pushes.PushSample`: worker, step, seconds)."""
@@ -270,15 +329,22 @@ class AdaptiveN:
         self.noise.add(sum_sq_norms, sq_norm_of_sum, n)
         self.takes += 1
 
-    def choose(self, step: Optional[int] = None, unavailable: Collection[int] = ()) -> Choice:
+    def choose(self, step: Optional[int] = None, unavailable: Collection[int] = (),
+               pending: Optional[Sequence[float]] = None) -> Choice:
         """The N of the step after `step` (None: after the last `observe`); never more than the workers
-        that are not `unavailable` (declared dead or left), nor fewer than `n_min`."""
-        b_simple = self.noise.b_simple
+        that are not `unavailable` (declared dead or left), nor fewer than `n_min`.
+
+        `pending`: per worker, seconds since it started a gradient it has not pushed (0: none;
+        `ArrivalWindow.expected_order_statistics`). The progress model uses `noise_factor` times
+        the measured noise scale (`OPTIMIZER_NOISE`).
+        """
+        b_simple = self.noise.b_simple * self.noise_factor
         n_max = max(self.n_min, min(self.n_max, self.arrivals.num_workers - len(set(unavailable))))
         span = n_max - self.n_min + 1
         if self.takes < max(self.warmup, 1):
             return Choice(n_max, b_simple, (math.inf,) * span, (0.0,) * span)
-        times = self.arrivals.expected_order_statistics(step, unavailable)[self.n_min - 1:n_max] + self.overhead
+        times = self.arrivals.expected_order_statistics(step, unavailable, pending)[self.n_min - 1:n_max]
+        times = times + self.overhead
         choice = choose([float(t) for t in times], b_simple, self.batch, self.n_min, self.current, self.margin)
         self.current = choice.n
         return choice
