@@ -147,6 +147,13 @@ def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
     assert majority(replicas[-20:]) == 4  # no straggler, high noise: every gradient is worth its wait
     assert all(t >= n for t, n in zip(taken, replicas))  # a step averages at least its N
     assert min(chief["noise_scale"][30:]) > 4  # in worker batches: 4 gradients make ~4x the progress of 1
+    # The slow worker is named in the step record while it is slow (issue 33): ~10x the others,
+    # reported once slow for PERSIST steps of the first 60, and no longer once it is fast.
+    from tf_backup.protocol import slow_workers  # pylint: disable=g-import-not-at-top
+    spans = slow_workers.spans(chief["slow_workers"])
+    assert [s.worker for s in spans] == [3], spans
+    assert spans[0].since_step + slow_workers.PERSIST <= 60 and spans[0].factor > 5
+    assert spans[0].last_step >= 59 and chief["slow_workers"][-1][1] == ()
     for worker in out:
         assert worker["num_backup_workers"] == "auto"
         assert (worker["adaptive"].n_min, worker["adaptive"].n_max, worker["adaptive"].window) == (1, 4, 20)

@@ -41,3 +41,11 @@ def test_medians_come_from_the_arrival_window():
         window.add([0.1, 0.2, 0.4 if step % 2 else 0.3])
     assert slow_workers.medians([window.recent(w, step=9) for w in range(3)]) == pytest.approx([0.1, 0.2, 0.35])
     assert slow_workers.medians([[], [1.0]]) == [None, 1.0]
+
+
+def test_spans_summarise_the_step_record():
+    a = slow_workers.SlowWorker(3, 1.5, 10)
+    record = [(9, ()), (12, (a,)), (13, (a._replace(factor=2.0),)), (14, ()),
+              (30, (slow_workers.SlowWorker(3, 1.3, 25), slow_workers.SlowWorker(1, 1.4, 20)))]
+    assert slow_workers.spans(record) == [slow_workers.SlowSpan(3, 10, 13, 2.0), slow_workers.SlowSpan(1, 20, 30, 1.4),
+                                          slow_workers.SlowSpan(3, 25, 30, 1.3)]

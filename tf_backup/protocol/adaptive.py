@@ -46,6 +46,17 @@ RECENT = 4
 OPTIMIZER_NOISE = {"sgd": 0.1, "momentum": 0.08, "adam": 0.74}
 
 
+def noise_factor_for(class_name: str, momentum: float = 0.0) -> float:
+    """`OPTIMIZER_NOISE` of a Keras optimizer by its class name (SGD with momentum > 0: "momentum";
+    AdamW, Adamax, Nadam: "adam"); 1.0 for the others (the paper's model, unmeasured here)."""
+    name = class_name.lower()
+    if name == "sgd":
+        return OPTIMIZER_NOISE["momentum" if momentum else "sgd"]
+    if name in ("adam", "adamw", "adamax", "nadam"):
+        return OPTIMIZER_NOISE["adam"]
+    return 1.0
+
+
 def check_bounds(num_workers: int, n_min: Optional[int], n_max: Optional[int]) -> Tuple[int, int]:
     """The bounds of N, defaults 1 and `num_workers`.
 

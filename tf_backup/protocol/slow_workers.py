@@ -70,3 +70,24 @@ def medians(recent: Sequence[List[float]]) -> List[Optional[float]]:
 def describe(slow: Sequence[SlowWorker]) -> str:
     """One line for a summary: `worker 3 1.45x since step 120; ...` or `none`."""
     return "; ".join(f"worker {s.worker} {s.factor:.2f}x since step {s.since_step}" for s in slow) or "none"
+
+
+class SlowSpan(NamedTuple):
+    """One stretch in which a worker was reported slow: from `since_step` to `last_step` (inclusive),
+    the largest factor it was reported with."""
+
+    worker: int
+    since_step: int
+    last_step: int
+    factor: float
+
+
+def spans(per_step: Sequence[Tuple[int, Sequence[SlowWorker]]]) -> List[SlowSpan]:
+    """The stretches of slowness in a step record: `(step, slow workers as of it)` in step order."""
+    open_spans: Dict[Tuple[int, int], SlowSpan] = {}
+    for step, slow in per_step:
+        for s in slow:
+            key = (s.worker, s.since_step)
+            old = open_spans.get(key)
+            open_spans[key] = SlowSpan(s.worker, s.since_step, step, max(s.factor, old.factor if old else 0.0))
+    return sorted(open_spans.values(), key=lambda s: (s.since_step, s.worker))
