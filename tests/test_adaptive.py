@@ -275,7 +275,7 @@ def test_a_worker_in_flight_longer_than_its_samples_counts_as_that_slow():
     for step in range(10):
         feed_step(rule, step, [0.1] * 6)
     assert rule.choose(10).n == 6
-    pending = [0.0, 0.0, 0.05, 0.0, 0.0, 0.0]  # in flight for less than its compute time: no change
+    pending = [0.0, 0.0, 0.15, 0.0, 0.0, 0.0]  # in flight for less than twice its slowest sample: a stall
     assert rule.choose(10, pending=pending).n == 6
     pending[2] = 0.5  # asleep (or dead) since 0.5 s: its next arrival is at least that late
     choice = rule.choose(10, pending=pending)

@@ -209,13 +209,15 @@ class ArrivalWindow:
         """E[T_(n)] for n = 1 .. num_workers (inf where fewer than n workers have samples).
 
         `pending`: per worker, seconds it has been computing a gradient not pushed yet (0: none).
-        Its next arrival is at least that late (a censored sample): each of its samples counts as
-        `max(sample, pending)`, so a worker that stopped pushing (dead, or asleep) is left out
-        as fast as its silence grows, without waiting for its next sample or a heartbeat.
+        Once that is more than twice its slowest recent sample, its next arrival is at least that
+        late (a censored sample): each of its samples counts as `max(sample, pending)`, so a worker
+        that stopped pushing (dead, or asleep) is left out as fast as its silence grows, without
+        waiting for its next sample or a heartbeat. Below that it is a stall its samples already
+        hold (counting those too made the event model's Pareto phase pick N one too small).
         """
         samples = [[] if w in unavailable else self.recent(w, step) for w in range(self.num_workers)]
         if pending is not None:
-            samples = [[max(x, float(p)) for x in xs] for xs, p in zip(samples, pending)]
+            samples = [[max(x, float(p)) for x in xs] if xs and p > 2 * max(xs) else xs for xs, p in zip(samples, pending)]
         rows = max((len(x) for x in samples), default=0)
         if rows == 0:
             return np.full([self.num_workers], np.inf)
