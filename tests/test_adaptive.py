@@ -316,3 +316,13 @@ def test_learning_rate_is_kept_when_n_changes():
     for n in (2, 6):
         take = pushes.split_take(sum(pushes.push_vector(g, w, 6) for w in range(n)), 6)
         np.testing.assert_allclose(take.mean, g)
+
+
+def test_seconds_in_flight_from_the_tags_the_pushes_seen_and_the_publishes():
+    # After the take of step 10 at t = 100: worker 0 pushed for 10 (waits); worker 1's last push
+    # (for 8) was seen at 95, step 9 published at 96: computing since 96; worker 2's push for 9 was
+    # seen at 99 after step 10's publish (98): since 99; worker 3 never pushed: since the start (50).
+    pending = adaptive.in_flight(100.0, 10, tags=[10, 8, 9, 0], pushed=[5, 4, 4, 0],
+                                 pushed_at={0: 99.5, 1: 95.0, 2: 99.0}, published_at={9: 96.0, 10: 98.0},
+                                 started_at=50.0)
+    assert pending == pytest.approx([0.0, 4.0, 1.0, 50.0])

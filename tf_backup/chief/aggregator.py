@@ -432,19 +432,9 @@ class Aggregator(threading.Thread):
         self.n = self.rule.choose(self.step + 1, unavailable=gone, pending=self._pending()).n
 
     def _pending(self) -> List[float]:
-        """Per worker, seconds it has been computing a gradient the chief has not seen (0: it pushed for
-        the step just taken). It started when the chief saw its last push, or when the step after
-        that push's was published, whichever came later."""
-        now, ctl = time.monotonic(), self._last_control
+        """Per worker, seconds it has been computing a gradient the chief has not seen (`adaptive.in_flight`)."""
+        ctl = self._last_control
         if ctl is None:
             return [0.0] * self.config.num_workers
-        tags, pushed = ctl.block(Block.LAST_TAG), ctl.block(Block.PUSHED)
-        out = []
-        for w in range(self.config.num_workers):
-            if pushed[w] and tags[w] >= self.step:
-                out.append(0.0)
-                continue
-            since = max(self._pushed_at.get(w, self._started_at),
-                        self._published_at.get(int(tags[w]) + 1, self._started_at) if pushed[w] else self._started_at)
-            out.append(max(0.0, now - since))
-        return out
+        return adaptive_lib.in_flight(time.monotonic(), self.step, ctl.block(Block.LAST_TAG), ctl.block(Block.PUSHED),
+                                      self._pushed_at, self._published_at, self._started_at)

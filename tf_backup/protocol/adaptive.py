@@ -27,7 +27,7 @@ Everything here is deterministic: the same observations give the same choices.
 import collections
 import dataclasses
 import math
-from typing import Collection, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Collection, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -82,6 +82,25 @@ def progress(n: int, b_simple: float, batch: int) -> float:
     if math.isinf(b_simple):
         return float(n)  # the limit up to a constant factor (n * batch / B_simple): only ratios matter
     return 1.0 / (1.0 + b_simple / (n * batch))
+
+
+def in_flight(now: float, step: int, tags: Sequence[int], pushed: Sequence[int], pushed_at: Mapping[int, float],
+              published_at: Mapping[int, float], started_at: float) -> List[float]:
+    """Per worker, seconds it has been computing a gradient not pushed yet, after the take of `step`.
+
+    0 for a worker whose last push was for `step` (it waits for the publish). Another started
+    when the chief saw its last push (`pushed_at`), or when the step after that push's was
+    published (`published_at`), whichever came later; `started_at` (the chief's start) stands
+    for what is not known (no push yet, or a publish no longer kept). Times: one monotonic clock.
+    """
+    out = []
+    for w, (tag, count) in enumerate(zip(tags, pushed)):
+        if count and tag >= step:
+            out.append(0.0)
+            continue
+        since = max(pushed_at.get(w, started_at), published_at.get(int(tag) + 1, started_at) if count else started_at)
+        out.append(max(0.0, now - since))
+    return out
 
 
 class Choice(NamedTuple):
