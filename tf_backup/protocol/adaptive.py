@@ -17,8 +17,12 @@ The rule. Choose N in `[n_min, n_max]` to maximise the expected progress per sec
 * `B_simple = tr(Sigma) / |G|^2`, the simple noise scale (their eq. 2.8), estimated from the
   gradients each step averages (`NoiseScale`).
 
-Ties go to the larger N, and the current N stays unless another's rate is more than `MARGIN`
-higher. Until `warmup` steps were taken the rule answers `n_max`.
+With the inner optimizer's factor f (`OPTIMIZER_NOISE`, measured) the model's B_simple is
+f x the measured one. Ties go to the larger N, and the current N stays unless another's rate is
+more than `MARGIN` higher. Until `warmup` steps were taken the rule answers `n_max`. It settles
+in a few steps (issue 33): each worker's first timed sample is dropped (`skip`), a change point
+in a worker's samples drops its older ones (`changed`), and a worker in flight for long counts
+as at least that slow (`in_flight`, `ArrivalWindow.expected_order_statistics`).
 Learning rate: the chief averages the N gradients whatever N is, so the inner optimizer's learning
 rate stays as set (a larger N gives a less noisy step of the same size, not a larger step).
 Everything here is deterministic: the same observations give the same choices.
