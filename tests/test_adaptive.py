@@ -166,6 +166,24 @@ def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
         n = worker["history"]["replicas_to_aggregate"]
         assert len(n) == 11 and set(n) <= {float(r) for r in replicas}
         assert majority(n[3:6]) == 3.0 and majority(n[-3:]) == 4.0
+    # Every worker's History names the slow worker, its factor and first step, as the chief's record
+    # has them at that epoch's end (the control vector's SLOW slots), and nobody once it is fast.
+    slow_at = dict(chief["slow_workers"])  # global step s + 1 -> the slow workers published with it
+    for worker in out:
+        h = worker["history"]
+        named = 0
+        for k, g in enumerate(h["global_step"]):
+            around = [slow_at.get(int(g) - 1 + d) for d in (-2, -1, 0, 1)]
+            if all(a is not None and [s.worker for s in a] == [3] for a in around):
+                named += 1
+                assert (h["slow_workers"][k], h["slow_worker"][k]) == (1.0, 3.0), (worker["worker"], k, h)
+                assert h["slow_worker_since_step"][k] == spans[0].since_step
+                assert min(a[0].factor for a in around) - 0.01 <= h["slow_worker_factor"][k] <= max(
+                    a[0].factor for a in around) + 0.01
+        # The slow worker's own epochs span ~30 global steps while it is slow: one ends in its stretch.
+        assert named >= (1 if worker["worker"] == 3 else 2), (worker["worker"], h["global_step"], spans)
+        assert (h["slow_workers"][-1], h["slow_worker"][-1], h["slow_worker_factor"][-1],
+                h["slow_worker_since_step"][-1]) == (0.0, -1.0, 0.0, -1.0)
 
 
 def test_a_slow_worker_with_fewer_samples_counts_as_much_as_a_fast_one():

@@ -49,3 +49,15 @@ def test_spans_summarise_the_step_record():
               (30, (slow_workers.SlowWorker(3, 1.3, 25), slow_workers.SlowWorker(1, 1.4, 20)))]
     assert slow_workers.spans(record) == [slow_workers.SlowSpan(3, 10, 13, 2.0), slow_workers.SlowSpan(1, 20, 30, 1.4),
                                           slow_workers.SlowSpan(3, 25, 30, 1.3)]
+
+
+def test_the_slowest_goes_through_the_control_slots_to_every_workers_logs():
+    slow = (slow_workers.SlowWorker(1, 1.4, 20), slow_workers.SlowWorker(3, 1.3375, 25),
+            slow_workers.SlowWorker(4, 1.4, 22))
+    top = slow_workers.Slowest.of(slow)
+    assert top == slow_workers.Slowest(3, 1, 1.4, 20)  # the largest factor; a tie: the lower index
+    assert top.as_slots() == (3, 1, 1400, 20)
+    assert slow_workers.Slowest.of(slow[1:2]).as_slots() == (1, 3, 1338, 25)  # thousandths, rounded
+    assert slow_workers.Slowest.from_slots((1, 3, 1338, 25)) == slow_workers.Slowest(1, 3, 1.338, 25)
+    assert slow_workers.Slowest.of(()) == slow_workers.NONE == slow_workers.Slowest(0, -1, 0.0, -1)
+    assert slow_workers.Slowest.from_slots((0, 0, 0, 0)) == slow_workers.NONE  # a vector before any publish

@@ -380,8 +380,10 @@ class Aggregator(threading.Thread):
                 positions = pushes.input_positions(self.state.read_control(), new_step)
             self.state.publish(
                 new_step, new_flats,
-                [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)],
-                [new_step, int(counts.sum()), self.n] + [int(t) for t in self.taken],
+                [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)]
+                + list(range(Control.SLOW, Control.SLOW + Control.SLOW_SIZE)),
+                [new_step, int(counts.sum()), self.n] + [int(t) for t in self.taken]
+                + list(slow_workers_lib.Slowest.of(self.slow_workers.slow).as_slots()),
                 dead=() if self.liveness is None else set(self.liveness.dead),
             )
         except recovery.RECOVERABLE as e:  # writing the state again at `master_step` publishes the step

@@ -7,7 +7,8 @@ included) has been at least `threshold` times the median of all workers' medians
 consecutive checks (one a step). It is reported with that ratio, as of the latest check, and
 the step of the first check of the run; it is no longer slow at the first check below the
 threshold. A worker without samples (not pushed yet, or declared dead: the liveness events say
-so) is not judged.
+so) is not judged. The slowest of them reaches every worker's Keras logs through `control`'s SLOW
+slots (`Slowest`).
 """
 
 import statistics
@@ -60,6 +61,39 @@ class SlowWorkerDetector:
         self.slow = tuple(SlowWorker(w, self._factors[w], self._since[w]) for w in sorted(self._runs)
                           if self._runs[w] >= self.persist)
         return self.slow
+
+
+class Slowest(NamedTuple):
+    """What every worker's Keras logs show of the slow workers (the control vector's SLOW slots): how many,
+    and the slowest one's index (-1: none), factor (0: none) and first step (-1: none)."""
+
+    count: int
+    worker: int
+    factor: float
+    since_step: int
+
+    @classmethod
+    def of(cls, slow: Sequence[SlowWorker]) -> "Slowest":
+        """The slowest of `slow` (the largest factor; ties: the lower index)."""
+        if not slow:
+            return NONE
+        top = max(slow, key=lambda s: (s.factor, -s.worker))
+        return cls(len(slow), top.worker, top.factor, top.since_step)
+
+    def as_slots(self) -> Tuple[int, int, int, int]:
+        """As the four int64 slots (`slots.Control.SLOW`): the factor in thousandths."""
+        return self.count, self.worker, int(round(self.factor * FACTOR_SCALE)), self.since_step
+
+    @classmethod
+    def from_slots(cls, values: Sequence[int]) -> "Slowest":
+        count, worker, factor, since = (int(v) for v in values)
+        if count <= 0:  # also a control vector written before any check (all zeros)
+            return NONE
+        return cls(count, worker, factor / FACTOR_SCALE, since)
+
+
+FACTOR_SCALE = 1000  # the factor's slot holds thousandths (the control vector is int64)
+NONE = Slowest(0, -1, 0.0, -1)
 
 
 def medians(recent: Sequence[List[float]]) -> List[Optional[float]]:
