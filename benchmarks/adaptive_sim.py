@@ -217,7 +217,8 @@ def settle(fig: Figures, run: int = 10) -> List[Optional[int]]:
 
 
 BEFORE = dict(window=50, warmup=5, noise_factor=1.0, skip=0, recent=0, pending=False)  # the rule before issue 33
-MODES = [("auto", "auto", None), ("auto (before issue 33)", "auto", BEFORE)] + [
+PREVIOUS = dict(fast=None, spread=0)  # 74e915f: change points by the ratio test alone
+MODES = [("auto", "auto", None), ("auto (74e915f)", "auto", PREVIOUS), ("auto (before issue 33)", "auto", BEFORE)] + [
     (f"b = {b}", b, None) for b in range(WORKERS)]
 
 
@@ -255,7 +256,7 @@ def main(argv: List[str]) -> None:
     phase_seconds = float(args.get("phase_seconds", PHASE_SECONDS))
     result = evaluate(seeds, phase_seconds)
     print("\n".join(table(result, phase_seconds)))
-    for label in ("auto", "auto (before issue 33)"):
+    for label in ("auto", "auto (74e915f)", "auto (before issue 33)"):
         print(f"{label}: steps to settle per phase, by seed: "
               + "; ".join(str(settle(f)) for f in result["figs"][label]))
 

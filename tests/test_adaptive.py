@@ -288,6 +288,35 @@ def test_change_points_need_every_recent_sample_beyond_the_ratio():
     assert not adaptive.changed(before + [0.2] * 4, 0, 1.2)
 
 
+def test_a_small_shift_beyond_the_older_spread_is_a_change_point_after_recent_samples():
+    # The calm phase after Pareto stalls: older samples 0.1 s + a delay (median 1.18x of 0.1 s: under
+    # the ratio 1.2), then a constant 0.1 s, below every older sample: the 4th is the change point.
+    older = [0.1 + 0.004 * (1 + k % 5) for k in range(adaptive.SPREAD)]  # 0.104 .. 0.12, median 0.112
+    assert not adaptive.changed(older + [0.1] * 4, 4, 1.2)  # 0.1 * 1.2 > the older median
+    assert [adaptive.change_point(older + [0.1] * k, 4, 1.2) for k in range(1, 5)] == [0, 0, 0, 4]
+    assert adaptive.outside(older + [0.1] * 4, 4, adaptive.SPREAD)
+    assert adaptive.outside(older + [0.2] * 4, 4, adaptive.SPREAD)  # above every older one
+    assert not adaptive.outside(older + [0.1, 0.1, 0.1, 0.11], 4, adaptive.SPREAD)  # one within the spread
+    assert not adaptive.outside(older[1:] + [0.1] * 4, 4, adaptive.SPREAD)  # fewer than SPREAD older
+    assert not adaptive.outside([0.1] * 16 + [0.1 - 1e-12] * 4, 4, adaptive.SPREAD)  # equal up to rounding
+    assert adaptive.change_point(older + [0.1] * 4, 4, 1.2, spread=0) == 0  # the test turned off
+    assert adaptive.change_point(older + [0.1] * 4, 0, 1.2) == 0  # recent 0: no change points at all
+
+
+def test_a_large_change_is_a_change_point_after_two_samples():
+    # 8 pushes of 0.1 s, then 0.3 s (3x, beyond FAST's 2.5x): the 2nd slow push fires, keeping those 2;
+    # 0.2 s (2x) waits for the 4th (the ratio test).
+    before = [0.1] * 8
+    assert adaptive.FAST == (2, 2.5)
+    assert [adaptive.change_point(before + [0.3] * k, 4, 1.2) for k in (1, 2)] == [0, 2]
+    assert [adaptive.change_point(before + [0.2] * k, 4, 1.2) for k in (1, 2, 3, 4)] == [0, 0, 0, 4]
+    assert adaptive.change_point(before + [0.3] * 2, 4, 1.2, fast=None) == 0
+    window = adaptive.ArrivalWindow(2, 50, recent=4)
+    for step in range(10):
+        window.add([0.1, 0.1 if step < 8 else 0.3])
+    assert window.changes == [(1, 9)] and window.recent(1) == [0.3, 0.3]
+
+
 def test_a_worker_in_flight_longer_than_its_samples_counts_as_that_slow():
     rule = adaptive.AdaptiveN(6, warmup=1, skip=0)
     for step in range(10):

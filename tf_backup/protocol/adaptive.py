@@ -21,7 +21,7 @@ With the inner optimizer's factor f (`OPTIMIZER_NOISE`, measured) the model's B_
 f x the measured one. Ties go to the larger N, and the current N stays unless another's rate is
 more than `MARGIN` higher. Until `warmup` steps were taken the rule answers `n_max`. It settles
 in a few steps (issue 33): each worker's first timed sample is dropped (`skip`), a change point
-in a worker's samples drops its older ones (`changed`), and a worker in flight for long counts
+in a worker's samples drops its older ones (`change_point`), and a worker in flight for long counts
 as at least that slow (`in_flight`, `ArrivalWindow.expected_order_statistics`).
 Learning rate: the chief averages the N gradients whatever N is, so the inner optimizer's learning
 rate stays as set (a larger N gives a less noisy step of the same size, not a larger step).
@@ -40,6 +40,9 @@ from tf_backup import _checks
 MARGIN = 0.05  # another N replaces the current one only if its rate is 5% higher
 CHANGE = 1.2  # a worker's newest RECENT samples all this many times slower (or faster): a change point
 RECENT = 4
+FAST = (2, 2.5)  # or its newest 2 samples both 2.5x off: a large change needs fewer pushes (`change_point`)
+SPREAD = 16  # or its newest RECENT all beyond every one of at least SPREAD older samples
+GAP = 1 + 1e-6  # `outside`: closer than this (a ratio) is the same time (float rounding, microsecond slots)
 
 # What one more gradient is worth to the inner optimizer at the learning rate it was given (kept
 # whatever N is), as a factor on the measured simple noise scale: the effective noise scale that
@@ -156,6 +159,38 @@ def changed(samples: Sequence[float], recent: int, ratio: float) -> bool:
     return min(new) > ratio * before or max(new) * ratio < before
 
 
+def outside(samples: Sequence[float], recent: int, older: int) -> bool:
+    """The newest `recent` of `samples` all below the least, or all above the greatest, of the ones
+    before (at least `older` of them), by more than `GAP` (times equal up to rounding are no change).
+
+    A shift too small for the ratio (a calm phase after Pareto stalls: 0.1 s against a median of
+    0.118 s) but beyond the whole spread of the older samples. With i.i.d. continuous samples it
+    fires with probability 2 recent! m! / (m + recent)! for m older ones (m = 16, recent = 4: 4e-4).
+    """
+    if recent < 1 or len(samples) < recent + max(older, 1):
+        return False
+    before, new = samples[:-recent], samples[-recent:]
+    return max(new) * GAP < min(before) or min(new) > GAP * max(before)
+
+
+def change_point(samples: Sequence[float], recent: int, ratio: float, fast: Optional[Tuple[int, float]] = FAST,
+                 spread: int = SPREAD) -> int:
+    """How many of a worker's newest `samples` (oldest first) to keep after a change point; 0: no change.
+
+    Three tests, the first that fires wins: its newest `fast[0]` all `fast[1]` times off the median
+    before (`changed`: a large change in few pushes); its newest `recent` all `ratio` times off;
+    its newest `recent` all beyond the older ones' spread (`outside`, with at least `spread` of them).
+    `recent` = 0 turns all three off; `fast` None or `spread` 0 turn theirs off.
+    """
+    if recent < 1:
+        return 0
+    if fast is not None and changed(samples, fast[0], fast[1]):
+        return fast[0]
+    if changed(samples, recent, ratio) or (spread and outside(samples, recent, spread)):
+        return recent
+    return 0
+
+
 class ArrivalWindow:
     """Each worker's recent compute times, and the expected order statistics of the arrivals.
 
@@ -173,12 +208,14 @@ class ArrivalWindow:
     arrives never (inf).
     """
 
-    def __init__(self, num_workers: int, size: int, skip: int = 0, recent: int = 0, change: float = CHANGE):
+    def __init__(self, num_workers: int, size: int, skip: int = 0, recent: int = 0, change: float = CHANGE,
+                 fast: Optional[Tuple[int, float]] = FAST, spread: int = SPREAD):
         self.num_workers = _checks.check_int("num_workers", num_workers, 1)
         self.size = _checks.check_int("window", size, 1)
         self.skip = _checks.check_int("skip", skip, 0)
         self.recent_size = _checks.check_int("recent", recent, 0)
         self.change = change
+        self.fast, self.spread = fast, spread
         self._samples = [collections.deque(maxlen=self.size) for _ in range(self.num_workers)]
         self._skipped = [0] * self.num_workers
         self._steps = 0  # the steps `add` recorded
@@ -188,16 +225,19 @@ class ArrivalWindow:
         """One push of `worker`, for `step`, `seconds` after it read that step.
 
         A worker's first `skip` samples are dropped (they include tracing and cold caches). With
-        `recent` > 0, a change point (`changed`) drops the worker's samples before its newest `recent`.
+        `recent` > 0, a change point (`change_point`) drops the worker's samples before the newest
+        ones that changed.
         """
         if self._skipped[worker] < self.skip:
             self._skipped[worker] += 1
             return
         samples = self._samples[worker]
         samples.append((int(step), float(seconds)))
-        if self.recent_size and changed([x for _, x in samples], self.recent_size, self.change):
+        keep = self.recent_size and change_point([x for _, x in samples], self.recent_size, self.change, self.fast,
+                                                 self.spread)
+        if keep:
             self.changes.append((worker, int(step)))
-            for _ in range(len(samples) - self.recent_size):
+            for _ in range(len(samples) - keep):
                 samples.popleft()
 
     def add(self, arrivals: Sequence[float]) -> None:
@@ -328,14 +368,16 @@ class AdaptiveN:
 
     def __init__(self, num_workers: int, batch: int = 1, n_min: Optional[int] = None,
                  n_max: Optional[int] = None, window: int = 50, warmup: int = 5, margin: float = MARGIN,
-                 noise_factor: float = 1.0, skip: int = 1, recent: int = RECENT, change: float = CHANGE):
+                 noise_factor: float = 1.0, skip: int = 1, recent: int = RECENT, change: float = CHANGE,
+                 fast: Optional[Tuple[int, float]] = FAST, spread: int = SPREAD):
         self.n_min, self.n_max = check_bounds(num_workers, n_min, n_max)
         self.batch = _checks.check_int("batch", batch, 1)
         self.warmup = _checks.check_int("warmup", warmup, 0)
         if not (isinstance(noise_factor, (int, float)) and math.isfinite(noise_factor) and noise_factor > 0):
             raise ValueError(f"`noise_factor` must be a finite number > 0. Received noise_factor={noise_factor!r}")
         self.noise_factor = float(noise_factor)
-        self.arrivals = ArrivalWindow(num_workers, window, skip=skip, recent=recent, change=change)
+        self.arrivals = ArrivalWindow(num_workers, window, skip=skip, recent=recent, change=change, fast=fast,
+                                      spread=spread)
         self.noise = NoiseScale(batch, window)
         self._overheads = collections.deque(maxlen=window)
         self.takes = 0
