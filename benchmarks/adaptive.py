@@ -11,7 +11,7 @@ snapshots its weights, which are evaluated on the test split afterwards (not tim
 import json
 import os
 import statistics
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from benchmarks import common
 from benchmarks import time_to_accuracy
@@ -39,11 +39,14 @@ def straggler(s: Dict) -> str:
     return f"phases:{s['phase1']};{s['phase_steps']}:slow:4,5:5"
 
 
-def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False) -> Dict:
+def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: Optional[List[str]] = None) -> Dict:
+    """`modes`: a subset of "auto" and "0".."3" (the fixed b's) to run; default all of the settings'."""
     import tf_backup  # pylint: disable=g-import-not-at-top
     from benchmarks import accuracy_workload  # pylint: disable=g-import-not-at-top
 
     s = settings(quick, smoke)
+    if modes:
+        s["modes"] = [(label, b) for label, b in s["modes"] if str(b) in modes]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "configs", "mnist1d.json")) as f:
         base = json.load(f)

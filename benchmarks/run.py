@@ -57,6 +57,8 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where tables an
 _BANDWIDTH_VARIANTS = flags.DEFINE_string(
     "bandwidth_variants", "", "bandwidth: variants of ours, rows beside the default one: JSON "
     '{"name": {BackupWorkerStrategy kwargs, optionally "optimizer_kwargs": {SyncReplicasOptimizer kwargs}}}.')
+_ADAPTIVE_MODES = flags.DEFINE_list(
+    "adaptive_modes", [], "adaptive: the modes to run, of auto and the fixed b's 0..5 (default: all).")
 _BANDWIDTH_PS = flags.DEFINE_list("bandwidth_ps", [], "bandwidth: the numbers of ps tasks of ours (default: the grid's).")
 
 
@@ -76,6 +78,8 @@ def main(argv):
         extra = {}
         if name == "bandwidth" and _BANDWIDTH_VARIANTS.value:
             extra["variants"] = module.parse_variants(_BANDWIDTH_VARIANTS.value)
+        if name == "adaptive" and _ADAPTIVE_MODES.value:
+            extra["modes"] = _ADAPTIVE_MODES.value
         if name == "bandwidth" and _BANDWIDTH_PS.value:
             extra["num_ps"] = [int(p) for p in _BANDWIDTH_PS.value]
         try:

@@ -36,7 +36,7 @@ def exponential_trace(workers, steps, mean, seed=0):
 @pytest.mark.parametrize("b_simple,best", [(1.0, 1), (64.0, 4), (1024.0, 6)])
 def test_the_rule_picks_the_closed_form_n_for_exponential_delays(b_simple, best):
     workers, batch, mean = 8, 32, 0.05
-    rule = adaptive.AdaptiveN(workers, batch, window=20000, warmup=1)
+    rule = adaptive.AdaptiveN(workers, batch, window=20000, warmup=1, recent=0)  # a stationary trace
     for row in exponential_trace(workers, 20000, mean):
         rule.arrivals.add(row)
     times = [rule.arrivals.expected_order_statistic(n) for n in range(1, workers + 1)]
@@ -147,6 +147,13 @@ def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
     assert majority(replicas[-20:]) == 4  # no straggler, high noise: every gradient is worth its wait
     assert all(t >= n for t, n in zip(taken, replicas))  # a step averages at least its N
     assert min(chief["noise_scale"][30:]) > 4  # in worker batches: 4 gradients make ~4x the progress of 1
+    # The slow worker is named in the step record while it is slow (issue 33): ~10x the others,
+    # reported once slow for PERSIST steps of the first 60, and no longer once it is fast.
+    from tf_backup.protocol import slow_workers  # pylint: disable=g-import-not-at-top
+    spans = slow_workers.spans(chief["slow_workers"])
+    assert [s.worker for s in spans] == [3], spans
+    assert spans[0].since_step + slow_workers.PERSIST <= 60 and spans[0].factor > 5
+    assert spans[0].last_step >= 59 and chief["slow_workers"][-1][1] == () == chief["slow_now"]
     for worker in out:
         assert worker["num_backup_workers"] == "auto"
         assert (worker["adaptive"].n_min, worker["adaptive"].n_max, worker["adaptive"].window) == (1, 4, 20)
@@ -159,6 +166,24 @@ def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
         n = worker["history"]["replicas_to_aggregate"]
         assert len(n) == 11 and set(n) <= {float(r) for r in replicas}
         assert majority(n[3:6]) == 3.0 and majority(n[-3:]) == 4.0
+    # Every worker's History names the slow worker, its factor and first step, as the chief's record
+    # has them at that epoch's end (the control vector's SLOW slots), and nobody once it is fast.
+    slow_at = dict(chief["slow_workers"])  # global step s + 1 -> the slow workers published with it
+    for worker in out:
+        h = worker["history"]
+        named = 0
+        for k, g in enumerate(h["global_step"]):
+            around = [slow_at.get(int(g) - 1 + d) for d in (-2, -1, 0, 1)]
+            if all(a is not None and [s.worker for s in a] == [3] for a in around):
+                named += 1
+                assert (h["slow_workers"][k], h["slow_worker"][k]) == (1.0, 3.0), (worker["worker"], k, h)
+                assert h["slow_worker_since_step"][k] == spans[0].since_step
+                assert min(a[0].factor for a in around) - 0.01 <= h["slow_worker_factor"][k] <= max(
+                    a[0].factor for a in around) + 0.01
+        # The slow worker's own epochs span ~30 global steps while it is slow: one ends in its stretch.
+        assert named >= (1 if worker["worker"] == 3 else 2), (worker["worker"], h["global_step"], spans)
+        assert (h["slow_workers"][-1], h["slow_worker"][-1], h["slow_worker_factor"][-1],
+                h["slow_worker_since_step"][-1]) == (0.0, -1.0, 0.0, -1.0)
 
 
 def test_a_slow_worker_with_fewer_samples_counts_as_much_as_a_fast_one():
@@ -207,3 +232,144 @@ def test_the_current_n_stays_unless_another_is_more_than_the_margin_better():
     assert adaptive.choose(times, 0.0, 1, 1, current=2, margin=0.05).n == 2  # 4% < 5%: kept
     assert adaptive.choose(times, 0.0, 1, 1, current=3, margin=0.05).n == 1  # 3x better: changed
     assert adaptive.choose(times, 0.0, 1, 1, current=2, margin=0.0).n == 1
+
+
+# -- issue 33: settling in a few steps, censored workers, the optimizer's progress ---------------
+
+NOISE_ONLY = dict(sum_sq_norms=6.0, sq_norm_of_sum=6.0)  # |G|^2 estimate 0: B_simple = inf, progress(n) = n
+
+
+def feed_step(rule, step, seconds, n=None):
+    """Every worker pushes for `step` after `seconds[w]`; the take averages the first n (default: all)."""
+    order = sorted(range(len(seconds)), key=lambda w: seconds[w])[:n or len(seconds)]
+    for w, t in enumerate(seconds):
+        rule.observe_push(pushes.PushSample(w, step, t))
+    rule.observe_take(step, order, period=max(seconds[w] for w in order), n=len(order), **NOISE_ONLY)
+
+
+def test_constant_compute_times_give_the_closed_form_n_after_warmup_steps():
+    # 5 workers take 0.1 s, one 0.3 s; noise only: rate(n) = n / T(n) = 50 for n <= 5, 20 for n = 6.
+    rule = adaptive.AdaptiveN(6, warmup=2)  # skip 1: each worker's first sample (tracing) is dropped
+    seconds = [0.1] * 5 + [0.3]
+    feed_step(rule, 0, [5.0] * 6)  # the first push of a fit traced: slow, and not used
+    assert rule.choose(1).n == 6  # warmup
+    assert all(rule.arrivals.recent(w, 1) == [] for w in range(6))
+    feed_step(rule, 1, seconds)
+    choice = rule.choose(2)
+    assert choice.n == 5  # two steps in: N is the closed form's
+    np.testing.assert_allclose(choice.expected_times, [0.1] * 5 + [0.3])
+    assert choice.rates == pytest.approx((10.0, 20.0, 30.0, 40.0, 50.0, 20.0))
+
+
+def test_a_change_point_resettles_n_within_recent_steps():
+    # Worker 5 computes 0.1 s like the others for 30 steps, then 0.14 s (1.4x). Noise only, so with
+    # its new times N = 5 is best (5 / 0.1 > 6 / 0.14), with the 30 old ones averaged in N = 6 is.
+    def run(recent):
+        rule = adaptive.AdaptiveN(6, warmup=1, skip=0, recent=recent, change=1.2)
+        picks = []
+        for step in range(40):
+            feed_step(rule, step, [0.1] * 5 + [0.1 if step < 30 else 0.14])
+            picks.append(rule.choose(step + 1).n)
+        return rule, picks
+    rule, picks = run(recent=4)
+    assert picks[:30] == [6] * 30
+    assert picks[30:] == [6, 6, 6, 5, 5, 5, 5, 5, 5, 5]  # the 4th slow sample is the change point
+    assert rule.arrivals.changes == [(5, 33)] and rule.arrivals.recent(5) == [0.14] * 10  # 0.1 s: dropped
+    _, without = run(recent=0)
+    assert without[30:] == [6] * 10  # the old rule: 30 old samples outweigh the new ones for tens of steps
+
+
+def test_change_points_need_every_recent_sample_beyond_the_ratio():
+    before = [0.1] * 8
+    assert adaptive.changed(before + [0.13, 0.13, 0.13, 0.13], 4, 1.2)  # slower
+    assert adaptive.changed(before + [0.08, 0.08, 0.08, 0.08], 4, 1.2)  # faster (0.08 * 1.2 < 0.1)
+    assert not adaptive.changed(before + [0.13, 0.13, 0.13, 0.11], 4, 1.2)  # one within: a stall, no change
+    assert not adaptive.changed(before[:3] + [0.2] * 4, 4, 1.2)  # fewer than 4 before: nothing to compare
+    assert not adaptive.changed(before + [0.2] * 4, 0, 1.2)
+
+
+def test_a_small_shift_beyond_the_older_spread_is_a_change_point_after_recent_samples():
+    # The calm phase after Pareto stalls: older samples 0.1 s + a delay (median 1.18x of 0.1 s: under
+    # the ratio 1.2), then a constant 0.1 s, below every older sample: the 4th is the change point.
+    older = [0.1 + 0.004 * (1 + k % 5) for k in range(adaptive.SPREAD)]  # 0.104 .. 0.12, median 0.112
+    assert not adaptive.changed(older + [0.1] * 4, 4, 1.2)  # 0.1 * 1.2 > the older median
+    assert [adaptive.change_point(older + [0.1] * k, 4, 1.2) for k in range(1, 5)] == [0, 0, 0, 4]
+    assert adaptive.outside(older + [0.1] * 4, 4, adaptive.SPREAD)
+    assert adaptive.outside(older + [0.2] * 4, 4, adaptive.SPREAD)  # above every older one
+    assert not adaptive.outside(older + [0.1, 0.1, 0.1, 0.11], 4, adaptive.SPREAD)  # one within the spread
+    assert not adaptive.outside(older[1:] + [0.1] * 4, 4, adaptive.SPREAD)  # fewer than SPREAD older
+    assert not adaptive.outside([0.1] * 16 + [0.1 - 1e-12] * 4, 4, adaptive.SPREAD)  # equal up to rounding
+    assert adaptive.change_point(older + [0.1] * 4, 4, 1.2, spread=0) == 0  # the test turned off
+    assert adaptive.change_point(older + [0.1] * 4, 0, 1.2) == 0  # recent 0: no change points at all
+
+
+def test_a_large_change_is_a_change_point_after_two_samples():
+    # 8 pushes of 0.1 s, then 0.3 s (3x, beyond FAST's 2.5x): the 2nd slow push fires, keeping those 2;
+    # 0.2 s (2x) waits for the 4th (the ratio test).
+    before = [0.1] * 8
+    assert adaptive.FAST == (2, 2.5)
+    assert [adaptive.change_point(before + [0.3] * k, 4, 1.2) for k in (1, 2)] == [0, 2]
+    assert [adaptive.change_point(before + [0.2] * k, 4, 1.2) for k in (1, 2, 3, 4)] == [0, 0, 0, 4]
+    assert adaptive.change_point(before + [0.3] * 2, 4, 1.2, fast=None) == 0
+    window = adaptive.ArrivalWindow(2, 50, recent=4)
+    for step in range(10):
+        window.add([0.1, 0.1 if step < 8 else 0.3])
+    assert window.changes == [(1, 9)] and window.recent(1) == [0.3, 0.3]
+
+
+def test_a_worker_in_flight_longer_than_its_samples_counts_as_that_slow():
+    rule = adaptive.AdaptiveN(6, warmup=1, skip=0)
+    for step in range(10):
+        feed_step(rule, step, [0.1] * 6)
+    assert rule.choose(10).n == 6
+    pending = [0.0, 0.0, 0.15, 0.0, 0.0, 0.0]  # in flight for less than twice its slowest sample: a stall
+    assert rule.choose(10, pending=pending).n == 6
+    pending[2] = 0.5  # asleep (or dead) since 0.5 s: its next arrival is at least that late
+    choice = rule.choose(10, pending=pending)
+    assert choice.n == 5 and choice.expected_times[5] == pytest.approx(0.5)
+
+
+def test_the_noise_factor_scales_the_noise_scale_the_progress_model_uses():
+    times = [0.10, 0.12, 0.14, 0.16, 0.18, 0.20]
+    for factor in (1.0, 0.1):
+        rule = adaptive.AdaptiveN(6, warmup=1, skip=0, noise_factor=factor)
+        for step in range(20):
+            rule.observe(times, sum_sq_norms=6 * 5.0, sq_norm_of_sum=36 + 6 * 4.0, n=6)  # B_simple 4
+        choice = rule.choose()
+        assert rule.noise.b_simple == pytest.approx(4.0)
+        assert choice.b_simple == pytest.approx(4.0 * factor)
+        assert choice.n == adaptive.choose(times, 4.0 * factor, 1, 1).n
+    assert adaptive.choose(times, 4.0, 1, 1).n == 4 and adaptive.choose(times, 0.4, 1, 1).n == 1  # it matters
+    for table_factor in adaptive.OPTIMIZER_NOISE.values():
+        assert 0 < table_factor <= 1
+    with pytest.raises(ValueError, match="noise_factor"):
+        adaptive.AdaptiveN(6, noise_factor=0.0)
+
+
+def test_the_overhead_is_a_median_so_the_first_steps_tracing_does_not_count():
+    rule = adaptive.AdaptiveN(2, window=10, warmup=0, skip=0)
+    for step in range(5):
+        for w in range(2):
+            rule.observe_push(pushes.PushSample(w, step, 0.1))
+        period = 3.1 if step == 0 else 0.12  # the chief's first apply traced
+        rule.observe_take(step, [0, 1], period=period, sum_sq_norms=2.0, sq_norm_of_sum=3.0, n=2)
+    assert rule.overhead == pytest.approx(0.02)
+
+
+def test_learning_rate_is_kept_when_n_changes():
+    # The chief averages the N gradients it takes: a step of N = 2 and one of N = 6 over the same
+    # gradient are the same step (the inner optimizer's learning rate is not scaled with N).
+    g = np.arange(4.0)
+    for n in (2, 6):
+        take = pushes.split_take(sum(pushes.push_vector(g, w, 6) for w in range(n)), 6)
+        np.testing.assert_allclose(take.mean, g)
+
+
+def test_seconds_in_flight_from_the_tags_the_pushes_seen_and_the_publishes():
+    # After the take of step 10 at t = 100: worker 0 pushed for 10 (waits); worker 1's last push
+    # (for 8) was seen at 95, step 9 published at 96: computing since 96; worker 2's push for 9 was
+    # seen at 99 after step 10's publish (98): since 99; worker 3 never pushed: since the start (50).
+    pending = adaptive.in_flight(100.0, 10, tags=[10, 8, 9, 0], pushed=[5, 4, 4, 0],
+                                 pushed_at={0: 99.5, 1: 95.0, 2: 99.0}, published_at={9: 96.0, 10: 98.0},
+                                 started_at=50.0)
+    assert pending == pytest.approx([0.0, 4.0, 1.0, 50.0])

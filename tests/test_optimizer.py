@@ -1,10 +1,13 @@
 """SyncReplicasOptimizer as a Keras object: arguments, config, saving (one process)."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
 
 import tf_backup
+from tf_backup.protocol import adaptive
 
 
 def test_bad_inner_optimizer_is_a_type_error():
@@ -109,7 +112,12 @@ def test_an_optimizer_whose_counts_do_not_fit_the_strategy_is_refused_at_build(c
     if "adaptive" in config:
         config["adaptive"] = config_lib.AdaptiveSettings(*config["adaptive"])
     config = config_lib.ProtocolConfig(**config)
-    assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD()), config) is config
+    resolved = binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD()), config)
+    if config.adaptive is None:
+        assert resolved is config
+    else:  # only the progress model's factor for plain SGD is filled in
+        assert resolved == dataclasses.replace(config, adaptive=dataclasses.replace(
+            config.adaptive, noise_factor=adaptive.OPTIMIZER_NOISE["sgd"]))
     with pytest.raises(ValueError, match=message):
         binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), **kwargs), config)
 
@@ -124,6 +132,12 @@ def test_an_optimizer_may_name_its_own_n_and_asynchronous_mode_its_1():
     asynchronous = config_lib.ProtocolConfig(replicas_to_aggregate=1, num_workers=4, staleness_check=False)
     assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(), replicas_to_aggregate=1),
                                   asynchronous) == asynchronous
-    adaptive = config_lib.ProtocolConfig(replicas_to_aggregate=4, num_workers=4,
-                                         adaptive=config_lib.AdaptiveSettings(n_min=2, n_max=4))
-    assert adaptive.min_replicas == 2
+    auto = config_lib.ProtocolConfig(replicas_to_aggregate=4, num_workers=4,
+                                     adaptive=config_lib.AdaptiveSettings(n_min=2, n_max=4))
+    assert auto.min_replicas == 2
+    # Adaptive N values one more gradient as the inner optimizer does (issue 33).
+    for inner, key in [(keras.optimizers.Adam(), "adam"), (keras.optimizers.SGD(momentum=0.9), "momentum"),
+                       (keras.optimizers.SGD(), "sgd")]:
+        resolved = binding.resolve_config(tf_backup.SyncReplicasOptimizer(inner), auto)
+        assert resolved.adaptive.noise_factor == adaptive.OPTIMIZER_NOISE[key]
+    assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.Lion()), auto).adaptive.noise_factor == 1.0

@@ -38,8 +38,9 @@ BLOCKS_BY_NAME = ("taken", "pushed", "dropped", "last_tag", "ended", "cancelled"
 def test_every_block_maps_to_the_slots_it_had_by_name():
     c = slots.Control(num_workers=3)
     assert [b.name.lower() for b in Block] == list(BLOCKS_BY_NAME)
-    assert sorted(b.value for b in Block) == list(range(len(BLOCKS_BY_NAME))) and c.size == 10 + 8 * 3
+    assert sorted(b.value for b in Block) == list(range(len(BLOCKS_BY_NAME))) and c.size == 14 + 8 * 3
     ctl = c.view(np.arange(c.size, dtype=np.int64) * 10)
+    assert ctl.slow == (100, 110, 120, 130)  # the header's 4 SLOW slots, before the blocks
     for place, name in enumerate(BLOCKS_BY_NAME):
         block = Block[name.upper()]
         expected = [slots.Control.HEADER + place * 3 + w for w in range(3)]

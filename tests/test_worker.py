@@ -69,13 +69,17 @@ def worker(state, task_id=1, monitor=None, chief=chief_link.NONE, ps_restart_tim
 def test_step_metrics_go_out_as_one_vector_in_field_order():
     got = metrics_lib.StepMetrics(7, 2, 3, 4, True).as_array()
     assert got.dtype == metrics_lib.DTYPE == np.int64
-    np.testing.assert_array_equal(got, [7, 2, 3, 4, 1])
-    assert metrics_lib.SIZE == 5
+    np.testing.assert_array_equal(got, [7, 2, 3, 4, 1, 0, -1, 0, -1])  # no slow worker
+    assert metrics_lib.SIZE == 9
     assert metrics_lib.StepMetrics.index("dropped_gradients") == 2
+    slow = metrics_lib.StepMetrics(7, 2, 3, 4, False, 2, 5, 1340, 120).as_array()
+    np.testing.assert_array_equal(slow[5:], [2, 5, 1340, 120])
 
 
 def test_the_logged_metrics_are_every_field_but_stopped():
-    assert metrics_lib.LOGGED == ("global_step", "fresh_gradients", "dropped_gradients", "replicas_to_aggregate")
+    assert metrics_lib.LOGGED == ("global_step", "fresh_gradients", "dropped_gradients", "replicas_to_aggregate",
+                                  "slow_workers", "slow_worker", "slow_worker_factor", "slow_worker_since_step")
+    assert metrics_lib.SCALES == {"slow_worker_factor": 1000}  # logged as 1.34 for a worker 1.34x slow
 
 
 # -- the link to the chief ---------------------------------------------------------------------------

@@ -220,6 +220,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
 
     import tf_backup  # pylint: disable=g-import-not-at-top
     from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
+    from tf_backup.protocol import slow_workers  # pylint: disable=g-import-not-at-top
     from trainers import data  # pylint: disable=g-import-not-at-top
     from trainers import models  # pylint: disable=g-import-not-at-top
     from trainers import progress  # pylint: disable=g-import-not-at-top
@@ -312,6 +313,8 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         "state_rewrites": strategy.counters().state_rewrites,  # after a ps restart (ps_restart_timeout)
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
         "replicas_per_step": replicas_per_step(strategy.step_history()) if config.adaptive else None,
+        "slow_workers": [s._asdict() for s in slow_workers.spans(
+            [(r.step, r.slow_workers) for r in strategy.step_history()])],
     }
     return result
 
@@ -393,6 +396,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
     if summary.get("task_restarts"):
         lines.append("summary | restarted by the supervisor: "
                      + ", ".join(f"{name} {count}x" for name, count in summary["task_restarts"].items()))
+    for s in summary.get("slow_workers", []):
+        lines.append(f"summary | worker {s['worker']} was slow from step {s['since_step']} to {s['last_step']}: "
+                     f"up to {s['factor']:.2f}x the typical worker's compute time")
     for e in summary.get("worker_events", []):
         lines.append(f"summary | worker {e['worker']} {e['task']} {e['event']} at global step {e['step']} "
                      f"(last gradient for step {e['last_step']})")

@@ -43,4 +43,6 @@ def train_adaptive(slow_steps: int, fast_steps: int, seconds: float = 0.05, slow
         result["replicas"] = [r.replicas for r in records]
         result["taken"] = [r.taken for r in records]
         result["noise_scale"] = [r.noise_scale for r in records]
+        result["slow_workers"] = [(r.step, r.slow_workers) for r in records]
+        result["slow_now"] = strategy.slow_workers()
     return result

@@ -26,7 +26,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -41,6 +41,7 @@ from tf_backup.protocol import pushes
 from tf_backup.protocol import restart
 from tf_backup.protocol import rounds
 from tf_backup.protocol import slots
+from tf_backup.protocol import slow_workers as slow_workers_lib
 from tf_backup.protocol import wakeups
 from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import Control
@@ -65,6 +66,8 @@ class StepRecord:
       wait_seconds: time from the previous step's publish to the take.
       apply_seconds: time to take, apply and publish.
       end_time: `time.time()` when the step was published.
+      slow_workers: the persistently slow workers as of this step: which, how much slower than the
+        typical worker, since which step (`tf_backup.protocol.slow_workers`).
     """
 
     step: int
@@ -75,6 +78,7 @@ class StepRecord:
     wait_seconds: float
     apply_seconds: float
     end_time: float
+    slow_workers: Tuple[slow_workers_lib.SlowWorker, ...] = ()
 
 
 class Aggregator(threading.Thread):
@@ -139,8 +143,15 @@ class Aggregator(threading.Thread):
         settings = config.adaptive
         self.rule = None if settings is None else adaptive_lib.AdaptiveN(
             config.num_workers, n_min=settings.n_min, n_max=settings.n_max, window=settings.window,
-            warmup=settings.warmup)
-        self._pushes_seen = np.zeros([config.num_workers], np.int64)  # per worker, pushes fed to the rule
+            warmup=settings.warmup, noise_factor=settings.noise_factor)
+        # Every push's compute time (late ones included): the rule's, or a window of its own for the
+        # persistent stragglers a fixed N has too.
+        self.arrivals = (self.rule.arrivals if self.rule is not None else
+                         adaptive_lib.ArrivalWindow(config.num_workers, config_lib.AdaptiveSettings.window, skip=1))
+        self.slow_workers = slow_workers_lib.SlowWorkerDetector(config.num_workers)
+        self._pushes_seen = np.zeros([config.num_workers], np.int64)  # per worker, pushes fed to the window
+        self._pushed_at: Dict[int, float] = {}  # per worker, when its newest push was seen (monotonic)
+        self._published_at: "collections.OrderedDict[int, float]" = collections.OrderedDict()  # step -> when
         self.lost_steps = 0  # steps published without an update (a take delivered twice)
         self.missed_wakeups = 0  # waits that ran to their deadline with enough gradients in
         self._step_hooks: List[Callable[[int], None]] = []
@@ -149,6 +160,7 @@ class Aggregator(threading.Thread):
         self._published: "collections.OrderedDict[int, List[np.ndarray]]" = collections.OrderedDict()
         self._published_lock = threading.Lock()
         self._last_publish = time.monotonic()
+        self._started_at = self._last_publish
         self._last_liveness = 0.0
 
     def add_step_hook(self, hook: Callable[[int, int], None]) -> None:
@@ -353,6 +365,8 @@ class Aggregator(threading.Thread):
                 hook(new_step, int(counts.sum()))
             if self.rule is not None:
                 self._choose(takes, sq_norm_of_sum)
+            self.slow_workers.check(self.step, slow_workers_lib.medians(
+                [self.arrivals.recent(w, self.step) for w in range(workers)]))
         self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         c = self.state.ctl
         save = self.checkpoint is not None and self.checkpoint.due(new_step)
@@ -368,8 +382,10 @@ class Aggregator(threading.Thread):
                 positions = pushes.input_positions(self.state.read_control(), new_step)
             self.state.publish(
                 new_step, new_flats,
-                [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)],
-                [new_step, int(counts.sum()), self.n] + [int(t) for t in self.taken],
+                [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)]
+                + list(range(Control.SLOW, Control.SLOW + Control.SLOW_SIZE)),
+                [new_step, int(counts.sum()), self.n] + [int(t) for t in self.taken]
+                + list(slow_workers_lib.Slowest.of(self.slow_workers.slow).as_slots()),
                 dead=() if self.liveness is None else set(self.liveness.dead),
             )
         except recovery.RECOVERABLE as e:  # writing the state again at `master_step` publishes the step
@@ -379,8 +395,12 @@ class Aggregator(threading.Thread):
         self.history.append(
             StepRecord(step=new_step - 1, taken=int(counts.sum()), contributions=[int(x) for x in counts],
                        replicas=replicas, noise_scale=None if self.rule is None else self.rule.noise.b_simple,
-                       wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time()))
+                       wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time(),
+                       slow_workers=self.slow_workers.slow))
         self._last_publish = end
+        self._published_at[new_step] = end
+        while len(self._published_at) > config_lib.AdaptiveSettings.window:
+            self._published_at.popitem(last=False)
         self.step = new_step
         if save:
             if self.on_ps is not None:
@@ -394,12 +414,12 @@ class Aggregator(threading.Thread):
     # -- adaptive N ------------------------------------------------------------------
 
     def _observe_pushes(self, ctl: slots.ControlView) -> None:
-        """Feeds the rule the compute times of the pushes new in `ctl` (late ones included)."""
-        if self.rule is None:
-            return
+        """Feeds the arrival window the compute times of the pushes new in `ctl` (late ones included)."""
+        now = time.monotonic()
         for sample in pushes.new_pushes(self._pushes_seen, ctl):
+            self._pushed_at[sample.worker] = now
             if sample.seconds >= 0:  # < 0: the first push of a fit (it traced), no time measured
-                self.rule.observe_push(sample)
+                self.arrivals.add_sample(sample.worker, sample.step, sample.seconds)
         self._pushes_seen = np.maximum(self._pushes_seen, ctl.block(Block.PUSHED))
 
     def _choose(self, takes: List[pushes.Take], sq_norm_of_sum: float) -> None:
@@ -413,4 +433,12 @@ class Aggregator(threading.Thread):
             sum_sq_norms=sum(t.sum_sq_norms for t in takes),
             sq_norm_of_sum=sq_norm_of_sum, n=n)
         gone = frozenset() if self.liveness is None else self.liveness.gone
-        self.n = self.rule.choose(self.step + 1, unavailable=gone).n
+        self.n = self.rule.choose(self.step + 1, unavailable=gone, pending=self._pending()).n
+
+    def _pending(self) -> List[float]:
+        """Per worker, seconds it has been computing a gradient the chief has not seen (`adaptive.in_flight`)."""
+        ctl = self._last_control
+        if ctl is None:
+            return [0.0] * self.config.num_workers
+        return adaptive_lib.in_flight(time.monotonic(), self.step, ctl.block(Block.LAST_TAG), ctl.block(Block.PUSHED),
+                                      self._pushed_at, self._published_at, self._started_at)

@@ -24,6 +24,7 @@ from tf_backup.chief import chief as chief_lib
 from tf_backup.chief import update_on_ps
 from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import local_devices
+from tf_backup.protocol import adaptive as adaptive_lib
 from tf_backup.protocol import config as config_lib
 from tf_backup.ps import shared_state
 from tf_backup.ps.layout import Layout
@@ -47,6 +48,10 @@ def resolve_config(optimizer, config: config_lib.ProtocolConfig) -> config_lib.P
             "`total_num_replicas` must equal the number of workers of the "
             f"BackupWorkerStrategy ({workers}). Received total_num_replicas={total}"
         )
+    if config.adaptive is not None:  # what one more gradient is worth depends on the inner optimizer
+        inner = optimizer.inner_optimizer
+        factor = adaptive_lib.noise_factor_for(type(inner).__name__, float(getattr(inner, "momentum", 0.0) or 0.0))
+        config = dataclasses.replace(config, adaptive=dataclasses.replace(config.adaptive, noise_factor=factor))
     n = optimizer.replicas_to_aggregate
     if n is None:
         return config

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple, Union
 from tf_backup.chief import aggregator as aggregator_lib
 from tf_backup.protocol import config as config_lib
 from tf_backup.protocol import slots
+from tf_backup.protocol import slow_workers as slow_workers_lib
 from tf_backup.ps import job as job_lib
 
 
@@ -130,6 +131,16 @@ class JobReports:
         if not self.extended.bindings:
             return []
         return list(self.extended.latest_binding().aggregator.history)
+
+    def slow_workers(self) -> Tuple[slow_workers_lib.SlowWorker, ...]:
+        """The persistently slow workers as of the latest step (chief only): which, how many times the
+        typical worker's compute time, since which step (`tf_backup.protocol.slow_workers`); the
+        stretches of the whole job are in `step_history()` (`StepRecord.slow_workers`)."""
+        if not self.is_chief:
+            raise ValueError(f"Only the chief sees every worker's compute times; this is worker {self.worker_index}.")
+        if not self.extended.bindings:
+            return ()
+        return self.extended.latest_binding().aggregator.slow_workers.slow
 
     def worker_events(self) -> List[job_lib.WorkerEvent]:
         """The workers the chief declared dead, or saw rejoin, in order (chief only)."""

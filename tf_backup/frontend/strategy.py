@@ -16,6 +16,7 @@ from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import extended as extended_lib
 from tf_backup.frontend import local_devices
 from tf_backup.frontend import reports
+from tf_backup.worker import metrics as metrics_lib
 
 
 class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
@@ -243,8 +244,9 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
 
         When `fn` applied a `SyncReplicasOptimizer` step and returns a dict
         (a Keras `train_step`), the dict gains `global_step`, `fresh_gradients`
-        (gradients averaged into the latest step) and `dropped_gradients`
-        (stale gradients dropped so far, over all workers).
+        (gradients averaged into the latest step), `dropped_gradients`
+        (stale gradients dropped so far, over all workers) and the other
+        `tf_backup.worker.metrics.LOGGED` fields (N, the slow workers).
 
         A compiled `fn` (`tf.function(fn, jit_compile=True)`, a TPU program)
         leaves its gradient in buffers; the exchange with the ps runs here,
@@ -294,7 +296,7 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
         if trace.applied and isinstance(outputs, dict):
             outputs = dict(outputs)
             for name, var in self.extended.ensure_metric_vars().items():
-                outputs[name] = tf.cast(var.read_value(), tf.float32)
+                outputs[name] = tf.cast(var.read_value(), tf.float32) / metrics_lib.SCALES.get(name, 1)
         return outputs
 
     # -- the fit round -------------------------------------------------------------

@@ -67,9 +67,12 @@ class AdaptiveSettings:
       n_min, n_max: the bounds (`min_replicas_to_aggregate`, `max_replicas_to_aggregate`).
       window: steps over which arrival times and the noise scale are averaged.
       warmup: steps taken with `n_max` before the rule chooses.
+      noise_factor: what one more gradient is worth to the inner optimizer, a factor on the
+        measured noise scale (`adaptive.noise_factor_for` the optimizer, set when it is bound).
     """
 
     n_min: int
     n_max: int
     window: int = 50
     warmup: int = 5  # enough for the compute times of every worker; the noise needs steps of 2+
+    noise_factor: float = 1.0

@@ -64,7 +64,12 @@ class Control:
     CLOSED = 7  # the highest fit round the aggregator closed: nothing more is applied for it
     REPLICAS = 8  # N of the step being gathered: gradients the chief waits for (adaptive N changes it)
     GENERATION = 9  # times the chief wrote the state again (a ps task restarted empty: `tf_backup.ps.recovery`)
-    HEADER = 10
+    # 4 slots from SLOW, written with each publish: the persistently slow workers as of that step, for
+    # every worker's Keras logs (`slow_workers.Slowest.as_slots`: how many, the slowest's index, factor
+    # in thousandths, first step).
+    SLOW = 10
+    SLOW_SIZE = 4
+    HEADER = 14
 
     def __init__(self, num_workers: int):
         self.num_workers = num_workers
@@ -196,6 +201,11 @@ class ControlView:
     @property
     def generation(self) -> int:
         return int(self.values[Control.GENERATION])
+
+    @property
+    def slow(self) -> tuple:
+        """The SLOW slots (`slow_workers.Slowest.from_slots` reads them)."""
+        return tuple(int(v) for v in self.values[Control.SLOW:Control.SLOW + Control.SLOW_SIZE])
 
     def block(self, block: Block) -> np.ndarray:
         """One per-worker counter as an int64 array, worker `w`'s value at `w`."""

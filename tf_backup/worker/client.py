@@ -37,6 +37,7 @@ from tf_backup import errors
 from tf_backup.protocol import config as config_lib
 from tf_backup.protocol import pushes
 from tf_backup.protocol import rounds
+from tf_backup.protocol import slow_workers
 from tf_backup.protocol import staleness
 from tf_backup.protocol import wakeups
 from tf_backup.protocol.slots import Block
@@ -207,7 +208,8 @@ class WorkerClient:
                                self.round.is_stopped)
         others = ctl.block(Block.DROPPED).copy()
         others[self.w] = self.counts.dropped
-        return StepMetrics(self.step, ctl.last_taken, int(others.sum()), ctl.replicas, self.round.is_stopped)
+        slow = slow_workers.Slowest.from_slots(ctl.slow).as_slots()
+        return StepMetrics(self.step, ctl.last_taken, int(others.sum()), ctl.replicas, self.round.is_stopped, *slow)
 
     def _stopped(self, ctl: ControlView) -> bool:
         return rounds.round_stopped(ctl, self.round.number, self.monitor.done)
