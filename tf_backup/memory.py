@@ -18,9 +18,8 @@ measured here). Two ways in:
   `LocalCluster` (so `launch_local`) starts every task with them; on a real
   cluster, export them in each task's environment. This is the whole gain.
 * `tune_malloc()`: the same settings through `mallopt` in a running process.
-  `serve()` and `BackupWorkerStrategy` call it. It gave a ps task the whole
-  gain but a Keras worker only part of it (measured, cause not found: see
-  WORKSPACE_NOTES.md).
+  `serve()` and `BackupWorkerStrategy` call it. It once gave a ps task the
+  whole gain but a Keras worker only part of it: the cause is below.
 
 TensorFlow undoes them: on Python 3.11 and later, the constructor of tf.data's
 `GeneratorDatasetOp` calls `mallopt(M_MMAP_THRESHOLD, 128 KiB)`
