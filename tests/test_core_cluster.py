@@ -40,6 +40,7 @@ def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
             assert result["history"]["fresh_gradients"] == [3.0]
             assert result["history"]["dropped_gradients"] == [0.0]
             assert result["missed_wakeups"] == 0  # every wait was ended by its wake-up token
+            assert result["malloc_reapplies"] == steps  # one a step, in the exchange (tf_backup.memory)
         # Resuming the input before the first optimizer is built is refused, naming the fix.
         assert "call `optimizer.build(model.trainable_variables)`" in out[0]["results"][0]["early_resume_input"]
         assert out[0]["results"][1]["early_resume_input"] is None  # the first optimizer is built: it resumes

@@ -44,6 +44,24 @@ def test_pack_unpack_round_trip_over_two_shards():
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
+def test_pack_puts_each_shards_tail_in_its_one_concatenation():
+    # The push's tail (a squared norm and a one-hot) is made from the shard's own pieces and goes at
+    # its end: a variable cut by a shard boundary counts in each shard for its own elements only.
+    vs = variables((3, 4), (5,), (2,))
+    layout = Layout(vs, num_shards=3)  # 19 elements: shards of 7, 6, 6; the 3x4 matrix spans two
+    values = [tf.reshape(tf.range(v.shape.num_elements(), dtype=tf.float32) + 10 * i, v.shape)
+              for i, v in enumerate(vs)]
+    whole = np.concatenate([v.numpy().ravel() for v in values])
+    tail = lambda parts: tf.stack([tf.add_n([tf.reduce_sum(tf.square(p)) for p in parts]), 7.0])  # noqa: E731
+    packed = layout.pack(values, tail=tail)
+    start = 0
+    for flat, size in zip(packed, layout.shard_sizes):
+        body = whole[start:start + size]
+        np.testing.assert_array_equal(flat.numpy(), np.concatenate([body, [np.dot(body, body), 7.0]]))
+        start += size
+    assert start == whole.size and layout.shard_sizes == [7, 6, 6]
+
+
 def test_shards_are_equal_whatever_the_variables():
     layout = Layout(variables((100,), (90,), (10,), (5,)), num_shards=2)
     assert layout.shard_sizes == [103, 102]  # 205 elements cut at 103: the 90 spans both

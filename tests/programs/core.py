@@ -29,8 +29,13 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
+    from tf_backup import memory  # pylint: disable=g-import-not-at-top
+
     strategy = tf_backup.BackupWorkerStrategy(
         num_backup_workers=num_backup_workers, asynchronous=asynchronous, step_timeout=120.0)
+    # Each exchange applies the malloc settings again (tf.data's iterators reset them): counted here.
+    reapplies, reapply = [], memory.reapply
+    memory.reapply = lambda: reapplies.append(1) or reapply()
     x, y = common.regression_data(steps * strategy.num_workers)
     gate = os.path.join(gate_dir, "slow-worker-started") if gate_dir else None
     refusals = public_refusals(strategy)
@@ -65,7 +70,7 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             early_resume = None
         except ValueError as e:
             early_resume = str(e)
-        start = time.monotonic()
+        start, reapplied = time.monotonic(), len(reapplies)
         history = model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps,
                             verbose=0, callbacks=callbacks)
         late = strategy.wait_for_fit_end(timeout=60) if barrier else None
@@ -88,6 +93,7 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
             "sleeps": None if sleeper is None else [tuple(s) for s in sleeper.sleeps],
             "params": params,
             "early_resume_input": early_resume,
+            "malloc_reapplies": len(reapplies) - reapplied,
         }
         if strategy.is_chief:
             result["contributions"] = [r.contributions for r in strategy.step_history()]

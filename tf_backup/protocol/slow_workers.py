@@ -101,11 +101,6 @@ def medians(recent: Sequence[List[float]]) -> List[Optional[float]]:
     return [statistics.median(x) if x else None for x in recent]
 
 
-def describe(slow: Sequence[SlowWorker]) -> str:
-    """One line for a summary: `worker 3 1.45x since step 120; ...` or `none`."""
-    return "; ".join(f"worker {s.worker} {s.factor:.2f}x since step {s.since_step}" for s in slow) or "none"
-
-
 class SlowSpan(NamedTuple):
     """One stretch in which a worker was reported slow: from `since_step` to `last_step` (inclusive),
     the largest factor it was reported with."""
