@@ -6,32 +6,27 @@ from typing import Dict, Optional
 
 
 def cluster_task_pids() -> Optional[Dict[str, int]]:
-    """{task name: pid} of every task process of this process's local cluster.
+    """{task name: pid} of every running task process of this process's local cluster.
 
-    Tasks of a `tf_backup.LocalCluster` run `python -m tf_backup.local._task <log dir>/<task>.payload`:
-    the processes whose command line names this process's log dir, by task name ("ps-0",
-    "worker-1", ...). None where there is no /proc or this process is not such a task.
+    A `tf_backup.LocalCluster` writes each task's pid beside its log (`<log dir>/<task>.pid`)
+    and names the log dir in every task's `TF_BACKUP_LOG_DIR`. None where there is no /proc
+    or this process is not such a task.
     """
     import os  # pylint: disable=g-import-not-at-top
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            own = [a.decode() for a in f.read().split(b"\0") if a.endswith(b".payload")]
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
+    log_dir = os.environ.get("TF_BACKUP_LOG_DIR")
+    if not log_dir or not os.path.isdir("/proc"):
         return None
-    if not own:
-        return None
-    log_dir = os.path.dirname(own[0])
     out = {}
-    for pid in pids:
+    for name in sorted(os.listdir(log_dir)):
+        if not name.endswith(".pid"):
+            continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-        except OSError:
-            continue  # the process ended meanwhile
-        payload = [a for a in args if a.endswith(".payload") and os.path.dirname(a) == log_dir]
-        if payload:
-            out[os.path.basename(payload[0])[:-len(".payload")]] = int(pid)
+            with open(os.path.join(log_dir, name)) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            continue  # being written
+        if os.path.exists(f"/proc/{pid}"):
+            out[name[:-len(".pid")]] = pid
     return out
 
 

@@ -567,10 +567,8 @@ def run_binary_and_kill(tmp_path, victim: str, *flags: str, kill_after_step: int
             lines.append(line)
             if line.startswith("train | step: ") and int(line.split()[3].split("/")[0]) >= kill_after_step:
                 break
-        payload = str(model_dir / "logs" / f"{victim}.payload")
-        pids = subprocess.run(["pgrep", "-f", payload], capture_output=True, text=True).stdout.split()
-        assert len(pids) == 1, (pids, "".join(lines))
-        os.kill(int(pids[0]), signal.SIGKILL)
+        pid = int((model_dir / "logs" / f"{victim}.pid").read_text())  # written by the launcher at the task's start
+        os.kill(pid, signal.SIGKILL)
         out = proc.communicate(timeout=300)[0].decode(errors="replace")
     finally:
         proc.kill()

@@ -75,3 +75,23 @@ def fail_on_workers(failing):
     if int(task.rsplit("-", 1)[1]) in failing:
         raise RuntimeError(f"{task} broke on purpose")
     return task
+
+
+def process_identity():
+    """This task process's pid, parent, process group and task variables."""
+    import json  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0), "task": os.environ["TF_BACKUP_TASK"],
+            "tf_config_task": json.loads(os.environ["TF_CONFIG"])["task"],
+            "marker": os.environ.get("TFB_TEST_MARKER"), "log_dir": os.environ["TF_BACKUP_LOG_DIR"]}
+
+
+def return_fail_or_sleep():
+    """worker-0 returns, worker-1 raises (exit code 1), any other task sleeps until it is killed."""
+    import os  # pylint: disable=g-import-not-at-top
+    task = os.environ["TF_BACKUP_TASK"]
+    if task == "worker-1":
+        raise RuntimeError("worker 1 broke on purpose")
+    if task != "worker-0":
+        time.sleep(600)
+    return task

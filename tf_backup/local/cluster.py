@@ -1,9 +1,13 @@
 """`LocalCluster`: the task processes of one localhost cluster, started, watched, restarted.
 
-Every task is a fresh Python process (`python -m tf_backup.local._task`) with its own
+Every task is a Python process of its own running `tf_backup.local._task`, with its own
 `TF_CONFIG`, listening on a free localhost port, its output going to its own
-log file: the same code that runs on real hosts runs here unchanged. `wait` runs the
-supervisor (`tf_backup.local.supervisor`) and carries out what it decides.
+log file: the same code that runs on real hosts runs here unchanged. The tasks are
+forked from one process that imported TensorFlow once (`tf_backup.local.preload`),
+or started afresh (`python -m tf_backup.local._task`) where that cannot be: in a
+network namespace of `command_prefix`, or with `preload=False`. Each task's pid is
+written beside its log (`<task>.pid`); each task's `TF_BACKUP_LOG_DIR` names that directory.
+`wait` runs the supervisor (`tf_backup.local.supervisor`) and carries out what it decides.
 """
 
 import json
@@ -20,6 +24,7 @@ from typing import Any, Callable, FrozenSet, List, Mapping, Optional, Sequence
 from tf_backup import _checks
 from tf_backup import memory
 from tf_backup.local import failures
+from tf_backup.local import preload as preload_lib
 from tf_backup.local import supervisor
 from tf_backup.local.logs import Echo
 from tf_backup.local.spec import local_cluster_spec
@@ -101,14 +106,18 @@ class LocalCluster:
       command_prefix: task name -> argv put before the task's command (e.g.
         `["ip", "netns", "exec", "<ns>"]`: the task runs in that network
         namespace; `benchmarks.netem`). It must exec the command, so that
-        the process started is the task's.
+        the process started is the task's. Such tasks are started afresh,
+        not forked from the preloading process.
+      preload: fork the tasks from one process that imported TensorFlow
+        once (`tf_backup.local.preload`; default: on Linux, unless
+        `TF_BACKUP_PRELOAD=0`); False: start each task afresh.
     """
 
     def __init__(self, fn: Callable, num_workers: int, num_ps: int = 1, args: Sequence = (),
                  kwargs: Optional[dict] = None, log_dir: Optional[str] = None,
                  env: Optional[dict] = None, serve_ps: bool = True, serve_kwargs: Optional[dict] = None,
                  hosts: Optional[Mapping[str, str]] = None,
-                 command_prefix: Optional[Callable[[str], Sequence[str]]] = None):
+                 command_prefix: Optional[Callable[[str], Sequence[str]]] = None, preload: Optional[bool] = None):
         check_arguments(fn, num_workers, num_ps, args, {} if kwargs is None else kwargs, min_ps=0)
         kwargs = dict(kwargs or {})
         self._serve_kwargs = dict(serve_kwargs or {})
@@ -118,6 +127,10 @@ class LocalCluster:
         os.makedirs(self.log_dir, exist_ok=True)
         self.spec = local_cluster_spec(num_workers, num_ps, hosts)
         self._command_prefix = command_prefix
+        if preload is not None and not isinstance(preload, bool):
+            raise TypeError(f"`preload` must be a bool or None. Received preload={preload!r}")
+        self._preload = (preload_lib.enabled() if preload is None else preload) and command_prefix is None
+        self._preloader: Optional[preload_lib.Preloader] = None
         self.names = task_names(num_workers, num_ps)
         self.procs: dict = {}
         self.logs = {n: os.path.join(self.log_dir, f"{n}.log") for n in self.names}
@@ -168,16 +181,39 @@ class LocalCluster:
         child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         child_env["PYTHONUNBUFFERED"] = "1"
         child_env["TF_BACKUP_TASK"] = name
+        child_env["TF_BACKUP_LOG_DIR"] = self.log_dir  # its pid files find the cluster's processes
         with open(self.logs[name], "ab") as log:
             if self.starts[name]:
                 log.write(f"\n---- {name} restarted ----\n".encode())
-            prefix = list(self._command_prefix(name)) if self._command_prefix else []
-            self.procs[name] = subprocess.Popen(
-                prefix + [sys.executable, "-m", "tf_backup.local._task", payload],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=child_env, start_new_session=True,
-            )
+            preloader = self._preloader_for(child_env)
+            if preloader is not None:
+                self.procs[name] = preloader.spawn(name, payload, self.logs[name], child_env)
+            else:
+                prefix = list(self._command_prefix(name)) if self._command_prefix else []
+                self.procs[name] = subprocess.Popen(
+                    prefix + [sys.executable, "-m", "tf_backup.local._task", payload],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=child_env, start_new_session=True,
+                )
+        pid_path = os.path.join(self.log_dir, f"{name}.pid")
+        with open(pid_path + ".tmp", "w") as f:
+            f.write(f"{self.procs[name].pid}\n")
+        os.replace(pid_path + ".tmp", pid_path)  # whole, for a task that reads its peers' (benchmarks)
         self.starts[name] += 1
+
+    def _preloader_for(self, child_env: Mapping[str, str]) -> Optional[preload_lib.Preloader]:
+        """The preloading process to fork a task of `child_env` from (started at the first task); None: start it afresh.
+
+        A task whose environment (its own variables aside) differs from the
+        preloading process's is started afresh: the environment a process
+        starts with is read at its start (glibc's, TensorFlow's logging).
+        """
+        if not self._preload:
+            return None
+        if self._preloader is None:
+            base = {k: v for k, v in child_env.items() if k not in preload_lib.TASK_VARIABLES}
+            self._preloader = preload_lib.Preloader(self.log_dir, base)
+        return self._preloader if self._preloader.serves(child_env) else None
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Sends `sig` (default SIGKILL) to the task's process group and reaps it."""
@@ -319,8 +355,10 @@ class LocalCluster:
         return failures.timed_out(policy.timeout, failure.running, self.logs)
 
     def close(self) -> None:
-        """Kills every task still running."""
+        """Kills every task still running, and the preloading process."""
         _kill_all(self.procs)
+        if self._preloader is not None:
+            self._preloader.close()
 
 
 def _kill_all(procs: dict) -> None:
