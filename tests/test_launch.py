@@ -1,7 +1,7 @@
 """launch_local's own contract: errors carry the log, nothing is left running."""
 
 import os
-import subprocess
+import pathlib
 
 import pytest
 
@@ -12,9 +12,20 @@ from tf_backup.local.spec import local_cluster_spec
 import programs.launch
 
 
-def processes_mentioning(text):
-    out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True, check=False)
-    return [int(p) for p in out.stdout.split()]
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def tasks_left(log_dir, tasks: int):
+    """The task processes of the cluster of `log_dir` still running, by the pid files beside their logs."""
+    pids = [int(p.read_text()) for p in pathlib.Path(log_dir).glob("*.pid")]
+    assert len(pids) == tasks, f"{len(pids)} pid files in {log_dir}, not {tasks}"
+    return [p for p in pids if alive(p)]
 
 
 @pytest.mark.cluster
@@ -27,7 +38,7 @@ def test_failing_worker_raises_with_its_log_and_kills_the_rest(tmp_path):
     assert "RuntimeError: worker 1 broke on purpose" in message
     assert (info.value.task, info.value.exit_code) == ("worker-1", 1)
     assert info.value.error == "builtins.RuntimeError: worker 1 broke on purpose"
-    assert processes_mentioning(log_dir) == []
+    assert tasks_left(log_dir, 3) == []
 
 
 @pytest.mark.cluster
@@ -44,7 +55,7 @@ def test_a_failed_chief_is_named_although_the_ps_task_it_aborted_exited_first(tm
     # The ps task had failed first, because of the chief.
     with open(os.path.join(log_dir, "ps-0.log")) as f:
         assert "ChiefUnavailableError: The chief /job:worker/task:0" in f.read()
-    assert processes_mentioning(log_dir) == []
+    assert tasks_left(log_dir, 3) == []
 
 
 @pytest.mark.cluster
@@ -53,7 +64,7 @@ def test_timeout_names_the_running_tasks_and_kills_them(tmp_path):
     with pytest.raises(tf_backup.LocalClusterError, match=r"past its timeout of 3 s; still running: "
                                                           r"\['ps-0', 'worker-0'\]"):
         tf_backup.launch_local(programs.launch.sleep_forever, num_workers=1, timeout=3, log_dir=log_dir)
-    assert processes_mentioning(log_dir) == []
+    assert tasks_left(log_dir, 2) == []
 
 
 def test_bad_arguments_fail_before_any_process_starts():

@@ -12,7 +12,8 @@ import pytest
 import tf_backup
 import programs.launch
 from test_faults import readline
-from test_launch import processes_mentioning
+from test_launch import alive
+from test_launch import tasks_left
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,7 +25,7 @@ def pid_file(log_dir, task: str) -> int:
 
 @pytest.mark.cluster
 def test_a_clusters_tasks_are_forked_from_one_preloading_process(tmp_path):
-    """Each task: its own pid, session, TF_CONFIG and TF_BACKUP_TASK; one parent for all, not this process."""
+    """Each task: its own pid, session, environment; one parent for all, not this process, and the next cluster's."""
     names = ["ps-0", "worker-0", "worker-1"]
     log_dir = str(tmp_path)
     with tf_backup.LocalCluster(programs.launch.process_identity, num_workers=2, num_ps=1, serve_ps=False,
@@ -40,7 +41,12 @@ def test_a_clusters_tasks_are_forked_from_one_preloading_process(tmp_path):
                                                   {"type": "worker", "index": 1}]
     assert [g["marker"] for g in got] == ["m"] * 3
     assert [g["log_dir"] for g in got] == [log_dir] * 3
-    assert processes_mentioning(log_dir) == []  # the preloading process ended with the cluster
+    assert tasks_left(log_dir, 3) == []
+    # The next cluster's task comes from the same preloading process, with its own environment, whole.
+    with tf_backup.LocalCluster(programs.launch.process_identity, num_workers=1, num_ps=0,
+                                log_dir=str(tmp_path / "next")) as cluster:
+        [again] = cluster.start().wait_for(["worker-0"], timeout=120)
+    assert again["ppid"] in parents and again["marker"] is None and again["task"] == "worker-0"
 
 
 @pytest.mark.cluster
@@ -92,13 +98,15 @@ def test_a_killed_launcher_leaves_no_task_behind(tmp_path):
                                 env=dict(os.environ, PYTHONPATH=TESTS, TF_CPP_MIN_LOG_LEVEL="3"))
     try:
         pids = json.loads(readline(launcher.stdout, 180))  # the tasks run
-        assert len(pids) == 2 and set(pids) <= set(processes_mentioning(log_dir))
+        with open(f"/proc/{pids[0]}/stat") as f:
+            preloader = int(f.read().rsplit(")", 1)[1].split()[1])  # the task's parent
+        assert sorted(tasks_left(log_dir, 2)) == sorted(pids) and alive(preloader)
         launcher.kill()
         launcher.wait(10)
         deadline = time.monotonic() + 30
-        while processes_mentioning(log_dir) and time.monotonic() < deadline:
+        while (tasks_left(log_dir, 2) or alive(preloader)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert processes_mentioning(log_dir) == []
+        assert tasks_left(log_dir, 2) == [] and not alive(preloader)
     finally:
         launcher.kill()
 

@@ -1,20 +1,20 @@
-"""The preloading process of a local cluster (`python -m tf_backup.local._preloaded LOG_DIR`).
+"""A preloading process of local clusters (`python -m tf_backup.local._preloaded LOG_DIR`).
 
 It imports TensorFlow, Keras and tf_backup once, says so, then forks one task
 process per request (`tf_backup.local.preload` is the other end). It never runs
 a TensorFlow op: a fork is safe only before TensorFlow's runtime has started.
 
-Requests come on stdin, one JSON object a line: {"task", "payload", "log", "env"}.
-It answers on stdout, one JSON object a line:
-  {"ready": pid}              the imports are done;
-  {"started": task, "pid": n} a task was forked;
-  {"exited": pid, "code": c}  a task ended (c negative: killed by signal -c), as
-                              `subprocess.Popen.returncode` says it.
-Its stdin closing (the cluster closed, or its process died) ends it, and every
-task it forked still running: a cluster leaves no task behind.
+Requests come on stdin, one JSON object a line: {"number", "payload", "log", "env"}
+(`env`: the task's whole environment). It answers on stdout, one JSON object a line:
+  {"ready": pid}                  the imports are done;
+  {"started": number, "pid": n}   request `number`'s task was forked;
+  {"exited": pid, "code": c}      a task ended (c negative: killed by signal -c), as
+                                  `subprocess.Popen.returncode` says it.
+Its stdin closing (the process that started it ended or closed it) ends it, and
+every task it forked still running: it leaves no task behind.
 
-LOG_DIR is only in its command line, which its tasks share: `pgrep -f LOG_DIR`
-finds a cluster's processes whichever way they were started.
+Its log goes to LOG_DIR/preload.log; its tasks share its command line, so find a
+task's process by the pid file beside its log, not by its command line.
 """
 
 import importlib
@@ -49,6 +49,7 @@ def _run_task(request: dict) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # the request pipe's end is closed in the task
         os.close(null)
+        os.environ.clear()  # the task's environment, whole: the same as it would start with
         os.environ.update(request["env"])
         from tf_backup.local import _task  # pylint: disable=g-import-not-at-top
         code = _task.main(request["payload"])
@@ -99,7 +100,7 @@ def main() -> int:
                     signal.signal(signal.SIGINT, signal.default_int_handler)
                     _run_task(request)
                 children.add(pid)
-                _say({"started": request["task"], "pid": pid})
+                _say({"started": request["number"], "pid": pid})
     finally:
         for pid in children:
             try:

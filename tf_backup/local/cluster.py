@@ -3,7 +3,7 @@
 Every task is a Python process of its own running `tf_backup.local._task`, with its own
 `TF_CONFIG`, listening on a free localhost port, its output going to its own
 log file: the same code that runs on real hosts runs here unchanged. The tasks are
-forked from one process that imported TensorFlow once (`tf_backup.local.preload`),
+forked from a process that imported TensorFlow once (`tf_backup.local.preload`),
 or started afresh (`python -m tf_backup.local._task`) where that cannot be: in a
 network namespace of `command_prefix`, or with `preload=False`. Each task's pid is
 written beside its log (`<task>.pid`); each task's `TF_BACKUP_LOG_DIR` names that directory.
@@ -202,17 +202,16 @@ class LocalCluster:
         self.starts[name] += 1
 
     def _preloader_for(self, child_env: Mapping[str, str]) -> Optional[preload_lib.Preloader]:
-        """The preloading process to fork a task of `child_env` from (started at the first task); None: start it afresh.
+        """The preloading process to fork a task of `child_env` from (chosen at the first task); None: start it afresh.
 
-        A task whose environment (its own variables aside) differs from the
-        preloading process's is started afresh: the environment a process
-        starts with is read at its start (glibc's, TensorFlow's logging).
+        A task whose environment differs from the preloading process's in a
+        variable read at a process's start (glibc's, TensorFlow's:
+        `preload.read_at_start`) is started afresh.
         """
         if not self._preload:
             return None
         if self._preloader is None:
-            base = {k: v for k, v in child_env.items() if k not in preload_lib.TASK_VARIABLES}
-            self._preloader = preload_lib.Preloader(self.log_dir, base)
+            self._preloader = preload_lib.shared.for_env(child_env, self.log_dir)
         return self._preloader if self._preloader.serves(child_env) else None
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -355,10 +354,10 @@ class LocalCluster:
         return failures.timed_out(policy.timeout, failure.running, self.logs)
 
     def close(self) -> None:
-        """Kills every task still running, and the preloading process."""
+        """Kills every task still running (and its preloading process, unless shared)."""
         _kill_all(self.procs)
         if self._preloader is not None:
-            self._preloader.close()
+            preload_lib.shared.release(self._preloader)  # ends it unless other clusters share it
 
 
 def _kill_all(procs: dict) -> None:

@@ -1,13 +1,20 @@
-"""`Preloader`: a local cluster's tasks forked from one process that has imported TensorFlow.
+"""`Preloader`: a local cluster's tasks forked from a process that has imported TensorFlow.
 
 Importing TensorFlow, Keras and tf_backup costs about 6 s of CPU a process on this
 project's 2-core machines (loading TensorFlow's shared libraries, mostly), more than
 a short local run's training. Every task of a local cluster imports the same, so
-`LocalCluster` starts one preloading process (`tf_backup.local._preloaded`) that
-imports them once and forks each task, restarted ones too, from it. A forked task
-runs `tf_backup.local._task.main` as a started one does: its own session, its own
+`LocalCluster` forks its tasks, restarted ones too, from a preloading process
+(`tf_backup.local._preloaded`) that imported them once. A forked task runs
+`tf_backup.local._task.main` as a started one does: its own session, its own
 `TF_CONFIG`, its own log. Nothing of TensorFlow's runtime is inherited: the
 preloading process never runs an op.
+
+One preloading process serves every cluster this process starts in turn (`shared`),
+as multiprocessing's forkserver serves a process: a test suite or a benchmark that
+starts a hundred clusters imports TensorFlow for them once. It lives until this
+process exits (its stdin closes; it then kills every task it forked that still runs).
+A cluster whose environment differs from it while it still has tasks running
+gets a preloading process of its own, ended with the cluster.
 
 A task's parent is the preloading process, so `ForkedTask` is the cluster's
 handle on it (what `subprocess.Popen` is for a started task): its exit code
@@ -23,12 +30,23 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import Dict, Mapping, Optional
 
-# Variables that differ between the tasks of one cluster: set in each forked task. Every other
-# variable is the preloading process's own, read at its start (by glibc, TensorFlow's C++ logging).
-TASK_VARIABLES = ("TF_CONFIG", "TF_BACKUP_TASK")
+# Variables a process may read as it starts or imports TensorFlow (glibc's malloc, the dynamic
+# loader, Python, TensorFlow's and XLA's flags and logging, Keras's backend, thread pools): a task
+# whose value of one differs from the preloading process's cannot be forked from it. Any other
+# variable is set in the forked task, before its function runs. TensorFlow's variables are read
+# early but for TF_CONFIG and ours, which are read when a job starts.
+_READ_AT_START = ("MALLOC_", "LD_", "PYTHON", "TF_", "XLA_", "KERAS_", "CUDA_", "OMP_", "KMP_", "GLIBC_", "TPU_")
+_READ_LATE = ("TF_CONFIG", "TF_BACKUP_")
+
+
+def read_at_start(name: str) -> bool:
+    """Whether environment variable `name` may be read before a forked task's own code runs."""
+    return name.startswith(_READ_AT_START) and not name.startswith(_READ_LATE)
 
 # Seconds the preloading process gets for its imports (about 6 here; a loaded machine is slower).
 IMPORT_TIMEOUT = 300.0
@@ -79,19 +97,23 @@ class ForkedTask:
 
 
 class Preloader:
-    """One preloading process, started for `env` (every variable but `TASK_VARIABLES`).
+    """One preloading process, started with environment `env`.
 
     Args:
+      env: its environment; a forked task's is set whole before its function runs.
       log_dir: where its own log goes (`preload.log`); also in its command line.
-      env: its environment, which every task it forks inherits.
     """
 
-    def __init__(self, log_dir: str, env: Mapping[str, str]):
+    def __init__(self, env: Mapping[str, str], log_dir: Optional[str] = None):
         self.env = dict(env)
+        self.cwd = os.getcwd()  # where it resolved the modules it imported
+        log_dir = log_dir or tempfile.mkdtemp(prefix="tf_backup_preload_")
         self.log_path = os.path.join(log_dir, "preload.log")
         self.exit_codes: Dict[int, int] = {}
         self._pending = b""
-        self._started: Dict[str, int] = {}
+        self._started: Dict[int, int] = {}  # request number -> pid
+        self._requests = 0
+        self._lock = threading.RLock()  # clusters of several threads may share it
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "tf_backup.local._preloaded", log_dir],
@@ -99,26 +121,43 @@ class Preloader:
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._ready = False
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def serves(self, env: Mapping[str, str]) -> bool:
-        """Whether a task of environment `env` (its task variables aside) can be forked from this one."""
-        return self._proc.poll() is None and self.env == {k: v for k, v in env.items() if k not in TASK_VARIABLES}
+        """Whether a task of environment `env` can be forked from this one (`read_at_start`; the same cwd)."""
+        differ = {k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)}
+        return (self._proc.poll() is None and os.getcwd() == self.cwd
+                and not any(read_at_start(k) for k in differ))
+
+    def running(self) -> int:
+        """How many tasks it forked have not been seen to exit."""
+        with self._lock:
+            self.pump()
+            return self._requests - len(self.exit_codes)
 
     def spawn(self, task: str, payload: str, log: str, env: Mapping[str, str]) -> ForkedTask:
         """Forks task `task` (`tf_backup.local._task` on `payload`, output appended to `log`)."""
-        self._await(lambda: self._ready, IMPORT_TIMEOUT, "to import TensorFlow")
-        request = {"task": task, "payload": payload, "log": log,
-                   "env": {k: env[k] for k in TASK_VARIABLES if k in env}}
-        self._started.pop(task, None)
-        try:
-            self._proc.stdin.write((json.dumps(request) + "\n").encode())
-            self._proc.stdin.flush()
-        except BrokenPipeError as e:
-            raise self._error("stopped before it could fork a task") from e
-        self._await(lambda: task in self._started, FORK_TIMEOUT, f"to fork task {task}")
-        return ForkedTask(self, self._started.pop(task))
+        with self._lock:
+            self._await(lambda: self._ready, IMPORT_TIMEOUT, "to import TensorFlow")
+            self._requests += 1
+            number = self._requests
+            request = {"number": number, "payload": payload, "log": log, "env": dict(env)}
+            try:
+                self._proc.stdin.write((json.dumps(request) + "\n").encode())
+                self._proc.stdin.flush()
+            except BrokenPipeError as e:
+                raise self._error("stopped before it could fork a task") from e
+            self._await(lambda: number in self._started, FORK_TIMEOUT, f"to fork task {task}")
+            return ForkedTask(self, self._started.pop(number))
 
     def pump(self, timeout: float = 0.0) -> None:
         """Reads what the preloading process has said (waiting up to `timeout` s for something)."""
+        with self._lock:
+            self._pump(timeout)
+
+    def _pump(self, timeout: float) -> None:
         if self._proc.stdout.closed:  # closed: every task it forked was killed and reaped before
             return
         if timeout > 0:
@@ -175,3 +214,37 @@ class Preloader:
                 self._proc.kill()
                 self._proc.wait(10)
         self._proc.stdout.close()
+
+
+class Shared:
+    """The preloading process this process's clusters share, and the ones a cluster owns alone.
+
+    `for_env` gives the shared one when it serves the task's environment; else a
+    new shared one, if the old one has no task running; else one of the
+    cluster's own, which `release` ends with the cluster.
+    """
+
+    def __init__(self):
+        self._shared: Optional[Preloader] = None
+        self._lock = threading.Lock()
+
+    def for_env(self, env: Mapping[str, str], log_dir: str) -> Preloader:
+        with self._lock:
+            if self._shared is not None and self._shared.serves(env):
+                return self._shared
+            if self._shared is None or self._shared.running() == 0:
+                if self._shared is not None:
+                    self._shared.close()
+                self._shared = Preloader(env)
+                return self._shared
+        return Preloader(env, log_dir)
+
+    def release(self, preloader: Preloader) -> None:
+        """A cluster is done with `preloader`: ends it unless it is the shared one."""
+        if preloader is not self._shared:
+            preloader.close()
+
+
+# This process's preloading processes (as multiprocessing keeps one forkserver a process): a
+# cluster's preloading process outlives the cluster, to serve the next one.
+shared = Shared()
