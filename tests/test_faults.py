@@ -48,6 +48,19 @@ def wait_for_step(cluster, progress_dir, name: str, step: int, timeout: float = 
     raise AssertionError(f"{name} did not reach step {step} in {timeout} s:\n{cluster.log(name)[-3000:]}")
 
 
+def wait_for_chief_event(cluster, progress_dir, event: str, timeout: float) -> None:
+    """Waits until the chief has recorded `event` ("2:died") among its workers' events (`train_through_faults`)."""
+    path = os.path.join(progress_dir, "chief.events")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                if event in f.read().split():
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"the chief did not record {event} in {timeout} s:\n{cluster.log('worker-0')[-3000:]}")
+
+
 def readline(stream, timeout: float):
     """The next line of a subprocess's pipe; fails after `timeout` seconds instead of blocking."""
     ready, _, _ = select.select([stream], [], [], max(timeout, 0.0))
@@ -217,7 +230,9 @@ def test_a_restarted_worker_rejoins_and_contributes(tmp_path, seed):
         cluster.start()
         wait_for_step(cluster, progress, "worker-2", kill_at)
         cluster.kill("worker-2")
-        time.sleep(4.5)  # worker_timeout = 3 s: the chief declares it dead meanwhile
+        # worker_timeout = 3 s: the chief declares it dead before it comes back (a forked restart
+        # is back within a second, before the chief could miss a heartbeat).
+        wait_for_chief_event(cluster, progress, "2:died", 60)
         os.remove(os.path.join(progress, "worker-2.step"))
         cluster.restart("worker-2")
         rejoined_at = wait_for_step(cluster, progress, "worker-2", 0)

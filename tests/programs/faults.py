@@ -153,6 +153,9 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
             with open(weights_path, "a") as f:  # repr: a float32 read back exactly
                 f.write(f"{os.getpid()} {strategy.counters().step} {' '.join(repr(float(v)) for v in flat)}\n")
             common.write_atomic(os.path.join(progress_dir, f"{task}.step"), str(int(logs["global_step"])))
+            if strategy.is_chief:  # what the chief has seen of the workers so far, for a test to wait on
+                common.write_atomic(os.path.join(progress_dir, "chief.events"),
+                                    " ".join(f"{e.worker}:{e.event.value}" for e in strategy.worker_events()))
 
     def with_position(position, batch):  # the position as the features' last column
         features, labels = batch
