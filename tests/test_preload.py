@@ -10,6 +10,7 @@ import time
 import pytest
 
 import tf_backup
+from tf_backup.local import preload
 import programs.launch
 from test_faults import readline
 from test_launch import alive
@@ -82,6 +83,7 @@ def test_exit_codes_come_back_through_the_preloading_process(tmp_path):
 LAUNCHER = """
 import sys, time
 import tf_backup
+from tf_backup.local import preload
 import programs.launch
 cluster = tf_backup.LocalCluster(programs.launch.sleep_forever, num_workers=2, num_ps=0, log_dir=sys.argv[1])
 cluster.start()
@@ -114,3 +116,34 @@ def test_a_killed_launcher_leaves_no_task_behind(tmp_path):
 def test_preload_must_be_a_bool(tmp_path):
     with pytest.raises(TypeError, match="`preload` must be a bool or None. Received preload='yes'"):
         tf_backup.LocalCluster(programs.launch.sleep_forever, num_workers=1, log_dir=str(tmp_path), preload="yes")
+
+
+class NoPump:
+    """A preloading process whose reports the test feeds by hand."""
+
+    def pump(self, timeout: float = 0.0) -> None:
+        pass
+
+
+def test_an_exit_goes_to_the_task_of_that_pid_at_that_moment():
+    """A pid comes back once reaped: the exit of its earlier process is not its new task's."""
+    reports = preload.Reports(NoPump())
+    reports.read({"ready": 1})
+    reports.read({"started": 1, "pid": 100})
+    first = reports.started.pop(1)
+    reports.read({"exited": 100, "code": 1})
+    reports.read({"started": 2, "pid": 100})  # the same pid, forked again
+    second = reports.started.pop(2)
+    assert reports.ready and (first.pid, second.pid) == (100, 100)
+    assert first.poll() == 1 and second.poll() is None and list(reports.running) == [100]
+    reports.read({"exited": 100, "code": -9})
+    assert (first.poll(), second.poll()) == (1, -9) and reports.running == {}
+    reports.read({"exited": 101, "code": 0})  # a pid it does not know: nobody's
+    assert (first.poll(), second.poll()) == (1, -9)
+
+
+def test_only_variables_read_at_a_process_start_keep_a_task_from_a_preloading_process():
+    assert all(preload.read_at_start(v) for v in ("MALLOC_ARENA_MAX", "TF_CPP_MIN_LOG_LEVEL", "PYTHONPATH",
+                                                   "LD_PRELOAD", "XLA_FLAGS", "KERAS_BACKEND", "OMP_NUM_THREADS"))
+    assert not any(preload.read_at_start(v) for v in ("TF_CONFIG", "TF_BACKUP_TASK", "TF_BACKUP_LOG_DIR",
+                                                       "PYTEST_CURRENT_TEST", "HOME"))

@@ -73,8 +73,7 @@ class ForkedTask:
 
     def poll(self) -> Optional[int]:
         if self.returncode is None:
-            self._preloader.pump()
-            self.returncode = self._preloader.exit_codes.get(self.pid)
+            self._preloader.pump()  # sets `returncode` when its exit is read
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
@@ -96,6 +95,36 @@ class ForkedTask:
         self.send_signal(signal.SIGKILL)
 
 
+class Reports:
+    """What a preloading process has said, read in order (pure: no I/O).
+
+    `ready` once its imports are done; `started[number]`: the task forked for
+    request `number`, until `spawn` hands it out; `running`: the tasks not seen
+    to exit, by pid. An exit goes to the task of that pid at that moment: pids
+    come back once a process is reaped (the kernel's pid_max is 32768 here, and
+    TensorFlow's threads take pids too), and the preloading process reports an
+    exit before a fork can reuse its pid.
+    """
+
+    def __init__(self, owner):
+        self._owner = owner  # what the tasks pump for their exits
+        self.ready = False
+        self.started: Dict[int, ForkedTask] = {}
+        self.running: Dict[int, ForkedTask] = {}
+
+    def read(self, message: dict) -> None:
+        if "ready" in message:
+            self.ready = True
+        elif "started" in message:
+            task = ForkedTask(self._owner, message["pid"])
+            self.running[task.pid] = task
+            self.started[message["started"]] = task
+        elif "exited" in message:
+            task = self.running.pop(message["exited"], None)
+            if task is not None:
+                task.returncode = message["code"]
+
+
 class Preloader:
     """One preloading process, started with environment `env`.
 
@@ -109,9 +138,8 @@ class Preloader:
         self.cwd = os.getcwd()  # where it resolved the modules it imported
         log_dir = log_dir or tempfile.mkdtemp(prefix="tf_backup_preload_")
         self.log_path = os.path.join(log_dir, "preload.log")
-        self.exit_codes: Dict[int, int] = {}
+        self._reports = Reports(self)
         self._pending = b""
-        self._started: Dict[int, int] = {}  # request number -> pid
         self._requests = 0
         self._lock = threading.RLock()  # clusters of several threads may share it
         with open(self.log_path, "ab") as log:
@@ -119,7 +147,6 @@ class Preloader:
                 [sys.executable, "-m", "tf_backup.local._preloaded", log_dir],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=self.env, start_new_session=True)
         os.set_blocking(self._proc.stdout.fileno(), False)
-        self._ready = False
 
     @property
     def pid(self) -> int:
@@ -135,12 +162,12 @@ class Preloader:
         """How many tasks it forked have not been seen to exit."""
         with self._lock:
             self.pump()
-            return self._requests - len(self.exit_codes)
+            return len(self._reports.running)
 
     def spawn(self, task: str, payload: str, log: str, env: Mapping[str, str]) -> ForkedTask:
         """Forks task `task` (`tf_backup.local._task` on `payload`, output appended to `log`)."""
         with self._lock:
-            self._await(lambda: self._ready, IMPORT_TIMEOUT, "to import TensorFlow")
+            self._await(lambda: self._reports.ready, IMPORT_TIMEOUT, "to import TensorFlow")
             self._requests += 1
             number = self._requests
             request = {"number": number, "payload": payload, "log": log, "env": dict(env)}
@@ -149,8 +176,8 @@ class Preloader:
                 self._proc.stdin.flush()
             except BrokenPipeError as e:
                 raise self._error("stopped before it could fork a task") from e
-            self._await(lambda: number in self._started, FORK_TIMEOUT, f"to fork task {task}")
-            return ForkedTask(self, self._started.pop(number))
+            self._await(lambda: number in self._reports.started, FORK_TIMEOUT, f"to fork task {task}")
+            return self._reports.started.pop(number)
 
     def pump(self, timeout: float = 0.0) -> None:
         """Reads what the preloading process has said (waiting up to `timeout` s for something)."""
@@ -172,13 +199,7 @@ class Preloader:
             self._pending += data
         while b"\n" in self._pending:
             line, self._pending = self._pending.split(b"\n", 1)
-            message = json.loads(line)
-            if "ready" in message:
-                self._ready = True
-            elif "started" in message:
-                self._started[message["started"]] = message["pid"]
-            elif "exited" in message:
-                self.exit_codes[message["exited"]] = message["code"]
+            self._reports.read(json.loads(line))
 
     def _await(self, done, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
