@@ -12,13 +12,19 @@ from tf_backup.local.spec import local_cluster_spec
 import programs.launch
 
 
-def alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
+def proc_stat(pid: int):
+    """The fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]; None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def tasks_left(log_dir, tasks: int):

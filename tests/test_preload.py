@@ -14,6 +14,7 @@ from tf_backup.local import preload
 import programs.launch
 from test_faults import readline
 from test_launch import alive
+from test_launch import proc_stat
 from test_launch import tasks_left
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -100,8 +101,7 @@ def test_a_killed_launcher_leaves_no_task_behind(tmp_path):
                                 env=dict(os.environ, PYTHONPATH=TESTS, TF_CPP_MIN_LOG_LEVEL="3"))
     try:
         pids = json.loads(readline(launcher.stdout, 180))  # the tasks run
-        with open(f"/proc/{pids[0]}/stat") as f:
-            preloader = int(f.read().rsplit(")", 1)[1].split()[1])  # the task's parent
+        preloader = int(proc_stat(pids[0])[1])  # the task's parent
         assert sorted(tasks_left(log_dir, 2)) == sorted(pids) and alive(preloader)
         launcher.kill()
         launcher.wait(10)
@@ -111,6 +111,34 @@ def test_a_killed_launcher_leaves_no_task_behind(tmp_path):
         assert tasks_left(log_dir, 2) == [] and not alive(preloader)
     finally:
         launcher.kill()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.cluster
+def test_a_task_whose_preloading_process_died_says_its_exit_code_is_lost(tmp_path):
+    """kill -9 of the preloading process: its task runs on (orphaned); once it is gone too, polling it
+    raises PreloadError instead of reporting "still running" for ever; the next cluster gets a new one."""
+    with tf_backup.LocalCluster(programs.launch.sleep_forever, num_workers=1, num_ps=0,
+                                log_dir=str(tmp_path / "a")) as cluster:
+        task = cluster.start().procs["worker-0"]
+        preloader = int(proc_stat(task.pid)[1])
+        os.kill(preloader, signal.SIGKILL)
+        wait_until(lambda: not alive(preloader), 10, "the preloading process's end")
+        assert task.poll() is None  # orphaned, still running
+        os.kill(task.pid, signal.SIGKILL)
+        wait_until(lambda: proc_stat(task.pid) is None, 10, "the orphaned task's reaping")
+        with pytest.raises(preload.PreloadError, match=f"before task pid {task.pid}, whose exit code is"):
+            task.poll()
+    with tf_backup.LocalCluster(programs.launch.process_identity, num_workers=1, num_ps=0,
+                                log_dir=str(tmp_path / "b")) as cluster:
+        [got] = cluster.start().wait_for(["worker-0"], timeout=120)
+    assert got["ppid"] != preloader and got["ppid"] != os.getpid()
 
 
 def test_preload_must_be_a_bool(tmp_path):
@@ -123,6 +151,9 @@ class NoPump:
 
     def pump(self, timeout: float = 0.0) -> None:
         pass
+
+    def exited(self) -> bool:
+        return False
 
 
 def test_an_exit_goes_to_the_task_of_that_pid_at_that_moment():

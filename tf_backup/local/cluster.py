@@ -361,9 +361,17 @@ class LocalCluster:
 
 
 def _kill_all(procs: dict) -> None:
-    """Kills every task still running (its whole process group) and reaps it."""
+    """Kills every task still running (its whole process group) and reaps it.
+
+    A task whose preloading process died is gone or orphaned: killed if it runs, its lost exit
+    code not raised here (`PreloadError` is for the cluster's waits).
+    """
     for proc in procs.values():
-        if proc.poll() is None:
+        try:
+            running = proc.poll() is None
+        except preload_lib.PreloadError:
+            running = False
+        if running:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -371,6 +379,5 @@ def _kill_all(procs: dict) -> None:
     for proc in procs.values():
         try:
             proc.wait(10)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, preload_lib.PreloadError):
             pass
-

@@ -72,8 +72,16 @@ class ForkedTask:
         self.returncode: Optional[int] = None
 
     def poll(self) -> Optional[int]:
+        """Its exit code, None while it runs.
+
+        Raises:
+          PreloadError: the preloading process died (killed) before this task,
+            which has now exited too: its exit code was never reported.
+        """
         if self.returncode is None:
             self._preloader.pump()  # sets `returncode` when its exit is read
+            if self.returncode is None and self._preloader.exited() and not _exists(self.pid):
+                raise self._preloader.lost(self.pid)
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
@@ -93,6 +101,16 @@ class ForkedTask:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process now has the pid: ours is gone
+        return False
+    return True
 
 
 class Reports:
@@ -148,9 +166,13 @@ class Preloader:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=self.env, start_new_session=True)
         os.set_blocking(self._proc.stdout.fileno(), False)
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def exited(self) -> bool:
+        """Whether the preloading process has ended (killed, say): it reports no exit any more."""
+        return self._proc.poll() is not None
+
+    def lost(self, pid: int) -> PreloadError:
+        return self._error(f"ended (exit code {self._proc.returncode}) before task pid {pid}, whose exit code "
+                           "is therefore unknown")
 
     def serves(self, env: Mapping[str, str]) -> bool:
         """Whether a task of environment `env` can be forked from this one (`read_at_start`; the same cwd)."""
@@ -253,7 +275,7 @@ class Shared:
         with self._lock:
             if self._shared is not None and self._shared.serves(env):
                 return self._shared
-            if self._shared is None or self._shared.running() == 0:
+            if self._shared is None or self._shared.exited() or self._shared.running() == 0:
                 if self._shared is not None:
                     self._shared.close()
                 self._shared = Preloader(env)
