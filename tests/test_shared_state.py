@@ -236,3 +236,41 @@ def test_transfers_to_several_ps_tasks_run_at_once_and_every_one_ends_before_a_f
         state.each_shard(failing)
     assert sorted(ended) == [0, 2]  # the others ran to their end first
     state.close()
+
+
+class EndpointPerShard(endpoint.Endpoints):
+    """A session of its own for each shard's task, on the one local server: shards 'on other tasks'."""
+
+    def of(self, task, timeout=None):
+        return endpoint.Endpoint(task.target, task.device, self.timeout)
+
+
+def test_with_shards_on_other_tasks_shard_0s_bytes_go_beside_the_others_then_its_push_reads_them_on_ps_0(server):
+    # Pushed after the other shards, shard 0's bytes kept ps 0's link idle while the others' were
+    # busy, then crossed it alone: at 1 Gbit/s and 4 ps tasks a push took 2 M/B instead of M/B.
+    ps = cluster_lib.Task("localhost", 0, server.target[len("grpc://"):])
+    layout = Layout([tf.Variable(tf.zeros([8]), name="v")], num_shards=2)
+    st = SharedState(f"t/state{next(_count)}", layout, [ps, ps], WORKERS, EndpointPerShard())
+    assert len(st.stages) == WORKERS
+    st.create([np.zeros(4, np.float32), np.zeros(4, np.float32)], step=0)
+    shards_at_once = []
+    each_shard = st.each_shard
+    st.each_shard = lambda fn, shards=None: (shards_at_once.append(list(range(2)) if shards is None
+                                                                   else list(shards)), each_shard(fn, shards))[1]
+    w, c = 1, st.ctl
+    grads = [pushes.push_vector(np.full(4, 2.0, np.float32), w, WORKERS),
+             pushes.push_vector(np.full(4, 3.0, np.float32), w, WORKERS)]
+    waker = Waker(Pokes(st, w), "test-waker")
+    try:
+        st.push_wait(w, grads, 0, [c.pushed(w), c.last_tag(w)], [1, 0], waker=waker, seconds=0.01)
+    finally:
+        waker.close()
+    assert shards_at_once[0] == [0, 1]  # shard 0's bytes with shard 1's, at once
+    np.testing.assert_array_equal(st.stages[w].read(), grads[0])
+    # The push on ps 0 read them: each accumulator holds exactly its shard's gradient, counted once.
+    assert [acc.num_accumulated() for acc in st.accs] == [1, 1]
+    np.testing.assert_array_equal(st.accs[0].take_grad(1), grads[0])
+    np.testing.assert_array_equal(st.accs[1].take_grad(1), grads[1])
+    ctl = st.read_control()
+    assert ctl.block(slots.Block.PUSHED)[w] == 1 and ctl.block(slots.Block.LAST_TAG)[w] == 0
+    st.close()

@@ -22,6 +22,8 @@ left and a heartbeat. Shared state of one `SyncReplicasOptimizer`
 * `wake/<w>` and `arrivals`: int64 FIFO queues of wake-up tokens, so waits
   block on the ps instead of polling (`tf_backup.protocol.wakeups`).
 * `signature`: the variables' shapes and dtypes.
+* `stage/<w>` (shards on other tasks only): worker `w`'s shard-0 gradient,
+  sent beside its other shards; its push on ps 0 reads it from there.
 """
 
 import dataclasses

@@ -27,6 +27,7 @@ class Runs:
     waits: List[dict]  # per worker: drain its queue, then read
     push_waits: List[dict]  # per worker: push, then its wait
     push_waits_control: List[dict]  # the same, reading only the control vector
+    push_waits_staged: List[dict]  # (shards on other tasks) per worker: push its `stage/<w>`, then its wait
     pokes: List[tf.Operation]
     wake_all: tf.Operation
     poke_arrivals: tf.Operation
@@ -158,17 +159,27 @@ def build(state, generation: int) -> Runs:
 
     # A push and the wait after it, in one run: the wait blocks on the worker's queue
     # with no deadline of its own; `Waker` ends it with a token instead.
-    with tf.control_dependencies([acc["apply"]]):
-        pushed = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=control["indices"],
-                                                  updates=control["updates"])
-    with tf.control_dependencies([pushed]):
-        push = tf.raw_ops.QueueEnqueueV2(handle=arrivals_queue, components=[acc["step"]])
+    def push_of(applied):  # then the push's counters, then its token
+        with tf.control_dependencies([applied]):
+            pushed = tf.raw_ops.ResourceScatterUpdate(resource=control["handle"], indices=control["indices"],
+                                                      updates=control["updates"])
+        with tf.control_dependencies([pushed]):
+            return tf.raw_ops.QueueEnqueueV2(handle=arrivals_queue, components=[acc["step"]])
+
+    def staged_push(stage):  # the gradient written to `stage` (the body, with a tail: the tail is fed)
+        value = read(stage.ops)
+        gradient = tf.concat([tf.cast(value, state.layout.dtype), acc["tail"]], 0) if state.tail else value
+        return push_of(tf.raw_ops.ResourceAccumulatorApplyGradient(handle=acc["handle"], local_step=acc["step"],
+                                                                   gradient=gradient))
+
+    push = push_of(acc["apply"])
 
     runs = Runs(
         token=token,
         waits=[wait_on(q) for q in wake],
         push_waits=[wait_on(q, [push]) for q in wake],
         push_waits_control=[wait_on(q, [push], with_params=False) for q in wake],  # the chief has the params
+        push_waits_staged=[wait_on(q, [staged_push(stage)], with_params=False) for q, stage in zip(wake, state.stages)],
         pokes=[tf.raw_ops.QueueEnqueueV2(handle=q, components=[token]) for q in wake],
         wake_all=enqueue_all(tf.no_op()),
         poke_arrivals=tf.raw_ops.QueueEnqueueManyV2(

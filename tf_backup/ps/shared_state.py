@@ -10,6 +10,9 @@ queues of wake-up tokens:
 * `arrivals`: each push enqueues its tag, so the aggregator blocks on it
   (`wait_arrivals`) instead of polling the accumulators.
 
+With shards on other tasks, a worker's shard-0 gradient goes to `stage/<w>` on
+ps 0 at the same time as its other shards (`push_wait`).
+
 A token only says "look again": every decision is made on the control vector
 (or the accumulator count) read in the same run, after the dequeue. A token
 lost (a run delivered twice) costs at most one bounded wait.
@@ -129,6 +132,13 @@ class SharedState:
         ]
         self.update: Optional[ps_update.UpdateState] = None if rule is None else ps_update.UpdateState(
             rule, nesterov, prefix, self.params, layout.dtype, self.each_shard)
+        # With shards on other tasks, each worker's shard-0 gradient is first written here (`stage/<w>`,
+        # on ps 0) beside its other shards' pushes, and the push itself reads it on ps 0 (`push_wait`).
+        stage_dtype, stage_size = ((self.wire, layout.shard_sizes[0]) if self.tail else
+                                   (layout.dtype, layout.shard_sizes[0] + pushes.push_tail(num_workers)))
+        self.stages = [] if all(e is where[0] for e in where) else [
+            accumulators.SharedVariable(f"{prefix}/stage/{w}", stage_dtype, [stage_size], where[0])
+            for w in range(num_workers)]
         self.generation = 0  # the newest generation (`set_generation`)
         # Transfers to several ps tasks run at once: the bytes of a push or a pull share this
         # host's link instead of waiting for each other's round trips (one thread per other task).
@@ -319,15 +329,21 @@ class SharedState:
         """
         generation = self.generation if generation is None else generation
         accs = self.accs_of(generation)
-        # The other shards first, all at once; shard 0's push, last, feeds `arrivals`, so the
-        # aggregator never sees a push that is not yet in every shard. This host's link is busy
-        # for the whole gradient either way.
-        self.each_shard(lambda s: accs[s].apply_grad(flats[s], tag), range(1, len(accs)))
         acc, control, runs = accs[0].ops, self.control.ops, self._runs(generation)
-        feed = {**accs[0].feed(flats[0]), acc["step"]: int(tag),
-                control["indices"]: np.asarray(indices, np.int32), control["updates"]: np.asarray(values, np.int64),
-                runs.known: int(known_step)}
-        fetches = (runs.push_waits if with_params else runs.push_waits_control)[w]
+        # Shard 0's push, last, feeds `arrivals`, so the aggregator never sees a push that is not
+        # yet in every shard. Its bytes go first all the same, to `stage/<w>` beside the other
+        # shards' pushes, all at once: pushed after them, they kept ps 0's link idle while the
+        # others' were busy, then every worker's went through ps 0's link alone (at 1 Gbit/s and
+        # 4 ps tasks, the push took 2 M/B instead of M/B). The push then reads them on ps 0.
+        feed = accs[0].feed(flats[0])
+        if self.stages:
+            staged = feed.pop(acc["grad"])
+            self.each_shard(lambda s: accs[s].apply_grad(flats[s], tag) if s else self.stages[w].assign(staged))
+            fetches = runs.push_waits_staged[w]
+        else:
+            fetches = (runs.push_waits if with_params else runs.push_waits_control)[w]
+        feed.update({acc["step"]: int(tag), control["indices"]: np.asarray(indices, np.int32),
+                     control["updates"]: np.asarray(values, np.int64), runs.known: int(known_step)})
         with waker.armed(seconds):
             got = self.control.endpoint.run(fetches, feed, what=f"push and wait of worker {w} on `{self.prefix}`",
                                             on_duplicate=endpoint_lib.OnDuplicate.DONE)
