@@ -139,3 +139,24 @@ def test_mwms_and_tf_backup_train_the_same_task_alike():
     fresh = models.build("cnn", (40,), 10, seed=0, filters=base["model"]["filters"]).get_weights()
     # Six Adam steps of lr 0.003 moved them: the agreement is not that of two untrained models.
     assert min(float(np.abs(a - b).max()) for a, b in zip(our_weights, fresh)) > 3e-3
+
+
+def test_overlap_parts_cuts_every_shard_into_even_parts_that_cover_it():
+    from benchmarks import overlap_parts  # pylint: disable=g-import-not-at-top
+    sizes = overlap_parts._part_sizes(10_000_003, 4, 3)  # pylint: disable=protected-access
+    assert [sum(s) for s in sizes] == [2_500_001, 2_500_001, 2_500_001, 2_500_000]
+    assert all(max(s) - min(s) <= 1 for s in sizes)
+
+
+@pytest.mark.slow
+def test_overlap_parts_on_localhost_applies_every_step_exactly_and_times_each_mode():
+    # Worker 0 checks every part's values against -lr x steps x the workers' mean gradient (else exit 1).
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.overlap_parts", "--rate=0", "--params=1e4",
+                           "--parts=1,2", "--steps=2", "--rounds=1", "--ps=2", "--workers=2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [l.split("|") for l in proc.stdout.splitlines() if l.startswith("| 1 |") or l.startswith("| 2 |")]
+    assert [int(r[1]) for r in rows] == [1, 2]
+    for r in rows:
+        assert float(r[3]) >= 100  # a step holds 100 ms of simulated compute
