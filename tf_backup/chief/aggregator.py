@@ -248,13 +248,18 @@ class Aggregator(threading.Thread):
                     self._close_round(ctl.stop_round)
                 if not rounds.round_running(ctl) and self.config.staleness_check:
                     continue  # between fit rounds (asynchronous training applies every gradient)
-                if count >= n and all(acc.num_accumulated() >= n for acc in self.state.accs[1:]):
+                if count >= n and self._other_shards_hold(n):
                     self.missed_wakeups += int(timed_out)
                     self._take_apply_publish()
                     count = 0
             except recovery.RECOVERABLE as e:  # a ps task is down, or back empty
                 self._recover(e)
                 count, finished = 0, False
+
+    def _other_shards_hold(self, n: int) -> bool:
+        """Whether every shard but 0 holds `n` fresh gradients (read from every task at once)."""
+        accs = self.state.accs
+        return all(self.state.each_shard(lambda s: accs[s].num_accumulated() >= n, range(1, len(accs))))
 
     def _close_round(self, round_: int) -> None:
         """Marks the fit rounds up to `round_` closed and wakes the workers waiting in `end_round`."""
