@@ -163,9 +163,12 @@ def train_through_faults(steps: int, num_backup_workers: int, progress_dir: str,
         return tf.concat([features, column], axis=1), labels
 
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(common.BATCH).repeat().enumerate().map(with_position)
-    # A worker that carries on through a chief's rejoin trains the redone steps too: up to
-    # checkpoint_every_steps batches more than `steps` (max_steps ends every fit at step `steps`).
-    spare = checkpoint_every_steps if chief_rejoins else 0
+    # A worker that carries on through a chief's rejoin trains the redone steps too (up to
+    # checkpoint_every_steps), and the batch it had computed for a step the rejoin took back is not
+    # pushed (`restart.next_move`: PULL): up to checkpoint_every_steps + 1 batches more than `steps`.
+    # (With only checkpoint_every_steps, a kill just before a checkpoint's save ended the workers'
+    # fits one step short: [1-chief] of the slow suite, 59 of 60.) max_steps ends every fit at `steps`.
+    spare = checkpoint_every_steps + 1 if chief_rejoins else 0
     try:
         model.fit(strategy.distribute_dataset(dataset, resume_input=True), epochs=1, steps_per_epoch=steps + spare,
                   verbose=0, callbacks=[Progress()])
