@@ -35,7 +35,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent import futures
 
@@ -147,6 +146,9 @@ def _work(args) -> None:
     ps = len(spec)
     ps_pids = json.loads(args.ps_pids) if w == 0 else []
     push_pool, pull_pool = futures.ThreadPoolExecutor(ps), futures.ThreadPoolExecutor(ps)
+    # The whole push (a pipelined step's) and the appliers run beside this thread; their results are
+    # waited for with a deadline, and a failure or a run past it ends the worker saying which.
+    pusher_pool, applier_pool = futures.ThreadPoolExecutor(1), futures.ThreadPoolExecutor(ps)
     rng = np.random.default_rng(w)
     each = lambda fn, pool=pull_pool: list(pool.map(fn, range(ps)))  # noqa: E731
     cpu = lambda: sum(_cpu_seconds(pid) for pid in [os.getpid(), *ps_pids])  # noqa: E731
@@ -158,6 +160,12 @@ def _work(args) -> None:
     out = {c: [] for c in args.parts}
     appliers = []
 
+    def finish(future, what):
+        try:
+            future.result(timeout=RUN_TIMEOUT_MS / 1e3)
+        except futures.TimeoutError:
+            raise SystemExit(f"overlap_parts: worker {w}: {what} still running after {RUN_TIMEOUT_MS / 1e3:.0f} s")
+
     def apply_loop(m, p, steps):
         for _ in range(steps):
             for c in range(m.parts):
@@ -167,10 +175,7 @@ def _work(args) -> None:
         for c in args.parts:
             m, g = modes[c], grads[c]
             if w == 0:
-                appliers = [threading.Thread(target=apply_loop, args=(m, p, steps_per_mode), daemon=True)
-                            for p in range(ps)]
-                for t in appliers:
-                    t.start()
+                appliers = [applier_pool.submit(apply_loop, m, p, steps_per_mode) for p in range(ps)]
             step0 = r * steps_per_mode  # the accumulators' step: takes so far in this mode
             times, cpus = [], []
             for i in range(steps_per_mode):
@@ -186,16 +191,15 @@ def _work(args) -> None:
                     each(lambda p: m.sessions[p].run(m.token[p][0]))
                     each(lambda p: m.sessions[p].run(m.read[p][0]))
                 else:
-                    pusher = threading.Thread(target=push_all, daemon=True)
-                    pusher.start()
+                    pusher = pusher_pool.submit(push_all)
                     for part in range(m.parts):
                         each(lambda p: m.sessions[p].run(m.pull[p][part]))
-                    pusher.join(timeout=RUN_TIMEOUT_MS / 1e3)
+                    finish(pusher, f"the push of step {tag} (C = {c})")
                 times.append(time.monotonic())
                 cpus.append(cpu())
             if w == 0:
-                for t in appliers:
-                    t.join(timeout=RUN_TIMEOUT_MS / 1e3)
+                for p, applier in enumerate(appliers):
+                    finish(applier, f"the applier of ps {p} (C = {c}, round {r})")
             out[c].append((times[WARMUP - 1], times[-1], cpus[-1] - cpus[WARMUP - 1]))
     if w == 0:  # every step of every mode applied exactly the workers' mean gradient once
         _check_values(modes, args.workers, args.rounds * steps_per_mode)
