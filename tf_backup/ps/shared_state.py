@@ -136,7 +136,10 @@ class SharedState:
         # on ps 0) beside its other shards' pushes, and the push itself reads it on ps 0 (`push_wait`).
         stage_dtype, stage_size = ((self.wire, layout.shard_sizes[0]) if self.tail else
                                    (layout.dtype, layout.shard_sizes[0] + pushes.push_tail(num_workers)))
-        self.stages = [] if all(e is where[0] for e in where) else [
+        # Every shard on ps 0 (the control vector's task, where shard 0's accumulator is too): the
+        # seqlock read, the publish and the push are each one run there (`fused_runs`).
+        self.on_one_task = all(e is where[0] for e in where)
+        self.stages = [] if self.on_one_task else [
             accumulators.SharedVariable(f"{prefix}/stage/{w}", stage_dtype, [stage_size], where[0])
             for w in range(num_workers)]
         self.generation = 0  # the newest generation (`set_generation`)
@@ -246,11 +249,6 @@ class SharedState:
     def read_params(self) -> List[np.ndarray]:
         """The published flat parameters, shard by shard, read from every task at once (no consistency check)."""
         return self.each_shard(lambda s: self.params[s].read())
-
-    @property
-    def on_one_task(self) -> bool:
-        ep = self.control.endpoint
-        return all(p.endpoint is ep for p in self.params) and self.accs[0].endpoint is ep
 
     @property
     def takes_in_wait(self) -> bool:
