@@ -21,8 +21,12 @@ from tf_backup.protocol import restart
 from tf_backup.protocol import rounds
 from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import Control
+from tf_backup.protocol.slots import Job
 from tf_backup.ps import endpoint
+from tf_backup.ps import job as job_lib
+from tf_backup.ps import lifecycle
 from tf_backup.ps import recovery
+from tf_backup.ps import server as server_lib
 from tf_backup.ps.layout import Layout
 from tf_backup.ps.shared_state import SharedState
 from tf_backup.worker import client as worker_lib
@@ -203,6 +207,37 @@ def test_a_restarted_ps_is_written_again_in_a_new_generation():
         assert client.generation == joiner.generation == 1 and client.counts.pushed == 0  # worker 2 never pushed
         joiner.accs[0].apply_grad(pushes.push_vector(np.ones(4, np.float32), 2, WORKERS), 7)
         assert state.accs[0].num_accumulated() == 2  # where the chief takes
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_another_ps_task_reads_a_restarted_ps0_as_gone_then_empty_then_written_again():
+    # The race the slow suite found: another ps task's poll lands after ps 0 is back, before the
+    # chief wrote the job vector again; it is a read (`Ps0Empty`), not a crash of `serve()`.
+    address = f"localhost:{free_ports(1)[0]}"
+    ps0 = cluster_lib.Task("ps", 0, address)
+    proc = start_ps(address)
+    try:
+        where = endpoint.Endpoints(timeout=10.0).of(ps0, timeout=5.0)
+        done_job = job_lib.job_variable(where, WORKERS)
+        vector = np.zeros([Job(WORKERS).size], np.int64)
+        vector[Job.JOB_ID] = 41
+        done_job.assign(vector)
+        beats = server_lib._Beats(WORKERS)
+        read = server_lib._read_ps0(done_job, beats, ps0)
+        assert isinstance(read, lifecycle.JobRead) and read.job_id == 41 and not read.done
+
+        proc.kill()
+        proc.wait()
+        proc = start_ps(address)
+        reads = [server_lib._read_ps0(done_job, beats, ps0) for _ in range(2)]
+        assert [type(r) for r in reads] == [lifecycle.NoAnswer, lifecycle.Ps0Empty]  # an old session, then empty
+        assert reads[0].listening()
+
+        done_job.assign(vector)  # the chief writes the state again (`tf_backup.ps.recovery`)
+        read = server_lib._read_ps0(done_job, beats, ps0)
+        assert isinstance(read, lifecycle.JobRead) and read.job_id == 41
     finally:
         proc.kill()
         proc.wait()

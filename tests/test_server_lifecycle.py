@@ -9,6 +9,7 @@ from tf_backup.ps.lifecycle import JobRead
 from tf_backup.ps.lifecycle import NoAnswer
 from tf_backup.ps.lifecycle import NoJob
 from tf_backup.ps.lifecycle import Phase
+from tf_backup.ps.lifecycle import Ps0Empty
 
 SETTINGS = lifecycle.Settings(startup_timeout=600.0, chief_timeout=120.0, exit_grace=60.0, silent_worker=10.0,
                               ps_restart_timeout=30.0, chief_rejoins=False)
@@ -184,6 +185,40 @@ def test_ps0_gone_after_the_job_ended_keeps_the_reason_and_does_not_wait_for_a_r
     assert (ended.phase, ended.reason, probe.calls) == (Phase.ENDED, EndReason.DONE, 1)
 
 
+# -- another ps task: ps 0 answers, but without the job vector (it restarted empty) -----------------
+
+def test_ps0_back_empty_is_waited_for_within_ps_restart_timeout_then_its_rewrite_is_served():
+    first = step(SERVING, Ps0Empty(), now=200.0)
+    assert (first.phase, first.unanswered_since) == (Phase.SERVING, 200.0)
+    assert step(first, Ps0Empty(), now=229.0) == first
+    written_again = step(first, job(), now=229.5)
+    assert (written_again.phase, written_again.job_id, written_again.unanswered_since) == (Phase.SERVING, JOB, None)
+
+
+def test_ps0_down_then_back_empty_counts_ps_restart_timeout_from_when_it_went_down():
+    down = step(SERVING, NoAnswer(Probe(False)), now=200.0)
+    assert step(down, Ps0Empty(), now=229.0).phase is Phase.SERVING
+    ended = step(step(down, Ps0Empty(), now=229.0), Ps0Empty(), now=230.0)
+    assert (ended.phase, ended.reason, ended.unanswered_since) == (Phase.ENDED, EndReason.PS0_RESTARTED, 200.0)
+
+
+def test_ps0_back_empty_without_ps_restart_timeout_ends_the_task_failed_at_once():
+    no_restarts = lifecycle.Settings(**{**SETTINGS.__dict__, "ps_restart_timeout": 0.0})
+    ended = step(SERVING, Ps0Empty(), now=200.0, settings=no_restarts)
+    assert (ended.phase, ended.reason) == (Phase.ENDED, EndReason.PS0_RESTARTED)
+    assert ended.reason.failed  # non-zero: a cluster manager restarts it with the job's next attempt
+
+
+def test_ps0_back_empty_after_the_job_ended_keeps_the_reason():
+    ended = step(DONE, Ps0Empty(), now=101.0)
+    assert (ended.phase, ended.reason) == (Phase.ENDED, EndReason.DONE)
+
+
+def test_ps0_back_empty_is_read_only_once_a_job_runs():
+    with pytest.raises(ValueError, match="serves a job"):
+        step(WAITING, Ps0Empty(), now=1.0)
+
+
 def test_an_answer_clears_the_silence_of_ps0():
     first = step(SERVING, NoAnswer(Probe(False)), now=200.0)
     assert step(first, job(), now=201.0).unanswered_since is None
@@ -213,7 +248,8 @@ def test_the_result_is_typed_and_reads_as_before():
 
 
 def test_serve_raises_for_the_failed_ends():
-    assert {r for r in EndReason if r.failed} == {EndReason.ABORTED, EndReason.CHIEF_LOST, EndReason.NO_JOB}
+    assert {r for r in EndReason if r.failed} == {EndReason.PS0_RESTARTED, EndReason.ABORTED, EndReason.CHIEF_LOST,
+                                                  EndReason.NO_JOB}
 
 
 def test_the_lifecycle_imports_no_tensorflow():

@@ -7,10 +7,11 @@ read to `transition`:
                                    (or `exit_grace` after the end) --^
 
 Any phase may end at once: no job within `startup_timeout` (NO_JOB), or, on a
-ps task other than ps 0, ps 0 gone for good (PS0_EXITED). A new job id (a
+ps task other than ps 0, ps 0 gone for good (PS0_EXITED) or back empty and not
+written again within `ps_restart_timeout` (PS0_RESTARTED). A new job id (a
 restarted chief's job) is served from the start, even if the previous one had
-ended. The reads (`JobRead`, `NoJob`, `NoAnswer`) and the sleeps are
-`tf_backup.ps.server`'s; nothing here does I/O or imports TensorFlow.
+ended. The reads (`JobRead`, `NoJob`, `NoAnswer`, `Ps0Empty`) and the sleeps
+are `tf_backup.ps.server`'s; nothing here does I/O or imports TensorFlow.
 """
 
 import dataclasses
@@ -32,6 +33,7 @@ class EndReason(str, enum.Enum):
 
     DONE = "done"  # the chief marked the job done
     PS0_EXITED = "ps 0 exited"  # (a ps task other than ps 0) ps 0 went away before this task saw the end
+    PS0_RESTARTED = "ps 0 restarted"  # (another ps task) ps 0 came back empty, not written again: `PsRestartedError`
     ABORTED = "aborted"  # the chief aborted the job: `ChiefUnavailableError`
     CHIEF_LOST = "chief lost"  # the chief went silent, or every task did: `ChiefUnavailableError`
     NO_JOB = "no job"  # no job started within `startup_timeout`: `TimeoutError`
@@ -39,7 +41,7 @@ class EndReason(str, enum.Enum):
     @property
     def failed(self) -> bool:
         """Whether `serve()` raises (a failed job ends its ps tasks non-zero, so they are restarted with it)."""
-        return self in (EndReason.ABORTED, EndReason.CHIEF_LOST, EndReason.NO_JOB)
+        return self in (EndReason.PS0_RESTARTED, EndReason.ABORTED, EndReason.CHIEF_LOST, EndReason.NO_JOB)
 
 
 class ServeResult(NamedTuple):
@@ -88,7 +90,16 @@ class NoAnswer(NamedTuple):
     listening: Callable[[], bool]
 
 
-Read = Union[JobRead, NoJob, NoAnswer]
+class Ps0Empty(NamedTuple):
+    """(A ps task other than ps 0, once a job runs.) ps 0 answered without the job vector.
+
+    It restarted and lost every resource; the chief writes them again under
+    `ps_restart_timeout` (`tf_backup.ps.recovery`), and until then this read
+    comes back.
+    """
+
+
+Read = Union[JobRead, NoJob, NoAnswer, Ps0Empty]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +144,8 @@ def transition(state: Lifecycle, read: Read, now: float, settings: Settings) -> 
         raise ValueError(f"serve() has ended ({state.reason}): nothing more is read.")
     if isinstance(read, NoAnswer):
         return _no_answer(state, read, now, settings)
+    if isinstance(read, Ps0Empty):
+        return _ps0_empty(state, now, settings)
     if isinstance(read, NoJob) or (state.job_id is None and read.done):
         # No job yet, or a previous job's finished state: wait for the chief.
         state = dataclasses.replace(state, unanswered_since=None)
@@ -169,3 +182,16 @@ def _no_answer(state: Lifecycle, read: NoAnswer, now: float, settings: Settings)
     # DONE); without ps 0 nothing can go on anyway.
     return dataclasses.replace(state, phase=Phase.ENDED, unanswered_since=since,
                                reason=state.reason or EndReason.PS0_EXITED)
+
+
+def _ps0_empty(state: Lifecycle, now: float, settings: Settings) -> Lifecycle:
+    if state.job_id is None:
+        raise ValueError("Only a ps task that serves a job reads ps 0 with a deadline.")
+    since = now if state.unanswered_since is None else state.unanswered_since  # down, then back empty: one wait
+    if state.ended_at is None and now - since < settings.ps_restart_timeout:
+        return dataclasses.replace(state, unanswered_since=since)  # the chief is writing the state again
+    # Nobody writes it again (no `ps_restart_timeout`, or past it, or the job had ended): this task's
+    # share of the state belongs to a job that cannot go on; a failed end (non-zero), so a cluster
+    # manager starts it again with the next attempt, as for ABORTED.
+    return dataclasses.replace(state, phase=Phase.ENDED, unanswered_since=since,
+                               reason=state.reason or EndReason.PS0_RESTARTED)

@@ -75,7 +75,8 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
         serving while ps 0 is gone before the job is done: ps 0 may be
         restarting, and the chief writes the job again (`tf_backup.ps.recovery`;
         the workers' `BackupWorkerStrategy(ps_restart_timeout=...)`). 0: it
-        exits with ps 0.
+        exits with ps 0. ps 0 back empty and not written again in that
+        time: `PsRestartedError`.
       chief_rejoins: a chief that dies once every other task has left (the
         end of the job) may be restarted and rejoin: it is waited for up to
         `chief_timeout` of silence, not declared lost at once (the chief's
@@ -96,6 +97,9 @@ def serve(cluster_resolver=None, *, startup_timeout: float = 600.0, chief_timeou
       tf_backup.errors.ChiefUnavailableError: the chief went silent without
         finishing the job, or aborted it (a failed job ends its ps tasks
         non-zero too, so a cluster manager restarts them with the job).
+      tf_backup.errors.PsRestartedError: (a ps task other than ps 0) ps 0
+        restarted and its state was not written again within
+        `ps_restart_timeout` (0: at once).
     """
     # Every argument is checked before anything starts: a bad one would otherwise surface as a
     # sleep(-1) or a comparison error deep in the serving loop.
@@ -143,10 +147,7 @@ def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints,
         now = time.monotonic()
         if state.job_id is not None and info.task != ps0:
             done_job = done_job or _job_variable_of_other_ps(endpoints, ps0, info.num_workers)
-            try:
-                read = beats.read(done_job.read())
-            except errors.PsUnavailableError:  # (a restarted ps 0: PsRestartedError; the next read is answered)
-                read = lifecycle.NoAnswer(listening=lambda: _accepts_connections(ps0))
+            read = _read_ps0(done_job, beats, ps0)
         else:
             read = beats.read(job.read() if job.is_initialized() else None)
         served = state.job_id
@@ -161,6 +162,16 @@ def _serve_job(info: cluster_lib.ClusterInfo, endpoints: endpoint_lib.Endpoints,
     elif isinstance(read, lifecycle.JobRead) and info.task == ps0 and len(info.ps) > 1:
         time.sleep(2 * poll_interval)  # the other ps tasks see DONE before ps 0 is gone
     return _ended(info, state, settings)
+
+
+def _read_ps0(done_job, beats: "_Beats", ps0: cluster_lib.Task) -> lifecycle.Read:
+    """(A ps task other than ps 0, once a job runs.) The job vector on ps 0, read; ps 0's failures as reads."""
+    try:
+        return beats.read(done_job.read())
+    except errors.PsUnavailableError:  # (a restarted ps 0: PsRestartedError; the next read is answered)
+        return lifecycle.NoAnswer(listening=lambda: _accepts_connections(ps0))
+    except tf.errors.FailedPreconditionError:  # answered, but the variable is gone: ps 0 restarted empty
+        return lifecycle.Ps0Empty()
 
 
 class _Beats:
@@ -205,6 +216,11 @@ def _ended(info: cluster_lib.ClusterInfo, state: lifecycle.Lifecycle,
     if missing and reason is not lifecycle.EndReason.PS0_EXITED:  # this task did not see the last state then
         logging.warning("tf_backup: ps task %s exits; workers that never left: %s",
                         info.task, ", ".join(missing))
+    if reason is lifecycle.EndReason.PS0_RESTARTED:
+        raise errors.PsRestartedError(
+            f"The ps task 0 {info.ps[0]} restarted and lost the job {state.job_id}'s state, and the chief "
+            f"{info.chief} did not write it again within ps_restart_timeout ({settings.ps_restart_timeout:.0f} s); "
+            f"the ps task {info.task} exits with the job.")
     if reason is lifecycle.EndReason.ABORTED:
         # Non-zero, so that a cluster manager (restartPolicy: OnFailure) or `LocalCluster`'s supervisor
         # starts this task again for the next attempt: an exit 0 would leave the job without its ps.
