@@ -78,7 +78,7 @@ def test_parse_trace(tmp_path):
 
 def test_normalized_spec_parses_to_an_equal_model(tmp_path):
     path = write_trace(tmp_path, "1,2\n")
-    for spec in ["none", "Slow:1,0:2.50", "exp:1e-3", "pareto:3:0.01", f"trace:{path}"]:
+    for spec in ["none", "Slow:1,0:2.50", "exp:1e-3", "pareto:3:0.01", f"trace:{path}", "pareto:3:0.01 + slow:1:2"]:
         model = stragglers.parse(spec, seed=9)
         assert stragglers.parse(model.spec, seed=9) == model
         assert stragglers.parse(model.spec, seed=9).spec == model.spec
@@ -95,6 +95,7 @@ def test_normalized_spec_parses_to_an_equal_model(tmp_path):
     "phases", "phases:", "phases:none", "phases:none;", "phases:none;0:exp:1", "phases:none;x:exp:1",
     "phases:none;5:", "phases:none;5:exp:1;5:none", "phases:none;9:exp:1;5:none", "phases:none;5:bogus",
     "phases:none;5:phases:none;6:none",
+    "+", "none+", "+none", "none++none", "none+bogus", "none+phases:none;5:none", "none+trace:x", "exp:0+none",
 ])
 def test_bad_spec_raises_value_error_naming_it(spec):
     with pytest.raises(ValueError) as error:
@@ -259,6 +260,31 @@ def test_phases_switch_models_at_their_steps_and_keep_each_models_draws():
     assert [model.phase(s) for s in (0, 499, 500, 10**6)] == [0, 0, 1, 1]
     described = model.describe()
     assert "\n" not in described and "from step 0: pareto" in described and "from step 500: slow" in described
+
+
+def test_a_sum_adds_its_parts_delays_and_its_first_part_draws_what_it_would_alone():
+    model = stragglers.parse("pareto:1.5:0.02 + slow:5:3 + exp:0.01", seed=3)
+    assert isinstance(model, stragglers.SumDelay)
+    assert model.spec == "pareto:1.5:0.02+slow:5:3+exp:0.01"
+    pareto = stragglers.parse("pareto:1.5:0.02", seed=3).delays(6, 200, 0.1)
+    exp = stragglers.parse("exp:0.01", seed=5).delays(6, 200, 0.1)  # part 2: seed + 2
+    delays = model.delays(num_workers=6, num_steps=200, compute_seconds=0.1)
+    np.testing.assert_allclose(delays[:, :5], pareto[:, :5] + exp[:, :5])
+    np.testing.assert_allclose(delays[:, 5], pareto[:, 5] + 0.2 + exp[:, 5])
+    assert not np.allclose(exp, stragglers.parse("exp:0.01", seed=3).delays(6, 200, 0.1))  # independent parts
+    described = model.describe()
+    assert "\n" not in described and described.count(" + ") == 2 and "worker(s) 5 3x slower" in described
+
+
+def test_a_sum_in_a_phase():
+    model = stragglers.parse("phases:pareto:1.5:0.02;10:pareto:1.5:0.02+slow:3:20;20:none", seed=1)
+    assert model.spec == "phases:pareto:1.5:0.02;10:pareto:1.5:0.02+slow:3:20;20:none"
+    delays = model.delays(num_workers=4, num_steps=30, compute_seconds=0.03)
+    pareto = stragglers.parse("pareto:1.5:0.02", seed=1).delays(4, 30, 0.03)
+    np.testing.assert_array_equal(delays[:10], pareto[:10])
+    np.testing.assert_array_equal(delays[10:20, :3], pareto[10:20, :3])
+    np.testing.assert_allclose(delays[10:20, 3], pareto[10:20, 3] + 19 * 0.03)
+    assert np.all(delays[20:] == 0)
 
 
 def test_three_phases():

@@ -59,7 +59,8 @@ _MODE = flags.DEFINE_enum(
     "applied as it comes, no staleness check.")
 _STRAGGLER = flags.DEFINE_string(
     "straggler", None, "Injected delays: none, slow:WORKER:FACTOR, exp:MEAN, pareto:SHAPE:SCALE, "
-    "trace:PATH, or phases:SPEC;STEP:SPEC[;...] (conditions that change at a step; quote the ;) "
+    "trace:PATH, SPEC+SPEC (conditions at once), or phases:SPEC;STEP:SPEC[;...] (conditions that change at a "
+    "step; quote the ;) "
     "(seconds; seeded by --seed).")
 _CANCEL_STRAGGLERS = flags.DEFINE_boolean(
     "cancel_stragglers", None, "Cut an injected delay short once the global step moves past the "

@@ -14,12 +14,16 @@
 * `trace:PATH`: replays a recorded CSV, one row per step and one column per
   worker (delays in seconds, `#` lines are comments). Steps past the last row
   wrap around to the first.
+* `SPEC+SPEC[+SPEC...]`: conditions that hold at once, their delays added
+  (`pareto:1.5:0.02+slow:5:2`: every worker's Pareto delays, and worker 5 2x
+  slow besides). Part i draws with seed `seed + i`. Each part is any spec above
+  but a trace (whose path may hold a `+`).
 * `phases:SPEC;STEP:SPEC[;STEP:SPEC...]`: conditions that change while a job
   runs: the first model before step STEP, the next from there on (the step a
   model is asked for: `StragglerCallback` counts the worker's batches; for
   example `phases:pareto:1.5:0.02;500:slow:4,5:5`, two workers 5x slow from
   step 500). Each phase is any spec above but `phases` (quote it in a shell:
-  `;`).
+  `;`), a sum included.
 
 A model's `spec` is the normalized spec: `parse(model.spec, model.seed)` gives an equal model.
 """
@@ -36,11 +40,13 @@ from tf_backup.sim.straggler_models import ParetoDelay
 from tf_backup.sim.straggler_models import PhasedDelay
 from tf_backup.sim.straggler_models import SlowWorkers
 from tf_backup.sim.straggler_models import StragglerModel
+from tf_backup.sim.straggler_models import SumDelay
 from tf_backup.sim.straggler_models import TraceDelay
 from tf_backup.sim.straggler_models import spec_number
 
 _EXPECTED_ANY = ("one of none, slow:WORKER[,WORKER...]:FACTOR, exp:MEAN, "
-                 "pareto:SHAPE:SCALE, trace:PATH, phases:SPEC;STEP:SPEC[;STEP:SPEC...]")
+                 "pareto:SHAPE:SCALE, trace:PATH, SPEC+SPEC[+SPEC...], phases:SPEC;STEP:SPEC[;STEP:SPEC...]")
+_EXPECTED_SUM = "SPEC+SPEC[+SPEC...] with each SPEC a straggler spec other than phases and trace"
 _EXPECTED_PHASES = ("phases:SPEC;STEP:SPEC[;STEP:SPEC...] with increasing integer STEP >= 1 and "
                     "each SPEC a straggler spec other than phases")
 _EXPECTED_SLOW = ("slow:WORKER:FACTOR or slow:W1,W2,...:FACTOR with integer "
@@ -81,6 +87,21 @@ def _parse_phases(spec: str, rest: str, seed: int) -> PhasedDelay:
     normalized = "phases:" + ";".join(
         [parsed[0].spec] + [f"{start}:{model.spec}" for start, model in zip(starts[1:], parsed[1:])])
     return PhasedDelay(spec=normalized, seed=seed, starts=tuple(starts), models=tuple(parsed))
+
+
+def _parse_sum(spec: str, seed: int) -> SumDelay:
+    pieces = [piece.strip() for piece in spec.split("+")]
+    if not all(pieces):
+        raise _invalid(spec, _EXPECTED_SUM, "A part is empty")
+    parsed = []
+    for i, text in enumerate(pieces):
+        if text.lower().partition(":")[0].strip() in ("phases", "trace"):
+            raise _invalid(spec, _EXPECTED_SUM, f"Received the part {text!r}")
+        try:
+            parsed.append(parse(text, seed=seed + i))
+        except ValueError as e:
+            raise _invalid(spec, _EXPECTED_SUM, str(e)) from None
+    return SumDelay(spec="+".join(m.spec for m in parsed), seed=seed, models=tuple(parsed))
 
 
 def _parse_float(spec, expected, text, name, lower, inclusive):
@@ -133,8 +154,9 @@ def parse(spec: str, seed: int = 0) -> StragglerModel:
 
     Args:
       spec: `none`, `slow:WORKER[,WORKER...]:FACTOR`, `exp:MEAN`,
-        `pareto:SHAPE:SCALE` or `trace:PATH`. The kind is case-insensitive and
-        spaces around fields are ignored.
+        `pareto:SHAPE:SCALE`, `trace:PATH`, a sum `SPEC+SPEC` or
+        `phases:...`. The kind is case-insensitive and spaces around fields
+        are ignored.
       seed: an integer >= 0 seeding the random draws.
 
     Returns:
@@ -162,6 +184,9 @@ def parse(spec: str, seed: int = 0) -> StragglerModel:
             raise _invalid(spec, _EXPECTED_TRACE, "The path is empty")
         return TraceDelay(spec=f"trace:{path}", seed=seed, path=path,
                           table=_load_trace(spec, os.path.expanduser(path)))
+
+    if "+" in spec:
+        return _parse_sum(spec, seed)
 
     fields = [field.strip() for field in rest.split(":")] if separator else []
     if kind == "none":

@@ -5,8 +5,9 @@ machine where every worker is equally fast, a worker sleeps before each batch
 for a delay drawn from a straggler model. The training binary, the benchmarks
 and the tests share these models, each built from a spec string
 (`tf_backup.sim.specs.parse`, which lists the specs): `NoStragglers`,
-`SlowWorkers`, `ExponentialDelay`, `ParetoDelay`, `TraceDelay` and
-`PhasedDelay`, whose conditions change while a job runs.
+`SlowWorkers`, `ExponentialDelay`, `ParetoDelay`, `TraceDelay`, `SumDelay`,
+whose conditions hold at once, and `PhasedDelay`, whose conditions change while
+a job runs.
 
 A delay is a pure function of `(seed, worker, step)` (and `compute_seconds`
 for `slow`): it is drawn from `np.random.default_rng([seed, worker, step])`,
@@ -246,3 +247,24 @@ class PhasedDelay(StragglerModel):
 
     def _delay(self, worker, step, compute_seconds):
         return self.models[self.phase(step)]._delay(worker, step, compute_seconds)  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass(frozen=True)
+class SumDelay(StragglerModel):
+    """`A+B[+...]`: conditions that hold at once; a delay is the sum of the parts' delays.
+
+    Part i draws with seed `seed + i`, so two random parts are independent and
+    part 0 draws what it would alone (`pareto:1.5:0.02+slow:5:2`: the same
+    background as `pareto:1.5:0.02`, worker 5 also slow).
+
+    Attributes:
+      models: the parts, in the spec's order.
+    """
+
+    models: Tuple[StragglerModel, ...] = ()
+
+    def describe(self) -> str:
+        return "stragglers: " + " + ".join(m.describe().removeprefix("stragglers: ") for m in self.models)
+
+    def _delay(self, worker, step, compute_seconds):
+        return sum(m._delay(worker, step, compute_seconds) for m in self.models)  # pylint: disable=protected-access

@@ -25,10 +25,11 @@ from tf_backup.sim.straggler_models import ParetoDelay
 from tf_backup.sim.straggler_models import PhasedDelay
 from tf_backup.sim.straggler_models import SlowWorkers
 from tf_backup.sim.straggler_models import StragglerModel
+from tf_backup.sim.straggler_models import SumDelay
 from tf_backup.sim.straggler_models import TraceDelay
 
 __all__ = ["ExponentialDelay", "NoStragglers", "ParetoDelay", "PhasedDelay", "SlowWorkers", "StragglerCallback", "StragglerModel",
-           "TraceDelay", "ideal_step_times", "parse"]
+           "SumDelay", "TraceDelay", "ideal_step_times", "parse"]
 
 
 class StragglerCallback(keras.callbacks.Callback):
