@@ -83,7 +83,8 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     num_backup_workers, seconds (the wall-time budget of a run: the chief's fit stops at the first
     batch end past it, which ends the round for every worker), steps (batches per worker per run,
     at most), reps (runs, each from a fresh model and optimizer), every_seconds (wall time between
-    snapshots), straggler, seed, and the default config's model/optimizer fields; optionally compute
+    snapshots), straggler, seed, and the default config's model/optimizer fields; optionally
+    straggler_seeds (per run, the straggler draws' seed; default `seed` for every run), compute
     (seconds every worker sleeps before each batch besides the straggler delay; `slow` models
     multiply it), stop_step (the run also ends once the global step reaches it) and mark_steps
     (global steps whose first batch end's wall time is recorded: the straggler phases' ends). Every
@@ -150,7 +151,8 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         snaps.start = time.monotonic()
 
     steps = min(cfg["steps"], cfg["stop_step"]) if mwms else cfg["steps"]
-    for _ in range(cfg["reps"]):
+    seeds = cfg.get("straggler_seeds") or [cfg["seed"]] * cfg["reps"]
+    for rep in range(cfg["reps"]):
         with strategy.scope():
             model = models.build(cfg["model"]["kind"], info.input_shape, info.num_classes, seed=cfg["seed"],
                                  **model_args)
@@ -158,7 +160,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=False)
             if mwms:
                 mwms_patches.build_for_multi_worker_mirrored(model, run.plain_batch)
-        sleeper = pacing.make_sleep_callback(keras, w, cfg.get("compute", 0.0), cfg["straggler"], cfg["seed"],
+        sleeper = pacing.make_sleep_callback(keras, w, cfg.get("compute", 0.0), cfg["straggler"], seeds[rep],
                                              global_step)
         snaps = Snapshots()
         sleeper.gate = lambda snaps=snaps: start_together(snaps)
