@@ -160,3 +160,35 @@ def test_overlap_parts_on_localhost_applies_every_step_exactly_and_times_each_mo
     assert [int(r[1]) for r in rows] == [1, 2]
     for r in rows:
         assert float(r[3]) >= 100  # a step holds 100 ms of simulated compute
+
+
+def test_the_adaptive_benchmarks_full_run_is_issue_33s_patterns_every_b_and_three_seeds():
+    from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
+    from tf_backup.sim import stragglers  # pylint: disable=g-import-not-at-top
+    s = adaptive.settings(quick=False)
+    assert adaptive.starts(s["phases"]) == [0, 250, 500, 750, 1000] and s["seeds"] == [0, 1, 2]
+    assert [b for _, b in s["modes"]] == ["auto", 0, 1, 2, 3, 4, 5]
+    model = stragglers.parse(adaptive.straggler(s), seed=1)
+    delays = model.delays(adaptive.WORKERS, 1000, s["compute"])
+    background = stragglers.parse(adaptive.BACKGROUND, seed=1).delays(adaptive.WORKERS, 1000, s["compute"])
+    extra = delays - background
+    np.testing.assert_allclose(extra[:250], 0, atol=1e-12)
+    np.testing.assert_allclose(extra[250:500, 5], s["compute"], atol=1e-12)  # 2x slow: one more compute
+    np.testing.assert_allclose(extra[250:500, :5], 0, atol=1e-12)
+    np.testing.assert_allclose(extra[500:580, 3], 19 * s["compute"], atol=1e-12)  # stalled: 20x
+    np.testing.assert_allclose(np.delete(extra[500:580], 3, axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(extra[580:750], 0, atol=1e-12)  # back
+    assert np.all(delays[750:] == 0)  # calm
+
+
+def test_the_adaptive_benchmarks_targets_are_fractions_of_the_lowest_final_and_auto_first_only_if_below_all():
+    from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
+    curves = {  # per mode, per run: (seconds, global step, test accuracy)
+        "auto": [[(0, 0, 0.1), (5, 50, 0.85), (9, 90, 0.9)], [(0, 0, 0.1), (6, 50, 0.9), (9, 90, 0.95)]],
+        "b = 1": [[(0, 0, 0.1), (4, 50, 0.81), (8, 90, 0.8)], [(0, 0, 0.1), (4, 50, 0.85), (8, 90, 0.8)]],
+    }
+    lines = adaptive.reach_table(curves, fractions=(0.9, 1.0))
+    assert lines[2] == "| 0.72 (0.9 x 0.800) | 5.5 (5.0–6.0) | 4.0 (4.0–4.0) | no |"
+    assert lines[3] == "| 0.80 (1 x 0.800) | 5.5 (5.0–6.0) | 4.0 (4.0–4.0) | no |"
+    assert adaptive.reach_table(curves, fractions=(1.1,))[2] == (
+        "| 0.88 (1.1 x 0.800) | 7.5 (6.0–9.0) | never | yes |")

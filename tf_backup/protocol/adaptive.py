@@ -48,7 +48,7 @@ GAP = 1 + 1e-6  # `outside`: closer than this (a ratio) is the same time (float 
 # whatever N is), as a factor on the measured simple noise scale: the effective noise scale that
 # fits the loss decrease per step of N = 1 .. 6 (`progress` with B = factor x B_simple), over the
 # B_simple measured on the same runs (`benchmarks/progress_model.py`, the default job's MNIST-1D
-# CNN, 400 steps, 2 seeds: sgd 0.31, momentum 0.13, adam 1.06; benchmarks/results/adaptive.md).
+# CNN, 400 steps, 2 seeds: sgd 0.31, momentum 0.13, adam 1.06; benchmarks/results/adaptive_sim.md).
 # The paper's model assumes the best learning rate for every batch size: it holds for Adam here
 # (1.06, taken as 1), while SGD and momentum at a fixed learning rate gain 3-8x less from more
 # gradients than it says. Other optimizers: 1 (the paper's model, unmeasured).
