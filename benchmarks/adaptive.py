@@ -180,22 +180,27 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
                   f"median N ({' / '.join(p.name for p in phases)})", "runs ok"])
     csv_columns = ["mode", "run", "seed", "seconds", "global_step", "test_accuracy"]
     notes += ["", "Seconds to higher targets (the same runs; `reach_table`):", ""] + reach_table(done)
+    weighted = progress_table(bounds, [p.name for p in phases], chosen, noise, marks)
+    if weighted:
+        notes += ["", "Seconds per phase per 100 units of progress (`progress_table`):", ""] + weighted
     image = None
     if not smoke and plot(os.path.join(out_dir, f"{NAME}.png"), done):
         image = os.path.join(out_dir, f"{NAME}.png")
     lines = common.write_results(out_dir, NAME, TITLE, notes, columns, rows, csv_columns, csv_rows, failures, argv,
                                  image=image)
     with open(os.path.join(out_dir, f"{NAME}_steps.json"), "w") as f:  # N and the noise estimate of every step
-        json.dump({"replicas": chosen, "noise_scale": noise, "phase_starts": bounds}, f)
+        json.dump({"replicas": chosen, "noise_scale": noise, "phase_starts": bounds,
+                   "phase_names": [p.name for p in phases], "marks": marks}, f)
     return {"lines": lines, "medians": medians, "failures": failures, "chosen": chosen}
 
 
-def reach_table(curves: Dict[str, list], fractions=FRACTIONS) -> List[str]:
+def reach_table(curves: Dict[str, list], fractions=FRACTIONS, targets: Optional[List[float]] = None) -> List[str]:
     """Markdown lines: per target (a fraction of the lowest median final accuracy), each mode's seconds to it.
 
     `curves`: per mode, per run, (seconds, global step, test accuracy) snapshots. A cell is the median
     (min-max) over runs, "never" counted as infinite in the median; the last column says whether
-    auto was first (its median below every fixed b's).
+    auto was first (its median below every fixed b's). `targets`: accuracies instead of fractions
+    (to compare runs whose lowest final accuracies differ).
     """
     finals = {k: statistics.median(c[-1][2] for c in v) for k, v in curves.items() if v}
     if not finals:
@@ -203,8 +208,9 @@ def reach_table(curves: Dict[str, list], fractions=FRACTIONS) -> List[str]:
     lowest = min(finals.values())
     labels = list(finals)
     lines = ["| target | " + " | ".join(labels) + " | auto first |", "|---" * (len(labels) + 2) + "|"]
-    for fraction in fractions:
-        target = round(fraction * lowest, 2)  # as the main table's target
+    wanted = ([(t, f"{t:.2f}") for t in targets] if targets else
+              [(round(f * lowest, 2), f"{round(f * lowest, 2):.2f} ({f:g} x {lowest:.3f})") for f in fractions])
+    for target, name in wanted:  # a fraction's target is rounded as the main table's is
         times = {k: [time_to_accuracy.first_reach(c, target, 0) for c in curves[k]] for k in labels}
         medians = {k: statistics.median([math.inf if t is None else t for t in v]) for k, v in times.items()}
         cells = ["never" if all(t is None for t in v) else
@@ -212,7 +218,49 @@ def reach_table(curves: Dict[str, list], fractions=FRACTIONS) -> List[str]:
                  + (f", {v.count(None)} never" if None in v else "") for v in times.values()]
         fixed = [m for k, m in medians.items() if k != "auto"]
         first = "-" if "auto" not in medians or not fixed else ("yes" if medians["auto"] < min(fixed) else "no")
-        lines.append(f"| {target:.2f} ({fraction:g} x {lowest:.3f}) | " + " | ".join(cells) + f" | {first} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {first} |")
+    return lines
+
+
+def progress_table(bounds: List[int], names: List[str], chosen: Dict[str, list], noise: Dict[str, list],
+                   marks: Dict[str, list]) -> List[str]:
+    """Markdown lines: per mode and phase, seconds per 100 units of progress (empty without auto's runs).
+
+    Seconds for a fixed number of steps favour the smallest N wherever the cores are shared (a step
+    of fewer gradients is faster even with no stragglers, and makes less progress). Here each step
+    counts `progress(N) / progress(WORKERS)` units (`tf_backup.protocol.adaptive.progress`, the rule's
+    own model, as in `benchmarks/adaptive_sim.py`), with the simple noise scale B that auto's chief
+    measured in that phase of the run of the same seed (its median over the phase's steps; Adam's
+    factor is 1). `chosen`: per mode, per run, every step's N; `noise`: auto's per-step estimates;
+    `marks`: per mode, per run, the seconds at step `SETTLED`, then at each phase's end (`bounds`).
+    A cell is the median over runs (x: against the best fixed b of that phase).
+    """
+    from tf_backup.protocol import adaptive as rule  # pylint: disable=g-import-not-at-top
+    if not noise.get("auto") or not any(chosen.get(k) for k in chosen if k != "auto"):
+        return []
+    scale = [[statistics.median([b for b in run[first:last] if b is not None] or [math.inf])
+              for first, last in zip(bounds, bounds[1:])] for run in noise["auto"]]
+    cells: Dict[str, List[float]] = {}
+    for label, runs in chosen.items():
+        per_phase = [[] for _ in names]
+        for k, (ns, mark) in enumerate(zip(runs, marks[label])):
+            if k >= len(scale) or any(m is None for m in mark[1:]):
+                continue
+            ends = [0.0] + list(mark[1:])
+            for i, (first, last) in enumerate(zip(bounds, bounds[1:])):
+                b = scale[k][i]
+                units = sum(rule.progress(n, b, 1) / rule.progress(WORKERS, b, 1) for n in ns[first:last])
+                if units > 0:
+                    per_phase[i].append(100.0 * (ends[i + 1] - ends[i]) / units)
+        if all(per_phase):
+            cells[label] = [statistics.median(v) for v in per_phase]
+    fixed = {k: v for k, v in cells.items() if k != "auto"}
+    if not fixed:
+        return []
+    best = [min(v[i] for v in fixed.values()) for i in range(len(names))]
+    lines = ["| mode | " + " | ".join(f"{n} s/100" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, v in cells.items():
+        lines.append(f"| {label} | " + " | ".join(f"{x:.2f} ({x / best[i]:.2f}x)" for i, x in enumerate(v)) + " |")
     return lines
 
 
@@ -259,6 +307,20 @@ def _verdict(medians: Dict[str, Dict], names: List[str]) -> List[str]:
     return out
 
 
+def progress_table_from_json(path: str) -> List[str]:
+    """`progress_table` of a run from its step record (`run`'s `adaptive_steps.json`)."""
+    with open(path) as f:
+        d = json.load(f)
+    return progress_table(d["phase_starts"], d["phase_names"], d["replicas"], d["noise_scale"], d["marks"])
+
+
 if __name__ == "__main__":
-    # `python -m benchmarks.adaptive PATH.csv [FRACTION ...]`: the times to targets of a committed run.
-    print("\n".join(reach_table(curves_from_csv(sys.argv[1]), [float(f) for f in sys.argv[2:]] or FRACTIONS)))
+    # `python -m benchmarks.adaptive PATH.csv [FRACTION ...] [--targets=ACC,ACC]`: a committed run's times to
+    # targets (fractions of its lowest median final accuracy, or accuracies); `... PATH_steps.json`: its
+    # seconds per phase per 100 units of progress.
+    if sys.argv[1].endswith(".json"):
+        print("\n".join(progress_table_from_json(sys.argv[1])))
+        sys.exit(0)
+    args = [a for a in sys.argv[1:] if not a.startswith("--targets=")]
+    at = [float(t) for a in sys.argv[1:] if a.startswith("--targets=") for t in a.split("=", 1)[1].split(",")]
+    print("\n".join(reach_table(curves_from_csv(args[0]), [float(f) for f in args[1:]] or FRACTIONS, at or None)))

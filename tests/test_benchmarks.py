@@ -192,3 +192,17 @@ def test_the_adaptive_benchmarks_targets_are_fractions_of_the_lowest_final_and_a
     assert lines[3] == "| 0.80 (1 x 0.800) | 5.5 (5.0–6.0) | 4.0 (4.0–4.0) | no |"
     assert adaptive.reach_table(curves, fractions=(1.1,))[2] == (
         "| 0.88 (1.1 x 0.800) | 7.5 (6.0–9.0) | never | yes |")
+    assert adaptive.reach_table(curves, targets=[0.85])[2:] == ["| 0.85 | 5.5 (5.0–6.0) | 4.0 (4.0–4.0), 1 never | yes |"]  # b = 1: median(4, never)
+
+
+def test_the_adaptive_benchmarks_progress_table_weighs_each_step_by_the_rules_progress_model():
+    from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
+    # 2 phases of 10 steps; B = 6 worker batches in both: progress(6) = 1/2, progress(3) = 1/3.
+    chosen = {"auto": [[6] * 20], "b = 3": [[3] * 20]}
+    noise = {"auto": [[6.0] * 20], "b = 3": [[None] * 20]}
+    marks = {"auto": [[None, 10.0, 30.0]], "b = 3": [[None, 10.0, 20.0]]}  # seconds at step 10, 20
+    lines = adaptive.progress_table([0, 10, 20], ["one", "two"], chosen, noise, marks)
+    # auto: 10 units a phase (10 s, then 20 s); b = 3: 10 x (1/3) / (1/2) = 6.67 units (10 s, 10 s).
+    assert lines[2] == "| auto | 100.00 (0.67x) | 200.00 (1.33x) |"
+    assert lines[3] == "| b = 3 | 150.00 (1.00x) | 150.00 (1.00x) |"
+    assert adaptive.progress_table([0, 10, 20], ["one", "two"], {"b = 3": chosen["b = 3"]}, {}, marks) == []
