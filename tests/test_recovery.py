@@ -241,3 +241,17 @@ def test_another_ps_task_reads_a_restarted_ps0_as_gone_then_empty_then_written_a
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_another_ps_task_that_ends_on_a_ps0_back_empty_raises_naming_the_setting():
+    spec = tf.train.ClusterSpec({"worker": ["h:1", "h:2"], "ps": ["h:3", "h:4"]})
+    info = cluster_lib.cluster_info_from_resolver(
+        tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type="ps", task_id=1))
+    settings = lifecycle.Settings(startup_timeout=600.0, chief_timeout=120.0, exit_grace=60.0, silent_worker=10.0,
+                                  ps_restart_timeout=30.0, chief_rejoins=False)
+    serving = lifecycle.transition(lifecycle.waiting(0.0), lifecycle.JobRead(
+        41, False, False, (True, True), (False, False), (0.0, 0.0), 0.0), 1.0, settings)
+    ended = lifecycle.transition(lifecycle.transition(serving, lifecycle.Ps0Empty(), 2.0, settings),
+                                 lifecycle.Ps0Empty(), 33.0, settings)
+    with pytest.raises(errors.PsRestartedError, match=r"\(h:3\) restarted and lost the job 41.*ps_restart_timeout \(30 s\)"):
+        server_lib._ended(info, ended, settings)

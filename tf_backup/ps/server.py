@@ -213,7 +213,8 @@ def _ended(info: cluster_lib.ClusterInfo, state: lifecycle.Lifecycle,
             f"{info.chief} to start a job (startup_timeout)."
         )
     missing = [str(info.workers[w]) for w in state.never_left()]
-    if missing and reason is not lifecycle.EndReason.PS0_EXITED:  # this task did not see the last state then
+    if missing and reason not in (lifecycle.EndReason.PS0_EXITED, lifecycle.EndReason.PS0_RESTARTED):
+        # (Not when ps 0 went away or came back empty: this task did not see the last state then.)
         logging.warning("tf_backup: ps task %s exits; workers that never left: %s",
                         info.task, ", ".join(missing))
     if reason is lifecycle.EndReason.PS0_RESTARTED:
