@@ -152,6 +152,8 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
     steps = min(cfg["steps"], cfg["stop_step"]) if mwms else cfg["steps"]
     seeds = cfg.get("straggler_seeds") or [cfg["seed"]] * cfg["reps"]
+    if len(seeds) != cfg["reps"]:
+        raise ValueError(f"`straggler_seeds` needs one seed per run (reps={cfg['reps']}). Received {seeds!r}")
     for rep in range(cfg["reps"]):
         with strategy.scope():
             model = models.build(cfg["model"]["kind"], info.input_shape, info.num_classes, seed=cfg["seed"],

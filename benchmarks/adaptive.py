@@ -52,7 +52,7 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
             Phase("pareto", 120, ((0, BACKGROUND),), "Pareto delays on every worker"),
             Phase("slow", 120, ((0, "slow:4,5:5"),), "workers 4 and 5 sleep 5x `compute`, no other delay")])
     # Issue 33's patterns: a heavy-tailed background; one worker slow for a long stretch (fleet studies:
-    # 1.34x on average; here 2x `compute`, 1.3-1.5x of its whole batch with the CNN); one that stalls
+    # 1.34x on average; here it sleeps 2x `compute`, the CNN's own time not scaled); one that stalls
     # (20x: its gradients all late, as if gone) and comes back; a calm cluster.
     return dict(modes=MODES, seeds=[0, 1, 2], compute=0.03, every_seconds=1.0, phases=[
         Phase("pareto", 250, ((0, BACKGROUND),), "Pareto delays on every worker"),
@@ -142,8 +142,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
             continue
         totals = [sum(run_phases) for run_phases in zip(*per_phase)]
         medians[label] = dict(phases=[statistics.median(p) for p in per_phase], settled=statistics.median(settled),
-                              total=statistics.median(totals),
-                              reach=statistics.median([t if t is not None else float("inf") for t in times]))
+                              total=statistics.median(totals))
         n_by_phase = []
         for first, last in zip(bounds, bounds[1:]):
             picked = [n for r in chosen[label] for n in r[first:last]]
@@ -288,7 +287,11 @@ def plot(path: str, curves: Dict[str, list]) -> bool:
 
 
 def _verdict(medians: Dict[str, Dict], names: List[str]) -> List[str]:
-    """What this run says of the goal, from the medians (empty when auto or every fixed b is missing)."""
+    """What this run says of the goal, from the medians (empty when auto or every fixed b is missing).
+
+    Per phase in raw seconds only: they favour the smallest N on shared cores, so whether the per-phase
+    goal is met is read from `progress_table`, not from these lines.
+    """
     fixed = {k: v for k, v in medians.items() if k != "auto"}
     if "auto" not in medians or not fixed:
         return []
@@ -298,13 +301,9 @@ def _verdict(medians: Dict[str, Dict], names: List[str]) -> List[str]:
     for name, pick in picks:
         best = min(fixed, key=lambda k: pick(fixed[k]))
         ratio = pick(auto) / pick(fixed[best])
-        out.append(f"{name}: auto {pick(auto):.1f} s, best fixed {best} {pick(fixed[best]):.1f} s: {ratio:.2f}x "
-                   f"({'met' if ratio <= 1.0 else 'not met'}).")
-    best = min(fixed, key=lambda k: fixed[k]["reach"])
-    first = all(auto["reach"] < v["reach"] for v in fixed.values())
-    out.append(f"Time to the target: auto {auto['reach']:.1f} s, best fixed {best} {fixed[best]['reach']:.1f} s: "
-               f"auto is {'first' if first else 'not first'}.")
-    return out
+        out.append(f"{name}, raw seconds: auto {pick(auto):.1f} s, best fixed {best} {pick(fixed[best]):.1f} s: "
+                   f"{ratio:.2f}x.")
+    return out  # whether auto is first to each target: `reach_table`'s last column
 
 
 def progress_table_from_json(path: str) -> List[str]:

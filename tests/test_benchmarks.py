@@ -206,3 +206,15 @@ def test_the_adaptive_benchmarks_progress_table_weighs_each_step_by_the_rules_pr
     assert lines[2] == "| auto | 100.00 (0.67x) | 200.00 (1.33x) |"
     assert lines[3] == "| b = 3 | 150.00 (1.00x) | 150.00 (1.00x) |"
     assert adaptive.progress_table([0, 10, 20], ["one", "two"], {"b = 3": chosen["b = 3"]}, {}, marks) == []
+
+
+def test_the_adaptive_benchmarks_verdict_gives_raw_seconds_against_the_best_fixed_b_per_phase():
+    from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
+    medians = {"auto": dict(phases=[12.0, 9.0], settled=10.0, total=21.0),
+               "b = 1": dict(phases=[10.0, 12.0], settled=8.0, total=22.0),
+               "b = 2": dict(phases=[15.0, 6.0], settled=12.0, total=21.0)}
+    assert adaptive._verdict(medians, ["one", "two"]) == [  # pylint: disable=protected-access
+        "one, raw seconds: auto 12.0 s, best fixed b = 1 10.0 s: 1.20x.",
+        f"one after step {adaptive.SETTLED}, raw seconds: auto 10.0 s, best fixed b = 1 8.0 s: 1.25x.",
+        "two, raw seconds: auto 9.0 s, best fixed b = 2 6.0 s: 1.50x."]
+    assert adaptive._verdict({"auto": medians["auto"]}, ["one", "two"]) == []  # pylint: disable=protected-access

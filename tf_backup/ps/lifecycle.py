@@ -170,10 +170,15 @@ def _end(state: Lifecycle, now: float, reason: EndReason) -> Lifecycle:
     return dataclasses.replace(state, phase=Phase.ENDING, ended_at=now, reason=reason)
 
 
-def _no_answer(state: Lifecycle, read: NoAnswer, now: float, settings: Settings) -> Lifecycle:
+def _unanswered_since(state: Lifecycle, now: float) -> float:
+    """Since when ps 0 has not answered with the job vector (down, then back empty: one stretch)."""
     if state.job_id is None:
         raise ValueError("Only a ps task that serves a job reads ps 0 with a deadline.")
-    since = now if state.unanswered_since is None else state.unanswered_since
+    return now if state.unanswered_since is None else state.unanswered_since
+
+
+def _no_answer(state: Lifecycle, read: NoAnswer, now: float, settings: Settings) -> Lifecycle:
+    since = _unanswered_since(state, now)
     down = now - since
     restarting = state.ended_at is None and down < settings.ps_restart_timeout  # the job is not over: ps 0 died
     if down < settings.chief_timeout and (restarting or read.listening()):
@@ -185,9 +190,7 @@ def _no_answer(state: Lifecycle, read: NoAnswer, now: float, settings: Settings)
 
 
 def _ps0_empty(state: Lifecycle, now: float, settings: Settings) -> Lifecycle:
-    if state.job_id is None:
-        raise ValueError("Only a ps task that serves a job reads ps 0 with a deadline.")
-    since = now if state.unanswered_since is None else state.unanswered_since  # down, then back empty: one wait
+    since = _unanswered_since(state, now)
     if state.ended_at is None and now - since < settings.ps_restart_timeout:
         return dataclasses.replace(state, unanswered_since=since)  # the chief is writing the state again
     # Nobody writes it again (no `ps_restart_timeout`, or past it, or the job had ended): this task's
