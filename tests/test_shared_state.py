@@ -151,6 +151,16 @@ def test_push_wait_without_parameters_returns_the_control_vector_only(state):
     waker.close()
 
 
+def test_the_fused_push_has_its_own_apply_op_so_building_it_changes_no_op_a_session_ran(state):
+    # A control dependency on an op marks it (`_has_manual_control_dependencies`); on one a session
+    # already ran, TensorFlow warns that the change is lost and will become an error.
+    acc = state.accs[0]
+    acc.apply_grad(pushes.push_vector(np.ones(4, np.float32), 0, WORKERS), 0)  # the accumulator's own op runs
+    push(state, 1)  # builds the fused runs, then pushes through them
+    assert "_has_manual_control_dependencies" not in acc.ops["apply"].node_def.attr
+    assert acc.num_accumulated() == 2
+
+
 def test_aggregator_wait_takes_in_the_same_run_once_enough_fresh_gradients_are_in(state):
     c = slots.Control
     state.control.scatter_max([c.ROUND], [1])  # a fit round runs

@@ -172,7 +172,11 @@ def build(state, generation: int) -> Runs:
         return push_of(tf.raw_ops.ResourceAccumulatorApplyGradient(handle=acc["handle"], local_step=acc["step"],
                                                                    gradient=gradient))
 
-    push = push_of(acc["apply"])
+    # A push's own apply op, not the accumulator's `apply`: that one may have run already (other
+    # shards' pushes, tools), and a control dependency on it would set an attribute of an op a
+    # session ran (TensorFlow warns that this will become an error).
+    push = push_of(tf.raw_ops.ResourceAccumulatorApplyGradient(
+        handle=acc["handle"], local_step=acc["step"], gradient=acc["apply"].inputs[2]))
 
     runs = Runs(
         token=token,
