@@ -10,6 +10,7 @@ import tensorflow as tf
 from tf_backup import errors
 from tf_backup.ps import accumulators
 from tf_backup.ps import endpoint
+from tf_backup.ps import run_watch
 
 from tests.relay import Relay
 
@@ -84,3 +85,56 @@ def test_a_connection_reset_under_a_blocking_run_is_a_delivery_twice_that_ran_on
     where.run(wake)
     assert int(where.run(wait)) == 7
     np.testing.assert_array_equal(pushed.read(), [2])
+
+
+def test_overdue_runs_are_those_past_their_own_wait_plus_after_at_most_half_their_deadline():
+    runs = {0: run_watch.InFlight("a read", "t", started=100.0, wait=0.0, deadline=60.0, answered_before=0),
+            1: run_watch.InFlight("a wait", "t", started=100.0, wait=5.0, deadline=60.0, answered_before=0),
+            2: run_watch.InFlight("a short read", "t", started=100.0, wait=0.0, deadline=4.0, answered_before=0),
+            3: run_watch.InFlight("reported", "t", started=0.0, wait=0.0, deadline=60.0, answered_before=0,
+                                  reported=True)}
+    assert run_watch.overdue(runs, now=101.9, after=10.0) == []
+    assert run_watch.overdue(runs, now=102.0, after=10.0) == [2]  # half of its 4 s deadline
+    assert run_watch.overdue(runs, now=110.0, after=10.0) == [0, 2]
+    assert run_watch.overdue(runs, now=115.0, after=10.0) == [0, 1, 2]  # 5 s of its own wait, then 10
+
+
+def test_the_report_says_whether_the_task_answered_this_processs_other_runs_meanwhile():
+    run = run_watch.InFlight("read of `x`", "grpc://ps0:2222", started=10.0, wait=0.0, deadline=60.0,
+                             answered_before=3)
+    silent = run_watch.message(run, now=22.0, answered=7, last_answer=21.5)
+    assert silent == ("tf_backup: read of `x` on grpc://ps0:2222 has had no answer for 12 s (it fails at 60 s); "
+                      "this process's other runs on that task were answered meanwhile (4, the last 0.5 s ago): "
+                      "this run's connection, not the task, is silent.")
+    assert run_watch.message(run, now=22.0, answered=3, last_answer=9.0).endswith(
+        "no other run of this process on that task was answered meanwhile.")
+
+
+def test_a_run_on_a_silent_connection_is_reported_before_its_deadline_beside_the_answers_of_another(relay, caplog):
+    watch = run_watch.RunWatch(after=1.0)
+    where = endpoint.Endpoint(relay.target, DEVICE, timeout=6.0, watch=watch)
+    other = endpoint.Endpoint(relay.target, DEVICE, timeout=6.0, watch=watch)  # its own session and connection
+    v = accumulators.SharedVariable("e/watched", tf.int64, [1], where)
+    v.assign([5])
+    w = accumulators.SharedVariable("e/watched", tf.int64, [1], other)
+    np.testing.assert_array_equal(w.read(), [5])
+    relay.silence(0)
+    failed = []
+    thread = threading.Thread(target=lambda: failed.append(pytest.raises(errors.PsUnavailableError, v.read)))
+    with caplog.at_level("WARNING"):
+        thread.start()
+        deadline = time.monotonic() + 5.0  # the report is due at 1 s (its thread looks every second)
+        while watch.reports == 0 and time.monotonic() < deadline:
+            np.testing.assert_array_equal(w.read(), [5])  # the task answers the other session
+            time.sleep(0.1)
+        assert watch.reports == 1 and thread.is_alive()  # reported while it still waits
+        thread.join(15.0)
+    assert failed and not thread.is_alive()
+    reports = [r.getMessage() for r in caplog.records if "read of `e/watched`" in r.getMessage()]
+    assert len(reports) == 2, reports
+    assert "has had no answer for" in reports[0] and "(it fails at 6 s)" in reports[0]
+    assert "other runs on that task were answered meanwhile" in reports[0]
+    assert "ended without an answer after" in reports[1]
+    watch.look()
+    assert watch.reports == 1  # once per run
+    watch.close()

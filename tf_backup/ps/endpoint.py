@@ -21,6 +21,7 @@ from absl import logging
 import tensorflow as tf
 
 from tf_backup import errors
+from tf_backup.ps.run_watch import RunWatch
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -57,12 +58,16 @@ class Endpoint:
         "/job:ps/replica:0/task:0/device:CPU:0".
       timeout: seconds any single run may take before it fails with
         `PsUnavailableError` (the task is gone, or a network partition).
+      watch: reports runs that go unanswered for long before their deadline
+        (`run_watch`); None: none.
     """
 
-    def __init__(self, target: str, device: str, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, target: str, device: str, timeout: float = DEFAULT_TIMEOUT,
+                 watch: Optional[RunWatch] = None):
         self.target = target
         self.device = device
         self.timeout = timeout
+        self.watch = watch
         self.graph = tf.Graph()
         self._lock = threading.Lock()
         self._session: Optional[tf.compat.v1.Session] = None
@@ -99,6 +104,25 @@ class Endpoint:
         raise AssertionError("unreachable")
 
     def _run_once(self, fetches, feed_dict, what, wait=None):
+        if self.watch is None:
+            return self._run_session(fetches, feed_dict, what, wait)
+        key, answered = self.watch.started(what, self.target, wait, self.timeout), False
+        try:
+            got = self._run_session(fetches, feed_dict, what, wait)
+            answered = True  # a result, or a wait's None: the task cancelled the run at `wait`
+            return got
+        except errors.PsRestartedError:
+            answered = True  # the task answered that it lost the session
+            raise
+        except errors.PsUnavailableError:
+            raise  # no answer in time, or no connection
+        except tf.errors.OpError:
+            answered = True  # the task's own error
+            raise
+        finally:
+            self.watch.ended(key, answered)
+
+    def _run_session(self, fetches, feed_dict, what, wait=None):
         with self._lock:
             if self._session is None:
                 config = tf.compat.v1.ConfigProto(
@@ -193,14 +217,15 @@ def _close_later(session: tf.compat.v1.Session, after: float, target: str) -> th
 
 
 class Endpoints:
-    """One `Endpoint` per task, all with the same deadline: what one strategy (or `serve()`) owns.
+    """One `Endpoint` per task, all with the same deadline and one `RunWatch`: what one strategy (or `serve()`) owns.
 
     Every resource of a task built through the same `Endpoints` shares its
     graph and session (one session per ps task per process: see the module doc).
     """
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, watch: Optional[RunWatch] = None):
         self.timeout = float(timeout)
+        self.watch = RunWatch() if watch is None else watch
         self._lock = threading.Lock()
         self._by_task: Dict[Tuple[str, str, float], Endpoint] = {}
 
@@ -214,7 +239,7 @@ class Endpoints:
         with self._lock:
             key = (task.target, task.device, timeout)
             if key not in self._by_task:
-                self._by_task[key] = Endpoint(task.target, task.device, timeout)
+                self._by_task[key] = Endpoint(task.target, task.device, timeout, self.watch)
             return self._by_task[key]
 
     def close(self, wait: float = 5.0) -> None:
@@ -223,3 +248,4 @@ class Endpoints:
             endpoints, self._by_task = list(self._by_task.values()), {}
         for e in endpoints:
             e.close(wait)
+        self.watch.close()
