@@ -18,6 +18,7 @@ from tf_backup.protocol import wakeups
 from tf_backup.ps import endpoint
 from tf_backup.ps.layout import Layout
 from tf_backup.ps.shared_state import SharedState
+from tf_backup.ps.waker import Waker
 
 
 @pytest.fixture(scope="module")
@@ -191,5 +192,32 @@ def test_an_asynchronous_round_closes_once_every_worker_ended_it(ps_info):
         state.poke_aggregator(wakeups.WAKE)
         wait_for(lambda: state.read_control()[C.CLOSED] == 1, "round 1 closed")
         np.testing.assert_allclose(state.params[0].read(), [0.0, 1.0])
+    finally:
+        aggregator.stop()
+
+
+def test_between_rounds_the_aggregator_blocks_until_a_push_instead_of_poking_itself_twice_a_second(ps_info):
+    var = keras.Variable(np.array([1.0, 2.0], np.float32))
+    layout = Layout([var], 1)
+    state = SharedState("test/idle", layout, ps_info.ps, num_workers=2, endpoints=endpoint.Endpoints())
+    state.create(layout.pack([var]))  # no fit round yet
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
+    aggregator = aggregator_lib.Aggregator(
+        state, config, ps_info, lambda grads: [np.asarray(state.params[0].read()) - np.asarray(grads[0])])
+    aggregator.start()
+    try:
+        time.sleep(3.0)
+        # Its first wait (nothing read yet) ends at AGGREGATOR_WAIT; the next blocks IDLE_WAIT.
+        assert aggregator._waker.pokes == 1  # pylint: disable=protected-access
+        state.control.scatter_max([slots.Control.ROUND], [1])  # a fit begins: its pushes' tokens wake the wait
+        c = state.ctl
+        for w in range(2):
+            waker = Waker(lambda w=w: state.poke(w), "test-waker")  # ends the push's own wait at once
+            state.push_wait(w, [pushes.push_vector(np.array([1.0, 1.0], np.float32), w, 2)], 0,
+                            [c.pushed(w), c.last_tag(w)], [1, 0], waker=waker, seconds=0.01, with_params=False)
+            waker.close()
+        wait_for(lambda: state.read_control()[slots.Control.STEP] == 1, "step 0 taken")
+        np.testing.assert_allclose(state.params[0].read(), [0.0, 1.0])
+        assert aggregator._waker.pokes == 1  # pylint: disable=protected-access  # the pushes woke it, not a poke
     finally:
         aggregator.stop()

@@ -219,9 +219,10 @@ class Aggregator(threading.Thread):
                     continue
                 n = self.n
                 need = max(1, n - count)
+                seconds = wakeups.aggregator_wait(self._last_control, self.config.staleness_check)
                 try:
                     got = self.state.wait_arrivals(
-                        min(wakeups.WAKE_WAIT, 0.5), self._waker, need=need, required=n if fused else 0,
+                        seconds, self._waker, need=need, required=n if fused else 0,
                         taken_for=self.step + 1, always=not self.config.staleness_check,
                         hyper=None if self.on_ps is None else self.on_ps.hyper())
                 except errors.DuplicateDeliveryError as e:  # did its take run?
