@@ -105,13 +105,14 @@ class RunWatch:
         """Reports every overdue run once (the thread's body; tests call it)."""
         now = time.monotonic()
         with self._lock:
-            due = [(self._runs[k], self._answered.get(self._runs[k].target, 0),
-                    self._last_answer.get(self._runs[k].target)) for k in overdue(self._runs, now, self.after)]
-            for run, _, _ in due:
+            lines = []
+            for key in overdue(self._runs, now, self.after):
+                run = self._runs[key]
                 run.reported = True
-            self.reports += len(due)
-        for run, answered, last in due:
-            logging.warning(message(run, now, answered, last))
+                lines.append(message(run, now, self._answered.get(run.target, 0), self._last_answer.get(run.target)))
+            self.reports += len(lines)
+        for line in lines:
+            logging.warning(line)
 
     def _loop(self) -> None:
         while not self._closed.wait(POLL):
