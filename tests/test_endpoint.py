@@ -105,7 +105,7 @@ def test_the_report_says_whether_the_task_answered_this_processs_other_runs_mean
     silent = run_watch.message(run, now=22.0, answered=7, last_answer=21.5)
     assert silent == ("tf_backup: read of `x` on grpc://ps0:2222 has had no answer for 12 s (it fails at 60 s); "
                       "this process's other runs on that task were answered meanwhile (4, the last 0.5 s ago): "
-                      "this run's connection, not the task, is silent.")
+                      "the task is up, and this run's connection is silent or the run is blocked there.")
     assert run_watch.message(run, now=22.0, answered=3, last_answer=9.0).endswith(
         "no other run of this process on that task was answered meanwhile.")
 

@@ -50,7 +50,8 @@ def message(run: InFlight, now: float, answered: int, last_answer: Optional[floa
     others = answered - run.answered_before
     if others and last_answer is not None:
         meanwhile = (f"this process's other runs on that task were answered meanwhile ({others}, the last "
-                     f"{now - last_answer:.1f} s ago): this run's connection, not the task, is silent")
+                     f"{now - last_answer:.1f} s ago): the task is up, and this run's connection is silent "
+                     f"or the run is blocked there")
     else:
         meanwhile = "no other run of this process on that task was answered meanwhile"
     return (f"tf_backup: {run.what} on {run.target} has had no answer for {now - run.started:.0f} s "
