@@ -94,6 +94,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     list of (seconds, global step, test accuracy); `marks`: per run the seconds at which each of
     `mark_steps` was reached (None: not reached); `replicas`, `noise_scale`: per run the N of every
     step and the adaptive rule's noise-scale estimate after it (None: a fixed N; empty for MWMS);
+    `change_points`: per run, per step, the workers whose compute times changed (`StepRecord`);
     `weights`: per run the final weights.
     """
     pacing.keep_garbage()
@@ -142,7 +143,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             if not mwms and (elapsed >= cfg["seconds"] or step >= cfg.get("stop_step", math.inf)):
                 self.model.stop_training = True  # the budget is spent: the round ends for everybody
 
-    runs, marks, replicas, noise = [], [], [], []
+    runs, marks, replicas, noise, changes = [], [], [], [], []
 
     def start_together(snaps):
         # At each run's first batch (after Keras made the run's input iterator): every worker waits
@@ -177,6 +178,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             history = [] if mwms else strategy.step_history()
             replicas.append([r.replicas for r in history])
             noise.append([r.noise_scale for r in history])
+            changes.append([list(r.change_points) for r in history])
     if not run.is_chief:
         return None
     test, _ = data.load("mnist1d", split="test", batch_size=500)
@@ -192,5 +194,5 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             accuracy = float(np.mean(predict(x_test).numpy() == y_test.reshape(-1)))
             curve.append((seconds, step, accuracy))
         out.append(curve)
-    return {"runs": out, "marks": marks, "replicas": replicas, "noise_scale": noise,
+    return {"runs": out, "marks": marks, "replicas": replicas, "noise_scale": noise, "change_points": changes,
             "weights": [points[-1][2] for points in runs]}

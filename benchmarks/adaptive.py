@@ -94,6 +94,7 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
     marks = {label: [] for label, _ in s["modes"]}
     chosen = {label: [] for label, _ in s["modes"]}
     noise = {label: [] for label, _ in s["modes"]}
+    changes = {label: [] for label, _ in s["modes"]}
     failures, csv_rows = [], []
     for label, b in s["modes"]:
         cfg = dict(base, mode="sync_backup", num_backup_workers=b, seconds=3600.0, steps=100000, reps=reps,
@@ -104,12 +105,13 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
         if out is None:
             continue
         chief = out[0]
-        for curve, mark, replicas, scale in zip(chief["runs"], chief["marks"], chief["replicas"],
-                                                chief["noise_scale"]):
+        for curve, mark, replicas, scale, changed in zip(chief["runs"], chief["marks"], chief["replicas"],
+                                                         chief["noise_scale"], chief["change_points"]):
             curves[label].append(curve)
             marks[label].append(mark)
             chosen[label].append(replicas)
             noise[label].append(scale)
+            changes[label].append(changed)
             k = len(curves[label])
             csv_rows += [[label, k, s["seeds"][k - 1], sec, step, acc] for sec, step, acc in curve]
             print(f"{NAME}: {label} run {k} (seed {s['seeds'][k - 1]}): phases end at "
@@ -182,13 +184,17 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
     weighted = progress_table(bounds, [p.name for p in phases], chosen, noise, marks)
     if weighted:
         notes += ["", "Seconds per phase per 100 units of progress (`progress_table`):", ""] + weighted
+    changed = change_table(bounds, [p.name for p in phases], changes.get("auto", []))
+    if changed:
+        notes += ["", "`auto`'s change points in the workers' compute times (`change_table`):", ""] + changed
     image = None
     if not smoke and plot(os.path.join(out_dir, f"{NAME}.png"), done):
         image = os.path.join(out_dir, f"{NAME}.png")
     lines = common.write_results(out_dir, NAME, TITLE, notes, columns, rows, csv_columns, csv_rows, failures, argv,
                                  image=image)
-    with open(os.path.join(out_dir, f"{NAME}_steps.json"), "w") as f:  # N and the noise estimate of every step
-        json.dump({"replicas": chosen, "noise_scale": noise, "phase_starts": bounds,
+    # Per step: N, the noise estimate, the workers whose compute times had a change point.
+    with open(os.path.join(out_dir, f"{NAME}_steps.json"), "w") as f:
+        json.dump({"replicas": chosen, "noise_scale": noise, "change_points": changes, "phase_starts": bounds,
                    "phase_names": [p.name for p in phases], "marks": marks}, f)
     return {"lines": lines, "medians": medians, "failures": failures, "chosen": chosen}
 
@@ -306,11 +312,32 @@ def _verdict(medians: Dict[str, Dict], names: List[str]) -> List[str]:
     return out  # whether auto is first to each target: `reach_table`'s last column
 
 
+def change_table(bounds: List[int], names: List[str], changes: List[List[List[int]]]) -> List[str]:
+    """Markdown lines: per phase, auto's change points (`StepRecord.change_points`); empty if there is none.
+
+    `changes`: per run, per step, the workers whose compute times had a change point. A cell is the
+    median over runs of the change points in the phase, then of the steps from the phase's first
+    step to its first change point ("-": none in that run; the median of the runs that had one).
+    """
+    if not any(workers for run in changes for workers in run):
+        return []
+    lines = ["| phase | change points (median of runs) | steps to the first (median) | runs with one |",
+             "|---|---|---|---|"]
+    for name, first, last in zip(names, bounds, bounds[1:]):
+        counts = [sum(len(w) for w in run[first:last]) for run in changes]
+        firsts = [next(i for i, w in enumerate(run[first:last]) if w) for run in changes if any(run[first:last])]
+        first_cell = f"{statistics.median(firsts):g}" if firsts else "-"
+        lines.append(f"| {name} | {statistics.median(counts):g} | {first_cell} | {len(firsts)}/{len(changes)} |")
+    return lines
+
+
 def progress_table_from_json(path: str) -> List[str]:
-    """`progress_table` of a run from its step record (`run`'s `adaptive_steps.json`)."""
+    """`progress_table` of a run from its step record (`run`'s `adaptive_steps.json`), then its `change_table`."""
     with open(path) as f:
         d = json.load(f)
-    return progress_table(d["phase_starts"], d["phase_names"], d["replicas"], d["noise_scale"], d["marks"])
+    lines = progress_table(d["phase_starts"], d["phase_names"], d["replicas"], d["noise_scale"], d["marks"])
+    changes = change_table(d["phase_starts"], d["phase_names"], d.get("change_points", {}).get("auto", []))
+    return lines + ([""] + changes if changes else [])
 
 
 if __name__ == "__main__":

@@ -154,6 +154,11 @@ def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
     assert [s.worker for s in spans] == [3], spans
     assert spans[0].since_step + slow_workers.PERSIST <= 60 and spans[0].factor > 5
     assert spans[0].last_step >= 59 and chief["slow_workers"][-1][1] == () == chief["slow_now"]
+    # Its turn fast at step 60 is a change point in its compute times (its slow samples are dropped),
+    # in the record of a step soon after: 2 pushes 2.5x faster than its median (`adaptive.FAST`).
+    changed_at = [s for s, workers in chief["change_points"] if 3 in workers]
+    assert any(60 <= s < 80 for s in changed_at), chief["change_points"]
+    assert all(0 <= w < 4 for _, workers in chief["change_points"] for w in workers)
     for worker in out:
         assert worker["num_backup_workers"] == "auto"
         assert (worker["adaptive"].n_min, worker["adaptive"].n_max, worker["adaptive"].window) == (1, 4, 20)

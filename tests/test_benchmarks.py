@@ -208,6 +208,19 @@ def test_the_adaptive_benchmarks_progress_table_weighs_each_step_by_the_rules_pr
     assert adaptive.progress_table([0, 10, 20], ["one", "two"], {"b = 3": chosen["b = 3"]}, {}, marks) == []
 
 
+def test_the_adaptive_benchmarks_change_table_counts_auto_s_change_points_per_phase():
+    from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
+    # 3 runs, 2 phases of 5 steps; per step the workers with a change point.
+    runs = [[[], [2], [], [], [], [], [], [1, 3], [], []],  # one in "one" at step 1; two in "two" at step 7
+            [[], [], [], [], [], [], [], [], [], [4]],  # none in "one"; one in "two" at step 9
+            [[0], [], [], [], [], [], [], [], [], []]]  # one in "one" at step 0; none in "two"
+    lines = adaptive.change_table([0, 5, 10], ["one", "two"], runs)
+    assert lines[2] == "| one | 1 | 0.5 | 2/3 |"  # counts 1, 0, 1; first at 1 and 0 steps in
+    assert lines[3] == "| two | 1 | 3 | 2/3 |"  # counts 2, 1, 0; first at 2 and 4 steps in
+    assert adaptive.change_table([0, 5, 10], ["one", "two"], [[[]] * 10]) == []  # none at all: no table
+    assert adaptive.change_table([0, 5, 10], ["one", "two"], []) == []
+
+
 def test_the_adaptive_benchmarks_verdict_gives_raw_seconds_against_the_best_fixed_b_per_phase():
     from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
     medians = {"auto": dict(phases=[12.0, 9.0], settled=10.0, total=21.0),

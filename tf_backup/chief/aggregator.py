@@ -68,6 +68,8 @@ class StepRecord:
       end_time: `time.time()` when the step was published.
       slow_workers: the persistently slow workers as of this step: which, how much slower than the
         typical worker, since which step (`tf_backup.protocol.slow_workers`).
+      change_points: the workers in whose compute times a change point was found among the pushes
+        this step saw (`adaptive.change_point`: their older samples were dropped), in order.
     """
 
     step: int
@@ -79,6 +81,7 @@ class StepRecord:
     apply_seconds: float
     end_time: float
     slow_workers: Tuple[slow_workers_lib.SlowWorker, ...] = ()
+    change_points: Tuple[int, ...] = ()
 
 
 class Aggregator(threading.Thread):
@@ -150,6 +153,7 @@ class Aggregator(threading.Thread):
                          adaptive_lib.ArrivalWindow(config.num_workers, config_lib.AdaptiveSettings.window, skip=1))
         self.slow_workers = slow_workers_lib.SlowWorkerDetector(config.num_workers)
         self._pushes_seen = np.zeros([config.num_workers], np.int64)  # per worker, pushes fed to the window
+        self._changes_recorded = 0  # of `arrivals.changes`, those already in a StepRecord
         self._pushed_at: Dict[int, float] = {}  # per worker, when its newest push was seen (monotonic)
         self._published_at: "collections.OrderedDict[int, float]" = collections.OrderedDict()  # step -> when
         self.lost_steps = 0  # steps published without an update (a take delivered twice)
@@ -398,11 +402,13 @@ class Aggregator(threading.Thread):
             self._recover(e)
             positions = self.input_positions(new_step) if save else None
         end = time.monotonic()
+        changes = self.arrivals.changes[self._changes_recorded:]
+        self._changes_recorded += len(changes)
         self.history.append(
             StepRecord(step=new_step - 1, taken=int(counts.sum()), contributions=[int(x) for x in counts],
                        replicas=replicas, noise_scale=None if self.rule is None else self.rule.noise.b_simple,
                        wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time(),
-                       slow_workers=self.slow_workers.slow))
+                       slow_workers=self.slow_workers.slow, change_points=tuple(w for w, _ in changes)))
         self._last_publish = end
         self._published_at[new_step] = end
         while len(self._published_at) > config_lib.AdaptiveSettings.window:
