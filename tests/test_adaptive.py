@@ -320,6 +320,7 @@ def test_a_large_change_is_a_change_point_after_two_samples():
     for step in range(10):
         window.add([0.1, 0.1 if step < 8 else 0.3])
     assert window.changes == [(1, 9)] and window.recent(1) == [0.3, 0.3]
+    assert window.drain_changes() == [(1, 9)] and window.changes == [] and window.drain_changes() == []
 
 
 def test_a_worker_in_flight_longer_than_its_samples_counts_as_that_slow():

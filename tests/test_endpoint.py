@@ -138,3 +138,23 @@ def test_a_run_on_a_silent_connection_is_reported_before_its_deadline_beside_the
     watch.look()
     assert watch.reports == 1  # once per run
     watch.close()
+
+
+def test_the_watchs_thread_ends_when_no_run_is_in_flight_and_a_later_run_starts_it_again():
+    watch = run_watch.RunWatch(after=0.2)
+
+    def reported_after_start(n):
+        key = watch.started("a run", "grpc://t", wait=None, deadline=60.0)
+        deadline = time.monotonic() + 5.0
+        while watch.reports < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watch.ended(key, answered=True)
+        assert watch.reports == n
+
+    reported_after_start(1)
+    deadline = time.monotonic() + 5.0
+    while watch._thread is not None and time.monotonic() < deadline:  # pylint: disable=protected-access
+        time.sleep(0.05)
+    assert watch._thread is None  # pylint: disable=protected-access  # idle: no thread
+    reported_after_start(2)  # the next run is watched again
+    watch.close()

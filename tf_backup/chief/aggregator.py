@@ -153,7 +153,6 @@ class Aggregator(threading.Thread):
                          adaptive_lib.ArrivalWindow(config.num_workers, config_lib.AdaptiveSettings.window, skip=1))
         self.slow_workers = slow_workers_lib.SlowWorkerDetector(config.num_workers)
         self._pushes_seen = np.zeros([config.num_workers], np.int64)  # per worker, pushes fed to the window
-        self._changes_recorded = 0  # of `arrivals.changes`, those already in a StepRecord
         self._pushed_at: Dict[int, float] = {}  # per worker, when its newest push was seen (monotonic)
         self._published_at: "collections.OrderedDict[int, float]" = collections.OrderedDict()  # step -> when
         self.lost_steps = 0  # steps published without an update (a take delivered twice)
@@ -402,8 +401,7 @@ class Aggregator(threading.Thread):
             self._recover(e)
             positions = self.input_positions(new_step) if save else None
         end = time.monotonic()
-        changes = self.arrivals.changes[self._changes_recorded:]
-        self._changes_recorded += len(changes)
+        changes = self.arrivals.drain_changes()
         self.history.append(
             StepRecord(step=new_step - 1, taken=int(counts.sum()), contributions=[int(x) for x in counts],
                        replicas=replicas, noise_scale=None if self.rule is None else self.rule.noise.b_simple,

@@ -219,7 +219,7 @@ class ArrivalWindow:
         self._samples = [collections.deque(maxlen=self.size) for _ in range(self.num_workers)]
         self._skipped = [0] * self.num_workers
         self._steps = 0  # the steps `add` recorded
-        self.changes: List[Tuple[int, int]] = []  # (worker, step) of each change point found
+        self.changes: List[Tuple[int, int]] = []  # (worker, step) of each change point found, until drained
 
     def add_sample(self, worker: int, step: int, seconds: float) -> None:
         """One push of `worker`, for `step`, `seconds` after it read that step.
@@ -239,6 +239,11 @@ class ArrivalWindow:
             self.changes.append((worker, int(step)))
             for _ in range(len(samples) - keep):
                 samples.popleft()
+
+    def drain_changes(self) -> List[Tuple[int, int]]:
+        """The change points found since the last drain, oldest first; forgets them (a long job finds thousands)."""
+        out, self.changes = self.changes, []
+        return out
 
     def add(self, arrivals: Sequence[float]) -> None:
         """A whole step: per worker its arrival (inf: none), as the step after the last `add`."""

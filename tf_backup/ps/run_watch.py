@@ -8,7 +8,8 @@ overdue once it has lasted `after` seconds beyond its own bounded wait (a
 `wait=` run's seconds); the watch logs it once, then once more when it ends.
 
 One watch per `Endpoints` (a strategy's, or `serve()`'s), with one daemon
-thread started by its first run and ended by `close()`.
+thread while runs are in flight: a run starts it, and it ends at a look that
+finds none (or at `close()`).
 """
 
 import dataclasses
@@ -118,3 +119,7 @@ class RunWatch:
     def _loop(self) -> None:
         while not self._closed.wait(POLL):
             self.look()
+            with self._lock:
+                if not self._runs:  # idle: the next run starts the thread again
+                    self._thread = None
+                    return
