@@ -26,7 +26,7 @@ import collections
 import dataclasses
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -34,7 +34,7 @@ import numpy as np
 from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.chief import checkpoint as checkpoint_lib
-from tf_backup.protocol import adaptive as adaptive_lib
+from tf_backup.chief.arrivals import ArrivalTracker
 from tf_backup.protocol import config as config_lib
 from tf_backup.protocol import membership
 from tf_backup.protocol import pushes
@@ -43,7 +43,6 @@ from tf_backup.protocol import rounds
 from tf_backup.protocol import slots
 from tf_backup.protocol import slow_workers as slow_workers_lib
 from tf_backup.protocol import wakeups
-from tf_backup.protocol.slots import Block
 from tf_backup.protocol.slots import Control
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import recovery
@@ -143,18 +142,7 @@ class Aggregator(threading.Thread):
         # Per worker, its gradients taken in this job (a chief that rejoined it: its predecessor's too).
         self.taken = np.zeros([config.num_workers], np.int64) if taken is None else np.array(taken, np.int64)
         self.n = config.replicas_to_aggregate  # N of the step being gathered
-        settings = config.adaptive
-        self.rule = None if settings is None else adaptive_lib.AdaptiveN(
-            config.num_workers, n_min=settings.n_min, n_max=settings.n_max, window=settings.window,
-            warmup=settings.warmup, noise_factor=settings.noise_factor)
-        # Every push's compute time (late ones included): the rule's, or a window of its own for the
-        # persistent stragglers a fixed N has too.
-        self.arrivals = (self.rule.arrivals if self.rule is not None else
-                         adaptive_lib.ArrivalWindow(config.num_workers, config_lib.AdaptiveSettings.window, skip=1))
-        self.slow_workers = slow_workers_lib.SlowWorkerDetector(config.num_workers)
-        self._pushes_seen = np.zeros([config.num_workers], np.int64)  # per worker, pushes fed to the window
-        self._pushed_at: Dict[int, float] = {}  # per worker, when its newest push was seen (monotonic)
-        self._published_at: "collections.OrderedDict[int, float]" = collections.OrderedDict()  # step -> when
+        self.tracker = ArrivalTracker(config)  # compute times: adaptive N's choice, the slow workers
         self.lost_steps = 0  # steps published without an update (a take delivered twice)
         self.missed_wakeups = 0  # waits that ran to their deadline with enough gradients in
         self._step_hooks: List[Callable[[int], None]] = []
@@ -163,7 +151,6 @@ class Aggregator(threading.Thread):
         self._published: "collections.OrderedDict[int, List[np.ndarray]]" = collections.OrderedDict()
         self._published_lock = threading.Lock()
         self._last_publish = time.monotonic()
-        self._started_at = self._last_publish
         self._last_liveness = 0.0
 
     def add_step_hook(self, hook: Callable[[int, int], None]) -> None:
@@ -236,7 +223,7 @@ class Aggregator(threading.Thread):
                     continue
                 count, ctl = got.count, got.control
                 self._last_control = ctl
-                self._observe_pushes(ctl)
+                self.tracker.observe_pushes(ctl)
                 # Ended by the waker with fewer pushes' tokens than asked for: if enough gradients
                 # are in all the same, their tokens went missing.
                 timed_out = wakeups.missed_wakeup(got.tokens, need)
@@ -367,15 +354,15 @@ class Aggregator(threading.Thread):
                 takes = [pushes.split_take(s, workers) for s in sums]
                 # (adaptive N's noise scale only: a read of the whole sum)
                 sq_norm_of_sum = (sum(float(np.dot(t.gradient, t.gradient)) for t in takes)
-                                  if self.rule is not None else 0.0)
+                                  if self.tracker.adaptive else 0.0)
                 new_flats = self.apply_fn([t.mean for t in takes])
             counts = takes[0].counts
             for hook in self._step_hooks:
                 hook(new_step, int(counts.sum()))
-            if self.rule is not None:
-                self._choose(takes, sq_norm_of_sum)
-            self.slow_workers.check(self.step, slow_workers_lib.medians(
-                [self.arrivals.recent(w, self.step) for w in range(workers)]))
+            gone = frozenset() if self.liveness is None else self.liveness.gone
+            n = self.tracker.after_take(self.step, takes, sq_norm_of_sum, period=time.monotonic() - self._last_publish,
+                                        gone=gone, ctl=self._last_control)
+            self.n = self.n if n is None else n
         self.master_step = new_step  # applied: a checkpoint from here on holds step `new_step`
         c = self.state.ctl
         save = self.checkpoint is not None and self.checkpoint.due(new_step)
@@ -394,23 +381,20 @@ class Aggregator(threading.Thread):
                 [Control.STEP, Control.LAST_TAKEN, Control.REPLICAS] + [c.taken(w) for w in range(workers)]
                 + list(range(Control.SLOW, Control.SLOW + Control.SLOW_SIZE)),
                 [new_step, int(counts.sum()), self.n] + [int(t) for t in self.taken]
-                + list(slow_workers_lib.Slowest.of(self.slow_workers.slow).as_slots()),
+                + list(slow_workers_lib.Slowest.of(self.tracker.slow_workers.slow).as_slots()),
                 dead=() if self.liveness is None else set(self.liveness.dead),
             )
         except recovery.RECOVERABLE as e:  # writing the state again at `master_step` publishes the step
             self._recover(e)
             positions = self.input_positions(new_step) if save else None
         end = time.monotonic()
-        changes = self.arrivals.drain_changes()
         self.history.append(
             StepRecord(step=new_step - 1, taken=int(counts.sum()), contributions=[int(x) for x in counts],
-                       replicas=replicas, noise_scale=None if self.rule is None else self.rule.noise.b_simple,
+                       replicas=replicas, noise_scale=self.tracker.noise_scale,
                        wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time(),
-                       slow_workers=self.slow_workers.slow, change_points=tuple(w for w, _ in changes)))
+                       slow_workers=self.tracker.slow_workers.slow, change_points=self.tracker.drain_changes()))
         self._last_publish = end
-        self._published_at[new_step] = end
-        while len(self._published_at) > config_lib.AdaptiveSettings.window:
-            self._published_at.popitem(last=False)
+        self.tracker.published(new_step, end)
         self.step = new_step
         if save:
             if self.on_ps is not None:
@@ -420,35 +404,3 @@ class Aggregator(threading.Thread):
     def input_positions(self, step: int) -> Optional[List[int]]:
         """The workers' input positions for a checkpoint of `step`, from the last control vector read (None: none)."""
         return None if self._last_control is None else pushes.input_positions(self._last_control, step)
-
-    # -- adaptive N ------------------------------------------------------------------
-
-    def _observe_pushes(self, ctl: slots.ControlView) -> None:
-        """Feeds the arrival window the compute times of the pushes new in `ctl` (late ones included)."""
-        now = time.monotonic()
-        for sample in pushes.new_pushes(self._pushes_seen, ctl):
-            self._pushed_at[sample.worker] = now
-            if sample.seconds >= 0:  # < 0: the first push of a fit (it traced), no time measured
-                self.arrivals.add_sample(sample.worker, sample.step, sample.seconds)
-        self._pushes_seen = np.maximum(self._pushes_seen, ctl.block(Block.PUSHED))
-
-    def _choose(self, takes: List[pushes.Take], sq_norm_of_sum: float) -> None:
-        """After a take and its apply: feeds the rule what the take holds, then sets the next step's N.
-
-        The step's period runs from the last publish to now (the wait, the take, the apply).
-        """
-        n = int(takes[0].counts.sum())
-        self.rule.observe_take(
-            self.step, np.flatnonzero(takes[0].counts), period=time.monotonic() - self._last_publish,
-            sum_sq_norms=sum(t.sum_sq_norms for t in takes),
-            sq_norm_of_sum=sq_norm_of_sum, n=n)
-        gone = frozenset() if self.liveness is None else self.liveness.gone
-        self.n = self.rule.choose(self.step + 1, unavailable=gone, pending=self._pending()).n
-
-    def _pending(self) -> List[float]:
-        """Per worker, seconds it has been computing a gradient the chief has not seen (`adaptive.in_flight`)."""
-        ctl = self._last_control
-        if ctl is None:
-            return [0.0] * self.config.num_workers
-        return adaptive_lib.in_flight(time.monotonic(), self.step, ctl.block(Block.LAST_TAG), ctl.block(Block.PUSHED),
-                                      self._pushed_at, self._published_at, self._started_at)

@@ -140,7 +140,7 @@ class JobReports:
             raise ValueError(f"Only the chief sees every worker's compute times; this is worker {self.worker_index}.")
         if not self.extended.bindings:
             return ()
-        return self.extended.latest_binding().aggregator.slow_workers.slow
+        return self.extended.latest_binding().aggregator.tracker.slow_workers.slow
 
     def worker_events(self) -> List[job_lib.WorkerEvent]:
         """The workers the chief declared dead, or saw rejoin, in order (chief only)."""
