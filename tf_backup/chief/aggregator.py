@@ -16,7 +16,8 @@ The chief's aggregator thread, each step:
      parameters of exactly that step.
 With adaptive N (`ProtocolConfig.adaptive`) the N of each step is the rule's
 (`tf_backup.protocol.adaptive.AdaptiveN`), fed with the pushes' compute times it sees in
-the control vector and the norms each take holds; otherwise it is fixed.
+the control vector and the norms each take holds, through its `ArrivalTracker`
+(`tf_backup.chief.arrivals`, which names the slow workers too); otherwise it is fixed.
 Between steps it closes stopped fit rounds (`rounds.round_closable`) and
 reads the workers' heartbeats: with fewer live workers than a step needs, it
 stops with a `WorkersLostError`, kept in `failure`.
