@@ -3,6 +3,7 @@
 `train_through_faults` records every batch a step trains on (`input_log` reads it back).
 """
 
+import glob
 import os
 import time
 
@@ -44,8 +45,16 @@ def weights_log(progress_dir: str, task: str):
 
 
 def chief_state(progress_dir: str, step: int):
-    """What the chief held when it saved its checkpoint of `step`: (master variables, inner optimizer variables)."""
-    with np.load(os.path.join(progress_dir, f"chief-state-{step}.npz")) as f:
+    """What the chief held when it saved its checkpoint of `step`: (master variables, inner optimizer variables).
+
+    A chief killed between its save and the rename (`_record_chief_saves`) left its file under its
+    pid: the checkpoint on disk is then that process's, the newest such file if several.
+    """
+    path = os.path.join(progress_dir, f"chief-state-{step}.npz")
+    if not os.path.exists(path):
+        pending = glob.glob(os.path.join(progress_dir, f"chief-state-{step}.*.npz"))
+        path = max(pending, key=os.path.getmtime) if pending else path
+    with np.load(path) as f:
         master = [f[f"master_{i}"] for i in range(int(f["num_master"]))]
         inner = [f[f"optimizer_{i}"] for i in range(len(f.files) - 1 - len(master))]
     return master, inner
