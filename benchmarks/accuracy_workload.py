@@ -95,6 +95,9 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     `mark_steps` was reached (None: not reached); `replicas`, `noise_scale`: per run the N of every
     step and the adaptive rule's noise-scale estimate after it (None: a fixed N; empty for MWMS);
     `change_points`: per run, per step, the workers whose compute times changed (`StepRecord`);
+    `expected_seconds`: per run, per step, the step times the rule expected for each N when it chose
+    the next one (`StepRecord.expected_seconds`); `periods`: per run, per step, the chief's seconds
+    from the previous publish to this one;
     `weights`: per run the final weights.
     """
     pacing.keep_garbage()
@@ -143,7 +146,7 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             if not mwms and (elapsed >= cfg["seconds"] or step >= cfg.get("stop_step", math.inf)):
                 self.model.stop_training = True  # the budget is spent: the round ends for everybody
 
-    runs, marks, replicas, noise, changes = [], [], [], [], []
+    runs, marks, replicas, noise, changes, expected, periods = [], [], [], [], [], [], []
 
     def start_together(snaps):
         # At each run's first batch (after Keras made the run's input iterator): every worker waits
@@ -179,6 +182,8 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             replicas.append([r.replicas for r in history])
             noise.append([r.noise_scale for r in history])
             changes.append([list(r.change_points) for r in history])
+            expected.append([list(r.expected_seconds) for r in history])
+            periods.append([r.wait_seconds + r.apply_seconds for r in history])
     if not run.is_chief:
         return None
     test, _ = data.load("mnist1d", split="test", batch_size=500)
@@ -195,4 +200,4 @@ def accuracy_worker(cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
             curve.append((seconds, step, accuracy))
         out.append(curve)
     return {"runs": out, "marks": marks, "replicas": replicas, "noise_scale": noise, "change_points": changes,
-            "weights": [points[-1][2] for points in runs]}
+            "expected_seconds": expected, "periods": periods, "weights": [points[-1][2] for points in runs]}

@@ -95,6 +95,8 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
     chosen = {label: [] for label, _ in s["modes"]}
     noise = {label: [] for label, _ in s["modes"]}
     changes = {label: [] for label, _ in s["modes"]}
+    expected = {label: [] for label, _ in s["modes"]}
+    periods = {label: [] for label, _ in s["modes"]}
     failures, csv_rows = [], []
     for label, b in s["modes"]:
         cfg = dict(base, mode="sync_backup", num_backup_workers=b, seconds=3600.0, steps=100000, reps=reps,
@@ -105,13 +107,16 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
         if out is None:
             continue
         chief = out[0]
-        for curve, mark, replicas, scale, changed in zip(chief["runs"], chief["marks"], chief["replicas"],
-                                                         chief["noise_scale"], chief["change_points"]):
+        for curve, mark, replicas, scale, changed, times, period in zip(
+                chief["runs"], chief["marks"], chief["replicas"], chief["noise_scale"], chief["change_points"],
+                chief["expected_seconds"], chief["periods"]):
             curves[label].append(curve)
             marks[label].append(mark)
             chosen[label].append(replicas)
             noise[label].append(scale)
             changes[label].append(changed)
+            expected[label].append(times)
+            periods[label].append(period)
             k = len(curves[label])
             csv_rows += [[label, k, s["seeds"][k - 1], sec, step, acc] for sec, step, acc in curve]
             print(f"{NAME}: {label} run {k} (seed {s['seeds'][k - 1]}): phases end at "
@@ -187,15 +192,21 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
     changed = change_table(bounds, [p.name for p in phases], changes.get("auto", []))
     if changed:
         notes += ["", "`auto`'s change points in the workers' compute times (`change_table`):", ""] + changed
+    foreseen = expectation_table(bounds, [p.name for p in phases], chosen.get("auto", []), expected.get("auto", []),
+                                 periods.get("auto", []))
+    if foreseen:
+        notes += ["", "`auto`'s expected step times against the measured ones (`expectation_table`):", ""] + foreseen
     image = None
     if not smoke and plot(os.path.join(out_dir, f"{NAME}.png"), done):
         image = os.path.join(out_dir, f"{NAME}.png")
     lines = common.write_results(out_dir, NAME, TITLE, notes, columns, rows, csv_columns, csv_rows, failures, argv,
                                  image=image)
-    # Per step: N, the noise estimate, the workers whose compute times had a change point.
+    # Per step: N, the noise estimate, the workers whose compute times had a change point, the step
+    # times the rule expected per N (auto), the chief's seconds from one publish to the next.
     with open(os.path.join(out_dir, f"{NAME}_steps.json"), "w") as f:
-        json.dump({"replicas": chosen, "noise_scale": noise, "change_points": changes, "phase_starts": bounds,
-                   "phase_names": [p.name for p in phases], "marks": marks}, f)
+        json.dump({"replicas": chosen, "noise_scale": noise, "change_points": changes, "expected_seconds": expected,
+                   "periods": periods, "phase_starts": bounds, "phase_names": [p.name for p in phases],
+                   "marks": marks}, f)
     return {"lines": lines, "medians": medians, "failures": failures, "chosen": chosen}
 
 
@@ -331,13 +342,46 @@ def change_table(bounds: List[int], names: List[str], changes: List[List[List[in
     return lines
 
 
+def expectation_table(bounds: List[int], names: List[str], replicas: List[List[int]],
+                      expected: List[List[List[float]]], periods: List[List[float]], n_min: int = 1) -> List[str]:
+    """Markdown lines: per phase and N, the step time auto's rule expected for N against the period measured.
+
+    Per run, `replicas[i]` is step i's N, chosen after step i - 1 from `expected[i - 1]` (E[T_(n)]
+    for n = n_min, ...; empty: the warmup); `periods[i]` the chief's seconds from one publish to
+    the next. A row pools the steps of every run with that N in the phase: their count, the median
+    expected time for that N and for N + 1 (what one more gradient was expected to cost), the
+    median measured period, and measured / expected. Empty if nothing was expected.
+    """
+    if not any(e for run in expected for e in run):
+        return []
+    lines = ["| phase | N | steps | expected s (N) | expected s (N + 1) | measured s | measured / expected |",
+             "|---|---|---|---|---|---|---|"]
+    for name, first, last in zip(names, bounds, bounds[1:]):
+        rows: Dict[int, List[Tuple[float, float, float]]] = {}
+        for n_run, e_run, p_run in zip(replicas, expected, periods):
+            for i in range(max(first, 1), min(last, len(n_run), len(p_run))):
+                e, n = e_run[i - 1], n_run[i]
+                if e and 0 <= n - n_min < len(e):
+                    more = e[n - n_min + 1] if n - n_min + 1 < len(e) else math.nan
+                    rows.setdefault(n, []).append((e[n - n_min], more, p_run[i]))
+        for n in sorted(rows):
+            got = rows[n]
+            med = [statistics.median(x[k] for x in got) for k in range(3)]
+            more = "-" if math.isnan(med[1]) else f"{med[1]:.3f}"
+            lines.append(f"| {name} | {n} | {len(got)} | {med[0]:.3f} | {more} | {med[2]:.3f} | "
+                         f"{med[2] / med[0]:.2f} |")
+    return lines
+
+
 def progress_table_from_json(path: str) -> List[str]:
     """`progress_table` of a run from its step record (`run`'s `adaptive_steps.json`), then its `change_table`."""
     with open(path) as f:
         d = json.load(f)
     lines = progress_table(d["phase_starts"], d["phase_names"], d["replicas"], d["noise_scale"], d["marks"])
     changes = change_table(d["phase_starts"], d["phase_names"], d.get("change_points", {}).get("auto", []))
-    return lines + ([""] + changes if changes else [])
+    expected = expectation_table(d["phase_starts"], d["phase_names"], d["replicas"].get("auto", []),
+                                 d.get("expected_seconds", {}).get("auto", []), d.get("periods", {}).get("auto", []))
+    return lines + ([""] + changes if changes else []) + ([""] + expected if expected else [])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import collections
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -159,6 +160,19 @@ def test_auto_drops_a_10x_slow_worker_then_waits_for_all_once_it_is_fast():
     changed_at = [s for s, workers in chief["change_points"] if 3 in workers]
     assert any(60 <= s < 80 for s in changed_at), chief["change_points"]
     assert all(0 <= w < 4 for _, workers in chief["change_points"] for w in workers)
+    # Each record holds what the rule's next choice was made from: E[T_(n)] for n = 1 .. 4 (none in
+    # the warmup), from which `choose` gives the next step's N again; while worker 3 is slow, waiting
+    # for it is expected to cost 3x the 3rd arrival at least (500 ms against 50 ms sleeps).
+    expected = chief["expected_seconds"]
+    assert expected[:4] == [()] * 4 and all(len(e) == 4 for e in expected[4:])
+    factor = out[0]["adaptive"].noise_factor
+    for i in range(4, len(expected) - 1):  # the 5th take ends the warmup
+        e = expected[i]
+        assert list(e) == sorted(e), (i, e)
+        current = replicas[i] if i > 4 else None  # the rule's first choice keeps nothing
+        again = adaptive.choose(e, chief["noise_scale"][i] * factor, 1, 1, current, adaptive.MARGIN)
+        assert again.n == replicas[i + 1], (i, e, replicas[i:i + 2])
+    assert statistics.median(e[3] / e[2] for e in expected[30:60]) > 3
     for worker in out:
         assert worker["num_backup_workers"] == "auto"
         assert (worker["adaptive"].n_min, worker["adaptive"].n_max, worker["adaptive"].window) == (1, 4, 20)
@@ -379,3 +393,4 @@ def test_seconds_in_flight_from_the_tags_the_pushes_seen_and_the_publishes():
                                  pushed_at={0: 99.5, 1: 95.0, 2: 99.0}, published_at={9: 96.0, 10: 98.0},
                                  started_at=50.0)
     assert pending == pytest.approx([0.0, 4.0, 1.0, 50.0])
+

@@ -132,6 +132,9 @@ def test_mwms_and_tf_backup_train_the_same_task_alike():
     (mwms_run,), (our_run,) = mwms[0]["runs"], ours[0]["runs"]
     assert mwms_run[-1][1] == our_run[-1][1] == 6  # global steps
     assert mwms_run[0][2] == our_run[0][2]  # the same fresh model: the same test accuracy
+    # The chief's step record per step: a fixed N expects nothing; each period is a publish apart.
+    assert ours[0]["expected_seconds"] == [[[]] * 6] and mwms[0]["periods"] == [[]]
+    assert len(ours[0]["periods"][0]) == 6 and all(p > 0 for p in ours[0]["periods"][0])
     (mwms_weights,), (our_weights,) = mwms[0]["weights"], ours[0]["weights"]
     for a, b in zip(mwms_weights, our_weights):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -231,3 +234,18 @@ def test_the_adaptive_benchmarks_verdict_gives_raw_seconds_against_the_best_fixe
         f"one after step {adaptive.SETTLED}, raw seconds: auto 10.0 s, best fixed b = 1 8.0 s: 1.25x.",
         "two, raw seconds: auto 9.0 s, best fixed b = 2 6.0 s: 1.50x."]
     assert adaptive._verdict({"auto": medians["auto"]}, ["one", "two"]) == []  # pylint: disable=protected-access
+
+
+def test_the_adaptive_benchmarks_expectation_table_sets_each_steps_period_against_what_its_choice_expected():
+    from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
+    # 1 run, 2 phases of 3 steps, N in [1, 2]; step i's N was chosen from the record of step i - 1.
+    replicas = [[2, 2, 1, 2, 2, 2]]
+    expected = [[[], [0.1, 0.4], [0.2, 0.3], [0.1, 0.5], [0.1, 0.2], [0.1, 0.2]]]
+    periods = [[9.0, 0.5, 0.15, 0.6, 0.4, 0.3]]
+    lines = adaptive.expectation_table([0, 3, 6], ["one", "two"], replicas, expected, periods)
+    # "one": step 0 has no choice, step 1 none made before it (the warmup); step 2, N 1 from [0.1, 0.4]:
+    # expected 0.1 (0.4 for N + 1), measured 0.15.
+    assert lines[2:] == ["| one | 1 | 1 | 0.100 | 0.400 | 0.150 | 1.50 |",
+                         # "two": steps 3-5 at N 2, expected 0.3, 0.5, 0.2 and measured 0.6, 0.4, 0.3: medians
+                         "| two | 2 | 3 | 0.300 | - | 0.400 | 1.33 |"]
+    assert adaptive.expectation_table([0, 3, 6], ["one", "two"], replicas, [[[]] * 6], periods) == []

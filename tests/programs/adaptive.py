@@ -45,5 +45,6 @@ def train_adaptive(slow_steps: int, fast_steps: int, seconds: float = 0.05, slow
         result["noise_scale"] = [r.noise_scale for r in records]
         result["slow_workers"] = [(r.step, r.slow_workers) for r in records]
         result["change_points"] = [(r.step, r.change_points) for r in records]
+        result["expected_seconds"] = [r.expected_seconds for r in records]
         result["slow_now"] = strategy.slow_workers()
     return result

@@ -70,6 +70,9 @@ class StepRecord:
         typical worker, since which step (`tf_backup.protocol.slow_workers`).
       change_points: the workers in whose compute times a change point was found among the pushes
         this step saw (`adaptive.change_point`: their older samples were dropped), in order.
+      expected_seconds: (adaptive N) what the rule's choice of the next N was made from: the step
+        time E[T_(n)] it expected for each n from its lower bound up (`adaptive.Choice`, the step
+        overhead included; inf: not known); () with a fixed N or while it warms up.
     """
 
     step: int
@@ -82,6 +85,7 @@ class StepRecord:
     end_time: float
     slow_workers: Tuple[slow_workers_lib.SlowWorker, ...] = ()
     change_points: Tuple[int, ...] = ()
+    expected_seconds: Tuple[float, ...] = ()
 
 
 class Aggregator(threading.Thread):
@@ -393,7 +397,8 @@ class Aggregator(threading.Thread):
             StepRecord(step=new_step - 1, taken=int(counts.sum()), contributions=[int(x) for x in counts],
                        replicas=replicas, noise_scale=self.tracker.noise_scale,
                        wait_seconds=start - self._last_publish, apply_seconds=end - start, end_time=time.time(),
-                       slow_workers=self.tracker.slow_workers.slow, change_points=self.tracker.drain_changes()))
+                       slow_workers=self.tracker.slow_workers.slow, change_points=self.tracker.drain_changes(),
+                       expected_seconds=self.tracker.expected_seconds if sums is not None else ()))
         self._last_publish = end
         self.tracker.published(new_step, end)
         self.step = new_step

@@ -39,6 +39,7 @@ class ArrivalTracker:
         self._pushed_at: Dict[int, float] = {}  # per worker, when its newest push was seen (monotonic)
         self._published_at: "collections.OrderedDict[int, float]" = collections.OrderedDict()  # step -> when
         self._started_at = time.monotonic()
+        self._choice: Optional[adaptive_lib.Choice] = None  # the rule's last choice
 
     @property
     def adaptive(self) -> bool:
@@ -48,6 +49,16 @@ class ArrivalTracker:
     def noise_scale(self) -> Optional[float]:
         """The rule's estimate of the simple noise scale (None with a fixed N)."""
         return None if self.rule is None else self.rule.noise.b_simple
+
+    @property
+    def expected_seconds(self) -> Tuple[float, ...]:
+        """The step times the rule's last choice expected, per N from its lower bound up (`StepRecord`).
+
+        () with a fixed N, or while the rule warms up (it expects nothing then: it waits for every worker).
+        """
+        if self._choice is None or not any(self._choice.rates):
+            return ()
+        return tuple(float(t) for t in self._choice.expected_times)
 
     def observe_pushes(self, ctl: slots.ControlView) -> None:
         """Feeds the window the compute times of the pushes new in `ctl` (late ones included)."""
@@ -71,7 +82,8 @@ class ArrivalTracker:
             self.rule.observe_take(step, np.flatnonzero(counts), period=period,
                                    sum_sq_norms=sum(t.sum_sq_norms for t in takes),
                                    sq_norm_of_sum=sq_norm_of_sum, n=int(counts.sum()))
-            n = self.rule.choose(step + 1, unavailable=gone, pending=self._pending(step, ctl)).n
+            self._choice = self.rule.choose(step + 1, unavailable=gone, pending=self._pending(step, ctl))
+            n = self._choice.n
         self.slow_workers.check(step, slow_workers_lib.medians(
             [self.arrivals.recent(w, step) for w in range(self.num_workers)]))
         return n
