@@ -216,10 +216,9 @@ def settle(fig: Figures, run: int = 10) -> List[Optional[int]]:
     return out
 
 
-BEFORE = dict(window=50, warmup=5, noise_factor=1.0, skip=0, recent=0, pending=False, correct=False)  # the rule before issue 33
-UNCORRECTED = dict(correct=False)  # 1a3fcf2: the model's times alone, no probe
-MODES = [("auto", "auto", None), ("auto (no probe)", "auto", dict(probe=False)),
-         ("auto (1a3fcf2)", "auto", UNCORRECTED), ("auto (before issue 33)", "auto", BEFORE)] + [
+BEFORE = dict(window=50, warmup=5, noise_factor=1.0, skip=0, recent=0, pending=False)  # the rule before issue 33
+PREVIOUS = dict(fast=None, spread=0)  # 74e915f: change points by the ratio test alone
+MODES = [("auto", "auto", None), ("auto (74e915f)", "auto", PREVIOUS), ("auto (before issue 33)", "auto", BEFORE)] + [
     (f"b = {b}", b, None) for b in range(WORKERS)]
 
 
@@ -257,7 +256,7 @@ def main(argv: List[str]) -> None:
     phase_seconds = float(args.get("phase_seconds", PHASE_SECONDS))
     result = evaluate(seeds, phase_seconds)
     print("\n".join(table(result, phase_seconds)))
-    for label in ("auto", "auto (no probe)", "auto (1a3fcf2)", "auto (before issue 33)"):
+    for label in ("auto", "auto (74e915f)", "auto (before issue 33)"):
         print(f"{label}: steps to settle per phase, by seed: "
               + "; ".join(str(settle(f)) for f in result["figs"][label]))
 

@@ -259,10 +259,8 @@ NOISE_ONLY = dict(sum_sq_norms=6.0, sq_norm_of_sum=6.0)  # |G|^2 estimate 0: B_s
 
 
 def feed_step(rule, step, seconds, n=None):
-    """Every worker pushes for `step` after `seconds[w]`; the take averages the first n (default: the
-    rule's last choice, all before it), and the step lasts until the n-th."""
-    n = n or rule.current or len(seconds)
-    order = sorted(range(len(seconds)), key=lambda w: seconds[w])[:n]
+    """Every worker pushes for `step` after `seconds[w]`; the take averages the first n (default: all)."""
+    order = sorted(range(len(seconds)), key=lambda w: seconds[w])[:n or len(seconds)]
     for w, t in enumerate(seconds):
         rule.observe_push(pushes.PushSample(w, step, t))
     rule.observe_take(step, order, period=max(seconds[w] for w in order), n=len(order), **NOISE_ONLY)
@@ -396,45 +394,3 @@ def test_seconds_in_flight_from_the_tags_the_pushes_seen_and_the_publishes():
                                  started_at=50.0)
     assert pending == pytest.approx([0.0, 4.0, 1.0, 50.0])
 
-
-def test_corrections_use_each_ns_own_median_residual_else_the_current_ns():
-    residuals = {2: [0.01, 0.03, 0.02, 0.5, 0.02], 3: [-0.04] * 4, 4: [0.1] * 5}
-    assert adaptive.corrections(residuals, [1, 2, 3, 4], current=2) == [0.02, 0.02, 0.02, 0.1]
-    assert adaptive.corrections(residuals, [1, 2, 3, 4], current=2, least=4) == [0.02, 0.02, -0.04, 0.1]
-    assert adaptive.corrections(residuals, [1, 3], current=3) == [0.0, 0.0]  # too few where the rule runs
-    assert adaptive.corrections({}, [1, 2], current=None) == [0.0, 0.0]
-
-
-def probe_run(seconds_3, periods, probe=True, steps=40):
-    """3 workers computing 0.1, 0.1 and `seconds_3` s, noise only (rate(n) = n / T(n)); each step lasts
-    `periods[N]` for the N the rule chose for it, the first (N = 3) `seconds_3` + 0.01 (the overhead).
-    Returns the rule's picks, one per step."""
-    rule = adaptive.AdaptiveN(3, warmup=1, skip=0, probe=probe)
-    picks, n = [], 3
-    for step in range(steps):
-        for w, t in enumerate([0.1, 0.1, seconds_3]):
-            rule.observe_push(pushes.PushSample(w, step, t))
-        period = periods[n] if step else seconds_3 + 0.01
-        rule.observe_take(step, list(range(n)), period=period, n=n, **NOISE_ONLY)
-        n = rule.choose(step + 1).n
-        picks.append(n)
-    return picks
-
-
-def test_a_close_call_is_tried_for_probe_steps_and_settled_by_the_periods_measured():
-    # The model: E[T(2)] = 0.1 + 0.01 overhead, E[T(3)] = 0.17: rates 18.2 and 17.6, within PROBE_CLOSE,
-    # so N = 2, kept PROBE_AFTER choices, then N = 3 for PROBE_STEPS steps. Those last 0.12 s, not 0.17
-    # (what the workers share made the model wrong): 3 / 0.12 = 25 beats 18.2, and N = 3 stays.
-    picks = probe_run(0.16, {2: 0.11, 3: 0.12})
-    assert picks == [2] * adaptive.PROBE_AFTER + [3] * (40 - adaptive.PROBE_AFTER)
-    # A probe that measures N = 3 slower than the model said (0.19 s: rate 15.8, more than MARGIN below
-    # 18.2): back to N = 2 after it, and no new probe while N = 3's residuals are in the window (50 takes).
-    picks = probe_run(0.16, {2: 0.11, 3: 0.19}, steps=70)
-    first = adaptive.PROBE_AFTER
-    assert picks == [2] * first + [3] * adaptive.PROBE_STEPS + [2] * (70 - first - adaptive.PROBE_STEPS)
-    assert probe_run(0.16, {2: 0.11, 3: 0.12}, probe=False) == [2] * 40  # corrections alone
-
-
-def test_no_probe_when_the_model_puts_n_plus_1_far_behind():
-    # E[T(3)] = 0.21: rate 14.3 against 18.2 (0.79x, below PROBE_CLOSE): never tried.
-    assert probe_run(0.2, {2: 0.11, 3: 0.12}, steps=60) == [2] * 60

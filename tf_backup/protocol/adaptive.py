@@ -31,17 +31,13 @@ Everything here is deterministic: the same observations give the same choices.
 import collections
 import dataclasses
 import math
-from typing import Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Collection, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tf_backup import _checks
 
 MARGIN = 0.05  # another N replaces the current one only if its rate is 5% higher
-# Measured corrections (`AdaptiveN`): a close call between N and N + 1 is settled by trying N + 1.
-PROBE_CLOSE = 0.9  # N + 1 is tried when its expected rate is within 10% of N's
-PROBE_STEPS = 5  # for this many steps; also the fewest residuals that make an N's own correction
-PROBE_AFTER = 20  # once N was kept this many choices in a row
 CHANGE = 1.2  # a worker's newest RECENT samples all this many times slower (or faster): a change point
 RECENT = 4
 FAST = (2, 2.5)  # or its newest 2 samples both 2.5x off: a large change needs fewer pushes (`change_point`)
@@ -353,37 +349,12 @@ class NoiseScale:
         return max(trace, 0.0) / g2
 
 
-def corrections(residuals: Mapping[int, Sequence[float]], ns: Sequence[int], current: Optional[int],
-                least: int = PROBE_STEPS) -> List[float]:
-    """Seconds to add to the model's E[T_(n)] for each n of `ns`: what it missed, as measured.
-
-    `residuals[n]`: the recent steps run with N = n, each its measured period minus what the model
-    expected for it. An n with at least `least` of them gets their median; any other n the current
-    N's (the model's level, measured where the rule runs), or 0 if that has too few too.
-    """
-    def median_of(n):
-        got = residuals.get(n, ())
-        return float(np.median(got)) if len(got) >= least else None
-    base = median_of(current) if current is not None else None
-    base = 0.0 if base is None else base
-    return [base if median_of(n) is None else median_of(n) for n in ns]
-
-
 class AdaptiveN:
     """The rule with its state: observe pushes and takes, choose the next step's N.
 
     E[T_(N)] = the window's mean step overhead (a step's period minus the compute time of its
     last gradient taken: wake-ups, pulls, pushes, the chief's apply) + the expected N-th
-    compute time (`ArrivalWindow`) + a measured correction (`corrections`).
-
-    Measured corrections. The model takes each worker's compute time as its own, whatever N is;
-    it misses what the workers share (cores, a link: a gradient dropped still took its share) and
-    when late workers start. So every take records its period minus what the model expected for
-    the N it ran with (a residual), per N, over the window. The model's times are moved by the
-    median residual of each N with `PROBE_STEPS` of them, and by the current N's elsewhere. A close
-    call is settled by measuring: once N was kept `PROBE_AFTER` choices in a row, and N + 1's
-    expected rate is within `PROBE_CLOSE` of N's with no recent residuals of its own, the rule
-    runs N + 1 for `PROBE_STEPS` steps (a probe), then chooses with what they measured.
+    compute time (`ArrivalWindow`).
 
     Args:
       num_workers: N + b.
@@ -398,16 +369,12 @@ class AdaptiveN:
       skip: each worker's first timed samples dropped (`ArrivalWindow`).
       recent: samples of a change-point test (`changed`; 0: none): a worker's older samples are
         dropped once its `recent` newest all differ from them by more than `CHANGE`.
-      correct: whether the model's times are moved by the residuals measured (False: the model alone,
-        and no probe).
-      probe: whether close calls are tried (False: the corrections only).
     """
 
     def __init__(self, num_workers: int, batch: int = 1, n_min: Optional[int] = None,
                  n_max: Optional[int] = None, window: int = 50, warmup: int = 5, margin: float = MARGIN,
                  noise_factor: float = 1.0, skip: int = 1, recent: int = RECENT, change: float = CHANGE,
-                 fast: Optional[Tuple[int, float]] = FAST, spread: int = SPREAD, correct: bool = True,
-                 probe: bool = True):
+                 fast: Optional[Tuple[int, float]] = FAST, spread: int = SPREAD):
         self.n_min, self.n_max = check_bounds(num_workers, n_min, n_max)
         self.batch = _checks.check_int("batch", batch, 1)
         self.warmup = _checks.check_int("warmup", warmup, 0)
@@ -421,13 +388,6 @@ class AdaptiveN:
         self.takes = 0
         self.margin = margin
         self.current: Optional[int] = None  # the last choice
-        self.window = self.noise.window
-        self.correct = bool(correct)
-        self.probe = self.correct and bool(probe)
-        self._model: Dict[int, float] = {}  # the model's E[T_(n)] at the last choice, per n (no correction)
-        self._residuals: Dict[int, collections.deque] = {}  # per N: (take, period - model's E[T_(N)])
-        self._kept = 0  # choices in a row that kept `current`
-        self._probe_left = 0  # steps of a probe still to run with N = `current`
 
     @property
     def overhead(self) -> float:
@@ -447,14 +407,6 @@ class AdaptiveN:
         last = [self.arrivals.sample_for(w, step) for w in workers]
         if last and all(t is not None for t in last):
             self._overheads.append(max(0.0, period - max(last)))
-        expected = self._model.get(self.current)
-        if expected is not None and math.isfinite(expected):  # run with the N the rule chose for it
-            got = self._residuals.setdefault(self.current, collections.deque(maxlen=self.window))
-            got.append((self.takes, period - expected))
-
-    def residuals(self) -> Dict[int, List[float]]:
-        """Per N, the residuals of its steps in the last `window` takes (`corrections`)."""
-        return {n: [r for t, r in got if t > self.takes - self.window] for n, got in self._residuals.items()}
 
     def observe(self, arrivals: Sequence[float], sum_sq_norms: float, sq_norm_of_sum: float, n: int) -> None:
         """A whole step at once (a generated trace): every worker's arrival, the norms of the n averaged."""
@@ -476,28 +428,8 @@ class AdaptiveN:
         span = n_max - self.n_min + 1
         if self.takes < max(self.warmup, 1):
             return Choice(n_max, b_simple, (math.inf,) * span, (0.0,) * span)
-        model = self.arrivals.expected_order_statistics(step, unavailable, pending)[self.n_min - 1:n_max]
-        model = [float(t) + self.overhead for t in model]
-        ns = list(range(self.n_min, n_max + 1))
-        self._model = dict(zip(ns, model))
-        residuals = self.residuals()
-        current = self.current if self.current is not None and self.current <= n_max else None
-        times = [t + c for t, c in zip(model, corrections(residuals, ns, current))] if self.correct else model
-        choice = choose(times, b_simple, self.batch, self.n_min, current, self.margin)
-        n = choice.n
-        if current is None or n < current - 1:  # no N in use, or one far below the probe's: no probe
-            self._probe_left = 0
-        if self._probe_left:  # a probe runs its steps
-            self._probe_left -= 1
-            n = current
-        elif current is not None and n == current:
-            self._kept += 1
-            k = n - self.n_min
-            if (self.probe and self._kept >= PROBE_AFTER and n < n_max
-                    and len(residuals.get(n + 1, ())) < PROBE_STEPS
-                    and choice.rates[k + 1] >= PROBE_CLOSE * choice.rates[k] > 0):
-                n, self._probe_left, self._kept = n + 1, PROBE_STEPS - 1, 0
-        else:
-            self._kept = 0
-        self.current = n
-        return choice._replace(n=n)
+        times = self.arrivals.expected_order_statistics(step, unavailable, pending)[self.n_min - 1:n_max]
+        times = times + self.overhead
+        choice = choose([float(t) for t in times], b_simple, self.batch, self.n_min, self.current, self.margin)
+        self.current = choice.n
+        return choice
