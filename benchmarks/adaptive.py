@@ -204,9 +204,9 @@ def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False, modes: 
     # Per step: N, the noise estimate, the workers whose compute times had a change point, the step
     # times the rule expected per N (auto), the chief's seconds from one publish to the next.
     with open(os.path.join(out_dir, f"{NAME}_steps.json"), "w") as f:
-        json.dump({"replicas": chosen, "noise_scale": noise, "change_points": changes, "expected_seconds": expected,
-                   "periods": periods, "phase_starts": bounds, "phase_names": [p.name for p in phases],
-                   "marks": marks}, f)
+        json.dump({"replicas": chosen, "noise_scale": noise, "change_points": changes,
+                   "expected_seconds": rounded(expected), "periods": rounded(periods), "phase_starts": bounds,
+                   "phase_names": [p.name for p in phases], "marks": marks}, f)
     return {"lines": lines, "medians": medians, "failures": failures, "chosen": chosen}
 
 
@@ -340,6 +340,15 @@ def change_table(bounds: List[int], names: List[str], changes: List[List[List[in
         first_cell = f"{statistics.median(firsts):g}" if firsts else "-"
         lines.append(f"| {name} | {statistics.median(counts):g} | {first_cell} | {len(firsts)}/{len(changes)} |")
     return lines
+
+
+def rounded(x, digits: int = 5):
+    """`x` (floats in nested lists and dicts) rounded to `digits` decimals: 10 us is finer than any step time here."""
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [rounded(v, digits) for v in x]
+    return round(x, digits) if isinstance(x, float) and math.isfinite(x) else x
 
 
 def expectation_table(bounds: List[int], names: List[str], replicas: List[List[int]],

@@ -249,3 +249,19 @@ def test_the_adaptive_benchmarks_expectation_table_sets_each_steps_period_agains
                          # "two": steps 3-5 at N 2, expected 0.3, 0.5, 0.2 and measured 0.6, 0.4, 0.3: medians
                          "| two | 2 | 3 | 0.300 | - | 0.400 | 1.33 |"]
     assert adaptive.expectation_table([0, 3, 6], ["one", "two"], replicas, [[[]] * 6], periods) == []
+
+
+def test_pull_unpack_times_both_unpacks_after_checking_both_leave_the_pulled_values():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pull_unpack", "--width=64", "--shards=3", "--rounds=1",
+                           "--reps=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "values check ok" in proc.stdout and "19,914 parameters, 3 shards" in proc.stdout
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| graph", "| numpy"))]
+    assert [r[1].strip() for r in rows] == ["graph", "numpy"] and all(float(r[2]) > 0 for r in rows)
+
+
+def test_the_adaptive_benchmarks_step_record_rounds_its_times_to_10_us():
+    from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
+    got = adaptive.rounded({"auto": [[[0.1234567, math.inf], []], [0.000004]], "n": 3})
+    assert got == {"auto": [[[0.12346, math.inf], []], [0.0]], "n": 3}

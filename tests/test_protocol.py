@@ -42,6 +42,18 @@ def test_pack_unpack_round_trip_over_two_shards():
     assert [int(f.shape[0]) for f in flats] == layout.shard_sizes
     for got, want in zip(layout.unpack(flats), values):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+    # In numpy (a step's pull): views of the shards, but where a variable spans two (a copy there).
+    arrays = [f.numpy() for f in flats]
+    got = layout.unpack_arrays(arrays)
+    for g, want in zip(got, values):
+        assert g.shape == tuple(want.shape) and g.dtype == np.float32
+        np.testing.assert_array_equal(g, want.numpy())
+    spans = [i for i in range(4) if sum(i in shard for shard in layout.shards) > 1]
+    assert spans and all(np.shares_memory(g, arrays[0]) or np.shares_memory(g, arrays[1])
+                         for i, g in enumerate(got) if i not in spans)
+    assert not any(np.shares_memory(got[i], a) for i in spans for a in arrays)
+    # In the wire dtype, unchanged.
+    assert layout.unpack_arrays([a.astype(tf.bfloat16.as_numpy_dtype) for a in arrays])[0].dtype == tf.bfloat16.as_numpy_dtype
 
 
 def test_pack_puts_each_shards_tail_in_its_one_concatenation():

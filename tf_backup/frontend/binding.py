@@ -188,13 +188,17 @@ class Binding:
         return None if self.client.round_stopped else self.client.step
 
     def _sync(self, *parts):
-        """(py_function.) `parts`: per shard, the gradient's body (wire dtype) then its exact tail, or one tensor."""
+        """(py_function.) `parts`: per shard, the gradient's body (wire dtype) then its exact tail, or one tensor.
+
+        Returns the pulled parameters per variable (wire dtype), then the step's metrics.
+        """
         memory.reapply()  # tf.data's iterators reset glibc's mmap threshold (tf_backup.memory)
         new_flats, metrics = self.client.sync(list(zip(parts[0::2], parts[1::2])) if self.state.tail else list(parts))
         if metrics.stopped and not self._ext.has_models():
             # Stopped, and no Keras model to stop: end a custom loop like an exhausted dataset.
             raise tf.errors.OutOfRangeError(None, None, "tf_backup: the training round has ended.")
-        return [*new_flats, tf.constant(metrics.as_array())]
+        # Per variable, views of the pulled shards: the graph assigns them without cutting the shards.
+        return [*self.layout.unpack_arrays(new_flats), tf.constant(metrics.as_array())]
 
     def dense_gradients(self, grads: List) -> List[tf.Tensor]:
         """The gradients as dense tensors of the variables' shapes (None: zeros)."""
@@ -302,13 +306,12 @@ class Binding:
         step's exchange (`_sync_pending`). Returns the last assignment.
         """
         layout, wire = self.layout, self.state.wire
-        num_shards = len(layout.shard_sizes)
         fn, inputs = (self._sync, parts) if pending is None else (self._sync_pending, [pending, *parts])
-        outs = tf.py_function(self.keeping_failures(fn), inputs, Tout=[wire] * num_shards + [metrics_lib.DTYPE],
+        outs = tf.py_function(self.keeping_failures(fn), inputs, Tout=[wire] * layout.num_vars + [metrics_lib.DTYPE],
                               name="tf_backup_sync")
-        new_flats = [tf.ensure_shape(o, [size]) for o, size in zip(outs[:-1], layout.shard_sizes)]
         metrics = tf.ensure_shape(outs[-1], [metrics_lib.SIZE])
-        assigns = self._assign(variables, new_flats)
+        assigns = [v.assign(tf.cast(tf.ensure_shape(o, shape), dtype))
+                   for v, o, shape, dtype in zip(variables, outs[:-1], layout.shapes, layout.dtypes)]
         with tf.control_dependencies(assigns):
             for name, var in self.metric_vars.items():  # the StepMetrics fields of the same names
                 var.assign(metrics[metrics_lib.StepMetrics.index(name)])
