@@ -140,7 +140,6 @@ class Layout:
         return [tf.cast(tf.reshape(_concat(p, flats[0].dtype if flats else self.dtype), shape), dtype)
                 for p, shape, dtype in zip(parts, self.shapes, self.dtypes)]
 
-
     def unpack_arrays(self, flats: Sequence) -> List[np.ndarray]:
         """`unpack` in numpy, in the flats' dtype: views of them, copied only where a variable spans two shards.
 
