@@ -1,5 +1,6 @@
 """The chief's aggregator against a real ps server in this process."""
 
+import inspect
 import time
 
 import keras
@@ -192,6 +193,27 @@ def test_an_asynchronous_round_closes_once_every_worker_ended_it(ps_info):
         state.poke_aggregator(wakeups.WAKE)
         wait_for(lambda: state.read_control()[C.CLOSED] == 1, "round 1 closed")
         np.testing.assert_allclose(state.params[0].read(), [0.0, 1.0])
+    finally:
+        aggregator.stop()
+
+
+def test_the_step_record_keeps_the_newest_history_limit_steps(ps_info):
+    # A long job's record must stay bounded: with history_limit=2, after steps 0, 1, 2 only the
+    # records of steps 1 and 2 remain, each with its own step's counts.
+    state = running_state(ps_info, "test/history")
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=2, num_workers=2, poll_max=0.01, poll_min=0.001)
+    aggregator = aggregator_lib.Aggregator(
+        state, config, ps_info, lambda grads: [np.asarray(state.params[0].read()) - grads[0]], history_limit=2)
+    aggregator.start()
+    try:
+        for step in range(3):
+            for w in range(2):
+                state.accs[0].apply_grad(pushes.push_vector(np.array([1.0, 1.0], np.float32), w, 2), step)
+            wait_for(lambda: state.read_control()[slots.Control.STEP] == step + 1, f"step {step + 1}")
+        assert [(r.step, r.taken, r.contributions) for r in aggregator.history] == [(1, 2, [1, 1]), (2, 2, [1, 1])]
+        np.testing.assert_allclose(state.params[0].read(), [-2.0, -1.0])  # every step applied: 3 x [1, 1]
+        default = inspect.signature(aggregator_lib.Aggregator).parameters["history_limit"].default
+        assert default == aggregator_lib.HISTORY_LIMIT and default is not None  # bounded unless asked
     finally:
         aggregator.stop()
 

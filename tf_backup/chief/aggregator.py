@@ -50,6 +50,10 @@ from tf_backup.ps import recovery
 from tf_backup.ps.shared_state import SharedState
 from tf_backup.ps.waker import Waker
 
+# The step records the chief keeps (`Aggregator.history`): 384-640 bytes each (with adaptive N),
+# so 40-64 MB at most, where keeping every step would grow by 0.4-0.6 GB every million steps.
+HISTORY_LIMIT = 100_000
+
 
 @dataclasses.dataclass
 class StepRecord:
@@ -118,6 +122,7 @@ class Aggregator(threading.Thread):
         chief's side of it (`update_on_ps.ChiefSide`): the step's scalars, the
         inner optimizer's step count, and the master copy read back before a
         checkpoint. `apply_fn` is then unused.
+      history_limit: the step records kept in `history`, the newest (None: every step's).
     """
 
     def __init__(self, state: SharedState, config: config_lib.ProtocolConfig, info: cluster_lib.ClusterInfo,
@@ -125,7 +130,7 @@ class Aggregator(threading.Thread):
                  liveness: Optional[job_lib.Liveness] = None,
                  checkpoint: Optional[checkpoint_lib.Checkpoint] = None,
                  master_flats: Optional[Callable[[], List[np.ndarray]]] = None,
-                 taken: Optional[Sequence[int]] = None, on_ps=None):
+                 taken: Optional[Sequence[int]] = None, on_ps=None, history_limit: Optional[int] = HISTORY_LIMIT):
         super().__init__(name=f"tf_backup-aggregator-{state.prefix}", daemon=True)
         self.state = state
         self.config = config
@@ -142,7 +147,7 @@ class Aggregator(threading.Thread):
         self.on_ps = on_ps
         self.recovery = recovery.ChiefRecovery(state, info, config.ps_restart_timeout, liveness)
         self._last_control: Optional[slots.ControlView] = None  # for a save off the step (`input_positions`)
-        self.history: List[StepRecord] = []
+        self.history: "collections.deque[StepRecord]" = collections.deque(maxlen=history_limit)
         self.failure: Optional[BaseException] = None  # why the loop stopped, if it failed
         # Per worker, its gradients taken in this job (a chief that rejoined it: its predecessor's too).
         self.taken = np.zeros([config.num_workers], np.int64) if taken is None else np.array(taken, np.int64)

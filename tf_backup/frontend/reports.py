@@ -123,7 +123,9 @@ class JobReports:
         return self.extended.latest_binding().counters()
 
     def step_history(self) -> List[aggregator_lib.StepRecord]:
-        """The chief's record of every step of the latest optimizer (chief only)."""
+        """The chief's record of the latest optimizer's steps, in order (chief only): the newest
+        `tf_backup.chief.aggregator.HISTORY_LIMIT` (100,000) steps, so that a long job's record stays
+        bounded (at most 64 MB); `StepRecord.step` says which steps they are."""
         if not self.is_chief:
             raise ValueError(
                 f"Only the chief keeps the step history; this is worker {self.worker_index}."
