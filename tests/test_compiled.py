@@ -8,6 +8,8 @@ batch inside Keras-like functions.
 """
 
 import math
+import threading
+import weakref
 
 import keras
 import numpy as np
@@ -15,7 +17,9 @@ import pytest
 import tensorflow as tf
 
 import tf_backup
+from tf_backup import _checks
 from tf_backup.frontend import exchange
+from tf_backup.frontend import iterator_reaper
 import programs.common
 import programs.compiled
 import programs.core
@@ -87,6 +91,26 @@ def test_the_iterator_runs_the_exchange_before_each_batch_inside_tf_functions():
     assert int(next(iterator)[0]) == 3 and int(counter.count) == 4  # eager too
     assert int(until_empty(iterator)) == sum(range(4, 10))
     assert int(counter.count) == 4 + 7  # six batches and the fetch that found none
+
+
+@pytest.mark.compat
+def test_a_dropped_iterator_is_destroyed_on_its_strategys_reaper_thread():
+    # TensorFlow's iterator destructor can block the thread that drops it for up to a minute
+    # (tf_backup.frontend.iterator_reaper): Keras drops a fit's iterator as `fit` returns.
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    reaper = iterator_reaper.IteratorReaper(name="reaper-of-this-test")
+    strategy.extended.iterator_reaper = reaper  # the instance only, as BackupWorkerStrategy's extended has it
+    iterator = _exchanging_iterator(strategy, _CountingExtended())
+    assert int(next(iterator)[0]) == 0
+    destroyed = []
+    refs = [weakref.ref(part, lambda _: destroyed.append(threading.current_thread().name))
+            for part in iterator._iterators]  # pylint: disable=protected-access
+    del iterator
+    _checks.poll_until(lambda: reaper.dropped == 1, timeout=10.0, first=0.01, longest=0.05,
+                       on_timeout=lambda waited: AssertionError(f"not dropped in {waited:.0f} s"))
+    assert refs and destroyed == ["reaper-of-this-test"] * len(refs)
+    assert reaper.released == 1
+    reaper.close()
 
 
 def test_the_iterator_of_datasets_from_a_function_exchanges_too():

@@ -1,8 +1,11 @@
-"""The front end's parts without a cluster: the strategy's checked arguments, its reports, the step trace."""
+"""The front end's parts without a cluster: the strategy's checked arguments, its reports, the step trace,
+the iterator reaper."""
 
 import dataclasses
 import inspect
 import pathlib
+import threading
+import time
 import types
 
 import numpy as np
@@ -10,9 +13,11 @@ import pytest
 import tensorflow as tf
 
 import tf_backup
+from tf_backup import _checks
 from tf_backup import topology
 from tf_backup.frontend import arguments
 from tf_backup.frontend import extended as extended_lib
+from tf_backup.frontend import iterator_reaper
 from tf_backup.frontend import reports
 from tf_backup.protocol import config as config_lib
 from tf_backup.protocol import slots
@@ -102,3 +107,30 @@ def test_step_trace_records_only_the_step_run_traces_now():
     assert inner == extended_lib.StepTrace(applied=True, compiled=[second])
     assert outer == extended_lib.StepTrace(applied=False, compiled=[first])
     assert ext._trace is None  # pylint: disable=protected-access
+
+
+class _SlowToDestroy:
+    """Records the thread that destroys it, after blocking it as TensorFlow's iterator destructor can."""
+
+    def __init__(self, seen, seconds):
+        self.seen, self.seconds = seen, seconds
+
+    def __del__(self):
+        time.sleep(self.seconds)
+        self.seen.append(threading.current_thread().name)
+
+
+def test_the_iterator_reaper_drops_on_its_own_thread_in_order_and_keeps_nothing_once_closed():
+    reaper = iterator_reaper.IteratorReaper(name="reaper-under-test")
+    seen = []
+    start = time.monotonic()
+    assert reaper.release([_SlowToDestroy(seen, 0.3)]) and reaper.release(_SlowToDestroy(seen, 0.0))
+    handed_over = time.monotonic() - start
+    _checks.poll_until(lambda: reaper.dropped == 2, timeout=10.0, first=0.01, longest=0.05,
+                       on_timeout=lambda waited: AssertionError(f"dropped {reaper.dropped} of 2 in {waited:.0f} s"))
+    assert handed_over < 0.2  # the 0.3 s destructor ran elsewhere
+    assert seen == ["reaper-under-test", "reaper-under-test"] and reaper.released == 2
+    reaper.close()
+    kept = _SlowToDestroy(seen, 0.0)
+    assert not reaper.release(kept)  # closed: the caller keeps (and drops) it
+    assert reaper.released == 2

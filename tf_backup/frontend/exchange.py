@@ -20,6 +20,8 @@ Where the exchange runs (docs/design.md, "Compiled steps"):
   pending exchange before they hand out the batch; Keras fetches batches
   outside the compiled function (also with `steps_per_execution > 1`), and the
   end of `fit` flushes the last one (`SyncReplicasOptimizer.finalize_variable_values`).
+  When one is dropped, its strategy's `IteratorReaper` destroys TensorFlow's
+  iterator on a thread of its own (`tf_backup.frontend.iterator_reaper`).
 
 A step that is not compiled at all exchanges inside `apply`, as it always did.
 """
@@ -82,6 +84,14 @@ class ExchangingIterator(_tf_internal.DistributedIterator):
     def get_next(self, name=None):
         self._strategy.extended.exchange_pending()
         return super().get_next(name)
+
+    def __del__(self):
+        # Destroying TensorFlow's iterator can block this thread for up to a minute (a lost wake-up
+        # of tf.data's autotuner, `tf_backup.frontend.iterator_reaper`): its strategy's reaper drops it.
+        parts = self.__dict__.pop("_iterators", None)
+        reaper = getattr(getattr(getattr(self, "_strategy", None), "extended", None), "iterator_reaper", None)
+        if parts is not None and reaper is not None:
+            reaper.release(parts)
 
     def get_next_as_optional(self):
         self._strategy.extended.exchange_pending()

@@ -24,6 +24,7 @@ from tf_backup import cluster as cluster_lib
 from tf_backup import errors
 from tf_backup.frontend import _tf_internal
 from tf_backup.frontend import exchange as exchange_lib
+from tf_backup.frontend import iterator_reaper
 from tf_backup.protocol import config as config_lib
 from tf_backup.ps import endpoint as endpoint_lib
 from tf_backup.ps import job as job_lib
@@ -102,6 +103,9 @@ class _BackupWorkerMixin:
         # device). Read by `Binding.split_step`.
         self.always_split = False
         self._shut_down = False
+        # The dataset iterators this strategy made are destroyed on this thread, not where they are
+        # dropped: TensorFlow's destructor can block for up to a minute (`iterator_reaper`).
+        self.iterator_reaper = iterator_reaper.IteratorReaper()
         self._failure_lock = threading.Lock()  # guards `_failure`
         self._failure: Optional[BaseException] = None  # the first tf_backup error of a step, not raised yet
         if info.is_chief:
@@ -142,6 +146,7 @@ class _BackupWorkerMixin:
         if self._shut_down:
             return
         self._shut_down = True
+        self.iterator_reaper.close()
         for binding in self.bindings:
             binding.close(failed=failed)
         chief_failed = None
