@@ -265,3 +265,22 @@ def test_the_adaptive_benchmarks_step_record_rounds_its_times_to_10_us():
     from benchmarks import adaptive  # pylint: disable=g-import-not-at-top
     got = adaptive.rounded({"auto": [[[0.1234567, math.inf], []], [0.000004]], "n": 3})
     assert got == {"auto": [[[0.12346, math.inf], []], [0.0]], "n": 3}
+
+
+@pytest.mark.cluster
+def test_fit_end_stall_runs_both_modes_and_only_the_reaper_mode_drops_iterators_on_its_thread():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.fit_end_stall", "--params=1e4", "--workers=2",
+                           "--fits=2", "--steps=3", "--rounds=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reaped = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("round 0 "):
+            mode = line.split()[2].rstrip(":")
+            reaped[mode] = [int(x) for x in line.split("per worker [")[1].rstrip("]").split(",")]
+    assert reaped["in_place"] == [0, 0]
+    assert len(reaped["reaper"]) == 2 and min(reaped["reaper"]) >= 3  # at least the warm-up's and each fit's
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| reaper", "| in_place"))]
+    assert [r[1].strip() for r in rows] == ["reaper", "in_place"]
+    assert all(len(r[2].split(",")) == 2 for r in rows)  # one gap per fit
