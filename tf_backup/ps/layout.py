@@ -9,7 +9,7 @@ variables went to one task each, and a model that is one big matrix used one).
 A push, a take and a publish move one tensor per ps task.
 """
 
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -130,13 +130,8 @@ class Layout:
     def unpack(self, flats: Sequence) -> List[tf.Tensor]:
         """The inverse of `pack`: per-variable tensors in the variables' dtypes (no whole-model tensor either)."""
         flats = [tf.convert_to_tensor(f) for f in flats]
-        parts = [[] for _ in self.sizes]
-        for s, pieces in enumerate(self.pieces):
-            at = 0  # where the next piece begins in shard s
-            for i, _, n in pieces:
-                whole_shard = at == 0 and n == self.shard_sizes[s]
-                parts[i].append(flats[s] if whole_shard else tf.slice(flats[s], [at], [n]))
-                at += n
+        parts = self._cut(lambda s, at, n: flats[s] if at == 0 and n == self.shard_sizes[s]
+                          else tf.slice(flats[s], [at], [n]))
         return [tf.cast(tf.reshape(_concat(p, flats[0].dtype if flats else self.dtype), shape), dtype)
                 for p, shape, dtype in zip(parts, self.shapes, self.dtypes)]
 
@@ -149,15 +144,20 @@ class Layout:
         for the py_function's results and the assignments, against 22 ms).
         """
         flats = [np.asarray(f) for f in flats]
-        parts: List[List[np.ndarray]] = [[] for _ in self.sizes]
-        for s, pieces in enumerate(self.pieces):
-            at = 0  # where the next piece begins in shard s
-            for i, _, n in pieces:
-                parts[i].append(flats[s][at:at + n])
-                at += n
+        parts = self._cut(lambda s, at, n: flats[s][at:at + n])
         dtype = flats[0].dtype if flats else self.dtype.as_numpy_dtype
         return [(np.zeros([0], dtype) if not p else p[0] if len(p) == 1 else np.concatenate(p)).reshape(shape)
                 for p, shape in zip(parts, self.shapes)]
+
+    def _cut(self, piece: Callable[[int, int, int], Any]) -> List[List[Any]]:
+        """Per variable, its pieces in order: `piece(s, at, n)`, the n elements of shard s from `at`."""
+        parts: List[List[Any]] = [[] for _ in self.sizes]
+        for s, pieces in enumerate(self.pieces):
+            at = 0  # where the next piece begins in shard s
+            for i, _, n in pieces:
+                parts[i].append(piece(s, at, n))
+                at += n
+        return parts
 
 
 def _concat(parts: List[tf.Tensor], dtype) -> tf.Tensor:
