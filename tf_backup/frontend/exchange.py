@@ -78,12 +78,17 @@ class ExchangingIterator(_tf_internal.DistributedIterator):
     """A distributed iterator that runs the strategy's pending exchanges before each batch.
 
     Only the class differs from TensorFlow's (`exchanging` swaps it in): the
-    state, the type spec's components and the tracing are TensorFlow's.
+    state, the type spec's components and the tracing are TensorFlow's. Dropped,
+    it hands its TensorFlow parts to the strategy's `IteratorReaper`.
     """
 
     def get_next(self, name=None):
         self._strategy.extended.exchange_pending()
         return super().get_next(name)
+
+    def get_next_as_optional(self):
+        self._strategy.extended.exchange_pending()
+        return super().get_next_as_optional()
 
     def __del__(self):
         # Destroying TensorFlow's iterator can block this thread for up to a minute (a lost wake-up
@@ -92,10 +97,6 @@ class ExchangingIterator(_tf_internal.DistributedIterator):
         reaper = getattr(getattr(getattr(self, "_strategy", None), "extended", None), "iterator_reaper", None)
         if parts is not None and reaper is not None:
             reaper.release(parts)
-
-    def get_next_as_optional(self):
-        self._strategy.extended.exchange_pending()
-        return super().get_next_as_optional()
 
     @property
     def _type_spec(self):
