@@ -322,7 +322,8 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
 
 def replicas_per_step(records) -> Dict[str, Any]:
     """Adaptive N over the chief's steps: min, median, max, the last, how many steps had each N, and the
-    last noise-scale estimate (in worker batches)."""
+    last noise-scale estimate (in worker batches). The record holds the newest 100,000 steps
+    (`tf_backup.chief.aggregator.HISTORY_LIMIT`): a longer job's summary covers those."""
     import numpy as np  # pylint: disable=g-import-not-at-top
 
     n = [r.replicas for r in records]
