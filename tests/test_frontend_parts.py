@@ -5,7 +5,6 @@ import dataclasses
 import inspect
 import pathlib
 import threading
-import time
 import types
 
 import numpy as np
@@ -109,28 +108,39 @@ def test_step_trace_records_only_the_step_run_traces_now():
     assert ext._trace is None  # pylint: disable=protected-access
 
 
-class _SlowToDestroy:
-    """Records the thread that destroys it, after blocking it as TensorFlow's iterator destructor can."""
+class _Gated:
+    """Blocks the thread that destroys it until the test opens `gate` (as TensorFlow's iterator
+    destructor can block it), then records (that thread's name, whether the gate was open, `label`)."""
 
-    def __init__(self, seen, seconds):
-        self.seen, self.seconds = seen, seconds
+    def __init__(self, seen, gate, label):
+        self.seen, self.gate, self.label = seen, gate, label
 
     def __del__(self):
-        time.sleep(self.seconds)
-        self.seen.append(threading.current_thread().name)
+        opened = self.gate.wait(10.0)  # the test opens it only after `release` returned
+        self.seen.append((threading.current_thread().name, opened, self.label))
 
 
-def test_the_iterator_reaper_drops_on_its_own_thread_in_order_and_keeps_nothing_once_closed():
-    reaper = iterator_reaper.IteratorReaper(name="reaper-under-test")
-    seen = []
-    start = time.monotonic()
-    assert reaper.release([_SlowToDestroy(seen, 0.3)]) and reaper.release(_SlowToDestroy(seen, 0.0))
-    handed_over = time.monotonic() - start
-    _checks.poll_until(lambda: reaper.dropped == 2, timeout=10.0, first=0.01, longest=0.05,
-                       on_timeout=lambda waited: AssertionError(f"dropped {reaper.dropped} of 2 in {waited:.0f} s"))
-    assert handed_over < 0.2  # the 0.3 s destructor ran elsewhere
-    assert seen == ["reaper-under-test", "reaper-under-test"] and reaper.released == 2
+def _poll(condition, what):
+    _checks.poll_until(condition, timeout=10.0, first=0.01, longest=0.05,
+                       on_timeout=lambda waited: AssertionError(f"{what}: not in {waited:.0f} s"))
+
+
+def test_the_iterator_reaper_drops_on_its_own_thread_in_order_ends_when_idle_and_keeps_nothing_once_closed():
+    reaper = iterator_reaper.IteratorReaper(name="reaper-under-test", idle=0.2)
+    seen, gate = [], threading.Event()
+    # Dropped in this thread, a _Gated would wait here for a gate nobody opens yet, and record False.
+    first, second = {"it": [_Gated(seen, gate, "first")]}, {"it": _Gated(seen, gate, "second")}
+    assert reaper.release(first, "it") and reaper.release(second, "it")
+    assert seen == [] and first == {} == second and reaper.running
+    gate.set()
+    _poll(lambda: reaper.dropped == 2, "both dropped")
+    assert seen == [("reaper-under-test", True, "first"), ("reaper-under-test", True, "second")]
+    _poll(lambda: not reaper.running, "the idle thread ended")  # no wait of it is unbounded
+    assert reaper.release({"it": _Gated(seen, gate, "third")}, "it")  # a new thread for the next one
+    _poll(lambda: reaper.dropped == 3, "the third dropped")
+    assert seen[-1] == ("reaper-under-test", True, "third") and reaper.released == 3
     reaper.close()
-    kept = _SlowToDestroy(seen, 0.0)
-    assert not reaper.release(kept)  # closed: the caller keeps (and drops) it
-    assert reaper.released == 2
+    kept = {"it": object()}
+    assert not reaper.release(kept, "it") and "it" in kept  # closed: the caller keeps (and drops) it
+    assert reaper.released == 3
+    _poll(lambda: not reaper.running, "the closed reaper's thread ended")

@@ -93,10 +93,9 @@ class ExchangingIterator(_tf_internal.DistributedIterator):
     def __del__(self):
         # Destroying TensorFlow's iterator can block this thread for up to a minute (a lost wake-up
         # of tf.data's autotuner, `tf_backup.frontend.iterator_reaper`): its strategy's reaper drops it.
-        parts = self.__dict__.pop("_iterators", None)
         reaper = getattr(getattr(getattr(self, "_strategy", None), "extended", None), "iterator_reaper", None)
-        if parts is not None and reaper is not None:
-            reaper.release(parts)
+        if reaper is not None and "_iterators" in self.__dict__:
+            reaper.release(self.__dict__, "_iterators")  # never held in a local here: see `release`
 
     @property
     def _type_spec(self):

@@ -16,59 +16,81 @@ Keras drops them, 0.00-0.02 s with them dropped here
 
 `ExchangingIterator.__del__` (`tf_backup.frontend.exchange`) hands the
 iterator's TensorFlow parts to its strategy's reaper, whose thread drops them:
-the wait, if any, happens there, and the GIL is free meanwhile (TensorFlow
-releases it while it deletes a tensor handle). A drop waits at most about as
-long as its iterator lived (the period doubles from 10 ms), so the thread keeps
-up with any loop of fits, one iterator after another.
+the wait, if any, happens there. The GIL is free meanwhile on TensorFlow 2.21:
+another Python thread of a stalled worker ran during the stall (WORKSPACE_NOTES),
+and `EagerTensor_dealloc` releases it around `TFE_DeleteTensorHandle` in the
+sources read. By the same sources a drop waits at most about as long as its
+iterator lived (the period doubles from 10 ms), so the thread keeps up with a
+loop of fits, one iterator after another.
 """
 
 import queue
 import threading
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
-_STOP = object()  # the last item `close` queues
+IDLE_SECONDS = 5.0  # the thread ends after this long with nothing to drop; the next `release` starts one
 
 
 class IteratorReaper:
-    """Drops what it is given on its own daemon thread, in order (started at the first `release`).
+    """Drops what it is given on a daemon thread of its own, in order.
 
-    State: `released` (items handed over), `dropped` (items the thread has dropped).
+    The thread starts at a `release` when none runs, and ends once it has had nothing to drop for
+    `idle` seconds, so no wait of it is unbounded and an idle strategy keeps no thread.
+
+    State: `released` (items handed over), `dropped` (items the thread has dropped), `running`.
     """
 
-    def __init__(self, name: str = "tf_backup-iterator-reaper"):
+    def __init__(self, name: str = "tf_backup-iterator-reaper", idle: float = IDLE_SECONDS):
         self._name = name
+        self._idle = idle
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards `_thread` and `_closed` against the thread's own end
         self._closed = False
         self.released = 0
         self.dropped = 0
 
-    def release(self, item: Any) -> bool:
-        """Hands `item` over to be dropped on the reaper's thread; False (kept by the caller) once closed."""
+    @property
+    def running(self) -> bool:
+        """Whether the thread runs now (it has something to drop, or had within `idle` seconds)."""
+        with self._lock:
+            return self._thread is not None
+
+    def release(self, holder: Dict[Any, Any], key: Any) -> bool:
+        """Takes `holder[key]` out of `holder` and has it dropped on the reaper's thread.
+
+        The value goes straight from `holder` into a box on the queue, and the thread takes it out
+        of the box: no frame of the caller's (or of this method) is left holding it, which would
+        make whichever thread lets go last, maybe the caller's, run its destructor. Returns False,
+        leaving `holder` as it is, once closed.
+        """
         with self._lock:
             if self._closed:
                 return False
+            self.released += 1
+            self._queue.put([holder.pop(key)])
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self.released += 1
-            self._queue.put(item)
             return True
 
     def close(self) -> None:
-        """Drops what is queued, then ends the thread; does not wait (a drop may block for a minute)."""
+        """Takes nothing more; what is queued is still dropped, and the thread ends `idle` seconds later.
+
+        Does not wait: one drop may block for a minute.
+        """
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
-            if self._thread is not None:
-                self._queue.put(_STOP)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()  # idle until there is work: `close` always queues _STOP
-            if item is _STOP:
-                return
-            del item  # TensorFlow's destructors run here
+            try:
+                box = self._queue.get(timeout=self._idle)
+            except queue.Empty:
+                with self._lock:  # a `release` between the timeout and here queued an item: go on
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            box.pop()  # unkept: the value's destructors run here, now
             self.dropped += 1
