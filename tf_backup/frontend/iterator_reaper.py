@@ -10,8 +10,9 @@ iterator lives. Keras drops a fit's iterator as `fit` returns (and makes a new
 one each epoch when `steps_per_epoch` is not set): that worker then stalls
 there, and with b = 0 every other worker waits for it at the next step.
 Measured with 1e7 parameters, 4 workers, fits of 8 steps: the slowest worker's
-wait at a fit's end 0.01-13.3 s (median 1.37) with the iterators dropped where
-Keras drops them, 0.00-0.02 s with them dropped here
+wait at a fit's end 0.01-13.3 s and 0.01-6.3 s in two runs (medians 1.37 and
+1.44) with the iterators dropped where Keras drops them, 0.00-0.02 s with them
+dropped here
 (`benchmarks/results/fit_end_stall.md`).
 
 `ExchangingIterator.__del__` (`tf_backup.frontend.exchange`) hands the
