@@ -31,14 +31,24 @@ DEFAULT_VARIANTS: Dict[str, dict] = {"default": {}}
 GBIT = 1e9
 
 
-def settings(quick: bool, smoke: bool = False) -> Dict:
+def settings(quick: bool, smoke: bool = False, num_ps: Optional[Sequence[int]] = None,
+             params: Optional[Sequence[float]] = None, workers: Optional[Sequence[int]] = None,
+             networks: Optional[Sequence[float]] = None) -> Dict:
+    """The grid of the mode, with `num_ps`, `params`, `workers` and `networks` (bit/s, 0: loopback) in place
+    of its own where given (a slice of the full grid run with the quick mode's fits)."""
     if smoke:
-        return dict(params=[1e6], workers=[2], ps=[1], mwms=False, networks=[GBIT], reps=1, steps=8, warmup=1)
-    if quick:
-        return dict(params=[1e7], workers=[4], ps=[1, 2], mwms=True, networks=[None, GBIT], reps=3, steps=8,
-                    warmup=2)
-    return dict(params=[1e6, 1e7, 2.5e7], workers=[4, 8], ps=[1, 2, 4], mwms=True,
-                networks=[None, GBIT, 10 * GBIT], reps=3, steps=10, warmup=2)
+        s = dict(params=[1e6], workers=[2], ps=[1], mwms=False, networks=[GBIT], reps=1, steps=8, warmup=1)
+    elif quick:
+        s = dict(params=[1e7], workers=[4], ps=[1, 2], mwms=True, networks=[None, GBIT], reps=3, steps=8, warmup=2)
+    else:
+        s = dict(params=[1e6, 1e7, 2.5e7], workers=[4, 8], ps=[1, 2, 4], mwms=True,
+                 networks=[None, GBIT, 10 * GBIT], reps=3, steps=10, warmup=2)
+    for key, given, kind in (("ps", num_ps, int), ("params", params, float), ("workers", workers, int)):
+        if given:
+            s[key] = [kind(x) for x in given]
+    if networks:
+        s["networks"] = [float(r) or None for r in networks]
+    return s
 
 
 # -- models of a step: seconds and bytes (M: model bytes, B: bit/s per link and direction) -----------
@@ -189,14 +199,15 @@ def _cell_timeout(m: float, workers: int, s: Dict) -> float:
 
 
 def run(out_dir: str, quick: bool, argv: List[str], smoke: bool = False,
-        variants: Optional[Dict[str, dict]] = None, num_ps: Optional[Sequence[int]] = None) -> Dict:
+        variants: Optional[Dict[str, dict]] = None, num_ps: Optional[Sequence[int]] = None,
+        params: Optional[Sequence[float]] = None, workers: Optional[Sequence[int]] = None,
+        networks: Optional[Sequence[float]] = None) -> Dict:
+    """Runs the grid of `settings` (the same arguments) and writes its table."""
     from benchmarks import netem  # pylint: disable=g-import-not-at-top
     from benchmarks import mlp_task  # pylint: disable=g-import-not-at-top
     from benchmarks import overhead_workload  # pylint: disable=g-import-not-at-top
 
-    s = settings(quick, smoke)
-    if num_ps:
-        s["ps"] = [int(p) for p in num_ps]
+    s = settings(quick, smoke, num_ps=num_ps, params=params, workers=workers, networks=networks)
     variants = dict(DEFAULT_VARIANTS, **(variants or {}))
     systems = [("ours", v, p) for v in variants for p in s["ps"]] + ([("mwms", None, 0)] if s["mwms"] else [])
     hiddens = {p: mlp_task.hidden_for_params(p, DEPTH) for p in s["params"]}

@@ -60,6 +60,10 @@ _BANDWIDTH_VARIANTS = flags.DEFINE_string(
 _ADAPTIVE_MODES = flags.DEFINE_list(
     "adaptive_modes", [], "adaptive: the modes to run, of auto and the fixed b's 0..5 (default: all).")
 _BANDWIDTH_PS = flags.DEFINE_list("bandwidth_ps", [], "bandwidth: the numbers of ps tasks of ours (default: the grid's).")
+_BANDWIDTH_PARAMS = flags.DEFINE_list("bandwidth_params", [], "bandwidth: the models' parameters, e.g. 2.5e7 (default: the grid's).")
+_BANDWIDTH_WORKERS = flags.DEFINE_list("bandwidth_workers", [], "bandwidth: the numbers of workers (default: the grid's).")
+_BANDWIDTH_NETWORKS = flags.DEFINE_list(
+    "bandwidth_networks", [], "bandwidth: bit/s per link and direction, 0 for loopback (default: the grid's).")
 
 
 def main(argv):
@@ -80,8 +84,10 @@ def main(argv):
             extra["variants"] = module.parse_variants(_BANDWIDTH_VARIANTS.value)
         if name == "adaptive" and _ADAPTIVE_MODES.value:
             extra["modes"] = _ADAPTIVE_MODES.value
-        if name == "bandwidth" and _BANDWIDTH_PS.value:
-            extra["num_ps"] = [int(p) for p in _BANDWIDTH_PS.value]
+        if name == "bandwidth":
+            extra.update({k: flag.value for k, flag in (("num_ps", _BANDWIDTH_PS), ("params", _BANDWIDTH_PARAMS),
+                                                        ("workers", _BANDWIDTH_WORKERS),
+                                                        ("networks", _BANDWIDTH_NETWORKS)) if flag.value})
         try:
             result = module.run(_OUT_DIR.value, _QUICK.value or _SMOKE.value, list(sys.argv), smoke=_SMOKE.value,
                                 **extra)

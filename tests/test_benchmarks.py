@@ -43,6 +43,16 @@ def test_mlp_sizes():
         assert abs(mlp_task.mlp_params(mlp_task.hidden_for_params(target)) / target - 1) < 0.02
 
 
+def test_the_bandwidth_grid_takes_a_slice_in_place_of_its_own_axes():
+    from benchmarks import bandwidth  # pylint: disable=g-import-not-at-top
+    quick = bandwidth.settings(quick=True)
+    assert (quick["params"], quick["workers"], quick["ps"], quick["networks"]) == ([1e7], [4], [1, 2], [None, 1e9])
+    s = bandwidth.settings(quick=True, num_ps=["4"], params=["2.5e7"], workers=["4", "8"], networks=["0", "1e9"])
+    assert (s["params"], s["workers"], s["ps"], s["networks"]) == ([2.5e7], [4, 8], [4], [None, 1e9])
+    assert {k: s[k] for k in ("reps", "steps", "warmup", "mwms")} == {k: quick[k] for k in ("reps", "steps", "warmup", "mwms")}
+    assert bandwidth.settings(quick=False)["params"] == [1e6, 1e7, 2.5e7]
+
+
 @pytest.mark.cluster
 def test_smoke_quick_mode_smallest_case(tmp_path):
     out = tmp_path / "results"
