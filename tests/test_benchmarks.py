@@ -294,3 +294,17 @@ def test_fit_end_stall_runs_both_modes_and_only_the_reaper_mode_drops_iterators_
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| reaper", "| in_place"))]
     assert [r[1].strip() for r in rows] == ["reaper", "in_place"]
     assert all(len(r[2].split(",")) == 2 for r in rows)  # one gap per fit
+
+
+@pytest.mark.cluster
+def test_malloc_arenas_starts_each_cluster_with_its_arena_cap_and_times_every_fit():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.malloc_arenas", "--params=1e4", "--arenas=3",
+                           "--rounds=1", "--fits=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [line] = [l for l in proc.stdout.splitlines() if l.startswith("round 0 arenas 3:")]
+    assert line.endswith("MALLOC_ARENA_MAX ['3']")  # every task started with the run's value
+    fits = line.split("ms/step per fit [")[1].split("]")[0].split(",")
+    assert len(fits) == 2 and all(float(x) >= 100 for x in fits)  # a step holds 100 ms of simulated compute
+    [row] = [l.split("|") for l in proc.stdout.splitlines() if l.startswith("| 3 |")]
+    assert float(row[-2]) > 0  # the cluster's peak resident memory

@@ -7,7 +7,7 @@ import pytest
 import tf_backup
 from tf_backup import memory
 
-ENV_NAMES = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"]
+ENV_NAMES = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX"]
 
 
 @pytest.fixture(autouse=True)
@@ -26,14 +26,22 @@ class FakeLibc:
         return self.answer
 
 
-def test_tune_malloc_sets_the_three_thresholds_once(monkeypatch):
+def test_tune_malloc_sets_the_three_thresholds_and_the_arenas_once(monkeypatch):
     libc = FakeLibc()
     monkeypatch.setattr(memory, "_glibc", lambda: libc)
     assert tf_backup.tune_malloc() is True
     assert libc.calls == [(memory.M_MMAP_THRESHOLD, 32 << 20), (memory.M_TRIM_THRESHOLD, 256 << 20),
-                          (memory.M_TOP_PAD, 32 << 20)]
-    assert tf_backup.tune_malloc() is True and len(libc.calls) == 3  # already in effect
-    assert tf_backup.tune_malloc(trim_threshold=64 << 20) is True and libc.calls[-2] == (memory.M_TRIM_THRESHOLD, 64 << 20)
+                          (memory.M_TOP_PAD, 32 << 20), (memory.M_ARENA_MAX, 2)]
+    assert tf_backup.tune_malloc() is True and len(libc.calls) == 4  # already in effect
+    assert tf_backup.tune_malloc(trim_threshold=64 << 20) is True and libc.calls[-3] == (memory.M_TRIM_THRESHOLD, 64 << 20)
+
+
+def test_tune_malloc_leaves_the_arenas_to_a_caller_who_set_malloc_arena_max(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert tf_backup.tune_malloc() is True
+    assert [param for param, _ in libc.calls] == [memory.M_MMAP_THRESHOLD, memory.M_TRIM_THRESHOLD, memory.M_TOP_PAD]
 
 
 def test_tune_malloc_reports_a_refusal_and_other_c_libraries(monkeypatch):
@@ -59,7 +67,7 @@ def test_the_environment_switch_turns_both_off(monkeypatch):
 
 def test_malloc_env_keeps_the_callers_own_settings(monkeypatch):
     assert memory.malloc_env() == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20),
-                                   "MALLOC_TOP_PAD_": str(32 << 20)}
+                                   "MALLOC_TOP_PAD_": str(32 << 20), "MALLOC_ARENA_MAX": "2"}
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1234")
     assert "MALLOC_TRIM_THRESHOLD_" not in memory.malloc_env()
 
@@ -69,6 +77,8 @@ def test_malloc_env_keeps_the_callers_own_settings(monkeypatch):
     (dict(trim_threshold=-1), "trim_threshold=-1"),
     (dict(top_pad=1.5), "top_pad=1.5"),
     (dict(trim_threshold=2**31), "trim_threshold=2147483648"),
+    (dict(arena_max=0), "arena_max=0"),
+    (dict(arena_max="2"), "arena_max='2'"),
 ])
 def test_bad_settings_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -88,7 +98,8 @@ def test_every_local_cluster_task_starts_with_the_settings(monkeypatch):
     with cluster:
         cluster.start()
         got = cluster.wait_for(["worker-0", "ps-0"], timeout=120)
-    want = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_TOP_PAD_": "4096"}
+    want = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_TOP_PAD_": "4096",
+            "MALLOC_ARENA_MAX": "2"}
     assert got == [want, want]
     monkeypatch.setenv(memory.ENV, "0")
     monkeypatch.delenv("MALLOC_TOP_PAD_")
@@ -132,4 +143,4 @@ def test_reapply_repeats_the_last_settings_and_nothing_before_them(monkeypatch):
     assert memory.reapply() is False and libc.calls == []  # tune_malloc applied nothing yet
     tf_backup.tune_malloc()
     assert memory.reapply() is True
-    assert libc.calls[3:] == libc.calls[:3]  # the same three settings again, not cached away
+    assert libc.calls[4:] == libc.calls[:4]  # the same four settings again, not cached away
