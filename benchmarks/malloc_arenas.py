@@ -113,12 +113,16 @@ def run_once(arenas: int, params: float, fits: int) -> Dict:
     cfg = dict(system="tf_backup", hiddens=[hidden], depth=bandwidth.DEPTH, batch=bandwidth.BATCH,
                compute=bandwidth.COMPUTE, steps=8, reps=fits, warmup=2, net_counters=False)
     cfg.update(bandwidth.variant_cfg({"apply_on_ps": True}))
+    before = os.environ.get("MALLOC_ARENA_MAX")
     os.environ["MALLOC_ARENA_MAX"] = str(arenas)  # every task's: `memory.malloc_env` keeps the caller's own
     try:
         with ClusterWatch() as watch:
             out = overhead_workload.launch_overhead("tf_backup", 4, cfg, timeout=900, num_ps=2, network=None)
     finally:
-        del os.environ["MALLOC_ARENA_MAX"]
+        if before is None:
+            del os.environ["MALLOC_ARENA_MAX"]
+        else:
+            os.environ["MALLOC_ARENA_MAX"] = before
     cpu = [sum((c or {}).values()) for c in out[0][("cpu", hidden)]]
     return {"ms": [1e3 * statistics.mean(r) for r in out[0][hidden]], "cpu_ms": [1e3 * c for c in cpu],
             "peak_rss_gb": watch.peak / 1e9, "arenas_seen": sorted(watch.arenas - {None})}
