@@ -14,8 +14,9 @@ come from the heap, not fresh mappings, and a heap is trimmed only past
 CPU: by glibc's rules up to about `trim_threshold` more per malloc arena.
 
 They also cap the malloc arenas at `arena_max` (2). glibc gives each new
-thread an arena of its own, up to 8 per core, and each arena grows to its own
-peak page by page while its threads allocate a step's model-sized buffers.
+thread an arena of its own, up to 8 per core (glibc 2.36, this machine's), and
+each arena grows to its own peak page by page while its threads allocate a
+step's model-sized buffers.
 With glibc's 16 on 2 cores, a local cluster at 1e7 parameters spent 1.6x the
 CPU a step in its first fit (after 2 warm-up steps) that it spent later; with 2
 its first fit ran like the later ones, which were no slower, and its peak
@@ -108,9 +109,12 @@ def tune_malloc(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_threshold: int = 
         own (returned to the kernel when freed). At most 32 MiB.
       trim_threshold: free memory at the top of a heap that is kept.
       top_pad: extra memory requested whenever a heap grows.
-      arena_max: the most malloc arenas; in a running process it caps only
-        the arenas made from now on. Not set where `MALLOC_ARENA_MAX` is in
-        the environment (the caller's own choice).
+      arena_max: the most malloc arenas. In a running process it caps only
+        the arenas made from now on, and only if glibc has not fixed its own
+        cap yet, which it does for good once a process has more than 8 arenas
+        (`arena_get2` in glibc's malloc/arena.c): the environment is the sure
+        way. Not set where `MALLOC_ARENA_MAX` is in the environment (the
+        caller's own choice).
 
     Returns:
       True if the settings are in effect; False where the C library is not
