@@ -1,8 +1,30 @@
-"""What the task processes of this process's local cluster have used so far: CPU seconds, and bytes
-on their emulated links (`benchmarks.netem`), read from /proc.
+"""What the task processes of this process's local cluster have used so far: CPU seconds, resident
+memory, and bytes on their emulated links (`benchmarks.netem`), read from /proc.
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
+
+
+def stat_fields(pid: int) -> Optional[List[str]]:
+    """The fields of /proc/<pid>/stat after the command name (index 0 is the state, 1 the parent,
+    11-12 user and system ticks, 19 the start time in ticks since boot); None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def rss_kib(pid: int) -> Optional[int]:
+    """The process's resident set size in KiB (VmRSS), or None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def cluster_task_pids() -> Optional[Dict[str, int]]:
@@ -45,10 +67,8 @@ def cluster_cpu_seconds(pids: Optional[Dict[str, int]] = None) -> Optional[Dict[
         return None
     out = {}
     for task, pid in pids.items():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+        fields = stat_fields(pid)
+        if fields is None:
             continue  # the process ended meanwhile
         out[task] = (int(fields[11]) + int(fields[12])) / ticks
     return out

@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from benchmarks import cluster_counters
+
 
 def ticks_since_boot() -> float:
     """Now, in the clock ticks of /proc/<pid>/stat's start times."""
@@ -38,14 +40,9 @@ def descendants(root: int, since: float = 0.0) -> List[int]:
     """
     parent, started = {}, {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+        fields = cluster_counters.stat_fields(int(name)) if name.isdigit() else None
+        if fields is not None:  # None: not a process, or ended meanwhile
             parent[int(name)], started[int(name)] = int(fields[1]), int(fields[19])
-        except (OSError, ValueError, IndexError):
-            continue  # ended meanwhile
     out = []
     for pid in (p for p in parent if started[p] >= since):
         p, hops = parent.get(pid), 0
@@ -54,15 +51,6 @@ def descendants(root: int, since: float = 0.0) -> List[int]:
         if p == root:
             out.append(pid)
     return out
-
-
-def rss_bytes(pid: int) -> int:
-    """The resident bytes of `pid` (0 if it ended)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
-    except OSError:
-        return 0
 
 
 def arena_setting(pid: int) -> Optional[str]:
@@ -90,7 +78,7 @@ class ClusterWatch:
         seen, since = set(), ticks_since_boot() - 1
         while not self._stop.wait(self._period) and time.monotonic() < end:
             pids = descendants(os.getpid(), since)
-            self.peak = max(self.peak, sum(rss_bytes(p) for p in pids))
+            self.peak = max(self.peak, 1024 * sum(cluster_counters.rss_kib(p) or 0 for p in pids))
             for pid in set(pids) - seen:
                 self.arenas.add(arena_setting(pid))
             seen.update(pids)

@@ -11,10 +11,11 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
+from benchmarks import cluster_counters
 from benchmarks import common
 
 NAME = "ps_memory"
@@ -29,18 +30,6 @@ def settings(quick: bool, smoke: bool = False) -> Dict:
     if quick:
         return dict(steps=5000, kill_at=100, every_seconds=1.0, compute=0.005, worker_timeout=10.0)
     return dict(steps=30000, kill_at=100, every_seconds=2.0, compute=0.005, worker_timeout=10.0)
-
-
-def rss_kib(pid: int) -> Optional[int]:
-    """The process's resident set size in KiB (VmRSS), or None once it has exited."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _step(progress_dir: str) -> int:
@@ -73,7 +62,7 @@ def _one_run(s: Dict, kill: bool, timeout: float = 1800.0):
                 if kill and not killed and step >= s["kill_at"]:
                     cluster.kill("worker-2")
                     killed = True
-                rss = rss_kib(pid)
+                rss = cluster_counters.rss_kib(pid)
                 if rss is not None and step >= 0:
                     samples.append((time.monotonic() - start, step, rss))
                 time.sleep(s["every_seconds"])

@@ -147,14 +147,16 @@ def tune_malloc(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_threshold: int = 
 
 
 def reapply() -> bool:
-    """The settings `tune_malloc` last applied, applied again (after tf.data reset them; module doc).
+    """The thresholds `tune_malloc` last applied, applied again (after tf.data reset them; module doc).
 
+    Not the arena cap: TensorFlow does not touch it, and glibc fixes its own cap for good anyway.
     Returns False, and does nothing, where `tune_malloc` applied none.
     """
     if _applied is None:
         return False
     libc = _glibc()
-    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in _applied)
+    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in _applied
+                                    if param != M_ARENA_MAX)
 
 
 @functools.lru_cache(maxsize=None)
