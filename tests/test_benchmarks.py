@@ -308,3 +308,19 @@ def test_malloc_arenas_starts_each_cluster_with_its_arena_cap_and_times_every_fi
     assert len(fits) == 2 and all(float(x) >= 100 for x in fits)  # a step holds 100 ms of simulated compute
     [row] = [l.split("|") for l in proc.stdout.splitlines() if l.startswith("| 3 |")]
     assert float(row[-2]) > 0  # the cluster's peak resident memory
+
+
+def test_the_proc_readers_read_this_process_and_none_for_a_process_that_ended():
+    from benchmarks import cluster_counters  # pylint: disable=g-import-not-at-top
+    from benchmarks import malloc_arenas  # pylint: disable=g-import-not-at-top
+    fields = cluster_counters.stat_fields(os.getpid())
+    assert int(fields[1]) == os.getppid() and 0 < int(fields[19]) <= malloc_arenas.ticks_since_boot() + 1
+    assert cluster_counters.rss_kib(os.getpid()) > 1000  # this process has imported numpy and pytest
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in malloc_arenas.descendants(os.getpid())
+        assert child.pid not in malloc_arenas.descendants(os.getpid(), since=malloc_arenas.ticks_since_boot() + 100)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert cluster_counters.stat_fields(child.pid) is None and cluster_counters.rss_kib(child.pid) is None
