@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 
 from absl import app
 from absl import flags
+from absl import logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported: no start-up chatter
 
@@ -506,12 +507,7 @@ def main(argv) -> int:
             tf_backup.serve(resolver, startup_timeout=_STARTUP_TIMEOUT.value,
                             ps_restart_timeout=strategy_args["ps_restart_timeout"],
                             chief_rejoins=strategy_args["chief_rejoins"])
-            # Skip the interpreter's teardown, as tf_backup.local._task does: a ps task whose ps 0 exited
-            # first may still hold a session closing towards it, and TensorFlow aborts a process
-            # torn down under such a call (exit -6: a cluster manager would restart the ps).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            _exit_without_teardown(0)
         check_cluster(config, resolver)
         check_inputs(config)
         try:
@@ -519,12 +515,28 @@ def main(argv) -> int:
         except BaseException:
             tf_backup.frontend.extended.shutdown_all(failed=True)  # the chief aborts the job for everyone
             raise
-        if "summary" not in result:
-            return 0
-        summary = merge([result])
+        tf_backup.frontend.extended.shutdown_all()  # leave the job now, not at exit: the exit skips teardown
+        if "summary" in result:
+            summary = merge([result])
+            print(format_summary(summary), flush=True)
+            write_summary(summary, [os.path.join(model_dir, "summary.json"), _SUMMARY_JSON.value])
+        _exit_without_teardown(0)
     print(format_summary(summary), flush=True)
     write_summary(summary, [os.path.join(model_dir, "summary.json"), _SUMMARY_JSON.value])
     return 0
+
+
+def _exit_without_teardown(code: int) -> None:
+    """Ends a TF_CONFIG task, skipping the interpreter's teardown, as `tf_backup.local._task` does.
+
+    A task whose ps tasks exited first may still hold a session closing towards one (a daemon thread,
+    `Endpoint.close`), and TensorFlow aborts a process torn down under such a call: exit -6, which a
+    cluster manager would restart (seen on a worker of a TFJob's TF_CONFIG, 1 run in 6).
+    """
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _parse_flags(argv):
