@@ -74,6 +74,19 @@ def wire_factor(kwargs: Optional[dict]) -> float:
     return 0.5 if (kwargs or {}).get("wire_dtype") in ("bfloat16", "float16") else 1.0
 
 
+def applies_on_ps(kwargs: Optional[dict]) -> bool:
+    """Whether a variant's update runs on the ps tasks, as the strategy resolves `apply_on_ps`.
+
+    "auto" (the default since 2026-12-08) is on for this benchmark's SGD unless a restart in place
+    (`ps_restart_timeout`, `chief_rejoins`) is asked for.
+    """
+    kwargs = kwargs or {}
+    value = kwargs.get("apply_on_ps", "auto")
+    if value == "auto":
+        return not (kwargs.get("ps_restart_timeout") or kwargs.get("chief_rejoins"))
+    return bool(value)
+
+
 def ours_step(m: float, rate_bit: float, workers: int, num_ps: int, largest_shard: Optional[float] = None,
               kwargs: Optional[dict] = None) -> float:
     """Our exchange, phases in sequence (S = the largest ps shard, M/P when even; M and S in wire bytes):
@@ -84,7 +97,7 @@ def ours_step(m: float, rate_bit: float, workers: int, num_ps: int, largest_shar
     With S = M/P and N+b >= P: (N+b) M/(P B) + [2 M/B] + max(k M/(P B), M/B).
     """
     f = wire_factor(kwargs)
-    on_ps = bool((kwargs or {}).get("apply_on_ps"))
+    on_ps = applies_on_ps(kwargs)
     m_w = f * m
     s = f * (m / num_ps if largest_shard is None else largest_shard)
     unit = 8 / rate_bit
@@ -93,8 +106,8 @@ def ours_step(m: float, rate_bit: float, workers: int, num_ps: int, largest_shar
 
 
 def today_step(m: float, rate_bit: float, workers: int, num_ps: int, largest_shard: Optional[float] = None) -> float:
-    """The design before issue 31's changes (and the default variant's): `ours_step` with no kwargs."""
-    return ours_step(m, rate_bit, workers, num_ps, largest_shard)
+    """The design before issue 31's changes (the update on the chief, float32): the slowest exchange."""
+    return ours_step(m, rate_bit, workers, num_ps, largest_shard, {"apply_on_ps": False})
 
 
 def ours_bytes(m: float, workers: int, shards: Sequence[float], kwargs: Optional[dict] = None) -> Dict[str, tuple]:
@@ -104,7 +117,7 @@ def ours_bytes(m: float, workers: int, shards: Sequence[float], kwargs: Optional
     `apply_on_ps`: every worker, the chief's too, pushes M and pulls M; ps k receives and sends (N+b) S_k.
     All in wire bytes (`wire_dtype`)."""
     f = wire_factor(kwargs)
-    if (kwargs or {}).get("apply_on_ps"):
+    if applies_on_ps(kwargs):
         out = {"chief": (f * m, f * m), "worker": (f * m, f * m)}
         out.update({f"ps-{k}": (workers * f * s, workers * f * s) for k, s in enumerate(shards)})
         return out

@@ -20,13 +20,15 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.mark.compat
-def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
+def test_3_workers_0_backup_equals_large_batch_sgd_adam_and_rmsprop():
+    """SGD and Adam applied on the ps tasks (apply_on_ps="auto"), RMSprop by the chief: the same as one big batch."""
     steps = 6
     out = tf_backup.launch_local(
         programs.core.train_regression, num_workers=3,
-        kwargs=dict(steps=steps, num_backup_workers=0, optimizers=("sgd", "adam")), timeout=240)
+        kwargs=dict(steps=steps, num_backup_workers=0, optimizers=("sgd", "adam", "rmsprop")), timeout=240)
     for i, (name, inner) in enumerate([("sgd", keras.optimizers.SGD(0.1)),
-                                       ("adam", keras.optimizers.Adam(0.05))]):
+                                       ("adam", keras.optimizers.Adam(0.05)),
+                                       ("rmsprop", keras.optimizers.RMSprop(0.01))]):
         expected = programs.common.reference_fit(inner, lambda k: [3 * k, 3 * k + 1, 3 * k + 2], steps, 3)
         for worker in out:
             result = worker["results"][i]
@@ -44,11 +46,12 @@ def test_3_workers_0_backup_equals_large_batch_sgd_and_adam():
         # Resuming the input before the first optimizer is built is refused, naming the fix.
         assert "call `optimizer.build(model.trainable_variables)`" in out[0]["results"][0]["early_resume_input"]
         assert out[0]["results"][1]["early_resume_input"] is None  # the first optimizer is built: it resumes
-        # The chief read every step's parameters from what its aggregator published; the others from the ps.
-        assert [worker["results"][i]["local_pulls"] for worker in out] == [steps, 0, 0]
+        # With the update on the chief (RMSprop), the chief read every step's parameters from what its
+        # aggregator published; the others, and every worker under the update on the ps, from the ps.
+        assert [worker["results"][i]["local_pulls"] for worker in out] == [steps if name == "rmsprop" else 0, 0, 0]
         chief = out[0]["results"][i]
         assert chief["contributions"] == [[1, 1, 1]] * steps
-        for master, final in zip(chief["master"], chief["weights"]):
+        for master, final in zip(chief["master"], chief["weights"]):  # read back from the ps at the fit's end
             np.testing.assert_array_equal(master, final)
     # The weights moved: the test would catch an engine that applied nothing.
     assert abs(float(out[0]["results"][0]["weights"][0][0, 0])) > 0.1

@@ -71,6 +71,18 @@ def test_protocol_config_adaptive_starts_at_the_upper_bound():
     assert config.replicas_to_aggregate == 3
 
 
+@pytest.mark.parametrize("kwargs, apply_on_ps", [
+    (dict(), "auto"),  # the binding decides from the inner optimizer
+    (dict(ps_restart_timeout=60.0), False),  # a restart in place: only the chief can write a ps task again
+    (dict(chief_rejoins=True), False),
+    (dict(apply_on_ps=True), True),
+    (dict(apply_on_ps=False), False),
+])
+def test_protocol_config_apply_on_ps_auto_gives_way_to_a_restart_in_place(kwargs, apply_on_ps):
+    resolved = args(**kwargs).protocol_config(info(4)).apply_on_ps
+    assert resolved == apply_on_ps and type(resolved) is type(apply_on_ps)
+
+
 def test_protocol_config_refuses_as_many_backups_as_workers():
     a = args(num_backup_workers=4)  # valid until the cluster is known
     with pytest.raises(ValueError, match=r"below the number of workers \(4\).*num_backup_workers=4"):

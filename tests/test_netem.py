@@ -40,14 +40,26 @@ def test_the_variants_models_drop_the_chiefs_transfers_and_halve_the_bytes():
     assert bandwidth.ours_step(M, GBIT, 4, 4, kwargs=on_ps) == pytest.approx(0.32 * (1 + 1))
     assert bandwidth.ours_step(M, GBIT, 4, 1, kwargs=on_ps) == pytest.approx(0.32 * (4 + 4))
     assert bandwidth.ours_step(M, GBIT, 4, 2, kwargs=bf16) == pytest.approx(0.16 * (2 + 2))
-    assert bandwidth.ours_step(M, GBIT, 4, 1, kwargs={"wire_dtype": "float16"}) == pytest.approx(0.16 * 9)
+    assert bandwidth.ours_step(M, GBIT, 4, 1, kwargs={"wire_dtype": "float16", "apply_on_ps": False}) == (
+        pytest.approx(0.16 * 9))
     got = bandwidth.ours_bytes(M, 4, [M / 2, M / 2], on_ps)
     assert got == {"chief": (M, M), "worker": (M, M), "ps-0": (2 * M, 2 * M), "ps-1": (2 * M, 2 * M)}
     assert bandwidth.ours_bytes(M, 4, [M], bf16)["ps-0"] == (2 * M, 2 * M)
 
 
+def test_a_variant_applies_on_the_ps_as_the_strategy_resolves_auto():
+    """apply_on_ps="auto", the default, is on for the benchmark's SGD unless a restart in place is asked for."""
+    assert bandwidth.applies_on_ps(None) and bandwidth.applies_on_ps({"wire_dtype": "bfloat16"})
+    assert not bandwidth.applies_on_ps({"ps_restart_timeout": 60.0})
+    assert not bandwidth.applies_on_ps({"chief_rejoins": True})
+    assert not bandwidth.applies_on_ps({"apply_on_ps": False})
+    assert bandwidth.ours_step(M, GBIT, 4, 4) == bandwidth.ours_step(M, GBIT, 4, 4, kwargs={"apply_on_ps": True})
+    assert bandwidth.ours_step(M, GBIT, 4, 4, kwargs={"ps_restart_timeout": 60.0}) == bandwidth.today_step(
+        M, GBIT, 4, 4)
+
+
 def test_bytes_per_step_by_role():
-    ours = bandwidth.ours_bytes(M, 4, [M / 2, M / 2])
+    ours = bandwidth.ours_bytes(M, 4, [M / 2, M / 2], {"apply_on_ps": False})
     assert ours == {"chief": (2 * M, M), "worker": (M, M), "ps-0": (2 * M, 2.5 * M), "ps-1": (2 * M, 2.5 * M)}
     # Everything sent is received by somebody: chief + 3 workers + 2 ps tasks.
     sent = ours["chief"][0] + 3 * ours["worker"][0] + 2 * ours["ps-0"][0]

@@ -141,3 +141,24 @@ def test_an_optimizer_may_name_its_own_n_and_asynchronous_mode_its_1():
         resolved = binding.resolve_config(tf_backup.SyncReplicasOptimizer(inner), auto)
         assert resolved.adaptive.noise_factor == adaptive.OPTIMIZER_NOISE[key]
     assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(keras.optimizers.Lion()), auto).adaptive.noise_factor == 1.0
+
+
+@pytest.mark.parametrize("make, on_ps", [
+    (lambda: keras.optimizers.SGD(), True),
+    (lambda: keras.optimizers.SGD(momentum=0.9, nesterov=True), True),
+    (lambda: keras.optimizers.Adam(), True),
+    (lambda: keras.optimizers.Adam(amsgrad=True), False),
+    (lambda: keras.optimizers.SGD(clipnorm=1.0), False),
+    (lambda: keras.optimizers.AdamW(), False),  # a subclass of Adam: its weight decay has no kernel here
+    (lambda: keras.optimizers.RMSprop(), False),
+])
+def test_apply_on_ps_auto_is_on_exactly_where_the_ps_tasks_have_the_rule(make, on_ps):
+    from tf_backup.frontend import binding  # pylint: disable=g-import-not-at-top
+    from tf_backup.protocol import config as config_lib  # pylint: disable=g-import-not-at-top
+
+    config = config_lib.ProtocolConfig(replicas_to_aggregate=4, num_workers=4, apply_on_ps="auto")
+    resolved = binding.resolve_config(tf_backup.SyncReplicasOptimizer(make()), config)
+    assert resolved == dataclasses.replace(config, apply_on_ps=on_ps)
+    for given in (True, False):  # an explicit choice is kept (True with RMSprop fails later, naming it)
+        assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(make()), dataclasses.replace(
+            config, apply_on_ps=given)).apply_on_ps is given

@@ -97,9 +97,11 @@ _WIRE_DTYPE = flags.DEFINE_enum(
     "What gradients and parameters cross the network in; sums, the master copy and the optimizer's "
     "state stay float32. Give every task the same value.")
 _APPLY_ON_PS = flags.DEFINE_boolean(
-    "apply_on_ps", False, "Each ps task applies the update to its shard (SGD, momentum, Adam only): no "
-    "model-sized transfer through the chief. Not with --ps_restart_timeout or --chief_rejoins (under "
-    "--restart_failed, a lost task resumes the job from its checkpoint). Give every task the same value.")
+    "apply_on_ps", None, "Each ps task applies the update to its shard (SGD, momentum, Adam only): no "
+    "model-sized transfer through the chief; a lost task resumes the job from its last checkpoint. Not "
+    "with --ps_restart_timeout or --chief_rejoins. Default: on for sgd, momentum and adam unless a "
+    "restart in place is asked for (--ps_restart_timeout, --chief_rejoins, or --restart_failed's "
+    "defaults of them). Give every task the same value.")
 _MAX_RESTARTS = flags.DEFINE_integer(
     "max_restarts", 5, "With --restart_failed: how many times each task may be restarted.", lower_bound=1)
 _MODEL_DIR = flags.DEFINE_string(
@@ -471,7 +473,8 @@ def main(argv) -> int:
                      "ps_restart_timeout": ps_restart_timeout(),
                      "chief_rejoins": (_RESTART_FAILED.value and not _APPLY_ON_PS.value if _CHIEF_REJOINS.value is None
                                        else _CHIEF_REJOINS.value),
-                     "wire_dtype": _WIRE_DTYPE.value, "apply_on_ps": _APPLY_ON_PS.value}
+                     "wire_dtype": _WIRE_DTYPE.value,
+                     "apply_on_ps": "auto" if _APPLY_ON_PS.value is None else _APPLY_ON_PS.value}
     model_dir = _MODEL_DIR.value or default_model_dir()
     if _RESTART_FAILED.value and not local:
         raise config_lib.ConfigError(

@@ -42,7 +42,8 @@ def train_regression(steps: int, num_backup_workers: int = 0, optimizers=("sgd",
     results = []
     for name in optimizers:
         inner = {"sgd": lambda: keras.optimizers.SGD(0.1),
-                 "adam": lambda: keras.optimizers.Adam(0.05)}[name]
+                 "adam": lambda: keras.optimizers.Adam(0.05),
+                 "rmsprop": lambda: keras.optimizers.RMSprop(0.01)}[name]  # no kernel on the ps: the chief applies
         with strategy.scope():
             model = common.regression_model(keras)
             optimizer = tf_backup.SyncReplicasOptimizer(inner())

@@ -7,7 +7,7 @@ Keras copy of the master and the slots, for checkpoints. The kernels, built
 into a ps task's graph, are `tf_backup.ps.ps_update`, which imports no Keras.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import keras
 import tensorflow as tf
@@ -22,28 +22,34 @@ def rule_for(inner) -> UpdateRule:
     Raises:
       ValueError: `inner` has no elementwise kernel here (the message names it and what to do).
     """
-    name = type(inner).__name__
-    unsupported = [attr for attr in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay",
-                                     "gradient_accumulation_steps", "loss_scale_factor")
-                   if getattr(inner, attr, None)]
-    if getattr(inner, "use_ema", False):
-        unsupported.append("use_ema")
-    if type(inner) is keras.optimizers.Adam and getattr(inner, "amsgrad", False):
-        unsupported.append("amsgrad")
-    if unsupported:
-        raise ValueError(
-            f"apply_on_ps=True applies the inner optimizer elementwise on flat shards, without "
-            f"{', '.join(unsupported)}: leave them unset or use apply_on_ps=False. Received {name} with "
-            + ", ".join(f"{a}={getattr(inner, a)!r}" for a in unsupported))
+    reason = unsupported(inner)
+    if reason is not None:
+        raise ValueError(reason)
     if type(inner) is keras.optimizers.SGD:
         if float(inner.momentum) == 0.0:
             return UpdateRule(Kind.SGD, ())
         return UpdateRule(Kind.MOMENTUM, ("momentums",))
-    if type(inner) is keras.optimizers.Adam:
-        return UpdateRule(Kind.ADAM, ("_momentums", "_velocities"))
-    raise ValueError(
-        "apply_on_ps=True supports keras.optimizers.SGD (with or without momentum) and "
-        f"keras.optimizers.Adam: use apply_on_ps=False (the chief applies any optimizer). Received {name}")
+    return UpdateRule(Kind.ADAM, ("_momentums", "_velocities"))
+
+
+def unsupported(inner) -> Optional[str]:
+    """Why `inner` cannot be applied on the ps (what to do included); None if it can."""
+    name = type(inner).__name__
+    if type(inner) not in (keras.optimizers.SGD, keras.optimizers.Adam):
+        return ("apply_on_ps=True supports keras.optimizers.SGD (with or without momentum) and "
+                f"keras.optimizers.Adam: use apply_on_ps=False (the chief applies any optimizer). Received {name}")
+    settings = [attr for attr in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay",
+                                  "gradient_accumulation_steps", "loss_scale_factor")
+                if getattr(inner, attr, None)]
+    if getattr(inner, "use_ema", False):
+        settings.append("use_ema")
+    if type(inner) is keras.optimizers.Adam and getattr(inner, "amsgrad", False):
+        settings.append("amsgrad")
+    if settings:
+        return (f"apply_on_ps=True applies the inner optimizer elementwise on flat shards, without "
+                f"{', '.join(settings)}: leave them unset or use apply_on_ps=False. Received {name} with "
+                + ", ".join(f"{a}={getattr(inner, a)!r}" for a in settings))
+    return None
 
 
 def hyper_values(inner, rule: UpdateRule) -> Dict[str, float]:

@@ -16,7 +16,7 @@ from tf_backup import cluster as cluster_lib
 from tf_backup.protocol import adaptive as adaptive_lib
 from tf_backup.protocol import config as config_lib
 
-AUTO = "auto"  # num_backup_workers: the chief chooses every step's N (adaptive N)
+AUTO = "auto"  # num_backup_workers: the chief chooses every step's N; apply_on_ps: where it can
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class StrategyArguments:
       TypeError: an argument has the wrong type.
       ValueError: an argument is out of range, or two exclude each other
         (bounds of N without `"auto"`, asynchronous with backup workers,
-        `apply_on_ps` with `ps_restart_timeout` or `chief_rejoins`).
+        `apply_on_ps=True` with `ps_restart_timeout` or `chief_rejoins`).
     """
 
     num_backup_workers: Union[int, str]
@@ -52,7 +52,7 @@ class StrategyArguments:
     ps_restart_timeout: float
     chief_rejoins: bool
     wire_dtype: str
-    apply_on_ps: bool
+    apply_on_ps: Union[bool, str]
 
     def __post_init__(self):
         def keep(name, value):  # frozen: the checked, normalised value replaces the one given
@@ -78,8 +78,9 @@ class StrategyArguments:
         if not isinstance(self.wire_dtype, str) or self.wire_dtype not in config_lib.WIRE_DTYPES:
             raise ValueError(f"`wire_dtype` must be one of {', '.join(config_lib.WIRE_DTYPES)}. "
                              f"Received wire_dtype={self.wire_dtype!r}")
-        _checks.check_bool("apply_on_ps", self.apply_on_ps)
-        if self.apply_on_ps and (self.ps_restart_timeout or self.chief_rejoins):
+        if self.apply_on_ps != AUTO and not isinstance(self.apply_on_ps, bool):
+            raise TypeError(f'`apply_on_ps` must be a bool or "{AUTO}". Received apply_on_ps={self.apply_on_ps!r}')
+        if self.apply_on_ps is True and (self.ps_restart_timeout or self.chief_rejoins):
             raise ValueError(
                 "apply_on_ps=True keeps the master copy on the ps tasks, so a restarted ps task cannot be "
                 "written again from the chief's, nor a rejoining chief's checkpoint be its state: set "
@@ -137,7 +138,10 @@ class StrategyArguments:
             poll_min=min(0.0005, self.poll_interval),
             ps_restart_timeout=self.ps_restart_timeout,
             wire_dtype=self.wire_dtype,
-            apply_on_ps=self.apply_on_ps,
+            # "auto" with a restart in place asked for: the chief applies (it alone can write a restarted
+            # task's state again); else the binding decides from the inner optimizer (`resolve_config`).
+            apply_on_ps=(False if self.apply_on_ps == AUTO and (self.ps_restart_timeout or self.chief_rejoins)
+                         else self.apply_on_ps),
         )
 
     def extended_kwargs(self) -> dict:

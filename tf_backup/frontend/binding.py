@@ -22,6 +22,7 @@ from tf_backup import errors
 from tf_backup import memory
 from tf_backup.chief import chief as chief_lib
 from tf_backup.chief import update_on_ps
+from tf_backup.frontend import arguments
 from tf_backup.frontend import exchange as exchange_lib
 from tf_backup.frontend import local_devices
 from tf_backup.protocol import adaptive as adaptive_lib
@@ -36,6 +37,10 @@ from tf_backup.worker import metrics as metrics_lib
 def resolve_config(optimizer, config: config_lib.ProtocolConfig) -> config_lib.ProtocolConfig:
     """The strategy's protocol settings `config`, with the optimizer's own N if it names one.
 
+    `apply_on_ps="auto"` becomes True where the ps tasks have the inner
+    optimizer's rule (`update_on_ps.unsupported`), else False: every task
+    decides the same from its own optimizer.
+
     Raises:
       ValueError: the optimizer's counts do not fit the strategy: `total_num_replicas`
         is not its number of workers, or `replicas_to_aggregate` is set under adaptive
@@ -48,8 +53,10 @@ def resolve_config(optimizer, config: config_lib.ProtocolConfig) -> config_lib.P
             "`total_num_replicas` must equal the number of workers of the "
             f"BackupWorkerStrategy ({workers}). Received total_num_replicas={total}"
         )
+    inner = optimizer.inner_optimizer
+    if config.apply_on_ps == arguments.AUTO:
+        config = dataclasses.replace(config, apply_on_ps=update_on_ps.unsupported(inner) is None)
     if config.adaptive is not None:  # what one more gradient is worth depends on the inner optimizer
-        inner = optimizer.inner_optimizer
         factor = adaptive_lib.noise_factor_for(type(inner).__name__, float(getattr(inner, "momentum", 0.0) or 0.0))
         config = dataclasses.replace(config, adaptive=dataclasses.replace(config.adaptive, noise_factor=factor))
     n = optimizer.replicas_to_aggregate
@@ -106,6 +113,11 @@ class Binding:
                 "BackupWorkerStrategy: create it (and the SyncReplicasOptimizer) inside the scope."
             )
         rule = update_on_ps.rule_for(inner) if self.config.apply_on_ps else None  # a ValueError before joining
+        if info.is_chief and ext.config.apply_on_ps == arguments.AUTO:
+            name = type(inner).__name__
+            logging.info("apply_on_ps='auto': %s", f"each ps task applies {name} to its shard" if rule is not None else
+                         f"the chief applies {name} (the ps tasks apply SGD and Adam only, without clipping, "
+                         "weight decay, EMA or AMSGrad)")
         job_id = ext.join_job()
         self.index = len(ext.bindings)
         self.state = shared_state.SharedState(
@@ -342,6 +354,8 @@ class Binding:
     def end_round(self, var_list: List) -> None:
         self.exchange()  # a compiled fit's last step (tf_backup.frontend.exchange)
         self._assign(var_list, self.client.end_round(wait_for_others=self.aggregator is not None))
+        if self.on_ps is not None:  # the round is closed: its master copy and slots, as the ps tasks hold them
+            self.on_ps.refresh()
 
     def counters(self) -> "Counters":
         """This worker's protocol counters (for tests and benchmarks)."""

@@ -216,7 +216,11 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
 
     @property
     def master_variables(self) -> Optional[List]:
-        """The chief's master copy of the trained variables (None elsewhere)."""
+        """The chief's master copy of the trained variables (None elsewhere).
+
+        With the update on the ps tasks (`apply_on_ps`), the chief's copy (and the inner
+        optimizer's slots) is read back from them at each checkpoint and when a fit ends.
+        """
         if self._binding is None or self._binding.master is None:
             return None
         tables = self._binding.sparse

@@ -131,8 +131,13 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
         (`tf_backup.ps.ps_update`): for `keras.optimizers.SGD` (with or without
         momentum) and `Adam`, without clipping, weight decay or EMA. The master
         copy and the optimizer's slots then live on the ps tasks; the chief
-        reads them back for each checkpoint. Not with `ps_restart_timeout` or
-        `chief_rejoins`. Give every task the same value.
+        reads them back for each checkpoint, so a lost ps task resumes the job
+        from the last periodic checkpoint (False: the chief saves its master
+        copy when the job ends, lost ps or not). True is refused with
+        `ps_restart_timeout` or `chief_rejoins`. "auto" (the default): True
+        where the inner optimizer allows it and neither restart in place is
+        asked for, else False (the chief logs which). Give every task the same
+        value.
 
     The strategy makes glibc malloc keep freed memory in this process
     (`tf_backup.tune_malloc`; `TF_BACKUP_TUNE_MALLOC=0` to leave glibc's
@@ -158,7 +163,7 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
                  max_steps: Optional[int] = None, checkpoint_dir: Optional[str] = None,
                  checkpoint_every_steps: int = 100, ps_timeout: float = 60.0,
                  ps_restart_timeout: float = 0.0, chief_rejoins: bool = False, devices=None,
-                 wire_dtype: str = "float32", apply_on_ps: bool = False):
+                 wire_dtype: str = "float32", apply_on_ps: Union[bool, str] = "auto"):
         args = arguments.StrategyArguments(
             num_backup_workers=num_backup_workers, min_replicas_to_aggregate=min_replicas_to_aggregate,
             max_replicas_to_aggregate=max_replicas_to_aggregate, adaptive_window=adaptive_window,

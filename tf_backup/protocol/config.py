@@ -7,7 +7,7 @@ N (`tf_backup.protocol.adaptive`). `docs/design.md` is the whole contract.
 """
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 KEEP_PUBLISHED = 2  # the chief keeps its last published parameters for its own worker's pull
 WIRE_DTYPES = ("float32", "bfloat16", "float16")  # what `ProtocolConfig.wire_dtype` may be
@@ -37,7 +37,8 @@ class ProtocolConfig:
         "float16"); sums, the applied parameters and the optimizer's state stay in the
         variables' dtype, and a push's norm and one-hot are always exact.
       apply_on_ps: each ps task applies the inner optimizer to its shard (`tf_backup.ps.ps_update`);
-        False: the chief applies it to its master copy.
+        False: the chief applies it to its master copy. "auto" until the binding resolves it from
+        the inner optimizer (`tf_backup.frontend.binding.resolve_config`): a bool after.
     """
 
     replicas_to_aggregate: int
@@ -51,7 +52,7 @@ class ProtocolConfig:
     poll_max: float = 0.01
     ps_restart_timeout: float = 0.0
     wire_dtype: str = "float32"
-    apply_on_ps: bool = False
+    apply_on_ps: Union[bool, str] = False
 
     @property
     def min_replicas(self) -> int:
