@@ -639,6 +639,7 @@ def test_the_training_binary_with_restart_failed_goes_on_when_the_ps_is_killed(t
     assert "task ps-0 exited with code -9; restarting it in 1.0 s (restart 1 of at most 5)" in output
     assert summary["steps"] == 50 and summary["resumed_from_step"] == 0
     assert summary["task_restarts"] == {"ps-0": 1} and summary["state_rewrites"] == 1
+    assert summary["update_on_ps"] is False  # --restart_failed asks for a restart in place: the chief applies
     assert "summary | the chief wrote the shared state again after a ps restart: 1x" in output
     assert [w["input_position"] for w in summary["workers"]] == [0, 0, 0]  # nobody restarted: all read from 0
     g = summary["gradients"]

@@ -162,3 +162,7 @@ def test_apply_on_ps_auto_is_on_exactly_where_the_ps_tasks_have_the_rule(make, o
     for given in (True, False):  # an explicit choice is kept (True with RMSprop fails later, naming it)
         assert binding.resolve_config(tf_backup.SyncReplicasOptimizer(make()), dataclasses.replace(
             config, apply_on_ps=given)).apply_on_ps is given
+
+
+def test_where_the_update_runs_is_unknown_until_the_optimizer_is_built():
+    assert tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD()).update_on_ps is None

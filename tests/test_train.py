@@ -352,6 +352,7 @@ def test_the_main_command_with_fewer_epochs_prints_the_readmes_summary(tmp_path)
     assert summary["config"]["dataset"] == "mnist1d" and summary["config"]["model"]["kind"] == "cnn"
     assert (summary["num_workers"], summary["replicas_to_aggregate"]) == (5, 4)
     assert summary["steps"] == 3 * 32
+    assert summary["update_on_ps"] is True  # apply_on_ps="auto" with Adam
     assert sum(summary["gradients"]["dropped"]) > 0  # the exponential stragglers made backups useful
     # Chance is 0.1; this job had 0.54 after 117 steps in benchmarks/results/full/time_to_accuracy.csv.
     assert summary["test_accuracy"] >= 0.3, summary["test_accuracy"]

@@ -305,6 +305,7 @@ def train_task(config_values: Dict[str, Any], model_dir: str, strategy_args: Dic
         "replicas_to_aggregate": config.replicas_to_aggregate,
         "straggler": model_spec.describe(),
         "jit_compile": bool(model.jit_compile),
+        "update_on_ps": optimizer.update_on_ps,  # apply_on_ps as the strategy resolved it for this optimizer
         "test_loss": float(evaluation["loss"]),
         "test_accuracy": float(evaluation["accuracy"]) if classifier else None,
         "steps": stats["global_step"],
@@ -377,7 +378,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
         f"summary | test_accuracy: {accuracy:.4f} | test_loss: {summary['test_loss']:.4f}"
         if accuracy is not None else f"summary | test_loss: {summary['test_loss']:.6f}",
         f"summary | steps: {summary['steps']} | wall: {summary['wall_seconds']:.1f} s | "
-        f"steps/s: {summary['steps_per_second']:.2f}",
+        f"steps/s: {summary['steps_per_second']:.2f}"
+        + {True: " | update: on the ps tasks", False: " | update: on the chief"}.get(summary.get("update_on_ps"), ""),
         f"summary | gradients pushed: {sum(g['pushed'])} | taken: {sum(g['taken'])} | "
         f"dropped: {sum(g['dropped'])}" + (f" | cancelled: {sum(g['cancelled'])}" if sum(g["cancelled"]) else ""),
     ]

@@ -215,6 +215,11 @@ class SyncReplicasOptimizer(keras.optimizers.Optimizer):
     # -- tf_backup ---------------------------------------------------------------------
 
     @property
+    def update_on_ps(self) -> Optional[bool]:
+        """Whether each ps task applies this optimizer's update (`apply_on_ps`, resolved); None before `build`."""
+        return None if self._binding is None else bool(self._binding.config.apply_on_ps)
+
+    @property
     def master_variables(self) -> Optional[List]:
         """The chief's master copy of the trained variables (None elsewhere).
 

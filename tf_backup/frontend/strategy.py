@@ -102,7 +102,9 @@ class BackupWorkerStrategy(reports.JobReports, _tf_internal.Strategy):
         the shared state again from its master copy, at the step it had
         reached, and every worker carries on: no process restarts, no step is
         redone (`tf_backup.ps.recovery`). 0 (the default): a lost ps task ends the
-        job (the chief saves a checkpoint). Not with Embedding tables in
+        job (the chief saves a checkpoint of its step if it applies the update;
+        with the update on the ps, the last periodic checkpoint is the one to
+        resume from). Not with Embedding tables in
         `sparse_variables` yet.
       chief_rejoins: a chief that starts while its job still runs on the ps
         (it was restarted; the ps kept the state) rejoins that job: it restores
