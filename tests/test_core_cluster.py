@@ -241,12 +241,17 @@ def test_asynchronous_mode_applies_every_gradient(slow_worker):
             np.testing.assert_array_equal(got, want)
 
 
-def test_worker_with_another_model_is_refused_and_the_others_train_on():
+@pytest.mark.parametrize("what", ["model", "wire_dtype"])
+def test_worker_with_another_model_or_wire_dtype_is_refused_and_the_others_train_on(what):
     steps = 4
-    out = tf_backup.launch_local(programs.core.train_with_wrong_model, num_workers=3, args=(steps,),
+    out = tf_backup.launch_local(programs.core.train_with_wrong_model, num_workers=3, args=(steps, what),
                                  timeout=240)
-    assert "every worker must build the same model" in out[2]["error"]
-    assert "kernel" in out[2]["error"] and "(3, 2)" in out[2]["error"] and "(3, 1)" in out[2]["error"]
+    if what == "model":
+        assert "every worker must build the same model" in out[2]["error"]
+        assert "kernel" in out[2]["error"] and "(3, 2)" in out[2]["error"] and "(3, 1)" in out[2]["error"]
+    else:  # the chief's signature holds the wire dtype too
+        assert out[2]["error"] == ("This task sends bfloat16 over the wire but the chief sends float32: give every "
+                                   "task the same `wire_dtype` (the binary's --wire_dtype).")
     # Workers 0 and 1 (N = 2) trained as if worker 2 never existed: chief not corrupted.
     expected = programs.common.reference_fit(keras.optimizers.SGD(0.1), lambda k: [3 * k, 3 * k + 1], steps, 3)
     for worker in out[:2]:

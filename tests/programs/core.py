@@ -207,19 +207,23 @@ def train_with_restarting_straggler(steps: int, gate_dir: str):
             "weights": weights(), "fit_seconds": time.monotonic() - start}
 
 
-def train_with_wrong_model(steps: int):
-    """3 workers, b = 1; worker 2 builds a model of another shape and must be refused."""
+def train_with_wrong_model(steps: int, what: str = "model"):
+    """3 workers, b = 1; worker 2 builds a model of another shape (or, `what="wire_dtype"`, sends
+    bfloat16 over the wire) and must be refused."""
     import keras  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_backup  # pylint: disable=g-import-not-at-top
 
-    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=1, step_timeout=120.0)
+    odd = what == "wire_dtype" and tf.distribute.cluster_resolver.TFConfigClusterResolver().task_id == 2
+    strategy = tf_backup.BackupWorkerStrategy(num_backup_workers=1, step_timeout=120.0,
+                                              wire_dtype="bfloat16" if odd else "float32")
     x, y = common.regression_data(steps * strategy.num_workers)
+    wrong = what == "model" and strategy.worker_index == 2
     with strategy.scope():
-        model = common.regression_model(keras, units=2 if strategy.worker_index == 2 else 1)
+        model = common.regression_model(keras, units=2 if wrong else 1)
         model.compile(optimizer=tf_backup.SyncReplicasOptimizer(keras.optimizers.SGD(0.1)),
                       loss="mse", jit_compile=False)
-    dataset = tf.data.Dataset.from_tensor_slices((x, np.repeat(y, 2, 1) if strategy.worker_index == 2 else y))
+    dataset = tf.data.Dataset.from_tensor_slices((x, np.repeat(y, 2, 1) if wrong else y))
     dataset = dataset.batch(common.BATCH).repeat()
     try:
         model.fit(strategy.distribute_dataset(dataset), epochs=1, steps_per_epoch=steps, verbose=0)

@@ -123,8 +123,8 @@ class SharedState:
         self.ctl = Control(num_workers)
         where = [endpoints.of(task) for task in ps]
         self.control = accumulators.SharedVariable(f"{prefix}/control", tf.int64, [self.ctl.size], where[0])
-        sig = layout.signature()
-        self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64, [len(sig)], where[0])
+        self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64,
+                                                     [len(self.signature_values())], where[0])
         self._where = where
         self.params = [
             accumulators.SharedVariable(f"{prefix}/params/{s}", self.wire, [size], where[s])
@@ -204,7 +204,7 @@ class SharedState:
 
     def _write(self, flats: Sequence, step: int, control: np.ndarray) -> None:
         """The parameters, this generation's accumulators at `step`, then `control`: last, it marks the state ready."""
-        self.signature.assign(self.layout.signature())
+        self.signature.assign(self.signature_values())
         for var, flat in zip(self.params, flats):
             var.assign(flat)
         for acc in self.accs:
@@ -213,6 +213,19 @@ class SharedState:
         control[Control.STEP] = control[Control.VERSION] = step
         control[Control.GENERATION] = self.generation
         self.control.assign(control)
+
+    def signature_values(self) -> np.ndarray:
+        """The layout's signature (`Layout.signature`), then the wire dtype: what every task must share."""
+        return np.append(self.layout.signature(), np.int64(self.wire.as_datatype_enum))
+
+    def check_signature(self, chief_signature: np.ndarray) -> None:
+        """Raises ValueError naming what differs from the chief's: a variable (`Layout.check_signature`) or `wire_dtype`."""
+        self.layout.check_signature(chief_signature[:-1])
+        chief_wire = tf.as_dtype(int(chief_signature[-1]))
+        if chief_wire != self.wire:
+            raise ValueError(
+                f"This task sends {self.wire.name} over the wire but the chief sends {chief_wire.name}: "
+                "give every task the same `wire_dtype` (the binary's --wire_dtype).")
 
     def mark_version(self, step: int) -> None:
         """VERSION = step: the parameters are about to change (the seqlock's first half)."""
