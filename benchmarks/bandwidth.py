@@ -80,11 +80,13 @@ def applies_on_ps(kwargs: Optional[dict]) -> bool:
     "auto" (the default since 2026-12-08) is on for this benchmark's SGD unless a restart in place
     (`ps_restart_timeout`, `chief_rejoins`) is asked for.
     """
+    from tf_backup.frontend import arguments  # pylint: disable=g-import-not-at-top
+
     kwargs = kwargs or {}
-    value = kwargs.get("apply_on_ps", "auto")
-    if value == "auto":
-        return not (kwargs.get("ps_restart_timeout") or kwargs.get("chief_rejoins"))
-    return bool(value)
+    value = arguments.apply_on_ps_before_the_optimizer(
+        kwargs.get("apply_on_ps", arguments.AUTO), kwargs.get("ps_restart_timeout", 0.0),
+        kwargs.get("chief_rejoins", False))
+    return value == arguments.AUTO or bool(value)  # "auto" left: the benchmark's SGD runs on the ps
 
 
 def ours_step(m: float, rate_bit: float, workers: int, num_ps: int, largest_shard: Optional[float] = None,

@@ -6,6 +6,7 @@ The protocol's pure rules are tested next to their modules: `test_slots`, `test_
 
 import dataclasses
 import json
+import re
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from tf_backup.protocol import wakeups
 from tf_backup.protocol.membership import WorkerEventKind
 from tf_backup.ps import job as job_lib
 from tf_backup.ps import shared_state
+from tf_backup.ps import signature
 from tf_backup.ps.layout import Layout
 from tf_backup.ps.layout import largest_first
 from tf_backup.worker import chief_link
@@ -92,19 +94,31 @@ def test_integer_variables_are_refused_by_name():
 
 
 def test_signature_check_names_the_first_differing_variable():
-    chief = Layout(variables((3, 1), (1,)), num_shards=1)
+    chief = signature.values(Layout(variables((3, 1), (1,)), num_shards=1), tf.float32)
     worker = Layout(variables((3, 2), (2,)), num_shards=1)
     with pytest.raises(ValueError, match=r"variable 0 \(`v0:0`\) is \(3, 2\) float32 on this worker "
                                          r"but \(3, 1\) float32 on the chief"):
-        worker.check_signature(chief.signature())
-    Layout(variables((3, 1), (1,)), num_shards=1).check_signature(chief.signature())
+        signature.check(worker, tf.float32, chief)
+    signature.check(Layout(variables((3, 1), (1,)), num_shards=1), tf.float32, chief)
 
 
 def test_signature_check_counts_variables():
-    chief = Layout(variables((3, 1), (1,)), num_shards=1)
+    chief = signature.values(Layout(variables((3, 1), (1,)), num_shards=1), tf.float32)
     worker = Layout(variables((3, 1)), num_shards=1)
     with pytest.raises(ValueError, match="has 1 trainable variables but the chief's has 2"):
-        worker.check_signature(chief.signature())
+        signature.check(worker, tf.float32, chief)
+
+
+def test_signature_ends_with_the_wire_dtype_and_a_task_with_another_is_refused_naming_it():
+    layout = Layout(variables((3, 1), (1,)), num_shards=1)
+    chief = signature.values(layout, tf.float32)
+    # 2 variables: rank 2, (3, 1), float32; rank 1, (1,), float32; then the wire dtype.
+    assert chief.tolist() == [2, 2, 3, 1, tf.float32.as_datatype_enum, 1, 1, tf.float32.as_datatype_enum,
+                              tf.float32.as_datatype_enum]
+    with pytest.raises(ValueError, match=re.escape(
+            "This task sends bfloat16 over the wire but the chief sends float32: give every task the same "
+            "`wire_dtype`")):
+        signature.check(layout, tf.bfloat16, chief)
 
 
 def test_largest_first_placement_fills_the_least_loaded_bin():

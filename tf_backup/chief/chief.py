@@ -148,7 +148,7 @@ class ChiefState:
                 "chief_rejoins=True does not support a SyncReplicasOptimizer with Embedding tables in "
                 "`sparse_variables` yet: their rows on the ps cannot go back to the checkpoint. Use "
                 "chief_rejoins=False (a restarted chief starts a new job).")
-        self.state.check_signature(self.state.signature.read())
+        self.state.check_signature()
         ctl = self.state.read_control()
         self.state.set_generation(ctl.generation)
         return ctl

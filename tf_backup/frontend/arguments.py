@@ -138,10 +138,8 @@ class StrategyArguments:
             poll_min=min(0.0005, self.poll_interval),
             ps_restart_timeout=self.ps_restart_timeout,
             wire_dtype=self.wire_dtype,
-            # "auto" with a restart in place asked for: the chief applies (it alone can write a restarted
-            # task's state again); else the binding decides from the inner optimizer (`resolve_config`).
-            apply_on_ps=(False if self.apply_on_ps == AUTO and (self.ps_restart_timeout or self.chief_rejoins)
-                         else self.apply_on_ps),
+            apply_on_ps=apply_on_ps_before_the_optimizer(self.apply_on_ps, self.ps_restart_timeout,
+                                                         self.chief_rejoins),
         )
 
     def extended_kwargs(self) -> dict:
@@ -149,3 +147,15 @@ class StrategyArguments:
         return dict(worker_timeout=self.worker_timeout, max_steps=self.max_steps,
                     checkpoint_dir=self.checkpoint_dir, checkpoint_every_steps=self.checkpoint_every_steps,
                     ps_timeout=self.ps_timeout, chief_rejoins=self.chief_rejoins)
+
+
+def apply_on_ps_before_the_optimizer(apply_on_ps: Union[bool, str], ps_restart_timeout: float,
+                                     chief_rejoins: bool) -> Union[bool, str]:
+    """`apply_on_ps` as far as the settings decide it: "auto" with a restart in place asked for is False.
+
+    Only the chief can write a restarted task's state again, so it applies the update then; any
+    other "auto" is left for the binding to decide from the inner optimizer (`binding.resolve_config`).
+    """
+    if apply_on_ps == AUTO and (ps_restart_timeout or chief_rejoins):
+        return False
+    return apply_on_ps

@@ -74,36 +74,6 @@ class Layout:
     def num_vars(self) -> int:
         return len(self.shapes)
 
-    def signature(self) -> np.ndarray:
-        """An int64 vector describing every variable's shape and dtype."""
-        out = [len(self.shapes)]
-        for shape, dtype in zip(self.shapes, self.dtypes):
-            out += [len(shape), *shape, dtype.as_datatype_enum]
-        return np.asarray(out, np.int64)
-
-    def check_signature(self, chief_signature: np.ndarray) -> None:
-        """Raises ValueError naming the first variable that differs from the chief's."""
-        sig = [int(x) for x in chief_signature]
-        chief_vars, pos = [], 1
-        for _ in range(sig[0] if sig else 0):
-            rank = sig[pos]
-            chief_vars.append((tuple(sig[pos + 1:pos + 1 + rank]), tf.as_dtype(sig[pos + 1 + rank])))
-            pos += rank + 2
-        for i, (name, shape, dtype) in enumerate(zip(self.names, self.shapes, self.dtypes)):
-            if i >= len(chief_vars):
-                break
-            if chief_vars[i] != (shape, dtype):
-                raise ValueError(
-                    f"Trainable variable {i} (`{name}`) is {shape} {dtype.name} on this worker "
-                    f"but {chief_vars[i][0]} {chief_vars[i][1].name} on the chief: every worker "
-                    "must build the same model."
-                )
-        if len(chief_vars) != self.num_vars:
-            raise ValueError(
-                f"This worker's model has {self.num_vars} trainable variables but the "
-                f"chief's has {len(chief_vars)}: every worker must build the same model."
-            )
-
     def pack(self, tensors: Sequence, tail: Optional[Callable[[List[tf.Tensor]], tf.Tensor]] = None) -> List[tf.Tensor]:
         """Flattens per-variable tensors into one tensor per shard (graph ops).
 

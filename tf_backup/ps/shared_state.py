@@ -44,6 +44,7 @@ from tf_backup.ps import accumulators
 from tf_backup.ps import endpoint as endpoint_lib
 from tf_backup.ps import fused_runs
 from tf_backup.ps import ps_update
+from tf_backup.ps import signature as signature_lib
 from tf_backup.ps.layout import Layout
 from tf_backup.ps.waker import Waker
 
@@ -124,7 +125,7 @@ class SharedState:
         where = [endpoints.of(task) for task in ps]
         self.control = accumulators.SharedVariable(f"{prefix}/control", tf.int64, [self.ctl.size], where[0])
         self.signature = accumulators.SharedVariable(f"{prefix}/signature", tf.int64,
-                                                     [len(self.signature_values())], where[0])
+                                                     [len(signature_lib.values(layout, self.wire))], where[0])
         self._where = where
         self.params = [
             accumulators.SharedVariable(f"{prefix}/params/{s}", self.wire, [size], where[s])
@@ -204,7 +205,7 @@ class SharedState:
 
     def _write(self, flats: Sequence, step: int, control: np.ndarray) -> None:
         """The parameters, this generation's accumulators at `step`, then `control`: last, it marks the state ready."""
-        self.signature.assign(self.signature_values())
+        self.signature.assign(signature_lib.values(self.layout, self.wire))
         for var, flat in zip(self.params, flats):
             var.assign(flat)
         for acc in self.accs:
@@ -214,18 +215,9 @@ class SharedState:
         control[Control.GENERATION] = self.generation
         self.control.assign(control)
 
-    def signature_values(self) -> np.ndarray:
-        """The layout's signature (`Layout.signature`), then the wire dtype: what every task must share."""
-        return np.append(self.layout.signature(), np.int64(self.wire.as_datatype_enum))
-
-    def check_signature(self, chief_signature: np.ndarray) -> None:
-        """Raises ValueError naming what differs from the chief's: a variable (`Layout.check_signature`) or `wire_dtype`."""
-        self.layout.check_signature(chief_signature[:-1])
-        chief_wire = tf.as_dtype(int(chief_signature[-1]))
-        if chief_wire != self.wire:
-            raise ValueError(
-                f"This task sends {self.wire.name} over the wire but the chief sends {chief_wire.name}: "
-                "give every task the same `wire_dtype` (the binary's --wire_dtype).")
+    def check_signature(self) -> None:
+        """Raises ValueError naming what differs from the chief's signature on ps 0 (`tf_backup.ps.signature.check`)."""
+        signature_lib.check(self.layout, self.wire, self.signature.read())
 
     def mark_version(self, step: int) -> None:
         """VERSION = step: the parameters are about to change (the seqlock's first half)."""

@@ -129,7 +129,7 @@ class WorkerClient:
                 f"for the chief {self.info.chief} to create the shared state "
                 f"`{self.state.prefix}` on {self.info.ps[0]}."))
         if self.state.signature.is_initialized():
-            self.state.check_signature(self.state.signature.read())
+            self.state.check_signature()
         self.resume()
 
     def resume(self) -> None:
